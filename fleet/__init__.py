@@ -1,0 +1,1 @@
+"""Fleet Evolution Engine: the Prefect-free domain core."""

@@ -1,0 +1,250 @@
+"""The `fleet` command: run cohorts (demo or real fleet), inspect state, check config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from fleet.errors import FleetError
+from fleet.settings import get_settings
+
+app = typer.Typer(help="Fleet Evolution Engine: evolve a fleet of apps with AI agents.", no_args_is_help=True)
+config_app = typer.Typer(help="Live fleet config kept in the store (what the cohort flow reads).")
+app.add_typer(config_app, name="config")
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception, code: int = 2) -> None:
+    # escape(): messages quote rules like [a-z0-9._-] that rich would take for markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _prepare_prefect(verbose: bool) -> None:
+    """Quiet, isolated Prefect for a terminal run; must happen before Prefect is imported."""
+    from deployments.server_settings import apply_server_settings
+
+    apply_server_settings()
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
+
+
+def _progress_table(store, app_ids: list[str], started: float | None = None) -> Table:
+    table = Table(title="fleet cohort — live", expand=False)
+    if started is not None:
+        states = [store.get_state(a) for a in app_ids]
+        finished = sum(1 for st in states if st and st.stage.terminal)
+        table.caption = f"{finished}/{len(app_ids)} finished · {time.monotonic() - started:.0f}s elapsed"
+    for col in ("app", "stage", "skill tasks", "adversarial issues", "error"):
+        table.add_column(col)
+    for app_id in app_ids:
+        state = store.get_state(app_id)
+        stage = state.stage.value if state else "waiting"
+        table.add_row(
+            app_id, f"[{STAGE_STYLE.get(stage, 'yellow')}]{stage}[/]",
+            str(len(store.list_tasks(app_id, "skill"))), str(len(store.list_tasks(app_id, "adversarial"))),
+            (state.error or "")[:60] if state else "",
+        )
+    return table
+
+
+def _result_table(rows) -> Table:
+    from fleet.report import COLUMNS
+
+    table = Table(title="fleet cohort — result")
+    for col in COLUMNS:
+        table.add_column(col)
+    for row in rows:
+        cells = row.cells()
+        cells[1] = f"[{STAGE_STYLE.get(row.stage, 'yellow')}]{cells[1]}[/]"
+        table.add_row(*cells)
+    return table
+
+
+def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed: bool, verbose: bool) -> None:
+    _prepare_prefect(verbose)
+    from fleet.wiring import components
+    from flows.cohort import fleet_cohort
+
+    settings = get_settings()
+    try:
+        comp = components(settings, fleet_file)
+    except FleetError as exc:
+        _fail(exc)
+    console.print(f"[bold]fleet[/] {comp.fleet.name}: {len(comp.fleet.apps)} apps · "
+                  + " · ".join(f"{k}={v}" for k, v in comp.describe().items()))
+    stop = threading.Event()
+    started = time.monotonic()
+    with Live(_progress_table(comp.store, comp.fleet.app_ids, started), console=console,
+              refresh_per_second=4, transient=True) as live:
+        def refresh() -> None:
+            while not stop.wait(0.5):
+                live.update(_progress_table(comp.store, comp.fleet.app_ids, started))
+
+        watcher = threading.Thread(target=refresh, daemon=True)
+        watcher.start()
+        try:
+            rows = asyncio.run(fleet_cohort(size=size, fleet_file=str(fleet_file), fresh=fresh,
+                                            retry_failed=retry_failed))
+        except KeyboardInterrupt:
+            rows = None
+        finally:
+            stop.set()
+            watcher.join()
+    if rows is None:
+        err.print("interrupted: apps in flight keep their persisted stage and resume on the next run")
+        raise typer.Exit(130)
+    console.print(_result_table(rows))
+    for row in rows:
+        for note in row.notes:
+            console.print(f"[dim]{row.app}:[/] {note}")
+        if row.error:
+            console.print(f"[red]{row.app}:[/] {row.error}")
+    if any(r.stage == "failed" for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    size: Optional[int] = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    fresh: bool = typer.Option(False, "--fresh", help="recreate the demo repos and rerun every app"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's logs too"),
+) -> None:
+    """Run the bundled demo fleet through all seven stages on the embedded defaults."""
+    from fleet.demo import create_demo_fleet
+
+    settings = get_settings()
+    # Demo apps evolve in seconds: poll the local gate every second instead of every 5 min.
+    os.environ.setdefault("FLEET_HYDRA_POLL_SECONDS", "1")
+    get_settings.cache_clear()
+    try:
+        path = create_demo_fleet(settings.home / "demo", fresh=fresh)
+    except FleetError as exc:
+        _fail(exc)
+    if fresh:
+        _reset_store_for(path)
+    console.print(f"[dim]demo fleet at {path} (state in {settings.home})[/]")
+    _run_cohort(path, size, fresh, retry_failed=False, verbose=verbose)
+
+
+def _reset_store_for(fleet_file: Path) -> None:
+    """A fresh demo starts from empty state: its repos were recreated, so old tasks are stale."""
+    settings = get_settings()
+    db = Path(settings.resolved_store_url().removeprefix("sqlite:///"))
+    if settings.resolved_store_url().startswith("sqlite:///"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+@app.command()
+def run(
+    fleet: Optional[Path] = typer.Option(None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"),
+    size: Optional[int] = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    fresh: bool = typer.Option(False, "--fresh", help="rerun apps that are already complete"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun apps that failed earlier"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the next cohort of a fleet file on the configured store, dispatcher and gate."""
+    from fleet.wiring import fleet_path
+
+    try:
+        path = fleet_path(get_settings(), fleet)
+    except FleetError as exc:
+        _fail(exc)
+    _run_cohort(path, size, fresh, retry_failed, verbose)
+
+
+def _store():
+    from fleet.store import open_store
+
+    try:
+        return open_store(get_settings().resolved_store_url())
+    except FleetError as exc:
+        _fail(exc)
+
+
+@app.command()
+def status() -> None:
+    """Every app's stage, claim and error, as the store has them."""
+    store = _store()
+    table = Table(title="app evolution states")
+    for col in ("app", "stage", "owner", "lease until", "updated", "error"):
+        table.add_column(col)
+    for s in store.list_states():
+        table.add_row(s.app_id, f"[{STAGE_STYLE.get(s.stage.value, 'yellow')}]{s.stage.value}[/]",
+                      s.owner or "", str(s.lease_until or ""), str(s.updated_at or ""), (s.error or "")[:80])
+    console.print(table)
+
+
+@app.command()
+def reset(app_id: str = typer.Argument(..., help="app to put back in the queue")) -> None:
+    """Put an app back to `queued` (its tasks are kept) so the next cohort runs it again."""
+    from fleet.clock import utcnow
+    from fleet.models import validate_app_id
+
+    try:
+        validate_app_id(app_id)
+    except FleetError as exc:
+        _fail(exc)
+    store = _store()
+    if store.get_state(app_id) is None:
+        _fail(FleetError(f"no app {app_id!r} in the store; `fleet status` lists the known apps"))
+    store.reset_app(app_id, utcnow())
+    console.print(f"{app_id} is queued again")
+
+
+@app.command("check-config")
+def check_config(path: Path = typer.Argument(..., help="a fleet file to validate")) -> None:
+    """Validate a fleet file: prints OK, or each problem with its file and line."""
+    from fleet.fleetfile import load_fleet
+
+    try:
+        fleet = load_fleet(path)
+    except FleetError as exc:
+        _fail(exc)
+    console.print(f"[green]OK[/] {path}: fleet {fleet.name!r}, {len(fleet.apps)} apps")
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """The live config; unset values fall back to the settings (FLEET_* env vars)."""
+    config = _store().get_fleet_config()
+    settings = get_settings()
+    console.print_json(data={k: getattr(settings, k) if v is None else v for k, v in config.model_dump().items()})
+
+
+@config_app.command("set-max-concurrent")
+def config_set_max_concurrent(value: int = typer.Argument(..., min=1, max=1000)) -> None:
+    """How many apps a cohort run may start at once (read by every cohort run)."""
+
+    store = _store()
+    store.set_fleet_config(store.get_fleet_config().model_copy(update={"max_concurrent": value}))
+    console.print(f"max_concurrent = {value}")
+
+
+def _mount_subcommands() -> None:
+    from fleet.mesh.cli import agent_app
+    from fleet.supervisor.cli import supervise_app
+
+    app.add_typer(supervise_app, name="supervise", help="Guard agent changes; manage helper processes.")
+    app.add_typer(agent_app, name="agent", help="Run a mesh node agent on this machine.")
+
+
+_mount_subcommands()
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Clients of the external systems, each behind a small protocol with a local default."""

@@ -1,0 +1,51 @@
+"""Protocols for the systems the pipeline talks to: Dispatcher, QualityGate, Extractor."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+from pydantic import BaseModel
+
+# A command is an argument list; a gateway that wants one string gets shlex.join(command).
+Command = Sequence[str]
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Sends agent commands to machines and collects their output (AuraGateway contract)."""
+
+    def spawn(self, command: Command) -> str:
+        """Start `command` wherever the dispatcher sees fit; returns a task id."""
+
+    def dispatch(self, command: Command, target: str, model: str) -> str:
+        """Start `command` on machine `target` with agent `model`; returns a task id."""
+
+    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+        """Wait for the task and return its output.
+
+        Raises DispatchTimeout after `timeout` seconds (the work is stopped where the
+        dispatcher can stop it), DispatchError when the task failed, UnknownTask when
+        the id is not known.
+        """
+
+
+class GateStatus(BaseModel):
+    """Hydra's answer: `GET /status/{app_id}` → phase, cycle, quality.isPassing."""
+
+    phase: str
+    cycle: int = 0
+    is_passing: bool = False
+    score: float | None = None
+    detail: str | None = None
+
+
+@runtime_checkable
+class QualityGate(Protocol):
+    def status(self, app_id: str) -> GateStatus: ...
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    """Tier 2 of PARSE: an LLM that turns free text into task dicts (priority, description)."""
+
+    def extract(self, output: str, app_id: str) -> list[dict]: ...

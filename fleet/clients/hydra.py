@@ -1,0 +1,114 @@
+"""Hydra client: the production QualityGate (`GET /status/{app_id}` → phase, cycle, isPassing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+from pydantic import SecretStr
+
+from fleet.clients.base import GateStatus
+from fleet.clients.breaker import CircuitBreaker
+from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
+from fleet.clock import Clock, SystemClock
+from fleet.errors import QualityGateError, QualityGateUnavailable
+
+log = logging.getLogger("fleet.hydra")
+
+HYDRA = ServiceInfo(
+    name="Hydra",
+    key="hydra",
+    token_hint="the Hydra block / FLEET_HYDRA_TOKEN",
+    error=QualityGateError,
+    unavailable=QualityGateUnavailable,
+)
+
+DETAIL_CHARS = 500
+
+
+class HydraGate:
+    """QualityGate over Hydra's HTTP API (DESIGN §4)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: SecretStr | None = None,
+        *,
+        allow_insecure: bool = False,
+        timeout: float = 30,
+        client: httpx.Client | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Clock | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        clock = clock or SystemClock()
+        self._http = JsonEndpoint(
+            HYDRA,
+            base_url,
+            token,
+            allow_insecure=allow_insecure,
+            timeout=timeout,
+            client=client,
+            breaker=breaker,
+            clock=clock,
+            policy=retry,
+        )
+
+    def __repr__(self) -> str:
+        return f"HydraGate({self._http.shown_url!r})"
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._http.breaker
+
+    def close(self) -> None:
+        self._http.close()
+
+    def status(self, app_id: str) -> GateStatus:
+        path = f"/status/{JsonEndpoint.segment(app_id)}"
+        code, body = self._http.call("GET", path, idempotent=True)
+        if code == 404:
+            # Right after `/meta:hydra` is dispatched Hydra may not know the app yet; the
+            # pipeline's 4 h hard stop bounds the wait, so this is "not passing", not an error.
+            return GateStatus(
+                phase="unknown", is_passing=False, detail=f"Hydra has no status for {app_id!r} yet (404)"
+            )
+        return gate_status(body, app_id)
+
+
+def gate_status(body: object, app_id: str) -> GateStatus:
+    """Map Hydra's `{phase, cycle, quality: {isPassing, score, ...}}` to a GateStatus.
+
+    Only a JSON `true` passes: a missing, null or "true"-string isPassing is not passing,
+    because passing ships the app.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("phase"), str):
+        raise QualityGateError(
+            f"Hydra status for {app_id!r} has no phase; expected "
+            f'{{"phase": ..., "cycle": ..., "quality": {{"isPassing": ...}}}}, got {excerpt(repr(body))}'
+        )
+    quality = body.get("quality") or {}
+    if not isinstance(quality, dict):
+        raise QualityGateError(
+            f"Hydra status for {app_id!r}: quality should be an object, got {excerpt(repr(quality))}"
+        )
+    cycle = body.get("cycle", 0)
+    try:
+        cycle = int(cycle or 0)
+    except (TypeError, ValueError):
+        raise QualityGateError(
+            f"Hydra status for {app_id!r}: cycle should be a number, got {excerpt(repr(cycle))}"
+        ) from None
+    score = quality.get("score")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        score = None
+    rest = {k: v for k, v in quality.items() if k not in ("isPassing", "score")}
+    detail = excerpt(json.dumps(rest, sort_keys=True, default=str), DETAIL_CHARS) if rest else None
+    return GateStatus(
+        phase=body["phase"],
+        cycle=cycle,
+        is_passing=quality.get("isPassing") is True,
+        score=float(score) if score is not None else None,
+        detail=detail,
+    )

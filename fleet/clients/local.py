@@ -1,0 +1,181 @@
+"""Embedded defaults: a local executor (Dispatcher) and a check-command quality gate."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from fleet.clients.base import Command, GateStatus
+from fleet.clock import Clock, SystemClock
+from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, QualityGateError, UnknownTask
+
+log = logging.getLogger("fleet.local")
+TAIL = 2000
+
+
+def kill_tree(pid: int, grace: float = 3.0) -> None:
+    """Terminate a process and all its descendants; kill whatever outlives the grace period."""
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _tail(path: Path, limit: int = TAIL) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class _Job:
+    command: list[str]
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+
+class LocalExecutor:
+    """Runs agent commands as local subprocesses (argv lists, never a shell).
+
+    Output goes to files, not pipes, so a 10 MB answer cannot deadlock the child.
+    `target` and `model` are passed to the command as FLEET_TARGET / FLEET_MODEL.
+    """
+
+    def __init__(self, workdir: Path | None = None, cwd: Path | None = None, env: dict[str, str] | None = None):
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleet-exec-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.cwd = cwd
+        self.env = env or {}
+        self._jobs: dict[str, _Job] = {}
+        self._lock = threading.Lock()
+
+    def spawn(self, command: Command) -> str:
+        return self.dispatch(command, target="local", model="")
+
+    def dispatch(self, command: Command, target: str, model: str) -> str:
+        argv = [str(a) for a in command]
+        if not argv:
+            raise DispatchError("empty command: the fleet file must give a program to run")
+        task_id = uuid.uuid4().hex[:12]
+        out, err = self.workdir / f"{task_id}.out", self.workdir / f"{task_id}.err"
+        env = {**os.environ, **self.env, "FLEET_TARGET": target, "FLEET_MODEL": model}
+        try:
+            with out.open("wb") as fo, err.open("wb") as fe:
+                proc = subprocess.Popen(
+                    argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=self.cwd, env=env,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            raise DispatchError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        with self._lock:
+            # Reap finished children nobody waits for (fire-and-forget spawns) so they do not
+            # linger as zombies; their output files stay until someone polls them.
+            for job in self._jobs.values():
+                job.proc.poll()
+            self._jobs[task_id] = _Job(argv, proc, out, err)
+        log.info("started %s on %s (pid %s): %s", task_id, target, proc.pid, argv[0])
+        return task_id
+
+    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+        with self._lock:
+            job = self._jobs.get(task_id)
+        if job is None:
+            raise UnknownTask(f"local executor has no task {task_id!r} (it may have restarted)")
+        try:
+            code = job.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(job.proc.pid)
+            job.proc.wait()
+            raise DispatchTimeout(
+                f"task {task_id} ({job.command[0]}) still running after {timeout:g} s; "
+                "its process tree was stopped"
+            ) from None
+        finally:
+            with self._lock:
+                self._jobs.pop(task_id, None)
+        output = job.out.read_bytes().decode(errors="replace")
+        if code != 0:
+            raise AgentFailed(
+                f"task {task_id} ({job.command[0]}) exited with code {code}: "
+                f"{_tail(job.err) or _tail(job.out) or 'no output'}"
+            )
+        job.out.unlink(missing_ok=True)
+        job.err.unlink(missing_ok=True)
+        return output
+
+    def stop_all(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            if job.proc.poll() is None:
+                kill_tree(job.proc.pid)
+
+
+def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
+    """Run a check command; returns (passed, tail of its output). Timeouts fail the check."""
+    argv = [str(a) for a in command]
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    except OSError as exc:
+        raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        proc.communicate()
+        return False, f"check timed out after {timeout:g} s"
+    text = out.decode(errors="replace").strip()
+    return proc.returncode == 0, text[-TAIL:]
+
+
+class LocalQualityGate:
+    """Hydra's local stand-in: an app passes when its configured check command exits 0."""
+
+    def __init__(self, checks: dict[str, tuple[Command, Path | None]], timeout: float = 600,
+                 clock: Clock | None = None):
+        self.checks = checks
+        self.timeout = timeout
+        self.clock = clock or SystemClock()
+        self._cycles: dict[str, int] = {}
+
+    def status(self, app_id: str) -> GateStatus:
+        if app_id not in self.checks:
+            raise ConfigError(
+                f"no check command for app {app_id!r}: add `check: [...]` to it in the fleet file"
+            )
+        command, cwd = self.checks[app_id]
+        cycle = self._cycles[app_id] = self._cycles.get(app_id, 0) + 1
+        passed, tail = run_check(command, cwd, self.timeout)
+        return GateStatus(
+            phase="passing" if passed else "failing", cycle=cycle, is_passing=passed,
+            score=1.0 if passed else 0.0, detail=None if passed else tail[-500:],
+        )

@@ -1,0 +1,350 @@
+"""HTTP plumbing of the AuraGateway and Hydra clients: endpoint checks, one retry layer, clear errors.
+
+Retry layers. Each call here is retried by exactly one layer, this one: tenacity, 3 attempts
+with exponential backoff and jitter (sleeps ≤ ~2.5 s in all, through an injectable sleep),
+on transient failures only — connect errors, timeouts, 429/502/503/504. What reaches the
+caller (GatewayUnavailable, QualityGateUnavailable) has already been retried: a Prefect task
+wrapping these calls must NOT retry those errors again (see `retried_by_transport`, meant for
+its `retry_condition_fn`), or one outage turns into retries × retries requests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+from urllib.parse import quote, urlsplit
+
+import httpx
+import tenacity
+from pydantic import SecretStr
+
+from fleet.clients.breaker import CircuitBreaker, breaker_for
+from fleet.clock import Clock
+from fleet.errors import (
+    CircuitOpen,
+    ConfigError,
+    ExtractionError,
+    FleetError,
+    GatewayUnavailable,
+    QualityGateUnavailable,
+)
+
+log = logging.getLogger("fleet.transport")
+
+INSECURE_FLAG = "FLEET_ALLOW_INSECURE_TRANSPORT=true"
+
+# Statuses that say "not now" rather than "no": worth another attempt on an idempotent call.
+TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+
+# Failures before any byte of the request left: safe to retry even a non-idempotent POST.
+NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+)
+# Failures that may come after the server got the request: retried only when idempotent.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+)
+
+EXCERPT_CHARS = 200
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost names and loopback IPs (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def display_url(url: str) -> str:
+    """The URL without user:password@ and query, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}".rstrip("/")
+
+
+def check_endpoint(url: str, *, allow_insecure: bool, verify: bool = True) -> None:
+    """Refuse a URL that would send tokens in the clear: plain http:// to a non-loopback host,
+    or TLS verification off, unless `allow_insecure` (FLEET_ALLOW_INSECURE_TRANSPORT=true)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 — raises ValueError on a malformed port
+    except ValueError as exc:
+        raise ConfigError(f"endpoint URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigError(
+            f"endpoint URL {display_url(url)!r} must start with https:// (or http:// for a "
+            "loopback address)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"endpoint URL {url!r} has no host; expected e.g. https://mac1.example:8001")
+    host = parts.hostname
+    if parts.scheme == "http" and not is_loopback(host):
+        if not allow_insecure:
+            raise ConfigError(
+                f"refusing plain http:// to {display_url(url)}: {host} is not a loopback "
+                "address, so the bearer token would cross the network unencrypted. Use "
+                f"https://, or set {INSECURE_FLAG} (allow_insecure=True on the block) if "
+                "this network is trusted."
+            )
+        log.warning("plain http:// to non-loopback %s allowed by %s", display_url(url), INSECURE_FLAG)
+    if not verify:
+        if not allow_insecure:
+            raise ConfigError(
+                f"refusing to turn off TLS certificate verification for {display_url(url)}; "
+                f"set {INSECURE_FLAG} (allow_insecure=True on the block) to allow it"
+            )
+        log.warning("TLS verification off for %s, allowed by %s", display_url(url), INSECURE_FLAG)
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def retried_by_transport(exc: BaseException) -> bool:
+    """True for errors this layer already retried (or refused via the breaker): a Prefect
+    `retry_condition_fn` should return False for them, so no call is retried by two layers."""
+    return isinstance(exc, (GatewayUnavailable, QualityGateUnavailable, CircuitOpen, ExtractionError))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Transport retry budget. Defaults: 3 attempts, sleeps 0.5 s then 1 s (+ up to 0.5 s
+    jitter each), so the sleeps stay under ~2.5 s and a call under 3 × timeout + 2.5 s."""
+
+    attempts: int = 3
+    initial: float = 0.5
+    max_wait: float = 4.0
+    jitter: float = 0.5
+
+    def retrying(self, retry_if: Callable[[BaseException], bool], sleep: Callable[[float], None], before_sleep) -> tenacity.Retrying:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential_jitter(
+                initial=self.initial, max=self.max_wait, jitter=self.jitter
+            ),
+            retry=tenacity.retry_if_exception(retry_if),
+            sleep=sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+
+class _TransientStatus(Exception):
+    """Internal: a retryable status answer, raised so tenacity sees it."""
+
+    def __init__(self, response: httpx.Response):
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """How one service is named in errors, and which errors it raises."""
+
+    name: str                      # "AuraGateway"
+    key: str                       # "aura": names its breakers, "aura <base url>"
+    token_hint: str                # "the AuraGateway block / FLEET_AURA_TOKEN"
+    error: type[FleetError]        # DispatchError
+    unavailable: type[FleetError]  # GatewayUnavailable
+
+
+class JsonEndpoint:
+    """One JSON-over-HTTP service: base URL, bearer token, the retry layer and a breaker."""
+
+    def __init__(
+        self,
+        service: ServiceInfo,
+        base_url: str,
+        token: SecretStr | None,
+        *,
+        allow_insecure: bool,
+        timeout: float,
+        client: httpx.Client | None,
+        breaker: CircuitBreaker | None,
+        clock: Clock,
+        policy: RetryPolicy | None = None,
+    ):
+        check_endpoint(base_url, allow_insecure=allow_insecure)
+        if token is not None and not isinstance(token, SecretStr):
+            raise TypeError(f"{service.name} token must be a pydantic SecretStr, not {type(token).__name__}")
+        self.service = service
+        self.base_url = base_url.rstrip("/")
+        self.shown_url = display_url(self.base_url)
+        self._token = token
+        self._owns_client = client is None
+        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False)
+        self._timeout = timeout
+        # One shared breaker per endpoint unless the caller brings its own.
+        self.breaker = breaker or breaker_for(f"{service.key} {self.base_url}", clock=clock)
+        self._sleep = clock.sleep
+        self.policy = policy or RetryPolicy()
+
+    def __repr__(self) -> str:
+        return f"JsonEndpoint({self.service.name}, {self.shown_url!r})"
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    @staticmethod
+    def segment(value: str) -> str:
+        """One path segment, escaped so an id can never change the path."""
+        if value in ("", ".", ".."):
+            # URL normalisation would drop or climb these: no id may look like them.
+            raise ValueError(f"{value!r} cannot be used as an id in a URL path")
+        return quote(value, safe="")
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self._token is not None:
+            # The secret is opened here, at the last moment, and only into the request.
+            headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
+        return headers
+
+    def call(
+        self, method: str, path: str, *, body: dict | None = None, idempotent: bool
+    ) -> tuple[int, Any]:
+        """Send one request (retried as allowed) and return (status, parsed JSON body).
+
+        Returns for 2xx and 404 (the caller decides what a missing thing means); raises the
+        service's error for 401/403, other 4xx and 5xx, malformed JSON; its `unavailable`
+        error when transient failures outlast the retries or the breaker is open.
+        """
+        what = f"{method} {path}"
+        try:
+            self.breaker.before_call()
+        except CircuitOpen as exc:
+            raise self.service.unavailable(
+                f"{self.service.name} at {self.shown_url}: {what} not sent — {exc}. "
+                f"Check that the {self.service.name} is running and reachable."
+            ) from exc
+        try:
+            response = self._send_with_retries(method, path, body, idempotent)
+        except Exception as exc:
+            self.breaker.record_failure(f"{what}: {_short(exc)}")
+            raise
+        status = response.status_code
+        if status >= 500:
+            self.breaker.record_failure(f"{what}: HTTP {status}")
+            raise self.service.error(
+                f"{self.service.name} at {self.shown_url} answered {status} to {what}: "
+                f"{excerpt(response.text) or '(empty body)'}"
+            )
+        if status in (401, 403):
+            self.breaker.record_success()  # it answered: the endpoint is up, our token is not
+            raise self.service.error(
+                f"{self.service.name} refused the token ({status}): check {self.service.token_hint}"
+            )
+        if status == 404:
+            self.breaker.record_success()
+            return status, _try_json(response)
+        if status >= 400:
+            self.breaker.record_success()
+            raise self.service.error(
+                f"{self.service.name} at {self.shown_url} rejected {what} with {status}: "
+                f"{excerpt(response.text) or '(empty body)'}"
+            )
+        try:
+            parsed = response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            self.breaker.record_failure(f"{what}: malformed JSON")
+            raise self.service.error(
+                f"{self.service.name} at {self.shown_url} answered {what} with malformed JSON "
+                f"(HTTP {status}): {excerpt(response.text) or '(empty body)'!r}"
+            ) from None
+        self.breaker.record_success()
+        return status, parsed
+
+    def _send_with_retries(
+        self, method: str, path: str, body: dict | None, idempotent: bool
+    ) -> httpx.Response:
+        url = self.base_url + path
+        what = f"{method} {path}"
+
+        def retry_if(exc: BaseException) -> bool:
+            if isinstance(exc, NOT_SENT_ERRORS):
+                return True
+            # A POST that may have reached the server is not repeated: /spawn and /dispatch
+            # start work, and a read timeout or 5xx does not tell us whether it started.
+            # Repeating could run the agent command twice; failing lets the stage decide.
+            if not idempotent:
+                return False
+            return isinstance(exc, (_TransientStatus, *TRANSIENT_ERRORS))
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s %s: %s — retrying in %.1f s (attempt %d of %d)",
+                self.service.name, what, _short(exc), state.upcoming_sleep,
+                state.attempt_number, self.policy.attempts,
+            )
+
+        attempts = 0
+        try:
+            for attempt in self.policy.retrying(retry_if, self._sleep, before_sleep):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    response = self._client.request(
+                        method, url, json=body, headers=self._headers(), timeout=self._timeout
+                    )
+                    if response.status_code in TRANSIENT_STATUS:
+                        raise _TransientStatus(response)
+                    return response
+        except _TransientStatus as exc:
+            response = exc.response
+            hint = "the transport already retried" if idempotent else _not_resent(method, path)
+            raise self.service.unavailable(
+                f"{self.service.name} at {self.shown_url} answered {response.status_code} to "
+                f"{what} {_times(attempts)}: {excerpt(response.text) or '(empty body)'}; "
+                f"{hint}. Check the {self.service.name}'s health."
+            ) from None
+        except httpx.HTTPError as exc:
+            if isinstance(exc, NOT_SENT_ERRORS) or idempotent:
+                hint = "the transport already retried"
+            else:
+                hint = _not_resent(method, path)
+            raise self.service.unavailable(
+                f"{self.service.name} at {self.shown_url}: {what} failed {_times(attempts)} "
+                f"({_short(exc)}); {hint}. Check that the {self.service.name} is running and "
+                "reachable."
+            ) from None
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+
+def _not_resent(method: str, path: str) -> str:
+    return (
+        f"not retried: {method} {path} starts work and may have reached the server, so "
+        "check there before sending it again"
+    )
+
+
+def _times(attempts: int) -> str:
+    return "after 1 attempt" if attempts == 1 else f"after {attempts} attempts"
+
+
+def _short(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no error"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {excerpt(text, 120)}" if str(exc) else type(exc).__name__
+
+
+def _try_json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,211 @@
+"""An AuraGateway-compatible dev server that really runs the commands it is sent (argv, no shell)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.devservers.base import DevServer, Faults, Reply
+
+log = logging.getLogger("fleet.devservers.aura")
+
+TAIL = 4000
+
+
+@dataclass
+class AuraFaults(Faults):
+    stall_next_tasks: int = 0   # the next N tasks stay "running" forever (their command never runs)
+
+
+@dataclass
+class GatewayTask:
+    task_id: str
+    argv: list[str]
+    target: str | None = None
+    model: str | None = None
+    status: str = "queued"
+    output: str = ""
+    error: str | None = None
+    exit_code: int | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "status": self.status,
+            "output": self.output,
+            "error": self.error,
+            "exit_code": self.exit_code,
+            "target": self.target,
+            "model": self.model,
+            "command": shlex.join(self.argv),
+        }
+
+
+class AuraDevServer(DevServer):
+    """`POST /spawn {command}`, `POST /dispatch {command, target, model}` → `{task_id}`;
+    `GET /tasks/{id}` → `{status, output, error}`.
+
+    The command string is split with shlex and run as an argument list — never through a
+    shell — in `workdir`, at most `max_parallel` at a time (the rest wait as "queued").
+    `dispatch` records target and model and runs the command here: there is one machine.
+    """
+
+    name = "aura"
+    faults_class = AuraFaults
+    faults: AuraFaults
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        workdir: str | Path | None = None,
+        task_timeout: float | None = None,
+        max_parallel: int = 4,
+        env: dict[str, str] | None = None,
+    ):
+        super().__init__(host, port, token)
+        self.workdir = Path(workdir) if workdir else None
+        if self.workdir:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        self.task_timeout = task_timeout
+        self.env = env
+        self._slots = threading.BoundedSemaphore(max_parallel)
+        self._tasks: dict[str, GatewayTask] = {}
+        self._lock = threading.Lock()
+        self.route("POST", r"/spawn", lambda p, b: self._start(b, dispatch=False))
+        self.route("POST", r"/dispatch", lambda p, b: self._start(b, dispatch=True))
+        self.route("GET", r"/tasks/(?P<task_id>[^/]+)", self._get_task)
+
+    # -- Python API --------------------------------------------------------------------------
+
+    def task(self, task_id: str) -> GatewayTask:
+        with self._lock:
+            return self._tasks[task_id]
+
+    def tasks(self) -> list[GatewayTask]:
+        with self._lock:
+            return list(self._tasks.values())
+
+    def wait(self, task_id: str, timeout: float = 10) -> GatewayTask:
+        """Block until the task is done or failed (for tests driving the server directly)."""
+        task = self.task(task_id)
+        if not task.finished.wait(timeout):
+            raise TimeoutError(f"aura dev server: task {task_id} still {task.status} after {timeout:g} s")
+        return task
+
+    def stop(self) -> None:
+        super().stop()
+        killed = []
+        for task in self.tasks():
+            if task.proc is not None and task.proc.poll() is None:
+                _kill_group(task.proc)
+                killed.append(task)
+        for task in killed:  # their runner threads reap them; wait so none outlives stop()
+            task.finished.wait(5)
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def _start(self, body: Any, *, dispatch: bool) -> dict:
+        if not isinstance(body, dict) or not isinstance(body.get("command"), str):
+            raise Reply(400, {"error": 'body must be {"command": "<argv joined with shlex>"}'})
+        try:
+            argv = shlex.split(body["command"])
+        except ValueError as exc:
+            raise Reply(400, {"error": f"command does not split into arguments: {exc}"}) from None
+        if not argv:
+            raise Reply(400, {"error": "command is empty"})
+        target = model = None
+        if dispatch:
+            target, model = body.get("target"), body.get("model")
+            if not isinstance(target, str) or not isinstance(model, str):
+                raise Reply(400, {"error": "dispatch needs string fields target and model"})
+        task = GatewayTask(task_id=uuid.uuid4().hex, argv=argv, target=target, model=model)
+        with self._faults_lock:
+            stall = self.faults.stall_next_tasks > 0
+            if stall:
+                self.faults.stall_next_tasks -= 1
+        with self._lock:
+            self._tasks[task.task_id] = task
+        if stall:
+            task.status = "running"  # and so it stays
+        else:
+            threading.Thread(
+                target=self._run, args=(task,), name=f"aura-task-{task.task_id[:8]}", daemon=True
+            ).start()
+        log.info("aura dev server: task %s: %s", task.task_id, shlex.join(argv))
+        return {"task_id": task.task_id}
+
+    def _get_task(self, params: dict, body: Any) -> dict:
+        with self._lock:
+            task = self._tasks.get(params["task_id"])
+        if task is None:
+            raise Reply(404, {"error": f"unknown task {params['task_id']!r}"})
+        return task.as_json()
+
+    # -- execution ---------------------------------------------------------------------------
+
+    def _run(self, task: GatewayTask) -> None:
+        try:
+            self._execute(task)
+        finally:
+            task.finished.set()
+
+    def _execute(self, task: GatewayTask) -> None:
+        with self._slots:
+            if self._stopping.is_set():
+                task.error, task.status = "gateway stopped before the task ran", "failed"
+                return
+            try:
+                proc = subprocess.Popen(
+                    task.argv,  # an argument list: no shell ever sees the command
+                    cwd=self.workdir,
+                    env={**os.environ, **self.env} if self.env else None,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    errors="replace",
+                    start_new_session=True,  # its own process group, so stop() can kill the tree
+                )
+            except OSError as exc:
+                task.error, task.status = f"cannot run {task.argv[0]!r}: {exc.strerror or exc}", "failed"
+                return
+            task.proc = proc
+            task.status = "running"
+            try:
+                out, err = proc.communicate(timeout=self.task_timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                out, err = proc.communicate()
+                task.output = out
+                # Error before status: a poller that sees "failed" must also see why.
+                task.error = f"timed out after {self.task_timeout:g} s and was killed"
+                task.status = "failed"
+                return
+            task.exit_code = proc.returncode
+            task.output = out
+            if proc.returncode == 0:
+                task.status = "done"
+            else:
+                detail = (err or out or "").strip()[-TAIL:]
+                task.error = f"exit code {proc.returncode}" + (f": {detail}" if detail else "")
+                task.status = "failed"
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,45 @@
+"""EVOLVE on a local repo: each agent attempt runs under the supervisor's change guard."""
+
+from __future__ import annotations
+
+import logging
+
+from fleet.errors import StageFailed
+from fleet.supervisor.guard import ChangeGuard
+
+log = logging.getLogger("fleet.evolve")
+
+
+def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily to avoid a cycle)
+    """Run the evolve command until the guard accepts a change, at most `evolve_attempts` times.
+
+    A rejected attempt is rolled back (its diff kept as a patch) and the next attempt is
+    told why, so an agent that touched a protected path gets one clear chance to redo it.
+    """
+    app, s = run.app, run.settings
+    guard = ChangeGuard(
+        app.repo,
+        protected=[*run.fleet.protected, *app.protected],
+        check_command=app.check,
+        patches_dir=s.home / "patches" / app.id,
+        check_timeout=s.check_timeout_seconds,
+        clock=run.clock,
+    )
+    feedback = ""
+    for attempt in range(1, s.evolve_attempts + 1):
+        snapshot = guard.snapshot()
+        task_id = run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
+        run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+        verdict = guard.validate(snapshot)
+        if verdict.accepted:
+            return
+        note = f"change guard rejected attempt {attempt}: {verdict.reason}"
+        if verdict.patch_path:
+            note += f" (patch kept: {verdict.patch_path})"
+        log.warning("%s: %s", app.id, note)
+        run.notes.append(note)
+        feedback = (
+            f"Your previous change was rolled back: {verdict.reason}. "
+            f"Protected paths must never change: {', '.join(guard.protected.globs)}."
+        )
+    raise StageFailed(f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}")

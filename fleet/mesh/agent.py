@@ -1,0 +1,558 @@
+"""The node agent: heartbeats, claims mesh work, runs it in tmux panes and reports what the panes do.
+
+One agent per machine. `tick()` does whatever is due on the injected clock:
+heartbeat (every heartbeat_seconds), claim (every claim_seconds, workers and planners with a
+free pane), inject claimed work (claimed → injected), read pane output (→ running, progress,
+DONE/FAILED markers → done/failed), respawn dead panes, and hand a task off when the pane's
+context budget reaches context_handoff_ratio. Active tasks are persisted to `state_path` and
+re-adopted after a restart; the store's `tasks_of(machine_id)` is the source of truth.
+
+Pane protocol (what the agent in the pane sees and must answer):
+  in:  "TASK <task_id> <command joined by spaces>[ [checkpoint: …]]"
+  out: "DONE <task_id>" on a line of its own when finished (the lines between the TASK echo
+       and DONE are the output), or "FAILED <task_id> <reason>".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fleet.clock import Clock
+from fleet.errors import ConfigError, FleetError
+from fleet.mesh import END_PROTOCOL
+from fleet.mesh.health import HealthServer
+from fleet.mesh.store import (
+    SUPPORTED_GENERATIONS,
+    MachineIdentity,
+    MeshStore,
+    QueuedTask,
+    TaskStatus,
+)
+from fleet.mesh.tmux import PaneControl
+from fleet.settings import FleetSettings
+
+log = logging.getLogger(__name__)
+
+CLAIMING_ROLES = ("worker", "planner")
+# The checkpoint rides on the single TASK line; a cooked tty truncates lines past 4095 bytes.
+CHECKPOINT_CHARS = 1000
+# Scripted-agent and tty noise that is not part of a task's output.
+_NOISE = re.compile(r"^(ACK [0-9a-f]{40}|\s*context:\s*\d+(\.\d+)?\s*%)\s*$", re.IGNORECASE)
+
+
+@dataclass
+class ActiveTask:
+    """What the agent remembers about a task it holds (persisted across restarts)."""
+
+    task_id: str
+    text: str                       # what is typed into the pane
+    status: str = TaskStatus.CLAIMED.value
+    pane_id: str | None = None
+    injected: bool = False          # typed into `pane_id` (False → inject when a pane is free)
+    digest: str | None = None       # hash of the pane output last reported as progress
+    respawns: int = 0               # times the pane's agent died while running this task
+
+
+def task_text(task: QueuedTask) -> str:
+    """The single line typed into the pane for `task`."""
+    text = f"TASK {task.task_id} {' '.join(task.command)}".rstrip()
+    if task.checkpoint:
+        flat = " ⏎ ".join(line.strip() for line in task.checkpoint.splitlines() if line.strip())
+        text += f" [checkpoint: {flat[-CHECKPOINT_CHARS:]}]"
+    # Tells an LLM agent (Claude Code) how to report the end; worded so the echo of this
+    # line never contains the end marker itself.
+    return text + END_PROTOCOL
+
+
+def task_section(pane_text: str, task_id: str) -> str | None:
+    """The pane text after the echo of the task's TASK line, or None if it is not visible."""
+    start = pane_text.rfind(f"TASK {task_id}")
+    if start < 0:
+        return None
+    end_of_line = pane_text.find("\n", start)
+    return "" if end_of_line < 0 else pane_text[end_of_line + 1:]
+
+
+def finished(section: str, task_id: str) -> tuple[TaskStatus, str] | None:
+    """(done, output) or (failed, reason) once the pane shows the task's end marker."""
+    lines = section.splitlines()
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped == f"DONE {task_id}":
+            output = "\n".join(x for x in lines[:index] if not _NOISE.match(x)).strip()
+            return TaskStatus.DONE, output
+        if stripped.startswith(f"FAILED {task_id}"):
+            reason = stripped[len(f"FAILED {task_id}"):].strip() or "the agent reported failure"
+            return TaskStatus.FAILED, reason
+    return None
+
+
+def check_identity(identity: MachineIdentity, expected_mesh_id: str | None) -> None:
+    """Refuse to run with a mesh id or protocol generation this mesh does not speak."""
+    if identity.generation not in SUPPORTED_GENERATIONS:
+        supported = ", ".join(str(g) for g in sorted(SUPPORTED_GENERATIONS))
+        raise ConfigError(
+            f"machine {identity.machine_id} speaks protocol generation {identity.generation}; "
+            f"this mesh supports {supported} — upgrade the agent (or the mesh) so they match"
+        )
+    if expected_mesh_id and identity.mesh_id != expected_mesh_id:
+        raise ConfigError(
+            f"machine {identity.machine_id} belongs to mesh {identity.mesh_id!r} but this agent is "
+            f"configured for mesh {expected_mesh_id!r} — fix --mesh-id or FLEET_MESH_ID"
+        )
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        identity: MachineIdentity,
+        store: MeshStore,
+        panes: PaneControl,
+        *,
+        clock: Clock,
+        settings: FleetSettings,
+        agent_command: list[str],
+        state_path: Path,
+        expected_mesh_id: str | None = None,
+        session: str | None = None,
+        pane_count: int | None = None,
+        health_port: int | None = None,
+        health_host: str = "127.0.0.1",
+    ):
+        check_identity(identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id)
+        if not agent_command and identity.role != "viewer":
+            raise ConfigError(f"machine {identity.machine_id} has no agent command — "
+                              "give --agent-command, e.g. \"claude\"")
+        self.identity = identity
+        self.store = store
+        self.panes = panes
+        self.clock = clock
+        self.settings = settings
+        self.agent_command = list(agent_command)
+        self.state_path = Path(state_path)
+        self.session = session or f"fleet-{identity.machine_id}"
+        self.pane_count = settings.agent_panes if pane_count is None else pane_count
+        self.tasks: dict[str, ActiveTask] = {}
+        self.pane_ids: list[str] = []
+        self._fresh: set[str] = set()   # (re)started panes that have not been given work yet
+        self.last_heartbeat: datetime | None = None
+        self._next_heartbeat: datetime | None = None
+        self._next_claim: datetime | None = None
+        self._started = False
+        self._stopping = threading.Event()
+        self._lock = threading.RLock()
+        self._pane_view: list[dict[str, Any]] = []
+        self._status = "starting"
+        self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port)
+                        if health_port is not None else None)
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def machine_id(self) -> str:
+        return self.identity.machine_id
+
+    @property
+    def claims(self) -> bool:
+        return self.identity.role in CLAIMING_ROLES
+
+    @property
+    def health_url(self) -> str | None:
+        return self._health.url if self._health else None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Open the health endpoint, adopt surviving panes and tasks, fill up the panes."""
+        if self._started:
+            return
+        if self._health is not None:
+            self._health.start()
+        with self._lock:
+            self._readopt()
+            self._started = True
+            self._status = "ok"
+            self._save_state()
+
+    def tick(self) -> None:
+        """Do whatever is due now; safe to call as often as wanted."""
+        if not self._started:
+            self.start()
+        with self._lock:
+            now = self.clock.now()
+            if self._next_heartbeat is None or now >= self._next_heartbeat:
+                self._heartbeat(now)
+            if self.claims:
+                self._supervise_panes(now)
+                self._watch_tasks(now)
+                if self._next_claim is None or now >= self._next_claim:
+                    self._claim(now)
+                self._inject_pending(now)
+            self._refresh_view()
+            self._save_state()
+
+    def shutdown(self) -> int:
+        """Announce leaving (the store requeues our claims), stop pane work and the endpoint."""
+        with self._lock:
+            if self._status == "left":
+                return 0
+            self._status = "leaving"
+            requeued = 0
+            try:
+                requeued = self.store.leave(self.machine_id, self.clock.now())
+            except Exception:
+                log.exception("could not announce leaving for %s; the reconciler will requeue its claims",
+                              self.machine_id)
+            # Our claims are someone else's work now: stop it here so it never runs twice.
+            for task in list(self.tasks.values()):
+                if task.pane_id and task.injected:
+                    self._restart_pane(task.pane_id)
+            self.tasks.clear()
+            self._save_state()
+            self._refresh_view()
+            self._status = "left"
+        if self._health is not None:
+            self._health.stop()
+        self._stopping.set()
+        log.info("machine %s left the mesh; %d claim(s) requeued", self.machine_id, requeued)
+        return requeued
+
+    def stop(self) -> None:
+        """Ask run_forever to finish (it calls shutdown)."""
+        self._stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT ask the loop to stop (then it leaves the mesh); main thread only."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stopping.set())
+
+    def run_forever(self) -> None:
+        """Tick until SIGTERM/SIGINT or stop(), then leave the mesh gracefully."""
+        self.install_signal_handlers()
+        self.start()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self.tick()
+                except FleetError as exc:
+                    log.warning("tick failed on %s: %s", self.machine_id, exc)
+                except Exception:
+                    log.exception("tick failed on %s; continuing", self.machine_id)
+                self._stopping.wait(self.settings.agent_tick_seconds)
+        finally:
+            self.shutdown()
+
+    # -- claim ---------------------------------------------------------------------------
+    def free_panes(self) -> list[str]:
+        busy = {t.pane_id for t in self.tasks.values() if t.pane_id}
+        return [p for p in self.pane_ids if p not in busy and self.panes.is_alive(p)]
+
+    def claim_work(self, limit: int) -> list[QueuedTask]:
+        """Claim up to `limit` tasks for this machine (viewers never claim)."""
+        if not self.claims or limit <= 0:
+            return []
+        claimed = self.store.claim(self.machine_id, self.clock.now(), limit=limit)
+        with self._lock:
+            for task in claimed:
+                self.tasks[task.task_id] = ActiveTask(task_id=task.task_id, text=task_text(task),
+                                                      status=task.status.value)
+        return claimed
+
+    def _verify_claims(self) -> None:
+        """Drop (and stop) tasks the store requeued behind our back, e.g. while we were declared
+        down: another machine may be running them now."""
+        ours = {t.task_id for t in self.store.tasks_of(self.machine_id)}
+        for task in list(self.tasks.values()):
+            if task.task_id not in ours:
+                self._lost(task, "the store requeued it: this machine was declared down, or the "
+                                 "reconciler found the claim orphaned or stuck")
+
+    def _claim(self, now: datetime) -> None:
+        try:
+            self._verify_claims()
+            free = len(self.free_panes()) - sum(1 for t in self.tasks.values() if t.pane_id is None)
+            self.claim_work(free)
+        except FleetError as exc:
+            log.warning("claim failed on %s: %s; retrying next tick", self.machine_id, exc)
+            return
+        self._next_claim = now + _seconds(self.settings.claim_seconds)
+
+    def _ready(self, pane_id: str) -> bool:
+        """The pane's agent has drawn something (typing before that may be echoed or lost) and
+        has context left (a pane past the budget is restarted instead of given work)."""
+        try:
+            text = self.panes.read_pane(pane_id, 200)
+        except FleetError:
+            return False
+        if not text.strip():
+            return False
+        ratio = self.panes.context_ratio(text)
+        # A freshly started agent is as fresh as it gets: restarting it again would loop.
+        if (pane_id not in self._fresh and ratio is not None
+                and ratio >= self.settings.context_handoff_ratio):
+            log.info("pane %s is at context %.0f%%; restarting it before giving it work", pane_id,
+                     ratio * 100)
+            self._restart_pane(pane_id)
+            return False
+        return True
+
+    def _inject_pending(self, now: datetime) -> None:
+        if all(t.injected for t in self.tasks.values()):
+            return
+        free = [p for p in self.free_panes() if self._ready(p)]
+        for task in list(self.tasks.values()):
+            if task.injected:
+                continue
+            if task.pane_id is None:
+                if not free:
+                    continue
+                task.pane_id = free.pop(0)
+            elif not self._ready(task.pane_id):
+                continue  # respawned for this task; type it once the agent is up
+            self._inject(task, now)
+
+    def _inject(self, task: ActiveTask, now: datetime) -> None:
+        self.panes.inject(task.pane_id, task.text)
+        self._fresh.discard(task.pane_id)
+        task.injected = True
+        task.digest = None
+        if task.status == TaskStatus.CLAIMED.value:
+            ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.INJECTED, now,
+                                       pane_id=task.pane_id)
+            task.status = TaskStatus.INJECTED.value
+        else:
+            ok = self.store.progress(task.task_id, self.machine_id, now,
+                                     note=f"re-injected into pane {task.pane_id}")
+        if not ok:
+            self._lost(task, "the store no longer lists it as ours")
+
+    # -- watch ---------------------------------------------------------------------------
+    def _watch_tasks(self, now: datetime) -> None:
+        for task in list(self.tasks.values()):
+            self._watch(task, now)
+
+    def _watch(self, task: ActiveTask, now: datetime) -> None:
+        """Read the task's pane: finish it, report progress, or hand it off at the context budget."""
+        if task.task_id not in self.tasks or not task.injected or task.pane_id is None:
+            return
+        try:
+            text = self.panes.read_pane(task.pane_id, self.settings.agent_capture_lines)
+        except FleetError as exc:
+            log.warning("cannot read pane %s for task %s: %s", task.pane_id, task.task_id, exc)
+            return
+        section = task_section(text, task.task_id)
+        if section is None:
+            return
+        end = finished(section, task.task_id)
+        if end is not None:
+            status, detail = end
+            kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
+            if task.status == TaskStatus.INJECTED.value:
+                self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now)
+            self.store.transition(task.task_id, self.machine_id, status, now, **kwargs)
+            del self.tasks[task.task_id]
+            return
+        digest = hashlib.sha1(section.encode("utf-8")).hexdigest() if section.strip() else None
+        if digest is not None and digest != task.digest:
+            task.digest = digest
+            if task.status == TaskStatus.INJECTED.value:
+                ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now)
+                task.status = TaskStatus.RUNNING.value
+            else:
+                ok = self.store.progress(task.task_id, self.machine_id, now)
+            if not ok:
+                self._lost(task, "the store no longer lists it as ours")
+                return
+        ratio = self.panes.context_ratio(text)
+        if ratio is not None and ratio >= self.settings.context_handoff_ratio:
+            self._handoff(task, section, ratio, now)
+
+    def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
+        lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
+        checkpoint = "\n".join(lines[-20:]) or f"context budget reached at {ratio:.0%}"
+        self.store.handoff(task.task_id, self.machine_id, now, checkpoint)
+        log.info("task %s handed off at context %.0f%%; pane %s restarted", task.task_id,
+                 ratio * 100, task.pane_id)
+        del self.tasks[task.task_id]
+        self._restart_pane(task.pane_id)
+
+    def _lost(self, task: ActiveTask, why: str) -> None:
+        """The store gave the task to someone else: forget it and stop its work here."""
+        log.warning("task %s is no longer ours (%s); stopping it in pane %s", task.task_id, why,
+                    task.pane_id)
+        self.tasks.pop(task.task_id, None)
+        if task.pane_id and task.injected:
+            self._restart_pane(task.pane_id)
+
+    # -- panes ---------------------------------------------------------------------------
+    def _supervise_panes(self, now: datetime) -> None:
+        existing = {p.pane_id: p for p in self.panes.list_panes(self.session)}
+        for pane_id in list(self.pane_ids):
+            info = existing.get(pane_id)
+            if info is not None and self.panes.is_alive(pane_id):
+                continue
+            task = next((t for t in self.tasks.values() if t.pane_id == pane_id), None)
+            if task is not None and info is not None:
+                # The agent may have finished the task just before it exited: read that first.
+                self._watch(task, now)
+                if task.task_id not in self.tasks:
+                    task = None
+            if info is None:
+                # The pane is gone (tmux restarted, someone killed it): make a new one.
+                self.pane_ids.remove(pane_id)
+                new_id = self._spawn_pane()
+                self.pane_ids.append(new_id)
+                note = f"pane {pane_id} vanished; agent restarted in new pane {new_id}"
+                if task is not None:
+                    task.pane_id = new_id
+            else:
+                self.panes.respawn(pane_id, self.agent_command)
+                self._fresh.add(pane_id)
+                note = f"agent in pane {pane_id} exited; respawned"
+            log.warning("%s on %s", note, self.machine_id)
+            if task is None:
+                continue
+            task.respawns += 1
+            task.injected = False  # typed again on this tick, into the fresh agent
+            if task.respawns > self.settings.max_task_attempts:
+                self.store.transition(task.task_id, self.machine_id, TaskStatus.FAILED, now,
+                                      error=f"{note} {task.respawns} times while running this task")
+                del self.tasks[task.task_id]
+            elif not self.store.progress(task.task_id, self.machine_id, now, note=note):
+                self._lost(task, "the store no longer lists it as ours")
+        while len(self.pane_ids) < self.pane_count:
+            self.pane_ids.append(self._spawn_pane())
+
+    def _spawn_pane(self) -> str:
+        pane_id = self.panes.spawn(self.session, self.agent_command)
+        self._fresh.add(pane_id)
+        return pane_id
+
+    def _restart_pane(self, pane_id: str | None) -> None:
+        if pane_id is None:
+            return
+        try:
+            self.panes.respawn(pane_id, self.agent_command)
+            self._fresh.add(pane_id)
+        except FleetError as exc:
+            log.warning("could not restart pane %s: %s", pane_id, exc)
+
+    # -- heartbeat -----------------------------------------------------------------------
+    def _heartbeat(self, now: datetime) -> None:
+        try:
+            self.store.heartbeat(self.identity, now, self.health_url, sorted(self.tasks))
+            for view in self._pane_view:
+                self.store.set_pane_state(self.machine_id, view["pane_id"], now, task_id=view["task_id"],
+                                          alive=view["alive"], context_ratio=view["context_ratio"])
+        except FleetError as exc:
+            # A failed write is not a reason to stop: the next tick tries again.
+            log.warning("heartbeat failed on %s: %s", self.machine_id, exc)
+            return
+        self.last_heartbeat = now
+        self._next_heartbeat = now + _seconds(self.settings.heartbeat_seconds)
+
+    # -- restart -------------------------------------------------------------------------
+    def _readopt(self) -> None:
+        saved = self._load_state()
+        existing = {p.pane_id for p in self.panes.list_panes(self.session)}
+        saved_panes = [p for p in saved.get("panes", []) if p in existing]
+        self.pane_ids = saved_panes + sorted(existing - set(saved_panes))
+        saved_tasks = {tid: ActiveTask(**row) for tid, row in saved.get("tasks", {}).items()}
+        ours = {t.task_id: t for t in self.store.tasks_of(self.machine_id)} if self.claims else {}
+        for task_id, row in ours.items():
+            local = saved_tasks.get(task_id)
+            if local is None or local.pane_id not in existing:
+                local = ActiveTask(task_id=task_id, text=task_text(row))
+            local.status = row.status.value
+            self.tasks[task_id] = local
+        for task_id, local in saved_tasks.items():
+            if task_id not in ours and local.pane_id in existing and local.injected:
+                # Requeued while we were away: whatever still runs it here must stop.
+                log.warning("task %s was requeued while %s was away; stopping it in pane %s",
+                            task_id, self.machine_id, local.pane_id)
+                self._restart_pane(local.pane_id)
+        if self.tasks:
+            log.info("re-adopted %d task(s) on %s: %s", len(self.tasks), self.machine_id,
+                     ", ".join(sorted(self.tasks)))
+        if self.claims:
+            self._supervise_panes(self.clock.now())
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable agent state %s (%s); the store's claims are used",
+                        self.state_path, exc)
+            return {}
+        if data.get("machine_id") != self.machine_id:
+            log.warning("agent state %s belongs to machine %r, not %r; ignored", self.state_path,
+                        data.get("machine_id"), self.machine_id)
+            return {}
+        return data
+
+    def _save_state(self) -> None:
+        data = {
+            "machine_id": self.machine_id,
+            "mesh_id": self.identity.mesh_id,
+            "session": self.session,
+            "panes": self.pane_ids,
+            "tasks": {tid: asdict(t) for tid, t in self.tasks.items()},
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".agent-state-", dir=self.state_path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.state_path)  # atomic: a crash leaves the old or the new file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- health --------------------------------------------------------------------------
+    def _refresh_view(self) -> None:
+        by_pane = {t.pane_id: t.task_id for t in self.tasks.values() if t.pane_id}
+        view = []
+        for pane_id in self.pane_ids:
+            alive = self.panes.is_alive(pane_id)
+            ratio = None
+            if alive:
+                try:
+                    ratio = self.panes.context_ratio(self.panes.read_pane(pane_id, 200))
+                except FleetError:
+                    alive = False
+            view.append({"pane_id": pane_id, "alive": alive, "task_id": by_pane.get(pane_id),
+                         "context_ratio": ratio})
+        self._pane_view = view
+
+    def health_snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            dead = [v["pane_id"] for v in self._pane_view if not v["alive"]]
+            status = self._status if self._status != "ok" or not dead else "degraded"
+            return {
+                "identity": self.identity.model_dump(),
+                "status": status,
+                "last_heartbeat": self.last_heartbeat.isoformat() if self.last_heartbeat else None,
+                "active_tasks": [
+                    {"task_id": t.task_id, "status": t.status, "pane_id": t.pane_id}
+                    for t in sorted(self.tasks.values(), key=lambda t: t.task_id)
+                ],
+                "panes": list(self._pane_view),
+            }
+
+
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)

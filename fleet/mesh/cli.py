@@ -1,0 +1,150 @@
+"""`fleet agent`: start a node agent on this machine, or show a running agent's health."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from fleet.errors import ConfigError, FleetError
+from fleet.mesh.open import open_mesh_store
+from fleet.mesh.store import PROTOCOL_GENERATION
+
+agent_app = typer.Typer(help="The node agent: heartbeat, claim mesh work, run it in tmux panes.",
+                        no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+ROLES = ("worker", "planner", "viewer")
+
+
+def _fail(message: object, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@agent_app.command("start")
+def start(
+    machine_id: str = typer.Option(..., "--machine-id", help="this machine's id, e.g. mac3"),
+    mesh_id: str = typer.Option(..., "--mesh-id", help="the mesh this machine belongs to, e.g. prod"),
+    role: str = typer.Option("worker", "--role", help="worker | planner | viewer (viewers never claim)"),
+    agent_command: str = typer.Option("claude", "--agent-command",
+                                      help="the agent run in each pane, as shell-style words (no shell runs it)"),
+    store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"),
+    health_port: Optional[int] = typer.Option(None, "--health-port", help="default FLEET_AGENT_HEALTH_PORT (9300)"),
+    health_host: str = typer.Option("127.0.0.1", "--health-host", help="address the health endpoint binds"),
+    tmux_socket: str = typer.Option("fleet", "--tmux-socket", help="tmux socket name (tmux -L)"),
+    panes: Optional[int] = typer.Option(None, "--panes", help="panes (parallel tasks); default FLEET_AGENT_PANES"),
+    state_path: Optional[Path] = typer.Option(None, "--state-path", help="default <home>/agent-<machine>.json"),
+    expect_mesh: Optional[str] = typer.Option(None, "--expect-mesh",
+                                              help="refuse to start unless --mesh-id is this (default FLEET_MESH_ID)"),
+    generation: int = typer.Option(PROTOCOL_GENERATION, "--generation", help="protocol generation spoken"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run the node agent until SIGTERM/SIGINT, then leave the mesh (claims are requeued)."""
+    import libtmux
+
+    from fleet.clock import SystemClock
+    from fleet.mesh.agent import NodeAgent
+    from fleet.mesh.store import MachineIdentity
+    from fleet.mesh.tmux import PaneControl
+    from fleet.settings import get_settings
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if role not in ROLES:
+        _fail(f"--role {role!r} is not one of {', '.join(ROLES)}")
+    try:
+        argv = shlex.split(agent_command)
+    except ValueError as exc:
+        _fail(f"--agent-command {agent_command!r} cannot be split into words: {exc}")
+    if not argv and role != "viewer":
+        _fail("--agent-command is empty — give the agent to run in the panes, e.g. \"claude\"")
+    if panes is not None and panes < 1:
+        _fail(f"--panes must be at least 1, got {panes}")
+    if health_port is not None and not 0 <= health_port <= 65535:
+        _fail(f"--health-port {health_port} is not a TCP port (0–65535)")
+    try:
+        identity = MachineIdentity(machine_id=machine_id, mesh_id=mesh_id, role=role, generation=generation)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        _fail(f"invalid machine identity — {problems} (machine ids are letters, digits, . _ -; ≤ 64)")
+
+    settings = get_settings()
+    try:
+        store = open_mesh_store(store_url or settings.resolved_store_url())
+        agent = NodeAgent(
+            identity, store, PaneControl(libtmux.Server(socket_name=tmux_socket),
+                                         chunk_bytes=settings.tmux_chunk_bytes),
+            clock=SystemClock(), settings=settings, agent_command=argv,
+            state_path=state_path or settings.home / f"agent-{machine_id}.json",
+            expected_mesh_id=expect_mesh, pane_count=panes,
+            health_port=settings.agent_health_port if health_port is None else health_port,
+            health_host=health_host,
+        )
+        agent.install_signal_handlers()  # before start(): a SIGTERM while starting still leaves cleanly
+        agent.start()
+    except ConfigError as exc:
+        _fail(exc)
+    except FleetError as exc:  # store or tmux unreachable: not bad input, but no traceback either
+        _fail(exc, 1)
+    console.print(f"[green]node agent {machine_id}[/] ({role}, mesh {mesh_id}) running; "
+                  f"health at {agent.health_url} ; Ctrl-C leaves the mesh", soft_wrap=True)
+    agent.run_forever()
+
+
+@agent_app.command("status")
+def status(
+    url: str = typer.Option("http://127.0.0.1:9300", "--url", help="the agent's health endpoint"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
+    timeout: float = typer.Option(5.0, "--timeout"),
+) -> None:
+    """Show a running node agent's health."""
+    target = url.rstrip("/")
+    if not target.startswith(("http://", "https://")):
+        _fail(f"--url {url!r} must start with http:// or https://")
+    if not target.endswith("/health"):
+        target += "/health"
+    try:
+        response = httpx.get(target, timeout=timeout)
+        body = response.json()
+    except httpx.HTTPError as exc:
+        _fail(f"no node agent answered at {target}: {exc} — is `fleet agent start` running there?", 1)
+    except ValueError:
+        _fail(f"{target} did not answer with JSON — is that a node agent's health port?", 1)
+    if response.status_code != 200:
+        _fail(f"{target} answered {response.status_code}: {body.get('error', body)}", 1)
+    if as_json:
+        console.print_json(json.dumps(body))
+        return
+    ident = body.get("identity", {})
+    style = {"ok": "green", "degraded": "yellow"}.get(body.get("status"), "red")
+    console.print(f"[bold]{ident.get('machine_id')}[/] · mesh {ident.get('mesh_id')} · role {ident.get('role')} · "
+                  f"gen {ident.get('generation')} · [{style}]{body.get('status')}[/] · "
+                  f"last heartbeat {body.get('last_heartbeat') or '—'}")
+    tasks = Table(title="active tasks")
+    for col in ("task", "status", "pane"):
+        tasks.add_column(col)
+    for task in body.get("active_tasks", []):
+        tasks.add_row(task.get("task_id"), task.get("status"), task.get("pane_id") or "—")
+    panes = Table(title="panes")
+    for col in ("pane", "alive", "task", "context"):
+        panes.add_column(col)
+    for pane in body.get("panes", []):
+        ratio = pane.get("context_ratio")
+        panes.add_row(pane.get("pane_id"), "[green]yes[/]" if pane.get("alive") else "[red]no[/]",
+                      pane.get("task_id") or "—", f"{ratio:.0%}" if ratio is not None else "—")
+    console.print(tasks)
+    console.print(panes)
+
+
+if __name__ == "__main__":
+    agent_app()

@@ -1,0 +1,87 @@
+"""The node agent's HTTP health endpoint: GET /health → identity, active tasks, heartbeat, panes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+HealthSnapshot = Callable[[], dict[str, Any]]
+
+
+class HealthServer:
+    """A stdlib HTTP server in a daemon thread; `snapshot()` is called per request."""
+
+    def __init__(self, snapshot: HealthSnapshot, *, host: str = "127.0.0.1", port: int = 9300):
+        self._snapshot = snapshot
+        self._host = host
+        self._port = port
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when started with port 0)."""
+        return self._httpd.server_address[1] if self._httpd else self._port
+
+    @property
+    def url(self) -> str:
+        """The URL other machines use (a wildcard bind is advertised under this host's name)."""
+        host = socket.getfqdn() if self._host in ("", "0.0.0.0", "::") else self._host
+        return f"http://{host}:{self.port}/health"
+
+    def start(self) -> HealthServer:
+        snapshot = self._snapshot
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+                if self.path.split("?", 1)[0] not in ("/health", "/"):
+                    self._reply(404, {"error": f"no such path {self.path!r}; try GET /health"})
+                    return
+                try:
+                    body = snapshot()
+                except Exception as exc:  # a broken snapshot must still answer, truthfully
+                    log.exception("health snapshot failed")
+                    self._reply(500, {"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+                    return
+                self._reply(200, body)
+
+            def _reply(self, code: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body, default=str).encode("utf-8")
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("health: " + format, *args)
+
+        try:
+            self._httpd = ThreadingHTTPServer((self._host, self._port), Handler)
+        except OSError as exc:
+            from fleet.errors import ConfigError
+
+            raise ConfigError(
+                f"health endpoint cannot listen on {self._host}:{self._port}: {exc} — "
+                "pick another --health-port or stop the process using it"
+            ) from exc
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fleet-agent-health",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

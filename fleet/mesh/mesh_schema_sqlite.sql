@@ -1,0 +1,81 @@
+-- The mesh tables on SQLite; mirrors supabase/migrations/0002_mesh.sql. Timestamps are
+-- fixed-width UTC ISO strings (microseconds always present), so they compare in time order.
+PRAGMA journal_mode = WAL;
+
+CREATE TABLE IF NOT EXISTS mesh_health (
+    machine_id           TEXT PRIMARY KEY,
+    mesh_id              TEXT NOT NULL,
+    role                 TEXT NOT NULL CHECK (role IN ('worker', 'planner', 'viewer')),
+    generation           INTEGER NOT NULL,
+    last_heartbeat       TEXT NOT NULL,
+    health_url           TEXT,
+    active_tasks         TEXT NOT NULL DEFAULT '[]',
+    status               TEXT NOT NULL DEFAULT 'alive'
+                         CHECK (status IN ('alive', 'suspect', 'down', 'left')),
+    failed_confirmations INTEGER NOT NULL DEFAULT 0,
+    status_changed_at    TEXT,
+    updated_at           TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS mesh_task_queue (
+    task_id     TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    command     TEXT NOT NULL,
+    target      TEXT,
+    model       TEXT,
+    status      TEXT NOT NULL DEFAULT 'queued' CHECK (status IN (
+                    'queued', 'claimed', 'injected', 'running',
+                    'done', 'failed', 'expired', 'dead_letter')),
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    claimed_by  TEXT,
+    pane_id     TEXT,
+    created_at  TEXT NOT NULL,
+    claimed_at  TEXT,
+    progress_at TEXT,
+    finished_at TEXT,
+    output      TEXT,
+    error       TEXT,
+    checkpoint  TEXT
+);
+CREATE INDEX IF NOT EXISTS mesh_task_queue_queued
+    ON mesh_task_queue (created_at, task_id) WHERE status = 'queued';
+CREATE INDEX IF NOT EXISTS mesh_task_queue_claimed
+    ON mesh_task_queue (claimed_at) WHERE status = 'claimed';
+CREATE INDEX IF NOT EXISTS mesh_task_queue_injected
+    ON mesh_task_queue (COALESCE(progress_at, claimed_at)) WHERE status = 'injected';
+CREATE INDEX IF NOT EXISTS mesh_task_queue_unfinished
+    ON mesh_task_queue (created_at) WHERE status IN ('queued', 'claimed', 'injected', 'running');
+CREATE INDEX IF NOT EXISTS mesh_task_queue_claimer
+    ON mesh_task_queue (claimed_by) WHERE status IN ('claimed', 'injected', 'running');
+CREATE INDEX IF NOT EXISTS mesh_task_queue_status ON mesh_task_queue (status);
+
+CREATE TABLE IF NOT EXISTS mesh_task_events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id    TEXT,
+    event      TEXT NOT NULL,
+    machine_id TEXT,
+    at         TEXT NOT NULL,
+    detail     TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS mesh_task_events_task ON mesh_task_events (task_id, id);
+CREATE INDEX IF NOT EXISTS mesh_task_events_event ON mesh_task_events (event, id);
+
+-- The event log is history: refuse edits and deletions.
+CREATE TRIGGER IF NOT EXISTS mesh_task_events_no_update BEFORE UPDATE ON mesh_task_events
+BEGIN
+    SELECT RAISE(ABORT, 'mesh_task_events is append-only: UPDATE refused');
+END;
+CREATE TRIGGER IF NOT EXISTS mesh_task_events_no_delete BEFORE DELETE ON mesh_task_events
+BEGIN
+    SELECT RAISE(ABORT, 'mesh_task_events is append-only: DELETE refused');
+END;
+
+CREATE TABLE IF NOT EXISTS mesh_pane_state (
+    machine_id    TEXT NOT NULL,
+    pane_id       TEXT NOT NULL,
+    task_id       TEXT,
+    alive         INTEGER NOT NULL,
+    context_ratio REAL,
+    updated_at    TEXT NOT NULL,
+    PRIMARY KEY (machine_id, pane_id)
+);

@@ -1,0 +1,157 @@
+"""The reconcile and liveness rules as pure functions: thresholds → cutoffs → a verdict per row.
+
+The SQL in supabase/migrations/0002_mesh.sql (mesh_reconcile) and in
+fleet/mesh/sqlite_store.py applies exactly these rules set-based; the tests check the
+agreement on generated rows. Boundaries are strict: a claim exactly `orphan_seconds`
+old is not yet orphaned, one microsecond more and it is.
+
+`attempts` counts failed attempts (a requeue by the reconciler or by a machine being
+declared down). A requeue that would make attempts exceed `max_attempts` dead-letters
+the task instead. A context hand-off or a graceful leave is not a failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import Enum
+
+from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
+
+ACTIVE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.CLAIMED, TaskStatus.INJECTED, TaskStatus.RUNNING)
+UNFINISHED_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, *ACTIVE_STATUSES)
+FINISHED_STATUSES: tuple[TaskStatus, ...] = (
+    TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.EXPIRED, TaskStatus.DEAD_LETTER,
+)
+# Machines in these states are not routed to and their claims are not theirs any more.
+GONE_MACHINE_STATUSES = ("down", "left")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    orphan_seconds: float
+    stuck_seconds: float
+    expiry_seconds: float
+    max_attempts: int
+
+    @classmethod
+    def from_settings(cls, settings) -> Thresholds:
+        return cls(
+            orphan_seconds=settings.orphan_claim_seconds,
+            stuck_seconds=settings.stuck_injection_seconds,
+            expiry_seconds=settings.task_expiry_seconds,
+            max_attempts=settings.max_task_attempts,
+        )
+
+
+@dataclass(frozen=True)
+class Cutoffs:
+    """A row is past a rule when its timestamp is strictly before the cutoff."""
+
+    orphan: datetime
+    stuck: datetime
+    expiry: datetime
+
+
+def cutoffs(now: datetime, t: Thresholds) -> Cutoffs:
+    return Cutoffs(
+        orphan=now - timedelta(seconds=t.orphan_seconds),
+        stuck=now - timedelta(seconds=t.stuck_seconds),
+        expiry=now - timedelta(seconds=t.expiry_seconds),
+    )
+
+
+class Verdict(str, Enum):
+    """Why the reconciler moves a task; checked in this order, the first that applies wins."""
+
+    EXPIRED = "expired"            # created > expiry ago and not finished → expired
+    MACHINE_DOWN = "machine_down"  # active, claimer declared down/left → requeue
+    ORPHANED = "orphaned"          # claimed > orphan ago, claimer silent, no progress → requeue
+    STUCK = "stuck"                # injected, no pane progress for > stuck → requeue
+
+
+def claimer_heartbeat_fresh(
+    claimed_by: str | None, machines: Mapping[str, MachineHealth], cutoff: datetime
+) -> bool:
+    health = machines.get(claimed_by) if claimed_by else None
+    return (
+        health is not None
+        and health.status not in GONE_MACHINE_STATUSES
+        and health.last_heartbeat >= cutoff
+    )
+
+
+def classify(
+    task: QueuedTask, machines: Mapping[str, MachineHealth], now: datetime, t: Thresholds
+) -> Verdict | None:
+    """The reconciler's verdict on one row, or None when the row is left alone."""
+    if task.status not in UNFINISHED_STATUSES:
+        return None
+    c = cutoffs(now, t)
+    if task.created_at < c.expiry:
+        return Verdict.EXPIRED
+    if task.status not in ACTIVE_STATUSES:
+        return None
+    claimer = machines.get(task.claimed_by) if task.claimed_by else None
+    if claimer is not None and claimer.status in GONE_MACHINE_STATUSES:
+        return Verdict.MACHINE_DOWN
+    if (
+        task.status is TaskStatus.CLAIMED
+        and task.claimed_at is not None
+        and task.claimed_at < c.orphan
+        and (task.progress_at is None or task.progress_at < c.orphan)
+        and not claimer_heartbeat_fresh(task.claimed_by, machines, c.orphan)
+    ):
+        return Verdict.ORPHANED
+    if task.status is TaskStatus.INJECTED:
+        last = task.progress_at or task.claimed_at
+        if last is not None and last < c.stuck:
+            return Verdict.STUCK
+    return None
+
+
+def requeue_outcome(attempts: int, max_attempts: int) -> tuple[TaskStatus, int]:
+    """A failed attempt: back to the queue, or dead-letter once attempts exceed the maximum."""
+    attempts += 1
+    return (TaskStatus.DEAD_LETTER if attempts > max_attempts else TaskStatus.QUEUED), attempts
+
+
+def outcome(task: QueuedTask, verdict: Verdict, max_attempts: int) -> tuple[TaskStatus, int]:
+    """New (status, attempts) of a row the reconciler acts on."""
+    if verdict is Verdict.EXPIRED:
+        return TaskStatus.EXPIRED, task.attempts
+    return requeue_outcome(task.attempts, max_attempts)
+
+
+# Liveness ---------------------------------------------------------------------------
+def heartbeat_stale_before(now: datetime, heartbeat_seconds: float) -> datetime:
+    """A heartbeat older than two periods is missed (one late beat is not a miss)."""
+    return now - timedelta(seconds=2 * heartbeat_seconds)
+
+
+def heartbeat_missed(health: MachineHealth, now: datetime, heartbeat_seconds: float) -> bool:
+    return health.last_heartbeat < heartbeat_stale_before(now, heartbeat_seconds)
+
+
+def confirmed_down(failed_confirmations: int, required: int) -> bool:
+    return failed_confirmations >= max(1, required)
+
+
+def confirmation_update(
+    status: str, failed_confirmations: int, last_heartbeat: datetime, failed: bool,
+    stale_before: datetime | None,
+) -> tuple[str, int]:
+    """New (status, failed_confirmations) after one liveness confirmation.
+
+    A failure counts only while the heartbeat is still missed (it may have arrived while
+    we probed); a success resets the count and clears suspicion; down/left machines are
+    left as they are — only their own heartbeat brings them back.
+    """
+    if status in GONE_MACHINE_STATUSES:
+        return status, failed_confirmations
+    if failed:
+        if stale_before is not None and last_heartbeat >= stale_before:
+            return status, failed_confirmations
+        return "suspect", failed_confirmations + 1
+    return "alive", 0

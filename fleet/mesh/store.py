@@ -1,0 +1,153 @@
+"""The mesh's persistence protocol: heartbeats, the task queue, its events and pane state.
+
+Queue lifecycle: queued → claimed → injected → running → done | failed | expired | dead_letter.
+Every transition appends a row to mesh_task_events (append-only): the new status as the
+event name (detail.reason says why for reconciler moves), plus "Progress", "Handoff",
+"ReconcilerRun" and the machine events "MachineDown", "MachineUp", "MachineLeft". Implementations:
+SQLite (fleet/mesh/sqlite_store.py) and PostgreSQL (fleet/mesh/pg_store.py, schema in
+supabase/migrations/0002_mesh.sql). Pure rules (what is orphaned, stuck, expired, dead)
+live in fleet/mesh/rules.py and are applied by the backends as set-based SQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+Role = Literal["worker", "planner", "viewer"]
+PROTOCOL_GENERATION = 1
+SUPPORTED_GENERATIONS = frozenset({1})
+
+
+class TaskStatus(str, Enum):
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    INJECTED = "injected"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    DEAD_LETTER = "dead_letter"
+
+    @property
+    def active(self) -> bool:
+        return self in (TaskStatus.CLAIMED, TaskStatus.INJECTED, TaskStatus.RUNNING)
+
+
+class MachineIdentity(BaseModel):
+    machine_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    mesh_id: str
+    generation: int = PROTOCOL_GENERATION
+    role: Role = "worker"
+
+
+class MachineHealth(BaseModel):
+    machine_id: str
+    mesh_id: str
+    role: Role
+    generation: int
+    last_heartbeat: datetime
+    health_url: str | None = None
+    active_tasks: list[str] = []
+    status: Literal["alive", "suspect", "down", "left"] = "alive"
+    failed_confirmations: int = 0
+
+
+class QueuedTask(BaseModel):
+    task_id: str
+    kind: str                       # task type, e.g. "skill", "review", "hydra", "ship"
+    command: list[str]              # argv injected into the pane (joined for the agent)
+    target: str | None = None       # machine id, or None for any worker
+    model: str | None = None
+    status: TaskStatus = TaskStatus.QUEUED
+    attempts: int = 0               # failed attempts so far (see fleet/mesh/rules.py)
+    claimed_by: str | None = None
+    pane_id: str | None = None
+    created_at: datetime
+    claimed_at: datetime | None = None
+    progress_at: datetime | None = None
+    finished_at: datetime | None = None
+    output: str | None = None
+    error: str | None = None
+    checkpoint: str | None = None   # context hand-off notes when requeued at the context budget
+
+
+class TaskEvent(BaseModel):
+    task_id: str | None             # None for cycle-level events such as ReconcilerRun
+    event: str                      # status name, or "ReconcilerRun", "Progress", "Handoff", ...
+    machine_id: str | None = None
+    at: datetime
+    detail: dict[str, Any] = {}
+
+
+class ReconcileCounts(BaseModel):
+    orphaned_requeued: int = 0
+    stuck_requeued: int = 0
+    expired: int = 0
+    dead_lettered: int = 0
+    dead_machine_claims_requeued: int = 0   # safety net: active claims of down/left machines
+
+
+@runtime_checkable
+class MeshStore(Protocol):
+    # Machines --------------------------------------------------------------------
+    def heartbeat(self, identity: MachineIdentity, now: datetime, health_url: str | None,
+                  active_tasks: list[str]) -> None:
+        """Upsert the machine's row; resets status to alive and failed_confirmations to 0
+        (the only way back for a machine declared down)."""
+    def leave(self, machine_id: str, now: datetime) -> int:
+        """Graceful shutdown: mark the machine left and requeue its active claims (not
+        counted as failed attempts); returns how many."""
+    def machines(self) -> list[MachineHealth]: ...
+    def record_confirmation(self, machine_id: str, failed: bool, now: datetime, *,
+                            stale_before: datetime | None = None) -> MachineHealth:
+        """Liveness: count consecutive failed confirmations; a success resets the count and
+        turns suspect back to alive (a down machine stays down until it heartbeats).
+        With `stale_before`, a failure is only counted if the last heartbeat is still older
+        than it (the machine may have heartbeated while we probed). LookupError if unknown."""
+    def mark_down(self, machine_id: str, now: datetime, *, stale_before: datetime | None = None,
+                  max_attempts: int | None = None) -> int:
+        """Declare a machine down (after confirmation) and requeue its active claims, each a
+        failed attempt (dead-letter past max_attempts; None = settings.max_task_attempts).
+        With `stale_before`, refused (returns -1, nothing changed) if it heartbeated since."""
+
+    # Queue -----------------------------------------------------------------------
+    def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
+                model: str | None = None, task_id: str | None = None) -> str:
+        """Idempotent on task_id when given."""
+    def claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
+        """Atomic: two claimers never get the same task; skips tasks targeted elsewhere; a
+        machine whose row says down/left or role viewer gets nothing (until it heartbeats)."""
+    def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
+                   *, pane_id: str | None = None, output: str | None = None,
+                   error: str | None = None) -> bool:
+        """Conditional on claimed_by == machine_id and the task being active; False otherwise.
+        `status` is injected, running, done or failed (ValueError otherwise); counts as progress."""
+    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None) -> bool:
+        """Pane progress seen: bumps progress_at (conditional like transition); a note is
+        recorded as a Progress event."""
+    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str) -> bool:
+        """Context budget reached: store the checkpoint and requeue (attempt not counted as failure)."""
+    def get_task(self, task_id: str) -> QueuedTask | None: ...
+    def tasks_of(self, machine_id: str) -> list[QueuedTask]:
+        """Active tasks claimed by a machine (re-adopted after an agent restart)."""
+    def events(self, task_id: str | None = None, *, event: str | None = None) -> list[TaskEvent]:
+        """Events in append order, of one task (or all), optionally of one event name."""
+    def queue_stats(self, now: datetime) -> dict[str, Any]:
+        """{"depth": {status: n for every status}, "oldest_queued_age_seconds": float | None,
+        "dead_letter": n}."""
+
+    # Reconciler -------------------------------------------------------------------
+    def reconcile(self, now: datetime, *, orphan_seconds: float, stuck_seconds: float,
+                  expiry_seconds: float, max_attempts: int) -> ReconcileCounts:
+        """One cycle: set-based statements per rule (fleet/mesh/rules.py), in one
+        transaction, plus exactly one ReconcilerRun event carrying the counts."""
+
+    # Panes ------------------------------------------------------------------------
+    def set_pane_state(self, machine_id: str, pane_id: str, now: datetime, *, task_id: str | None,
+                       alive: bool, context_ratio: float | None = None) -> None: ...
+    def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
+        """Rows of {machine_id, pane_id, task_id, alive, context_ratio, updated_at}."""

@@ -1,0 +1,137 @@
+"""The mesh watchdog: heartbeat pulse, spawn monitor, infra watchdog, context budget, breakers.
+
+Pure checks pick what needs attention from store rows; `watchdog_cycle` runs them once and
+applies the only action the watchdog owns (a context hand-off, which requeues the task with
+its checkpoint). Respawning panes is the node agent's job: the report lists them. Each part
+runs on its own, so one failing part (the store down, say) is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Iterable
+
+from pydantic import BaseModel
+
+from fleet.mesh import rules
+from fleet.mesh.liveness import LivenessProbe, LivenessReport
+from fleet.mesh.store import MachineHealth, MeshStore
+
+
+class PaneRef(BaseModel):
+    machine_id: str
+    pane_id: str
+    task_id: str | None = None
+    context_ratio: float | None = None
+
+
+class Handoff(BaseModel):
+    pane: PaneRef
+    requeued: bool  # False when the task was no longer this machine's (nothing to do)
+
+
+class WatchdogReport(BaseModel):
+    at: datetime
+    liveness: LivenessReport | None = None
+    stale_machines: list[str] = []
+    respawn: list[PaneRef] = []
+    handoffs: list[Handoff] = []
+    queue: dict[str, Any] = {}
+    breakers: dict[str, Any] = {}
+    errors: list[str] = []
+
+    def summary(self) -> dict[str, Any]:
+        """Flat counts for events, metrics and artifacts."""
+        depth = self.queue.get("depth", {})
+        return {
+            "stale_machines": len(self.stale_machines),
+            "declared_down": len(self.liveness.declared_down) if self.liveness else 0,
+            "panes_to_respawn": len(self.respawn),
+            "handoffs": sum(1 for h in self.handoffs if h.requeued),
+            "queued": depth.get("queued", 0),
+            "dead_letter": self.queue.get("dead_letter", 0),
+            "oldest_queued_age_seconds": self.queue.get("oldest_queued_age_seconds"),
+            "open_breakers": sorted(
+                name for name, b in self.breakers.items()
+                if isinstance(b, dict) and b.get("state") not in (None, "closed")
+            ),
+            "errors": len(self.errors),
+        }
+
+
+# Pure checks ------------------------------------------------------------------------
+def stale_machines(machines: Iterable[MachineHealth], now: datetime, heartbeat_seconds: float) -> list[str]:
+    """Machines still counted as up whose heartbeat is missed (input to liveness confirmation)."""
+    return [m.machine_id for m in machines
+            if m.status in ("alive", "suspect") and rules.heartbeat_missed(m, now, heartbeat_seconds)]
+
+
+def panes_to_respawn(panes: Iterable[dict[str, Any]]) -> list[PaneRef]:
+    return [PaneRef(machine_id=p["machine_id"], pane_id=p["pane_id"], task_id=p.get("task_id"),
+                    context_ratio=p.get("context_ratio"))
+            for p in panes if not p["alive"]]
+
+
+def panes_over_budget(panes: Iterable[dict[str, Any]], ratio: float) -> list[PaneRef]:
+    """Live panes working on a task whose context window is at or past the hand-off ratio."""
+    return [PaneRef(machine_id=p["machine_id"], pane_id=p["pane_id"], task_id=p["task_id"],
+                    context_ratio=p["context_ratio"])
+            for p in panes
+            if p["alive"] and p.get("task_id") and p.get("context_ratio") is not None
+            and p["context_ratio"] >= ratio]
+
+
+def handoff_checkpoint(pane: PaneRef, ratio: float, now: datetime, last_note: str | None) -> str:
+    lines = [
+        f"Context budget hand-off at {now.isoformat()}: pane {pane.machine_id}:{pane.pane_id} "
+        f"used {pane.context_ratio:.0%} of its context (threshold {ratio:.0%}).",
+        "Continue this task in a fresh session from the last recorded progress.",
+    ]
+    if last_note:
+        lines.append(f"Last progress note: {last_note}")
+    return "\n".join(lines)
+
+
+def breaker_snapshot() -> dict[str, Any]:
+    """States of the circuit breakers of this process ({} when the breaker module is absent)."""
+    try:
+        from fleet.clients.breaker import breaker_states
+    except ImportError:
+        return {}
+    return dict(breaker_states())
+
+
+# One cycle --------------------------------------------------------------------------
+def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessProbe | None) -> WatchdogReport:
+    report = WatchdogReport(at=now)
+
+    try:  # heartbeat pulse
+        report.stale_machines = stale_machines(store.machines(), now, settings.heartbeat_seconds)
+        if probe is not None and report.stale_machines:
+            report.liveness = probe.confirm(now)
+            report.errors.extend(report.liveness.errors)
+    except Exception as exc:
+        report.errors.append(f"heartbeat pulse: {exc}")
+
+    try:  # spawn monitor and context budget
+        panes = store.pane_states()
+        report.respawn = panes_to_respawn(panes)
+        for pane in panes_over_budget(panes, settings.context_handoff_ratio):
+            notes = [e.detail.get("note") for e in store.events(pane.task_id, event="Progress")]
+            checkpoint = handoff_checkpoint(pane, settings.context_handoff_ratio, now,
+                                            notes[-1] if notes else None)
+            moved = store.handoff(pane.task_id, pane.machine_id, now, checkpoint)
+            report.handoffs.append(Handoff(pane=pane, requeued=moved))
+    except Exception as exc:
+        report.errors.append(f"panes: {exc}")
+
+    try:  # infra watchdog
+        report.queue = store.queue_stats(now)
+    except Exception as exc:
+        report.errors.append(f"queue stats: {exc}")
+
+    try:
+        report.breakers = breaker_snapshot()
+    except Exception as exc:
+        report.errors.append(f"breaker states: {exc}")
+    return report

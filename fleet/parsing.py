@@ -1,0 +1,503 @@
+"""PARSE and REVIEW: agent output → validated Tasks (marker block, LLM extraction, ISSUE lines)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from fleet.clients.base import Extractor
+from fleet.models import MAX_DESCRIPTION, SEVERITY_PRIORITY, Task, validate_app_id
+
+TASKS_START = "<!-- EVOLUTION_TASKS_START -->"
+TASKS_END = "<!-- EVOLUTION_TASKS_END -->"
+
+# Safety bounds against hostile output, not pipeline thresholds: the largest JSON text we
+# hand to the decoder, how many per-item reasons a result keeps, how long one reason may be.
+MAX_BLOCK_CHARS = 2_000_000
+MAX_REASONS = 20
+MAX_REASON_CHARS = 240
+
+NO_EXTRACTOR = "no structured block and no extractor configured"
+
+# Models vary the spacing and case of the markers; the words themselves are the contract.
+_MARKER_RE = re.compile(r"<!--[ \t]*EVOLUTION_TASKS_(START|END)[ \t]*-->", re.IGNORECASE)
+# ANSI escape sequences (terminal captures) and control characters other than \t \n \r.
+# The character classes are disjoint, so matching is linear.
+_NOISE_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ISSUES_JSON_RE = re.compile(r'\{\s*"issues"\s*:')
+_COLON_RE = re.compile(r"[ \t*_]*:")
+_NUMBERED_RE = re.compile(r"\d{1,4}[.)]")
+_DECORATION = " \t-*+•>#_`|"
+_KEYWORD_BEFORE = " \t*_`|:(["
+_NO_FILE = frozenset({"", "-", "—", "n/a", "na", "none", "null", "general"})
+_JSON = json.JSONDecoder(strict=False)  # models put raw newlines/tabs inside strings
+
+
+class ParseResult(list[Task]):
+    """The tasks parsed from one output, plus which tier produced them and what was dropped.
+
+    tier: "block" (marker JSON), "extractor" (LLM tier 2 was asked), "none" (nothing usable
+    and no tier 2), "review" (adversarial review). dropped: a reason for every item or blob
+    that was not kept, the first MAX_REASONS item reasons then "... and N more".
+    """
+
+    def __init__(self, tasks: Iterable[Task] = (), *, tier: str, dropped: Iterable[str] = ()):
+        super().__init__(tasks)
+        self.tier = tier
+        self.dropped = list(dropped)
+
+    def __repr__(self) -> str:
+        return f"ParseResult(tier={self.tier!r}, tasks={list(self)!r}, dropped={self.dropped!r})"
+
+
+def insufficient(result: ParseResult, floor: int = 3) -> bool:
+    """The quality floor of PARSE: fewer than `floor` tasks means retry the skill (seed 002)."""
+    return len(result) < floor
+
+
+def parse_skill_output(
+    output: str,
+    app_id: str,
+    extractor: Extractor | None = None,
+    *,
+    max_tasks: int = 500,
+) -> ParseResult:
+    """PARSE (seed 002 §2): tier 1 is the JSON between the markers, tier 2 the extractor.
+
+    Tier 2 runs only when tier 1 has no complete block, an unusable one, or no valid task in
+    it. Hostile output (any type, any size, broken JSON) never raises: what was not kept is
+    in `dropped`. An invalid `app_id` or `max_tasks` is the caller's bug and raises
+    InvalidAppId / ValueError before anything is read.
+    """
+    app_id = validate_app_id(app_id)
+    _check_cap(max_tasks)
+    reasons = _Reasons()
+    text = _as_text(output, reasons)
+    if text is None:
+        return ParseResult(tier="none", dropped=reasons.done())
+
+    items = _block_items(text, reasons)
+    if items is not None:
+        tasks = _collect(items, "block", app_id, "skill", max_tasks, reasons)
+        if tasks:
+            return ParseResult(tasks, tier="block", dropped=reasons.done())
+        reasons.note("structured block yielded no valid tasks")
+
+    if extractor is None:
+        reasons.note(NO_EXTRACTOR)
+        return ParseResult(tier="none", dropped=reasons.done())
+    try:
+        extracted = extractor.extract(text, app_id)
+    except Exception as exc:  # tier 2 is an LLM over the network: its failure is data here
+        reasons.note(f"extractor failed: {_describe(exc)}")
+        return ParseResult(tier="extractor", dropped=reasons.done())
+    items = _as_items(extracted, "extractor result", reasons)
+    tasks = _collect(items or [], "extractor", app_id, "skill", max_tasks, reasons)
+    if not tasks:
+        reasons.note("extractor returned no valid tasks")
+    return ParseResult(tasks, tier="extractor", dropped=reasons.done())
+
+
+def parse_review_output(review: str, app_id: str, *, max_tasks: int = 500) -> ParseResult:
+    """REVIEW (seed 002 §3): ISSUE lines plus the trailing {"issues": [...]} JSON, merged.
+
+    Tasks are `adversarial`, with severity and the priority SEVERITY_PRIORITY gives it; the
+    same file + description (case/whitespace-insensitive) from both forms is kept once.
+    Raises InvalidAppId / ValueError only for the caller's arguments, never for the text.
+    """
+    app_id = validate_app_id(app_id)
+    _check_cap(max_tasks)
+    reasons = _Reasons()
+    text = _as_text(review, reasons)
+    if text is None:
+        return ParseResult(tier="review", dropped=reasons.done())
+
+    line_items = list(_issue_lines(text))
+    json_items = _issues_json(text, reasons)
+    candidates = line_items + [(f"issues[{n}]", item) for n, item in enumerate(json_items or [])]
+    tasks = _collect_labelled(candidates, app_id, "adversarial", max_tasks, reasons, "issues")
+    if not line_items and json_items is None:
+        reasons.note('no ISSUE lines and no {"issues": [...]} JSON in the review')
+    return ParseResult(tasks, tier="review", dropped=reasons.done())
+
+
+# --- reasons -----------------------------------------------------------------------------
+
+
+class _Reasons:
+    """Collects why things were dropped: tier-level notes always, item reasons bounded."""
+
+    def __init__(self) -> None:
+        self._notes: list[str] = []
+        self._items: list[str] = []
+        self._more = 0
+
+    def note(self, reason: str) -> None:
+        self._notes.append(_short(reason))
+
+    def item(self, reason: str) -> None:
+        if len(self._items) < MAX_REASONS:
+            self._items.append(_short(reason))
+        else:
+            self._more += 1
+
+    def done(self) -> list[str]:
+        tail = [f"... and {self._more} more"] if self._more else []
+        return self._notes + self._items + tail
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        message = str(exc)
+    except Exception:  # a hostile __str__ must not escape either
+        message = ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _check_cap(max_tasks: int) -> None:
+    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
+        raise ValueError(f"max_tasks must be a positive integer, got {max_tasks!r}")
+
+
+# --- text --------------------------------------------------------------------------------
+
+
+def _as_text(output: object, reasons: _Reasons) -> str | None:
+    """The output as clean text, or None (with a note) when there is nothing to parse."""
+    if output is None:
+        reasons.note("output is None: the agent returned nothing")
+        return None
+    if isinstance(output, (bytes, bytearray)):
+        output = bytes(output).decode("utf-8", errors="replace")
+    if not isinstance(output, str):
+        reasons.note(f"output is a {type(output).__name__}, not text")
+        return None
+    text = _NOISE_RE.sub("", output)
+    if not text or text.isspace():
+        reasons.note("output is empty")
+        return None
+    return text
+
+
+def _clean(value: object) -> object:
+    """Descriptions from JSON can carry escaped control characters; fit them to the limit."""
+    if not isinstance(value, str):
+        return value
+    return _fit(" ".join(_NOISE_RE.sub("", value).split()))
+
+
+def _fit(text: str, limit: int = MAX_DESCRIPTION) -> str:
+    """Truncate at a word boundary (keeping the ellipsis inside the limit) rather than drop."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space >= limit // 2:  # one giant word: a hard cut beats losing most of the sentence
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-") + "…"
+
+
+# --- tier 1: the marker block --------------------------------------------------------------
+
+
+def _last_block(text: str) -> tuple[tuple[int, int] | None, bool]:
+    """Span of the last complete START..END pair, and whether a START was left open."""
+    span = None
+    opened = None
+    for marker in _MARKER_RE.finditer(text):
+        if marker.group(1).upper() == "START":
+            opened = marker.end()  # nested START: the innermost one starts the block
+        elif opened is not None:
+            span = (opened, marker.start())
+            opened = None
+    return span, opened is not None
+
+
+def _block_items(text: str, reasons: _Reasons) -> list | None:
+    """Items of the tier-1 block, or None with a note saying why there are none."""
+    span, dangling = _last_block(text)
+    if span is None:
+        reasons.note(
+            "structured block start marker has no end marker (output truncated?)"
+            if dangling
+            else "no structured block (EVOLUTION_TASKS_START/END markers) in the output"
+        )
+        return None
+    if dangling:
+        reasons.note("a later start marker has no end marker; used the last complete block")
+    start, end = span
+    if end - start > MAX_BLOCK_CHARS:
+        reasons.note(
+            f"structured block is {end - start} characters, over the {MAX_BLOCK_CHARS} parsed"
+        )
+        return None
+    value = _decode(text[start:end], "structured block", reasons)
+    if value is _INVALID:
+        return None
+    return _as_items(value, "structured block", reasons)
+
+
+_INVALID = object()
+
+
+def _decode(body: str, what: str, reasons: _Reasons) -> Any:
+    """The first JSON value in `body` (fences and prose around it are ignored)."""
+    starts = [i for i in (body.find("["), body.find("{")) if i >= 0]
+    if not starts:
+        reasons.note(f"{what} holds no JSON")
+        return _INVALID
+    try:
+        value, _ = _JSON.raw_decode(body, min(starts))
+    except RecursionError:
+        reasons.note(f"{what} JSON nests too deeply to parse")
+        return _INVALID
+    except json.JSONDecodeError as exc:
+        reasons.note(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        return _INVALID
+    except ValueError as exc:  # e.g. an integer over the interpreter's digit limit
+        reasons.note(f"{what} is not usable JSON: {_describe(exc)}")
+        return _INVALID
+    return value
+
+
+def _as_items(value: object, what: str, reasons: _Reasons) -> list | None:
+    """A JSON array of tasks, or the list under {"tasks": [...]}."""
+    if isinstance(value, Mapping) and isinstance(value.get("tasks"), (list, tuple)):
+        value = value["tasks"]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    shape = "an object without a \"tasks\" list" if isinstance(value, Mapping) else (
+        f"a {type(value).__name__}"
+    )
+    reasons.note(f"{what} is {shape}; expected an array of tasks or {{\"tasks\": [...]}}")
+    return None
+
+
+# --- review: ISSUE lines and the issues JSON ------------------------------------------------
+
+
+class _Malformed(str):
+    """Why a line that starts like an ISSUE is not one (kept apart from str items in JSON)."""
+
+
+def _keyword(low: str, word: str, start: int) -> tuple[int, int] | None:
+    """(start of `word`, start of its value) for the first `word:` at a word start, else None."""
+    i = low.find(word, start)
+    while i >= 0:
+        after = _COLON_RE.match(low, i + len(word))
+        if after and (i == 0 or low[i - 1] in _KEYWORD_BEFORE):
+            return i, after.end()
+        i = low.find(word, i + len(word))
+    return None
+
+
+def _issue_fields(line: str) -> dict | _Malformed | None:
+    """Fields of one `ISSUE FILE: … SEVERITY: … FIX: …` line; a reason when it is malformed;
+    None when the line is not an ISSUE line. Plain find() scans: linear on any line."""
+    s = line.lstrip(_DECORATION)
+    numbered = _NUMBERED_RE.match(s)
+    if numbered:
+        s = s[numbered.end() :].lstrip(_DECORATION)
+    if s[:5].lower() != "issue":
+        return None
+    low = s.lower()
+    file_kw = _keyword(low[:40], "file", 5)
+    if file_kw is None:
+        return None
+    severity_kw = _keyword(low, "severity", file_kw[1])
+    if severity_kw is None:
+        return _Malformed("no SEVERITY: after FILE:")
+    fix_kw = _keyword(low, "fix", severity_kw[1])
+    if fix_kw is None:
+        return _Malformed("no FIX: after SEVERITY:")
+    file = s[file_kw[1] : severity_kw[0]].strip(" \t*_`'\"")
+    return {
+        "file": None if file.lower() in _NO_FILE else file,
+        "severity": s[severity_kw[1] : fix_kw[0]].strip(" \t*_`'\"[](),.;").lower(),
+        "description": s[fix_kw[1] :].lstrip(" \t*_").rstrip(" \t*"),
+    }
+
+
+def _issue_lines(text: str) -> Iterator[tuple[str, dict | _Malformed]]:
+    """ISSUE lines in order; an ISSUE split over up to 4 lines (FILE/SEVERITY/FIX) is joined."""
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        fields = _issue_fields(lines[i])
+        if fields is None:
+            i += 1
+            continue
+        where = f"ISSUE line {i + 1}"
+        if isinstance(fields, str):
+            joined = lines[i]
+            for k in range(i + 1, min(i + 4, len(lines))):
+                nxt = lines[k].strip()
+                if not nxt or _issue_fields(nxt) is not None:
+                    break
+                joined = f"{joined} {nxt}"
+                attempt = _issue_fields(joined)
+                if isinstance(attempt, dict):
+                    fields, i = attempt, k
+                    break
+        yield where, fields
+        i += 1
+
+
+def _issues_json(text: str, reasons: _Reasons) -> list | None:
+    """Items of the last `{"issues": [...]}` in the review: None when there is none, [] (with
+    a note) when it is broken."""
+    last = None
+    for last in _ISSUES_JSON_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    start = last.start()
+    body = text[start : start + MAX_BLOCK_CHARS]
+    try:
+        value, _ = _JSON.raw_decode(body)
+    except RecursionError:
+        reasons.note('issues JSON nests too deeply to parse')
+        return []
+    except ValueError as exc:
+        if len(text) - start > MAX_BLOCK_CHARS:
+            reasons.note(f"issues JSON is not valid within the first {MAX_BLOCK_CHARS} characters")
+        elif isinstance(exc, json.JSONDecodeError):
+            where = f"line {exc.lineno} column {exc.colno}"
+            reasons.note(f"issues JSON is not valid: {exc.msg} at {where}")
+        else:
+            reasons.note(f"issues JSON is not usable: {_describe(exc)}")
+        return []
+    issues = value.get("issues")
+    if not isinstance(issues, list):
+        reasons.note(f'"issues" is a {type(issues).__name__}, expected a list')
+        return []
+    return issues
+
+
+# --- validation, de-duplication, cap -------------------------------------------------------
+
+
+class _Reject(ValueError):
+    """An item that cannot become a Task; the message is the reason."""
+
+
+def _priority(value: object, severity: object) -> object:
+    """Coerce int-like priorities ("2", " P1 ", 2.0); leave the rest for the schema to reject."""
+    if value is None:
+        return SEVERITY_PRIORITY.get(severity) if isinstance(severity, str) else None
+    if isinstance(value, bool):
+        raise _Reject("priority: expected an integer 1-5, got a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("p").strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                return value
+            return int(number) if number.is_integer() else value
+    return value
+
+
+def _task(item: object, app_id: str, source: str) -> Task:
+    if isinstance(item, BaseModel):
+        item = item.model_dump()
+    if not isinstance(item, Mapping):
+        raise _Reject(f"expected an object, got {type(item).__name__}")
+    description = item.get("description")
+    if description is None and source == "adversarial":
+        description = item.get("fix")
+    severity = item.get("severity")
+    if isinstance(severity, str):
+        severity = severity.strip().lower() or None
+    if source == "adversarial":
+        if severity not in SEVERITY_PRIORITY:
+            raise _Reject(f"severity {severity!r:.40} is not one of critical|high|medium|low")
+        priority: object = SEVERITY_PRIORITY[severity]
+    else:
+        priority = _priority(item.get("priority"), severity)
+    file = item.get("file")
+    if isinstance(file, str) and file.strip().lower() in _NO_FILE:
+        file = None
+    data = {
+        "description": _clean(description),
+        "severity": severity,
+        "file": file,
+        "priority": priority,
+    }
+    data = {k: v for k, v in data.items() if v is not None}
+    # app_id and source are ours, whatever the text claims.
+    return Task.model_validate({**data, "app_id": app_id, "source": source})
+
+
+def _first_error(exc: ValidationError) -> str:
+    errors = exc.errors(include_input=False, include_url=False)
+    if not errors:
+        return "invalid task"
+    first = errors[0]
+    loc = ".".join(str(part) for part in first.get("loc", ())) or "task"
+    return f"{loc}: {first.get('msg', 'invalid')}"
+
+
+def _collect(
+    items: Iterable, label: str, app_id: str, source: str, max_tasks: int, reasons: _Reasons
+) -> list[Task]:
+    labelled = ((f"{label}[{n}]", item) for n, item in enumerate(items))
+    return _collect_labelled(labelled, app_id, source, max_tasks, reasons, "tasks")
+
+
+def _collect_labelled(
+    candidates: Iterable[tuple[str, Any]],
+    app_id: str,
+    source: str,
+    max_tasks: int,
+    reasons: _Reasons,
+    noun: str,
+) -> list[Task]:
+    """Validate, de-duplicate by Task.key and cap; every item not kept gets a reason."""
+    tasks: list[Task] = []
+    index: dict[str, int] = {}
+    over = 0
+    for where, item in candidates:
+        if len(tasks) >= max_tasks:
+            over += 1  # past the cap nothing is validated, only counted
+            continue
+        if isinstance(item, _Malformed):  # an ISSUE line without its fields, already explained
+            reasons.item(f"{where}: {item}")
+            continue
+        try:
+            task = _task(item, app_id, source)
+        except _Reject as exc:
+            reasons.item(f"{where}: {exc}")
+            continue
+        except ValidationError as exc:
+            reasons.item(f"{where}: {_first_error(exc)}")
+            continue
+        except Exception as exc:  # hostile mappings (odd __getitem__, deep nesting) stay data
+            reasons.item(f"{where}: unusable item ({_describe(exc)})")
+            continue
+        seen = index.get(task.key)
+        if seen is None:
+            index[task.key] = len(tasks)
+            tasks.append(task)
+            continue
+        kept = tasks[seen]
+        if task.priority < kept.priority:  # the same finding, read as more urgent elsewhere
+            tasks[seen] = kept.model_copy(
+                update={"priority": task.priority, "severity": task.severity or kept.severity}
+            )
+        reasons.item(f"{where}: duplicate of an earlier task (same file and description)")
+    if over:
+        reasons.note(f"{over} {noun} beyond the cap of {max_tasks} were not kept")
+    return tasks

@@ -1,0 +1,68 @@
+"""What an operator sees per app: one row of the cohort table and a short markdown summary."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from fleet.models import Stage
+from fleet.store.base import Store
+
+COLUMNS = ("app", "final stage", "skill tasks", "adversarial issues", "quality", "shipped", "duration")
+
+
+class AppRow(BaseModel):
+    app: str
+    stage: str
+    skill_tasks: int
+    adversarial_issues: int
+    quality: float | None
+    shipped: bool
+    duration_s: float
+    error: str | None = None
+    note: str | None = None
+    notes: list[str] = []
+
+    def cells(self) -> list[str]:
+        quality = "—" if self.quality is None else f"{self.quality:.2f}"
+        stage = self.stage + (f" ({self.note})" if self.note else "")
+        return [self.app, stage, str(self.skill_tasks), str(self.adversarial_issues), quality,
+                "yes" if self.shipped else "no", f"{self.duration_s:.1f}s"]
+
+    def record(self) -> dict[str, object]:
+        """A row for Prefect's table artifact."""
+        return dict(zip(COLUMNS, self.cells())) | {"error": self.error or ""}
+
+
+def app_row(store: Store, app_id: str, note: str | None = None, notes: list[str] | None = None) -> AppRow:
+    state = store.get_state(app_id)
+    stage = state.stage if state else Stage.QUEUED
+    trajectories = store.list_trajectories(app_id)
+    last = trajectories[-1] if trajectories else None
+    return AppRow(
+        app=app_id,
+        stage=stage.value,
+        skill_tasks=len(store.list_tasks(app_id, "skill")),
+        adversarial_issues=len(store.list_tasks(app_id, "adversarial")),
+        quality=last.quality_score if last else None,
+        # SHIP runs before the stage becomes `complete`, so complete means shipped.
+        shipped=stage is Stage.COMPLETE,
+        duration_s=sum(last.durations.values()) if last else 0.0,
+        error=state.error if state else None,
+        note=note,
+        notes=notes or [],
+    )
+
+
+def markdown_summary(row: AppRow) -> str:
+    lines = [
+        f"# {row.app}: {row.stage}",
+        "",
+        "| skill tasks | adversarial issues | quality | shipped | duration |",
+        "|---|---|---|---|---|",
+        "| " + " | ".join(row.cells()[2:]) + " |",
+    ]
+    if row.error:
+        lines += ["", f"**Error:** {row.error}"]
+    if row.notes:
+        lines += ["", "**Notes:**", *[f"- {n}" for n in row.notes]]
+    return "\n".join(lines)

@@ -1,0 +1,419 @@
+"""Run rules: a supervised app that dies within min_runtime after a change rolls the change back.
+
+The loop of the seed (Metamorph's supervisor): snapshot → apply a change → start the app →
+if it dies within `min_runtime` the change broke it: roll back to the snapshot taken before
+the change; `max_failures` consecutive failures → emergency stop, and no further change is
+applied until an operator calls `resume()`. A run that lasts past `min_runtime` proves the
+current commit good and resets the counter. A clean exit (code 0) is a finished job, not a
+failure, as in the seed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import psutil
+
+from fleet.clock import Clock, SystemClock
+from fleet.errors import SupervisorStopped
+from fleet.settings import get_settings
+from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
+
+RUNNING, WATCHING, IDLE, EMERGENCY_STOP = "running", "watching", "idle", "emergency_stop"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one start of the supervised app ended (or that it proved itself and keeps running)."""
+
+    survived: bool  # ran past min_runtime (or exited 0): the current commit is good
+    exit_code: int | None  # None while it keeps running
+    runtime_seconds: float
+    rolled_back: bool
+    reason: str
+    patch_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    """What `apply_change` did: the agent's exit and the guard's verdict."""
+
+    agent_exit_code: int | None  # None = stopped at the timeout
+    agent_output_tail: str
+    verdict: GuardVerdict
+
+
+class Supervisor:
+    """Guards changes to one repo and runs its app under the run rules."""
+
+    def __init__(
+        self,
+        repo: Path,
+        command: Sequence[str],
+        protected: Sequence[str] = (),
+        check_command: Sequence[str] | None = None,
+        *,
+        min_runtime: float | None = None,
+        max_failures: int | None = None,
+        patches_dir: Path | None = None,
+        check_timeout: float = 600,
+        agent_timeout: float | None = None,
+        stop_timeout: float = 5,
+        poll_interval: float = 0.05,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        clock: Clock | None = None,
+    ):
+        settings = get_settings()
+        self.clock = clock or SystemClock()
+        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout, self.clock)
+        self.repo = self.guard.repo
+        self.command = list(command)
+        self.min_runtime = settings.supervisor_min_runtime_seconds if min_runtime is None else min_runtime
+        self.max_failures = settings.supervisor_max_failures if max_failures is None else max_failures
+        self.agent_timeout = agent_timeout
+        self.stop_timeout = stop_timeout
+        self.poll_interval = poll_interval
+        self.env = dict(env) if env is not None else None
+        self.log_path = log_path
+        self.state = IDLE
+        self.reason = "not started"
+        self.consecutive_failures = 0
+        self.started_at = self.clock.now()
+        self.last_verdict: GuardVerdict | None = None
+        self.last_outcome: RunOutcome | None = None
+        self._last_good: Snapshot | None = None  # the state the app last proved good on
+        self._pending = False  # accepted changes not yet proven by a run
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc_started: datetime | None = None
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ changes
+
+    def apply_change(self, agent_command: Sequence[str], timeout: float | None = None) -> ChangeResult:
+        """Run an agent command that edits the repo, guarded: kept if safe, undone otherwise.
+
+        An accepted change is committed but unproven until the app survives a run: call
+        `run_once()` (or let `run()` restart the app). Raises SupervisorStopped in emergency
+        stop. A rejected change counts as a failure.
+        """
+        with self._lock:
+            self._refuse_if_stopped()
+            snap = self.guard.snapshot()
+            if self._last_good is None:
+                self._last_good = snap
+            self.reason = "agent at work"
+        code, tail = run_agent(list(agent_command), self.repo, timeout or self.agent_timeout, self.env)
+        # Checks may take minutes: validate outside the lock so /status keeps answering.
+        verdict = self.guard.validate(snap)
+        with self._lock:
+            self.last_verdict = verdict
+            if verdict.accepted:
+                self._pending = self._pending or verdict.head != snap.head
+                self.reason = f"change accepted at {verdict.head[:12]}; not yet proven by a run"
+            else:
+                self._fail(f"change rejected: {verdict.reason}")
+            return ChangeResult(code, tail, verdict)
+
+    # ------------------------------------------------------------ runs
+
+    def start_app(self) -> int:
+        """Start the supervised command (stopping a previous run); returns its pid."""
+        with self._lock:
+            self._refuse_if_stopped()
+            self.stop_app()
+            if self._last_good is None:
+                self._last_good = self.guard.snapshot()
+            elif self.guard.current_head() != self._last_good.head:
+                # Commits made elsewhere (`fleet supervise guard`, the EVOLVE stage) are unproven too.
+                self._pending = True
+            log = None
+            try:
+                if self.log_path:
+                    self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                    log = open(self.log_path, "ab")
+                self._proc = subprocess.Popen(
+                    self.command, cwd=self.repo, env=self.env, stdin=subprocess.DEVNULL,
+                    stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                    start_new_session=True,  # its own group: a stop takes the whole tree
+                )
+            except OSError as exc:
+                self._proc = None
+                self._proc_started = self.clock.now()
+                self._judge(None, 0.0, f"could not start {self.command[0]!r}: {exc.strerror or exc}")
+                return -1
+            finally:
+                if log:
+                    log.close()
+            self._proc_started = self.clock.now()
+            self.state = WATCHING
+            self.reason = f"watching the app for {self.min_runtime:g} s"
+            return self._proc.pid
+
+    def poll_app(self) -> RunOutcome | None:
+        """Judge the current run by the clock: an outcome once it is decided, else None."""
+        with self._lock:
+            if self._proc is None or self._proc_started is None:
+                return None
+            code = self._proc.poll()
+            runtime = (self.clock.now() - self._proc_started).total_seconds()
+            if self.state == WATCHING:
+                if code is None and runtime < self.min_runtime:
+                    return None
+                return self._judge(code, runtime)
+            if code is not None:  # a proven run that ended later: restartable, not a failure
+                self._proc = None
+                self.state = IDLE
+                self.reason = f"app exited with code {code} after {runtime:.1f} s"
+                self.last_outcome = RunOutcome(True, code, runtime, False, self.reason)
+                return self.last_outcome
+            return None
+
+    def run_once(self) -> RunOutcome:
+        """Start the app and watch it until it is judged; a proven app is left running."""
+        self.start_app()
+        while True:
+            outcome = self.last_outcome if self._proc is None and self.state != WATCHING else self.poll_app()
+            if outcome is not None:
+                return outcome
+            self.clock.sleep(self.poll_interval)
+
+    def run(self, until: Callable[[], bool] | None = None, restart_delay: float = 1.0) -> None:
+        """Keep the app running under the run rules until `until()` is true or emergency stop.
+
+        Each start is judged like `run_once`; an app that ended is started again after
+        `restart_delay` seconds. `until` is checked between polls, so a stop never waits
+        for min_runtime to pass.
+        """
+        until = until or (lambda: False)
+        try:
+            while not until() and self.state != EMERGENCY_STOP:
+                if self._proc is None:
+                    if self.last_outcome is not None:
+                        self.clock.sleep(restart_delay)
+                        if until():
+                            break
+                    self.start_app()
+                else:
+                    self.poll_app()
+                self.clock.sleep(self.poll_interval)
+        finally:
+            self.stop_app()
+
+    def stop_app(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                stop_process_tree(self._proc, self.stop_timeout)
+                self._proc = None
+                if self.state != EMERGENCY_STOP:
+                    self.state = IDLE
+
+    def wait_for_exit(self, timeout: float) -> int | None:
+        """Block up to `timeout` real seconds for the current run to end; its exit code or None."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def resume(self) -> None:
+        """Operator action: leave emergency stop with the counter cleared."""
+        with self._lock:
+            self.state, self.consecutive_failures = IDLE, 0
+            self.reason = "resumed by operator"
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict:
+        with self._lock:
+            proc = self._proc
+            pid = proc.pid if proc is not None and proc.poll() is None else None
+            return {
+                "state": self.state,
+                "reason": self.reason,
+                "repo": str(self.repo),
+                "current_commit": self.guard.current_head(),
+                "last_good_commit": self._last_good.head if self._last_good else None,
+                "unproven_change": self._pending,
+                "consecutive_failures": self.consecutive_failures,
+                "max_failures": self.max_failures,
+                "min_runtime_seconds": self.min_runtime,
+                "uptime_seconds": round((self.clock.now() - self.started_at).total_seconds(), 3),
+                "app": {
+                    "command": self.command,
+                    "pid": pid,
+                    "running_seconds": (
+                        round((self.clock.now() - self._proc_started).total_seconds(), 3)
+                        if pid and self._proc_started else None
+                    ),
+                },
+                "last_verdict": _verdict_dict(self.last_verdict),
+                "last_run": _outcome_dict(self.last_outcome),
+            }
+
+    def healthy(self) -> bool:
+        return self.state != EMERGENCY_STOP
+
+    # ------------------------------------------------------------ rules
+
+    def _judge(self, code: int | None, runtime: float, why: str | None = None) -> RunOutcome:
+        if why is None and (code is None or code == 0):
+            # Past min_runtime (still running) or a finished job: the current state is good.
+            self.consecutive_failures = 0
+            self._pending = False
+            self._last_good = self.guard.snapshot()
+            self.state = RUNNING if code is None else IDLE
+            if code is not None:
+                self._proc = None
+            self.reason = (f"app proven after {runtime:.1f} s at {self._last_good.head[:12]}" if code is None
+                           else f"app finished cleanly after {runtime:.1f} s")
+            outcome = RunOutcome(True, code, runtime, False, self.reason)
+        else:
+            self._proc = None
+            why = why or f"app {_describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
+            patch = None
+            rolled_back = False
+            if self._pending and self._last_good is not None:
+                patch = self.guard.rollback(self._last_good, f"broke the app: {why}")
+                self._pending = False
+                rolled_back = True
+                why += f"; rolled back to {self._last_good.head[:12]}"
+            self.state = IDLE
+            outcome = RunOutcome(False, code, runtime, rolled_back, why, patch)
+            self._fail(why)
+        self.last_outcome = outcome
+        return outcome
+
+    def _fail(self, why: str) -> None:
+        self.consecutive_failures += 1
+        self.reason = why
+        if self.consecutive_failures >= self.max_failures:
+            self.state = EMERGENCY_STOP
+            self.reason = (
+                f"emergency stop: {self.consecutive_failures} consecutive failures (limit {self.max_failures}); "
+                f"last: {why}. Fix the app or its agent, then resume the supervisor"
+            )
+            self.stop_app()
+            if self._pending and self._last_good is not None:
+                self.guard.rollback(self._last_good, "emergency stop")
+                self._pending = False
+
+    def _refuse_if_stopped(self) -> None:
+        if self.state == EMERGENCY_STOP:
+            raise SupervisorStopped(f"{self.repo}: {self.reason}")
+
+
+# ---------------------------------------------------------------- process helpers
+
+
+def stop_process_tree(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM the process group, wait, then SIGKILL whatever survives (children included)."""
+    try:
+        root = psutil.Process(proc.pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        family = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in family:  # children that left the group still get the signal
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    alive = _wait_gone(proc, family, timeout)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    _wait_gone(proc, alive, 1)
+    try:
+        return proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _wait_gone(proc: subprocess.Popen, family: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every member exited; a zombie counts as gone (its parent, maybe init, reaps it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap our own child so it does not linger as a zombie
+        alive = []
+        for p in family:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.Error:
+                pass
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def run_agent(
+    argv: list[str], repo: Path, timeout: float | None, env: Mapping[str, str] | None
+) -> tuple[int | None, str]:
+    """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail)."""
+    try:
+        proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    except OSError as exc:
+        return 127, f"could not start {argv[0]!r}: {exc.strerror or exc}"
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        stop_process_tree(proc, 1)
+        output, _ = proc.communicate()
+        code = None
+    # Whatever the agent left running in its session must not edit the repo behind the guard.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    text = " ".join((output or b"").decode(errors="replace").split())
+    return code, text[-240:]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "did not run"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _verdict_dict(v: GuardVerdict | None) -> dict | None:
+    if v is None:
+        return None
+    d = asdict(v)
+    d["patch_path"] = str(v.patch_path) if v.patch_path else None
+    return d
+
+
+def _outcome_dict(o: RunOutcome | None) -> dict | None:
+    if o is None:
+        return None
+    d = asdict(o)
+    d["patch_path"] = str(o.patch_path) if o.patch_path else None
+    d["runtime_seconds"] = round(o.runtime_seconds, 3)
+    return d

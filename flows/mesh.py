@@ -1,0 +1,92 @@
+"""The mesh's deployments: the reconciler (every 60 s) and the watchdog, one cycle per run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import anyio
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.events import emit_event
+
+from fleet.clock import SystemClock
+from fleet.mesh.liveness import LivenessProbe
+from fleet.mesh.open import open_mesh_store
+from fleet.mesh.rules import Thresholds
+from fleet.mesh.store import ReconcileCounts
+from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
+from fleet.settings import get_settings
+
+RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
+
+
+@flow(name="mesh-reconciler", persist_result=False)
+async def reconciler(store_url: str | None = None) -> ReconcileCounts:
+    """One reconciler cycle: orphaned claims, stuck injections, expiry, dead letters."""
+    settings = get_settings()
+    store = open_mesh_store(store_url or settings.resolved_store_url())
+    try:
+        thresholds = asdict(Thresholds.from_settings(settings))
+        counts = await anyio.to_thread.run_sync(
+            lambda: store.reconcile(SystemClock().now(), **thresholds))
+    finally:
+        store.close()
+    get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
+    emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
+    await acreate_table_artifact(
+        key="mesh-reconciler",
+        table=[{"rule": rule, "tasks": n} for rule, n in counts.model_dump().items()],
+        description="Tasks moved by the last reconciler cycle, per rule",
+    )
+    return counts
+
+
+@flow(name="mesh-watchdog", persist_result=False)
+async def watchdog(store_url: str | None = None) -> WatchdogReport:
+    """One watchdog cycle: heartbeat pulse and liveness, dead panes, context budget, queue, breakers."""
+    settings = get_settings()
+    logger = get_run_logger()
+    store = open_mesh_store(store_url or settings.resolved_store_url())
+    probe = LivenessProbe.from_settings(store, settings)
+    try:
+        report = await anyio.to_thread.run_sync(
+            lambda: watchdog_cycle(store, SystemClock().now(), settings, probe))
+    finally:
+        probe.close()
+        store.close()
+    summary = report.summary()
+    logger.info("watchdog run on %r: %s", store, summary)
+    for error in report.errors:
+        logger.warning("watchdog: %s", error)
+    emit_event(event="fleet.mesh.watchdog-run", resource=RESOURCE, payload=summary)
+    for machine_id in report.liveness.declared_down if report.liveness else []:
+        emit_event(event="fleet.mesh.machine-down",
+                   resource={"prefect.resource.id": f"fleet.mesh.machine.{machine_id}",
+                             "prefect.resource.name": machine_id},
+                   payload={"requeued": next(v.requeued for v in report.liveness.checked
+                                             if v.machine_id == machine_id)})
+    await acreate_markdown_artifact(key="mesh-watchdog", markdown=_markdown(report, summary),
+                                    description="Mesh health at the last watchdog cycle")
+    return report
+
+
+def _markdown(report: WatchdogReport, summary: dict[str, Any]) -> str:
+    lines = [f"# Mesh watchdog — {report.at:%Y-%m-%d %H:%M:%S} UTC", "",
+             "| check | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    if report.liveness and report.liveness.checked:
+        lines += ["", "## Liveness", "", "| machine | outcome | failed confirmations |", "|---|---|---|"]
+        lines += [f"| {v.machine_id} | {v.outcome} | {v.failed_confirmations} |"
+                  for v in report.liveness.checked]
+    if report.respawn:
+        lines += ["", "## Panes to respawn", ""]
+        lines += [f"- {p.machine_id}:{p.pane_id} (task {p.task_id or '—'})" for p in report.respawn]
+    if report.handoffs:
+        lines += ["", "## Context hand-offs", ""]
+        lines += [f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
+                  f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
+                  for h in report.handoffs]
+    if report.errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
+    return "\n".join(lines)

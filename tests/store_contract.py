@@ -1,0 +1,176 @@
+"""The Store contract: one suite every backend (SQLite, PostgreSQL, Supabase REST) must pass.
+
+A backend's test module subclasses `StoreContract` and provides a `store` fixture that
+yields an empty store.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from fleet.errors import InvalidTransition, StaleLease
+from fleet.models import FleetConfig, Stage, Task, Trajectory
+
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+
+
+def task(app_id: str = "app-a", description: str = "Fix the crash on launch.", **kw) -> Task:
+    return Task(app_id=app_id, description=description, **kw)
+
+
+class StoreContract:
+    # App states ------------------------------------------------------------------
+    def test_ensure_apps_creates_queued_states_once(self, store):
+        store.ensure_apps(["app-a", "app-b"], T0)
+        store.ensure_apps(["app-a"], T0 + timedelta(hours=1))
+        states = {s.app_id: s for s in store.list_states()}
+        assert set(states) == {"app-a", "app-b"}
+        assert states["app-a"].stage is Stage.QUEUED
+        assert store.get_state("missing") is None
+
+    def test_claim_is_exclusive_until_released(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "host:1", "run-1", T0, 600)
+        assert epoch is not None
+        assert store.claim_app("app-a", "host:2", "run-2", T0, 600) is None
+        store.release_app("app-a", epoch)
+        assert store.claim_app("app-a", "host:2", "run-2", T0, 600) == epoch + 1
+
+    def test_expired_claim_can_be_taken(self, store):
+        store.ensure_apps(["app-a"], T0)
+        store.claim_app("app-a", "host:1", "run-1", T0, 600)
+        assert store.claim_app("app-a", "host:2", "run-2", T0 + timedelta(seconds=599), 600) is None
+        assert store.claim_app("app-a", "host:2", "run-2", T0 + timedelta(seconds=601), 600) is not None
+        assert store.get_state("app-a").owner == "host:2"
+
+    def test_claim_of_vouched_dead_owner_can_be_taken(self, store):
+        store.ensure_apps(["app-a"], T0)
+        store.claim_app("app-a", "host:1", "run-1", T0, 600)
+        assert store.claim_app("app-a", "host:2", "run-2", T0, 600, steal_from="host:1") is not None
+
+    def test_concurrent_claims_have_one_winner(self, store):
+        store.ensure_apps(["app-a"], T0)
+        results: list[int | None] = []
+        barrier = threading.Barrier(8)
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            results.append(store.claim_app("app-a", f"host:{i}", f"run-{i}", T0, 600))
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len([r for r in results if r is not None]) == 1
+
+    def test_set_stage_follows_transitions_and_records_error(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h", "r", T0, 600)
+        state = store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0)
+        assert state.stage is Stage.SKILL_RUNNING and state.stage_started_at == T0
+        with pytest.raises(InvalidTransition):
+            store.set_stage("app-a", Stage.COMPLETE, epoch, T0)
+        state = store.set_stage("app-a", Stage.FAILED, epoch, T0, error="insufficient_tasks")
+        assert (state.stage, state.error) == (Stage.FAILED, "insufficient_tasks")
+        assert store.get_state("app-a").error == "insufficient_tasks"
+
+    def test_set_stage_is_idempotent(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h", "r", T0, 600)
+        store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0)
+        again = store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(minutes=5))
+        assert again.stage is Stage.SKILL_RUNNING
+        assert again.stage_started_at == T0  # a rewrite does not restart the stage clock
+
+    def test_stage_write_from_stale_epoch_is_refused(self, store):
+        store.ensure_apps(["app-a"], T0)
+        old = store.claim_app("app-a", "h1", "r1", T0, 60)
+        new = store.claim_app("app-a", "h2", "r2", T0 + timedelta(minutes=2), 60)
+        assert new > old
+        with pytest.raises(StaleLease):
+            store.set_stage("app-a", Stage.SKILL_RUNNING, old, T0 + timedelta(minutes=2))
+        assert store.get_state("app-a").stage is Stage.QUEUED
+
+    def test_a_released_claim_can_no_longer_write(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h1", "r1", T0, 600)
+        store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0)
+        store.release_app("app-a", epoch)
+        with pytest.raises(StaleLease):
+            store.set_stage("app-a", Stage.SKILL_COMPLETE, epoch, T0, lease_seconds=600)
+        state = store.get_state("app-a")
+        assert (state.stage, state.owner, state.lease_until) == (Stage.SKILL_RUNNING, None, None)
+
+    def test_set_stage_renews_lease(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h1", "r1", T0, 60)
+        store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(seconds=50), lease_seconds=60)
+        assert store.claim_app("app-a", "h2", "r2", T0 + timedelta(seconds=90), 60) is None
+
+    def test_reset_returns_app_to_queue_and_fences_old_claim(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h", "r", T0, 600)
+        store.set_stage("app-a", Stage.FAILED, epoch, T0, error="boom")
+        store.reset_app("app-a", T0)
+        state = store.get_state("app-a")
+        assert (state.stage, state.error, state.owner) == (Stage.QUEUED, None, None)
+        with pytest.raises(StaleLease):
+            store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0)
+
+    # Tasks -----------------------------------------------------------------------
+    def test_upsert_tasks_never_duplicates(self, store):
+        tasks = [task(description=f"Fix bug number {i}.") for i in range(5)]
+        assert store.upsert_tasks(tasks, T0) == 5
+        assert store.upsert_tasks(tasks + [task(description="Fix bug number 0.")], T0) == 0
+        assert len(store.list_tasks("app-a")) == 5
+
+    def test_upsert_updates_priority_and_filters_by_source(self, store):
+        store.upsert_tasks([task(priority=4)], T0)
+        store.upsert_tasks([task(priority=1)], T0)
+        store.upsert_tasks(
+            [task(source="adversarial", severity="high", priority=2, file="App/Main.swift")], T0
+        )
+        skill = store.list_tasks("app-a", source="skill")
+        assert [t.priority for t in skill] == [1]
+        adversarial = store.list_tasks("app-a", source="adversarial")
+        assert adversarial[0].severity == "high" and adversarial[0].file == "App/Main.swift"
+        assert store.list_tasks("app-b") == []
+
+    def test_upsert_many_tasks(self, store):
+        tasks = [task(description=f"Issue {i}.") for i in range(1200)]
+        assert store.upsert_tasks(tasks, T0) == 1200
+        assert store.upsert_tasks(tasks, T0) == 0
+
+    # Trajectories ----------------------------------------------------------------
+    def test_trajectories_are_idempotent_and_averaged(self, store):
+        def traj(run: str, reward: float, app: str = "app-a") -> Trajectory:
+            return Trajectory(app_id=app, run_id=run, outcome="success", reward=reward,
+                              durations={"skill": 1.5}, created_at=T0)
+
+        store.record_trajectory(traj("r1", 1.0))
+        store.record_trajectory(traj("r1", 1.0))
+        store.record_trajectory(traj("r2", 0.0))
+        store.record_trajectory(traj("r1", 0.8, app="app-b"))
+        assert store.reward_means(["app-a", "app-b", "app-c"]) == pytest.approx({"app-a": 0.5, "app-b": 0.8})
+        [first, _] = store.list_trajectories("app-a")
+        assert first.durations == {"skill": 1.5}
+
+    # Config and cohorts ----------------------------------------------------------
+    def test_fleet_config_defaults_and_roundtrip(self, store):
+        assert store.get_fleet_config() == FleetConfig()
+        store.set_fleet_config(FleetConfig(max_concurrent=7))
+        assert store.get_fleet_config().max_concurrent == 7
+
+    def test_cohorts_count_only_when_finished(self, store):
+        store.record_cohort("c1", ["app-a"], T0)
+        store.record_cohort("c1", ["app-a"], T0)
+        assert store.completed_cohorts() == 0
+        store.finish_cohort("c1", T0)
+        store.finish_cohort("c1", T0)
+        store.record_cohort("c2", [], T0)
+        store.finish_cohort("c2", T0)
+        assert store.completed_cohorts() == 1

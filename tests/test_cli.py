@@ -1,0 +1,80 @@
+"""The `fleet` command: clear messages (never tracebacks) for bad input, and the demo end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fleet.cli import app
+from fleet.settings import get_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLEET_STORE_URL", raising=False)
+    monkeypatch.delenv("FLEET_FLEET_FILE", raising=False)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_check_config_reports_file_and_line(tmp_path):
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("commands:\n  skill: [a]\n  review: [b]\n  evolve: [c]\n  ship: [d]\napps:\n  - id: 'Bad App'\n")
+    result = runner.invoke(app, ["check-config", str(bad)])
+    assert result.exit_code == 2
+    assert f"{bad}:7: apps[0].id" in result.output and "Traceback" not in result.output
+
+
+def test_check_config_ok_on_the_demo_fleet(tmp_path):
+    from fleet.demo import create_demo_fleet
+
+    result = runner.invoke(app, ["check-config", str(create_demo_fleet(tmp_path / "demo"))])
+    assert result.exit_code == 0 and "OK" in result.output and "3 apps" in result.output
+
+
+def test_run_without_a_fleet_file_says_how_to_fix():
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 2
+    assert "no fleet file" in result.output and "fleet demo" in result.output
+
+
+def test_reset_refuses_a_hostile_app_id():
+    result = runner.invoke(app, ["reset", "app;rm -rf /"])
+    assert result.exit_code == 2
+    assert "[a-z0-9._-]" in result.output and "Traceback" not in result.output
+
+
+def test_config_set_and_show_max_concurrent():
+    assert runner.invoke(app, ["config", "set-max-concurrent", "6"]).exit_code == 0
+    shown = runner.invoke(app, ["config", "show"])
+    assert '"max_concurrent": 6' in shown.output
+    assert runner.invoke(app, ["config", "set-max-concurrent", "0"]).exit_code == 2
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_demo_command_end_to_end(tmp_path):
+    """README's main command, as a real process (sharing the session's Prefect API for speed)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "COLUMNS": "200"}
+    env.pop("FLEET_STORE_URL", None)
+    first = subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "protected path changed: ci/protected.cfg" in first.stdout
+    for app_id in ("demo-calc", "demo-notes", "demo-weather"):
+        assert any(app_id in line and "complete" in line and "yes" in line for line in first.stdout.splitlines())
+    again = subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already complete") == 3

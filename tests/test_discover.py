@@ -1,0 +1,72 @@
+"""DISCOVER's cohort plan on a real SQLite store: ranking, expansion, max_concurrent, skips."""
+
+from __future__ import annotations
+
+
+from fleet.clock import ManualClock
+from fleet.fleetfile import Commands, FleetFile
+from fleet.models import FleetConfig, Stage, Trajectory
+from fleet.settings import FleetSettings
+from fleet.store.sqlite import SQLiteStore
+from fleet.wiring import Components
+from flows.cohort import discover
+
+CMD = Commands(skill=["s"], review=["r"], evolve=["e"], ship=["x"])
+
+
+def comp(tmp_path, n: int = 30, **settings) -> Components:
+    fleet = FleetFile(commands=CMD, apps=[{"id": f"app{i:02d}"} for i in range(n)])
+    return Components(settings=FleetSettings(**settings), fleet=fleet, store=SQLiteStore(tmp_path / "f.db"),
+                      dispatcher=None, gate=None, extractor=None, clock=ManualClock())
+
+
+def test_first_cohort_is_top_ten_by_reward(tmp_path):
+    c = comp(tmp_path, max_concurrent=100)
+    c.store.record_trajectory(Trajectory(app_id="app29", run_id="r", outcome="success", reward=0.9))
+    c.store.record_trajectory(Trajectory(app_id="app00", run_id="r", outcome="failure", reward=0.0))
+    c.store.set_fleet_config(FleetConfig(max_concurrent=100))
+    plan = discover(c, None, False, False)
+    assert plan.cohort[0] == "app29" and "app00" not in plan.cohort and len(plan.cohort) == 10
+
+
+def test_expansion_after_each_finished_cohort(tmp_path):
+    c = comp(tmp_path)
+    assert len(discover(c, None, False, False).cohort) == 10
+    c.store.record_cohort("c1", ["app00"], c.clock.now())
+    c.store.finish_cohort("c1", c.clock.now())
+    assert len(discover(c, None, False, False).cohort) == 20
+    c.store.record_cohort("c2", ["app00"], c.clock.now())
+    c.store.finish_cohort("c2", c.clock.now())
+    assert len(discover(c, None, False, False).cohort) == 30  # 40 asked, the fleet has 30
+
+
+def test_max_concurrent_counts_apps_in_flight_anywhere(tmp_path):
+    c = comp(tmp_path)
+    c.store.set_fleet_config(FleetConfig(max_concurrent=3))
+    c.store.ensure_apps(["app00", "app01"], c.clock.now())
+    c.store.claim_app("app00", "h:1", "r", c.clock.now(), 600)
+    plan = discover(c, 5, False, False)
+    assert plan.start == ["app01", "app02"]
+    assert plan.skipped == {"app00": "in flight", "app03": "waiting (max_concurrent=3)",
+                            "app04": "waiting (max_concurrent=3)"}
+    c.clock.advance(seconds=601)  # the claim expired: no longer in flight
+    assert discover(c, 5, False, False).start == ["app00", "app01", "app02"]
+
+
+def test_finished_apps_are_reported_not_restarted_unless_asked(tmp_path):
+    c = comp(tmp_path, n=3)
+    c.store.set_fleet_config(FleetConfig(max_concurrent=10))
+    now = c.clock.now()
+    c.store.ensure_apps(["app00", "app01"], now)
+    to_complete = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
+                   Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
+    for app, path in (("app00", to_complete), ("app01", (Stage.FAILED,))):
+        epoch = c.store.claim_app(app, "h:1", "r", now, 600)
+        for stage in path:
+            c.store.set_stage(app, stage, epoch, now)
+        c.store.release_app(app, epoch)
+    plan = discover(c, None, False, False)
+    assert plan.start == ["app02"]
+    assert plan.skipped == {"app00": "already complete", "app01": "failed earlier"}
+    assert discover(c, None, False, True).start == ["app01", "app02"]
+    assert discover(c, None, True, False).start == ["app00", "app01", "app02"]

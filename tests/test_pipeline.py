@@ -1,0 +1,159 @@
+"""The seven stages as plain functions, on real git repos, subprocesses and SQLite (no Prefect)."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from fleet.clients.base import GateStatus
+from fleet.clock import ManualClock
+from fleet.errors import QualityGateError, StageFailed, StaleLease
+from fleet.models import Stage
+from fleet.pipeline import (
+    run_evolve,
+    run_learn,
+    run_review,
+    run_ship,
+    run_skill,
+    wait_for_quality,
+)
+from tests.helpers import app_run, demo_fleet, script
+
+
+def test_demo_app_goes_through_every_stage(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    tasks = run_skill(run)
+    assert len(tasks) >= 3 and all(t.source == "skill" for t in tasks)
+    issues = run_review(run, tasks)
+    assert issues and all(t.source == "adversarial" and t.severity for t in issues)
+    status = run_evolve(run)
+    assert status.is_passing
+    run_ship(run)
+    assert run.state().stage is Stage.COMPLETE and run.shipped
+    trajectory = run_learn(run, "success")
+    assert (trajectory.skill_tasks, trajectory.adversarial_issues) == (len(tasks), len(issues))
+    assert trajectory.reward == 1.0 and set(trajectory.durations) == {"skill", "review", "evolve", "ship"}
+    assert run.store.list_trajectories("demo-calc") == [trajectory]
+    builds = list((tmp_path / "demo" / "repos" / "dist").glob("demo-calc-*.tar.gz"))
+    assert len(builds) == 1
+
+
+def test_rerunning_an_unfinished_skill_stage_never_duplicates_tasks(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    first = run_skill(run)
+    # The crash case: tasks were upserted but the skillComplete write never happened.
+    with run.store._tx() as db:
+        db.execute("UPDATE app_evolution_states SET stage = 'skillRunning'")
+    again = run_skill(run)
+    assert len(again) == len(first) == len(run.store.list_tasks("demo-calc", "skill"))
+
+
+def test_too_few_tasks_retries_once_with_the_explicit_prompt(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path), app_id="demo-weather")
+    tasks = run_skill(run)
+    assert len(tasks) >= 3
+    assert any("retried with the explicit prompt" in n for n in run.notes)
+    assert run.state().error is None
+
+
+def test_still_too_few_tasks_fails_with_insufficient_tasks(tmp_path):
+    calls = tmp_path / "calls"
+    skill = script(tmp_path, "skill", f"import sys\nopen({str(calls)!r}, 'a').write(repr(sys.argv[2:]) + '\\n')\n"
+                   "print('Looked around; the app seems fine.')\n")
+    run = app_run(tmp_path, demo_fleet(tmp_path, skill=[*skill, "{repo}", "{prompt}"]))
+    with pytest.raises(StageFailed, match="insufficient_tasks: 0 task"):
+        run_skill(run)
+    prompts = calls.read_text().splitlines()
+    assert len(prompts) == 2 and "EVOLUTION_TASKS_START" in prompts[1]
+    assert run.state().error == "insufficient_tasks"
+
+
+def test_review_goes_to_review_target_with_prior_tasks(tmp_path):
+    seen = tmp_path / "seen.json"
+    review = script(tmp_path, "review", "import json, os, sys\n"
+                    f"json.dump({{'target': os.environ['FLEET_TARGET'], 'model': os.environ['FLEET_MODEL'], "
+                    f"'prompt': sys.argv[1]}}, open({str(seen)!r}, 'w'))\n"
+                    "print('ISSUE FILE: a.py SEVERITY: critical FIX: Stop the crash.')\n")
+    run = app_run(tmp_path, demo_fleet(tmp_path, review=[*review, "{prompt}"]))
+    tasks = run_skill(run)
+    issues = run_review(run, tasks)
+    sent = json.loads(seen.read_text())
+    assert (sent["target"], sent["model"]) == ("mac4", "codex")
+    assert "Review app 'demo-calc'" in sent["prompt"] and tasks[0].description in sent["prompt"]
+    assert [(i.file, i.severity, i.priority) for i in issues] == [("a.py", "critical", 1)]
+
+
+def test_ship_is_dispatched_to_the_ship_target(tmp_path):
+    seen = tmp_path / "target"
+    ship = script(tmp_path, "ship", f"import os\nopen({str(seen)!r}, 'w').write(os.environ['FLEET_TARGET'])\n")
+    run = app_run(tmp_path, demo_fleet(tmp_path, ship=ship))
+    _to_hydra(run)
+    run.set_stage(Stage.HYDRA_BUILD)
+    run_ship(run)
+    assert seen.read_text() == "mac1" and run.state().stage is Stage.COMPLETE
+
+
+def _to_hydra(run) -> None:
+    for stage in (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING, Stage.ADVERSARIAL_COMPLETE):
+        run.set_stage(stage)
+
+
+def _remote_app(run):
+    """An app without a local repo: EVOLVE spawns Hydra and only polls (the production path)."""
+    run.app = run.app.model_copy(update={"repo": None})
+    return run
+
+
+def test_hydra_hard_stop_after_four_hours(tmp_path):
+    clock = ManualClock()
+    never = script(tmp_path, "never", "import sys; sys.exit(1)\n")
+    run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
+    run.gate.checks["demo-calc"] = (never, tmp_path)
+    _to_hydra(run)
+    with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
+        run_evolve(run)
+    assert sum(clock.sleeps) == 4 * 3600 and set(clock.sleeps) == {300}
+    assert run.gate._cycles["demo-calc"] == 49  # a poll at t=0 and every 300 s up to 4 h
+
+
+def test_resumed_hydra_keeps_its_original_deadline(tmp_path):
+    clock = ManualClock()
+    never = script(tmp_path, "never", "import sys; sys.exit(1)\n")
+    run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
+    run.gate.checks["demo-calc"] = (never, tmp_path)
+    _to_hydra(run)
+    run.set_stage(Stage.HYDRA_BUILD)
+    clock.advance(hours=3)  # the orchestrator crashed and came back 3 h later
+    with pytest.raises(StageFailed, match="Hydra timeout 4h"):
+        run_evolve(run)
+    assert sum(clock.sleeps) == 3600
+
+
+class FlakyGate:
+    def __init__(self, failures: int):
+        self.failures, self.calls = failures, 0
+
+    def status(self, app_id: str) -> GateStatus:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise QualityGateError("hydra: connection refused")
+        return GateStatus(phase="done", cycle=self.calls, is_passing=True, score=0.8)
+
+
+def test_gate_errors_are_missed_polls_not_verdicts():
+    clock = ManualClock()
+    gate = FlakyGate(failures=2)
+    status = wait_for_quality(gate, "a", clock, 300, clock.now() + timedelta(hours=4))
+    assert status.is_passing and gate.calls == 3 and clock.sleeps == [300, 300]
+
+
+def test_a_newer_claim_fences_the_old_run(tmp_path):
+    clock = ManualClock()
+    run = app_run(tmp_path, demo_fleet(tmp_path), clock=clock)
+    clock.advance(seconds=run.settings.app_lease_seconds + 1)
+    assert run.store.claim_app("demo-calc", "other:2", "run-2", clock.now(), 60) is not None
+    with pytest.raises(StaleLease):
+        run_skill(run)
+    assert run.store.list_tasks("demo-calc") == []

@@ -1,0 +1,156 @@
+"""The Store contract on the real PostgreSQL, plus connection handling only a server store has."""
+
+from __future__ import annotations
+
+import traceback
+
+import psycopg
+import pytest
+
+from fleet.errors import StoreUnavailable
+from fleet.store import open_store
+from fleet.store.postgres import PostgresStore, redact
+from tests.store_contract import T0, StoreContract
+
+TABLES = "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"
+
+
+@pytest.fixture(scope="module")
+def pg_store(pg_url):
+    s = PostgresStore(pg_url)  # applies supabase/migrations once for the module
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def store(pg_store, pg_url):
+    # TRUNCATE is far cheaper than a fresh database per test.
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {TABLES}")
+    return pg_store
+
+
+class TestPostgresStore(StoreContract):
+    pass
+
+
+def test_open_store_picks_postgres_and_state_survives_reopening(pg_url, store):
+    first = open_store(pg_url)
+    first.ensure_apps(["app-a"], T0)
+    first.close()
+    second = PostgresStore(pg_url, apply_schema=False)
+    assert second.get_state("app-a") is not None
+    assert isinstance(first, PostgresStore)
+    second.close()
+
+
+def _terminate_backends(pg_url: str) -> int:
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'fleet' "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(rows)
+
+
+def test_reads_survive_a_dropped_connection(pg_url, store):
+    store.ensure_apps(["app-a"], T0)
+    assert _terminate_backends(pg_url) >= 1
+    # The first call finds the connection dead, reopens it and repeats the read.
+    assert store.get_state("app-a").app_id == "app-a"
+
+
+def test_a_claim_is_not_repeated_after_a_dropped_connection(pg_url, store):
+    store.ensure_apps(["app-a"], T0)
+    store.get_state("app-a")  # make sure the connection is open before killing it
+    assert _terminate_backends(pg_url) >= 1
+    with pytest.raises(StoreUnavailable, match="connection lost"):
+        store.claim_app("app-a", "h", "r", T0, 60)
+    # The next call reconnects; the claim never ran twice.
+    assert store.claim_app("app-a", "h", "r", T0, 60) == 1
+
+
+def test_sql_function_refusals_map_to_domain_errors(store):
+    from fleet.errors import InvalidTransition, StaleLease
+    from fleet.models import Stage
+
+    store.ensure_apps(["app-a"], T0)
+    epoch = store.claim_app("app-a", "h", "r", T0, 60)
+    with pytest.raises(StaleLease, match=r"epoch 99 no longer owns it \(current epoch 1\)") as err:
+        store.set_stage("app-a", Stage.SKILL_RUNNING, 99, T0)
+    assert not str(err.value).startswith("stale_lease")
+    with pytest.raises(InvalidTransition, match="stage queued cannot move to complete; allowed: failed, queued, skillRunning"):
+        store.set_stage("app-a", Stage.COMPLETE, epoch, T0)
+    with pytest.raises(StaleLease):
+        store.set_stage("missing-app", Stage.SKILL_RUNNING, epoch, T0)
+
+
+def test_leadership_lease_through_the_store(store):
+    from datetime import timedelta
+
+    assert store.acquire_lease("leader", "cloud-vm", T0, 15) == 1
+    assert store.acquire_lease("leader", "mac1", T0 + timedelta(seconds=5), 15) is None
+    assert store.release_lease("leader", "cloud-vm", 1, T0 + timedelta(seconds=6))
+    assert store.acquire_lease("leader", "mac1", T0 + timedelta(seconds=6), 15) == 2
+    assert not store.release_lease("leader", "cloud-vm", 1, T0 + timedelta(seconds=7))
+
+
+def test_connection_failure_names_the_host_but_never_the_password():
+    secret = "s3cr3t-Pa55word"
+    conninfo = f"postgresql://fleet:{secret}@127.0.0.1:1/fleet"  # port 1: nothing listens
+    with pytest.raises(StoreUnavailable) as err:
+        PostgresStore(conninfo, connect_timeout=2)
+    shown = str(err.value) + repr(err.value) + "".join(traceback.format_exception(err.value))
+    assert "127.0.0.1:1/fleet" in shown
+    assert secret not in shown
+
+
+def test_repr_and_errors_never_show_the_password(pg_url):
+    secret = "an0ther-s3cret"
+    # Trust authentication ignores the password, so the store opens; its repr must not show it.
+    with_password = pg_url.replace("postgres@", f"postgres:{secret}@", 1)
+    s = PostgresStore(with_password, apply_schema=False)
+    try:
+        assert secret not in repr(s) and "127.0.0.1" in repr(s)
+    finally:
+        s.close()
+    keyword_form = f"host=127.0.0.1 port=1 dbname=x user=u password={secret} connect_timeout=2"
+    with pytest.raises(StoreUnavailable) as err:
+        PostgresStore(keyword_form, apply_schema=False, connect_timeout=2)
+    assert secret not in "".join(traceback.format_exception(err.value))
+
+
+def test_redact_masks_every_password_form():
+    assert redact("postgresql://u:pw@h/db failed") == "postgresql://u:***@h/db failed"
+    assert redact("host=h password='a b' user=u") == "host=h password=*** user=u"
+    assert redact("server said pw-xyz", "pw-xyz") == "server said ***"
+
+
+def test_block_opens_the_conninfo_only_in_get_client(pg_url, store):
+    from pydantic import SecretStr
+
+    from blocks.store import PostgresStoreBlock
+
+    secret = "bl0ck-secret"
+    block = PostgresStoreBlock(conninfo=pg_url.replace("postgres@", f"postgres:{secret}@", 1),
+                               apply_schema=False)
+    assert isinstance(block.conninfo, SecretStr)
+    assert secret not in repr(block) and secret not in str(block.model_dump())
+    client = block.get_client()
+    try:
+        assert isinstance(client, PostgresStore) and secret not in repr(client)
+        client.ensure_apps(["app-a"], T0)
+        assert store.get_state("app-a") is not None
+    finally:
+        client.close()
+
+
+def test_malformed_conninfo_is_a_config_error_without_the_password():
+    from fleet.errors import ConfigError
+
+    secret = "T0P-SECRET"
+    conninfo = f"host=127.0.0.1 password={secret} bogus_opt=1"  # (a variable: tracebacks quote source lines)
+    with pytest.raises(ConfigError, match='invalid connection option "bogus_opt"') as err:
+        PostgresStore(conninfo)
+    assert secret not in "".join(traceback.format_exception(err.value))
