@@ -8,7 +8,11 @@ Protocol (one line in, a few marker lines out):
         starts with "exit"  → the program exits with status 3 (a crashing agent)
         anything else       → "OUTPUT <id> <payload>" and "DONE <id>"
 Options: --exit-after N (exit after N tasks), --context-start P, --context-step P (percent per
-task), --hang (never finish any task).
+task), --hang (never finish any task), --linger S (seconds to wait before exiting).
+
+Before it exits it lingers a moment, as a real agent's shutdown does. Linux hands pty output to
+the master side through a work queue, so a process that writes and exits at once can have its
+last lines lost: tmux may mark the pane dead before it has read them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+import time
 
 from fleet.mesh import END_PROTOCOL
 
@@ -31,7 +36,12 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-start", type=float, default=42.0)
     parser.add_argument("--context-step", type=float, default=0.0, help="context percent used per task")
     parser.add_argument("--hang", action="store_true", help="never finish a task")
+    parser.add_argument("--linger", type=float, default=0.3, help="seconds to wait before exiting")
     args = parser.parse_args(argv)
+
+    def leave(code: int) -> int:
+        time.sleep(args.linger)
+        return code
 
     context = args.context_start
     tasks = 0
@@ -52,15 +62,15 @@ def run(argv: list[str] | None = None) -> int:
         if args.hang or payload.startswith("hang"):
             continue
         if payload.startswith("exit"):
-            return 3
+            return leave(3)
         if payload.startswith("fail"):
             _say(f"FAILED {task_id} {payload[4:].strip() or 'scripted failure'}")
         else:
             _say(f"OUTPUT {task_id} {payload}")
             _say(f"DONE {task_id}")
         if args.exit_after and tasks >= args.exit_after:
-            return 0
-    return 0
+            return leave(0)
+    return leave(0)
 
 
 if __name__ == "__main__":

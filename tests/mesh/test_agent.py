@@ -97,7 +97,7 @@ def make_agent(store, clock, servers, tmp_path):
             agent._health.stop()
 
 
-def tick_until(agents, condition, timeout: float = 4.0) -> None:
+def tick_until(agents, condition, timeout: float = 10.0) -> None:
     """Tick the agents until `condition()` holds; real waits only for tmux output to appear."""
     agents = agents if isinstance(agents, list) else [agents]
     deadline = time.monotonic() + timeout
@@ -110,7 +110,7 @@ def tick_until(agents, condition, timeout: float = 4.0) -> None:
     raise AssertionError(f"condition not met within {timeout}s")
 
 
-def wait_ready(agent: NodeAgent, timeout: float = 4.0) -> None:
+def wait_ready(agent: NodeAgent, timeout: float = 10.0) -> None:
     """Wait (real time, no ticks) until every pane's agent has drawn its first output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -223,7 +223,7 @@ def test_exited_agent_pane_is_respawned_and_takes_the_next_task(make_agent, stor
 def test_agent_dying_mid_task_is_respawned_and_the_task_reinjected(make_agent, store, clock):
     agent = make_agent()
     task_id = store.enqueue("skill", ["exit", "now"], clock.now())  # the agent crashes on it, every time
-    tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.FAILED, timeout=8)
+    tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.FAILED, timeout=15)
     notes = [e.detail.get("note", "") for e in store.events(task_id) if e.event == "Progress"]
     assert sum("respawned" in n for n in notes) == SETTINGS.max_task_attempts
     assert "exited" in store.get_task(task_id).error

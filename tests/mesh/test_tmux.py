@@ -45,7 +45,7 @@ def panes(tmux_server) -> PaneControl:
     return PaneControl(tmux_server, chunk_bytes=200)
 
 
-def wait_for_text(panes: PaneControl, pane_id: str, needle: str, timeout: float = 3.0) -> str:
+def wait_for_text(panes: PaneControl, pane_id: str, needle: str, timeout: float = 10.0) -> str:
     """Poll capture-pane until `needle` shows (tmux output is asynchronous)."""
     deadline = time.monotonic() + timeout
     text = ""
@@ -140,7 +140,7 @@ def test_dead_pane_is_seen_and_respawned(panes):
     wait_for_text(panes, pane_id, "scripted agent ready")
     panes.inject(pane_id, "TASK t1 work")
     wait_for_text(panes, pane_id, "DONE t1")
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 10
     while panes.is_alive(pane_id) and time.monotonic() < deadline:
         time.sleep(0.03)
     assert not panes.is_alive(pane_id)
