@@ -15,6 +15,9 @@ SERVER_SETTINGS = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "100",
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # A first start migrates a new database; on a busy 2-core machine that takes over the
+    # default 20 s, and `fleet demo` would fail before its first app.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     # Our own `fleet.*` loggers show up in the Prefect UI next to the flow's logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "fleet",
 }

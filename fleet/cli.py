@@ -40,6 +40,29 @@ def _prepare_prefect(verbose: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+def _check_prefect_api() -> None:
+    """Reach Prefect's API (starting the temporary local server if none is configured) or say why not."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    url = PREFECT_API_URL.value()
+    try:
+        with get_client(sync_client=True) as client:
+            problem = client.api_healthcheck()
+    except Exception as exc:  # whatever the cause, the cohort cannot run: say what and how to fix
+        problem = exc
+    if problem is None:
+        return
+    cause = (str(problem).splitlines() or [type(problem).__name__])[0].rstrip(".")
+    if url:
+        _fail(FleetError(f"cannot reach the Prefect API at {url}: {cause}. Start it with "
+                         "`uv run prefect server start`, or unset PREFECT_API_URL to use a temporary local server."))
+    _fail(FleetError(
+        f"the temporary Prefect API server did not start: {cause}. On a busy machine raise "
+        f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s), "
+        "or run `uv run prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."))
+
+
 STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
 
 
@@ -87,6 +110,7 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
         _fail(exc)
     console.print(f"[bold]fleet[/] {comp.fleet.name}: {len(comp.fleet.apps)} apps · "
                   + " · ".join(f"{k}={v}" for k, v in comp.describe().items()))
+    _check_prefect_api()
     stop = threading.Event()
     started = time.monotonic()
     with Live(_progress_table(comp.store, comp.fleet.app_ids, started), console=console,

@@ -78,3 +78,30 @@ def test_demo_command_end_to_end(tmp_path):
     again = subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already complete") == 3
+
+
+def _demo_process(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "COLUMNS": "200", **env_overrides}
+    for name in ("FLEET_STORE_URL", "PREFECT_API_URL"):
+        if name not in env_overrides:
+            env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_demo_when_the_temporary_prefect_server_cannot_start_says_how_to_fix(tmp_path):
+    result = _demo_process(tmp_path, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "temporary Prefect API server did not start" in result.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in result.stderr
+    assert "prefect server start" in result.stderr
+
+
+def test_run_against_an_unreachable_prefect_api_says_so(tmp_path):
+    result = _demo_process(tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in result.stderr
+    assert "prefect server start" in result.stderr and "unset PREFECT_API_URL" in result.stderr
