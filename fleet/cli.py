@@ -110,7 +110,11 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
         _fail(exc)
     console.print(f"[bold]fleet[/] {comp.fleet.name}: {len(comp.fleet.apps)} apps · "
                   + " · ".join(f"{k}={v}" for k, v in comp.describe().items()))
-    _check_prefect_api()
+    try:
+        _check_prefect_api()
+    except KeyboardInterrupt:
+        err.print("interrupted before any app started: nothing was run")
+        raise typer.Exit(130) from None
     stop = threading.Event()
     started = time.monotonic()
     with Live(_progress_table(comp.store, comp.fleet.app_ids, started), console=console,

@@ -105,3 +105,27 @@ def test_run_against_an_unreachable_prefect_api_says_so(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert "cannot reach the Prefect API at http://127.0.0.1:9/api" in result.stderr
     assert "prefect server start" in result.stderr and "unset PREFECT_API_URL" in result.stderr
+
+
+def test_ctrl_c_while_waiting_for_prefect_says_nothing_ran(tmp_path):
+    """SIGINT while the API check hangs (a server that accepts and never answers): a clear line, 130."""
+    import signal
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
+               "PREFECT_API_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/api"}
+        env.pop("FLEET_STORE_URL", None)
+        proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            silent.settimeout(60)
+            conn, _ = silent.accept()  # the check is now waiting on us
+            proc.send_signal(signal.SIGINT)
+            out, errs = proc.communicate(timeout=60)
+            conn.close()
+        finally:
+            proc.kill()
+    assert proc.returncode == 130, out + errs
+    assert "interrupted before any app started" in errs and "Traceback" not in out + errs
