@@ -71,6 +71,52 @@ def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
 
 
+ORPHAN = (  # starts a grandchild whose parent exits at once: it is no longer in the tree, only in the group
+    "import subprocess, sys, time\n"
+    "mid = subprocess.Popen([sys.executable, '-c', "
+    "'import subprocess, sys; p = subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\"]); "
+    "print(p.pid, flush=True)'], stdout=subprocess.PIPE, text=True)\n"
+    "open(sys.argv[1], 'w').write(mid.stdout.readline().strip())\n"
+    "mid.wait()\n"
+    "time.sleep(60)\n"
+)
+
+
+def wait_for_pid(pidfile) -> int:
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return int(pidfile.read_text())
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_timeout_also_kills_an_orphaned_grandchild(executor, tmp_path):
+    pidfile = tmp_path / "orphan.pid"
+    task = executor.spawn([PY, "-c", ORPHAN, str(pidfile)])
+    orphan = wait_for_pid(pidfile)
+    with pytest.raises(DispatchTimeout):
+        executor.poll_and_retrieve(task, 0.5)
+    assert gone(orphan)
+
+
+def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp_path):
+    pidfile = tmp_path / "orphan.pid"
+    gate = LocalQualityGate({"app": ([PY, "-c", ORPHAN, str(pidfile)], tmp_path)}, timeout=1)
+    started = time.monotonic()
+    status = gate.status("app")
+    elapsed = time.monotonic() - started
+    assert not status.is_passing and "timed out" in status.detail
+    assert gone(wait_for_pid(pidfile))
+    assert elapsed < 30, f"the check held on for {elapsed:.1f} s after its 1 s timeout"
+
+
 def test_unknown_task(executor):
     with pytest.raises(UnknownTask):
         executor.poll_and_retrieve("nope", 1)

@@ -11,35 +11,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
 from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, QualityGateError, UnknownTask
+from fleet.procs import stop_process_tree
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
-
-
-def kill_tree(pid: int, grace: float = 3.0) -> None:
-    """Terminate a process and all its descendants; kill whatever outlives the grace period."""
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + [root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+KILL_GRACE = 3.0  # seconds between SIGTERM and SIGKILL when a command is stopped
 
 
 def _tail(path: Path, limit: int = TAIL) -> str:
@@ -110,8 +89,7 @@ class LocalExecutor:
         try:
             code = job.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            kill_tree(job.proc.pid)
-            job.proc.wait()
+            stop_process_tree(job.proc, KILL_GRACE)
             raise DispatchTimeout(
                 f"task {task_id} ({job.command[0]}) still running after {timeout:g} s; "
                 "its process tree was stopped"
@@ -134,7 +112,7 @@ class LocalExecutor:
             jobs = list(self._jobs.values())
         for job in jobs:
             if job.proc.poll() is None:
-                kill_tree(job.proc.pid)
+                stop_process_tree(job.proc, KILL_GRACE)
 
 
 def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
@@ -150,8 +128,11 @@ def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool,
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        proc.communicate()
+        stop_process_tree(proc, KILL_GRACE)
+        try:
+            proc.communicate(timeout=KILL_GRACE)
+        except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe
+            proc.stdout.close()
         return False, f"check timed out after {timeout:g} s"
     text = out.decode(errors="replace").strip()
     return proc.returncode == 0, text[-TAIL:]
