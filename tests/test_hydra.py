@@ -167,3 +167,8 @@ def test_block_builds_the_gate_and_keeps_the_token_secret(server):
     gate = block.get_client()
     assert TOKEN not in repr(gate)
     assert gate.status("app1").is_passing is True
+
+
+def test_a_cycle_json_makes_infinite_is_an_error():
+    with pytest.raises(QualityGateError, match="cycle should be a number"):
+        gate_status({"phase": "x", "cycle": float("inf")}, "app1")

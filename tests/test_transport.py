@@ -161,3 +161,41 @@ def test_retried_by_transport_marks_errors_prefect_must_not_retry():
     assert retried_by_transport(QualityGateUnavailable("x"))
     assert not retried_by_transport(UnknownTask("x"))
     assert GatewayUnavailable.transient is False  # the engine's task retries skip it too
+
+
+@pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000, '{"n": ' + "9" * 5000 + "}"],
+                         ids=["nested-too-deep", "int-too-long"])
+def test_json_python_cannot_parse_is_malformed_and_counts_against_the_breaker(body):
+    breaker = CircuitBreaker("transport-bomb", 5, 60, ManualClock())
+    endpoint = _endpoint(lambda r: httpx.Response(200, text=body), breaker=breaker)
+    with pytest.raises(DispatchError, match="malformed JSON"):
+        endpoint.call("GET", "/tasks/x", idempotent=True)
+    assert breaker.snapshot()["failures"] == 1  # recorded: a half-open probe cannot stay in flight
+
+
+def test_credentials_in_the_url_never_name_the_breaker():
+    service = ServiceInfo("Svc", "svc", "the Svc block", DispatchError, GatewayUnavailable)
+    endpoint = JsonEndpoint(service, "http://ops:hunter2@127.0.0.1:1", None, allow_insecure=False, timeout=1,
+                            client=None, breaker=None, clock=ManualClock())
+    try:
+        assert "hunter2" not in endpoint.breaker.name and "127.0.0.1:1" in endpoint.breaker.name
+    finally:
+        endpoint.close()
+
+
+def test_plain_http_never_goes_through_a_proxy_from_the_environment(monkeypatch):
+    """A proxy would carry the bearer token in the clear; loopback http:// is sent direct."""
+    from fleet.devservers.hydra import HydraDevServer
+
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    service = ServiceInfo("Svc", "svc", "the Svc block", DispatchError, GatewayUnavailable)
+    with HydraDevServer() as server:
+        endpoint = JsonEndpoint(service, server.url, None, allow_insecure=False, timeout=5, client=None,
+                                breaker=CircuitBreaker("transport-proxy", 5, 60, ManualClock()), clock=ManualClock())
+        try:
+            status, _ = endpoint.call("GET", "/status/app1", idempotent=True)
+        finally:
+            endpoint.close()
+    assert status in (200, 404)

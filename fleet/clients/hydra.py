@@ -96,7 +96,7 @@ def gate_status(body: object, app_id: str) -> GateStatus:
     cycle = body.get("cycle", 0)
     try:
         cycle = int(cycle or 0)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses to infinity
         raise QualityGateError(
             f"Hydra status for {app_id!r}: cycle should be a number, got {excerpt(repr(cycle))}"
         ) from None

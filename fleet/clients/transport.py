@@ -11,7 +11,6 @@ its `retry_condition_fn`), or one outage turns into retries × retries requests.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,6 +37,9 @@ INSECURE_FLAG = "FLEET_ALLOW_INSECURE_TRANSPORT=true"
 
 # Statuses that say "not now" rather than "no": worth another attempt on an idempotent call.
 TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+# What a body Python cannot parse raises: bad JSON or UTF-8 (both ValueError), an integer of
+# over 4 300 digits (ValueError), nesting deeper than the recursion limit (RecursionError).
+UNPARSABLE = (ValueError, RecursionError)
 
 # Failures before any byte of the request left: safe to retry even a non-idempotent POST.
 NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
@@ -186,10 +188,13 @@ class JsonEndpoint:
         self.shown_url = display_url(self.base_url)
         self._token = token
         self._owns_client = client is None
-        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False)
+        # Plain http:// is only allowed to loopback (or by the operator's flag): a proxy from the
+        # environment would carry the bearer token in the clear, so such requests go direct.
+        direct = urlsplit(base_url).scheme.lower() == "http"
+        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False, trust_env=not direct)
         self._timeout = timeout
         # One shared breaker per endpoint unless the caller brings its own.
-        self.breaker = breaker or breaker_for(f"{service.key} {self.base_url}", clock=clock)
+        self.breaker = breaker or breaker_for(f"{service.key} {self.shown_url}", clock=clock)
         self._sleep = clock.sleep
         self.policy = policy or RetryPolicy()
 
@@ -260,7 +265,7 @@ class JsonEndpoint:
             )
         try:
             parsed = response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except UNPARSABLE:
             self.breaker.record_failure(f"{what}: malformed JSON")
             raise self.service.error(
                 f"{self.service.name} at {self.shown_url} answered {what} with malformed JSON "
@@ -346,5 +351,5 @@ def _short(exc: BaseException | None) -> str:
 def _try_json(response: httpx.Response) -> Any:
     try:
         return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except UNPARSABLE:
         return None
