@@ -31,27 +31,47 @@ class CohortPlan(BaseModel):
 def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool) -> CohortPlan:
     """DISCOVER: KARL ranking, the next cohort (10 → 20 → 40), and which of it may start now.
 
-    `max_concurrent` bounds apps in flight across the whole fleet, so runs that overlap
-    (the schedule fires every 5 min) never add up to more than it.
+    The cohort is the top `size` apps that still have work; finished apps hold no place in
+    it (a success outranks an app without history), but those ranked within the top `size`
+    are reported as finished. `max_concurrent` bounds apps in flight across the whole fleet,
+    so runs that overlap (the schedule fires every 5 min) never add up to more than it.
     """
     store, settings, now = comp.store, comp.settings, comp.clock.now()
     store.ensure_apps(comp.fleet.app_ids, now)
     ranked = rank_apps(comp.fleet.app_ids, store.reward_means(comp.fleet.app_ids), settings.default_reward)
-    cohort = select_cohort(ranked, size or settings.cohort_size(store.completed_cohorts()))
+    size = size or settings.cohort_size(store.completed_cohorts())
     max_concurrent = store.get_fleet_config().max_concurrent or settings.max_concurrent
     states = {s.app_id: s for s in store.list_states()}
     in_flight = {a for a, s in states.items() if s.owner and s.lease_until and s.lease_until > now}
     free = max(0, max_concurrent - len(in_flight))
+
+    def finished(app_id: str) -> str | None:
+        stage = states[app_id].stage
+        if app_id in in_flight:
+            return None
+        if stage is Stage.COMPLETE and not fresh:
+            return "already complete"
+        if stage is Stage.FAILED and not (fresh or retry_failed):
+            return "failed earlier"
+        return None
+
+    reported = set(select_cohort(ranked, size))
+    cohort: list[str] = []
     start: list[str] = []
     skipped: dict[str, str] = {}
-    for app_id in cohort:
-        state = states[app_id]
+    places = 0
+    for app_id in ranked:
+        if reason := finished(app_id):
+            if app_id in reported:
+                cohort.append(app_id)
+                skipped[app_id] = reason
+            continue
+        if places == size:
+            continue
+        places += 1
+        cohort.append(app_id)
         if app_id in in_flight:
             skipped[app_id] = "in flight"
-        elif state.stage is Stage.COMPLETE and not fresh:
-            skipped[app_id] = "already complete"
-        elif state.stage is Stage.FAILED and not (fresh or retry_failed):
-            skipped[app_id] = "failed earlier"
         elif len(start) >= free:
             skipped[app_id] = f"waiting (max_concurrent={max_concurrent})"
         else:

@@ -53,20 +53,39 @@ def test_max_concurrent_counts_apps_in_flight_anywhere(tmp_path):
     assert discover(c, 5, False, False).start == ["app00", "app01", "app02"]
 
 
+TO_COMPLETE = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
+               Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
+
+
+def finish(c: Components, app: str, path=TO_COMPLETE) -> None:
+    now = c.clock.now()
+    c.store.ensure_apps([app], now)
+    epoch = c.store.claim_app(app, "h:1", "r", now, 600)
+    for stage in path:
+        c.store.set_stage(app, stage, epoch, now)
+    c.store.release_app(app, epoch)
+
+
 def test_finished_apps_are_reported_not_restarted_unless_asked(tmp_path):
     c = comp(tmp_path, n=3)
     c.store.set_fleet_config(FleetConfig(max_concurrent=10))
-    now = c.clock.now()
-    c.store.ensure_apps(["app00", "app01"], now)
-    to_complete = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-                   Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
-    for app, path in (("app00", to_complete), ("app01", (Stage.FAILED,))):
-        epoch = c.store.claim_app(app, "h:1", "r", now, 600)
-        for stage in path:
-            c.store.set_stage(app, stage, epoch, now)
-        c.store.release_app(app, epoch)
+    finish(c, "app00")
+    finish(c, "app01", (Stage.FAILED,))
     plan = discover(c, None, False, False)
     assert plan.start == ["app02"]
     assert plan.skipped == {"app00": "already complete", "app01": "failed earlier"}
     assert discover(c, None, False, True).start == ["app01", "app02"]
     assert discover(c, None, True, False).start == ["app00", "app01", "app02"]
+
+
+def test_finished_apps_do_not_hold_cohort_places(tmp_path):
+    """Successes outrank apps without history (reward 1.0 > 0.5): they must not starve the rest."""
+    c = comp(tmp_path, n=30)
+    c.store.set_fleet_config(FleetConfig(max_concurrent=100))
+    for i in range(10):
+        finish(c, f"app{i:02d}")
+        c.store.record_trajectory(Trajectory(app_id=f"app{i:02d}", run_id="r", outcome="success", reward=1.0))
+    plan = discover(c, 10, False, False)
+    assert plan.start == [f"app{i:02d}" for i in range(10, 20)]
+    # the finished apps ranked within the top 10 are still reported as such
+    assert plan.skipped == {f"app{i:02d}": "already complete" for i in range(10)}
