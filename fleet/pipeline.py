@@ -109,6 +109,7 @@ def run_skill(run: AppRun) -> list[Task]:
             )
     if note := _dropped_note("skill", tasks.dropped):
         run.notes.append(note)
+    run.set_stage(Stage.SKILL_RUNNING)  # fenced: a run that lost the app meanwhile writes no tasks
     run.store.upsert_tasks(tasks, run.clock.now())
     run.set_stage(Stage.SKILL_COMPLETE)
     run.timed("skill", started)
@@ -126,6 +127,7 @@ def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     issues = parse_review_output(review, run.app_id, max_tasks=s.max_tasks_per_stage)
     if note := _dropped_note("review", issues.dropped):
         run.notes.append(note)
+    run.set_stage(Stage.ADVERSARIAL_RUNNING)  # fenced, as for the skill tasks
     run.store.upsert_tasks(issues, run.clock.now())
     run.set_stage(Stage.ADVERSARIAL_COMPLETE)
     run.timed("review", started)
@@ -205,6 +207,7 @@ def run_ship(run: AppRun) -> None:
     """TestFlight upload dispatched to the machine with Xcode, never run on the orchestrator."""
     started = run.clock.now()
     s = run.settings
+    run.set_stage(Stage.HYDRA_BUILD)  # fenced: only the run that holds the app uploads a build
     task_id = run.dispatcher.dispatch(run.command(run.fleet.commands.ship), target=s.ship_target, model="")
     run.dispatcher.poll_and_retrieve(task_id, s.ship_timeout_seconds)
     run.shipped = True

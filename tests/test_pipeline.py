@@ -157,3 +157,33 @@ def test_a_newer_claim_fences_the_old_run(tmp_path):
     with pytest.raises(StaleLease):
         run_skill(run)
     assert run.store.list_tasks("demo-calc") == []
+
+
+def losing_agent(tmp_path, name: str, body: str) -> list[str]:
+    """An agent during whose work the run loses the app: an operator's `fleet reset` lands mid-stage."""
+    return script(tmp_path, name, "from datetime import datetime, timezone\nfrom fleet.store.sqlite import SQLiteStore\n"
+                  f"SQLiteStore({str(tmp_path / 'fleet.db')!r}).reset_app('demo-calc', datetime.now(timezone.utc))\n"
+                  + body)
+
+
+def test_a_run_that_lost_the_app_mid_stage_writes_none_of_its_tasks(tmp_path):
+    from fleet.parsing import TASKS_END, TASKS_START
+
+    tasks = [{"priority": p, "description": f"Fix thing {p}.", "file": "calc.py"} for p in (1, 2, 3)]
+    skill = losing_agent(tmp_path, "skill", f"print({TASKS_START + json.dumps(tasks) + TASKS_END!r})\n")
+    run = app_run(tmp_path, demo_fleet(tmp_path, skill=skill))
+    with pytest.raises(StaleLease):
+        run_skill(run)
+    assert run.store.list_tasks("demo-calc") == []
+
+
+def test_a_run_that_lost_the_app_does_not_ship(tmp_path):
+    shipped = tmp_path / "shipped"
+    run = app_run(tmp_path, demo_fleet(tmp_path, ship=script(tmp_path, "ship", f"open({str(shipped)!r}, 'w')\n")))
+    for stage in (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
+                  Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD):
+        run.set_stage(stage)
+    run.store.reset_app("demo-calc", run.clock.now())  # the app was taken back before SHIP
+    with pytest.raises(StaleLease):
+        run_ship(run)
+    assert not shipped.exists() and not run.shipped
