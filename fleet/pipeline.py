@@ -189,6 +189,8 @@ def run_evolve(run: AppRun) -> GateStatus:
     resumed = before.stage is Stage.HYDRA_BUILD
     deadline = hydra_deadline(run, before)
     run.set_stage(Stage.HYDRA_BUILD)
+    if run.clock.now() >= deadline:  # resumed after the hard stop: a late pass would not count
+        raise StageFailed(hydra_timeout_message(run.settings))
     start_hydra(run, resumed)
 
     def renew(_: GateStatus | None) -> None:

@@ -131,6 +131,21 @@ def test_resumed_hydra_keeps_its_original_deadline(tmp_path):
     assert sum(clock.sleeps) == 3600
 
 
+def test_resumed_past_the_hard_stop_fails_without_evolving_again(tmp_path):
+    clock = ManualClock()
+    evolved = tmp_path / "evolved"
+    evolve = script(tmp_path, "evolve", f"open({str(evolved)!r}, 'w')\n")
+    always = script(tmp_path, "always", "import sys; sys.exit(0)\n")
+    run = app_run(tmp_path, demo_fleet(tmp_path, evolve=evolve), clock=clock)
+    run.gate.checks["demo-calc"] = (always, tmp_path)
+    _to_hydra(run)
+    run.set_stage(Stage.HYDRA_BUILD)
+    clock.advance(hours=4, minutes=30)  # the orchestrator came back after the hard stop
+    with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
+        run_evolve(run)
+    assert not evolved.exists() and "demo-calc" not in run.gate._cycles  # a late pass would not count
+
+
 class FlakyGate:
     def __init__(self, failures: int):
         self.failures, self.calls = failures, 0
