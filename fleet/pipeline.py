@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
 
-from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
+from fleet.clients.base import UNKNOWN_PHASE, Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError, QualityGateError, StageFailed
 from fleet.fleetfile import AppSpec, FleetFile, render
@@ -180,7 +180,19 @@ def start_hydra(run: AppRun, resumed: bool) -> None:
         guarded_evolve(run)
     elif not resumed:
         run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
-    # A remote Hydra that was started before a crash keeps running: only poll.
+    elif _gate_has_no_status(run):
+        # The crash came between the hydraBuild write and the spawn: Hydra never heard of it.
+        run.notes.append("Hydra had no status for the app after a resume: started it again")
+        log.warning("%s: %s", run.app_id, run.notes[-1])
+        run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
+    # Otherwise a remote Hydra started before a crash keeps running: only poll.
+
+
+def _gate_has_no_status(run: AppRun) -> bool:
+    try:
+        return run.gate.status(run.app_id).phase == UNKNOWN_PHASE
+    except FleetError:  # a gate that cannot answer now is a missed poll, not a verdict
+        return False
 
 
 def run_evolve(run: AppRun) -> GateStatus:

@@ -202,3 +202,29 @@ def test_a_run_that_lost_the_app_does_not_ship(tmp_path):
     with pytest.raises(StaleLease):
         run_ship(run)
     assert not shipped.exists() and not run.shipped
+
+
+@pytest.mark.parametrize("known", [False, True], ids=["hydra-never-heard-of-it", "hydra-running"])
+def test_resume_starts_hydra_only_when_it_has_no_status_for_the_app(tmp_path, known):
+    """A crash between the hydraBuild write and the spawn: Hydra never heard of the app."""
+    from fleet.clients.hydra import HydraGate
+    from fleet.devservers import HydraDevServer
+
+    clock = ManualClock()
+    with HydraDevServer() as hydra:
+        if known:
+            hydra.set_status("demo-calc", phase="evolving", cycle=3)
+        run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
+        run.gate = HydraGate(hydra.url, clock=clock, timeout=5)
+        _to_hydra(run)
+        run.set_stage(Stage.HYDRA_BUILD)
+        clock.advance(hours=3, minutes=59)  # back just before the hard stop
+        try:
+            with pytest.raises(StageFailed, match="Hydra timeout 4h"):
+                run_evolve(run)
+        finally:
+            run.gate.close()
+            spawned = len(run.dispatcher._jobs)
+            run.dispatcher.stop_all()
+    assert spawned == (0 if known else 1)
+    assert any("started it again" in n for n in run.notes) is not known

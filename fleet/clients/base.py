@@ -29,6 +29,9 @@ class Dispatcher(Protocol):
         """
 
 
+UNKNOWN_PHASE = "unknown"  # the gate has no status for the app: Hydra was never started on it
+
+
 class GateStatus(BaseModel):
     """Hydra's answer: `GET /status/{app_id}` → phase, cycle, quality.isPassing."""
 

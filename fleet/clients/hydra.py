@@ -8,7 +8,7 @@ import logging
 import httpx
 from pydantic import SecretStr
 
-from fleet.clients.base import GateStatus
+from fleet.clients.base import UNKNOWN_PHASE, GateStatus
 from fleet.clients.breaker import CircuitBreaker
 from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
 from fleet.clock import Clock, SystemClock
@@ -72,7 +72,7 @@ class HydraGate:
             # Right after `/meta:hydra` is dispatched Hydra may not know the app yet; the
             # pipeline's 4 h hard stop bounds the wait, so this is "not passing", not an error.
             return GateStatus(
-                phase="unknown", is_passing=False, detail=f"Hydra has no status for {app_id!r} yet (404)"
+                phase=UNKNOWN_PHASE, is_passing=False, detail=f"Hydra has no status for {app_id!r} yet (404)"
             )
         return gate_status(body, app_id)
 
