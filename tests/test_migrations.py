@@ -57,7 +57,8 @@ def test_migrations_apply_to_an_empty_database_and_again(empty_db):
     files = [p.name for p in migration_files()]
     assert "0001_pipeline.sql" in files
     assert apply_migrations(empty_db) == files
-    assert apply_migrations(empty_db) == files  # re-runnable: the second pass is a no-op
+    assert apply_migrations(empty_db) == []  # recorded: a store that starts again applies nothing
+    assert apply_migrations(empty_db, force=True) == files  # re-runnable: a second pass is a no-op
     with connect(empty_db) as conn:
         tables = {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
@@ -242,3 +243,21 @@ def test_functions_and_tables_are_closed_to_other_roles(db):
         finally:
             conn.execute(f'DROP ROLE "{role}"')
     assert executable == [] and readable == []
+
+
+def test_a_store_starting_on_a_migrated_database_does_not_wait_for_readers(db):
+    """Re-running the DDL takes ACCESS EXCLUSIVE locks; an open read would block every start."""
+    with connect(db) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM app_evolution_states")
+        assert apply_migrations(f"{db}?options=-c%20lock_timeout%3D2000") == []
+        reader.execute("ROLLBACK")
+
+
+def test_a_changed_migration_is_applied_again(db, tmp_path):
+    for path in migration_files():
+        (tmp_path / path.name).write_text(path.read_text())
+    assert apply_migrations(db, tmp_path) == []
+    changed = tmp_path / "0001_pipeline.sql"
+    changed.write_text(changed.read_text() + "\n-- a comment changes the checksum\n")
+    assert apply_migrations(db, tmp_path) == ["0001_pipeline.sql"]

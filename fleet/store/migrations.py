@@ -1,29 +1,59 @@
 """Applies supabase/migrations/*.sql to a PostgreSQL database, in file-name order.
 
 Every migration is written to be re-runnable (IF NOT EXISTS, CREATE OR REPLACE), so
-applying the whole directory twice is a no-op; an advisory lock keeps two appliers apart.
+applying the whole directory twice is a no-op. Each applied file is recorded with its
+checksum in `fleet_schema_migrations`, and a store that starts on an up-to-date database
+applies nothing: re-running the DDL would take ACCESS EXCLUSIVE locks that queue behind
+(and block) every open read. An advisory lock keeps two appliers apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
 _LOCK_KEY = 0x0F1EE7  # pg_advisory_xact_lock key shared by every applier
+_LEDGER = """
+CREATE TABLE IF NOT EXISTS fleet_schema_migrations (
+    name       text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return sorted(directory.glob("*.sql"))
 
 
-def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
-    """Apply every migration in one transaction; returns the file names applied."""
+def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR, force: bool = False) -> list[str]:
+    """Apply, in one transaction, each migration not yet recorded with its current checksum
+    (every one with `force`); returns the file names applied."""
     import psycopg
 
-    files = migration_files(directory)
+    wanted = {p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest()) for p in migration_files(directory)}
     with psycopg.connect(conninfo, autocommit=False) as conn:
+        if not force and not _pending(conn, wanted):
+            return []  # the common case: read-only, no locks beyond the ledger read
+        conn.rollback()
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        for path in files:
+        conn.execute(_LEDGER)
+        pending = sorted(wanted) if force else _pending(conn, wanted)
+        for name in pending:
+            path, checksum = wanted[name]
             conn.execute(path.read_text())
+            conn.execute(
+                "INSERT INTO fleet_schema_migrations (name, checksum) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET checksum = EXCLUDED.checksum, applied_at = now()",
+                (name, checksum),
+            )
         conn.commit()
-    return [p.name for p in files]
+    return pending
+
+
+def _pending(conn, wanted: dict[str, tuple[Path, str]]) -> list[str]:
+    if conn.execute("SELECT to_regclass('fleet_schema_migrations')").fetchone()[0] is None:
+        return sorted(wanted)
+    applied = dict(conn.execute("SELECT name, checksum FROM fleet_schema_migrations").fetchall())
+    return [name for name in sorted(wanted) if applied.get(name) != wanted[name][1]]
