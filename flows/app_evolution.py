@@ -17,13 +17,15 @@ from tasks.stages import adversarial_review, dispatch_and_parse, evolve, learn, 
 
 
 def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
-    """Take the app for this run, or None when another live run holds it."""
+    """Take the app for this run, or None when another live run holds it or `max_concurrent`
+    apps are in flight (checked in the same step, so overlapping cohort runs cannot exceed it)."""
     store, now = comp.store, comp.clock.now()
     store.ensure_apps([app_id], now)
     held = store.get_state(app_id)
     epoch = store.claim_app(
         app_id, owner_id(), run_id, now, comp.settings.app_lease_seconds,
         steal_from=dead_local_owner(held.owner if held else None),
+        max_in_flight=max_concurrent(comp),
     )
     if epoch is None:
         return None
@@ -32,6 +34,17 @@ def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
         dispatcher=comp.dispatcher, gate=comp.gate, extractor=comp.extractor,
         settings=comp.settings, clock=comp.clock,
     )
+
+
+def max_concurrent(comp: Components) -> int:
+    return comp.store.get_fleet_config().max_concurrent or comp.settings.max_concurrent
+
+
+def not_claimed_note(comp: Components, app_id: str) -> str:
+    state = comp.store.get_state(app_id)
+    if state and state.owner and state.lease_until and state.lease_until >= comp.clock.now():
+        return "in flight elsewhere"
+    return f"waiting (max_concurrent={max_concurrent(comp)})"
 
 
 @flow(name="app-evolution", flow_run_name="evolve-{app_id}", persist_result=False)
@@ -48,8 +61,9 @@ async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | N
     run_id = run_id or str(flow_run.get_id() or "local")
     run = await asyncio.to_thread(claim, comp, app_id, run_id)
     if run is None:
-        logger.info("%s is in flight in another run; skipped", app_id)
-        return app_row(comp.store, app_id, note="in flight elsewhere")
+        note = not_claimed_note(comp, app_id)
+        logger.info("%s: %s; skipped", app_id, note)
+        return app_row(comp.store, app_id, note=note)
     # Decide on the state only while holding the claim: a run that just finished the app
     # must not be followed by a second pass over it.
     state = run.state()
@@ -61,7 +75,7 @@ async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | N
         comp.store.reset_app(app_id, comp.clock.now())
         run = await asyncio.to_thread(claim, comp, app_id, run_id)
         if run is None:
-            return app_row(comp.store, app_id, note="in flight elsewhere")
+            return app_row(comp.store, app_id, note=not_claimed_note(comp, app_id))
     error: str | None = None
     try:
         stage = run.state().stage

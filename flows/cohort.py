@@ -18,7 +18,7 @@ from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
 from fleet.wiring import Components
 from flows.config import flow_components
-from flows.app_evolution import evolve_app
+from flows.app_evolution import evolve_app, max_concurrent
 
 
 class CohortPlan(BaseModel):
@@ -40,10 +40,10 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     store.ensure_apps(comp.fleet.app_ids, now)
     ranked = rank_apps(comp.fleet.app_ids, store.reward_means(comp.fleet.app_ids), settings.default_reward)
     size = size or settings.cohort_size(store.completed_cohorts())
-    max_concurrent = store.get_fleet_config().max_concurrent or settings.max_concurrent
+    limit = max_concurrent(comp)
     states = {s.app_id: s for s in store.list_states()}
     in_flight = {a for a, s in states.items() if s.owner and s.lease_until and s.lease_until > now}
-    free = max(0, max_concurrent - len(in_flight))
+    free = max(0, limit - len(in_flight))
 
     def finished(app_id: str) -> str | None:
         stage = states[app_id].stage
@@ -73,10 +73,10 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
         if app_id in in_flight:
             skipped[app_id] = "in flight"
         elif len(start) >= free:
-            skipped[app_id] = f"waiting (max_concurrent={max_concurrent})"
+            skipped[app_id] = f"waiting (max_concurrent={limit})"
         else:
             start.append(app_id)
-    return CohortPlan(cohort=cohort, start=start, skipped=skipped, max_concurrent=max_concurrent)
+    return CohortPlan(cohort=cohort, start=start, skipped=skipped, max_concurrent=limit)
 
 
 @flow(name="fleet-cohort", persist_result=False)

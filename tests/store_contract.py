@@ -21,6 +21,24 @@ def task(app_id: str = "app-a", description: str = "Fix the crash on launch.", *
     return Task(app_id=app_id, description=description, **kw)
 
 
+def claim_all_at_once(store_for, apps: list[str], max_in_flight: int) -> list[int | None]:
+    """Every app claimed by its own thread, all released at once by a barrier."""
+    results: list[int | None] = []
+    barrier = threading.Barrier(len(apps))
+
+    def claim(i: int) -> None:
+        store = store_for(i)
+        barrier.wait()
+        results.append(store.claim_app(apps[i], f"host:{i}", f"run-{i}", T0, 600, max_in_flight=max_in_flight))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(apps))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 class StoreContract:
     # App states ------------------------------------------------------------------
     def test_ensure_apps_creates_queued_states_once(self, store):
@@ -66,6 +84,23 @@ class StoreContract:
         for t in threads:
             t.join()
         assert len([r for r in results if r is not None]) == 1
+
+    def test_claim_respects_max_in_flight_across_all_apps(self, store):
+        store.ensure_apps(["app-a", "app-b", "app-c"], T0)
+        assert store.claim_app("app-a", "h:1", "r1", T0, 600, max_in_flight=2) is not None
+        assert store.claim_app("app-b", "h:2", "r2", T0, 600, max_in_flight=2) is not None
+        assert store.claim_app("app-c", "h:3", "r3", T0, 600, max_in_flight=2) is None  # two in flight
+        assert store.get_state("app-c").owner is None
+        # an expired lease is not in flight; an app's own stale claim does not count against it
+        later = T0 + timedelta(seconds=601)
+        assert store.claim_app("app-c", "h:3", "r3", later, 600, max_in_flight=2) is not None
+        assert store.claim_app("app-a", "h:4", "r4", later, 600, max_in_flight=2) is not None
+
+    def test_concurrent_claims_of_different_apps_never_exceed_max_in_flight(self, store):
+        apps = [f"app-{i}" for i in range(6)]
+        store.ensure_apps(apps, T0)
+        claim_all_at_once(lambda i: store, apps, max_in_flight=2)
+        assert sum(1 for s in store.list_states() if s.owner) == 2
 
     def test_set_stage_follows_transitions_and_records_error(self, store):
         store.ensure_apps(["app-a"], T0)

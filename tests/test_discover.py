@@ -89,3 +89,17 @@ def test_finished_apps_do_not_hold_cohort_places(tmp_path):
     assert plan.start == [f"app{i:02d}" for i in range(10, 20)]
     # the finished apps ranked within the top 10 are still reported as such
     assert plan.skipped == {f"app{i:02d}": "already complete" for i in range(10)}
+
+
+def test_an_app_run_claims_only_within_max_concurrent(tmp_path):
+    """Two cohort runs planned at the same moment both saw a free place: only one claim gets it."""
+    from flows.app_evolution import claim, not_claimed_note
+
+    c = comp(tmp_path, n=3)
+    c.store.set_fleet_config(FleetConfig(max_concurrent=1))
+    first, second = discover(c, 3, False, False), discover(c, 3, False, True)
+    assert first.start == second.start == ["app00"]
+    assert claim(c, "app00", "run-a") is not None
+    assert claim(c, "app01", "run-b") is None  # the other run's pick must wait
+    assert not_claimed_note(c, "app01") == "waiting (max_concurrent=1)"
+    assert claim(c, "app00", "run-c") is None and not_claimed_note(c, "app00") == "in flight elsewhere"

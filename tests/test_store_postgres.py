@@ -154,3 +154,19 @@ def test_malformed_conninfo_is_a_config_error_without_the_password():
     with pytest.raises(ConfigError, match='invalid connection option "bogus_opt"') as err:
         PostgresStore(conninfo)
     assert secret not in "".join(traceback.format_exception(err.value))
+
+
+def test_claims_on_separate_connections_never_exceed_max_in_flight(pg_url, store):
+    """Two cohort runs in different processes: each claimer has its own connection."""
+    from tests.store_contract import T0, claim_all_at_once
+
+    apps = [f"race-{i}" for i in range(6)]
+    store.ensure_apps(apps, T0)
+    stores = [PostgresStore(pg_url, apply_schema=False) for _ in apps]
+    try:
+        results = claim_all_at_once(lambda i: stores[i], apps, max_in_flight=2)
+    finally:
+        for s in stores:
+            s.close()
+    assert sum(1 for r in results if r is not None) == 2
+    assert sum(1 for s in store.list_states() if s.owner) == 2

@@ -118,6 +118,7 @@ def test_claim_goes_through_the_claim_function(store, api):
     assert body(route.calls[0].request) == {
         "p_app_id": "app-a", "p_owner": "host:1", "p_run_id": "run-1",
         "p_now": "2026-03-25T12:00:00+00:00", "p_lease_seconds": 600.0, "p_steal_from": "host:0",
+        "p_max_in_flight": None,
     }
     assert store.claim_app("app-a", "host:2", "run-2", T0, 600) is None
     assert body(route.calls[1].request)["p_steal_from"] is None

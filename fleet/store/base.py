@@ -27,12 +27,14 @@ class Store(Protocol):
 
     def claim_app(
         self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None,
+        steal_from: str | None = None, max_in_flight: int | None = None,
     ) -> int | None:
         """Atomically take the app for one run; returns the new epoch, or None if held.
 
         A claim is free when it has no owner, its lease expired, or its owner equals
-        `steal_from` (a crashed run on this host, vouched for by the caller).
+        `steal_from` (a crashed run on this host, vouched for by the caller). With
+        `max_in_flight`, it is also refused while that many other apps hold a live claim:
+        the check and the claim are one step, so overlapping runs cannot exceed it.
         """
 
     def release_app(self, app_id: str, epoch: int) -> None:

@@ -188,13 +188,13 @@ class PostgresStore:
 
     def claim_app(
         self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None,
+        steal_from: str | None = None, max_in_flight: int | None = None,
     ) -> int | None:
         # Not retried on a dropped connection: the claim may have committed before the drop.
         row = self._run(
             lambda conn: conn.execute(
-                "SELECT fleet_claim_app(%s, %s, %s, %s, %s, %s) AS epoch",
-                (app_id, owner, run_id, _utc(now), float(lease_seconds), steal_from),
+                "SELECT fleet_claim_app(%s, %s, %s, %s, %s, %s, %s) AS epoch",
+                (app_id, owner, run_id, _utc(now), float(lease_seconds), steal_from, max_in_flight),
             ).fetchone(),
             retry_safe=False,
         )

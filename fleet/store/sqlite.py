@@ -51,10 +51,18 @@ class SQLiteStore(SQLiteFile):
 
     def claim_app(
         self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None,
+        steal_from: str | None = None, max_in_flight: int | None = None,
     ) -> int | None:
         until = now + timedelta(seconds=lease_seconds)
-        with self._tx() as db:
+        with self._tx() as db:  # BEGIN IMMEDIATE: the count and the claim are one step
+            if max_in_flight is not None:
+                (in_flight,) = db.execute(
+                    "SELECT count(*) FROM app_evolution_states "
+                    "WHERE owner IS NOT NULL AND lease_until >= ? AND app_id <> ?",
+                    (_ts(now), app_id),
+                ).fetchone()
+                if in_flight >= max_in_flight:
+                    return None
             row = db.execute(
                 "UPDATE app_evolution_states SET owner = ?, run_id = ?, lease_until = ?, "
                 "epoch = epoch + 1, updated_at = ? "

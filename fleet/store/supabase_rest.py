@@ -169,11 +169,12 @@ class SupabaseStore:
 
     def claim_app(
         self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None,
+        steal_from: str | None = None, max_in_flight: int | None = None,
     ) -> int | None:
         epoch = self._rpc("fleet_claim_app", {
             "p_app_id": app_id, "p_owner": owner, "p_run_id": run_id, "p_now": _iso(now),
             "p_lease_seconds": float(lease_seconds), "p_steal_from": steal_from,
+            "p_max_in_flight": max_in_flight,
         })
         return int(epoch) if _scalar(epoch) is not None else None
 

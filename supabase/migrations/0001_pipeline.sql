@@ -133,11 +133,16 @@ $$;
 -- A claim is free when it has no owner, its lease expired, or its owner is `p_steal_from`
 -- (a crashed run the caller vouches for). FOR UPDATE SKIP LOCKED: of two concurrent
 -- claimers the second skips the row the first has locked, so exactly one wins and no
--- claimer waits. VOLATILE: it writes (PostgREST runs non-volatile functions in read-only
--- transactions) and must never be folded or cached by the planner.
+-- claimer waits. With `p_max_in_flight`, the claim is also refused while that many other
+-- apps hold a live claim; claimers that pass a limit take a transaction-level advisory
+-- lock first, so the count and the claim are one step even across overlapping cohort runs.
+-- VOLATILE: it writes (PostgREST runs non-volatile functions in read-only transactions)
+-- and must never be folded or cached by the planner.
+DROP FUNCTION IF EXISTS fleet_claim_app(text, text, text, timestamptz, double precision, text);
 CREATE OR REPLACE FUNCTION fleet_claim_app(
     p_app_id text, p_owner text, p_run_id text, p_now timestamptz,
-    p_lease_seconds double precision, p_steal_from text DEFAULT NULL
+    p_lease_seconds double precision, p_steal_from text DEFAULT NULL,
+    p_max_in_flight integer DEFAULT NULL
 )
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -145,6 +150,14 @@ AS $$
 DECLARE
     v_epoch bigint;
 BEGIN
+    IF p_max_in_flight IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtext('fleet_claim_app.max_in_flight'));
+        IF (SELECT count(*) FROM app_evolution_states s
+             WHERE s.owner IS NOT NULL AND s.lease_until >= p_now AND s.app_id <> p_app_id)
+           >= p_max_in_flight THEN
+            RETURN NULL;
+        END IF;
+    END IF;
     WITH free AS (
         SELECT s.app_id FROM app_evolution_states s
         WHERE s.app_id = p_app_id
@@ -283,7 +296,7 @@ $$;
 -- privileges hand tables and functions to `anon` and `authenticated` (the keys shipped
 -- to browsers and apps). Take all of that back; only `service_role` keeps access.
 REVOKE ALL ON FUNCTION fleet_stage_allowed(text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION fleet_claim_app(text, text, text, timestamptz, double precision, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION fleet_claim_app(text, text, text, timestamptz, double precision, text, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION fleet_set_stage(text, text, bigint, timestamptz, text, double precision) FROM PUBLIC;
 REVOKE ALL ON FUNCTION fleet_reset_app(text, timestamptz) FROM PUBLIC;
 REVOKE ALL ON FUNCTION fleet_reward_means(text[]) FROM PUBLIC;
@@ -299,7 +312,7 @@ DECLARE
                              'fleet_config', 'cohorts', 'fleet_leases'];
     v_functions text[] := ARRAY[
         'fleet_stage_allowed(text, text)',
-        'fleet_claim_app(text, text, text, timestamptz, double precision, text)',
+        'fleet_claim_app(text, text, text, timestamptz, double precision, text, integer)',
         'fleet_set_stage(text, text, bigint, timestamptz, text, double precision)',
         'fleet_reset_app(text, timestamptz)',
         'fleet_reward_means(text[])',
