@@ -15,6 +15,7 @@ def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily 
 
     A rejected attempt is rolled back (its diff kept as a patch) and the next attempt is
     told why, so an agent that touched a protected path gets one clear chance to redo it.
+    An attempt whose dispatch fails or times out is rolled back too, then the error propagates.
     """
     app, s = run.app, run.settings
     guard = ChangeGuard(
@@ -28,8 +29,15 @@ def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily 
     feedback = ""
     for attempt in range(1, s.evolve_attempts + 1):
         snapshot = guard.snapshot()
-        task_id = run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
-        run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+        try:
+            task_id = run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
+            run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+        except BaseException as exc:
+            # A failed or stopped agent may have left half an edit, protected paths included:
+            # undo all of it so it never becomes the next snapshot's baseline.
+            patch = guard.rollback(snapshot, f"evolve attempt {attempt} did not finish: {exc}")
+            log.warning("%s: evolve attempt %d did not finish, rolled back (patch kept: %s)", app.id, attempt, patch)
+            raise
         verdict = guard.validate(snapshot)
         if verdict.accepted:
             return

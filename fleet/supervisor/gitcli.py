@@ -30,7 +30,8 @@ _SCRUBBED = (
 
 def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("GIT_CONFIG_")}
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "LC_ALL": "C"})
+    # Replace refs are agent-writable and would let a forged object stand in for the snapshot's.
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "LC_ALL": "C", "GIT_NO_REPLACE_OBJECTS": "1"})
     if extra:
         env.update(extra)
     return env
@@ -42,13 +43,12 @@ def git(
     env: Mapping[str, str] | None = None,
     check: bool = True,
     timeout: float = 300,
+    stdin: bytes = b"",
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run one git command in `repo`; raises GuardError with git's own words when it fails."""
+    """Run one git command in `repo` (`stdin` as its input); raises GuardError with git's own words when it fails."""
     argv: Sequence[str] = [*GIT_BASE, *args]
     try:
-        proc = subprocess.run(
-            argv, cwd=repo, capture_output=True, env=git_env(env), timeout=timeout, stdin=subprocess.DEVNULL
-        )
+        proc = subprocess.run(argv, cwd=repo, capture_output=True, env=git_env(env), timeout=timeout, input=stdin)
     except FileNotFoundError as exc:
         raise GuardError("git is not installed or not on PATH; the supervisor needs the git CLI") from exc
     except subprocess.TimeoutExpired as exc:

@@ -6,13 +6,15 @@ skip-worktree bits in the real index hide nothing), HEAD's tree when the agent c
 renames, deletions, type and mode changes, permission bits git does not track (chmod 000),
 symlinks (to protected paths or outside the repo), protected files git ignores, HEAD's
 branch and ancestry, and the git internals `config`, `hooks/`, `info/`,
-`objects/info/alternates` (byte for byte; restored before any other git command runs).
+`objects/info/alternates`, `refs/replace/` (byte for byte; restored before any other git command
+runs). Our git calls ignore replace refs (GIT_NO_REPLACE_OBJECTS), so none can forge the diff.
 
 What "exactly" means for a rollback (documented limits):
 - `git reset --hard <head>` + `git clean -ffd` (untracked files and directories, nested
-  repositories included; ignored files are kept except protected ones, restored from a
-  copy), then the snapshot's uncommitted work and index are re-applied and permissions
-  restored; the result is verified (HEAD and working-tree tree equal the snapshot's).
+  repositories included; files git ignored at snapshot time are kept even if .gitignore
+  changed since, protected ones restored from a copy), then the snapshot's uncommitted work
+  and index are re-applied and permissions restored; the result is verified (HEAD and
+  working-tree tree equal the snapshot's).
 - Empty directories are not tracked by git and are not restored.
 - The user's global git config is trusted; the agent is only prevented from changing the
   repository's own config and hooks. Our git calls never run hooks or fsmonitor.
@@ -28,24 +30,34 @@ import signal
 import stat
 import subprocess
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Mapping, Sequence
+
+import psutil
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import GuardError
 from fleet.settings import get_settings
 from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths
 
-# The supervisor's own configuration can never be changed by the agent it supervises.
-ALWAYS_PROTECTED: tuple[str, ...] = ("supervisor.yaml", "supervisor.yml", ".fleet-supervisor/**")
+# The supervisor's own configuration can never be changed by the agent it supervises, nor can
+# .gitattributes (at any depth): its filters and encodings change the bytes git sees.
+ALWAYS_PROTECTED: tuple[str, ...] = ("supervisor.yaml", "supervisor.yml", ".fleet-supervisor/**", ".gitattributes")
 ACCEPT_MESSAGE = "supervisor: accepted change"
 SNAPSHOT_REF = "refs/fleet-supervisor/snapshot"
 SYMLINK_MODE = "120000"
-# Git internals an agent could use to run code or hide files (relative to the common git dir).
-GUARDED_INTERNALS = ("config", "hooks", "info", "objects/info/alternates", "objects/info/http-alternates")
+# Git internals an agent could use to run code or hide files (relative to the common git dir);
+# replace refs would show the operator's own git a forged tree.
+GUARDED_INTERNALS = ("config", "hooks", "info", "objects/info/alternates", "objects/info/http-alternates",
+                     "refs/replace")
 _TAIL_CHARS = 240
+# Every process a guarded run starts inherits this variable: the ones that leave its process
+# group (setsid, double fork) are still found, and stopped, before the guard looks at the repo.
+RUN_MARKER = "FLEET_SUPERVISOR_RUN"
 
 
 # ---------------------------------------------------------------- protected globs
@@ -55,7 +67,8 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     """gitignore-like globs: `**` spans directories, `*`/`?` stay in one segment.
 
     A pattern without "/" matches a name at any depth ("*.lock"); one with "/" is anchored at
-    the repo root; "dir/" and "dir/**" cover the directory itself and everything below it.
+    the repo root; "dir/" and "dir/**" cover the directory itself and everything below it
+    (and so does any pattern that matches a directory: see ProtectedPaths.matches).
     """
     pat = pattern.strip().replace("\\", "/")
     if pat.startswith("./"):
@@ -101,7 +114,11 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 
 class ProtectedPaths:
-    """The configured globs plus the always-protected ones; `matches("ci/x.cfg")`."""
+    """The configured globs plus the always-protected ones; `matches("ci/x.cfg")`.
+
+    As in .gitignore, a path is protected when it or any directory above it matches a glob:
+    "ci", "ci/" and "ci/*" all protect "ci/sub/gate.sh".
+    """
 
     def __init__(self, globs: Sequence[str]):
         self.globs = tuple(dict.fromkeys([*ALWAYS_PROTECTED, *(g for g in globs if g.strip())]))
@@ -111,7 +128,9 @@ class ProtectedPaths:
         path = path.strip("/")
         if path == ".git" or path.startswith(".git/"):
             return True
-        return any(r.match(path) for r in self._regexes)
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return any(r.match(p) for p in prefixes for r in self._regexes)
 
 
 # ---------------------------------------------------------------- data
@@ -150,6 +169,8 @@ class Snapshot:
     internals: Mapping[str, _Internal] = field(default_factory=dict, repr=False, compare=False)
     # Protected files git ignores (a local supervisor.yaml, .env): git cannot restore them, so we keep a copy.
     ignored: Mapping[str, _Internal] = field(default_factory=dict, repr=False, compare=False)
+    # Every file git ignored: a rollback never deletes one, even if .gitignore no longer ignores it.
+    ignored_paths: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -226,6 +247,10 @@ class ChangeGuard:
         self.patches_dir = Path(patches_dir) if patches_dir else get_settings().home.resolve() / "supervisor" / "patches"
         self.check_timeout = check_timeout
         self.clock = clock or SystemClock()
+        # Kept patches inside the repo (a relative state dir) are the guard's files, never the agent's change.
+        patches = self.patches_dir.resolve()
+        self._patches_in_repo = (patches.relative_to(self.repo).as_posix()
+                                 if patches != self.repo and patches.is_relative_to(self.repo) else None)
         try:
             top = out(self.repo, "rev-parse", "--show-toplevel")
         except GuardError as exc:
@@ -261,9 +286,11 @@ class ChangeGuard:
             # A ref keeps the object alive if anything runs `git gc` meanwhile.
             git(self.repo, "update-ref", "-m", msg, SNAPSHOT_REF, stash)
         perms = self._perms(self._listed_files())
+        ignored_paths = self._ignored_files()
         return Snapshot(
             repo=self.repo, head=head, stash=stash, taken_at=self.clock.now(), tree=tree, branch=branch,
-            perms=perms, internals=self._read_internals(), ignored=self._read_ignored_protected(),
+            perms=perms, internals=self._read_internals(), ignored=self._read_ignored_protected(ignored_paths),
+            ignored_paths=frozenset(ignored_paths),
         )
 
     # ------------------------------------------------------------ validate
@@ -427,10 +454,12 @@ class ChangeGuard:
                                 deleted="deleted or no longer ignored", modified="modified, ignored by git")
             found.setdefault(rel, []).append(kind)
 
-    def _read_ignored_protected(self) -> dict[str, _Internal]:
-        raw = git(self.repo, "ls-files", "-z", "--others", "--ignored", "--exclude-standard").stdout
+    def _ignored_files(self) -> list[str]:
+        return z_paths(git(self.repo, "ls-files", "-z", "--others", "--ignored", "--exclude-standard").stdout)
+
+    def _read_ignored_protected(self, ignored_files: Sequence[str] | None = None) -> dict[str, _Internal]:
         found: dict[str, _Internal] = {}
-        for rel in z_paths(raw):
+        for rel in self._ignored_files() if ignored_files is None else ignored_files:
             if self.protected.matches(rel):
                 _read_entry(self.repo / rel, rel, found)
         return found
@@ -463,9 +492,10 @@ class ChangeGuard:
     def _run_check(self) -> str | None:
         """Run the check command; returns None when it passes, else 'exit 1: <tail>'."""
         assert self.check_command
+        env, marker = marked_env(None)
         try:
             proc = subprocess.Popen(
-                self.check_command, cwd=self.repo, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                self.check_command, cwd=self.repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
         except OSError as exc:
@@ -474,10 +504,12 @@ class ChangeGuard:
             output, _ = proc.communicate(timeout=self.check_timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc.pid)
+            kill_marked(marker)  # an escaped process holding the output pipe would block the read
             output, _ = proc.communicate()
             return f"timed out after {self.check_timeout:g} s: {_tail(output)}"
         finally:
             _kill_group(proc.pid)  # nothing the check started outlives it
+            kill_marked(marker)
         if proc.returncode != 0:
             return f"exit {proc.returncode}: {_tail(output)}"
         return None
@@ -501,8 +533,13 @@ class ChangeGuard:
         else:
             git(self.repo, "update-ref", "--no-deref", "HEAD", snap.head)
         self._unlock_dirs(snap)
+        # Files are written back through the attributes in the working tree: drop the agent's
+        # first (the snapshot's own come back with the files, ignored ones from their copy).
+        attributes = git(self.repo, "ls-files", "-z", "--cached", "--others", "--", ":(glob)**/.gitattributes").stdout
+        for rel in z_paths(attributes):
+            (self.repo / rel).unlink(missing_ok=True)
         git(self.repo, "reset", "-q", "--hard", snap.head)
-        git(self.repo, "clean", "-ffdq")
+        git(self.repo, "clean", "-ffdq", *self._kept_from_clean(snap))
         if snap.stash:
             git(self.repo, "read-tree", "--reset", "-u", f"{snap.stash}^{{tree}}")
             git(self.repo, "read-tree", f"{snap.stash}^2^{{tree}}")
@@ -522,6 +559,19 @@ class ChangeGuard:
                 f"expected {snap.head}, {snap.tree}); restore by hand with `git reset --hard {snap.head}`"
                 + (f" and `git stash apply {snap.stash}`" if snap.stash else "")
             )
+
+    def _kept_from_clean(self, snap: Snapshot) -> list[str]:
+        """`-e` patterns for `git clean`: the patches dir, and files git ignored at snapshot time
+        but no longer ignores (an edited .gitignore, HEAD's .gitignore without the operator's
+        uncommitted lines)."""
+        patches = ["-e", _literal_pattern(self._patches_in_repo + "/")] if self._patches_in_repo else []
+        kept = sorted(rel for rel in snap.ignored_paths if os.path.lexists(self.repo / rel))
+        if not kept:
+            return patches
+        probe = git(self.repo, "check-ignore", "-z", "--stdin", "--no-index", check=False,
+                    stdin=b"\0".join(os.fsencode(rel) for rel in kept))
+        still = set(z_paths(probe.stdout)) if probe.returncode in (0, 1) else set()
+        return patches + [arg for rel in kept if rel not in still for arg in ("-e", _literal_pattern(rel))]
 
     def _save_patch(self, snap: Snapshot, final: _Final | None, reason: str, violations: list[str],
                     notes: list[str]) -> Path:
@@ -621,7 +671,8 @@ class ChangeGuard:
             with tempfile.TemporaryDirectory(prefix="fleet-guard-") as tmp:
                 env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
                 git(self.repo, "read-tree", base, env=env)
-                git(self.repo, "add", "-A", "--", ".", env=env)
+                outside = [f":(exclude,literal){self._patches_in_repo}"] if self._patches_in_repo else []
+                git(self.repo, "add", "-A", "--", ".", *outside, env=env)
                 return out(self.repo, "write-tree", env=env)
         finally:
             for p, perm in reversed(lent):
@@ -732,6 +783,13 @@ def _parse_raw(raw: bytes) -> list[_Change]:
     return changes
 
 
+def _literal_pattern(rel: str) -> str:
+    """A gitignore pattern matching exactly the path `rel` from the repo root."""
+    escaped = re.sub(r"([\\*?\[])", r"\\\1", rel)
+    body = escaped.rstrip(" ")  # trailing spaces count only when escaped
+    return "/" + body + "\\ " * (len(escaped) - len(body))
+
+
 def _format_violations(found: Mapping[str, list[str]]) -> list[str]:
     return [f"{path} ({'; '.join(dict.fromkeys(kinds))})" for path, kinds in found.items()]
 
@@ -761,4 +819,40 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-__all__ = ["ALWAYS_PROTECTED", "ChangeGuard", "GuardVerdict", "ProtectedPaths", "Snapshot"]
+def marked_env(env: Mapping[str, str] | None) -> tuple[dict[str, str], str]:
+    """`env` (None: ours) plus a fresh RUN_MARKER; returns the environment and the marker."""
+    marker = uuid.uuid4().hex
+    return {**(os.environ if env is None else env), RUN_MARKER: marker}, marker
+
+
+def kill_marked(marker: str, rounds: int = 20) -> None:
+    """SIGKILL every process started with this run's marker, wherever it moved.
+
+    A mitigation: a process that execs itself with a scrubbed environment is not found.
+    """
+    for _ in range(rounds):  # another pass for children forked while the last one killed
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and p.environ().get(RUN_MARKER) == marker:
+                    p.kill()
+                    found.append(p)
+            except psutil.Error:
+                continue
+        if not found:
+            return
+        _wait_dead(found, timeout=1)
+
+
+def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
+    """Until each process has ended; a zombie has (its new parent, maybe a lax init, reaps it)."""
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            while p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+                time.sleep(0.01)
+        except psutil.NoSuchProcess:
+            continue
+
+
+__all__ = ["ALWAYS_PROTECTED", "ChangeGuard", "GuardVerdict", "ProtectedPaths", "Snapshot", "kill_marked", "marked_env"]

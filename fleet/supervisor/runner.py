@@ -25,7 +25,7 @@ import psutil
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
 from fleet.settings import get_settings
-from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
+from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot, kill_marked, marked_env
 
 RUNNING, WATCHING, IDLE, EMERGENCY_STOP = "running", "watching", "idle", "emergency_stop"
 
@@ -370,6 +370,7 @@ def run_agent(
     argv: list[str], repo: Path, timeout: float | None, env: Mapping[str, str] | None
 ) -> tuple[int | None, str]:
     """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail)."""
+    env, marker = marked_env(env)
     try:
         proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -380,13 +381,15 @@ def run_agent(
         code: int | None = proc.returncode
     except subprocess.TimeoutExpired:
         stop_process_tree(proc, 1)
+        kill_marked(marker)  # an escaped process holding the output pipe would block the read
         output, _ = proc.communicate()
         code = None
-    # Whatever the agent left running in its session must not edit the repo behind the guard.
+    # Whatever the agent left running, in its session or out of it, must not edit the repo behind the guard.
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    kill_marked(marker)
     text = " ".join((output or b"").decode(errors="replace").split())
     return code, text[-240:]
 

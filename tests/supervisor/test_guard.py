@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from fleet.clock import ManualClock
 from fleet.supervisor.guard import ACCEPT_MESSAGE, ChangeGuard, ProtectedPaths
-from tests.supervisor.conftest import agent, fingerprint, git
+from tests.supervisor.conftest import agent, escapee, fingerprint, git, gone
 
 PROTECT = ["ci/**", "*.lock"]
 PASS = [sys.executable, "-c", "pass"]
@@ -305,3 +306,123 @@ def test_executable_bit_on_protected_file_is_a_mode_change(repo, tmp_path):
     assert_rejected_and_restored(verdict, before, repo,
                                  "deps.lock (mode changed 100644 -> 100755; permissions 0644 -> 0755)")
     assert "new mode 100755" in verdict.patch_path.read_text()
+
+
+# ---------------------------------------------------------------- git tricks
+
+
+def test_replace_ref_forging_the_snapshot_tree_does_not_hide_an_edit(repo, tmp_path):
+    guard = make_guard(repo, tmp_path)
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    # The agent edits a protected file, then maps the snapshot's tree to the edited tree.
+    (repo / "ci" / "protected.cfg").write_text("checks = off\n")
+    index = {**os.environ, "GIT_INDEX_FILE": str(tmp_path / "agent-index")}
+    for args in (["read-tree", "HEAD"], ["add", "-A"]):
+        subprocess.run(["git", *args], cwd=repo, env=index, check=True)
+    edited = subprocess.run(["git", "write-tree"], cwd=repo, env=index, check=True, capture_output=True,
+                            text=True).stdout.strip()
+    git(repo, "replace", "-f", git(repo, "rev-parse", "HEAD^{tree}"), edited)
+    verdict = guard.validate(snap)
+    assert_rejected_and_restored(verdict, before, repo, "ci/protected.cfg (modified)", ".git/refs/replace (added)")
+    assert git(repo, "replace", "--list") == ""
+
+
+def test_gitattributes_that_change_how_git_reads_files_are_rejected(repo, tmp_path):
+    # Decoded as UTF-7 the edited file equals the original, so git alone would see no change.
+    guard = make_guard(repo, tmp_path, protect=["ci/**"])
+    (repo / "ci" / "check.py").write_text("# guard config\nenforce_limits()\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "check script")
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    (repo / ".gitattributes").write_text("ci/check.py working-tree-encoding=UTF-7\n")
+    (repo / "ci" / "check.py").write_bytes(b"# guard config+AAo-enforce_limits()\n")
+    verdict = guard.validate(snap)
+    assert_rejected_and_restored(verdict, before, repo, ".gitattributes (added)")
+
+
+def test_gitattributes_at_any_depth_are_always_protected():
+    paths = ProtectedPaths([])
+    assert paths.matches(".gitattributes") and paths.matches("src/deep/.gitattributes")
+    assert not paths.matches("src/gitattributes.md")
+
+
+@pytest.mark.parametrize(
+    ("glob", "path", "protected"),
+    [(".github", ".github/workflows/ci.yml", True), ("ci", "ci/gate.sh", True), ("ci/", "ci/sub/gate.sh", True),
+     ("ci/*", "ci/sub/gate.sh", True), ("ci/*.sh", "ci/sub/gate.sh", False), ("ci", "cix/gate.sh", False),
+     ("docs/ci", "ci/gate.sh", False)],
+)
+def test_a_glob_naming_a_directory_protects_everything_below_it(glob, path, protected):
+    assert ProtectedPaths([glob]).matches(path) is protected
+
+
+def test_bare_directory_name_guards_the_files_below_it(repo, tmp_path):
+    (repo / ".github" / "workflows").mkdir(parents=True)
+    (repo / ".github" / "workflows" / "ci.yml").write_text("on: push\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "workflow")
+    guard = make_guard(repo, tmp_path, protect=[".github"])
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    (repo / ".github" / "workflows" / "ci.yml").write_text("on: push\njobs: {pwn: {}}\n")
+    verdict = guard.validate(snap)
+    assert_rejected_and_restored(verdict, before, repo, ".github/workflows/ci.yml (modified)")
+
+
+# ---------------------------------------------------------------- what a rollback keeps
+
+
+def test_rollback_keeps_files_ignored_by_an_uncommitted_gitignore(repo, tmp_path):
+    # The operator ignores .env and data/ in an edit of .gitignore not yet committed.
+    (repo / ".gitignore").write_text("*.log\n.env\ndata/\n")
+    (repo / ".env").write_text("API_KEY=secret\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "big.db").write_text("precious\n")
+    guard = make_guard(repo, tmp_path, check=[sys.executable, "-c", "raise SystemExit(1)"])
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    (repo / "app.py").write_text("print(2)\n")
+    verdict = guard.validate(snap)
+    assert not verdict.accepted and verdict.reason.startswith("checks failed")
+    assert fingerprint(repo) == before
+
+
+def test_rollback_keeps_ignored_files_the_agent_unignored(repo, tmp_path):
+    (repo / "sub").mkdir()
+    (repo / "sub" / "secret.log").write_text("operator's\n")
+    (repo / "sub" / "we*rd [1].log").write_text("glob characters in the name\n")
+    guard = make_guard(repo, tmp_path)
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    # A nested .gitignore re-includes the file, so a plain `git clean` would delete it.
+    agent(repo, "open('sub/.gitignore','w').write('!*.log\\n'); open('ci/protected.cfg','w').write('off\\n')")
+    verdict = guard.validate(snap)
+    assert_rejected_and_restored(verdict, before, repo, "ci/protected.cfg (modified)")
+
+
+def test_patch_kept_inside_the_repo_survives_the_rollback(repo, tmp_path):
+    # `fleet supervise guard` run from the repo keeps its state in ./.fleet by default.
+    guard = ChangeGuard(repo, protected=PROTECT, patches_dir=repo / ".fleet" / "patches", clock=ManualClock())
+    before = fingerprint(repo)
+    snap = guard.snapshot()
+    (repo / "deps.lock").write_text("pinned==2.0\n")
+    verdict = guard.validate(snap)
+    assert not verdict.accepted and verdict.patch_path.parent == repo / ".fleet" / "patches"
+    assert "+pinned==2.0" in verdict.patch_path.read_text()
+    snap = guard.snapshot()
+    assert snap.stash is None  # the kept patch is the guard's own file, not uncommitted work
+    (repo / "app.py").write_text("print('again')\n")
+    second = guard.rollback(snap, "broke the app")  # writes a patch after the snapshot, then verifies
+    assert verdict.patch_path.exists() and second.exists()
+    assert (repo / "app.py").read_text() == before["files"]["app.py"][2].decode()
+
+
+def test_process_that_left_the_checks_session_is_stopped(repo, tmp_path):
+    pidfile = tmp_path / "escapee.pid"
+    guard = make_guard(repo, tmp_path, check=escapee(pidfile))
+    snap = guard.snapshot()
+    (repo / "app.py").write_text("changed\n")
+    assert guard.validate(snap).accepted
+    assert gone(pidfile)

@@ -9,7 +9,7 @@ import pytest
 from fleet.clock import ManualClock
 from fleet.errors import SupervisorStopped
 from fleet.supervisor.runner import EMERGENCY_STOP, RUNNING, Supervisor
-from tests.supervisor.conftest import fingerprint, git
+from tests.supervisor.conftest import escapee, fingerprint, git, gone
 
 BREAK_APP = [sys.executable, "-c", "open('app.py','w').write('raise SystemExit(3)\\n')"]
 TOUCH_PROTECTED = [sys.executable, "-c", "open('ci/protected.cfg','w').write('off\\n')"]
@@ -121,3 +121,11 @@ def test_commit_made_elsewhere_is_unproven_until_the_app_survives(repo, tmp_path
     outcome = sup.run_once()
     assert outcome.rolled_back and outcome.exit_code == 4
     assert git(repo, "rev-parse", "HEAD") == good
+
+
+def test_process_that_left_the_agents_session_is_stopped_before_validation(repo, tmp_path):
+    sup = make(repo, tmp_path)
+    pidfile = tmp_path / "escapee.pid"
+    result = sup.apply_change(escapee(pidfile))
+    assert result.agent_exit_code == 0 and result.verdict.accepted
+    assert gone(pidfile)  # it can no longer edit ci/protected.cfg behind the guard
