@@ -97,15 +97,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_timeout_also_kills_an_orphaned_grandchild(executor, tmp_path):
-    pidfile = tmp_path / "orphan.pid"
-    task = executor.spawn([PY, "-c", ORPHAN, str(pidfile)])
-    orphan = wait_for_pid(pidfile)
-    with pytest.raises(DispatchTimeout):
-        executor.poll_and_retrieve(task, 0.5)
-    assert gone(orphan)
-
-
 def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp_path):
     pidfile = tmp_path / "orphan.pid"
     gate = LocalQualityGate({"app": ([PY, "-c", ORPHAN, str(pidfile)], tmp_path)}, timeout=1)
@@ -115,6 +106,24 @@ def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp_path)
     assert not status.is_passing and "timed out" in status.detail
     assert gone(wait_for_pid(pidfile))
     assert elapsed < 30, f"the check held on for {elapsed:.1f} s after its 1 s timeout"
+
+
+ESCAPEE = (  # starts a grandchild in a session of its own: neither in the tree nor in the group
+    "import subprocess, sys, time\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+    "open(sys.argv[1], 'w').write(str(p.pid))\n"
+    "time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize("program", [ORPHAN, ESCAPEE], ids=["orphan-in-the-group", "left-the-session"])
+def test_timeout_kills_what_the_command_started_wherever_it_went(executor, tmp_path, program):
+    pidfile = tmp_path / "grandchild.pid"
+    task = executor.spawn([PY, "-c", program, str(pidfile)])
+    grandchild = wait_for_pid(pidfile)
+    with pytest.raises(DispatchTimeout):
+        executor.poll_and_retrieve(task, 0.5)
+    assert gone(grandchild)
 
 
 def test_unknown_task(executor):

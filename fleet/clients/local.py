@@ -14,7 +14,7 @@ from pathlib import Path
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
 from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, QualityGateError, UnknownTask
-from fleet.procs import stop_process_tree
+from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
@@ -37,6 +37,7 @@ class _Job:
     proc: subprocess.Popen
     out: Path
     err: Path
+    marker: str  # RUN_MARKER of everything it started
 
 
 class LocalExecutor:
@@ -63,7 +64,7 @@ class LocalExecutor:
             raise DispatchError("empty command: the fleet file must give a program to run")
         task_id = uuid.uuid4().hex[:12]
         out, err = self.workdir / f"{task_id}.out", self.workdir / f"{task_id}.err"
-        env = {**os.environ, **self.env, "FLEET_TARGET": target, "FLEET_MODEL": model}
+        env, marker = marked_env({**os.environ, **self.env, "FLEET_TARGET": target, "FLEET_MODEL": model})
         try:
             with out.open("wb") as fo, err.open("wb") as fe:
                 proc = subprocess.Popen(
@@ -77,7 +78,7 @@ class LocalExecutor:
             # linger as zombies; their output files stay until someone polls them.
             for job in self._jobs.values():
                 job.proc.poll()
-            self._jobs[task_id] = _Job(argv, proc, out, err)
+            self._jobs[task_id] = _Job(argv, proc, out, err, marker)
         log.info("started %s on %s (pid %s): %s", task_id, target, proc.pid, argv[0])
         return task_id
 
@@ -89,7 +90,7 @@ class LocalExecutor:
         try:
             code = job.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            stop_process_tree(job.proc, KILL_GRACE)
+            _stop(job)
             raise DispatchTimeout(
                 f"task {task_id} ({job.command[0]}) still running after {timeout:g} s; "
                 "its process tree was stopped"
@@ -112,15 +113,21 @@ class LocalExecutor:
             jobs = list(self._jobs.values())
         for job in jobs:
             if job.proc.poll() is None:
-                stop_process_tree(job.proc, KILL_GRACE)
+                _stop(job)
+
+
+def _stop(job: _Job) -> None:
+    stop_process_tree(job.proc, KILL_GRACE)
+    kill_marked(job.marker)  # what left the process group (setsid) too
 
 
 def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
     """Run a check command; returns (passed, tail of its output). Timeouts fail the check."""
     argv = [str(a) for a in command]
+    env, marker = marked_env(None)
     try:
         proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
     except OSError as exc:
@@ -129,9 +136,10 @@ def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool,
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_process_tree(proc, KILL_GRACE)
+        kill_marked(marker)  # what left the group would hold the pipe open
         try:
             proc.communicate(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe
+        except subprocess.TimeoutExpired:  # it scrubbed its environment: stop reading anyway
             proc.stdout.close()
         return False, f"check timed out after {timeout:g} s"
     text = out.decode(errors="replace").strip()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import signal
 import subprocess
 import threading
 import uuid
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.devservers.base import DevServer, Faults, Reply
+from fleet.procs import kill_group
 
 log = logging.getLogger("fleet.devservers.aura")
 
@@ -110,7 +110,7 @@ class AuraDevServer(DevServer):
         killed = []
         for task in self.tasks():
             if task.proc is not None and task.proc.poll() is None:
-                _kill_group(task.proc)
+                kill_group(task.proc.pid)
                 killed.append(task)
         for task in killed:  # their runner threads reap them; wait so none outlives stop()
             task.finished.wait(5)
@@ -187,7 +187,7 @@ class AuraDevServer(DevServer):
             try:
                 out, err = proc.communicate(timeout=self.task_timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc.pid)
                 out, err = proc.communicate()
                 task.output = out
                 # Error before status: a poller that sees "failed" must also see why.
@@ -202,10 +202,3 @@ class AuraDevServer(DevServer):
                 detail = (err or out or "").strip()[-TAIL:]
                 task.error = f"exit code {proc.returncode}" + (f": {detail}" if detail else "")
                 task.status = "failed"
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -26,22 +26,19 @@ import difflib
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import tempfile
-import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import psutil
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import GuardError
 from fleet.settings import get_settings
+from fleet.procs import kill_group, kill_marked, marked_env
 from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths
 
 # The supervisor's own configuration can never be changed by the agent it supervises, nor can
@@ -55,9 +52,6 @@ SYMLINK_MODE = "120000"
 GUARDED_INTERNALS = ("config", "hooks", "info", "objects/info/alternates", "objects/info/http-alternates",
                      "refs/replace")
 _TAIL_CHARS = 240
-# Every process a guarded run starts inherits this variable: the ones that leave its process
-# group (setsid, double fork) are still found, and stopped, before the guard looks at the repo.
-RUN_MARKER = "FLEET_SUPERVISOR_RUN"
 
 
 # ---------------------------------------------------------------- protected globs
@@ -503,12 +497,12 @@ class ChangeGuard:
         try:
             output, _ = proc.communicate(timeout=self.check_timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             kill_marked(marker)  # an escaped process holding the output pipe would block the read
             output, _ = proc.communicate()
             return f"timed out after {self.check_timeout:g} s: {_tail(output)}"
         finally:
-            _kill_group(proc.pid)  # nothing the check started outlives it
+            kill_group(proc.pid)  # nothing the check started outlives it
             kill_marked(marker)
         if proc.returncode != 0:
             return f"exit {proc.returncode}: {_tail(output)}"
@@ -812,47 +806,4 @@ def _inside(path: str, root: Path) -> bool:
         return False
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def marked_env(env: Mapping[str, str] | None) -> tuple[dict[str, str], str]:
-    """`env` (None: ours) plus a fresh RUN_MARKER; returns the environment and the marker."""
-    marker = uuid.uuid4().hex
-    return {**(os.environ if env is None else env), RUN_MARKER: marker}, marker
-
-
-def kill_marked(marker: str, rounds: int = 20) -> None:
-    """SIGKILL every process started with this run's marker, wherever it moved.
-
-    A mitigation: a process that execs itself with a scrubbed environment is not found.
-    """
-    for _ in range(rounds):  # another pass for children forked while the last one killed
-        found = []
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and p.environ().get(RUN_MARKER) == marker:
-                    p.kill()
-                    found.append(p)
-            except psutil.Error:
-                continue
-        if not found:
-            return
-        _wait_dead(found, timeout=1)
-
-
-def _wait_dead(procs: list[psutil.Process], timeout: float) -> None:
-    """Until each process has ended; a zombie has (its new parent, maybe a lax init, reaps it)."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            while p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-                time.sleep(0.01)
-        except psutil.NoSuchProcess:
-            continue
-
-
-__all__ = ["ALWAYS_PROTECTED", "ChangeGuard", "GuardVerdict", "ProtectedPaths", "Snapshot", "kill_marked", "marked_env"]
+__all__ = ["ALWAYS_PROTECTED", "ChangeGuard", "GuardVerdict", "ProtectedPaths", "Snapshot"]

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import psutil
 
 from fleet.clock import Clock, SystemClock
+from fleet.procs import stop_process_tree
 from fleet.supervisor.config import ProcessSpec
-from fleet.supervisor.runner import stop_process_tree
 
 # States of a managed process, in the operator's words.
 STARTING_SOON, RUNNING, BACKOFF, EXITED, GAVE_UP, STOPPED, FAILED_TO_START = (

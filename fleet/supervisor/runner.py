@@ -14,18 +14,17 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import psutil
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
 from fleet.settings import get_settings
-from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot, kill_marked, marked_env
+from fleet.procs import kill_marked, marked_env, stop_process_tree
+from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
 
 RUNNING, WATCHING, IDLE, EMERGENCY_STOP = "running", "watching", "idle", "emergency_stop"
 
@@ -314,56 +313,6 @@ class Supervisor:
 
 
 # ---------------------------------------------------------------- process helpers
-
-
-def stop_process_tree(proc: subprocess.Popen, timeout: float) -> int | None:
-    """SIGTERM the process group, wait, then SIGKILL whatever survives (children included)."""
-    try:
-        root = psutil.Process(proc.pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        family = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in family:  # children that left the group still get the signal
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    alive = _wait_gone(proc, family, timeout)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    _wait_gone(proc, alive, 1)
-    try:
-        return proc.wait(timeout=1)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _wait_gone(proc: subprocess.Popen, family: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every member exited; a zombie counts as gone (its parent, maybe init, reaps it)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc.poll()  # reap our own child so it does not linger as a zombie
-        alive = []
-        for p in family:
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(p)
-            except psutil.Error:
-                pass
-        if not alive or time.monotonic() >= deadline:
-            return alive
-        time.sleep(0.02)
 
 
 def run_agent(
