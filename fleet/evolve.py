@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fleet.errors import StageFailed
+from fleet.models import Stage
 from fleet.supervisor.guard import ChangeGuard
 
 log = logging.getLogger("fleet.evolve")
@@ -28,10 +29,13 @@ def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily 
     )
     feedback = ""
     for attempt in range(1, s.evolve_attempts + 1):
+        # Each fenced write renews the claim: the attempts together may outlast one lease.
+        run.set_stage(Stage.HYDRA_BUILD)
         snapshot = guard.snapshot()
         try:
             task_id = run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
             run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+            run.set_stage(Stage.HYDRA_BUILD)  # a run that lost the app meanwhile commits nothing
         except BaseException as exc:
             # A failed or stopped agent may have left half an edit, protected paths included:
             # undo all of it so it never becomes the next snapshot's baseline.

@@ -11,6 +11,7 @@ from fleet.clients.local import LocalExecutor, LocalQualityGate
 from fleet.clock import Clock, ManualClock
 from fleet.demo import create_demo_fleet
 from fleet.fleetfile import load_fleet
+from fleet.models import Stage
 from fleet.pipeline import AppRun
 from fleet.settings import FleetSettings
 from fleet.store.sqlite import SQLiteStore
@@ -49,3 +50,13 @@ def app_run(tmp: Path, fleet_path: Path, app_id: str = "demo-calc", clock: Clock
         dispatcher=LocalExecutor(workdir=tmp / "exec"), gate=LocalQualityGate(checks),
         extractor=None, settings=settings, clock=clock,
     )
+
+
+HAPPY_PATH = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
+              Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
+
+
+def advance(run: AppRun, until: Stage) -> None:
+    """Write the stages of a successful run, in order, up to and including `until`."""
+    for stage in HAPPY_PATH[: HAPPY_PATH.index(until) + 1]:
+        run.set_stage(stage)

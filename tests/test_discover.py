@@ -10,6 +10,7 @@ from fleet.settings import FleetSettings
 from fleet.store.sqlite import SQLiteStore
 from fleet.wiring import Components
 from flows.cohort import discover
+from tests.helpers import HAPPY_PATH
 
 CMD = Commands(skill=["s"], review=["r"], evolve=["e"], ship=["x"])
 
@@ -53,11 +54,7 @@ def test_max_concurrent_counts_apps_in_flight_anywhere(tmp_path):
     assert discover(c, 5, False, False).start == ["app00", "app01", "app02"]
 
 
-TO_COMPLETE = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-               Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
-
-
-def finish(c: Components, app: str, path=TO_COMPLETE) -> None:
+def finish(c: Components, app: str, path=HAPPY_PATH) -> None:
     now = c.clock.now()
     c.store.ensure_apps([app], now)
     epoch = c.store.claim_app(app, "h:1", "r", now, 600)

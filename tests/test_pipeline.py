@@ -19,7 +19,7 @@ from fleet.pipeline import (
     run_skill,
     wait_for_quality,
 )
-from tests.helpers import app_run, demo_fleet, script
+from tests.helpers import advance, app_run, demo_fleet, script
 
 
 def test_demo_app_goes_through_every_stage(tmp_path):
@@ -89,15 +89,9 @@ def test_ship_is_dispatched_to_the_ship_target(tmp_path):
     seen = tmp_path / "target"
     ship = script(tmp_path, "ship", f"import os\nopen({str(seen)!r}, 'w').write(os.environ['FLEET_TARGET'])\n")
     run = app_run(tmp_path, demo_fleet(tmp_path, ship=ship))
-    _to_hydra(run)
-    run.set_stage(Stage.HYDRA_BUILD)
+    advance(run, Stage.HYDRA_BUILD)
     run_ship(run)
     assert seen.read_text() == "mac1" and run.state().stage is Stage.COMPLETE
-
-
-def _to_hydra(run) -> None:
-    for stage in (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING, Stage.ADVERSARIAL_COMPLETE):
-        run.set_stage(stage)
 
 
 def _remote_app(run):
@@ -111,7 +105,7 @@ def test_hydra_hard_stop_after_four_hours(tmp_path):
     never = script(tmp_path, "never", "import sys; sys.exit(1)\n")
     run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
     run.gate.checks["demo-calc"] = (never, tmp_path)
-    _to_hydra(run)
+    advance(run, Stage.ADVERSARIAL_COMPLETE)
     with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
         run_evolve(run)
     assert sum(clock.sleeps) == 4 * 3600 and set(clock.sleeps) == {300}
@@ -123,8 +117,7 @@ def test_resumed_hydra_keeps_its_original_deadline(tmp_path):
     never = script(tmp_path, "never", "import sys; sys.exit(1)\n")
     run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
     run.gate.checks["demo-calc"] = (never, tmp_path)
-    _to_hydra(run)
-    run.set_stage(Stage.HYDRA_BUILD)
+    advance(run, Stage.HYDRA_BUILD)
     clock.advance(hours=3)  # the orchestrator crashed and came back 3 h later
     with pytest.raises(StageFailed, match="Hydra timeout 4h"):
         run_evolve(run)
@@ -138,8 +131,7 @@ def test_resumed_past_the_hard_stop_fails_without_evolving_again(tmp_path):
     always = script(tmp_path, "always", "import sys; sys.exit(0)\n")
     run = app_run(tmp_path, demo_fleet(tmp_path, evolve=evolve), clock=clock)
     run.gate.checks["demo-calc"] = (always, tmp_path)
-    _to_hydra(run)
-    run.set_stage(Stage.HYDRA_BUILD)
+    advance(run, Stage.HYDRA_BUILD)
     clock.advance(hours=4, minutes=30)  # the orchestrator came back after the hard stop
     with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
         run_evolve(run)
@@ -195,9 +187,7 @@ def test_a_run_that_lost_the_app_mid_stage_writes_none_of_its_tasks(tmp_path):
 def test_a_run_that_lost_the_app_does_not_ship(tmp_path):
     shipped = tmp_path / "shipped"
     run = app_run(tmp_path, demo_fleet(tmp_path, ship=script(tmp_path, "ship", f"open({str(shipped)!r}, 'w')\n")))
-    for stage in (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-                  Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD):
-        run.set_stage(stage)
+    advance(run, Stage.HYDRA_BUILD)
     run.store.reset_app("demo-calc", run.clock.now())  # the app was taken back before SHIP
     with pytest.raises(StaleLease):
         run_ship(run)
@@ -216,8 +206,7 @@ def test_resume_starts_hydra_only_when_it_has_no_status_for_the_app(tmp_path, kn
             hydra.set_status("demo-calc", phase="evolving", cycle=3)
         run = _remote_app(app_run(tmp_path, demo_fleet(tmp_path), clock=clock))
         run.gate = HydraGate(hydra.url, clock=clock, timeout=5)
-        _to_hydra(run)
-        run.set_stage(Stage.HYDRA_BUILD)
+        advance(run, Stage.HYDRA_BUILD)
         clock.advance(hours=3, minutes=59)  # back just before the hard stop
         try:
             with pytest.raises(StageFailed, match="Hydra timeout 4h"):
