@@ -44,6 +44,8 @@ def load_model(path: Path | str, model: type[M], *, what: str = "config file",
     if not isinstance(data, dict):
         raise ConfigError(f"{shown}:1: expected a mapping of settings at the top level, got {type(data).__name__}")
     lines = key_lines(node) if node is not None else {}
+    if twice := repeated_keys(node, shown) if node is not None else []:
+        raise ConfigError("\n".join(twice))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -65,6 +67,24 @@ def key_lines(node: yaml.Node, path: tuple = ()) -> KeyLines:
         for i, item in enumerate(node.value):
             lines.update(key_lines(item, (*path, i)))
     return lines
+
+
+def repeated_keys(node: yaml.Node, shown: str, path: tuple = ()) -> list[str]:
+    """YAML keeps the last of two equal keys without a word: name each repeat and its lines."""
+    found: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for key, value in node.value:
+            sub = (*path, key.value)
+            line = key.start_mark.line + 1
+            if key.value in first:
+                found.append(f"{shown}:{line}: {dotted(sub)}: given twice (first on line {first[key.value]}); keep one")
+            first.setdefault(key.value, line)
+            found += repeated_keys(value, shown, sub)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += repeated_keys(item, shown, (*path, i))
+    return found
 
 
 def line_of(loc: tuple, lines: KeyLines) -> int:

@@ -71,3 +71,12 @@ def test_render_fills_one_argument_each_and_never_rereads_values():
 
 def test_render_drops_an_empty_placeholder_argument():
     assert render(["skill", "{repo}", "{prompt}"], repo="/r", prompt="") == ["skill", "/r"]
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys silently: an operator's first value would vanish."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(GOOD.replace("  ship: [agent, ship]\n", "  ship: [agent, ship]\n  skill: [other]\n"))
+    with pytest.raises(ConfigError) as err:
+        load_fleet(path)
+    assert str(err.value) == f"{path}:7: commands.skill: given twice (first on line 3); keep one"

@@ -87,3 +87,8 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
     assert config.processes[1].log_file == tmp_path / "logs" / "agent.log"
     assert config.processes[0].cwd is None
     assert load_config(write(tmp_path, "")).processes == []
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = write(tmp_path, "status_port: 9000\nstatus_port: 1\n")
+    assert error_of(path) == f"{path}:2: status_port: given twice (first on line 1); keep one"
