@@ -4,8 +4,9 @@ The loop of the seed (Metamorph's supervisor): snapshot → apply a change → s
 if it dies within `min_runtime` the change broke it: roll back to the snapshot taken before
 the change; `max_failures` consecutive failures → emergency stop, and no further change is
 applied until an operator calls `resume()`. A run that lasts past `min_runtime` proves the
-current commit good and resets the counter. A clean exit (code 0) is a finished job, not a
-failure, as in the seed.
+current commit good and resets the counter. Any exit before `min_runtime`, even with code 0,
+counts as broken ("process exits in < 10 seconds" in the seed); a clean exit after it is a
+finished job.
 """
 
 from __future__ import annotations
@@ -266,8 +267,9 @@ class Supervisor:
     # ------------------------------------------------------------ rules
 
     def _judge(self, code: int | None, runtime: float, why: str | None = None) -> RunOutcome:
-        if why is None and (code is None or code == 0):
-            # Past min_runtime (still running) or a finished job: the current state is good.
+        if why is None and (code is None or (code == 0 and runtime >= self.min_runtime)):
+            # Past min_runtime, still running or finished cleanly: the current state is good.
+            # Any exit before it, even with code 0, counts as broken (the seed's rule).
             self.consecutive_failures = 0
             self._pending = False
             self._last_good = self.guard.snapshot()

@@ -50,6 +50,17 @@ def test_change_that_crashes_the_app_within_min_runtime_is_rolled_back(repo, tmp
     assert sup.status()["app"]["pid"] is None
 
 
+def test_change_that_makes_the_app_exit_cleanly_at_once_is_rolled_back_too(repo, tmp_path):
+    """The seed's rule is 'the process exits in < 10 s', whatever its exit code."""
+    sup = make(repo, tmp_path, min_runtime=30)
+    before = fingerprint(repo)
+    assert sup.apply_change([sys.executable, "-c", "open('app.py','w').write('print(1)\\n')"]).verdict.accepted
+    outcome = sup.run_once()
+    assert not outcome.survived and outcome.rolled_back and outcome.exit_code == 0
+    assert outcome.reason.startswith("app exited with code 0 after ")
+    assert fingerprint(repo) == before and sup.status()["consecutive_failures"] == 1
+
+
 def test_five_broken_changes_in_a_row_trigger_emergency_stop(repo, tmp_path):
     # min_runtime is long: a crashing app is judged the moment it exits, a healthy one would not be.
     sup = make(repo, tmp_path, min_runtime=30)
