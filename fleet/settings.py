@@ -53,6 +53,9 @@ class FleetSettings(BaseSettings):
     max_task_attempts: int = 3
     liveness_confirmations: int = 2
     agent_health_port: int = 9300
+    # The host other machines reach an agent's health endpoint at (the watchdog probes it);
+    # empty: this machine's FQDN when the endpoint binds every interface.
+    agent_advertise_host: str = ""
     context_handoff_ratio: float = 0.85
     tmux_chunk_bytes: int = 200
     # Liveness probe: timeout of one health-endpoint check, and a known-good URL checked first

@@ -23,7 +23,7 @@ RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet
 
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
-    """One reconciler cycle: orphaned claims, stuck injections, expiry, dead letters."""
+    """One reconciler cycle: orphaned claims, stuck panes (injected or running), expiry, dead letters."""
     settings = get_settings()
     store = open_mesh_store(store_url or settings.resolved_store_url())
     try:

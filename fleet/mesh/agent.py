@@ -5,7 +5,9 @@ heartbeat (every heartbeat_seconds), claim (every claim_seconds, workers and pla
 free pane), inject claimed work (claimed → injected), read pane output (→ running, progress,
 DONE/FAILED markers → done/failed), respawn dead panes, and hand a task off when the pane's
 context budget reaches context_handoff_ratio. Active tasks are persisted to `state_path` and
-re-adopted after a restart; the store's `tasks_of(machine_id)` is the source of truth.
+re-adopted after a restart; the store's `tasks_of(machine_id)` is the source of truth (each
+claim round also adopts claims it holds there but never heard of). Every write names the
+claim it belongs to (`claim_seq`), so an old attempt of a task claimed again is refused.
 
 Pane protocol (what the agent in the pane sees and must answer):
   in:  "TASK <task_id> <command joined by spaces>[ [checkpoint: …]]"
@@ -62,6 +64,12 @@ class ActiveTask:
     injected: bool = False          # typed into `pane_id` (False → inject when a pane is free)
     digest: str | None = None       # hash of the pane output last reported as progress
     respawns: int = 0               # times the pane's agent died while running this task
+    claim_seq: int | None = None    # the store's claim we hold; our writes name it (fencing)
+
+    @classmethod
+    def of(cls, task: QueuedTask) -> ActiveTask:
+        return cls(task_id=task.task_id, text=task_text(task), status=task.status.value,
+                   claim_seq=task.claim_seq)
 
 
 def task_text(task: QueuedTask) -> str:
@@ -128,7 +136,8 @@ class NodeAgent:
         session: str | None = None,
         pane_count: int | None = None,
         health_port: int | None = None,
-        health_host: str = "127.0.0.1",
+        health_host: str = "0.0.0.0",
+        advertise_host: str | None = None,
     ):
         check_identity(identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id)
         if not agent_command and identity.role != "viewer":
@@ -154,7 +163,8 @@ class NodeAgent:
         self._lock = threading.RLock()
         self._pane_view: list[dict[str, Any]] = []
         self._status = "starting"
-        self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port)
+        self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
+                                     advertise_host=advertise_host or self.settings.agent_advertise_host)
                         if health_port is not None else None)
 
     # -- identity ------------------------------------------------------------------------
@@ -264,18 +274,37 @@ class NodeAgent:
         claimed = self.store.claim(self.machine_id, self.clock.now(), limit=limit)
         with self._lock:
             for task in claimed:
-                self.tasks[task.task_id] = ActiveTask(task_id=task.task_id, text=task_text(task),
-                                                      status=task.status.value)
+                self._adopt(task)
         return claimed
 
+    def _adopt(self, task: QueuedTask) -> ActiveTask:
+        """Hold the store's claim `task`; an older attempt of it still held here is stopped first
+        (it was requeued and claimed again: its pane must not keep running it)."""
+        old = self.tasks.get(task.task_id)
+        if old is not None and old.claim_seq in (task.claim_seq, None):
+            old.claim_seq = task.claim_seq  # None: persisted by an agent that did not fence
+            return old
+        if old is not None:
+            self._lost(old, f"it was requeued and claimed again (claim {task.claim_seq})")
+        self.tasks[task.task_id] = ActiveTask.of(task)
+        return self.tasks[task.task_id]
+
     def _verify_claims(self) -> None:
-        """Drop (and stop) tasks the store requeued behind our back, e.g. while we were declared
-        down: another machine may be running them now."""
-        ours = {t.task_id for t in self.store.tasks_of(self.machine_id)}
+        """Match our tasks to the store's claims. Drop (and stop) tasks the store requeued
+        behind our back, e.g. while we were declared down: another machine may be running them
+        now. Adopt claims the store holds for us that we never heard of (the claim committed
+        but its answer was lost), as after a restart."""
+        ours = {t.task_id: t for t in self.store.tasks_of(self.machine_id)}
         for task in list(self.tasks.values()):
             if task.task_id not in ours:
                 self._lost(task, "the store requeued it: this machine was declared down, or the "
                                  "reconciler found the claim orphaned or stuck")
+        for task in ours.values():
+            if task.task_id not in self.tasks:
+                log.warning("adopting task %s: the store lists it as claimed by %s, this agent "
+                            "did not know (a claim whose answer was lost)", task.task_id,
+                            self.machine_id)
+            self._adopt(task)
 
     def _claim(self, now: datetime) -> None:
         try:
@@ -328,11 +357,12 @@ class NodeAgent:
         task.digest = None
         if task.status == TaskStatus.CLAIMED.value:
             ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.INJECTED, now,
-                                       pane_id=task.pane_id)
+                                       pane_id=task.pane_id, claim_seq=task.claim_seq)
             task.status = TaskStatus.INJECTED.value
         else:
             ok = self.store.progress(task.task_id, self.machine_id, now,
-                                     note=f"re-injected into pane {task.pane_id}")
+                                     note=f"re-injected into pane {task.pane_id}",
+                                     claim_seq=task.claim_seq)
         if not ok:
             self._lost(task, "the store no longer lists it as ours")
 
@@ -358,18 +388,21 @@ class NodeAgent:
             status, detail = end
             kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
             if task.status == TaskStatus.INJECTED.value:
-                self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now)
-            self.store.transition(task.task_id, self.machine_id, status, now, **kwargs)
+                self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
+                                      claim_seq=task.claim_seq)
+            self.store.transition(task.task_id, self.machine_id, status, now,
+                                  claim_seq=task.claim_seq, **kwargs)
             del self.tasks[task.task_id]
             return
         digest = hashlib.sha1(section.encode("utf-8")).hexdigest() if section.strip() else None
         if digest is not None and digest != task.digest:
             task.digest = digest
             if task.status == TaskStatus.INJECTED.value:
-                ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now)
+                ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
+                                           claim_seq=task.claim_seq)
                 task.status = TaskStatus.RUNNING.value
             else:
-                ok = self.store.progress(task.task_id, self.machine_id, now)
+                ok = self.store.progress(task.task_id, self.machine_id, now, claim_seq=task.claim_seq)
             if not ok:
                 self._lost(task, "the store no longer lists it as ours")
                 return
@@ -380,7 +413,7 @@ class NodeAgent:
     def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
         lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
         checkpoint = "\n".join(lines[-20:]) or f"context budget reached at {ratio:.0%}"
-        self.store.handoff(task.task_id, self.machine_id, now, checkpoint)
+        self.store.handoff(task.task_id, self.machine_id, now, checkpoint, claim_seq=task.claim_seq)
         log.info("task %s handed off at context %.0f%%; pane %s restarted", task.task_id,
                  ratio * 100, task.pane_id)
         del self.tasks[task.task_id]
@@ -426,9 +459,11 @@ class NodeAgent:
             task.injected = False  # typed again on this tick, into the fresh agent
             if task.respawns > self.settings.max_task_attempts:
                 self.store.transition(task.task_id, self.machine_id, TaskStatus.FAILED, now,
-                                      error=f"{note} {task.respawns} times while running this task")
+                                      error=f"{note} {task.respawns} times while running this task",
+                                      claim_seq=task.claim_seq)
                 del self.tasks[task.task_id]
-            elif not self.store.progress(task.task_id, self.machine_id, now, note=note):
+            elif not self.store.progress(task.task_id, self.machine_id, now, note=note,
+                                         claim_seq=task.claim_seq):
                 self._lost(task, "the store no longer lists it as ours")
         while len(self.pane_ids) < self.pane_count:
             self.pane_ids.append(self._spawn_pane())
@@ -453,7 +488,8 @@ class NodeAgent:
             self.store.heartbeat(self.identity, now, self.health_url, sorted(self.tasks))
             for view in self._pane_view:
                 self.store.set_pane_state(self.machine_id, view["pane_id"], now, task_id=view["task_id"],
-                                          alive=view["alive"], context_ratio=view["context_ratio"])
+                                          alive=view["alive"], context_ratio=view["context_ratio"],
+                                          claim_seq=view["claim_seq"])
         except FleetError as exc:
             # A failed write is not a reason to stop: the next tick tries again.
             log.warning("heartbeat failed on %s: %s", self.machine_id, exc)
@@ -471,9 +507,14 @@ class NodeAgent:
         ours = {t.task_id: t for t in self.store.tasks_of(self.machine_id)} if self.claims else {}
         for task_id, row in ours.items():
             local = saved_tasks.get(task_id)
+            if local is not None and local.claim_seq not in (row.claim_seq, None):
+                # Requeued and claimed again while we were away: the old attempt must stop.
+                if local.pane_id in existing and local.injected:
+                    self._restart_pane(local.pane_id)
+                local = None
             if local is None or local.pane_id not in existing:
-                local = ActiveTask(task_id=task_id, text=task_text(row))
-            local.status = row.status.value
+                local = ActiveTask.of(row)
+            local.status, local.claim_seq = row.status.value, row.claim_seq
             self.tasks[task_id] = local
         for task_id, local in saved_tasks.items():
             if task_id not in ours and local.pane_id in existing and local.injected:
@@ -524,7 +565,7 @@ class NodeAgent:
 
     # -- health --------------------------------------------------------------------------
     def _refresh_view(self) -> None:
-        by_pane = {t.pane_id: t.task_id for t in self.tasks.values() if t.pane_id}
+        by_pane = {t.pane_id: t for t in self.tasks.values() if t.pane_id}
         view = []
         for pane_id in self.pane_ids:
             alive = self.panes.is_alive(pane_id)
@@ -534,8 +575,9 @@ class NodeAgent:
                     ratio = self.panes.context_ratio(self.panes.read_pane(pane_id, 200))
                 except FleetError:
                     alive = False
-            view.append({"pane_id": pane_id, "alive": alive, "task_id": by_pane.get(pane_id),
-                         "context_ratio": ratio})
+            task = by_pane.get(pane_id)
+            view.append({"pane_id": pane_id, "alive": alive, "task_id": task and task.task_id,
+                         "claim_seq": task and task.claim_seq, "context_ratio": ratio})
         self._pane_view = view
 
     def health_snapshot(self) -> dict[str, Any]:

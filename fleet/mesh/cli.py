@@ -40,7 +40,12 @@ def start(
                                       help="the agent run in each pane, as shell-style words (no shell runs it)"),
     store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"),
     health_port: Optional[int] = typer.Option(None, "--health-port", help="default FLEET_AGENT_HEALTH_PORT (9300)"),
-    health_host: str = typer.Option("127.0.0.1", "--health-host", help="address the health endpoint binds"),
+    health_host: str = typer.Option("0.0.0.0", "--health-host",
+                                    help="address the health endpoint binds (all interfaces by default)"),
+    advertise_host: Optional[str] = typer.Option(
+        None, "--advertise-host",
+        help="host name or address other machines reach this agent at (the watchdog probes it); "
+             "default FLEET_AGENT_ADVERTISE_HOST, else this machine's FQDN when binding all interfaces"),
     tmux_socket: str = typer.Option("fleet", "--tmux-socket", help="tmux socket name (tmux -L)"),
     panes: Optional[int] = typer.Option(None, "--panes", help="panes (parallel tasks); default FLEET_AGENT_PANES"),
     state_path: Optional[Path] = typer.Option(None, "--state-path", help="default <home>/agent-<machine>.json"),
@@ -88,7 +93,7 @@ def start(
             state_path=state_path or settings.home / f"agent-{machine_id}.json",
             expected_mesh_id=expect_mesh, pane_count=panes,
             health_port=settings.agent_health_port if health_port is None else health_port,
-            health_host=health_host,
+            health_host=health_host, advertise_host=advertise_host,
         )
         agent.install_signal_handlers()  # before start(): a SIGTERM while starting still leaves cleanly
         agent.start()
@@ -96,6 +101,10 @@ def start(
         _fail(exc)
     except FleetError as exc:  # store or tmux unreachable: not bad input, but no traceback either
         _fail(exc, 1)
+    if agent.health_url and httpx.URL(agent.health_url).host in ("127.0.0.1", "::1", "localhost"):
+        err.print(f"[yellow]warning:[/] the health URL {agent.health_url} is loopback: a watchdog on "
+                  "another machine cannot reach it, so it can never confirm this machine down — "
+                  "give --advertise-host (or bind --health-host 0.0.0.0)", soft_wrap=True)
     console.print(f"[green]node agent {machine_id}[/] ({role}, mesh {mesh_id}) running; "
                   f"health at {agent.health_url} ; Ctrl-C leaves the mesh", soft_wrap=True)
     agent.run_forever()

@@ -15,12 +15,19 @@ HealthSnapshot = Callable[[], dict[str, Any]]
 
 
 class HealthServer:
-    """A stdlib HTTP server in a daemon thread; `snapshot()` is called per request."""
+    """A stdlib HTTP server in a daemon thread; `snapshot()` is called per request.
 
-    def __init__(self, snapshot: HealthSnapshot, *, host: str = "127.0.0.1", port: int = 9300):
+    `host` is the address it binds (all interfaces by default); `advertise_host` is the name
+    other machines reach it at — the watchdog probes the advertised URL from its own host, so
+    it must never be loopback in a mesh of several machines.
+    """
+
+    def __init__(self, snapshot: HealthSnapshot, *, host: str = "0.0.0.0", port: int = 9300,
+                 advertise_host: str | None = None):
         self._snapshot = snapshot
         self._host = host
         self._port = port
+        self._advertise_host = advertise_host or None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -31,8 +38,12 @@ class HealthServer:
 
     @property
     def url(self) -> str:
-        """The URL other machines use (a wildcard bind is advertised under this host's name)."""
-        host = socket.getfqdn() if self._host in ("", "0.0.0.0", "::") else self._host
+        """The URL other machines use: the advertised host, else this host's name for a
+        wildcard bind, else the bound address."""
+        host = self._advertise_host or (
+            socket.getfqdn() if self._host in ("", "0.0.0.0", "::") else self._host)
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
         return f"http://{host}:{self.port}/health"
 
     def start(self) -> HealthServer:

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS mesh_task_queue (
                     'queued', 'claimed', 'injected', 'running',
                     'done', 'failed', 'expired', 'dead_letter')),
     attempts    INTEGER NOT NULL DEFAULT 0,
+    claim_seq   INTEGER NOT NULL DEFAULT 0,  -- bumped by every claim; fences agents' writes
     claimed_by  TEXT,
     pane_id     TEXT,
     created_at  TEXT NOT NULL,
@@ -39,10 +40,14 @@ CREATE TABLE IF NOT EXISTS mesh_task_queue (
 );
 CREATE INDEX IF NOT EXISTS mesh_task_queue_queued
     ON mesh_task_queue (created_at, task_id) WHERE status = 'queued';
-CREATE INDEX IF NOT EXISTS mesh_task_queue_claimed
-    ON mesh_task_queue (claimed_at) WHERE status = 'claimed';
-CREATE INDEX IF NOT EXISTS mesh_task_queue_injected
-    ON mesh_task_queue (COALESCE(progress_at, claimed_at)) WHERE status = 'injected';
+-- The orphan and stuck rules cover every in-flight state (these replace the indexes that
+-- covered only 'claimed' and only 'injected').
+DROP INDEX IF EXISTS mesh_task_queue_claimed;
+DROP INDEX IF EXISTS mesh_task_queue_injected;
+CREATE INDEX IF NOT EXISTS mesh_task_queue_in_flight
+    ON mesh_task_queue (claimed_at) WHERE status IN ('claimed', 'injected', 'running');
+CREATE INDEX IF NOT EXISTS mesh_task_queue_in_pane
+    ON mesh_task_queue (COALESCE(progress_at, claimed_at)) WHERE status IN ('injected', 'running');
 CREATE INDEX IF NOT EXISTS mesh_task_queue_unfinished
     ON mesh_task_queue (created_at) WHERE status IN ('queued', 'claimed', 'injected', 'running');
 CREATE INDEX IF NOT EXISTS mesh_task_queue_claimer
@@ -74,6 +79,7 @@ CREATE TABLE IF NOT EXISTS mesh_pane_state (
     machine_id    TEXT NOT NULL,
     pane_id       TEXT NOT NULL,
     task_id       TEXT,
+    claim_seq     INTEGER,  -- the claim of task_id this row describes
     alive         INTEGER NOT NULL,
     context_ratio REAL,
     updated_at    TEXT NOT NULL,

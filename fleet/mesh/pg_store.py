@@ -15,6 +15,8 @@ from fleet.mesh.store import (
 )
 
 _ACTIVE = "('claimed', 'injected', 'running')"
+# An agent's write names the claim it holds (fencing); NULL = any claim of this machine.
+_THIS_CLAIM = "(%(claim)s::integer IS NULL OR claim_seq = %(claim)s)"
 AGENT_TARGET_STATUSES = frozenset(
     {TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
 )
@@ -245,7 +247,7 @@ class PgMeshStore:
 
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
-                   error: str | None = None) -> bool:
+                   error: str | None = None, claim_seq: int | None = None) -> bool:
         status = TaskStatus(status)
         if status not in AGENT_TARGET_STATUSES:
             raise ValueError(
@@ -260,43 +262,46 @@ class PgMeshStore:
                 "  error = COALESCE(%(err)s, error), "
                 "  finished_at = CASE WHEN %(fin)s THEN %(now)s ELSE finished_at END "
                 f"  WHERE task_id = %(id)s AND claimed_by = %(m)s AND status IN {_ACTIVE} "
-                "  RETURNING task_id, pane_id), "
+                f"  AND {_THIS_CLAIM} RETURNING task_id, pane_id), "
                 "logged AS (INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "  SELECT task_id, %(s)s, %(m)s, %(now)s, jsonb_strip_nulls(jsonb_build_object("
                 "    'pane_id', pane_id, 'error', left(%(err)s::text, 500))) FROM moved) "
                 "SELECT count(*) AS n FROM moved",
                 {"s": status.value, "now": _utc(now), "pane": pane_id, "out": output,
-                 "err": error, "fin": finished, "id": task_id, "m": machine_id},
+                 "err": error, "fin": finished, "id": task_id, "m": machine_id, "claim": claim_seq},
             ).fetchone()
         return row["n"] == 1
 
-    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None) -> bool:
+    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None,
+                 *, claim_seq: int | None = None) -> bool:
         with self._tx() as conn:
             row = conn.execute(
                 "WITH moved AS (UPDATE mesh_task_queue SET progress_at = %(now)s "
                 f"  WHERE task_id = %(id)s AND claimed_by = %(m)s AND status IN {_ACTIVE} "
-                "  RETURNING task_id), "
+                f"  AND {_THIS_CLAIM} RETURNING task_id), "
                 "logged AS (INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "  SELECT task_id, 'Progress', %(m)s, %(now)s, "
                 "  jsonb_build_object('note', left(%(note)s::text, 2000)) "
                 "  FROM moved WHERE %(note)s::text IS NOT NULL) "
                 "SELECT count(*) AS n FROM moved",
-                {"now": _utc(now), "id": task_id, "m": machine_id, "note": note},
+                {"now": _utc(now), "id": task_id, "m": machine_id, "note": note, "claim": claim_seq},
             ).fetchone()
         return row["n"] == 1
 
-    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str) -> bool:
+    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str,
+                *, claim_seq: int | None = None) -> bool:
         with self._tx() as conn:
             row = conn.execute(
                 "WITH moved AS (UPDATE mesh_task_queue SET status = 'queued', checkpoint = %(cp)s, "
                 "  claimed_by = NULL, claimed_at = NULL, progress_at = NULL, pane_id = NULL "
                 f"  WHERE task_id = %(id)s AND claimed_by = %(m)s AND status IN {_ACTIVE} "
-                "  RETURNING task_id, attempts), "
+                f"  AND {_THIS_CLAIM} RETURNING task_id, attempts), "
                 "logged AS (INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "  SELECT task_id, 'Handoff', %(m)s, %(now)s, jsonb_build_object('status', 'queued', "
                 "  'attempts', attempts, 'checkpoint_chars', length(%(cp)s::text)) FROM moved) "
                 "SELECT count(*) AS n FROM moved",
-                {"cp": checkpoint, "id": task_id, "m": machine_id, "now": _utc(now)},
+                {"cp": checkpoint, "id": task_id, "m": machine_id, "now": _utc(now),
+                 "claim": claim_seq},
             ).fetchone()
         return row["n"] == 1
 
@@ -349,19 +354,24 @@ class PgMeshStore:
 
     # Panes ------------------------------------------------------------------------
     def set_pane_state(self, machine_id: str, pane_id: str, now: datetime, *, task_id: str | None,
-                       alive: bool, context_ratio: float | None = None) -> None:
+                       alive: bool, context_ratio: float | None = None,
+                       claim_seq: int | None = None) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, alive, context_ratio, updated_at) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (machine_id, pane_id) DO UPDATE SET "
-                "task_id = excluded.task_id, alive = excluded.alive, "
+                "INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, claim_seq, alive, "
+                "context_ratio, updated_at) VALUES (%(m)s, %(p)s, %(t)s, COALESCE(%(claim)s::integer, "
+                "(SELECT claim_seq FROM mesh_task_queue WHERE task_id = %(t)s AND claimed_by = %(m)s "
+                f"AND status IN {_ACTIVE})), %(alive)s, %(ratio)s, %(now)s) "
+                "ON CONFLICT (machine_id, pane_id) DO UPDATE SET "
+                "task_id = excluded.task_id, claim_seq = excluded.claim_seq, alive = excluded.alive, "
                 "context_ratio = excluded.context_ratio, updated_at = excluded.updated_at",
-                (machine_id, pane_id, task_id, alive, context_ratio, _utc(now)),
+                {"m": machine_id, "p": pane_id, "t": task_id, "claim": claim_seq, "alive": alive,
+                 "ratio": context_ratio, "now": _utc(now)},
             )
 
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
         return self._query(
-            "SELECT machine_id, pane_id, task_id, alive, context_ratio, updated_at "
+            "SELECT machine_id, pane_id, task_id, claim_seq, alive, context_ratio, updated_at "
             "FROM mesh_pane_state WHERE (%(m)s::text IS NULL OR machine_id = %(m)s) "
             "ORDER BY machine_id, pane_id",
             {"m": machine_id},

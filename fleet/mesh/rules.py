@@ -24,6 +24,8 @@ UNFINISHED_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, *ACTIVE_STATUS
 FINISHED_STATUSES: tuple[TaskStatus, ...] = (
     TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.EXPIRED, TaskStatus.DEAD_LETTER,
 )
+# In a pane: their progress is pane output, so the stuck rule watches them.
+PANE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.INJECTED, TaskStatus.RUNNING)
 # Machines in these states are not routed to and their claims are not theirs any more.
 GONE_MACHINE_STATUSES = ("down", "left")
 
@@ -67,8 +69,8 @@ class Verdict(str, Enum):
 
     EXPIRED = "expired"            # created > expiry ago and not finished → expired
     MACHINE_DOWN = "machine_down"  # active, claimer declared down/left → requeue
-    ORPHANED = "orphaned"          # claimed > orphan ago, claimer silent, no progress → requeue
-    STUCK = "stuck"                # injected, no pane progress for > stuck → requeue
+    ORPHANED = "orphaned"          # in flight > orphan, claimer silent, no progress → requeue
+    STUCK = "stuck"                # injected or running, no pane progress for > stuck → requeue
 
 
 def claimer_heartbeat_fresh(
@@ -97,14 +99,13 @@ def classify(
     if claimer is not None and claimer.status in GONE_MACHINE_STATUSES:
         return Verdict.MACHINE_DOWN
     if (
-        task.status is TaskStatus.CLAIMED
-        and task.claimed_at is not None
+        task.claimed_at is not None
         and task.claimed_at < c.orphan
         and (task.progress_at is None or task.progress_at < c.orphan)
         and not claimer_heartbeat_fresh(task.claimed_by, machines, c.orphan)
     ):
         return Verdict.ORPHANED
-    if task.status is TaskStatus.INJECTED:
+    if task.status in PANE_STATUSES:
         last = task.progress_at or task.claimed_at
         if last is not None and last < c.stuck:
             return Verdict.STUCK

@@ -17,20 +17,32 @@ from fleet.mesh.store import (
 )
 
 _SCHEMA = resources.files("fleet.mesh").joinpath("mesh_schema_sqlite.sql").read_text()
+# Columns added after the first schema: (table, column, definition), added to older files on open.
+_ADDED_COLUMNS = (
+    ("mesh_task_queue", "claim_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("mesh_pane_state", "claim_seq", "INTEGER"),
+)
 _ACTIVE = "('claimed', 'injected', 'running')"
 _UNFINISHED = "('queued', 'claimed', 'injected', 'running')"
+# An agent's write names the claim it holds (fencing); None = any claim of this machine.
+_THIS_CLAIM = "(? IS NULL OR claim_seq = ?)"
 AGENT_TARGET_STATUSES = frozenset(
     {TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
 )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Naive datetimes are UTC, as PostgreSQL's timestamptz (session zone UTC) takes them."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
 
 
 def _ts(value: datetime | None) -> str | None:
     # Fixed width (microseconds always written) so strings compare in time order in SQL.
     if value is None:
         return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    return _utc(value).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -41,7 +53,8 @@ def _task(row: sqlite3.Row) -> QueuedTask:
     return QueuedTask(
         task_id=row["task_id"], kind=row["kind"], command=json.loads(row["command"]),
         target=row["target"], model=row["model"], status=TaskStatus(row["status"]),
-        attempts=row["attempts"], claimed_by=row["claimed_by"], pane_id=row["pane_id"],
+        attempts=row["attempts"], claim_seq=row["claim_seq"], claimed_by=row["claimed_by"],
+        pane_id=row["pane_id"],
         created_at=_dt(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
         progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
         output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
@@ -71,6 +84,11 @@ class SQLiteMeshStore(SQLiteFile):
 
     def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 30):
         super().__init__(path, _SCHEMA, busy_timeout_seconds=busy_timeout_seconds)
+        with self._tx() as db:
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     @staticmethod
     def _event(db: sqlite3.Connection, task_id: str | None, event: str, machine_id: str | None,
@@ -139,7 +157,7 @@ class SQLiteMeshStore(SQLiteFile):
                 raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
             status, count = rules.confirmation_update(
                 row["status"], row["failed_confirmations"], _dt(row["last_heartbeat"]),
-                failed, stale_before,
+                failed, _utc(stale_before),
             )
             if (status, count) != (row["status"], row["failed_confirmations"]):
                 row = db.execute(
@@ -159,7 +177,7 @@ class SQLiteMeshStore(SQLiteFile):
             ).fetchone()
             if row is None:
                 raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
-            if stale_before is not None and _dt(row["last_heartbeat"]) >= stale_before:
+            if stale_before is not None and _dt(row["last_heartbeat"]) >= _utc(stale_before):
                 return -1  # it heartbeated while we were confirming: not down
             db.execute(
                 "UPDATE mesh_health SET status = 'down', updated_at = ?, "
@@ -200,7 +218,7 @@ class SQLiteMeshStore(SQLiteFile):
                 return []
             rows = db.execute(
                 "UPDATE mesh_task_queue SET status = 'claimed', claimed_by = ?, claimed_at = ?, "
-                "progress_at = NULL, pane_id = NULL WHERE task_id IN ("
+                "claim_seq = claim_seq + 1, progress_at = NULL, pane_id = NULL WHERE task_id IN ("
                 "  SELECT task_id FROM mesh_task_queue WHERE status = 'queued' "
                 "  AND (target IS NULL OR target = ?) ORDER BY created_at, task_id LIMIT ?"
                 ") RETURNING *",
@@ -209,7 +227,8 @@ class SQLiteMeshStore(SQLiteFile):
             db.executemany(
                 "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "VALUES (?, 'claimed', ?, ?, ?)",
-                [(r["task_id"], machine_id, _ts(now), json.dumps({"attempts": r["attempts"]}))
+                [(r["task_id"], machine_id, _ts(now),
+                  json.dumps({"attempts": r["attempts"], "claim_seq": r["claim_seq"]}))
                  for r in rows],
             )
         tasks = [_task(r) for r in rows]
@@ -217,7 +236,7 @@ class SQLiteMeshStore(SQLiteFile):
 
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
-                   error: str | None = None) -> bool:
+                   error: str | None = None, claim_seq: int | None = None) -> bool:
         status = TaskStatus(status)
         if status not in AGENT_TARGET_STATUSES:
             raise ValueError(
@@ -230,8 +249,10 @@ class SQLiteMeshStore(SQLiteFile):
                 "UPDATE mesh_task_queue SET status = ?, progress_at = ?, "
                 "pane_id = COALESCE(?, pane_id), output = COALESCE(?, output), "
                 "error = COALESCE(?, error), finished_at = COALESCE(?, finished_at) "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} RETURNING pane_id",
-                (status.value, _ts(now), pane_id, output, error, finished, task_id, machine_id),
+                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
+                "RETURNING pane_id",
+                (status.value, _ts(now), pane_id, output, error, finished, task_id, machine_id,
+                 claim_seq, claim_seq),
             ).fetchone()
             if row is None:
                 return False
@@ -241,12 +262,14 @@ class SQLiteMeshStore(SQLiteFile):
             self._event(db, task_id, status.value, machine_id, now, detail)
         return True
 
-    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None) -> bool:
+    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None,
+                 *, claim_seq: int | None = None) -> bool:
         with self._tx() as db:
             row = db.execute(
                 "UPDATE mesh_task_queue SET progress_at = ? "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} RETURNING task_id",
-                (_ts(now), task_id, machine_id),
+                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
+                "RETURNING task_id",
+                (_ts(now), task_id, machine_id, claim_seq, claim_seq),
             ).fetchone()
             if row is None:
                 return False
@@ -254,13 +277,15 @@ class SQLiteMeshStore(SQLiteFile):
                 self._event(db, task_id, "Progress", machine_id, now, {"note": note[:2000]})
         return True
 
-    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str) -> bool:
+    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str,
+                *, claim_seq: int | None = None) -> bool:
         with self._tx() as db:
             row = db.execute(
                 "UPDATE mesh_task_queue SET status = 'queued', checkpoint = ?, claimed_by = NULL, "
                 "claimed_at = NULL, progress_at = NULL, pane_id = NULL "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} RETURNING attempts",
-                (checkpoint, task_id, machine_id),
+                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
+                "RETURNING attempts",
+                (checkpoint, task_id, machine_id, claim_seq, claim_seq),
             ).fetchone()
             if row is None:
                 return False
@@ -301,7 +326,7 @@ class SQLiteMeshStore(SQLiteFile):
         oldest_at = _dt(oldest[0]["t"]) if oldest else None
         return {
             "depth": depth,
-            "oldest_queued_age_seconds": (now - oldest_at).total_seconds() if oldest_at else None,
+            "oldest_queued_age_seconds": (_utc(now) - oldest_at).total_seconds() if oldest_at else None,
             "dead_letter": depth[TaskStatus.DEAD_LETTER.value],
         }
 
@@ -361,13 +386,13 @@ class SQLiteMeshStore(SQLiteFile):
             )
             orph_q, orph_d = self._requeue_failed(
                 db,
-                "status = 'claimed' AND claimed_at < ? AND (progress_at IS NULL OR progress_at < ?) "
+                f"status IN {_ACTIVE} AND claimed_at < ? AND (progress_at IS NULL OR progress_at < ?) "
                 "AND NOT EXISTS (SELECT 1 FROM mesh_health h WHERE h.machine_id = mesh_task_queue.claimed_by "
                 "AND h.status NOT IN ('down', 'left') AND h.last_heartbeat >= ?)",
                 (_ts(c.orphan), _ts(c.orphan), _ts(c.orphan)), now, max_attempts, "orphaned",
             )
             stuck_q, stuck_d = self._requeue_failed(
-                db, "status = 'injected' AND COALESCE(progress_at, claimed_at) < ?",
+                db, "status IN ('injected', 'running') AND COALESCE(progress_at, claimed_at) < ?",
                 (_ts(c.stuck),), now, max_attempts, "stuck",
             )
             counts = ReconcileCounts(
@@ -379,14 +404,18 @@ class SQLiteMeshStore(SQLiteFile):
 
     # Panes ------------------------------------------------------------------------
     def set_pane_state(self, machine_id: str, pane_id: str, now: datetime, *, task_id: str | None,
-                       alive: bool, context_ratio: float | None = None) -> None:
+                       alive: bool, context_ratio: float | None = None,
+                       claim_seq: int | None = None) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, alive, context_ratio, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (machine_id, pane_id) DO UPDATE SET "
-                "task_id = excluded.task_id, alive = excluded.alive, "
+                "INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, claim_seq, alive, "
+                "context_ratio, updated_at) VALUES (?, ?, ?, COALESCE(?, (SELECT claim_seq "
+                f"FROM mesh_task_queue WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE})), "
+                "?, ?, ?) ON CONFLICT (machine_id, pane_id) DO UPDATE SET "
+                "task_id = excluded.task_id, claim_seq = excluded.claim_seq, alive = excluded.alive, "
                 "context_ratio = excluded.context_ratio, updated_at = excluded.updated_at",
-                (machine_id, pane_id, task_id, int(alive), context_ratio, _ts(now)),
+                (machine_id, pane_id, task_id, claim_seq, task_id, machine_id, int(alive),
+                 context_ratio, _ts(now)),
             )
 
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
@@ -395,7 +424,7 @@ class SQLiteMeshStore(SQLiteFile):
             sql, params = sql + " WHERE machine_id = ?", (machine_id,)
         return [
             {"machine_id": r["machine_id"], "pane_id": r["pane_id"], "task_id": r["task_id"],
-             "alive": bool(r["alive"]), "context_ratio": r["context_ratio"],
+             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]), "context_ratio": r["context_ratio"],
              "updated_at": _dt(r["updated_at"])}
             for r in self._query(sql + " ORDER BY machine_id, pane_id", params)
         ]

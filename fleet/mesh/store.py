@@ -64,6 +64,7 @@ class QueuedTask(BaseModel):
     model: str | None = None
     status: TaskStatus = TaskStatus.QUEUED
     attempts: int = 0               # failed attempts so far (see fleet/mesh/rules.py)
+    claim_seq: int = 0              # bumped by every claim: fences an agent's writes to its claim
     claimed_by: str | None = None
     pane_id: str | None = None
     created_at: datetime
@@ -123,14 +124,19 @@ class MeshStore(Protocol):
         machine whose row says down/left or role viewer gets nothing (until it heartbeats)."""
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
-                   error: str | None = None) -> bool:
-        """Conditional on claimed_by == machine_id and the task being active; False otherwise.
-        `status` is injected, running, done or failed (ValueError otherwise); counts as progress."""
-    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None) -> bool:
+                   error: str | None = None, claim_seq: int | None = None) -> bool:
+        """Conditional on claimed_by == machine_id, the task being active and, when given,
+        claim_seq being the current claim's (an old attempt of a task the same machine claimed
+        again is refused); False otherwise. `status` is injected, running, done or failed
+        (ValueError otherwise); counts as progress."""
+    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None,
+                 *, claim_seq: int | None = None) -> bool:
         """Pane progress seen: bumps progress_at (conditional like transition); a note is
         recorded as a Progress event."""
-    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str) -> bool:
-        """Context budget reached: store the checkpoint and requeue (attempt not counted as failure)."""
+    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str,
+                *, claim_seq: int | None = None) -> bool:
+        """Context budget reached: store the checkpoint and requeue (attempt not counted as
+        failure); conditional like transition."""
     def get_task(self, task_id: str) -> QueuedTask | None: ...
     def tasks_of(self, machine_id: str) -> list[QueuedTask]:
         """Active tasks claimed by a machine (re-adopted after an agent restart)."""
@@ -148,6 +154,10 @@ class MeshStore(Protocol):
 
     # Panes ------------------------------------------------------------------------
     def set_pane_state(self, machine_id: str, pane_id: str, now: datetime, *, task_id: str | None,
-                       alive: bool, context_ratio: float | None = None) -> None: ...
+                       alive: bool, context_ratio: float | None = None,
+                       claim_seq: int | None = None) -> None:
+        """Upsert what a pane shows. The row records the claim of its task (claim_seq, else the
+        task's current claim held by machine_id, else None), so a reader acting on a row
+        that is seconds old can tell whether the task was claimed again since."""
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
-        """Rows of {machine_id, pane_id, task_id, alive, context_ratio, updated_at}."""
+        """Rows of {machine_id, pane_id, task_id, claim_seq, alive, context_ratio, updated_at}."""

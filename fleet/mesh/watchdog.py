@@ -22,12 +22,15 @@ class PaneRef(BaseModel):
     machine_id: str
     pane_id: str
     task_id: str | None = None
+    claim_seq: int | None = None    # the claim of task_id the pane row describes
     context_ratio: float | None = None
 
 
 class Handoff(BaseModel):
     pane: PaneRef
-    requeued: bool  # False when the task was no longer this machine's (nothing to do)
+    # False when the row no longer describes the task's current claim (handed off, requeued or
+    # claimed again since it was written): nothing to do.
+    requeued: bool
 
 
 class WatchdogReport(BaseModel):
@@ -75,7 +78,7 @@ def panes_to_respawn(panes: Iterable[dict[str, Any]]) -> list[PaneRef]:
 def panes_over_budget(panes: Iterable[dict[str, Any]], ratio: float) -> list[PaneRef]:
     """Live panes working on a task whose context window is at or past the hand-off ratio."""
     return [PaneRef(machine_id=p["machine_id"], pane_id=p["pane_id"], task_id=p["task_id"],
-                    context_ratio=p["context_ratio"])
+                    claim_seq=p.get("claim_seq"), context_ratio=p["context_ratio"])
             for p in panes
             if p["alive"] and p.get("task_id") and p.get("context_ratio") is not None
             and p["context_ratio"] >= ratio]
@@ -120,7 +123,9 @@ def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessPro
             notes = [e.detail.get("note") for e in store.events(pane.task_id, event="Progress")]
             checkpoint = handoff_checkpoint(pane, settings.context_handoff_ratio, now,
                                             notes[-1] if notes else None)
-            moved = store.handoff(pane.task_id, pane.machine_id, now, checkpoint)
+            # Pane rows are up to a heartbeat old: act only on the claim the row describes.
+            moved = pane.claim_seq is not None and store.handoff(
+                pane.task_id, pane.machine_id, now, checkpoint, claim_seq=pane.claim_seq)
             report.handoffs.append(Handoff(pane=pane, requeued=moved))
     except Exception as exc:
         report.errors.append(f"panes: {exc}")

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS mesh_task_queue (
                     'queued', 'claimed', 'injected', 'running',
                     'done', 'failed', 'expired', 'dead_letter')),
     attempts    integer NOT NULL DEFAULT 0,
+    claim_seq   integer NOT NULL DEFAULT 0,  -- bumped by every claim; fences agents' writes
     claimed_by  text,
     pane_id     text,
     created_at  timestamptz NOT NULL,
@@ -41,12 +42,16 @@ CREATE TABLE IF NOT EXISTS mesh_task_queue (
 -- Claim: the oldest queued rows first; only queued rows are in the index.
 CREATE INDEX IF NOT EXISTS mesh_task_queue_queued
     ON mesh_task_queue (created_at, task_id) WHERE status = 'queued';
--- Orphan rule: stale claims by claimed_at, so a cycle reads stale rows, not the table.
-CREATE INDEX IF NOT EXISTS mesh_task_queue_claimed
-    ON mesh_task_queue (claimed_at) WHERE status = 'claimed';
--- Stuck rule: injected rows by their last sign of life.
-CREATE INDEX IF NOT EXISTS mesh_task_queue_injected
-    ON mesh_task_queue ((COALESCE(progress_at, claimed_at))) WHERE status = 'injected';
+-- The orphan and stuck rules cover every in-flight state; these replace the first
+-- indexes, which covered only 'claimed' and only 'injected'.
+DROP INDEX IF EXISTS mesh_task_queue_claimed;
+DROP INDEX IF EXISTS mesh_task_queue_injected;
+-- Orphan rule: stale in-flight rows by claimed_at, so a cycle reads stale rows, not the table.
+CREATE INDEX IF NOT EXISTS mesh_task_queue_in_flight
+    ON mesh_task_queue (claimed_at) WHERE status IN ('claimed', 'injected', 'running');
+-- Stuck rule: rows in a pane (injected, running) by their last sign of life.
+CREATE INDEX IF NOT EXISTS mesh_task_queue_in_pane
+    ON mesh_task_queue ((COALESCE(progress_at, claimed_at))) WHERE status IN ('injected', 'running');
 -- Expiry rule: unfinished rows by age.
 CREATE INDEX IF NOT EXISTS mesh_task_queue_unfinished
     ON mesh_task_queue (created_at) WHERE status IN ('queued', 'claimed', 'injected', 'running');
@@ -83,11 +88,16 @@ CREATE TABLE IF NOT EXISTS mesh_pane_state (
     machine_id    text NOT NULL,
     pane_id       text NOT NULL,
     task_id       text,
+    claim_seq     integer,  -- the claim of task_id this row describes
     alive         boolean NOT NULL,
     context_ratio double precision,
     updated_at    timestamptz NOT NULL,
     PRIMARY KEY (machine_id, pane_id)
 );
+
+-- Columns added after the first release (databases created before them get them here).
+ALTER TABLE mesh_task_queue ADD COLUMN IF NOT EXISTS claim_seq integer NOT NULL DEFAULT 0;
+ALTER TABLE mesh_pane_state ADD COLUMN IF NOT EXISTS claim_seq integer;
 
 
 -- Atomic claim: SKIP LOCKED lets concurrent claimers take disjoint rows without waiting.
@@ -113,13 +123,14 @@ BEGIN
     ), claimed AS (
         UPDATE mesh_task_queue q
         SET status = 'claimed', claimed_by = p_machine_id, claimed_at = p_now,
-            progress_at = NULL, pane_id = NULL
+            claim_seq = q.claim_seq + 1, progress_at = NULL, pane_id = NULL
         FROM picked
         WHERE q.task_id = picked.task_id
         RETURNING q.*
     ), logged AS (
         INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail)
-        SELECT c.task_id, 'claimed', p_machine_id, p_now, jsonb_build_object('attempts', c.attempts)
+        SELECT c.task_id, 'claimed', p_machine_id, p_now,
+               jsonb_build_object('attempts', c.attempts, 'claim_seq', c.claim_seq)
         FROM claimed c
     )
     SELECT * FROM claimed ORDER BY created_at, task_id;
@@ -168,10 +179,10 @@ END
 $$;
 
 
--- One reconciler cycle: expiry, then claims of down/left machines, then orphaned claims,
--- then stuck injections, each one set-based statement over its partial index; one
--- ReconcilerRun event with the counts. An advisory lock keeps two reconcilers apart so
--- every cycle's counts are its own.
+-- One reconciler cycle: expiry, then claims of down/left machines, then orphaned claims
+-- (any in-flight state), then stuck panes (injected or running), each one set-based
+-- statement over its partial index; one ReconcilerRun event with the counts. An advisory
+-- lock keeps two reconcilers apart so every cycle's counts are its own.
 CREATE OR REPLACE FUNCTION mesh_reconcile(
     p_now timestamptz, p_orphan_seconds double precision, p_stuck_seconds double precision,
     p_expiry_seconds double precision, p_max_attempts integer)
@@ -219,11 +230,11 @@ BEGIN
         FOR UPDATE OF q SKIP LOCKED
     ), p_now, p_max_attempts, 'machine_down') r;
 
-    -- Orphaned claims: claimed before the cutoff, no progress since, claimer silent.
+    -- Orphaned claims: in flight, claimed before the cutoff, no progress since, claimer silent.
     SELECT r.requeued, r.dead_lettered INTO v_orph_q, v_orph_d
     FROM mesh_requeue_failed(ARRAY(
         SELECT q.task_id FROM mesh_task_queue q
-        WHERE q.status = 'claimed'
+        WHERE q.status IN ('claimed', 'injected', 'running')
           AND q.claimed_at < v_orphan_cutoff
           AND (q.progress_at IS NULL OR q.progress_at < v_orphan_cutoff)
           AND NOT EXISTS (
@@ -234,11 +245,12 @@ BEGIN
         FOR UPDATE OF q SKIP LOCKED
     ), p_now, p_max_attempts, 'orphaned') r;
 
-    -- Stuck injections: no pane progress since the cutoff (respawning is the agent's job).
+    -- Stuck panes: injected or running, no pane progress since the cutoff (respawning is
+    -- the agent's job).
     SELECT r.requeued, r.dead_lettered INTO v_stuck_q, v_stuck_d
     FROM mesh_requeue_failed(ARRAY(
         SELECT q.task_id FROM mesh_task_queue q
-        WHERE q.status = 'injected'
+        WHERE q.status IN ('injected', 'running')
           AND COALESCE(q.progress_at, q.claimed_at) < v_stuck_cutoff
         FOR UPDATE OF q SKIP LOCKED
     ), p_now, p_max_attempts, 'stuck') r;

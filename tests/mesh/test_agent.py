@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fleet.clock import ManualClock, utcnow
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, StoreUnavailable
 from fleet.mesh.agent import NodeAgent, finished, task_section, task_text
 from fleet.mesh.cli import agent_app
 from fleet.mesh.liveness import LivenessProbe
@@ -28,6 +28,7 @@ from fleet.mesh.open import open_mesh_store
 from fleet.mesh.store import MachineIdentity, TaskStatus
 from fleet.mesh.tmux import PaneControl, context_ratio
 from fleet.settings import FleetSettings
+from tests.mesh.conftest import truncate_mesh
 from tests.mesh.test_tmux import SCRIPTED, kill_server
 
 pytestmark = [
@@ -281,15 +282,10 @@ def store_factory(request, db):
     if request.param == "sqlite":
         yield lambda: open_store(db)
         return
-    import psycopg
-
     from fleet.mesh.pg_store import PgMeshStore
-    from fleet.store.migrations import apply_migrations
 
-    url = request.getfixturevalue("pg_url")
-    apply_migrations(url)
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state")
+    url = request.getfixturevalue("mesh_pg_url")
+    truncate_mesh(url)
     yield lambda: PgMeshStore(url)
 
 
@@ -421,7 +417,7 @@ def test_claim_taken_away_while_running_is_stopped_here(make_agent, store, clock
 
 
 def test_shutdown_leaves_the_mesh_and_requeues_claims(make_agent, store, clock):
-    agent = make_agent(health_port=0)
+    agent = make_agent(health_port=0, health_host="127.0.0.1")
     task_id = store.enqueue("skill", ["hang"], clock.now())
     tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.RUNNING)
     url = agent.health_url
@@ -433,10 +429,84 @@ def test_shutdown_leaves_the_mesh_and_requeues_claims(make_agent, store, clock):
         httpx.get(url, timeout=1)
 
 
+class CommitLost:
+    """A store whose first successful claim commits but whose answer never reaches the agent."""
+
+    def __init__(self, inner):
+        self.inner, self.armed = inner, True
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def claim(self, *args, **kwargs):
+        claimed = self.inner.claim(*args, **kwargs)
+        if self.armed and claimed:
+            self.armed = False
+            raise StoreUnavailable("connection lost during COMMIT (simulated)")
+        return claimed
+
+
+def test_a_claim_committed_but_never_heard_of_is_adopted_and_run(make_agent, any_store, clock):
+    agent = make_agent(agent_store=CommitLost(any_store))
+    task_id = any_store.enqueue("skill", ["evolve", "app-1"], clock.now())
+    agent.tick()  # the claim commits in the store; the agent sees an error
+    assert status_of(any_store, task_id) is TaskStatus.CLAIMED and agent.tasks == {}
+    # The next claim round verifies the store's claims and adopts it: no 24 h wait for expiry.
+    tick_until(agent, lambda: status_of(any_store, task_id) is TaskStatus.DONE)
+    task = any_store.get_task(task_id)
+    assert (task.attempts, task.output) == (0, f"OUTPUT {task_id} evolve app-1")
+    assert [e.event for e in any_store.events(task_id)].count("claimed") == 1
+
+
+class RequeuedMidClaim:
+    """The reconciler requeues our task (stuck) between the claim check and the next claim."""
+
+    def __init__(self, inner, clock):
+        self.inner, self.clock, self.armed = inner, clock, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def tasks_of(self, machine_id):
+        ours = self.inner.tasks_of(machine_id)
+        if self.armed:
+            self.armed = False
+            counts = self.inner.reconcile(self.clock.now(), orphan_seconds=600, stuck_seconds=900,
+                                          expiry_seconds=86400, max_attempts=3)
+            assert counts.stuck_requeued == 1
+        return ours
+
+
+def test_a_task_reclaimed_by_the_same_machine_never_runs_twice(make_agent, any_store, clock):
+    hook = RequeuedMidClaim(any_store, clock)
+    agent = make_agent(agent_store=hook, settings=FleetSettings(agent_panes=2, mesh_id=""))
+    task_id = any_store.enqueue("skill", ["hang"], clock.now())
+    tick_until(agent, lambda: status_of(any_store, task_id) is TaskStatus.RUNNING)
+    first = agent.tasks[task_id]
+    old_pane, old_pid = first.pane_id, agent.panes.pane(first.pane_id).pid
+    time.sleep(0.2)
+    agent.tick()  # the pane output is settled: no more progress to report
+
+    clock.advance(16 * 60)  # the pane froze for 16 min: stuck
+    hook.armed = True
+    agent.tick()
+    second = agent.tasks[task_id]
+    assert second.claim_seq == first.claim_seq + 1
+    # The old attempt was stopped before the new one was typed anywhere.
+    assert agent.panes.pane(old_pane).pid != old_pid
+    tick_until(agent, lambda: status_of(any_store, task_id) is TaskStatus.RUNNING)
+    holding = [p for p in agent.pane_ids if f"TASK {task_id}" in agent.panes.read_pane(p, 500)]
+    assert holding == [agent.tasks[task_id].pane_id]
+    # Whatever the old attempt writes now is refused.
+    assert not any_store.transition(task_id, "mac3", TaskStatus.DONE, clock.now(), output="old",
+                                    claim_seq=first.claim_seq)
+    assert any_store.get_task(task_id).status is TaskStatus.RUNNING
+
+
 # -- health endpoint and CLI -------------------------------------------------------------------------
 
 def test_health_endpoint_reports_identity_tasks_and_panes(make_agent, store, clock):
-    agent = make_agent(health_port=0)
+    agent = make_agent(health_port=0, health_host="127.0.0.1")
     task_id = store.enqueue("skill", ["hang"], clock.now())
     tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.RUNNING)
     body = httpx.get(agent.health_url, timeout=2).json()
@@ -561,6 +631,7 @@ def start_agent_process(db: Path, tmp_path: Path, machine_id: str, socket: str, 
     return subprocess.Popen(
         [sys.executable, "-m", "fleet.mesh.cli", "start", "--machine-id", machine_id, "--mesh-id", "prod",
          "--store-url", f"sqlite:///{db}", "--tmux-socket", socket, "--health-port", "0",
+         "--health-host", "127.0.0.1",
          "--state-path", str(tmp_path / f"{machine_id}.json"), *extra],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

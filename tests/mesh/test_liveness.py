@@ -22,6 +22,7 @@ from fleet.mesh.pg_store import PgMeshStore
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity
 from fleet.settings import FleetSettings
+from tests.mesh.conftest import truncate_mesh
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 S = FleetSettings()
@@ -112,14 +113,6 @@ def servers():
             pass
 
 
-@pytest.fixture(scope="module")
-def mesh_pg(pg_url):
-    from fleet.store.migrations import apply_migrations
-
-    apply_migrations(pg_url)
-    return pg_url
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request, tmp_path):
     """(store factory, lock_out()) for one fresh mesh database; lock_out() holds a write lock
@@ -139,10 +132,8 @@ def backend(request, tmp_path):
     else:
         import psycopg
 
-        url = request.getfixturevalue("mesh_pg")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state "
-                         "RESTART IDENTITY")
+        url = request.getfixturevalue("mesh_pg_url")
+        truncate_mesh(url)
 
         def factory(**kw):
             opened.append(PgMeshStore(url, lock_timeout_seconds=kw.get("lock_timeout", 10)))

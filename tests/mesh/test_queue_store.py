@@ -14,24 +14,9 @@ from fleet.mesh.open import open_mesh_store
 from fleet.mesh.pg_store import PgMeshStore
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, MeshStore, TaskStatus
+from tests.mesh.conftest import truncate_mesh
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
-MESH_TABLES = "mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state"
-
-
-@pytest.fixture(scope="module")
-def mesh_pg(pg_url):
-    from fleet.store.migrations import apply_migrations
-
-    apply_migrations(pg_url)
-    return pg_url
-
-
-def truncate_mesh(pg_url: str) -> None:
-    import psycopg
-
-    with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f"TRUNCATE {MESH_TABLES} RESTART IDENTITY")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -44,7 +29,7 @@ def backend(request, tmp_path):
             opened.append(SQLiteMeshStore(path))
             return opened[-1]
     else:
-        url = request.getfixturevalue("mesh_pg")
+        url = request.getfixturevalue("mesh_pg_url")
         truncate_mesh(url)
         def factory():
             opened.append(PgMeshStore(url))
@@ -241,32 +226,118 @@ def test_events_are_append_only(store, backend):
     assert [e.event for e in store.events("a")] == ["queued"]
 
 
-def test_migrations_are_rerunnable_and_define_the_claim_function(mesh_pg):
+def test_writes_of_an_old_claim_are_refused_after_the_same_machine_claims_again(store):
+    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), T0, None, [])
+    store.enqueue("skill", ["x"], T0, task_id="t")
+    [first] = store.claim("mac1", T0)
+    assert store.transition("t", "mac1", TaskStatus.INJECTED, T0, pane_id="%1",
+                            claim_seq=first.claim_seq)
+    later = T0 + timedelta(minutes=16)
+    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), later, None, ["t"])
+    counts = store.reconcile(later, orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400,
+                             max_attempts=3)
+    assert counts.stuck_requeued == 1
+    [second] = store.claim("mac1", later)  # a new attempt, same machine
+    assert second.claim_seq == first.claim_seq + 1
+    assert [e.detail for e in store.events("t", event="claimed")] == [
+        {"attempts": 0, "claim_seq": first.claim_seq}, {"attempts": 1, "claim_seq": second.claim_seq}]
+    stale = later + timedelta(seconds=5)
+    assert not store.transition("t", "mac1", TaskStatus.DONE, stale, output="from the old attempt",
+                                claim_seq=first.claim_seq)
+    assert not store.progress("t", "mac1", stale, note="old pane", claim_seq=first.claim_seq)
+    assert not store.handoff("t", "mac1", stale, "old checkpoint", claim_seq=first.claim_seq)
+    task = store.get_task("t")
+    assert (task.status, task.output, task.progress_at, task.checkpoint) == (
+        TaskStatus.CLAIMED, None, None, None)
+    assert store.transition("t", "mac1", TaskStatus.INJECTED, stale, claim_seq=second.claim_seq)
+    assert store.progress("t", "mac1", stale, claim_seq=second.claim_seq)
+    assert store.transition("t", "mac1", TaskStatus.DONE, stale, output="new",
+                            claim_seq=second.claim_seq)
+    assert store.get_task("t").output == "new"
+
+
+def test_naive_datetimes_are_taken_as_utc_on_both_backends(store):
+    naive = T0.replace(tzinfo=None)
+    later = naive + timedelta(minutes=5)
+    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), naive, None, [])
+    store.enqueue("skill", ["x"], naive, task_id="waiting")
+    assert store.get_task("waiting").created_at == T0
+    assert store.queue_stats(later)["oldest_queued_age_seconds"] == 300
+    health = store.record_confirmation("mac1", True, later, stale_before=later - timedelta(minutes=1))
+    assert (health.status, health.failed_confirmations) == ("suspect", 1)
+    assert store.mark_down("mac1", later, stale_before=naive, max_attempts=3) == -1  # beat at naive
+    assert store.mark_down("mac1", later, stale_before=later, max_attempts=3) == 0
+    assert store.machines()[0].status == "down"
+
+
+def test_a_sqlite_file_of_the_first_schema_gains_the_claim_columns_on_open(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    SQLiteMeshStore(path).close()
+    with sqlite3.connect(path) as conn:  # back to the first release's tables and indexes
+        conn.execute("ALTER TABLE mesh_task_queue DROP COLUMN claim_seq")
+        conn.execute("ALTER TABLE mesh_pane_state DROP COLUMN claim_seq")
+        conn.execute("CREATE INDEX mesh_task_queue_claimed ON mesh_task_queue (claimed_at) "
+                     "WHERE status = 'claimed'")
+    store = SQLiteMeshStore(path)
+    store.enqueue("skill", ["x"], T0, task_id="t")
+    [task] = store.claim("mac1", T0)
+    assert task.claim_seq == 1
+    store.set_pane_state("mac1", "%1", T0, task_id="t", alive=True)
+    assert store.pane_states()[0]["claim_seq"] == 1
+    indexes = {r[0] for r in store._query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "mesh_task_queue_in_flight" in indexes and "mesh_task_queue_claimed" not in indexes
+    store.close()
+
+
+def test_migrations_are_rerunnable_and_define_the_claim_function(mesh_pg_url):
     import psycopg
 
     from fleet.store.migrations import apply_migrations
 
-    assert "0002_mesh.sql" in apply_migrations(mesh_pg)
-    assert "0002_mesh.sql" in apply_migrations(mesh_pg)
-    with psycopg.connect(mesh_pg) as conn:
+    # Re-running the whole directory over itself is clean (force: the ledger would skip it).
+    assert "0002_mesh.sql" in apply_migrations(mesh_pg_url, force=True)
+    assert "0002_mesh.sql" in apply_migrations(mesh_pg_url, force=True)
+    with psycopg.connect(mesh_pg_url) as conn:
         volatility = conn.execute(
             "SELECT provolatile FROM pg_proc WHERE proname = 'mesh_claim'").fetchone()[0]
         indexes = {r[0]: r[1] for r in conn.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'mesh_task_queue'")}
     assert volatility == "v"
     # The reconciler's rules read partial indexes of stale candidates, not the whole table.
-    assert "WHERE (status = 'claimed'::text)" in indexes["mesh_task_queue_claimed"]
-    assert "WHERE (status = 'injected'::text)" in indexes["mesh_task_queue_injected"]
+    in_flight = "ARRAY['claimed'::text, 'injected'::text, 'running'::text]"
+    assert in_flight in indexes["mesh_task_queue_in_flight"]
+    assert "ARRAY['injected'::text, 'running'::text]" in indexes["mesh_task_queue_in_pane"]
+    assert "mesh_task_queue_claimed" not in indexes and "mesh_task_queue_injected" not in indexes
     assert "WHERE (status = 'queued'::text)" in indexes["mesh_task_queue_queued"]
 
 
-def test_open_mesh_store_picks_the_backend_from_the_url(tmp_path, mesh_pg):
+def test_a_database_of_the_first_schema_gains_the_claim_columns(mesh_pg_url):
+    import psycopg
+
+    from fleet.store.migrations import apply_migrations
+
+    truncate_mesh(mesh_pg_url)
+    with psycopg.connect(mesh_pg_url, autocommit=True) as conn:  # back to the first release
+        conn.execute("ALTER TABLE mesh_task_queue DROP COLUMN claim_seq")
+        conn.execute("ALTER TABLE mesh_pane_state DROP COLUMN claim_seq")
+    assert "0002_mesh.sql" in apply_migrations(mesh_pg_url, force=True)
+    store = PgMeshStore(mesh_pg_url)
+    store.enqueue("skill", ["x"], T0, task_id="t")
+    assert [t.claim_seq for t in store.claim("mac1", T0)] == [1]
+    store.set_pane_state("mac1", "%1", T0, task_id="t", alive=True)
+    assert store.pane_states()[0]["claim_seq"] == 1
+    store.close()
+
+
+def test_open_mesh_store_picks_the_backend_from_the_url(tmp_path, mesh_pg_url):
     from fleet.errors import ConfigError
 
     s = open_mesh_store(f"sqlite:///{tmp_path / 'm.db'}")
     assert isinstance(s, SQLiteMeshStore)
     s.close()
-    p = open_mesh_store(mesh_pg)
+    p = open_mesh_store(mesh_pg_url)
     assert isinstance(p, PgMeshStore)
     assert isinstance(p.machines(), list)
     p.close()
@@ -280,13 +351,13 @@ def test_an_unreachable_postgres_is_store_unavailable():
         s.machines()
 
 
-def test_mesh_tables_and_functions_are_closed_to_other_roles(mesh_pg):
+def test_mesh_tables_and_functions_are_closed_to_other_roles(mesh_pg_url):
     import uuid
 
     import psycopg
 
     role = f"fleet_probe_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(mesh_pg, autocommit=True) as conn:
+    with psycopg.connect(mesh_pg_url, autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
         try:
             executable = conn.execute(

@@ -22,28 +22,9 @@ S = FleetSettings()
 TH = rules.Thresholds.from_settings(S)
 
 
-@pytest.fixture(scope="module")
-def mesh_pg(pg_url):
-    from fleet.store.migrations import apply_migrations
-
-    apply_migrations(pg_url)
-    return pg_url
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = SQLiteMeshStore(tmp_path / "mesh.db")
-    else:
-        import psycopg
-
-        url = request.getfixturevalue("mesh_pg")
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state "
-                         "RESTART IDENTITY")
-        s = PgMeshStore(url)
-    yield s
-    s.close()
+@pytest.fixture
+def store(any_store):
+    return any_store
 
 
 def reconcile(store, now) -> ReconcileCounts:
@@ -110,12 +91,51 @@ def test_stuck_injection_is_requeued_after_fifteen_minutes_without_pane_progress
     assert store.events("s1")[-1].detail["reason"] == "stuck"
 
 
-def test_running_tasks_of_a_live_machine_are_left_alone(store):
+def test_running_tasks_of_a_live_machine_with_pane_progress_are_left_alone(store):
     clock = ManualClock(T0)
     store.heartbeat(ident("mac1"), clock.now(), None, [])
     claimed_task(store, clock, "r1")
     store.transition("r1", "mac1", TaskStatus.RUNNING, clock.now())
-    assert reconcile(store, T0 + timedelta(hours=4)) == ReconcileCounts()
+    for _ in range(16):  # four hours of heartbeats and pane progress every 15 min
+        store.heartbeat(ident("mac1"), clock.advance(S.stuck_injection_seconds), None, ["r1"])
+        store.progress("r1", "mac1", clock.now())
+        assert reconcile(store, clock.now()) == ReconcileCounts()
+    assert store.get_task("r1").status is TaskStatus.RUNNING
+
+
+def test_running_task_of_a_silent_claimer_is_orphaned_after_ten_minutes(store):
+    clock = ManualClock(T0)
+    store.heartbeat(ident("mac1"), clock.now(), None, [])
+    claimed_task(store, clock, "r2")
+    store.transition("r2", "mac1", TaskStatus.INJECTED, clock.advance(1), pane_id="%1")
+    store.transition("r2", "mac1", TaskStatus.RUNNING, clock.advance(1))
+    edge = clock.now() + timedelta(seconds=S.orphan_claim_seconds)  # mac1 crashed: no beat, no progress
+    assert reconcile(store, edge) == ReconcileCounts()
+    assert reconcile(store, edge + US) == ReconcileCounts(orphaned_requeued=1)
+    task = store.get_task("r2")
+    assert (task.status, task.attempts, task.claimed_by) == (TaskStatus.QUEUED, 1, None)
+    assert store.events("r2")[-1].detail == {"reason": "orphaned", "attempts": 1}
+
+
+def test_running_task_without_pane_progress_is_stuck_then_dead_lettered(store):
+    clock = ManualClock(T0)
+    store.enqueue("skill", ["frozen"], clock.now(), task_id="r3")
+    outcomes = []
+    for _ in range(S.max_task_attempts + 1):
+        store.heartbeat(ident("mac1"), clock.now(), None, [])
+        [t] = store.claim("mac1", clock.now())
+        store.transition("r3", "mac1", TaskStatus.INJECTED, clock.now(), pane_id="%1")
+        store.transition("r3", "mac1", TaskStatus.RUNNING, clock.advance(5))
+        edge = clock.now() + timedelta(seconds=S.stuck_injection_seconds)
+        # The claimer keeps heartbeating: its pane froze, the machine did not.
+        store.heartbeat(ident("mac1"), edge, None, ["r3"])
+        assert reconcile(store, edge) == ReconcileCounts()
+        counts = reconcile(store, clock.advance(S.stuck_injection_seconds + 1e-6))
+        outcomes.append((counts.stuck_requeued, counts.dead_lettered))
+    assert outcomes == [(1, 0)] * S.max_task_attempts + [(0, 1)]
+    task = store.get_task("r3")
+    assert (task.status, task.attempts) == (TaskStatus.DEAD_LETTER, S.max_task_attempts + 1)
+    assert "(last: stuck)" in task.error
 
 
 # Expiry --------------------------------------------------------------------------------
@@ -326,19 +346,19 @@ def test_concurrent_reconcilers_never_move_a_row_twice(store, tmp_path):
     assert {store.get_task(f"c{i:03d}").attempts for i in range(200)} == {1}
 
 
-def test_a_row_held_by_another_session_is_skipped_not_waited_for(mesh_pg):
+def test_a_row_held_by_another_session_is_skipped_not_waited_for(mesh_pg_url):
     import psycopg
 
-    with psycopg.connect(mesh_pg, autocommit=True) as conn:
+    with psycopg.connect(mesh_pg_url, autocommit=True) as conn:
         conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state "
                      "RESTART IDENTITY")
-    store = PgMeshStore(mesh_pg, statement_timeout_seconds=5)
+    store = PgMeshStore(mesh_pg_url, statement_timeout_seconds=5)
     clock = ManualClock(T0)
     for t in ("held", "free"):
         store.enqueue("skill", ["x"], clock.now(), task_id=t)
     store.claim("mac1", clock.now(), limit=2)
     later = clock.advance(S.orphan_claim_seconds + 1)
-    agent = psycopg.connect(mesh_pg)  # an agent in the middle of a write to "held"
+    agent = psycopg.connect(mesh_pg_url)  # an agent in the middle of a write to "held"
     agent.execute("SELECT 1 FROM mesh_task_queue WHERE task_id = 'held' FOR UPDATE")
     try:
         assert reconcile(store, later).orphaned_requeued == 1

@@ -80,10 +80,21 @@ def test_finished_tasks_are_never_touched(status):
     assert rules.classify(task(status, created=10 * 86400), {}, NOW, TH) is None
 
 
-def test_running_tasks_only_move_when_their_machine_is_gone():
-    running = task(TaskStatus.RUNNING, claimed=10 * 3600, progress=10 * 3600)
-    assert rules.classify(running, {}, NOW, TH) is None
-    assert rules.classify(running, machine("left"), NOW, TH) is Verdict.MACHINE_DOWN
+@pytest.mark.parametrize("status", list(rules.ACTIVE_STATUSES))
+def test_every_in_flight_state_is_orphaned_when_its_claimer_is_silent(status):
+    t = task(status, claimed=3600, progress=600)
+    assert rules.classify(t, machine(beat=600), NOW, TH) is None            # exactly 10 min: not yet
+    t.progress_at -= US
+    assert rules.classify(t, machine(beat=600 + 1e-6), NOW, TH) is Verdict.ORPHANED
+    assert rules.classify(t, machine(beat=599), NOW, TH) is None            # claimer heartbeats
+    assert rules.classify(t, machine("left"), NOW, TH) is Verdict.MACHINE_DOWN
+
+
+@pytest.mark.parametrize("extra, verdict", [(0, None), (1e-6, Verdict.STUCK)])
+def test_running_task_without_pane_progress_is_stuck_like_an_injection(extra, verdict):
+    running = task(TaskStatus.RUNNING, claimed=10 * 3600, progress=900 + extra)
+    assert rules.classify(running, machine(), NOW, TH) is verdict           # its claimer heartbeats
+    assert rules.classify(task(TaskStatus.RUNNING, claimed=900 + extra), machine(), NOW, TH) is verdict
 
 
 def test_requeue_dead_letters_once_attempts_exceed_the_maximum():

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from datetime import datetime, timezone
-
+from datetime import datetime, timedelta, timezone
 
 from fleet.clock import ManualClock
 from fleet.mesh.liveness import LivenessProbe
@@ -112,3 +111,44 @@ def test_a_broken_store_is_reported_not_raised():
     assert len(report.errors) == 3
     assert all("127.0.0.1:1/nowhere" in e for e in report.errors)
     assert report.liveness is None and report.handoffs == []
+
+
+def test_a_stale_pane_row_never_hands_off_a_fresh_claim_of_its_task(any_store):
+    store, clock = any_store, ManualClock(T0)
+    mac1 = MachineIdentity(machine_id="mac1", mesh_id="x")
+    store.heartbeat(mac1, clock.now(), None, [])
+    store.enqueue("skill", ["x"], clock.now(), task_id="t")
+    [first] = store.claim("mac1", clock.now())
+    store.transition("t", "mac1", TaskStatus.INJECTED, clock.now(), pane_id="%1",
+                     claim_seq=first.claim_seq)
+    # The agent's heartbeat writes its pane view: %1 runs t at 90 % of its context.
+    store.set_pane_state("mac1", "%1", clock.advance(30), task_id="t", alive=True, context_ratio=0.9,
+                         claim_seq=first.claim_seq)
+    # A second later the agent hands t off itself, claims it again and types it into a fresh pane.
+    assert store.handoff("t", "mac1", clock.advance(1), "the agent's own checkpoint",
+                         claim_seq=first.claim_seq)
+    [second] = store.claim("mac1", clock.advance(14))
+    store.transition("t", "mac1", TaskStatus.INJECTED, clock.advance(1), pane_id="%2",
+                     claim_seq=second.claim_seq)
+    store.heartbeat(mac1, clock.advance(4), None, ["t"])
+
+    report = watchdog_cycle(store, clock.advance(5), S, None)  # the %1 row is 25 s old
+    assert [(h.pane.task_id, h.requeued) for h in report.handoffs] == [("t", False)]
+    task = store.get_task("t")
+    assert (task.status, task.claim_seq, task.checkpoint) == (
+        TaskStatus.INJECTED, second.claim_seq, "the agent's own checkpoint")
+    assert store.events("t", event="Handoff")[-1].at == T0 + timedelta(seconds=31)
+
+
+def test_a_pane_row_of_the_current_claim_is_handed_off(any_store):
+    store, clock = any_store, ManualClock(T0)
+    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), clock.now(), None, [])
+    store.enqueue("skill", ["x"], clock.now(), task_id="t")
+    [claim] = store.claim("mac1", clock.now())
+    store.transition("t", "mac1", TaskStatus.RUNNING, clock.now(), pane_id="%1")
+    # Written without a claim (an older agent): the store records the task's current claim.
+    store.set_pane_state("mac1", "%1", clock.advance(30), task_id="t", alive=True, context_ratio=0.9)
+    assert store.pane_states("mac1")[0]["claim_seq"] == claim.claim_seq
+    report = watchdog_cycle(store, clock.advance(5), S, None)
+    assert [(h.pane.task_id, h.requeued) for h in report.handoffs] == [("t", True)]
+    assert store.get_task("t").status is TaskStatus.QUEUED
