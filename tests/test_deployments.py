@@ -40,3 +40,16 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
         [schedule] = deployments[name].schedules
         assert schedule.schedule.interval.total_seconds() == 60
     assert cohort.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+
+    # What Prefect's scheduler service does every minute: create the next runs of each
+    # schedule. (With SQLAlchemy 2.1 this raised, so no scheduled run was ever created.)
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.deployments import schedule_runs
+
+    db = provide_database_interface()
+    async with db.session_context(begin_transaction=True) as session:
+        created = await schedule_runs(session=session, deployment_id=cohort.id, max_runs=3)
+    assert len(created) == 3
+    async with get_client() as client:
+        runs = [await client.read_flow_run(run_id) for run_id in created]
+    assert all(r.state.is_scheduled() and r.expected_start_time.minute % 5 == 0 for r in runs)
