@@ -7,10 +7,11 @@ the persisted stage and re-does only the unfinished one (tasks upsert, never dup
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
+from typing import Callable, TypeVar
 
 from fleet.clients.base import UNKNOWN_PHASE, Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
@@ -24,6 +25,7 @@ from fleet.settings import FleetSettings
 from fleet.store.base import Store
 
 log = logging.getLogger("fleet.pipeline")
+R = TypeVar("R")
 
 
 @dataclass
@@ -67,10 +69,24 @@ class AppRun:
             repo=str(self.app.repo or ""), prompt=prompt,
         )
 
-    def timed(self, stage: str, started: datetime) -> None:
+    def add_duration(self, stage: str, started: datetime) -> None:
         self.durations[stage] = round(
             self.durations.get(stage, 0.0) + (self.clock.now() - started).total_seconds(), 3
         )
+
+
+def timed(stage: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+    """A stage function's wall time goes to `run.durations[stage]`, whether it succeeds or fails."""
+    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+        @functools.wraps(fn)
+        def wrapper(run: AppRun, *args, **kwargs) -> R:
+            started = run.clock.now()
+            try:
+                return fn(run, *args, **kwargs)
+            finally:
+                run.add_duration(stage, started)
+        return wrapper
+    return decorate
 
 
 def _dropped_note(stage: str, dropped: list[str]) -> str | None:
@@ -88,9 +104,9 @@ def build_review_cmd(run: AppRun, prior: list[Task]) -> list[str]:
 
 
 # DISPATCH + PARSE ----------------------------------------------------------------------
+@timed("skill")
 def run_skill(run: AppRun) -> list[Task]:
     """Dispatch the skill, parse its tasks (retrying once with the explicit prompt), upsert."""
-    started = run.clock.now()
     run.set_stage(Stage.SKILL_RUNNING)
     timeout = run.settings.skill_timeout_seconds
     output = run.dispatcher.poll_and_retrieve(run.dispatcher.spawn(build_skill_cmd(run)), timeout)
@@ -112,14 +128,13 @@ def run_skill(run: AppRun) -> list[Task]:
     run.set_stage(Stage.SKILL_RUNNING)  # fenced: a run that lost the app meanwhile writes no tasks
     run.store.upsert_tasks(tasks, run.clock.now())
     run.set_stage(Stage.SKILL_COMPLETE)
-    run.timed("skill", started)
     return list(tasks)
 
 
 # REVIEW ----------------------------------------------------------------------------------
+@timed("review")
 def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     """Adversarial review on the review target; never skipped."""
-    started = run.clock.now()
     run.set_stage(Stage.ADVERSARIAL_RUNNING)
     s = run.settings
     task_id = run.dispatcher.dispatch(build_review_cmd(run, prior), target=s.review_target, model=s.review_model)
@@ -130,7 +145,6 @@ def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     run.set_stage(Stage.ADVERSARIAL_RUNNING)  # fenced, as for the skill tasks
     run.store.upsert_tasks(issues, run.clock.now())
     run.set_stage(Stage.ADVERSARIAL_COMPLETE)
-    run.timed("review", started)
     return list(issues)
 
 
@@ -195,8 +209,8 @@ def _gate_has_no_status(run: AppRun) -> bool:
         return False
 
 
+@timed("evolve")
 def run_evolve(run: AppRun) -> GateStatus:
-    started = run.clock.now()
     before = run.state()
     resumed = before.stage is Stage.HYDRA_BUILD
     deadline = hydra_deadline(run, before)
@@ -209,7 +223,6 @@ def run_evolve(run: AppRun) -> GateStatus:
         run.set_stage(Stage.HYDRA_BUILD)  # keeps the claim alive and fenced while we poll
 
     status = wait_for_quality(run.gate, run.app_id, run.clock, run.settings.hydra_poll_seconds, deadline, renew)
-    run.timed("evolve", started)
     if status is None:
         raise StageFailed(hydra_timeout_message(run.settings))
     run.quality = status
@@ -217,16 +230,15 @@ def run_evolve(run: AppRun) -> GateStatus:
 
 
 # SHIP ------------------------------------------------------------------------------------
+@timed("ship")
 def run_ship(run: AppRun) -> None:
     """TestFlight upload dispatched to the machine with Xcode, never run on the orchestrator."""
-    started = run.clock.now()
     s = run.settings
     run.set_stage(Stage.HYDRA_BUILD)  # fenced: only the run that holds the app uploads a build
     task_id = run.dispatcher.dispatch(run.command(run.fleet.commands.ship), target=s.ship_target, model="")
     run.dispatcher.poll_and_retrieve(task_id, s.ship_timeout_seconds)
     run.shipped = True
     run.set_stage(Stage.COMPLETE)
-    run.timed("ship", started)
 
 
 # LEARN -----------------------------------------------------------------------------------

@@ -109,6 +109,7 @@ def test_hydra_hard_stop_after_four_hours(tmp_path):
     with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
         run_evolve(run)
     assert sum(clock.sleeps) == 4 * 3600 and set(clock.sleeps) == {300}
+    assert run.durations == {"evolve": 4 * 3600}  # a failed stage's time is reported too
     assert run.gate._cycles["demo-calc"] == 49  # a poll at t=0 and every 300 s up to 4 h
 
 
