@@ -15,6 +15,9 @@ What "exactly" means for a rollback (documented limits):
   changed since, protected ones restored from a copy), then the snapshot's uncommitted work
   and index are re-applied and permissions restored; the result is verified (HEAD and
   working-tree tree equal the snapshot's).
+- The snapshot's commits (HEAD and the uncommitted work) are also pushed to a bare
+  repository beside the kept patches (`<patches>/.snapshots/`): an agent that deletes the
+  snapshot ref and prunes the objects cannot take the operator's uncommitted work with it.
 - Empty directories are not tracked by git and are not restored.
 - The user's global git config is trusted; the agent is only prevented from changing the
   repository's own config and hooks. Our git calls never run hooks or fsmonitor.
@@ -23,6 +26,7 @@ What "exactly" means for a rollback (documented limits):
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 import shutil
@@ -46,6 +50,8 @@ from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths
 ALWAYS_PROTECTED: tuple[str, ...] = ("supervisor.yaml", "supervisor.yml", ".fleet-supervisor/**", ".gitattributes")
 ACCEPT_MESSAGE = "supervisor: accepted change"
 SNAPSHOT_REF = "refs/fleet-supervisor/snapshot"
+# Snapshot commits in the guard's own bare repository, outside the agent's reach: <prefix>/<sha>.
+BACKUP_REFS = "refs/fleet-supervisor"
 SYMLINK_MODE = "120000"
 # Git internals an agent could use to run code or hide files (relative to the common git dir);
 # replace refs would show the operator's own git a forged tree.
@@ -279,6 +285,7 @@ class ChangeGuard:
             stash = out(self.repo, *IDENTITY, "commit-tree", tree, "-p", head, "-p", index_commit, "-m", msg)
             # A ref keeps the object alive if anything runs `git gc` meanwhile.
             git(self.repo, "update-ref", "-m", msg, SNAPSHOT_REF, stash)
+        self._keep_outside(head, stash)
         perms = self._perms(self._listed_files())
         ignored_paths = self._ignored_files()
         return Snapshot(
@@ -703,6 +710,33 @@ class ChangeGuard:
         return found
 
     def _restore_internals(self, snap: Snapshot) -> None:
+        """Write back the git internals, then bring back the snapshot's objects if the agent
+        destroyed them (deleted refs, expired reflogs, `git gc --prune=now`)."""
+        self._restore_internal_files(snap)
+        lost = [sha for sha in (snap.head, snap.stash)
+                if sha and git(self.repo, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode]
+        if lost:
+            git(self.repo, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(self._backup),
+                *(f"{BACKUP_REFS}/{sha}" for sha in lost))
+            if snap.stash:
+                git(self.repo, "update-ref", SNAPSHOT_REF, snap.stash)
+
+    @property
+    def _backup(self) -> Path:
+        """A bare repository beside the kept patches: everything in the guarded repo, refs and
+        objects included, is the agent's to break."""
+        name = hashlib.sha256(str(self.repo).encode()).hexdigest()[:16]
+        return self.patches_dir.resolve() / ".snapshots" / f"{name}.git"
+
+    def _keep_outside(self, head: str, stash: str | None) -> None:
+        backup = self._backup
+        if not (backup / "HEAD").exists():
+            backup.mkdir(parents=True, exist_ok=True)
+            git(backup, "init", "-q", "--bare")
+        refs = [f"+{sha}:{BACKUP_REFS}/{sha}" for sha in (head, stash) if sha]
+        git(self.repo, "push", "-q", "--no-verify", str(backup), *refs)
+
+    def _restore_internal_files(self, snap: Snapshot) -> None:
         now = self._read_internals()
         if now == dict(snap.internals):
             return

@@ -426,3 +426,24 @@ def test_process_that_left_the_checks_session_is_stopped(repo, tmp_path):
     (repo / "app.py").write_text("changed\n")
     assert guard.validate(snap).accepted
     assert gone(pidfile)
+
+
+def test_operator_work_survives_an_agent_that_deletes_the_snapshot_and_prunes(repo, tmp_path):
+    """The snapshot's objects are kept outside the repo too: refs and objects there are the agent's to break."""
+    (repo / "app.py").write_text("print('operator work in progress')\n")
+    (repo / "notes.txt").write_text("operator's untracked notes\n")
+    before = fingerprint(repo)
+    guard = make_guard(repo, tmp_path)
+    snap = guard.snapshot()
+    assert snap.stash is not None
+    agent(repo, "import subprocess\n"
+                "run = lambda *a: subprocess.run(['git', *a], check=True, capture_output=True)\n"
+                "run('update-ref', '-d', 'refs/fleet-supervisor/snapshot')\n"
+                "open('app.py', 'w').write('print(1)\\n')\n"
+                "open('ci/protected.cfg', 'w').write('off\\n')\n"
+                "run('reflog', 'expire', '--expire=now', '--all')\n"
+                "run('gc', '-q', '--prune=now')\n")
+    assert subprocess.run(["git", "cat-file", "-e", snap.stash], cwd=repo).returncode != 0  # really gone
+    verdict = guard.validate(snap)
+    assert not verdict.accepted and "ci/protected.cfg" in verdict.reason
+    assert fingerprint(repo) == before  # the operator's uncommitted and untracked work is back
