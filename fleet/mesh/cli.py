@@ -155,5 +155,41 @@ def status(
     console.print(panes)
 
 
+@agent_app.command("mesh")
+def mesh(
+    store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"),
+) -> None:
+    """Show every machine and the task queue, as the mesh store has them."""
+    from datetime import datetime, timezone
+
+    from fleet.settings import get_settings
+
+    settings = get_settings()
+    try:
+        store = open_mesh_store(store_url or settings.resolved_store_url())
+        try:
+            now = datetime.now(timezone.utc)
+            machines, stats = store.machines(), store.queue_stats(now)
+        finally:
+            store.close()
+    except ConfigError as exc:
+        _fail(exc)
+    except FleetError as exc:
+        _fail(exc, 1)
+    table = Table(title="machines")
+    for col in ("machine", "role", "status", "last heartbeat", "active tasks", "health"):
+        table.add_column(col)
+    for m in machines:
+        age = (now - m.last_heartbeat).total_seconds()
+        style = {"alive": "green", "suspect": "yellow"}.get(m.status, "red")
+        table.add_row(m.machine_id, m.role, f"[{style}]{m.status}[/]", f"{age:.0f} s ago",
+                      str(len(m.active_tasks)), m.health_url or "—")
+    console.print(table)
+    depth = " · ".join(f"{status} {n}" for status, n in stats["depth"].items())
+    oldest = stats["oldest_queued_age_seconds"]
+    console.print(f"queue: {depth}", soft_wrap=True)
+    console.print("oldest queued " + (f"{oldest / 60:.0f} min ago" if oldest is not None else "—"))
+
+
 if __name__ == "__main__":
     agent_app()

@@ -67,3 +67,31 @@ def test_advertised_host_comes_from_the_settings(tmp_path, monkeypatch):
                       settings=FleetSettings(mesh_id=""), agent_command=[],
                       state_path=tmp_path / "s.json", health_port=9300)
     assert agent.health_url == "http://mac5.tailnet:9300/health"
+
+
+def test_mesh_command_shows_machines_and_the_queue_as_the_store_has_them(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from typer.testing import CliRunner
+
+    db = tmp_path / "mesh.db"
+    store, now = SQLiteMeshStore(db), datetime.now(timezone.utc)
+    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="prod"), now, "http://mac1:9300/health", [])
+    store.heartbeat(MachineIdentity(machine_id="mac2", mesh_id="prod", role="viewer"), now, None, [])
+    for i in range(3):
+        store.enqueue("skill", ["t", str(i)], now - timedelta(minutes=5))
+    store.claim("mac1", now)
+    store.close()
+    result = CliRunner().invoke(agent_app, ["mesh", "--store-url", f"sqlite:///{db}"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "mac1" in result.output and "mac2" in result.output and "viewer" in result.output
+    assert "queued 2" in result.output and "claimed 1" in result.output and "dead_letter 0" in result.output
+    assert "oldest queued 5 min" in result.output
+
+
+def test_mesh_command_on_an_unreachable_store_says_so():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(agent_app, ["mesh", "--store-url", "postgresql://nobody@127.0.0.1:9/none"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "127.0.0.1:9" in result.output
