@@ -215,20 +215,25 @@ def test_emitted_fleet_events_reach_the_webhook(webhook):
 
 
 @pytest.mark.usefixtures("installed")
-def test_a_failed_app_run_reaches_the_webhook(webhook):
+@pytest.mark.parametrize(("flow_name", "what", "other"), [
+    ("app-evolution", "app", "cohort"), ("fleet-cohort", "cohort", "app"),
+])
+def test_a_failed_run_reaches_the_webhook(webhook, flow_name, what, other):
     from prefect import flow
 
     result = runner.invoke(automations_app, ["install", "--webhook-url", webhook.url])
     assert result.exit_code == 0, result.output
+    run_name = f"{what}-alert-probe"
 
-    @flow(name="app-evolution", flow_run_name="evolve-alert-probe", persist_result=False)
+    @flow(name=flow_name, flow_run_name=run_name, persist_result=False)
     def probe() -> None:
         raise RuntimeError("insufficient_tasks: 1 task parsed, 3 needed")
 
     state = probe(return_state=True)
     assert state.is_failed()
-    alert = webhook.wait_for("evolve-alert-probe")
-    assert alert["subject"] == "[fleet] app failed: evolve-alert-probe"
+    alert = webhook.wait_for(run_name)
+    assert alert["subject"] == f"[fleet] {what} failed: {run_name}"
     assert "insufficient_tasks" in alert["body"]
-    # The cohort alert matches its own flow's runs only.
-    assert not [b for b in webhook.received if b["subject"].startswith("[fleet] cohort failed")]
+    # Each flow's alert matches its own flow's runs only.
+    assert not [b for b in webhook.received
+                if b["subject"] == f"[fleet] {other} failed: {run_name}"]
