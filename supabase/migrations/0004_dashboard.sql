@@ -170,3 +170,7 @@ BEGIN
     EXECUTE 'REVOKE ALL ON FUNCTION fleet_dashboard_caller() FROM anon, authenticated';
 END
 $$;
+
+-- PostgREST caches the schema: have it pick up the new functions and columns now (delivered at
+-- commit; nobody listens on a plain PostgreSQL).
+NOTIFY pgrst, 'reload schema';
