@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from collections.abc import Callable, Coroutine
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,6 +17,7 @@ app = typer.Typer(help="Prefect automations: alerts on failed runs, open breaker
                        "machines down.", no_args_is_help=True)
 console = Console()
 err = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
@@ -23,12 +25,23 @@ def _fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _require_server() -> None:
+def _on_server(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run `call` against the configured Prefect server; an unreachable or refusing server
+    is one line, not a traceback."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if not url:
         raise ConfigError("automations live on a Prefect server: set PREFECT_API_URL "
                           "(e.g. http://127.0.0.1:4200/api) and run this again")
+    try:
+        return asyncio.run(call())
+    except (httpx.HTTPError, PrefectHTTPStatusError) as exc:
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FleetError(f"the Prefect API at {url} failed: {cause} — is `prefect server "
+                         "start` running there?") from None
 
 
 @app.command("install")
@@ -49,14 +62,13 @@ def install(
         if bool(webhook_url) == bool(block):
             raise ConfigError("give exactly one of --webhook-url (or FLEET_ALERT_WEBHOOK_URL) "
                               "and --block (or FLEET_ALERT_BLOCK)")
-        _require_server()
 
         async def run() -> list[automations.Installed]:
             notifier = await (automations.named_notifier(block) if block
                               else automations.webhook_notifier(webhook_url or ""))
             return await automations.install(notifier)
 
-        done = asyncio.run(run())
+        done = _on_server(run)
     except FleetError as exc:
         _fail(exc)
     for item in done:
@@ -71,8 +83,7 @@ def list_automations() -> None:
     from fleet import automations
 
     try:
-        _require_server()
-        found = asyncio.run(automations.installed())
+        found = _on_server(automations.installed)
     except FleetError as exc:
         _fail(exc)
     present = {a.name for a in found}

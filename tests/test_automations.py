@@ -123,6 +123,17 @@ def test_install_without_a_notifier_or_a_server_says_what_to_do(monkeypatch):
     assert "Traceback" not in result.output
 
 
+def test_an_unreachable_prefect_api_is_one_line():
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api",
+                                     PREFECT_CLIENT_MAX_RETRIES: 0}):
+        result = runner.invoke(automations_app, ["list"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: the Prefect API at http://127.0.0.1:9/api failed: ")
+    assert "Traceback" not in result.output
+
+
 # On the real Prefect API ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
