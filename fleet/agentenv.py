@@ -61,8 +61,8 @@ def refusal(name: str, *, literal: bool) -> str | None:
         prefixes = ", ".join(f"{prefix}*" for prefix in REFUSED_PREFIXES)
         return f"{name} is the orchestrator's own setting ({prefixes}): agents never get it"
     if literal and SECRET_NAME_RE.search(name):
-        return (f"{name} looks like a secret: do not write it in the file; list it under "
-                "env.pass to hand the orchestrator's value through")
+        return (f"{name} looks like a secret: its value may not be written out, only passed "
+                "through by name from the orchestrator's environment (env.pass)")
     return None
 
 
