@@ -57,11 +57,12 @@ _ISSUE_AFTER_BREAK_RE = re.compile(rf"[\n\r\x85\u2028\u2029]{_LEAD}issue", re.IG
 # Counting mode (past the cap): an ISSUE line with FILE: near its start, or an ISSUE header
 # whose next line is a FILE/SEVERITY/FIX line. Counted, not parsed.
 _BREAKS = r"\n\r\x85\u2028\u2029"
-_COUNTED_RE = re.compile(
+_COUNTED = (
     rf"{_LEAD}issue(?:[^{_BREAKS}]{{0,31}}?(?<=[ \t*_`|:(\[])file[ \t*_]*:"
-    rf"|[^{_BREAKS}]*+(?:\r\n|[{_BREAKS}])[ \t\-*+•>#_`|]*(?:file|severity|fix)[ \t*_]*:)",
-    re.IGNORECASE,
+    rf"|[^{_BREAKS}]*+(?:\r\n|[{_BREAKS}])[ \t\-*+•>#_`|]*(?:file|severity|fix)[ \t*_]*:)"
 )
+_COUNTED_RE = re.compile(_COUNTED, re.IGNORECASE)
+_COUNTED_AFTER_BREAK_RE = re.compile(rf"[{_BREAKS}]{_COUNTED}", re.IGNORECASE)
 _WHITESPACE_RE = re.compile(r"\s*")
 _TASKS_ARRAY_RE = re.compile(r'\{\s*"tasks"\s*:\s*\[')
 _FIELD_WORDS = ("file", "severity", "fix")
@@ -458,19 +459,24 @@ class _Budget:
     spent = False
 
 
-def _issue_lines(text: str, budget: _Budget) -> Iterator[tuple[str, dict | _Malformed | None]]:
+class _Counted(int):
+    """How many ISSUE lines were counted, not read, once the budget was spent."""
+
+
+def _issue_lines(text: str, budget: _Budget) -> Iterator[tuple[str, dict | _Malformed | int]]:
     """ISSUE lines in order, in three layouts: one line (`ISSUE FILE: … SEVERITY: … FIX: …`),
     one line split over up to 4 (joined), and a block: an `ISSUE …` header line followed by
     `FILE:`, `SEVERITY:` and `FIX:` lines in any order (FILE may be left out). Once the
-    budget is spent, each further ISSUE line is only counted: ("", None)."""
+    budget is spent, the ISSUE lines left are counted in one pass: ("", _Counted(n))."""
     lines = _Lines(text)
     for start in _issue_starts(text):
         if start < lines.pos:  # inside a block already read
             continue
         if budget.spent:
-            if _COUNTED_RE.match(text, start):
-                yield "", None
-            continue
+            here = 1 if _COUNTED_RE.match(text, start) else 0
+            rest = sum(1 for _ in _COUNTED_AFTER_BREAK_RE.finditer(text, start))
+            yield "", _Counted(here + rest)
+            return
         lines.skip_to(start)
         where = f"ISSUE line {lines.number}"
         header = lines.read()
@@ -673,7 +679,7 @@ def _collect_labelled(
     for where, item in candidates:
         if len(tasks) >= max_tasks or examined >= limit:
             budget.spent = True
-            over += 1  # past the cap nothing is validated, only counted
+            over += item if isinstance(item, _Counted) else 1  # counted, never validated
             continue
         examined += 1
         if isinstance(item, _Malformed):  # an ISSUE line without its fields, already explained
