@@ -7,7 +7,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from fleet.agentenv import AgentEnv, agent_env
 from fleet.configfile import load_model
@@ -52,11 +59,12 @@ class AppSpec(BaseModel):
     protected: Globs = Field(default_factory=list, description="globs agents may never change")
     pipeline: Label = "default"
 
-    @model_validator(mode="after")
-    def _short_repo(self) -> AppSpec:
-        if self.repo is not None and len(str(self.repo)) > MAX_PATH_CHARS:
-            raise ValueError(f"repo is over {MAX_PATH_CHARS} characters")
-        return self
+    @field_validator("repo")
+    @classmethod
+    def _short_repo(cls, repo: Path | None) -> Path | None:
+        if repo is not None and len(str(repo)) > MAX_PATH_CHARS:
+            raise ValueError(f"over {MAX_PATH_CHARS} characters")
+        return repo
 
 
 class FleetFile(BaseModel):
