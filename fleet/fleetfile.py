@@ -3,14 +3,40 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
+from fleet.agentenv import AgentEnv, agent_env
 from fleet.configfile import load_model
 from fleet.models import AppId
 
 PLACEHOLDERS = ("{app_id}", "{pipeline}", "{repo}", "{prompt}")
+
+# Bounds on what a fleet file may hold: far above any real fleet, far below harm.
+MAX_APPS = 5000
+MAX_ARGS = 64
+MAX_ARG_CHARS = 4096
+MAX_GLOBS = 256
+MAX_PATH_CHARS = 1024
+
+Arg = Annotated[str, StringConstraints(max_length=MAX_ARG_CHARS)]
+Argv = Annotated[list[Arg], Field(min_length=1, max_length=MAX_ARGS)]
+Glob = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS)]
+Globs = Annotated[list[Glob], Field(max_length=MAX_GLOBS)]
+# Shown in tables and filled into commands: one short printable line.
+Label = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class Commands(BaseModel):
@@ -18,10 +44,10 @@ class Commands(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    skill: list[str] = Field(min_length=1)
-    review: list[str] = Field(min_length=1)
-    evolve: list[str] = Field(min_length=1, description="the /meta:hydra analogue: evolves the app")
-    ship: list[str] = Field(min_length=1, description="archive + upload, dispatched to the ship target")
+    skill: Argv
+    review: Argv
+    evolve: Argv = Field(description="the /meta:hydra analogue: evolves the app")
+    ship: Argv = Field(description="archive + upload, dispatched to the ship target")
 
 
 class AppSpec(BaseModel):
@@ -29,18 +55,30 @@ class AppSpec(BaseModel):
 
     id: AppId
     repo: Path | None = Field(default=None, description="local checkout; enables the change guard")
-    check: list[str] | None = Field(default=None, description="quality check command run in repo")
-    protected: list[str] = Field(default_factory=list, description="globs agents may never change")
-    pipeline: str = "default"
+    check: Argv | None = Field(default=None, description="quality check command run in repo")
+    protected: Globs = Field(default_factory=list, description="globs agents may never change")
+    pipeline: Label = "default"
+
+    @field_validator("repo")
+    @classmethod
+    def _short_repo(cls, repo: Path | None) -> Path | None:
+        if repo is not None and len(str(repo)) > MAX_PATH_CHARS:
+            raise ValueError(f"over {MAX_PATH_CHARS} characters")
+        return repo
 
 
 class FleetFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "fleet"
+    name: Label = "fleet"
+    repo_root: Path | None = Field(
+        default=None, description="every app's repo must resolve inside this directory "
+        "(relative to the fleet file); default: the fleet file's own directory")
     commands: Commands
-    protected: list[str] = Field(default_factory=list, description="globs protected in every app")
-    apps: list[AppSpec] = Field(min_length=1)
+    protected: Globs = Field(default_factory=list, description="globs protected in every app")
+    env: AgentEnv = Field(default_factory=AgentEnv, description="what agent commands get "
+                          "besides PATH, HOME, LANG, LC_*, TERM, TMPDIR (see fleet/agentenv.py)")
+    apps: list[AppSpec] = Field(min_length=1, max_length=MAX_APPS)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> FleetFile:
@@ -62,17 +100,38 @@ class FleetFile(BaseModel):
         return [a.id for a in self.apps]
 
     def resolved(self, base: Path) -> FleetFile:
-        """Relative repo paths are relative to the fleet file's directory."""
+        """Relative repo paths (and repo_root) are relative to the fleet file's directory."""
         apps = [
             a.model_copy(update={"repo": (base / a.repo).resolve()}) if a.repo else a
             for a in self.apps
         ]
-        return self.model_copy(update={"apps": apps})
+        return self.model_copy(update={"apps": apps, "repo_root": self.root(base)})
+
+    def root(self, base: Path) -> Path:
+        """The directory every repo must resolve inside."""
+        return (base / self.repo_root).resolve() if self.repo_root else base.resolve()
+
+    def outside_root(self, base: Path) -> list[tuple[tuple, str]]:
+        """Repos that resolve (symlinks followed) outside the root: an agent is let loose
+        in its repo, so `repo: ../../etc` must not reach beyond what the operator chose."""
+        root = self.root(base)
+        return [
+            (("apps", i, "repo"), f"{str(app.repo)!r:.80} resolves outside {root}; keep repos "
+             "under the fleet file's directory or set repo_root")
+            for i, app in enumerate(self.apps)
+            if app.repo is not None and not (base / app.repo).resolve().is_relative_to(root)
+        ]
+
+    def agent_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment agent commands run with: the allowlist plus this file's `env:`."""
+        return agent_env(self.env.resolve(base), base)
 
 
 def load_fleet(path: Path) -> FleetFile:
     path = Path(path)
-    return load_model(path, FleetFile, what="fleet file").resolved(path.parent)
+    base = path.parent
+    fleet = load_model(path, FleetFile, what="fleet file", after=lambda f: f.outside_root(base))
+    return fleet.resolved(base)
 
 
 _PLACEHOLDER = re.compile(r"\{(app_id|pipeline|repo|prompt)\}")

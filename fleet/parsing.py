@@ -1,10 +1,16 @@
-"""PARSE and REVIEW: agent output → validated Tasks (marker block, LLM extraction, ISSUE lines)."""
+"""PARSE and REVIEW: agent output → validated Tasks (marker block, LLM extraction, ISSUE lines).
+
+Outputs can be 100 MB: nothing here copies or splits the whole text. Regexes find the few
+places that matter (markers, ISSUE line starts, the issues JSON) at C speed, and only those
+places are sliced, cleaned of terminal noise and read in Python.
+"""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -20,6 +26,13 @@ TASKS_END = "<!-- EVOLUTION_TASKS_END -->"
 MAX_BLOCK_CHARS = 2_000_000
 MAX_REASONS = 20
 MAX_REASON_CHARS = 240
+# How much of one ISSUE line is read: descriptions are cut to MAX_DESCRIPTION anyway.
+MAX_LINE_CHARS = 65_536
+# How many lines after an ISSUE header are looked at for its FILE/SEVERITY/FIX lines.
+MAX_BLOCK_LINES = 8
+# Items validated per task kept at most: a flood of duplicates or invalid items costs a
+# bounded amount of work, the rest are counted.
+EXAMINE_FACTOR = 10
 
 NO_EXTRACTOR = "no structured block and no extractor configured"
 
@@ -27,11 +40,32 @@ NO_EXTRACTOR = "no structured block and no extractor configured"
 _MARKER_RE = re.compile(r"<!--[ \t]*EVOLUTION_TASKS_(START|END)[ \t]*-->", re.IGNORECASE)
 # ANSI escape sequences (terminal captures) and control characters other than \t \n \r.
 # The character classes are disjoint, so matching is linear.
-_NOISE_RE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_NOISE = r"\x1b\[[0-9;?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+_NOISE_RE = re.compile(_NOISE)
+_BLANK_RE = re.compile(rf"(?:\s|{_NOISE})*+")
 _ISSUES_JSON_RE = re.compile(r'\{\s*"issues"\s*:')
 _COLON_RE = re.compile(r"[ \t*_]*:")
 _NUMBERED_RE = re.compile(r"\d{1,4}[.)]")
 _DECORATION = " \t-*+•>#_`|"
+# Line breaks as str.splitlines() sees them once the noise above is gone.
+_BREAK_RE = re.compile(r"\r\n|[\n\r\x85\u2028\u2029]")
+# Where an ISSUE line may start: decoration, a list number and terminal noise, then the word.
+# Possessive repeats over disjoint classes: one pass per line start, no backtracking.
+_LEAD = rf"(?:[ \t\-*+•>#_`|]|{_NOISE})*+(?:\d{{1,4}}[.)](?:[ \t\-*+•>#_`|]|{_NOISE})*+)?"
+_ISSUE_AT_START_RE = re.compile(rf"{_LEAD}issue", re.IGNORECASE)
+_ISSUE_AFTER_BREAK_RE = re.compile(rf"[\n\r\x85\u2028\u2029]{_LEAD}issue", re.IGNORECASE)
+# Counting mode (past the cap): an ISSUE line with FILE: near its start, or an ISSUE header
+# whose next line is a FILE/SEVERITY/FIX line. Counted, not parsed.
+_BREAKS = r"\n\r\x85\u2028\u2029"
+_COUNTED = (
+    rf"{_LEAD}issue(?:[^{_BREAKS}]{{0,31}}?(?<=[ \t*_`|:(\[])file[ \t*_]*:"
+    rf"|[^{_BREAKS}]*+(?:\r\n|[{_BREAKS}])[ \t\-*+•>#_`|]*(?:file|severity|fix)[ \t*_]*:)"
+)
+_COUNTED_RE = re.compile(_COUNTED, re.IGNORECASE)
+_COUNTED_AFTER_BREAK_RE = re.compile(rf"[{_BREAKS}]{_COUNTED}", re.IGNORECASE)
+_WHITESPACE_RE = re.compile(r"\s*")
+_TASKS_ARRAY_RE = re.compile(r'\{\s*"tasks"\s*:\s*\[')
+_FIELD_WORDS = ("file", "severity", "fix")
 _KEYWORD_BEFORE = " \t*_`|:(["
 _NO_FILE = frozenset({"", "-", "—", "n/a", "na", "none", "null", "general"})
 _JSON = json.JSONDecoder(strict=False)  # models put raw newlines/tabs inside strings
@@ -91,7 +125,7 @@ def parse_skill_output(
         reasons.note(NO_EXTRACTOR)
         return ParseResult(tier="none", dropped=reasons.done())
     try:
-        extracted = extractor.extract(text, app_id)
+        extracted = extractor.extract(_cleaned(text), app_id)
     except Exception as exc:  # tier 2 is an LLM over the network: its failure is data here
         reasons.note(f"extractor failed: {_describe(exc)}")
         return ParseResult(tier="extractor", dropped=reasons.done())
@@ -116,11 +150,17 @@ def parse_review_output(review: str, app_id: str, *, max_tasks: int = 500) -> Pa
     if text is None:
         return ParseResult(tier="review", dropped=reasons.done())
 
-    line_items = list(_issue_lines(text))
     json_items = _issues_json(text, reasons)
-    candidates = line_items + [(f"issues[{n}]", item) for n, item in enumerate(json_items or [])]
-    tasks = _collect_labelled(candidates, app_id, "adversarial", max_tasks, reasons, "issues")
-    if not line_items and json_items is None:
+    budget = _Budget()
+    lines = _issue_lines(text, budget)
+    first = next(lines, None)  # the rest stay lazy: a 100 MB review is never held as lines
+    line_items = chain([first], lines) if first is not None else iter(())
+    json_labelled = ((f"issues[{n}]", item) for n, item in enumerate(json_items or []))
+    candidates = chain(line_items, json_labelled)
+    tasks = _collect_labelled(
+        candidates, app_id, "adversarial", max_tasks, reasons, "issues", budget
+    )
+    if first is None and json_items is None:
         reasons.note('no ISSUE lines and no {"issues": [...]} JSON in the review')
     return ParseResult(tasks, tier="review", dropped=reasons.done())
 
@@ -180,11 +220,15 @@ def _as_text(output: object, reasons: _Reasons) -> str | None:
     if not isinstance(output, str):
         reasons.note(f"output is a {type(output).__name__}, not text")
         return None
-    text = _NOISE_RE.sub("", output)
-    if not text or text.isspace():
+    if _BLANK_RE.fullmatch(output):  # stops at the first visible character
         reasons.note("output is empty")
         return None
-    return text
+    return output
+
+
+def _cleaned(text: str) -> str:
+    """`text` without terminal noise; the same object (no copy) when there is none."""
+    return _NOISE_RE.sub("", text)
 
 
 def _clean(value: object) -> object:
@@ -234,15 +278,47 @@ def _block_items(text: str, reasons: _Reasons) -> list | None:
     if dangling:
         reasons.note("a later start marker has no end marker; used the last complete block")
     start, end = span
+    body = _cleaned(text[start : min(end, start + MAX_BLOCK_CHARS)])
     if end - start > MAX_BLOCK_CHARS:
-        reasons.note(
-            f"structured block is {end - start} characters, over the {MAX_BLOCK_CHARS} parsed"
-        )
-        return None
-    value = _decode(text[start:end], "structured block", reasons)
+        items = _leading_items(body)
+        over = f"structured block is {end - start} characters, over the {MAX_BLOCK_CHARS} parsed"
+        if not items:
+            reasons.note(over)
+            return None
+        reasons.note(f"{over}: kept the {len(items)} items before that point, "
+                     "the rest were not read")
+        return items
+    value = _decode(body, "structured block", reasons)
     if value is _INVALID:
         return None
     return _as_items(value, "structured block", reasons)
+
+
+def _leading_items(body: str) -> list:
+    """The complete items at the start of a JSON array (or {"tasks": [...]}) cut short:
+    each is decoded on its own, so a cut through the array loses only the items after it."""
+    first = min((i for i in (body.find("["), body.find("{")) if i >= 0), default=-1)
+    if first < 0:
+        return []
+    if body[first] == "[":
+        pos = first + 1
+    else:
+        opening = _TASKS_ARRAY_RE.match(body, first)
+        if opening is None:
+            return []
+        pos = opening.end()
+    items: list = []
+    while True:
+        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        try:
+            item, pos = _JSON.raw_decode(body, pos)
+        except (ValueError, RecursionError):  # the cut, or a broken item: stop there
+            return items
+        items.append(item)
+        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        if body[pos : pos + 1] != ",":
+            return items
+        pos += 1
 
 
 _INVALID = object()
@@ -326,41 +402,165 @@ def _issue_fields(line: str) -> dict | _Malformed | None:
     }
 
 
-def _issue_lines(text: str) -> Iterator[tuple[str, dict | _Malformed]]:
-    """ISSUE lines in order; an ISSUE split over up to 4 lines (FILE/SEVERITY/FIX) is joined."""
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        fields = _issue_fields(lines[i])
-        if fields is None:
-            i += 1
+class _Lines:
+    """Reads lines of a large text by position, without splitting it: a line is sliced
+    (at most MAX_LINE_CHARS of it) and cleaned only when asked for, and line numbers are
+    kept by counting the breaks skipped over."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.pos = 0      # where the next unread line starts
+        self.number = 1   # its 1-based number
+
+    def skip_to(self, start: int) -> None:
+        """Move to `start`, the start of a later line."""
+        self.number += _breaks(self.text, self.pos, start)
+        self.pos = start
+
+    def read(self) -> str | None:
+        """The next line, cleaned, or None at the end of the text."""
+        if self.pos >= len(self.text):
+            return None
+        found = _BREAK_RE.search(self.text, self.pos)
+        end, after = (found.start(), found.end()) if found else (len(self.text), len(self.text))
+        line = self.text[self.pos : min(end, self.pos + MAX_LINE_CHARS)]
+        self.pos, self.number = after, self.number + 1
+        return _cleaned(line)
+
+    def mark(self) -> tuple[int, int]:
+        return self.pos, self.number
+
+    def back_to(self, mark: tuple[int, int]) -> None:
+        self.pos, self.number = mark
+
+
+def _breaks(text: str, start: int, end: int) -> int:
+    """Line breaks in text[start:end], as splitlines() counts them (\r\n is one)."""
+    count = text.count
+    return (count("\n", start, end) + count("\r", start, end) - count("\r\n", start, end)
+            + count("\x85", start, end) + count("\u2028", start, end) + count("\u2029", start, end))
+
+
+def _issue_starts(text: str) -> Iterator[int]:
+    """Offsets of the lines that start with ISSUE (after decoration), in order."""
+    if _ISSUE_AT_START_RE.match(text):
+        yield 0
+    for found in _ISSUE_AFTER_BREAK_RE.finditer(text):
+        yield found.start() + 1
+
+
+def _is_issue_start(line: str) -> bool:
+    return _ISSUE_AT_START_RE.match(line) is not None
+
+
+class _Budget:
+    """Spent once the collector keeps nothing more: the ISSUE reader then only counts."""
+
+    spent = False
+
+
+class _Counted(int):
+    """How many ISSUE lines were counted, not read, once the budget was spent."""
+
+
+def _issue_lines(text: str, budget: _Budget) -> Iterator[tuple[str, dict | _Malformed | int]]:
+    """ISSUE lines in order, in three layouts: one line (`ISSUE FILE: … SEVERITY: … FIX: …`),
+    one line split over up to 4 (joined), and a block: an `ISSUE …` header line followed by
+    `FILE:`, `SEVERITY:` and `FIX:` lines in any order (FILE may be left out). Once the
+    budget is spent, the ISSUE lines left are counted in one pass: ("", _Counted(n))."""
+    lines = _Lines(text)
+    for start in _issue_starts(text):
+        if start < lines.pos:  # inside a block already read
             continue
-        where = f"ISSUE line {i + 1}"
-        if isinstance(fields, str):
-            joined = lines[i]
-            for k in range(i + 1, min(i + 4, len(lines))):
-                nxt = lines[k].strip()
-                if not nxt or _issue_fields(nxt) is not None:
-                    break
-                joined = f"{joined} {nxt}"
-                attempt = _issue_fields(joined)
-                if isinstance(attempt, dict):
-                    fields, i = attempt, k
-                    break
-        yield where, fields
-        i += 1
+        if budget.spent:
+            here = 1 if _COUNTED_RE.match(text, start) else 0
+            rest = sum(1 for _ in _COUNTED_AFTER_BREAK_RE.finditer(text, start))
+            yield "", _Counted(here + rest)
+            return
+        lines.skip_to(start)
+        where = f"ISSUE line {lines.number}"
+        header = lines.read()
+        assert header is not None  # `start` is inside the text
+        fields = _issue_fields(header)
+        if isinstance(fields, _Malformed):
+            fields = _joined_issue(header, lines) or fields
+        elif fields is None:
+            fields = _issue_block(lines)
+        if fields is not None:
+            yield where, fields
+
+
+def _joined_issue(header: str, lines: _Lines) -> dict | None:
+    """An ISSUE line whose SEVERITY/FIX went onto the next lines (up to 3), joined."""
+    joined, after_header = header, lines.mark()
+    for _ in range(3):
+        nxt = lines.read()
+        if nxt is None or not nxt.strip() or _is_issue_start(nxt.strip()):
+            break
+        joined = f"{joined} {nxt.strip()}"
+        attempt = _issue_fields(joined)
+        if isinstance(attempt, dict):
+            return attempt
+    lines.back_to(after_header)  # not joined: the lines after it are read on their own
+    return None
+
+
+def _issue_block(lines: _Lines) -> dict | _Malformed | None:
+    """After an `ISSUE …` header without FILE: its FILE/SEVERITY/FIX lines; None (and
+    nothing read) when the next line is not one of them: the header was just prose."""
+    found: dict[str, str] = {}
+    kept = lines.mark()
+    for _ in range(MAX_BLOCK_LINES):
+        mark = lines.mark()
+        line = lines.read()
+        if line is None:
+            break
+        if not line.strip():
+            continue
+        field = _field_line(line)
+        if field is None or field[0] in found:
+            lines.back_to(mark)
+            break
+        found[field[0]] = field[1]
+        kept = lines.mark()
+        if len(found) == len(_FIELD_WORDS):
+            break
+    lines.back_to(kept)  # blank lines after the last field are not the block's
+    if not found:
+        return None
+    for word in ("severity", "fix"):
+        if word not in found:
+            return _Malformed(f"ISSUE block has no {word.upper()}: line")
+    file = found.get("file", "").strip(" \t*_`'\"")
+    return {
+        "file": None if file.lower() in _NO_FILE else file,
+        "severity": found["severity"].strip(" \t*_`'\"[](),.;").lower(),
+        "description": found["fix"].lstrip(" \t*_").rstrip(" \t*"),
+    }
+
+
+def _field_line(line: str) -> tuple[str, str] | None:
+    """("file" | "severity" | "fix", value) of a `- **File:** x` line, else None."""
+    s = line.lstrip(_DECORATION)
+    low = s[:12].lower()
+    for word in _FIELD_WORDS:
+        if low.startswith(word):
+            colon = _COLON_RE.match(low, len(word))
+            if colon:
+                return word, s[colon.end() :]
+    return None
 
 
 def _issues_json(text: str, reasons: _Reasons) -> list | None:
     """Items of the last `{"issues": [...]}` in the review: None when there is none, [] (with
     a note) when it is broken."""
     last = None
-    for last in _ISSUES_JSON_RE.finditer(text):
-        pass
+    for found in _ISSUES_JSON_RE.finditer(text):
+        last = found
     if last is None:
         return None
     start = last.start()
-    body = text[start : start + MAX_BLOCK_CHARS]
+    body = _cleaned(text[start : start + MAX_BLOCK_CHARS])
     try:
         value, _ = _JSON.raw_decode(body)
     except RecursionError:
@@ -464,15 +664,24 @@ def _collect_labelled(
     max_tasks: int,
     reasons: _Reasons,
     noun: str,
+    budget: _Budget | None = None,
 ) -> list[Task]:
-    """Validate, de-duplicate by Task.key and cap; every item not kept gets a reason."""
+    """Validate, de-duplicate by Task.key and cap; every item not kept gets a reason.
+
+    At most EXAMINE_FACTOR × max_tasks items are validated; past that, or past the cap,
+    items are only counted (and `budget` is spent, so the source may count cheaply).
+    """
+    budget = budget or _Budget()
     tasks: list[Task] = []
     index: dict[str, int] = {}
-    over = 0
+    over = examined = 0
+    limit = EXAMINE_FACTOR * max_tasks
     for where, item in candidates:
-        if len(tasks) >= max_tasks:
-            over += 1  # past the cap nothing is validated, only counted
+        if len(tasks) >= max_tasks or examined >= limit:
+            budget.spent = True
+            over += item if isinstance(item, _Counted) else 1  # counted, never validated
             continue
+        examined += 1
         if isinstance(item, _Malformed):  # an ISSUE line without its fields, already explained
             reasons.item(f"{where}: {item}")
             continue
@@ -498,6 +707,9 @@ def _collect_labelled(
                 update={"priority": task.priority, "severity": task.severity or kept.severity}
             )
         reasons.item(f"{where}: duplicate of an earlier task (same file and description)")
-    if over:
+    if over and len(tasks) < max_tasks:
+        reasons.note(f"{over} {noun} after the first {limit} examined were not read "
+                     "(too many duplicate or invalid ones before them)")
+    elif over:
         reasons.note(f"{over} {noun} beyond the cap of {max_tasks} were not kept")
     return tasks

@@ -80,3 +80,81 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_fleet(path)
     assert str(err.value) == f"{path}:7: commands.skill: given twice (first on line 3); keep one"
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_root_lets_repos_live_elsewhere(tmp_path):
+    (tmp_path / "code" / "app-one").mkdir(parents=True)
+    (tmp_path / "fleets").mkdir()
+    text = GOOD.replace("repo: repos/app-one", "repo: ../code/app-one")
+    outside = r"fleet.yaml:9: apps\[0\].repo: '../code/app-one' resolves outside"
+    with pytest.raises(ConfigError, match=outside):
+        load_fleet(_write(tmp_path / "fleets", text))
+    fleet = load_fleet(_write(tmp_path / "fleets", "repo_root: ../code\n" + text))
+    assert fleet.app("app-one").repo == (tmp_path / "code" / "app-one").resolve()
+    assert fleet.repo_root == (tmp_path / "code").resolve()
+
+
+def test_a_symlinked_repo_is_judged_by_where_it_leads(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "fleet" / "repos").mkdir(parents=True)
+    (tmp_path / "fleet" / "repos" / "app-one").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="resolves outside"):
+        load_fleet(_write(tmp_path / "fleet", GOOD))
+
+
+def test_field_lengths_are_bounded(tmp_path):
+    too_long = {
+        "name: test": f"name: {'n' * 65}",
+        "    check: [make, test]": "    check: [" + ", ".join(["x"] * 65) + "]",
+        "  ship: [agent, ship]": f"  ship: [agent, {'s' * 5000}]",
+        "    repo: repos/app-one": f"    repo: {'r' * 1100}",
+    }
+    for old, new in too_long.items():
+        with pytest.raises(ConfigError) as err:
+            load_fleet(_write(tmp_path, GOOD.replace(old, new)))
+        (line,) = str(err.value).splitlines()
+        assert len(line) < 300, line
+
+
+def test_many_problems_are_listed_up_to_a_bound(tmp_path):
+    apps = "".join(f"  - id: 'Bad {i}'\n" for i in range(100))
+    with pytest.raises(ConfigError) as err:
+        load_fleet(_write(tmp_path, GOOD.split("apps:")[0] + "apps:\n" + apps))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 80 more problems"
+
+
+def test_ordinary_aliases_still_work(tmp_path):
+    text = GOOD.replace("  skill: [agent, skill", "  skill: &agent [agent, skill").replace(
+        "  evolve: [agent, evolve]", "  evolve: *agent")
+    fleet = load_fleet(_write(tmp_path, text))
+    assert fleet.commands.evolve == fleet.commands.skill
+
+
+def test_env_passes_named_variables_and_fixed_values_only(tmp_path):
+    fleet = load_fleet(_write(tmp_path, GOOD + "env:\n  pass: [ANTHROPIC_API_KEY, MISSING]\n"
+                                              "  set: {CI: '1'}\n"))
+    base = {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "ANTHROPIC_API_KEY": "k",
+            "GEMINI_API_KEY": "g", "FLEET_AURA_TOKEN": "t", "OTHER": "o"}
+    assert fleet.agent_env(base) == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C",
+                                     "ANTHROPIC_API_KEY": "k", "CI": "1"}
+
+
+@pytest.mark.parametrize(("env", "reason"), [
+    ("{pass: [FLEET_STORE_URL]}", "FLEET_STORE_URL is the orchestrator's own setting"),
+    ("{pass: [prefect_api_key]}", "prefect_api_key is the orchestrator's own setting"),
+    ("{pass: ['A B']}", "'A B' is not an environment variable name"),
+    ("{set: {GITHUB_TOKEN: x}}", "GITHUB_TOKEN looks like a secret"),
+    ("{set: {MIRROR: 'postgresql://u:pw@db/x'}}", "the value of MIRROR is a URL with a password"),
+    ("{pass: [CI], set: {CI: '1'}}", "CI given under both pass and set"),
+])
+def test_env_refuses_secrets_in_the_file_and_the_orchestrators_own(tmp_path, env, reason):
+    with pytest.raises(ConfigError) as err:
+        load_fleet(_write(tmp_path, GOOD + f"env: {env}\n"))
+    assert reason in str(err.value)

@@ -12,6 +12,7 @@ from fleet.errors import InvalidAppId
 from fleet.models import MAX_DESCRIPTION, Task
 from fleet.parsing import (
     MAX_BLOCK_CHARS,
+    MAX_LINE_CHARS,
     MAX_REASONS,
     NO_EXTRACTOR,
     TASKS_END,
@@ -392,14 +393,37 @@ def test_ten_megabyte_output_with_block_at_the_end_is_fast() -> None:
     assert seconds < FAST_SECONDS
 
 
-def test_oversized_block_is_refused_with_a_reason() -> None:
-    filler = [{"description": "y" * 400} for _ in range(25_000)]  # ~10 MB of JSON
+def test_oversized_block_keeps_the_tasks_before_the_cap_and_says_so() -> None:
+    # Changed on purpose (issue 8): an over-cap block used to yield nothing at all.
+    filler = [{"description": f"Task {n} " + "y" * 400} for n in range(25_000)]  # ~10 MB
     output = block(filler)
-    result, seconds = timed(parse_skill_output, output, APP, RecordingExtractor(answer=THREE))
+    extractor = RecordingExtractor(answer=THREE)
+    result, seconds = timed(parse_skill_output, output, APP, extractor, max_tasks=20_000)
+    assert result.tier == "block" and extractor.calls == []
+    kept = len(result)
+    assert 4000 < kept < 5000  # what fits in the first MAX_BLOCK_CHARS, item by item
+    assert [t.description[:8] for t in result[:2]] == ["Task 0 y", "Task 1 y"]
+    assert result.dropped == [
+        f"structured block is {len(json.dumps(filler)) + 6} characters, over the "
+        f"{MAX_BLOCK_CHARS} parsed: kept the {kept} items before that point, the rest were not read"
+    ]
+    assert seconds < FAST_SECONDS
+
+
+def test_oversized_block_that_is_not_an_array_falls_back_with_a_reason() -> None:
+    output = block('{"notes": "' + "y" * (MAX_BLOCK_CHARS + 10) + '"}')
+    result = parse_skill_output(output, APP, RecordingExtractor(answer=THREE))
     assert result.tier == "extractor" and len(result) == 3
     assert result.dropped[0].startswith("structured block is ")
     assert result.dropped[0].endswith(f"characters, over the {MAX_BLOCK_CHARS} parsed")
-    assert seconds < FAST_SECONDS
+
+
+def test_oversized_block_under_a_tasks_key_keeps_its_leading_tasks() -> None:
+    filler = {"tasks": [{"description": f"T{n} " + "z" * 300} for n in range(10_000)]}
+    result = parse_skill_output(block(filler), APP)
+    assert result.tier == "block" and len(result) == 500  # the max_tasks cap applies after
+    assert result.dropped[0].startswith("structured block is ")
+    assert result.dropped[1].endswith("tasks beyond the cap of 500 were not kept")
 
 
 @pytest.mark.parametrize("depth", [10_000, 900_000])
@@ -585,3 +609,122 @@ def test_ten_megabyte_review_is_fast() -> None:
     result, seconds = timed(parse_review_output, review, APP)
     assert len(result) == 1
     assert seconds < FAST_SECONDS
+
+
+# --- review: multi-line ISSUE blocks and streaming ------------------------------------------
+
+BLOCKS = """\
+Findings below.
+
+ISSUE
+FILE: Sources/App.swift
+SEVERITY: critical
+FIX: Guard against a nil session on launch.
+
+### Issue 2: Missing validation
+- **File:** `Sources/Login.swift`
+- **Severity:** High
+- **Fix:** Validate the email field.
+
+**ISSUE 3**
+SEVERITY: low
+FIX: Tidy the README wording.
+
+3. Issue
+   Severity: medium
+   File: Views/List.swift
+   Fix: Reuse cells.
+
+ISSUE 5
+FILE: Sources/Net.swift
+FIX: Retry on timeout.
+
+Issue tracking is out of scope for this review.
+The next line starts like a header but is prose too:
+Issues found: 5
+"""
+
+
+def test_multi_line_issue_blocks_parse_alongside_one_line_issues() -> None:
+    one_liner = "ISSUE FILE: a.swift SEVERITY: high FIX: One-liner.\n"
+    result = parse_review_output(BLOCKS + one_liner, APP)
+    assert [(t.file, t.severity, t.description) for t in result] == [
+        ("Sources/App.swift", "critical", "Guard against a nil session on launch."),
+        ("Sources/Login.swift", "high", "Validate the email field."),
+        (None, "low", "Tidy the README wording."),
+        ("Views/List.swift", "medium", "Reuse cells."),
+        ("a.swift", "high", "One-liner."),
+    ]
+    assert result.dropped == ["ISSUE line 22: ISSUE block has no SEVERITY: line"]
+
+
+def test_block_fields_stop_at_the_next_issue_and_prose() -> None:
+    review = "ISSUE 1\nSEVERITY: high\nISSUE 2\nSEVERITY: low\nFIX: Second.\nprose\nFIX: stray\n"
+    result = parse_review_output(review, APP)
+    assert [(t.severity, t.description) for t in result] == [("low", "Second.")]
+    assert result.dropped == ["ISSUE line 1: ISSUE block has no FIX: line"]
+
+
+def test_issue_at_the_very_start_and_after_crlf_and_cr_line_numbers() -> None:
+    review = ("ISSUE FILE: a SEVERITY: low FIX: A.\r\nprose\r\n"
+              "ISSUE FILE: b SEVERITY: bad FIX: B.\rISSUE FILE: c SEVERITY: bad FIX: C.\n")
+    result = parse_review_output(review, APP)
+    assert [t.file for t in result] == ["a"]
+    assert result.dropped == [
+        "ISSUE line 3: severity 'bad' is not one of critical|high|medium|low",
+        "ISSUE line 4: severity 'bad' is not one of critical|high|medium|low",
+    ]
+
+
+def test_terminal_colours_around_issue_lines_are_looked_through() -> None:
+    review = ("\x1b[1m\x1b[31m- ISSUE\x1b[0m FILE: a.swift SEVERITY: \x1b[33mhigh\x1b[0m FIX: Do.\n"
+              "\x1b[1mISSUE\x1b[0m\n\x1b[2mFILE:\x1b[0m b.swift\nSEVERITY: low\nFIX: Also.\n")
+    result = parse_review_output(review, APP)
+    assert [(t.file, t.severity, t.description) for t in result] == [
+        ("a.swift", "high", "Do."), ("b.swift", "low", "Also."),
+    ]
+
+
+def test_an_issue_line_is_read_up_to_its_cap() -> None:
+    review = "ISSUE FILE: a.swift SEVERITY: low FIX: " + "x" * (MAX_LINE_CHARS * 4) + "\n"
+    (task,) = parse_review_output(review, APP)
+    assert task.description.endswith("…")
+
+
+def test_review_is_never_split_into_a_list_of_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structural check of streaming: only the lines that matter are sliced and cleaned."""
+    import fleet.parsing as parsing
+
+    cleaned: list[int] = []
+    real = parsing._cleaned
+    monkeypatch.setattr(parsing, "_cleaned", lambda text: cleaned.append(len(text)) or real(text))
+    review = ("prose line\n" * 100_000 + "ISSUE\nFILE: a\nSEVERITY: low\nFIX: x\n") * 3
+    result = parse_review_output(review, APP)
+    assert len(result) == 1 and max(cleaned) < 100
+
+
+def test_pathological_block_layouts_stay_bounded() -> None:
+    """Shapes aimed at the line reader and its regexes (no timing: each is one linear pass)."""
+    decorated = ("\n" + " -*" * 300_000 + "x") * 3          # long decoration, no ISSUE after it
+    headers = "ISSUE\n" * 200_000                           # headers with no fields ever
+    fields = "ISSUE\n" + "FILE: a\n" * 200_000              # one header, a flood of FILE lines
+    counted = "ISSUE FILE: a SEVERITY: low FIX: x\n" + "ISSUE " + "y" * 1_000_000 + "\n" * 3
+    for review in (decorated, headers, fields):
+        assert parse_review_output(review, APP) == []
+    assert len(parse_review_output(counted, APP, max_tasks=1)) == 1
+
+
+def test_past_the_cap_block_issues_are_counted() -> None:
+    review = "".join(f"ISSUE {n}\nFILE: f{n}\nSEVERITY: low\nFIX: Do {n}.\n" for n in range(30))
+    result = parse_review_output(review + "ISSUE: not followed by fields\n", APP, max_tasks=10)
+    assert len(result) == 10
+    assert result.dropped == ["20 issues beyond the cap of 10 were not kept"]
+
+
+def test_a_flood_of_duplicates_is_examined_up_to_a_bound() -> None:
+    line = "ISSUE FILE: a.swift SEVERITY: low FIX: Same.\n"
+    result = parse_review_output(line * 100 + "ISSUE FILE: b SEVERITY: low FIX: New.\n", APP,
+                                 max_tasks=5)
+    assert [t.file for t in result] == ["a.swift"]
+    assert result.dropped[0] == ("51 issues after the first 50 examined were not read "
+                                 "(too many duplicate or invalid ones before them)")

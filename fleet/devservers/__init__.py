@@ -1,4 +1,4 @@
-"""Local stand-ins for AuraGateway and Hydra, with injectable faults, for tests and for trying the engine."""
+"""Local stand-ins for AuraGateway and Hydra, with injectable faults, for tests and trials."""
 
 from fleet.devservers.aura import AuraDevServer, AuraFaults
 from fleet.devservers.base import DevServer, Faults

@@ -9,8 +9,10 @@ import shlex
 import sys
 import threading
 
+from fleet.agentenv import refusal
 from fleet.clients.transport import is_loopback
 from fleet.devservers.aura import AuraDevServer
+from fleet.devservers.base import DevServer
 from fleet.devservers.hydra import HydraDevServer
 
 
@@ -25,8 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     aura = sub.add_parser("aura", help="AuraGateway-compatible server that runs commands here")
     aura.add_argument("--port", type=int, default=8001)
     aura.add_argument("--workdir", default=None, help="directory the commands run in")
-    aura.add_argument("--task-timeout", type=float, default=None, help="kill a command after N seconds")
-    aura.add_argument("--token-env", default="FLEET_AURA_TOKEN", help="env var holding the bearer token")
+    aura.add_argument("--task-timeout", type=float, default=None,
+                      help="kill a command after N seconds")
+    aura.add_argument("--token-env", default="FLEET_AURA_TOKEN",
+                      help="env var holding the bearer token")
 
     hydra = sub.add_parser("hydra", help="Hydra-compatible quality-gate server")
     hydra.add_argument("--port", type=int, default=8095)
@@ -38,9 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     hydra.add_argument(
         "--passing", action="append", default=[], metavar="APP_ID", help="report APP_ID as passing"
     )
-    hydra.add_argument("--token-env", default="FLEET_HYDRA_TOKEN", help="env var holding the bearer token")
+    hydra.add_argument("--token-env", default="FLEET_HYDRA_TOKEN",
+                       help="env var holding the bearer token")
 
     for p in (aura, hydra):
+        p.add_argument(
+            "--env", action="append", default=[], metavar="NAME[=VALUE]",
+            help="give commands NAME (this process's value, or VALUE) besides the allowlist "
+            "PATH, HOME, LANG, LC_*, TERM, TMPDIR. Repeatable; FLEET_*/PREFECT_* are refused.",
+        )
         p.add_argument("--host", default="127.0.0.1")
         p.add_argument(
             "--allow-remote", action="store_true",
@@ -52,29 +62,40 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(message)s")
     token = os.environ.get(args.token_env) or None
+    env, problem = _command_env(args.env)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     if not is_loopback(args.host):
         if not args.allow_remote:
-            print(f"refusing to listen on {args.host}: not a loopback address; pass --allow-remote", file=sys.stderr)
+            print(f"refusing to listen on {args.host}: not a loopback address; "
+                  "pass --allow-remote", file=sys.stderr)
             return 2
         if not token:
-            print(f"refusing to listen on {args.host} without a token: set {args.token_env}", file=sys.stderr)
+            print(f"refusing to listen on {args.host} without a token: set {args.token_env}",
+                  file=sys.stderr)
             return 2
+    server: DevServer
     if args.server == "aura":
-        server = AuraDevServer(args.host, args.port, token, workdir=args.workdir, task_timeout=args.task_timeout)
+        server = AuraDevServer(args.host, args.port, token, workdir=args.workdir,
+                               task_timeout=args.task_timeout, env=env)
     else:
-        server = HydraDevServer(args.host, args.port, token)
+        hydra = server = HydraDevServer(args.host, args.port, token, env=env)
         for item in args.check:
             app_id, sep, command = item.partition("=")
             if not sep or not app_id or not command.strip():
                 print(f"--check takes APP_ID=COMMAND, got {item!r}", file=sys.stderr)
                 return 2
-            server.set_check(app_id, shlex.split(command))
+            hydra.set_check(app_id, shlex.split(command))
         for app_id in args.passing:
-            server.set_status(app_id, phase="complete", is_passing=True, score=1.0)
+            hydra.set_status(app_id, phase="complete", is_passing=True, score=1.0)
     server.start()
-    print(f"{server.name} dev server on {server.url} (token {'required' if token else 'off'}); Ctrl-C stops it", flush=True)
+    required = "required" if token else "off"
+    print(f"{server.name} dev server on {server.url} (token {required}); Ctrl-C stops it",
+          flush=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -82,6 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _command_env(items: list[str]) -> tuple[dict[str, str], str | None]:
+    """--env NAME[=VALUE] items as the commands' extra environment, or a one-line refusal."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        reason = refusal(name, literal=bool(sep))
+        if reason:
+            return {}, f"--env {name}: {reason}"
+        if sep:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+    return env, None
 
 
 if __name__ == "__main__":
