@@ -1,10 +1,14 @@
-"""Session-wide fixtures: isolated state dirs, one Prefect harness, a throwaway PostgreSQL database."""
+"""Session-wide fixtures (isolated state, one Prefect harness, a throwaway PostgreSQL database)
+and the markers each test gets from what it uses."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
+import types
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,65 @@ os.environ["FLEET_GATEWAY_POLL_INITIAL_SECONDS"] = "0.05"
 os.environ["FLEET_GATEWAY_POLL_MAX_SECONDS"] = "0.5"
 
 PG_ADMIN_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+# The markers follow from what a test uses, so `-m "not postgres and not prefect and not tmux"`
+# is the fast inner loop without anyone remembering to mark a test.
+# A test using one of these fixtures, directly or through other fixtures, gets the marker.
+FIXTURE_MARKS = {"pg_url": "postgres", "prefect_harness": "prefect"}
+# Backend fixtures parametrized over "sqlite" and "postgres" ask for the database only inside
+# (request.getfixturevalue), so the parameter is what shows that PostgreSQL is used.
+PARAM_MARKS = {"postgres": "postgres"}
+# Names in the code of the test or of any fixture it uses (nested functions included).
+CODE_NAME_MARKS = {"libtmux": "tmux"}
+# A child process started as `python -m fleet.cli ...` or `python -m prefect ...` starts or
+# reaches a Prefect API of its own; seen in the test's code or a module-level helper it calls.
+CHILD_MODULE_MARKS = {"fleet.cli": "prefect", "prefect": "prefect"}
+
+
+def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
+    """A code object and every code object nested in it (inner functions, lambdas)."""
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _codes(const)
+
+
+def _child_modules(function: Callable[..., object]) -> set[str]:
+    """The modules a function runs with `-m` (the constant right after "-m" in its code)."""
+    return {
+        str(after)
+        for code in _codes(function.__code__)
+        for before, after in itertools.pairwise(code.co_consts)
+        if before == "-m"
+    }
+
+
+def _markers_from_use(item: pytest.Function) -> set[str]:
+    """The markers that what `item` uses calls for (see the tables above)."""
+    marks = {FIXTURE_MARKS[name] for name in item.fixturenames if name in FIXTURE_MARKS}
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    marks |= {PARAM_MARKS[p] for p in params if isinstance(p, str) and p in PARAM_MARKS}
+
+    fixturedefs = item._fixtureinfo.name2fixturedefs
+    functions = [item.function]
+    functions += [d.func for name in item.fixturenames for d in fixturedefs.get(name, ())]
+    names = {name for f in functions for code in _codes(f.__code__) for name in code.co_names}
+    marks |= {CODE_NAME_MARKS[name] for name in names if name in CODE_NAME_MARKS}
+
+    helpers = [getattr(item.module, name, None) for name in item.function.__code__.co_names]
+    children = set().union(
+        *(_child_modules(f) for f in [item.function, *helpers] if isinstance(f, types.FunctionType))
+    )
+    marks |= {CHILD_MODULE_MARKS[module] for module in children if module in CHILD_MODULE_MARKS}
+    return marks
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function):
+            for marker in sorted(_markers_from_use(item) - {m.name for m in item.iter_markers()}):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
