@@ -1,8 +1,9 @@
 """The reconcile and liveness rules as pure functions: thresholds → cutoffs → a verdict per row.
 
-The SQL in supabase/migrations/0002_mesh.sql (mesh_reconcile) and in
-fleet/mesh/sqlite_store.py applies exactly these rules set-based; the tests check the
-agreement on generated rows. Boundaries are strict: a claim exactly `orphan_seconds`
+This module is the one Python definition of the rules and of the status sets. The SQL in
+supabase/migrations/0002_mesh.sql (mesh_reconcile) and in fleet/mesh/sqlite_store.py applies
+exactly these rules set-based; the tests check the agreement on generated rows, and check
+every status list written in the SQL against the sets here. Boundaries are strict: a claim exactly `orphan_seconds`
 old is not yet orphaned, one microsecond more and it is.
 
 `attempts` counts failed attempts (a requeue by the reconciler or by a machine being
@@ -26,6 +27,10 @@ FINISHED_STATUSES: tuple[TaskStatus, ...] = (
 )
 # In a pane: their progress is pane output, so the stuck rule watches them.
 PANE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.INJECTED, TaskStatus.RUNNING)
+# What an agent may move its own claimed task to (a requeue is handoff's, not transition's).
+AGENT_TARGET_STATUSES = frozenset(
+    {TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
+)
 # Machines in these states are not routed to and their claims are not theirs any more.
 GONE_MACHINE_STATUSES = ("down", "left")
 
