@@ -9,45 +9,32 @@ are conditional PATCHes (`epoch=eq.N`, `finished_at=is.null`).
 
 from __future__ import annotations
 
-import ipaddress
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from fleet.errors import ConfigError, InvalidTransition, StaleLease, StoreUnavailable
+from fleet.clients.transport import is_loopback
+from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
+from fleet.store.refusals import REFUSAL_SQLSTATE, refusal
+from fleet.store.timestamps import utc
 
 T = TypeVar("T")
 
-# Prefixes of the messages the SQL functions raise (SQLSTATE P0001); see 0001_pipeline.sql.
-_REFUSALS: dict[str, type[Exception]] = {
-    "stale_lease:": StaleLease,
-    "invalid_transition:": InvalidTransition,
-}
 # PostgREST / PostgreSQL codes that mean the key lacks rights, not that the server is down.
 _AUTH_CODES = {"PGRST301", "PGRST302", "PGRST303", "42501", "401", "403"}
 _UPSERT_CHUNK = 500  # rows per request: keeps bodies well under PostgREST's limits
 
 
 def _iso(value: datetime) -> str:
-    # Naive datetimes are read as local time, as the SQLite store does.
-    return value.astimezone(timezone.utc).isoformat()
+    return utc(value).isoformat()
 
 
 def _scalar(value: Any) -> Any:
     # PostgREST answers a NULL scalar with `null`; an empty body means the same.
     return None if value in (None, [], "") else value
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SupabaseStore:
@@ -67,7 +54,7 @@ class SupabaseStore:
                 f"Supabase URL must look like https://<project-ref>.supabase.co, got a "
                 f"{parts.scheme or 'schemeless'} URL (FLEET_SUPABASE_URL)"
             )
-        if parts.scheme == "http" and not (allow_insecure or _is_loopback(parts.hostname)):
+        if parts.scheme == "http" and not (allow_insecure or is_loopback(parts.hostname)):
             raise ConfigError(
                 f"refusing plain http:// to {parts.hostname}: the service key would travel "
                 "unencrypted — use https://, or set FLEET_ALLOW_INSECURE_TRANSPORT=true"
@@ -111,10 +98,10 @@ class SupabaseStore:
 
     def _refusal(self, what: str, exc: Any) -> Exception:
         message = self._clean(exc.message or "")
-        if exc.code == "P0001":
-            for prefix, error in _REFUSALS.items():
-                if message.startswith(prefix):
-                    return error(message.removeprefix(prefix).strip())
+        if exc.code == REFUSAL_SQLSTATE:
+            refused = refusal(message)
+            if refused is not None:
+                return refused
         code = exc.code or "?"
         if code in _AUTH_CODES:
             advice = "use the project's service_role key (FLEET_SUPABASE_KEY), not the anon key"
