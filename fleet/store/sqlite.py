@@ -10,15 +10,17 @@ from pathlib import Path
 from typing import Iterable
 
 from fleet.errors import StaleLease
-from fleet.sqlitedb import SQLiteFile
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory, check_transition
+from fleet.sqlitedb import SQLiteFile
+from fleet.store.timestamps import utc
 
 _SCHEMA = resources.files("fleet.store").joinpath("sqlite_schema.sql").read_text()
 
 
 def _ts(value: datetime | None) -> str | None:
-    # One UTC format, so ISO strings compare in time order inside SQL.
-    return value.astimezone(timezone.utc).isoformat() if value else None
+    # One UTC format, so ISO strings compare in time order inside SQL (the format of the
+    # files already written: isoformat, not the mesh store's fixed width).
+    return utc(value).isoformat() if value else None
 
 
 class SQLiteStore(SQLiteFile):
