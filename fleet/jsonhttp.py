@@ -1,4 +1,4 @@
-"""One small stdlib JSON HTTP server in a daemon thread, shared by the dev servers and the health endpoints.
+"""One small stdlib JSON HTTP server in a daemon thread, for the dev servers and health endpoints.
 
 The server owns sockets, threads, body limits and the wire format; what a request means is
 the owner's `respond(request)`, which returns a Response (or None to give no answer and drop
@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,7 +25,7 @@ MAX_BODY = 1 << 20
 class Request:
     method: str
     path: str                   # without the query string
-    headers: Mapping[str, str]
+    headers: Message            # case-insensitive, as http.server parsed them
     body: bytes
 
 
@@ -39,7 +40,7 @@ Respond = Callable[[Request], "Response | None"]
 
 
 class JsonServer:
-    """ThreadingHTTPServer on host:port (port 0 = any free port), answering JSON in a daemon thread."""
+    """ThreadingHTTPServer on host:port (port 0 = any free port) answering JSON from a thread."""
 
     def __init__(self, respond: Respond, *, host: str = "127.0.0.1", port: int = 0,
                  name: str = "fleet", max_body: int = MAX_BODY):

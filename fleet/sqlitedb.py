@@ -25,7 +25,8 @@ class SQLiteFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+                self.path, timeout=busy_timeout_seconds, isolation_level=None,
+                check_same_thread=False,
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")

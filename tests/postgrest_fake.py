@@ -129,7 +129,8 @@ class PostgrestOverPostgres:
         columns = list(dict.fromkeys(k for row in rows for k in row))
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
         statement = sql.SQL(
-            "INSERT INTO {table} ({cols}) SELECT {cols} FROM jsonb_populate_recordset(NULL::{table}, %s)"
+            "INSERT INTO {table} ({cols}) "
+            "SELECT {cols} FROM jsonb_populate_recordset(NULL::{table}, %s)"
         ).format(table=sql.Identifier(table), cols=cols)
         if "on_conflict" in query:
             target = sql.SQL(", ").join(sql.Identifier(c) for c in query["on_conflict"].split(","))

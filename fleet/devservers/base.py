@@ -1,4 +1,4 @@
-"""A small JSON HTTP server in a background thread, with faults that tests and operators can inject."""
+"""Dev servers: JSON routes in a background thread, with faults tests and operators can inject."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class Faults:
     fail_next: int = 0          # the next N requests get `fail_status` (a 5xx burst)
     fail_status: int = 503
     latency: float = 0.0        # seconds added before every answer
-    hang_next: int = 0          # the next N requests get no answer for `hang_seconds` (or until stop)
+    hang_next: int = 0          # the next N requests hang `hang_seconds` (or until stop)
     hang_seconds: float = 30.0
     malformed_next: int = 0     # the next N answers are not JSON
     reject_auth: bool = False   # every request gets 401, as if the token were wrong

@@ -14,19 +14,20 @@ from pydantic import SecretStr
 
 from fleet.mesh import rules
 from fleet.mesh.store import (
-    MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent, TaskStatus,
+    MachineHealth,
+    MachineIdentity,
+    QueuedTask,
+    ReconcileCounts,
+    TaskEvent,
+    TaskStatus,
+    default_max_attempts,
+    unknown_machine,
 )
 from fleet.store import queries
 from fleet.store.pgconn import PgConnector, Timeouts
 from fleet.store.timestamps import utc
 
 QUERIES = queries.load("fleet.mesh", "queries.sql")
-
-
-def _default_max_attempts() -> int:
-    from fleet.settings import get_settings
-
-    return get_settings().max_task_attempts
 
 
 def _task(row: dict[str, Any]) -> QueuedTask:
@@ -54,8 +55,15 @@ class _Tx:
     def __init__(self, conn: Any):
         self._conn = conn
 
-    def one(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+    def find(self, query: str, /, **params: Any) -> dict[str, Any] | None:
+        """The first row, or None."""
         return self._conn.execute(QUERIES[query], params).fetchone()
+
+    def one(self, query: str, /, **params: Any) -> dict[str, Any]:
+        """The row a statement always returns (a count, a function's result)."""
+        row = self.find(query, **params)
+        assert row is not None, f"{query} returns a row"
+        return row
 
     def execute(self, query: str, /, **params: Any) -> None:
         self._conn.execute(QUERIES[query], params)
@@ -104,7 +112,7 @@ class PgMeshStore:
     def heartbeat(self, identity: MachineIdentity, now: datetime, health_url: str | None,
                   active_tasks: list[str]) -> None:
         def work(tx: _Tx) -> None:
-            prev = tx.one("lock_machine", machine_id=identity.machine_id)
+            prev = tx.find("lock_machine", machine_id=identity.machine_id)
             tx.execute(
                 "heartbeat", machine_id=identity.machine_id, mesh_id=identity.mesh_id,
                 role=identity.role, generation=identity.generation, now=utc(now),
@@ -131,9 +139,9 @@ class PgMeshStore:
     def record_confirmation(self, machine_id: str, failed: bool, now: datetime, *,
                             stale_before: datetime | None = None) -> MachineHealth:
         def work(tx: _Tx) -> MachineHealth:
-            row = tx.one("lock_machine", machine_id=machine_id)
+            row = tx.find("lock_machine", machine_id=machine_id)
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+                raise unknown_machine(machine_id)
             status, count = rules.confirmation_update(
                 row["status"], row["failed_confirmations"], row["last_heartbeat"], failed,
                 utc(stale_before) if stale_before else None,
@@ -147,12 +155,12 @@ class PgMeshStore:
 
     def mark_down(self, machine_id: str, now: datetime, *, stale_before: datetime | None = None,
                   max_attempts: int | None = None) -> int:
-        max_attempts = _default_max_attempts() if max_attempts is None else max_attempts
+        max_attempts = default_max_attempts() if max_attempts is None else max_attempts
 
         def work(tx: _Tx) -> int:
-            row = tx.one("lock_machine", machine_id=machine_id)
+            row = tx.find("lock_machine", machine_id=machine_id)
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+                raise unknown_machine(machine_id)
             if stale_before is not None and row["last_heartbeat"] >= utc(stale_before):
                 return -1  # it heartbeated while we were confirming: not down
             tx.execute("mark_down", machine_id=machine_id, now=utc(now))
@@ -187,12 +195,7 @@ class PgMeshStore:
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
                    error: str | None = None, claim_seq: int | None = None) -> bool:
-        status = TaskStatus(status)
-        if status not in rules.AGENT_TARGET_STATUSES:
-            raise ValueError(
-                f"an agent moves a task to injected, running, done or failed, not {status.value!r}; "
-                "use handoff() to requeue"
-            )
+        status = rules.agent_target(status)
         return self._fenced(
             "transition", status=status.value, now=utc(now), pane_id=pane_id, output=output,
             error=error, finished=status in (TaskStatus.DONE, TaskStatus.FAILED),
@@ -232,7 +235,8 @@ class PgMeshStore:
         depth = {s.value: 0 for s in TaskStatus} | {r["status"]: r["n"] for r in rows}
         return {
             "depth": depth,
-            "oldest_queued_age_seconds": (utc(now) - oldest_at).total_seconds() if oldest_at else None,
+            "oldest_queued_age_seconds":
+                (utc(now) - oldest_at).total_seconds() if oldest_at else None,
             "dead_letter": depth[TaskStatus.DEAD_LETTER.value],
         }
 

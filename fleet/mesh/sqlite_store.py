@@ -1,4 +1,5 @@
-"""SQLite backend of the MeshStore: the embedded default, one file shared by threads and processes.
+"""SQLite backend of the MeshStore: the embedded default, one file shared by threads and
+processes.
 
 The statements are the named queries of fleet/mesh/queries_sqlite.sql.
 """
@@ -15,7 +16,14 @@ from typing import Any
 
 from fleet.mesh import rules
 from fleet.mesh.store import (
-    MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent, TaskStatus,
+    MachineHealth,
+    MachineIdentity,
+    QueuedTask,
+    ReconcileCounts,
+    TaskEvent,
+    TaskStatus,
+    default_max_attempts,
+    unknown_machine,
 )
 from fleet.sqlitedb import SQLiteFile
 from fleet.store import queries
@@ -38,13 +46,18 @@ def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _at(value: str) -> datetime:
+    """A NOT NULL timestamp column."""
+    return datetime.fromisoformat(value)
+
+
 def _task(row: sqlite3.Row) -> QueuedTask:
     return QueuedTask(
         task_id=row["task_id"], kind=row["kind"], command=json.loads(row["command"]),
         target=row["target"], model=row["model"], status=TaskStatus(row["status"]),
         attempts=row["attempts"], claim_seq=row["claim_seq"], claimed_by=row["claimed_by"],
         pane_id=row["pane_id"],
-        created_at=_dt(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
+        created_at=_at(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
         progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
         output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
     )
@@ -53,16 +66,10 @@ def _task(row: sqlite3.Row) -> QueuedTask:
 def _machine(row: sqlite3.Row) -> MachineHealth:
     return MachineHealth(
         machine_id=row["machine_id"], mesh_id=row["mesh_id"], role=row["role"],
-        generation=row["generation"], last_heartbeat=_dt(row["last_heartbeat"]),
+        generation=row["generation"], last_heartbeat=_at(row["last_heartbeat"]),
         health_url=row["health_url"], active_tasks=json.loads(row["active_tasks"]),
         status=row["status"], failed_confirmations=row["failed_confirmations"],
     )
-
-
-def _default_max_attempts() -> int:
-    from fleet.settings import get_settings
-
-    return get_settings().max_task_attempts
 
 
 def _ids(db: sqlite3.Connection, query: str, /, **params: Any) -> str:
@@ -127,9 +134,9 @@ class SQLiteMeshStore(SQLiteFile):
         with self._tx() as db:
             row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+                raise unknown_machine(machine_id)
             status, count = rules.confirmation_update(
-                row["status"], row["failed_confirmations"], _dt(row["last_heartbeat"]),
+                row["status"], row["failed_confirmations"], _at(row["last_heartbeat"]),
                 failed, utc(stale_before) if stale_before else None,
             )
             if (status, count) != (row["status"], row["failed_confirmations"]):
@@ -141,12 +148,12 @@ class SQLiteMeshStore(SQLiteFile):
 
     def mark_down(self, machine_id: str, now: datetime, *, stale_before: datetime | None = None,
                   max_attempts: int | None = None) -> int:
-        max_attempts = _default_max_attempts() if max_attempts is None else max_attempts
+        max_attempts = default_max_attempts() if max_attempts is None else max_attempts
         with self._tx() as db:
             row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
-            if stale_before is not None and _dt(row["last_heartbeat"]) >= utc(stale_before):
+                raise unknown_machine(machine_id)
+            if stale_before is not None and _at(row["last_heartbeat"]) >= utc(stale_before):
                 return -1  # it heartbeated while we were confirming: not down
             db.execute(QUERIES["mark_down"], {"machine_id": machine_id, "now": _ts(now)})
             requeued, dead = self._requeue_failed(
@@ -189,12 +196,7 @@ class SQLiteMeshStore(SQLiteFile):
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
                    error: str | None = None, claim_seq: int | None = None) -> bool:
-        status = TaskStatus(status)
-        if status not in rules.AGENT_TARGET_STATUSES:
-            raise ValueError(
-                f"an agent moves a task to injected, running, done or failed, not {status.value!r}; "
-                "use handoff() to requeue"
-            )
+        status = rules.agent_target(status)
         finished = _ts(now) if status in (TaskStatus.DONE, TaskStatus.FAILED) else None
         with self._tx() as db:
             row = db.execute(QUERIES["transition"], {
@@ -246,7 +248,7 @@ class SQLiteMeshStore(SQLiteFile):
     def events(self, task_id: str | None = None, *, event: str | None = None) -> list[TaskEvent]:
         return [
             TaskEvent(task_id=r["task_id"], event=r["event"], machine_id=r["machine_id"],
-                      at=_dt(r["at"]), detail=json.loads(r["detail"]))
+                      at=_at(r["at"]), detail=json.loads(r["detail"]))
             for r in self._rows("events", task_id=task_id, event=event)
         ]
 
@@ -258,7 +260,8 @@ class SQLiteMeshStore(SQLiteFile):
         oldest_at = _dt(oldest[0]["t"]) if oldest else None
         return {
             "depth": depth,
-            "oldest_queued_age_seconds": (utc(now) - oldest_at).total_seconds() if oldest_at else None,
+            "oldest_queued_age_seconds":
+                (utc(now) - oldest_at).total_seconds() if oldest_at else None,
             "dead_letter": depth[TaskStatus.DEAD_LETTER.value],
         }
 
@@ -315,7 +318,7 @@ class SQLiteMeshStore(SQLiteFile):
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
         return [
             {"machine_id": r["machine_id"], "pane_id": r["pane_id"], "task_id": r["task_id"],
-             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]), "context_ratio": r["context_ratio"],
-             "updated_at": _dt(r["updated_at"])}
+             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]),
+             "context_ratio": r["context_ratio"], "updated_at": _dt(r["updated_at"])}
             for r in self._rows("pane_states", machine_id=machine_id)
         ]

@@ -92,6 +92,17 @@ class ReconcileCounts(BaseModel):
     dead_machine_claims_requeued: int = 0   # safety net: active claims of down/left machines
 
 
+def default_max_attempts() -> int:
+    """The failed attempts a task gets when a caller gives none (settings.max_task_attempts)."""
+    from fleet.settings import get_settings
+
+    return get_settings().max_task_attempts
+
+
+def unknown_machine(machine_id: str) -> LookupError:
+    return LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+
+
 @runtime_checkable
 class MeshStore(Protocol):
     # Machines --------------------------------------------------------------------

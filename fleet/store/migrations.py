@@ -1,4 +1,4 @@
-"""Applies the schema migrations (supabase/migrations/*.sql) to a PostgreSQL database, in file-name order.
+"""Applies the schema migrations (supabase/migrations/*.sql) to PostgreSQL, in file-name order.
 
 Where they are: `supabase/migrations/` is the canonical directory (the Supabase CLI's
 `supabase db push` reads it). The wheel ships the same files as `fleet/migrations/` (hatch

@@ -1,4 +1,4 @@
-"""PostgreSQL backend of the Store (psycopg 3): claims and stage writes go through the SQL functions.
+"""PostgreSQL backend of the Store (psycopg 3): claims and stage writes are the SQL functions.
 
 Works with a plain PostgreSQL and with Supabase's connection strings: the direct
 connection (db.<ref>.supabase.co:5432), the session pooler (…pooler.supabase.com:5432)
@@ -143,7 +143,8 @@ class PostgresStore:
         )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:
-        return [Trajectory.model_validate(r) for r in self._rows("list_trajectories", app_id=app_id)]
+        rows = self._rows("list_trajectories", app_id=app_id)
+        return [Trajectory.model_validate(r) for r in rows]
 
     def reward_means(self, app_ids: Iterable[str]) -> dict[str, float]:
         ids = list(app_ids)
@@ -176,7 +177,7 @@ class PostgresStore:
     def acquire_lease(
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
-        """Acquire or renew lease `name`; returns the fencing epoch, or None while another holds it."""
+        """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
         row = self._one(
             "acquire_lease", retry_safe=False, name=name, holder=holder, now=utc(now),
             lease_seconds=float(lease_seconds),

@@ -20,7 +20,7 @@ def parse(text: str) -> dict[str, str]:
     """The named queries in `text`; text before the first name is the file's header."""
     parts = _NAME.split(text)
     queries: dict[str, str] = {}
-    for name, sql in zip(parts[1::2], parts[2::2]):
+    for name, sql in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
             raise ValueError(f"query {name!r} is defined twice")
         sql = sql.strip()

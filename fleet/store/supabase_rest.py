@@ -1,4 +1,5 @@
-"""Supabase REST backend of the Store (supabase-py → PostgREST), for operators with only URL + service key.
+"""Supabase REST backend of the Store (supabase-py → PostgREST), for operators with only the
+project URL and its service key.
 
 Claims, fenced stage writes, resets and reward means go through the SQL functions of
 supabase/migrations (`/rest/v1/rpc/<fn>`), so they are exactly as atomic as on a direct
@@ -45,8 +46,9 @@ class SupabaseStore:
         allow_insecure: bool = False, page_size: int = 1000,
     ):
         import httpx
-        from supabase import create_client
         from supabase.lib.client_options import SyncClientOptions
+
+        from supabase import create_client
 
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -118,6 +120,16 @@ class SupabaseStore:
     def _table(self, name: str) -> Any:
         return self._client.table(name)
 
+    def _upsert(self, what: str, table: str, rows: Any, *, select: str | None = None,
+                **options: Any) -> Any:
+        """One upsert request; with `select`, the response lists those columns of the rows
+        it wrote."""
+        def request() -> Any:
+            query = self._table(table).upsert(rows, **options)
+            return (query.select(select) if select else query).execute()
+
+        return self._call(what, request)
+
     def _rpc(self, fn: str, params: dict[str, Any]) -> Any:
         return self._call(f"rpc {fn}", lambda: self._client.rpc(fn, params).execute()).data
 
@@ -139,10 +151,8 @@ class SupabaseStore:
         rows = [{"app_id": a, "updated_at": _iso(now)} for a in dict.fromkeys(app_ids)]
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
-            self._call("ensure_apps", lambda: self._table("app_evolution_states").upsert(
-                chunk, on_conflict="app_id", ignore_duplicates=True,
-                returning=ReturnMethod.minimal,
-            ).execute())
+            self._upsert("ensure_apps", "app_evolution_states", chunk, on_conflict="app_id",
+                         ignore_duplicates=True, returning=ReturnMethod.minimal)
 
     def get_state(self, app_id: str) -> EvolutionState | None:
         rows = self._call("get_state", lambda: self._table("app_evolution_states")
@@ -203,18 +213,18 @@ class SupabaseStore:
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
             # 1. Insert the keys not stored yet; the response lists exactly those.
-            inserted = self._call("upsert_tasks", lambda: self._table("app_evolution_tasks").upsert(
+            inserted = self._upsert(
+                "upsert_tasks", "app_evolution_tasks",
                 [{**r, "created_at": r["updated_at"]} for r in chunk],
-                on_conflict="task_key", ignore_duplicates=True,
-            ).select("task_key").execute()).data
+                on_conflict="task_key", ignore_duplicates=True, select="task_key",
+            ).data
             fresh = {r["task_key"] for r in inserted}
             new += len(fresh)
             # 2. Refresh priority and severity of the keys that were already there.
             known = [r for r in chunk if r["task_key"] not in fresh]
             if known:
-                self._call("upsert_tasks", lambda: self._table("app_evolution_tasks").upsert(
-                    known, on_conflict="task_key", returning=ReturnMethod.minimal,
-                ).execute())
+                self._upsert("upsert_tasks", "app_evolution_tasks", known,
+                             on_conflict="task_key", returning=ReturnMethod.minimal)
         return new
 
     def list_tasks(self, app_id: str, source: str | None = None) -> list[Task]:
@@ -300,7 +310,7 @@ class SupabaseStore:
     def acquire_lease(
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
-        """Acquire or renew lease `name`; returns the fencing epoch, or None while another holds it."""
+        """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
         epoch = self._rpc("fleet_acquire_lease", {
             "p_name": name, "p_holder": holder, "p_now": _iso(now),
             "p_lease_seconds": float(lease_seconds),

@@ -7,11 +7,11 @@ import socket
 import httpx
 import typer
 
+from fleet.clients.transport import is_loopback
 from fleet.clock import ManualClock
+from fleet.mesh import health
 from fleet.mesh.agent import NodeAgent
 from fleet.mesh.cli import agent_app
-from fleet.clients.transport import is_loopback
-from fleet.mesh import health
 from fleet.mesh.health import HealthServer, reachable_host_name
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity
