@@ -138,7 +138,8 @@ def test_a_dropped_connection_is_reopened_and_only_safe_work_repeated(db, pg_url
 
 def test_a_refusal_raised_in_sql_comes_back_as_the_domain_error(db):
     with pytest.raises(StaleLease, match="epoch 1 no longer owns app-a"):
-        db.execute("DO $$ BEGIN RAISE EXCEPTION 'stale_lease: epoch 1 no longer owns app-a'; END $$")
+        db.execute(
+            "DO $$ BEGIN RAISE EXCEPTION 'stale_lease: epoch 1 no longer owns app-a'; END $$")
     with pytest.raises(StoreUnavailable, match="boom"):
         db.execute("DO $$ BEGIN RAISE EXCEPTION 'boom'; END $$")
 
