@@ -5,6 +5,15 @@
 -- indexes match them only as literals); tests/mesh/test_rules.py checks each one against
 -- the sets of fleet/mesh/rules.py. Timestamps are fixed-width UTC ISO strings.
 
+-- name: columns_of
+SELECT name FROM pragma_table_info(:table)
+
+-- name: add_task_claim_seq
+ALTER TABLE mesh_task_queue ADD COLUMN claim_seq INTEGER NOT NULL DEFAULT 0
+
+-- name: add_pane_claim_seq
+ALTER TABLE mesh_pane_state ADD COLUMN claim_seq INTEGER
+
 -- name: append_event
 INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail)
 VALUES (:task_id, :event, :machine_id, :now, :detail)

@@ -31,10 +31,11 @@ from fleet.store.timestamps import iso, utc
 
 _SCHEMA = resources.files("fleet.mesh").joinpath("mesh_schema_sqlite.sql").read_text()
 QUERIES = queries.load("fleet.mesh", "queries_sqlite.sql")
-# Columns added after the first schema: (table, column, definition), added to older files on open.
+# Columns added after the first schema, added to older files on open:
+# (table, column, the named query that adds it).
 _ADDED_COLUMNS = (
-    ("mesh_task_queue", "claim_seq", "INTEGER NOT NULL DEFAULT 0"),
-    ("mesh_pane_state", "claim_seq", "INTEGER"),
+    ("mesh_task_queue", "claim_seq", "add_task_claim_seq"),
+    ("mesh_pane_state", "claim_seq", "add_pane_claim_seq"),
 )
 
 
@@ -86,10 +87,10 @@ class SQLiteMeshStore(SQLiteFile):
     def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 30):
         super().__init__(path, _SCHEMA, busy_timeout_seconds=busy_timeout_seconds)
         with self._tx() as db:
-            for table, column, definition in _ADDED_COLUMNS:
-                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for table, column, query in _ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(QUERIES["columns_of"], {"table": table})}
                 if column not in have:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    db.execute(QUERIES[query])
 
     @staticmethod
     def _event(db: sqlite3.Connection, task_id: str | None, event: str, machine_id: str | None,
