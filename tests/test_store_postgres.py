@@ -11,7 +11,10 @@ from fleet.errors import StoreUnavailable
 from fleet.store import open_store
 from fleet.store.postgres import PostgresStore, redact
 from tests.store_contract import (
-    T0, StoreContract, assert_state_survived, write_state_to_survive,
+    T0,
+    StoreContract,
+    assert_state_survived,
+    write_state_to_survive,
 )
 
 TABLES = "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"

@@ -7,7 +7,9 @@ import pytest
 from fleet.store import open_store
 from fleet.store.sqlite import SQLiteStore
 from tests.store_contract import (
-    T0, StoreContract, assert_state_survived, write_state_to_survive,
+    StoreContract,
+    assert_state_survived,
+    write_state_to_survive,
 )
 
 
