@@ -138,13 +138,14 @@ class PgConnector:
                     application_name=self._application_name,
                     row_factory=dict_row,
                 )
-                # Session settings are parameters of SET, never text spliced into SQL.
-                for setting, value in (
-                    ("TimeZone", "UTC"),
-                    ("statement_timeout", f"{round(self._timeouts.statement * 1000)}"),
-                    ("lock_timeout", f"{round(self._timeouts.lock * 1000)}"),
-                ):
-                    conn.execute("SELECT set_config(%s, %s, false)", (setting, value))
+                # One round trip; the values are parameters, never text spliced into SQL.
+                conn.execute(
+                    "SELECT set_config('TimeZone', 'UTC', false), "
+                    "set_config('statement_timeout', %s, false), "
+                    "set_config('lock_timeout', %s, false)",
+                    (str(round(self._timeouts.statement * 1000)),
+                     str(round(self._timeouts.lock * 1000))),
+                )
             except psycopg.Error as exc:
                 # `from None`: the driver's error may quote the connection string.
                 raise self.unavailable("cannot connect", exc) from None
