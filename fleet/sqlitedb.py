@@ -6,7 +6,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 from fleet.errors import StoreUnavailable
 
@@ -25,7 +25,8 @@ class SQLiteFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_seconds, isolation_level=None, check_same_thread=False
+                self.path, timeout=busy_timeout_seconds, isolation_level=None,
+                check_same_thread=False,
             )
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_seconds * 1000)}")
@@ -54,7 +55,9 @@ class SQLiteFile:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"{self.what} {self.path}: {exc}") from exc
 
-    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+    def _query(
+        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
+    ) -> list[sqlite3.Row]:
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()

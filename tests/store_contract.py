@@ -39,7 +39,59 @@ def claim_all_at_once(store_for, apps: list[str], max_in_flight: int) -> list[in
     return results
 
 
+def write_state_to_survive(store) -> dict:
+    """A stage, an epoch, tasks and a trajectory, for a reopened store to show again."""
+    store.ensure_apps(["app-a", "app-b"], T0)
+    epoch = store.claim_app("app-a", "host:1", "run-1", T0, 600)
+    store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(seconds=1))
+    store.upsert_tasks([task(priority=1), task(description="Add offline mode.", priority=2)], T0)
+    store.record_trajectory(Trajectory(app_id="app-a", run_id="run-0", pipeline="default",
+                                       outcome="success", reward=0.75, created_at=T0))
+    return {"epoch": epoch, "tasks": [t.key for t in store.list_tasks("app-a")]}
+
+
+def assert_state_survived(store, written: dict) -> None:
+    state = store.get_state("app-a")
+    assert state is not None
+    assert (state.stage, state.epoch, state.owner) == (Stage.SKILL_RUNNING, written["epoch"], "host:1")
+    assert state.stage_started_at == T0 + timedelta(seconds=1)
+    assert store.get_state("app-b").stage is Stage.QUEUED
+    tasks = store.list_tasks("app-a")
+    assert [t.key for t in tasks] == written["tasks"] and len(tasks) == 2
+    assert [t.description for t in tasks] == ["Fix the crash on launch.", "Add offline mode."]
+    assert [(t.run_id, t.reward) for t in store.list_trajectories("app-a")] == [("run-0", 0.75)]
+    # The epoch kept counting: a write from the old claim is still fenced off.
+    with pytest.raises(StaleLease):
+        store.set_stage("app-a", Stage.SKILL_COMPLETE, written["epoch"] - 1, T0)
+
+
 class StoreContract:
+    @pytest.fixture
+    def far_from_utc(self):
+        """The process's local zone set 5:30 h away from UTC, so reading a naive time as local
+        time would shift it."""
+        import os
+        import time
+
+        before = os.environ.get("TZ")
+        os.environ["TZ"] = "Asia/Kolkata"
+        time.tzset()
+        yield
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+    # Time ------------------------------------------------------------------------
+    def test_a_naive_time_is_read_as_utc_whatever_the_local_zone(self, store, far_from_utc):
+        naive = T0.replace(tzinfo=None)
+        store.ensure_apps(["app-a"], naive)
+        epoch = store.claim_app("app-a", "h", "r", naive, 600)
+        state = store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, naive)
+        assert state.stage_started_at == T0
+        assert state.lease_until == T0 + timedelta(seconds=600)
+
     # App states ------------------------------------------------------------------
     def test_ensure_apps_creates_queued_states_once(self, store):
         store.ensure_apps(["app-a", "app-b"], T0)

@@ -3,9 +3,16 @@ functions themselves — one claim winner under real concurrency, fencing, lease
 
 from __future__ import annotations
 
+import ast
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import uuid
+import zipfile
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -261,3 +268,46 @@ def test_a_changed_migration_is_applied_again(db, tmp_path):
     changed = tmp_path / "0001_pipeline.sql"
     changed.write_text(changed.read_text() + "\n-- a comment changes the checksum\n")
     assert apply_migrations(db, tmp_path) == ["0001_pipeline.sql"]
+
+
+# Where the migrations are found -------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_migrations_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    expected = sorted(p.name for p in (REPO / "supabase" / "migrations").glob("*.sql"))
+    monkeypatch.chdir(tmp_path)
+    assert [p.name for p in migration_files()] == expected
+    assert all(p.read_text(encoding="utf-8").strip() for p in migration_files())
+
+
+def test_the_wheel_ships_the_migrations_and_the_named_queries(tmp_path):
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH: cannot build the wheel")
+    built = subprocess.run(
+        [uv, "build", "--wheel", "--offline", "-o", str(tmp_path / "dist"), str(REPO)],
+        capture_output=True, text=True, timeout=180,
+    )
+    if built.returncode != 0 and "offline" in built.stderr.lower():
+        pytest.skip(f"cannot build offline here: {built.stderr.strip()[-200:]}")
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(site)
+    shipped = {f"fleet/migrations/{p.name}" for p in (REPO / "supabase" / "migrations").glob("*.sql")}
+    assert shipped and shipped <= names
+    assert {"fleet/store/queries.sql", "fleet/mesh/queries.sql", "fleet/mesh/queries_sqlite.sql"} <= names
+    # Installed (here: unpacked) away from any checkout and run from elsewhere, the package
+    # finds its own copy.
+    found = subprocess.run(
+        [sys.executable, "-c", "from fleet.store.migrations import migration_files as m; "
+         "print([str(p) for p in m()])"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+        timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    paths = ast.literal_eval(found.stdout)
+    assert paths and all(p.startswith(str(site / "fleet" / "migrations")) for p in paths)

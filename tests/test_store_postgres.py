@@ -10,7 +10,12 @@ import pytest
 from fleet.errors import StoreUnavailable
 from fleet.store import open_store
 from fleet.store.postgres import PostgresStore, redact
-from tests.store_contract import T0, StoreContract
+from tests.store_contract import (
+    T0,
+    StoreContract,
+    assert_state_survived,
+    write_state_to_survive,
+)
 
 TABLES = "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"
 
@@ -36,10 +41,10 @@ class TestPostgresStore(StoreContract):
 
 def test_open_store_picks_postgres_and_state_survives_reopening(pg_url, store):
     first = open_store(pg_url)
-    first.ensure_apps(["app-a"], T0)
+    written = write_state_to_survive(first)
     first.close()
     second = PostgresStore(pg_url, apply_schema=False)
-    assert second.get_state("app-a") is not None
+    assert_state_survived(second, written)
     assert isinstance(first, PostgresStore)
     second.close()
 

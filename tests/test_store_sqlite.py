@@ -6,7 +6,11 @@ import pytest
 
 from fleet.store import open_store
 from fleet.store.sqlite import SQLiteStore
-from tests.store_contract import T0, StoreContract
+from tests.store_contract import (
+    StoreContract,
+    assert_state_survived,
+    write_state_to_survive,
+)
 
 
 @pytest.fixture
@@ -23,10 +27,10 @@ class TestSQLiteStore(StoreContract):
 def test_state_survives_reopening_the_file(tmp_path):
     path = tmp_path / "fleet.db"
     first = open_store(f"sqlite:///{path}")
-    first.ensure_apps(["app-a"], T0)
+    written = write_state_to_survive(first)
     first.close()
     second = open_store(f"sqlite:///{path}")
-    assert second.get_state("app-a") is not None
+    assert_state_survived(second, written)
     second.close()
 
 

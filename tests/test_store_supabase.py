@@ -17,7 +17,8 @@ from fleet.models import FleetConfig, Stage, Task, Trajectory
 from fleet.settings import FleetSettings
 from fleet.store import open_store
 from fleet.store.supabase_rest import SupabaseStore
-from tests.store_contract import T0
+from tests.postgrest_fake import PostgrestOverPostgres
+from tests.store_contract import T0, StoreContract
 
 URL = "https://proj.supabase.co"
 KEY = "service-role-key.eyJzZWNyZXQiOnRydWV9.sig"
@@ -371,3 +372,37 @@ def test_block_opens_the_secret_only_in_get_client(api):
     client.get_fleet_config()
     assert sent(route).headers["apikey"] == KEY
     client.close()
+
+
+# The shared Store contract, over PostgREST faked at the HTTP level -------------------
+PIPELINE_TABLES = (
+    "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline_db(pg_url):
+    from fleet.store.migrations import apply_migrations
+
+    apply_migrations(pg_url)
+    return pg_url
+
+
+class TestSupabaseStoreContract(StoreContract):
+    """Every request goes through httpx to a PostgREST stand-in that runs it on the real
+    PostgreSQL (tests/postgrest_fake.py): the REST store's request building, paging, error
+    mapping and the SQL functions it calls are all exercised."""
+
+    @pytest.fixture
+    def store(self, pipeline_db):
+        import psycopg
+
+        with psycopg.connect(pipeline_db, autocommit=True) as conn:
+            conn.execute(f"TRUNCATE {PIPELINE_TABLES}")
+        fake = PostgrestOverPostgres(pipeline_db)
+        with respx.mock(base_url=URL + REST, assert_all_mocked=True) as mock:
+            mock.route().mock(side_effect=fake.handle)
+            s = SupabaseStore(URL, KEY, page_size=2)  # small pages: every read pages
+            yield s
+            s.close()
+        assert fake.requests, "the contract ran without a single request"

@@ -1,4 +1,4 @@
-"""A small JSON HTTP server in a background thread, with faults that tests and operators can inject."""
+"""Dev servers: JSON routes in a background thread, with faults tests and operators can inject."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import re
 import threading
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import unquote
+
+from fleet.jsonhttp import JsonServer, Request, Response
 
 log = logging.getLogger("fleet.devservers")
 
 ADMIN_PREFIX = "/_admin/"
-MAX_BODY = 1 << 20
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Faults:
     fail_next: int = 0          # the next N requests get `fail_status` (a 5xx burst)
     fail_status: int = 503
     latency: float = 0.0        # seconds added before every answer
-    hang_next: int = 0          # the next N requests get no answer for `hang_seconds` (or until stop)
+    hang_next: int = 0          # the next N requests hang `hang_seconds` (or until stop)
     hang_seconds: float = 30.0
     malformed_next: int = 0     # the next N answers are not JSON
     reject_auth: bool = False   # every request gets 401, as if the token were wrong
@@ -62,7 +62,7 @@ Route = Callable[[dict[str, str], Any], Any]
 
 
 class DevServer:
-    """ThreadingHTTPServer on host:port (port 0 = any free port) serving JSON routes.
+    """A JSON server (fleet/jsonhttp.py) on host:port (port 0 = any free port) serving routes.
 
     Subclasses register routes with `self.route(method, pattern, fn)`; `fn(params, body)`
     returns the JSON answer or raises Reply. A bearer token, when set, is required on every
@@ -80,8 +80,7 @@ class DevServer:
         self._faults_lock = threading.Lock()
         self._routes: list[tuple[str, re.Pattern[str], Route]] = []
         self._stopping = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: JsonServer | None = None
         # (method, path) of recent non-admin requests, for tests and for a look while debugging.
         self.requests: deque[tuple[str, str]] = deque(maxlen=10_000)
         self.route("GET", r"/_admin/faults", lambda p, b: self._faults_dict())
@@ -89,40 +88,31 @@ class DevServer:
         self.route("GET", r"/healthz", lambda p, b: {"ok": True})
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url if self._httpd else 'stopped'})"
+        return f"{type(self).__name__}({self.url if self._server else 'stopped'})"
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        if self._httpd is None:
+        if self._server is None:
             raise RuntimeError(f"{self.name} dev server is not running; call start() first")
         host = self.host if ":" not in self.host else f"[{self.host}]"
         return f"http://{host}:{self.port}"
 
     def start(self) -> "DevServer":
-        handler = _make_handler(self)
-        self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
+        self._server = JsonServer(
+            self._handle, host=self.host, port=self.port, name=f"{self.name}-dev"
+        ).start()
+        self.port = self._server.port
         self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"{self.name}-devserver", daemon=True,
-        )
-        self._thread.start()
         log.info("%s dev server listening on %s", self.name, self.url)
         return self
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging handlers
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = None
-        self._thread = None
+        if self._server is not None:
+            self._server.stop()
+        self._server = None
 
     def __enter__(self):
         return self.start()
@@ -181,34 +171,26 @@ class DevServer:
         expected = f"Bearer {self._token}".encode()
         return hmac.compare_digest((header or "").encode(), expected)
 
-    def _handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
-        path = req.path.split("?", 1)[0]
+    def _handle(self, request: Request) -> Response | None:
+        method, path = request.method, request.path
         admin = path.startswith(ADMIN_PREFIX)
         if not admin:
             self.requests.append((method, path))
-        # Read the body first: on a kept-alive connection an unread body would be taken
-        # for the next request.
-        length = int(req.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            req.close_connection = True
-            return _send(req, 413, {"error": f"body over {MAX_BODY} bytes"})
-        raw = req.rfile.read(length) if length else b""
         fault = None if admin else self._take_fault()
         latency = 0.0 if admin else self.faults.latency
         if latency:
             self._stopping.wait(latency)
         if fault == "hang":
             self._stopping.wait(self.faults.hang_seconds)
-            req.close_connection = True
-            return
-        if fault == "auth" or not self._authorized(req.headers.get("Authorization")):
-            return _send(req, 401, {"error": "unauthorized: wrong or missing bearer token"})
+            return None
+        if fault == "auth" or not self._authorized(request.headers.get("Authorization")):
+            return Response(401, {"error": "unauthorized: wrong or missing bearer token"})
         if fault == "fail":
-            return _send(req, self.faults.fail_status, {"error": "injected failure"})
+            return Response(self.faults.fail_status, {"error": "injected failure"})
         try:
-            body = json.loads(raw) if raw else None
+            body = json.loads(request.body) if request.body else None
         except json.JSONDecodeError:
-            return _send(req, 400, {"error": "body is not JSON"})
+            return Response(400, {"error": "body is not JSON"})
         allowed = []
         for route_method, pattern, fn in self._routes:
             match = pattern.match(path)
@@ -227,50 +209,8 @@ class DevServer:
                 log.exception("%s dev server: %s %s failed", self.name, method, path)
                 status, answer = 500, {"error": f"{type(exc).__name__}: {exc}"}
             if fault == "malformed":
-                return _send_raw(req, status, b'{"status": "done", "output": ')
-            return _send(req, status, answer)
+                return Response(status, raw=b'{"status": "done", "output": ')
+            return Response(status, answer)
         if allowed:
-            return _send(req, 405, {"error": f"{method} not allowed on {path}; use {allowed}"})
-        _send(req, 404, {"error": f"no route for {method} {path}"})
-
-
-def _send(req: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-    _send_raw(req, status, json.dumps(body).encode())
-
-
-def _send_raw(req: BaseHTTPRequestHandler, status: int, payload: bytes) -> None:
-    try:
-        req.send_response(status)
-        req.send_header("Content-Type", "application/json")
-        req.send_header("Content-Length", str(len(payload)))
-        req.end_headers()
-        req.wfile.write(payload)
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the client gave up (e.g. its timeout); nothing left to tell it
-
-
-def _make_handler(server: DevServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in two writes; without this, Nagle + delayed ACK add ~40 ms.
-        disable_nagle_algorithm = True
-        server_version = f"fleet-{server.name}-dev"
-
-        def do_GET(self) -> None:
-            server._handle(self, "GET")
-
-        def do_POST(self) -> None:
-            server._handle(self, "POST")
-
-        def do_PUT(self) -> None:
-            server._handle(self, "PUT")
-
-        def do_DELETE(self) -> None:
-            server._handle(self, "DELETE")
-
-        def log_message(self, format: str, *args: Any) -> None:
-            # Request lines carry no secrets (tokens are headers); keep them at debug.
-            log.debug("%s %s", server.name, format % args)
-
-    return Handler
-
+            return Response(405, {"error": f"{method} not allowed on {path}; use {allowed}"})
+        return Response(404, {"error": f"no route for {method} {path}"})

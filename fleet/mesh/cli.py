@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, FleetError
 from fleet.mesh.open import open_mesh_store
 from fleet.mesh.store import PROTOCOL_GENERATION
@@ -101,7 +102,7 @@ def start(
         _fail(exc)
     except FleetError as exc:  # store or tmux unreachable: not bad input, but no traceback either
         _fail(exc, 1)
-    if agent.health_url and httpx.URL(agent.health_url).host in ("127.0.0.1", "::1", "localhost"):
+    if agent.health_url and is_loopback(httpx.URL(agent.health_url).host):
         err.print(f"[yellow]warning:[/] the health URL {agent.health_url} is loopback: a watchdog on "
                   "another machine cannot reach it, so it can never confirm this machine down — "
                   "give --advertise-host (or bind --health-host 0.0.0.0)", soft_wrap=True)

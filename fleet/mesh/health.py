@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
+
+from fleet.clients.transport import is_loopback
+from fleet.jsonhttp import JsonServer, Request, Response
 
 log = logging.getLogger(__name__)
 
 HealthSnapshot = Callable[[], dict[str, Any]]
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+# A TEST-NET-1 address (RFC 5737): a UDP socket "connected" to it sends nothing, it only
+# makes the kernel pick the interface that routes outward.
+_ROUTE_PROBE = ("192.0.2.1", 9)
+
+
+def reachable_host_name() -> str:
+    """This host's name as other machines reach it: the FQDN, else the host name, else the
+    address of the interface that routes outward. Loopback only when there is nothing else
+    (no network at all), which the agent's CLI then warns about."""
+    for name in (socket.getfqdn(), socket.gethostname()):
+        if name and not is_loopback(name):
+            return name
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(_ROUTE_PROBE)
+            address = probe.getsockname()[0]
+    except OSError:
+        address = ""
+    if address and address != "0.0.0.0" and not is_loopback(address):
+        return address
+    return socket.getfqdn()
 
 
 class HealthServer:
-    """A stdlib HTTP server in a daemon thread; `snapshot()` is called per request.
+    """A JSON server (fleet/jsonhttp.py) in a daemon thread; `snapshot()` is called per request.
 
     `host` is the address it binds (all interfaces by default); `advertise_host` is the name
     other machines reach it at — the watchdog probes the advertised URL from its own host, so
@@ -26,73 +48,46 @@ class HealthServer:
                  advertise_host: str | None = None):
         self._snapshot = snapshot
         self._host = host
-        self._port = port
         self._advertise_host = advertise_host or None
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server = JsonServer(self._respond, host=host, port=port, name="fleet-agent-health")
 
     @property
     def port(self) -> int:
         """The bound port (useful when started with port 0)."""
-        return self._httpd.server_address[1] if self._httpd else self._port
+        return self._server.port
 
     @property
     def url(self) -> str:
-        """The URL other machines use: the advertised host, else this host's name for a
-        wildcard bind, else the bound address."""
+        """The URL other machines use: the advertised host, else this host's reachable name
+        for a wildcard bind, else the bound address."""
         host = self._advertise_host or (
-            socket.getfqdn() if self._host in ("", "0.0.0.0", "::") else self._host)
+            reachable_host_name() if self._host in WILDCARD_HOSTS else self._host)
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal
         return f"http://{host}:{self.port}/health"
 
-    def start(self) -> HealthServer:
-        snapshot = self._snapshot
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
-                if self.path.split("?", 1)[0] not in ("/health", "/"):
-                    self._reply(404, {"error": f"no such path {self.path!r}; try GET /health"})
-                    return
-                try:
-                    body = snapshot()
-                except Exception as exc:  # a broken snapshot must still answer, truthfully
-                    log.exception("health snapshot failed")
-                    self._reply(500, {"status": "error", "error": f"{type(exc).__name__}: {exc}"})
-                    return
-                self._reply(200, body)
-
-            def _reply(self, code: int, body: dict[str, Any]) -> None:
-                data = json.dumps(body, default=str).encode("utf-8")
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                log.debug("health: " + format, *args)
-
+    def _respond(self, request: Request) -> Response:
+        if request.method != "GET":
+            return Response(405, {"error": f"{request.method} not allowed; try GET /health"})
+        if request.path not in ("/health", "/"):
+            return Response(404, {"error": f"no such path {request.path!r}; try GET /health"})
         try:
-            self._httpd = ThreadingHTTPServer((self._host, self._port), Handler)
+            return Response(200, self._snapshot())
+        except Exception as exc:  # a broken snapshot must still answer, truthfully
+            log.exception("health snapshot failed")
+            return Response(500, {"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+
+    def start(self) -> HealthServer:
+        try:
+            self._server.start()
         except OSError as exc:
             from fleet.errors import ConfigError
 
             raise ConfigError(
-                f"health endpoint cannot listen on {self._host}:{self._port}: {exc} — "
+                f"health endpoint cannot listen on {self._host}:{self._server.port}: {exc} — "
                 "pick another --health-port or stop the process using it"
             ) from exc
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="fleet-agent-health",
-                                        daemon=True)
-        self._thread.start()
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._server.stop()

@@ -9,7 +9,8 @@ from fleet.mesh.store import MeshStore
 
 
 def open_mesh_store(url: str) -> MeshStore:
-    """`sqlite:///path/fleet.db` → SQLiteMeshStore; `postgresql://…` / `postgres://…` → PgMeshStore."""
+    """`sqlite:///path/fleet.db` → SQLiteMeshStore; `postgresql://…`, `postgres://…` →
+    PgMeshStore."""
     if url.startswith("sqlite:///"):
         from fleet.mesh.sqlite_store import SQLiteMeshStore
 

@@ -1,9 +1,10 @@
 """The reconcile and liveness rules as pure functions: thresholds → cutoffs → a verdict per row.
 
-The SQL in supabase/migrations/0002_mesh.sql (mesh_reconcile) and in
-fleet/mesh/sqlite_store.py applies exactly these rules set-based; the tests check the
-agreement on generated rows. Boundaries are strict: a claim exactly `orphan_seconds`
-old is not yet orphaned, one microsecond more and it is.
+This module is the one Python definition of the rules and of the status sets. The SQL in
+supabase/migrations/0002_mesh.sql (mesh_reconcile) and fleet/mesh/queries_sqlite.sql applies
+exactly these rules set-based; the tests check the agreement on generated rows, and check
+every status list written in the SQL against the sets here. Boundaries are strict: a claim
+exactly `orphan_seconds` old is not yet orphaned, one microsecond more and it is.
 
 `attempts` counts failed attempts (a requeue by the reconciler or by a machine being
 declared down). A requeue that would make attempts exceed `max_attempts` dead-letters
@@ -19,13 +20,19 @@ from enum import Enum
 
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
 
-ACTIVE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.CLAIMED, TaskStatus.INJECTED, TaskStatus.RUNNING)
+ACTIVE_STATUSES: tuple[TaskStatus, ...] = (
+    TaskStatus.CLAIMED, TaskStatus.INJECTED, TaskStatus.RUNNING,
+)
 UNFINISHED_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, *ACTIVE_STATUSES)
 FINISHED_STATUSES: tuple[TaskStatus, ...] = (
     TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.EXPIRED, TaskStatus.DEAD_LETTER,
 )
 # In a pane: their progress is pane output, so the stuck rule watches them.
 PANE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.INJECTED, TaskStatus.RUNNING)
+# What an agent may move its own claimed task to (a requeue is handoff's, not transition's).
+AGENT_TARGET_STATUSES = frozenset(
+    {TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
+)
 # Machines in these states are not routed to and their claims are not theirs any more.
 GONE_MACHINE_STATUSES = ("down", "left")
 
@@ -110,6 +117,18 @@ def classify(
         if last is not None and last < c.stuck:
             return Verdict.STUCK
     return None
+
+
+def agent_target(status: TaskStatus | str) -> TaskStatus:
+    """`status` if an agent may move its claimed task there (AGENT_TARGET_STATUSES), else
+    ValueError: a requeue is handoff's, and the reconciler's moves are not an agent's."""
+    status = TaskStatus(status)
+    if status not in AGENT_TARGET_STATUSES:
+        raise ValueError(
+            f"an agent moves a task to injected, running, done or failed, not {status.value!r}; "
+            "use handoff() to requeue"
+        )
+    return status
 
 
 def requeue_outcome(attempts: int, max_attempts: int) -> tuple[TaskStatus, int]:

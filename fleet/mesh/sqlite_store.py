@@ -1,52 +1,55 @@
-"""SQLite backend of the MeshStore: the embedded default, one file shared by threads and processes."""
+"""SQLite backend of the MeshStore: the embedded default, one file shared by threads and
+processes.
+
+The statements are the named queries of fleet/mesh/queries_sqlite.sql.
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fleet.mesh import rules
-from fleet.sqlitedb import SQLiteFile
 from fleet.mesh.store import (
-    MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent, TaskStatus,
+    MachineHealth,
+    MachineIdentity,
+    QueuedTask,
+    ReconcileCounts,
+    TaskEvent,
+    TaskStatus,
+    default_max_attempts,
+    unknown_machine,
 )
+from fleet.sqlitedb import SQLiteFile
+from fleet.store import queries
+from fleet.store.timestamps import iso, utc
 
 _SCHEMA = resources.files("fleet.mesh").joinpath("mesh_schema_sqlite.sql").read_text()
-# Columns added after the first schema: (table, column, definition), added to older files on open.
+QUERIES = queries.load("fleet.mesh", "queries_sqlite.sql")
+# Columns added after the first schema, added to older files on open:
+# (table, column, the named query that adds it).
 _ADDED_COLUMNS = (
-    ("mesh_task_queue", "claim_seq", "INTEGER NOT NULL DEFAULT 0"),
-    ("mesh_pane_state", "claim_seq", "INTEGER"),
+    ("mesh_task_queue", "claim_seq", "add_task_claim_seq"),
+    ("mesh_pane_state", "claim_seq", "add_pane_claim_seq"),
 )
-_ACTIVE = "('claimed', 'injected', 'running')"
-_UNFINISHED = "('queued', 'claimed', 'injected', 'running')"
-# An agent's write names the claim it holds (fencing); None = any claim of this machine.
-_THIS_CLAIM = "(? IS NULL OR claim_seq = ?)"
-AGENT_TARGET_STATUSES = frozenset(
-    {TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
-)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """Naive datetimes are UTC, as PostgreSQL's timestamptz (session zone UTC) takes them."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=timezone.utc)
 
 
 def _ts(value: datetime | None) -> str | None:
-    # Fixed width (microseconds always written) so strings compare in time order in SQL.
-    if value is None:
-        return None
-    return _utc(value).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    return iso(value) if value is not None else None
 
 
 def _dt(value: str | None) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
+
+
+def _at(value: str) -> datetime:
+    """A NOT NULL timestamp column."""
+    return datetime.fromisoformat(value)
 
 
 def _task(row: sqlite3.Row) -> QueuedTask:
@@ -55,7 +58,7 @@ def _task(row: sqlite3.Row) -> QueuedTask:
         target=row["target"], model=row["model"], status=TaskStatus(row["status"]),
         attempts=row["attempts"], claim_seq=row["claim_seq"], claimed_by=row["claimed_by"],
         pane_id=row["pane_id"],
-        created_at=_dt(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
+        created_at=_at(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
         progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
         output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
     )
@@ -64,16 +67,15 @@ def _task(row: sqlite3.Row) -> QueuedTask:
 def _machine(row: sqlite3.Row) -> MachineHealth:
     return MachineHealth(
         machine_id=row["machine_id"], mesh_id=row["mesh_id"], role=row["role"],
-        generation=row["generation"], last_heartbeat=_dt(row["last_heartbeat"]),
+        generation=row["generation"], last_heartbeat=_at(row["last_heartbeat"]),
         health_url=row["health_url"], active_tasks=json.loads(row["active_tasks"]),
         status=row["status"], failed_confirmations=row["failed_confirmations"],
     )
 
 
-def _default_max_attempts() -> int:
-    from fleet.settings import get_settings
-
-    return get_settings().max_task_attempts
+def _ids(db: sqlite3.Connection, query: str, /, **params: Any) -> str:
+    """The task ids a candidate query selects, as the JSON list the move statements take."""
+    return json.dumps([r["task_id"] for r in db.execute(QUERIES[query], params)])
 
 
 class SQLiteMeshStore(SQLiteFile):
@@ -85,108 +87,78 @@ class SQLiteMeshStore(SQLiteFile):
     def __init__(self, path: str | Path, *, busy_timeout_seconds: float = 30):
         super().__init__(path, _SCHEMA, busy_timeout_seconds=busy_timeout_seconds)
         with self._tx() as db:
-            for table, column, definition in _ADDED_COLUMNS:
-                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for table, column, query in _ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(QUERIES["columns_of"], {"table": table})}
                 if column not in have:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    db.execute(QUERIES[query])
 
     @staticmethod
     def _event(db: sqlite3.Connection, task_id: str | None, event: str, machine_id: str | None,
                now: datetime, detail: dict[str, Any] | None = None) -> None:
-        db.execute(
-            "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) VALUES (?, ?, ?, ?, ?)",
-            (task_id, event, machine_id, _ts(now), json.dumps(detail or {})),
-        )
+        db.execute(QUERIES["append_event"], {
+            "task_id": task_id, "event": event, "machine_id": machine_id, "now": _ts(now),
+            "detail": json.dumps(detail or {}),
+        })
+
+    def _rows(self, query: str, /, **params: Any) -> list[sqlite3.Row]:
+        return self._query(QUERIES[query], params)
 
     # Machines --------------------------------------------------------------------
     def heartbeat(self, identity: MachineIdentity, now: datetime, health_url: str | None,
                   active_tasks: list[str]) -> None:
         with self._tx() as db:
-            prev = db.execute(
-                "SELECT status FROM mesh_health WHERE machine_id = ?", (identity.machine_id,)
-            ).fetchone()
-            db.execute(
-                "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
-                "health_url, active_tasks, status, failed_confirmations, status_changed_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'alive', 0, ?, ?) "
-                "ON CONFLICT (machine_id) DO UPDATE SET mesh_id = excluded.mesh_id, "
-                "role = excluded.role, generation = excluded.generation, "
-                # A heartbeat delivered late never moves the clock back.
-                "last_heartbeat = max(mesh_health.last_heartbeat, excluded.last_heartbeat), "
-                "health_url = excluded.health_url, active_tasks = excluded.active_tasks, "
-                "status_changed_at = CASE WHEN mesh_health.status <> 'alive' "
-                "  THEN excluded.updated_at ELSE mesh_health.status_changed_at END, "
-                "status = 'alive', failed_confirmations = 0, updated_at = excluded.updated_at",
-                (identity.machine_id, identity.mesh_id, identity.role, identity.generation,
-                 _ts(now), health_url, json.dumps(list(active_tasks)), _ts(now), _ts(now)),
-            )
+            prev = db.execute(QUERIES["machine"], {"machine_id": identity.machine_id}).fetchone()
+            db.execute(QUERIES["heartbeat"], {
+                "machine_id": identity.machine_id, "mesh_id": identity.mesh_id,
+                "role": identity.role, "generation": identity.generation, "now": _ts(now),
+                "health_url": health_url, "active_tasks": json.dumps(list(active_tasks)),
+            })
             if prev is not None and prev["status"] in rules.GONE_MACHINE_STATUSES:
                 self._event(db, None, "MachineUp", identity.machine_id, now,
                             {"previous_status": prev["status"]})
 
     def leave(self, machine_id: str, now: datetime) -> int:
         with self._tx() as db:
-            db.execute(
-                "UPDATE mesh_health SET status = 'left', status_changed_at = ?, updated_at = ? "
-                "WHERE machine_id = ?",
-                (_ts(now), _ts(now), machine_id),
-            )
-            pred = f"claimed_by = ? AND status IN {_ACTIVE}"
-            db.execute(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                f"SELECT task_id, 'queued', claimed_by, ?, json_object('reason', 'machine_left', "
-                f"'attempts', attempts) FROM mesh_task_queue WHERE {pred}",
-                (_ts(now), machine_id),
-            )
-            moved = db.execute(
-                "UPDATE mesh_task_queue SET status = 'queued', claimed_by = NULL, claimed_at = NULL, "
-                f"progress_at = NULL, pane_id = NULL WHERE {pred} RETURNING task_id",
-                (machine_id,),
-            ).fetchall()
-            self._event(db, None, "MachineLeft", machine_id, now, {"requeued": len(moved)})
-        return len(moved)
+            db.execute(QUERIES["mark_left"], {"machine_id": machine_id, "now": _ts(now)})
+            moving = {"task_ids": _ids(db, "active_of_machine", machine_id=machine_id),
+                      "now": _ts(now)}
+            db.execute(QUERIES["requeue_left_events"], moving)
+            moved = db.execute(QUERIES["requeue_left"], moving).rowcount
+            self._event(db, None, "MachineLeft", machine_id, now, {"requeued": moved})
+        return moved
 
     def machines(self) -> list[MachineHealth]:
-        return [_machine(r) for r in self._query("SELECT * FROM mesh_health ORDER BY machine_id")]
+        return [_machine(r) for r in self._rows("machines")]
 
     def record_confirmation(self, machine_id: str, failed: bool, now: datetime, *,
                             stale_before: datetime | None = None) -> MachineHealth:
         with self._tx() as db:
-            row = db.execute("SELECT * FROM mesh_health WHERE machine_id = ?", (machine_id,)).fetchone()
+            row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+                raise unknown_machine(machine_id)
             status, count = rules.confirmation_update(
-                row["status"], row["failed_confirmations"], _dt(row["last_heartbeat"]),
-                failed, _utc(stale_before),
+                row["status"], row["failed_confirmations"], _at(row["last_heartbeat"]),
+                failed, utc(stale_before) if stale_before else None,
             )
             if (status, count) != (row["status"], row["failed_confirmations"]):
-                row = db.execute(
-                    "UPDATE mesh_health SET status = ?, failed_confirmations = ?, updated_at = ?, "
-                    "status_changed_at = CASE WHEN status <> ? THEN ? ELSE status_changed_at END "
-                    "WHERE machine_id = ? RETURNING *",
-                    (status, count, _ts(now), status, _ts(now), machine_id),
-                ).fetchone()
+                row = db.execute(QUERIES["set_machine_status"], {
+                    "status": status, "failed_confirmations": count, "now": _ts(now),
+                    "machine_id": machine_id,
+                }).fetchone()
         return _machine(row)
 
     def mark_down(self, machine_id: str, now: datetime, *, stale_before: datetime | None = None,
                   max_attempts: int | None = None) -> int:
-        max_attempts = _default_max_attempts() if max_attempts is None else max_attempts
+        max_attempts = default_max_attempts() if max_attempts is None else max_attempts
         with self._tx() as db:
-            row = db.execute(
-                "SELECT status, last_heartbeat FROM mesh_health WHERE machine_id = ?", (machine_id,)
-            ).fetchone()
+            row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
             if row is None:
-                raise LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
-            if stale_before is not None and _dt(row["last_heartbeat"]) >= _utc(stale_before):
+                raise unknown_machine(machine_id)
+            if stale_before is not None and _at(row["last_heartbeat"]) >= utc(stale_before):
                 return -1  # it heartbeated while we were confirming: not down
-            db.execute(
-                "UPDATE mesh_health SET status = 'down', updated_at = ?, "
-                "status_changed_at = CASE WHEN status <> 'down' THEN ? ELSE status_changed_at END "
-                "WHERE machine_id = ?",
-                (_ts(now), _ts(now), machine_id),
-            )
+            db.execute(QUERIES["mark_down"], {"machine_id": machine_id, "now": _ts(now)})
             requeued, dead = self._requeue_failed(
-                db, f"claimed_by = ? AND status IN {_ACTIVE}", (machine_id,), now, max_attempts,
+                db, _ids(db, "active_of_machine", machine_id=machine_id), now, max_attempts,
                 "machine_down",
             )
             self._event(db, None, "MachineDown", machine_id, now,
@@ -198,62 +170,41 @@ class SQLiteMeshStore(SQLiteFile):
                 model: str | None = None, task_id: str | None = None) -> str:
         task_id = task_id or uuid.uuid4().hex
         with self._tx() as db:
-            row = db.execute(
-                "INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
-                (task_id, kind, json.dumps(list(command)), target, model, _ts(now)),
-            ).fetchone()
+            row = db.execute(QUERIES["enqueue"], {
+                "task_id": task_id, "kind": kind, "command": json.dumps(list(command)),
+                "target": target, "model": model, "now": _ts(now),
+            }).fetchone()
             if row is not None:
                 self._event(db, task_id, "queued", None, now, {"kind": kind, "target": target})
         return task_id
 
     def claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
         with self._tx() as db:
-            refused = db.execute(
-                "SELECT 1 FROM mesh_health WHERE machine_id = ? "
-                "AND (status IN ('down', 'left') OR role = 'viewer')",
-                (machine_id,),
-            ).fetchone()
+            refused = db.execute(QUERIES["claim_refused"], {"machine_id": machine_id}).fetchone()
             if refused or limit <= 0:
                 return []
             rows = db.execute(
-                "UPDATE mesh_task_queue SET status = 'claimed', claimed_by = ?, claimed_at = ?, "
-                "claim_seq = claim_seq + 1, progress_at = NULL, pane_id = NULL WHERE task_id IN ("
-                "  SELECT task_id FROM mesh_task_queue WHERE status = 'queued' "
-                "  AND (target IS NULL OR target = ?) ORDER BY created_at, task_id LIMIT ?"
-                ") RETURNING *",
-                (machine_id, _ts(now), machine_id, limit),
+                QUERIES["claim"], {"machine_id": machine_id, "now": _ts(now), "limit": limit}
             ).fetchall()
-            db.executemany(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (?, 'claimed', ?, ?, ?)",
-                [(r["task_id"], machine_id, _ts(now),
-                  json.dumps({"attempts": r["attempts"], "claim_seq": r["claim_seq"]}))
-                 for r in rows],
-            )
+            db.executemany(QUERIES["claim_event"], [
+                {"task_id": r["task_id"], "machine_id": machine_id, "now": _ts(now),
+                 "detail": json.dumps({"attempts": r["attempts"], "claim_seq": r["claim_seq"]})}
+                for r in rows
+            ])
         tasks = [_task(r) for r in rows]
         return sorted(tasks, key=lambda t: (t.created_at, t.task_id))
 
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
                    error: str | None = None, claim_seq: int | None = None) -> bool:
-        status = TaskStatus(status)
-        if status not in AGENT_TARGET_STATUSES:
-            raise ValueError(
-                f"an agent moves a task to injected, running, done or failed, not {status.value!r}; "
-                "use handoff() to requeue"
-            )
+        status = rules.agent_target(status)
         finished = _ts(now) if status in (TaskStatus.DONE, TaskStatus.FAILED) else None
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE mesh_task_queue SET status = ?, progress_at = ?, "
-                "pane_id = COALESCE(?, pane_id), output = COALESCE(?, output), "
-                "error = COALESCE(?, error), finished_at = COALESCE(?, finished_at) "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
-                "RETURNING pane_id",
-                (status.value, _ts(now), pane_id, output, error, finished, task_id, machine_id,
-                 claim_seq, claim_seq),
-            ).fetchone()
+            row = db.execute(QUERIES["transition"], {
+                "status": status.value, "now": _ts(now), "pane_id": pane_id, "output": output,
+                "error": error, "finished_at": finished, "task_id": task_id,
+                "machine_id": machine_id, "claim": claim_seq,
+            }).fetchone()
             if row is None:
                 return False
             detail: dict[str, Any] = {"pane_id": row["pane_id"]}
@@ -265,12 +216,9 @@ class SQLiteMeshStore(SQLiteFile):
     def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None,
                  *, claim_seq: int | None = None) -> bool:
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE mesh_task_queue SET progress_at = ? "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
-                "RETURNING task_id",
-                (_ts(now), task_id, machine_id, claim_seq, claim_seq),
-            ).fetchone()
+            row = db.execute(QUERIES["progress"], {
+                "now": _ts(now), "task_id": task_id, "machine_id": machine_id, "claim": claim_seq,
+            }).fetchone()
             if row is None:
                 return False
             if note is not None:
@@ -280,13 +228,10 @@ class SQLiteMeshStore(SQLiteFile):
     def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str,
                 *, claim_seq: int | None = None) -> bool:
         with self._tx() as db:
-            row = db.execute(
-                "UPDATE mesh_task_queue SET status = 'queued', checkpoint = ?, claimed_by = NULL, "
-                "claimed_at = NULL, progress_at = NULL, pane_id = NULL "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} AND {_THIS_CLAIM} "
-                "RETURNING attempts",
-                (checkpoint, task_id, machine_id, claim_seq, claim_seq),
-            ).fetchone()
+            row = db.execute(QUERIES["handoff"], {
+                "checkpoint": checkpoint, "task_id": task_id, "machine_id": machine_id,
+                "claim": claim_seq,
+            }).fetchone()
             if row is None:
                 return False
             self._event(db, task_id, "Handoff", machine_id, now,
@@ -295,68 +240,42 @@ class SQLiteMeshStore(SQLiteFile):
         return True
 
     def get_task(self, task_id: str) -> QueuedTask | None:
-        rows = self._query("SELECT * FROM mesh_task_queue WHERE task_id = ?", (task_id,))
+        rows = self._rows("get_task", task_id=task_id)
         return _task(rows[0]) if rows else None
 
     def tasks_of(self, machine_id: str) -> list[QueuedTask]:
-        rows = self._query(
-            f"SELECT * FROM mesh_task_queue WHERE claimed_by = ? AND status IN {_ACTIVE} "
-            "ORDER BY claimed_at, task_id",
-            (machine_id,),
-        )
-        return [_task(r) for r in rows]
+        return [_task(r) for r in self._rows("tasks_of", machine_id=machine_id)]
 
     def events(self, task_id: str | None = None, *, event: str | None = None) -> list[TaskEvent]:
-        sql, params = "SELECT * FROM mesh_task_events WHERE 1 = 1", ()
-        if task_id is not None:
-            sql, params = sql + " AND task_id = ?", params + (task_id,)
-        if event is not None:
-            sql, params = sql + " AND event = ?", params + (event,)
         return [
             TaskEvent(task_id=r["task_id"], event=r["event"], machine_id=r["machine_id"],
-                      at=_dt(r["at"]), detail=json.loads(r["detail"]))
-            for r in self._query(sql + " ORDER BY id", params)
+                      at=_at(r["at"]), detail=json.loads(r["detail"]))
+            for r in self._rows("events", task_id=task_id, event=event)
         ]
 
     def queue_stats(self, now: datetime) -> dict[str, Any]:
         depth = {s.value: 0 for s in TaskStatus}
-        for r in self._query("SELECT status, COUNT(*) AS n FROM mesh_task_queue GROUP BY status"):
+        for r in self._rows("queue_depth"):
             depth[r["status"]] = r["n"]
-        oldest = self._query("SELECT MIN(created_at) AS t FROM mesh_task_queue WHERE status = 'queued'")
+        oldest = self._rows("oldest_queued")
         oldest_at = _dt(oldest[0]["t"]) if oldest else None
         return {
             "depth": depth,
-            "oldest_queued_age_seconds": (_utc(now) - oldest_at).total_seconds() if oldest_at else None,
+            "oldest_queued_age_seconds":
+                (utc(now) - oldest_at).total_seconds() if oldest_at else None,
             "dead_letter": depth[TaskStatus.DEAD_LETTER.value],
         }
 
     # Reconciler -------------------------------------------------------------------
-    @classmethod
-    def _requeue_failed(cls, db: sqlite3.Connection, pred: str, params: tuple, now: datetime,
+    @staticmethod
+    def _requeue_failed(db: sqlite3.Connection, task_ids: str, now: datetime,
                         max_attempts: int, reason: str) -> tuple[int, int]:
-        """Set-based requeue of the rows matching `pred` as one failed attempt each.
-
-        Inside the write transaction nothing else changes the rows, so the events are
-        logged from the same predicate first (SQLite's RETURNING cannot see old values).
-        """
-        db.execute(
-            "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-            "SELECT task_id, CASE WHEN attempts + 1 > ? THEN 'dead_letter' ELSE 'queued' END, "
-            "claimed_by, ?, json_object('reason', ?, 'attempts', attempts + 1) "
-            f"FROM mesh_task_queue WHERE {pred}",
-            (max_attempts, _ts(now), reason, *params),
-        )
-        rows = db.execute(
-            "UPDATE mesh_task_queue SET attempts = attempts + 1, "
-            "status = CASE WHEN attempts + 1 > ? THEN 'dead_letter' ELSE 'queued' END, "
-            "finished_at = CASE WHEN attempts + 1 > ? THEN ? END, "
-            "error = CASE WHEN attempts + 1 > ? THEN "
-            "  'dead-lettered after ' || (attempts + 1) || ' failed attempts (last: ' || ? || ')' "
-            "  ELSE error END, "
-            "claimed_by = NULL, claimed_at = NULL, progress_at = NULL, pane_id = NULL "
-            f"WHERE {pred} RETURNING status",
-            (max_attempts, max_attempts, _ts(now), max_attempts, reason, *params),
-        ).fetchall()
+        """Requeue the tasks `task_ids` (a JSON list) as one failed attempt each; returns
+        (requeued, dead-lettered)."""
+        params = {"task_ids": task_ids, "now": _ts(now), "max_attempts": max_attempts,
+                  "reason": reason}
+        db.execute(QUERIES["requeue_failed_events"], params)
+        rows = db.execute(QUERIES["requeue_failed"], params).fetchall()
         dead = sum(1 for r in rows if r["status"] == TaskStatus.DEAD_LETTER.value)
         return len(rows) - dead, dead
 
@@ -365,36 +284,20 @@ class SQLiteMeshStore(SQLiteFile):
         c = rules.cutoffs(now, rules.Thresholds(orphan_seconds, stuck_seconds, expiry_seconds,
                                                 max_attempts))
         with self._tx() as db:
-            expired_pred = f"status IN {_UNFINISHED} AND created_at < ?"
-            db.execute(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "SELECT task_id, 'expired', claimed_by, ?, json_object('reason', 'expired', "
-                f"'attempts', attempts) FROM mesh_task_queue WHERE {expired_pred}",
-                (_ts(now), _ts(c.expiry)),
-            )
-            expired = len(db.execute(
-                "UPDATE mesh_task_queue SET status = 'expired', finished_at = ?, error = ? "
-                f"WHERE {expired_pred} RETURNING task_id",
-                (_ts(now), f"expired: not finished within {expiry_seconds:g} s of creation",
-                 _ts(c.expiry)),
-            ).fetchall())
+            # The rules in rules.Verdict's order: a row an earlier rule moved is not active
+            # any more when the next rule selects its candidates.
+            expiring = {"task_ids": _ids(db, "reconcile_expired", expiry=_ts(c.expiry)),
+                        "now": _ts(now),
+                        "error": f"expired: not finished within {expiry_seconds:g} s of creation"}
+            db.execute(QUERIES["expire_events"], expiring)
+            expired = db.execute(QUERIES["expire"], expiring).rowcount
             down_q, down_d = self._requeue_failed(
-                db,
-                f"status IN {_ACTIVE} AND claimed_by IN "
-                "(SELECT machine_id FROM mesh_health WHERE status IN ('down', 'left'))",
-                (), now, max_attempts, "machine_down",
-            )
+                db, _ids(db, "reconcile_machine_down"), now, max_attempts, "machine_down")
             orph_q, orph_d = self._requeue_failed(
-                db,
-                f"status IN {_ACTIVE} AND claimed_at < ? AND (progress_at IS NULL OR progress_at < ?) "
-                "AND NOT EXISTS (SELECT 1 FROM mesh_health h WHERE h.machine_id = mesh_task_queue.claimed_by "
-                "AND h.status NOT IN ('down', 'left') AND h.last_heartbeat >= ?)",
-                (_ts(c.orphan), _ts(c.orphan), _ts(c.orphan)), now, max_attempts, "orphaned",
-            )
+                db, _ids(db, "reconcile_orphaned", orphan=_ts(c.orphan)), now, max_attempts,
+                "orphaned")
             stuck_q, stuck_d = self._requeue_failed(
-                db, "status IN ('injected', 'running') AND COALESCE(progress_at, claimed_at) < ?",
-                (_ts(c.stuck),), now, max_attempts, "stuck",
-            )
+                db, _ids(db, "reconcile_stuck", stuck=_ts(c.stuck)), now, max_attempts, "stuck")
             counts = ReconcileCounts(
                 orphaned_requeued=orph_q, stuck_requeued=stuck_q, expired=expired,
                 dead_lettered=down_d + orph_d + stuck_d, dead_machine_claims_requeued=down_q,
@@ -407,25 +310,16 @@ class SQLiteMeshStore(SQLiteFile):
                        alive: bool, context_ratio: float | None = None,
                        claim_seq: int | None = None) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, claim_seq, alive, "
-                "context_ratio, updated_at) VALUES (?, ?, ?, COALESCE(?, (SELECT claim_seq "
-                f"FROM mesh_task_queue WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE})), "
-                "?, ?, ?) ON CONFLICT (machine_id, pane_id) DO UPDATE SET "
-                "task_id = excluded.task_id, claim_seq = excluded.claim_seq, alive = excluded.alive, "
-                "context_ratio = excluded.context_ratio, updated_at = excluded.updated_at",
-                (machine_id, pane_id, task_id, claim_seq, task_id, machine_id, int(alive),
-                 context_ratio, _ts(now)),
-            )
+            db.execute(QUERIES["set_pane_state"], {
+                "machine_id": machine_id, "pane_id": pane_id, "task_id": task_id,
+                "claim": claim_seq, "alive": int(alive), "context_ratio": context_ratio,
+                "now": _ts(now),
+            })
 
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM mesh_pane_state", ()
-        if machine_id is not None:
-            sql, params = sql + " WHERE machine_id = ?", (machine_id,)
         return [
             {"machine_id": r["machine_id"], "pane_id": r["pane_id"], "task_id": r["task_id"],
-             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]), "context_ratio": r["context_ratio"],
-             "updated_at": _dt(r["updated_at"])}
-            for r in self._query(sql + " ORDER BY machine_id, pane_id", params)
+             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]),
+             "context_ratio": r["context_ratio"], "updated_at": _dt(r["updated_at"])}
+            for r in self._rows("pane_states", machine_id=machine_id)
         ]
-

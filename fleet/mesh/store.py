@@ -3,10 +3,11 @@
 Queue lifecycle: queued → claimed → injected → running → done | failed | expired | dead_letter.
 Every transition appends a row to mesh_task_events (append-only): the new status as the
 event name (detail.reason says why for reconciler moves), plus "Progress", "Handoff",
-"ReconcilerRun" and the machine events "MachineDown", "MachineUp", "MachineLeft". Implementations:
-SQLite (fleet/mesh/sqlite_store.py) and PostgreSQL (fleet/mesh/pg_store.py, schema in
-supabase/migrations/0002_mesh.sql). Pure rules (what is orphaned, stuck, expired, dead)
-live in fleet/mesh/rules.py and are applied by the backends as set-based SQL.
+"ReconcilerRun" and the machine events "MachineDown", "MachineUp", "MachineLeft".
+Implementations: SQLite (fleet/mesh/sqlite_store.py, statements in queries_sqlite.sql) and
+PostgreSQL (fleet/mesh/pg_store.py, statements in queries.sql, schema in
+supabase/migrations/0002_mesh.sql). Pure rules (what is orphaned, stuck, expired, dead) live
+in fleet/mesh/rules.py and are applied by the backends as set-based SQL.
 """
 
 from __future__ import annotations
@@ -92,6 +93,17 @@ class ReconcileCounts(BaseModel):
     dead_machine_claims_requeued: int = 0   # safety net: active claims of down/left machines
 
 
+def default_max_attempts() -> int:
+    """The failed attempts a task gets when a caller gives none (settings.max_task_attempts)."""
+    from fleet.settings import get_settings
+
+    return get_settings().max_task_attempts
+
+
+def unknown_machine(machine_id: str) -> LookupError:
+    return LookupError(f"no heartbeat was ever recorded for machine {machine_id!r}")
+
+
 @runtime_checkable
 class MeshStore(Protocol):
     # Machines --------------------------------------------------------------------
@@ -161,3 +173,6 @@ class MeshStore(Protocol):
         that is seconds old can tell whether the task was claimed again since."""
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
         """Rows of {machine_id, pane_id, task_id, claim_seq, alive, context_ratio, updated_at}."""
+
+    def close(self) -> None:
+        """Release the connection or file handle; the store is not used afterwards."""

@@ -1,4 +1,9 @@
-"""Applies supabase/migrations/*.sql to a PostgreSQL database, in file-name order.
+"""Applies the schema migrations (supabase/migrations/*.sql) to PostgreSQL, in file-name order.
+
+Where they are: `supabase/migrations/` is the canonical directory (the Supabase CLI's
+`supabase db push` reads it). The wheel ships the same files as `fleet/migrations/` (hatch
+`force-include` in pyproject.toml); a source checkout finds them next to the package. Either
+way they are located from the package, never from the working directory.
 
 Every migration is written to be re-runnable (IF NOT EXISTS, CREATE OR REPLACE), so
 applying the whole directory twice is a no-op. Each applied file is recorded with its
@@ -10,9 +15,11 @@ applies nothing: re-running the DDL would take ACCESS EXCLUSIVE locks that queue
 from __future__ import annotations
 
 import hashlib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
 _LOCK_KEY = 0x0F1EE7  # pg_advisory_xact_lock key shared by every applier
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS fleet_schema_migrations (
@@ -23,16 +30,32 @@ CREATE TABLE IF NOT EXISTS fleet_schema_migrations (
 """
 
 
-def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
-    return sorted(directory.glob("*.sql"))
+def migrations_dir() -> Traversable:
+    """The migrations shipped in the wheel (fleet/migrations), else the checkout's
+    supabase/migrations beside the package."""
+    package = resources.files("fleet")
+    shipped = package.joinpath("migrations")
+    if shipped.is_dir():
+        return shipped
+    return Path(str(package)).parent / "supabase" / "migrations"
 
 
-def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR, force: bool = False) -> list[str]:
+def migration_files(directory: Traversable | None = None) -> list[Traversable]:
+    where = migrations_dir() if directory is None else directory
+    return sorted((p for p in where.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name)
+
+
+def apply_migrations(
+    conninfo: str, directory: Traversable | None = None, force: bool = False
+) -> list[str]:
     """Apply, in one transaction, each migration not yet recorded with its current checksum
     (every one with `force`); returns the file names applied."""
     import psycopg
 
-    wanted = {p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest()) for p in migration_files(directory)}
+    wanted = {
+        p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in migration_files(directory)
+    }
     with psycopg.connect(conninfo, autocommit=False) as conn:
         if not force and not _pending(conn, wanted):
             return []  # the common case: read-only, no locks beyond the ledger read
@@ -42,7 +65,7 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR, force: boo
         pending = sorted(wanted) if force else _pending(conn, wanted)
         for name in pending:
             path, checksum = wanted[name]
-            conn.execute(path.read_text())
+            conn.execute(path.read_text(encoding="utf-8"))
             conn.execute(
                 "INSERT INTO fleet_schema_migrations (name, checksum) VALUES (%s, %s) "
                 "ON CONFLICT (name) DO UPDATE SET checksum = EXCLUDED.checksum, applied_at = now()",
@@ -52,7 +75,7 @@ def apply_migrations(conninfo: str, directory: Path = MIGRATIONS_DIR, force: boo
     return pending
 
 
-def _pending(conn, wanted: dict[str, tuple[Path, str]]) -> list[str]:
+def _pending(conn: Any, wanted: dict[str, tuple[Traversable, str]]) -> list[str]:
     if conn.execute("SELECT to_regclass('fleet_schema_migrations')").fetchone()[0] is None:
         return sorted(wanted)
     applied = dict(conn.execute("SELECT name, checksum FROM fleet_schema_migrations").fetchall())

@@ -1,4 +1,5 @@
-"""Supabase REST backend of the Store (supabase-py → PostgREST), for operators with only URL + service key.
+"""Supabase REST backend of the Store (supabase-py → PostgREST), for operators with only the
+project URL and its service key.
 
 Claims, fenced stage writes, resets and reward means go through the SQL functions of
 supabase/migrations (`/rest/v1/rpc/<fn>`), so they are exactly as atomic as on a direct
@@ -9,45 +10,32 @@ are conditional PATCHes (`epoch=eq.N`, `finished_at=is.null`).
 
 from __future__ import annotations
 
-import ipaddress
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
-from fleet.errors import ConfigError, InvalidTransition, StaleLease, StoreUnavailable
+from fleet.clients.transport import is_loopback
+from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
+from fleet.store.refusals import REFUSAL_SQLSTATE, refusal
+from fleet.store.timestamps import utc
 
 T = TypeVar("T")
 
-# Prefixes of the messages the SQL functions raise (SQLSTATE P0001); see 0001_pipeline.sql.
-_REFUSALS: dict[str, type[Exception]] = {
-    "stale_lease:": StaleLease,
-    "invalid_transition:": InvalidTransition,
-}
 # PostgREST / PostgreSQL codes that mean the key lacks rights, not that the server is down.
 _AUTH_CODES = {"PGRST301", "PGRST302", "PGRST303", "42501", "401", "403"}
 _UPSERT_CHUNK = 500  # rows per request: keeps bodies well under PostgREST's limits
 
 
 def _iso(value: datetime) -> str:
-    # Naive datetimes are read as local time, as the SQLite store does.
-    return value.astimezone(timezone.utc).isoformat()
+    return utc(value).isoformat()
 
 
 def _scalar(value: Any) -> Any:
     # PostgREST answers a NULL scalar with `null`; an empty body means the same.
     return None if value in (None, [], "") else value
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SupabaseStore:
@@ -58,8 +46,9 @@ class SupabaseStore:
         allow_insecure: bool = False, page_size: int = 1000,
     ):
         import httpx
-        from supabase import create_client
         from supabase.lib.client_options import SyncClientOptions
+
+        from supabase import create_client
 
         parts = urlsplit(url)
         if parts.scheme not in ("https", "http") or not parts.hostname:
@@ -67,7 +56,7 @@ class SupabaseStore:
                 f"Supabase URL must look like https://<project-ref>.supabase.co, got a "
                 f"{parts.scheme or 'schemeless'} URL (FLEET_SUPABASE_URL)"
             )
-        if parts.scheme == "http" and not (allow_insecure or _is_loopback(parts.hostname)):
+        if parts.scheme == "http" and not (allow_insecure or is_loopback(parts.hostname)):
             raise ConfigError(
                 f"refusing plain http:// to {parts.hostname}: the service key would travel "
                 "unencrypted — use https://, or set FLEET_ALLOW_INSECURE_TRANSPORT=true"
@@ -111,10 +100,10 @@ class SupabaseStore:
 
     def _refusal(self, what: str, exc: Any) -> Exception:
         message = self._clean(exc.message or "")
-        if exc.code == "P0001":
-            for prefix, error in _REFUSALS.items():
-                if message.startswith(prefix):
-                    return error(message.removeprefix(prefix).strip())
+        if exc.code == REFUSAL_SQLSTATE:
+            refused = refusal(message)
+            if refused is not None:
+                return refused
         code = exc.code or "?"
         if code in _AUTH_CODES:
             advice = "use the project's service_role key (FLEET_SUPABASE_KEY), not the anon key"
@@ -130,6 +119,16 @@ class SupabaseStore:
     # Request helpers -------------------------------------------------------------
     def _table(self, name: str) -> Any:
         return self._client.table(name)
+
+    def _upsert(self, what: str, table: str, rows: Any, *, select: str | None = None,
+                **options: Any) -> Any:
+        """One upsert request; with `select`, the response lists those columns of the rows
+        it wrote."""
+        def request() -> Any:
+            query = self._table(table).upsert(rows, **options)
+            return (query.select(select) if select else query).execute()
+
+        return self._call(what, request)
 
     def _rpc(self, fn: str, params: dict[str, Any]) -> Any:
         return self._call(f"rpc {fn}", lambda: self._client.rpc(fn, params).execute()).data
@@ -152,10 +151,8 @@ class SupabaseStore:
         rows = [{"app_id": a, "updated_at": _iso(now)} for a in dict.fromkeys(app_ids)]
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
-            self._call("ensure_apps", lambda: self._table("app_evolution_states").upsert(
-                chunk, on_conflict="app_id", ignore_duplicates=True,
-                returning=ReturnMethod.minimal,
-            ).execute())
+            self._upsert("ensure_apps", "app_evolution_states", chunk, on_conflict="app_id",
+                         ignore_duplicates=True, returning=ReturnMethod.minimal)
 
     def get_state(self, app_id: str) -> EvolutionState | None:
         rows = self._call("get_state", lambda: self._table("app_evolution_states")
@@ -216,18 +213,18 @@ class SupabaseStore:
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
             # 1. Insert the keys not stored yet; the response lists exactly those.
-            inserted = self._call("upsert_tasks", lambda: self._table("app_evolution_tasks").upsert(
+            inserted = self._upsert(
+                "upsert_tasks", "app_evolution_tasks",
                 [{**r, "created_at": r["updated_at"]} for r in chunk],
-                on_conflict="task_key", ignore_duplicates=True,
-            ).select("task_key").execute()).data
+                on_conflict="task_key", ignore_duplicates=True, select="task_key",
+            ).data
             fresh = {r["task_key"] for r in inserted}
             new += len(fresh)
             # 2. Refresh priority and severity of the keys that were already there.
             known = [r for r in chunk if r["task_key"] not in fresh]
             if known:
-                self._call("upsert_tasks", lambda: self._table("app_evolution_tasks").upsert(
-                    known, on_conflict="task_key", returning=ReturnMethod.minimal,
-                ).execute())
+                self._upsert("upsert_tasks", "app_evolution_tasks", known,
+                             on_conflict="task_key", returning=ReturnMethod.minimal)
         return new
 
     def list_tasks(self, app_id: str, source: str | None = None) -> list[Task]:
@@ -313,7 +310,7 @@ class SupabaseStore:
     def acquire_lease(
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
-        """Acquire or renew lease `name`; returns the fencing epoch, or None while another holds it."""
+        """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
         epoch = self._rpc("fleet_acquire_lease", {
             "p_name": name, "p_holder": holder, "p_now": _iso(now),
             "p_lease_seconds": float(lease_seconds),

@@ -218,7 +218,7 @@ def test_events_are_append_only(store, backend):
     else:
         import psycopg
 
-        with psycopg.connect(store._conninfo, autocommit=True) as conn:
+        with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
                 conn.execute("UPDATE mesh_task_events SET event = 'forged'")
             with pytest.raises(psycopg.errors.RaiseException, match="append-only"):

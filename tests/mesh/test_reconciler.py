@@ -191,7 +191,7 @@ def test_claims_of_a_down_machine_are_requeued_by_the_safety_net(store):
     else:
         import psycopg
 
-        with psycopg.connect(store._conninfo, autocommit=True) as conn:
+        with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
             conn.execute("UPDATE mesh_task_queue SET status = 'running', claimed_by = 'mac1', "
                          "claimed_at = %s WHERE task_id = 'slipped'", (clock.now(),))
     assert reconcile(store, clock.advance(1)) == ReconcileCounts(dead_machine_claims_requeued=1)
@@ -263,7 +263,7 @@ def _load(store, machines: list[MachineHealth], tasks: list[QueuedTask]) -> None
         import psycopg
         from psycopg.types.json import Jsonb
 
-        with psycopg.connect(store._conninfo, autocommit=True) as conn:
+        with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
@@ -324,7 +324,7 @@ def test_concurrent_reconcilers_never_move_a_row_twice(store, tmp_path):
     if isinstance(store, SQLiteMeshStore):
         others = [SQLiteMeshStore(store.path) for _ in range(3)]
     else:
-        others = [PgMeshStore(store._conninfo) for _ in range(3)]
+        others = [PgMeshStore(store.conninfo) for _ in range(3)]
     results: list[ReconcileCounts] = []
     start = threading.Barrier(len(others))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -121,3 +122,51 @@ def test_confirmation_update():
     # Only a heartbeat brings a down machine back, not a lucky probe.
     assert rules.confirmation_update("down", 2, beat, False, None) == ("down", 2)
     assert rules.confirmed_down(2, 2) and not rules.confirmed_down(1, 2)
+
+
+# The SQL against the one definition -------------------------------------------------
+_STATUS_LIST = re.compile(r"status\s+(?:NOT\s+)?IN\s*\(([^()]*)\)", re.IGNORECASE)
+
+
+def _sql_sources() -> dict[str, str]:
+    from importlib import resources
+
+    from fleet.store.migrations import migration_files
+
+    mesh = resources.files("fleet.mesh")
+    sources = {name: mesh.joinpath(name).read_text()
+               for name in ("queries.sql", "queries_sqlite.sql", "mesh_schema_sqlite.sql")}
+    sources |= {p.name: p.read_text() for p in migration_files() if "mesh" in p.name}
+    return sources
+
+
+def test_every_status_list_in_the_sql_is_one_of_the_sets_defined_in_rules():
+    machine_statuses = frozenset(MachineHealth.model_fields["status"].annotation.__args__)
+    known = {
+        frozenset(s.value for s in rules.ACTIVE_STATUSES): "ACTIVE_STATUSES",
+        frozenset(s.value for s in rules.UNFINISHED_STATUSES): "UNFINISHED_STATUSES",
+        frozenset(s.value for s in rules.PANE_STATUSES): "PANE_STATUSES",
+        frozenset(rules.GONE_MACHINE_STATUSES): "GONE_MACHINE_STATUSES",
+        frozenset(s.value for s in TaskStatus): "every task status (CHECK)",
+        machine_statuses: "every machine status (CHECK)",
+    }
+    seen: dict[str, set[str]] = {}
+    for name, text in _sql_sources().items():
+        lists = _STATUS_LIST.findall(text)
+        assert lists, f"{name}: no status list found — has the pattern changed?"
+        for body in lists:
+            values = frozenset(re.findall(r"'([a-z_]+)'", body))
+            assert values in known, (
+                f"{name}: status list {sorted(values)} is none of the sets in fleet/mesh/rules.py "
+                "— name the set there and use it"
+            )
+            seen.setdefault(name, set()).add(known[values])
+    # The queries that move claimed tasks fence on exactly the active set.
+    for name in ("queries.sql", "queries_sqlite.sql"):
+        assert "ACTIVE_STATUSES" in seen[name] and "GONE_MACHINE_STATUSES" in seen["queries_sqlite.sql"]
+
+
+def test_agent_target_statuses_are_the_active_and_finished_moves_of_a_claim():
+    assert rules.AGENT_TARGET_STATUSES == {
+        TaskStatus.INJECTED, TaskStatus.RUNNING, TaskStatus.DONE, TaskStatus.FAILED}
+    assert not rules.AGENT_TARGET_STATUSES & {TaskStatus.QUEUED, TaskStatus.CLAIMED}

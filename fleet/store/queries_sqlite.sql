@@ -1,0 +1,91 @@
+-- The pipeline store's statements on SQLite (fleet/store/sqlite.py reads them by name): the
+-- twin of fleet/store/queries.sql and of the SQL functions of 0001_pipeline.sql. Writes run
+-- inside one BEGIN IMMEDIATE transaction each; timestamps are UTC ISO strings.
+
+-- name: ensure_app
+INSERT INTO app_evolution_states (app_id, updated_at) VALUES (:app_id, :now)
+ON CONFLICT (app_id) DO NOTHING
+
+-- name: get_state
+SELECT * FROM app_evolution_states WHERE app_id = :app_id
+
+-- name: list_states
+SELECT * FROM app_evolution_states ORDER BY app_id
+
+-- name: others_in_flight
+SELECT count(*) AS n FROM app_evolution_states
+WHERE owner IS NOT NULL AND lease_until >= :now AND app_id <> :app_id
+
+-- name: claim_app
+-- Free when unowned, expired, or owned by the crashed run the caller vouches for.
+UPDATE app_evolution_states SET owner = :owner, run_id = :run_id, lease_until = :until,
+    epoch = epoch + 1, updated_at = :now
+WHERE app_id = :app_id AND (owner IS NULL OR lease_until < :now OR owner = :steal_from)
+RETURNING epoch
+
+-- name: release_app
+UPDATE app_evolution_states SET owner = NULL, lease_until = NULL
+WHERE app_id = :app_id AND epoch = :epoch
+
+-- name: claim_of
+SELECT stage, epoch, owner FROM app_evolution_states WHERE app_id = :app_id
+
+-- name: set_stage
+UPDATE app_evolution_states SET stage = :stage, error = :error, updated_at = :now,
+    stage_started_at = COALESCE(:started, stage_started_at),
+    lease_until = COALESCE(:lease_until, lease_until)
+WHERE app_id = :app_id AND epoch = :epoch
+RETURNING *
+
+-- name: reset_app
+UPDATE app_evolution_states SET stage = 'queued', error = NULL, owner = NULL,
+    lease_until = NULL, stage_started_at = NULL, epoch = epoch + 1, updated_at = :now
+WHERE app_id = :app_id
+
+-- name: known_task_keys
+SELECT task_key FROM app_evolution_tasks
+WHERE task_key IN (SELECT value FROM json_each(:task_keys))
+
+-- name: upsert_task
+INSERT INTO app_evolution_tasks (task_key, app_id, source, priority, description, severity,
+                                 file, created_at, updated_at)
+VALUES (:task_key, :app_id, :source, :priority, :description, :severity, :file, :now, :now)
+ON CONFLICT (task_key) DO UPDATE SET priority = excluded.priority,
+    severity = excluded.severity, updated_at = excluded.updated_at
+
+-- name: list_tasks
+SELECT * FROM app_evolution_tasks
+WHERE app_id = :app_id AND (:source IS NULL OR source = :source)
+ORDER BY priority, created_at, task_key
+
+-- name: record_trajectory
+INSERT INTO trajectories (app_id, run_id, pipeline, skill_tasks, adversarial_issues,
+                          quality_score, outcome, reward, durations, error, created_at)
+VALUES (:app_id, :run_id, :pipeline, :skill_tasks, :adversarial_issues, :quality_score,
+        :outcome, :reward, :durations, :error, :created_at)
+ON CONFLICT (app_id, run_id) DO NOTHING
+
+-- name: list_trajectories
+SELECT * FROM trajectories WHERE app_id = :app_id ORDER BY created_at, run_id
+
+-- name: reward_means
+SELECT app_id, AVG(reward) AS reward_mean FROM trajectories
+WHERE app_id IN (SELECT value FROM json_each(:app_ids))
+GROUP BY app_id
+
+-- name: get_fleet_config
+SELECT key, value FROM fleet_config
+
+-- name: set_fleet_config
+INSERT INTO fleet_config (key, value) VALUES (:key, :value)
+ON CONFLICT (key) DO UPDATE SET value = excluded.value
+
+-- name: record_cohort
+INSERT INTO cohorts (run_id, app_ids, started_at) VALUES (:run_id, :app_ids, :now)
+ON CONFLICT (run_id) DO NOTHING
+
+-- name: finish_cohort
+UPDATE cohorts SET finished_at = COALESCE(finished_at, :now) WHERE run_id = :run_id
+
+-- name: completed_cohorts
+SELECT COUNT(*) AS n FROM cohorts WHERE finished_at IS NOT NULL AND app_ids != '[]'
