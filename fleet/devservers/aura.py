@@ -9,12 +9,12 @@ import subprocess
 import threading
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from fleet.agentenv import agent_env
 from fleet.devservers.base import DevServer, Faults, Reply
+from fleet.jsonhttp import Request, Response
 from fleet.procs import kill_group
 
 log = logging.getLogger("fleet.devservers.aura")
@@ -162,12 +162,12 @@ class AuraDevServer(DevServer):
 
     # -- faults and headers ------------------------------------------------------------------
 
-    def _handle(self, req: BaseHTTPRequestHandler, method: str) -> None:
-        self._request.path = req.path.split("?", 1)[0]
-        self._request.key = req.headers.get(IDEMPOTENCY_HEADER)
+    def _handle(self, request: Request) -> Response | None:
+        self._request.path = request.path
+        self._request.key = request.headers.get(IDEMPOTENCY_HEADER)
         self._request.after = None
         try:
-            super()._handle(req, method)
+            return super()._handle(request)
         finally:
             self._request.__dict__.clear()
 
