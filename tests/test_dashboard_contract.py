@@ -213,9 +213,6 @@ def test_the_contract_survives_a_second_application(db):
     assert writable == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fleet/store/migrations.py re-applies only an edited file, and 0001/0002 revoke everything "
-    "from `authenticated`: re-applying later files after an edited one fixes it"))
 def test_the_contract_survives_an_edit_of_an_earlier_migration(db, tmp_path):
     for path in migration_files():
         (tmp_path / path.name).write_text(path.read_text())

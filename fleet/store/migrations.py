@@ -8,7 +8,7 @@ way they are located from the package, never from the working directory.
 Every migration is written to be re-runnable (IF NOT EXISTS, CREATE OR REPLACE), so
 applying the whole directory twice is a no-op. Each applied file is recorded with its
 checksum in `fleet_schema_migrations`, and a store that starts on an up-to-date database
-applies nothing: re-running the DDL would take ACCESS EXCLUSIVE locks that queue behind
+applies nothing (an edited file is applied again with every file after it): re-running the DDL would take ACCESS EXCLUSIVE locks that queue behind
 (and block) every open read. An advisory lock keeps two appliers apart.
 """
 
@@ -79,4 +79,8 @@ def _pending(conn: Any, wanted: dict[str, tuple[Traversable, str]]) -> list[str]
     if conn.execute("SELECT to_regclass('fleet_schema_migrations')").fetchone()[0] is None:
         return sorted(wanted)
     applied = dict(conn.execute("SELECT name, checksum FROM fleet_schema_migrations").fetchall())
-    return [name for name in sorted(wanted) if applied.get(name) != wanted[name][1]]
+    names = sorted(wanted)
+    first = next((i for i, n in enumerate(names) if applied.get(n) != wanted[n][1]), len(names))
+    # Every file after a pending one is applied again: later files may re-grant or redefine
+    # what an earlier one revokes or replaces (0004's dashboard grants after 0001's REVOKE ALL).
+    return names[first:]
