@@ -11,7 +11,6 @@ finished job.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -24,7 +23,8 @@ from typing import Callable, Mapping, Sequence
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
 from fleet.settings import get_settings
-from fleet.procs import kill_marked, marked_env, stop_process_tree
+from fleet.procs import run_bounded, stop_process_tree
+from fleet.supervisor.check import tail
 from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
 
 RUNNING, WATCHING, IDLE, EMERGENCY_STOP = "running", "watching", "idle", "emergency_stop"
@@ -320,29 +320,16 @@ class Supervisor:
 def run_agent(
     argv: list[str], repo: Path, timeout: float | None, env: Mapping[str, str] | None
 ) -> tuple[int | None, str]:
-    """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail)."""
-    env, marker = marked_env(env)
+    """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail).
+
+    Whatever the agent left running, in its session or out of it, is stopped before this
+    returns: it must not edit the repo behind the guard.
+    """
     try:
-        proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        done = run_bounded(argv, cwd=repo, env=env, timeout=timeout)
     except OSError as exc:
         return 127, f"could not start {argv[0]!r}: {exc.strerror or exc}"
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        code: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        stop_process_tree(proc, 1)
-        kill_marked(marker)  # an escaped process holding the output pipe would block the read
-        output, _ = proc.communicate()
-        code = None
-    # Whatever the agent left running, in its session or out of it, must not edit the repo behind the guard.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    kill_marked(marker)
-    text = " ".join((output or b"").decode(errors="replace").split())
-    return code, text[-240:]
+    return done.returncode, tail(done.output_tail)
 
 
 def _describe_exit(code: int | None) -> str:
