@@ -50,7 +50,7 @@ class SnapshotArchive:
     def prune(self) -> list[str]:
         """Drop all but the newest `keep_commits` snapshots and the objects only they kept."""
         everything = out(self.path, "for-each-ref", "--format=%(refname)", _LEGACY_REFS).splitlines()
-        kept = set(self.refs()[-self.keep_commits:])
+        kept = set(sorted(ref for ref in everything if ref.startswith(SNAPSHOT_REFS))[-self.keep_commits:])
         dropped = sorted(ref for ref in everything if ref not in kept)
         if not dropped:
             return []

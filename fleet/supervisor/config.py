@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.configfile import KeyLines, dotted, line_of, load_model
+from fleet.supervisor.archive import KEEP_COMMITS
 
 RestartPolicy = Literal["always", "on-failure", "never"]
 
@@ -42,6 +43,10 @@ class Health(_Strict):
     cpu_samples: int = Field(3, ge=1)
 
 
+# The seed's health checks for the supervised app: every 5 s, 4 096 MB, 90 % CPU.
+APP_HEALTH = Health(interval_seconds=5.0, max_memory_mb=4096, max_cpu_percent=90)
+
+
 class ProcessSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     command: list[str] = Field(min_length=1)
@@ -71,6 +76,10 @@ class AppSpec(_Strict):
     check_command: list[str] | None = None
     min_runtime_seconds: float | None = Field(None, gt=0)
     max_failures: int | None = Field(None, ge=1)
+    # Snapshots whose commits are kept outside the repo; older ones are pruned.
+    keep_commits: int = Field(KEEP_COMMITS, ge=1)
+    # A breach stops the app; in the first run after a change it also rolls the change back.
+    health: Health = Field(default_factory=lambda: APP_HEALTH)
 
 
 class SupervisorConfig(_Strict):
