@@ -1,5 +1,5 @@
-"""Running a command with bounds (time, kept output) and stopping a child with everything it
-started: its tree, its process group, and (by an environment marker) the processes that left both."""
+"""Running a command within bounds (time, output kept) and stopping a child with all it started:
+its tree, its process group, and (by an environment marker) the processes that left both."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _POLL = 0.05  # how often a run whose output pipe stays open checks whether the 
 
 @dataclass(frozen=True)
 class Finished:
-    """How a bounded run ended: exit code (None when stopped at the timeout) and its output's end."""
+    """How a bounded run ended: exit code (None when stopped at the timeout), the output's end."""
 
     returncode: int | None
     output_tail: str
@@ -47,7 +47,7 @@ class _Tail:
             del self.data[: -self.limit]
 
     def text(self) -> str:
-        return bytes(self.data[-self.limit:]).decode(errors="replace")
+        return bytes(self.data[-self.limit :]).decode(errors="replace")
 
 
 def run_bounded(
@@ -70,8 +70,13 @@ def run_bounded(
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     proc = subprocess.Popen(
-        list(argv), cwd=cwd, env=marked, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        list(argv),
+        cwd=cwd,
+        env=marked,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
@@ -121,8 +126,13 @@ async def arun_bounded(
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=marked, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        *argv,
+        cwd=cwd,
+        env=marked,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
@@ -133,7 +143,8 @@ async def arun_bounded(
         if deadline is not None and time.monotonic() >= deadline:
             timed_out = True
             break
-        await asyncio.sleep(_POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic())))
+        left = _POLL if deadline is None else deadline - time.monotonic()
+        await asyncio.sleep(min(_POLL, max(0.0, left)))
 
     def stop() -> None:
         if timed_out:
@@ -219,8 +230,10 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _wait_gone(reap: Callable[[], object], family: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every member exited; a zombie counts as gone (its parent, maybe init, reaps it)."""
+def _wait_gone(
+    reap: Callable[[], object], family: list[psutil.Process], timeout: float
+) -> list[psutil.Process]:
+    """Wait until every member exited; a zombie counts as gone (its parent, or init, reaps it)."""
     deadline = time.monotonic() + timeout
     while True:
         reap()  # reap our own child so it does not linger as a zombie

@@ -1,4 +1,4 @@
-"""The bounded-process runner with real children: the timeout holds even when an escapee keeps the pipe."""
+"""The bounded-process runner, real children: the timeout holds when an escapee keeps the pipe."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def double_fork(pidfile: Path) -> list[str]:
         f"        open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
         "        time.sleep(60)\n"
         "    os._exit(0)\n"
-        f"while not os.path.exists({str(pidfile)!r}) or not open({str(pidfile)!r}).read(): time.sleep(0.01)\n"
+        f"while not os.path.exists({str(pidfile)!r}) or not open({str(pidfile)!r}).read():\n"
+        "    time.sleep(0.01)\n"
         "print('parent done', flush=True)\n"
     )
     return [sys.executable, "-c", code]
@@ -61,8 +62,11 @@ FLAVOURS = ["sync", "async"]
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_exit_code_and_the_end_of_the_output(flavour):
-    done = run(flavour, [sys.executable, "-c", "import sys; print('x' * 100000 + 'END'); sys.exit(3)"],
-               tail_bytes=10)
+    done = run(
+        flavour,
+        [sys.executable, "-c", "import sys; print('x' * 100000 + 'END'); sys.exit(3)"],
+        tail_bytes=10,
+    )
     assert done.returncode == 3 and not done.timed_out
     assert done.output_tail == "xxxxxxEND\n" and done.duration < 10
 
@@ -82,7 +86,11 @@ def test_timeout_stops_a_command_whose_setsid_escapee_holds_the_pipe(flavour, tm
 def test_exit_does_not_wait_for_a_setsid_escapee_holding_the_pipe(flavour, tmp_path):
     pidfile = tmp_path / "escapee.pid"
     started = time.monotonic()
-    done = run(flavour, setsid_sleeper(pidfile, f"while [ ! -s {pidfile} ]; do sleep 0.01; done"), timeout=30)
+    done = run(
+        flavour,
+        setsid_sleeper(pidfile, f"while [ ! -s {pidfile} ]; do sleep 0.01; done"),
+        timeout=30,
+    )
     assert done.returncode == 0 and not done.timed_out
     assert time.monotonic() - started < 5  # not the escapee's 60 s, nor the 30 s timeout
     assert gone(wait_for_pid(pidfile))

@@ -49,13 +49,22 @@ class SnapshotArchive:
 
     def prune(self) -> list[str]:
         """Drop all but the newest `keep_commits` snapshots and the objects only they kept."""
-        everything = out(self.path, "for-each-ref", "--format=%(refname)", _LEGACY_REFS).splitlines()
-        kept = set(sorted(ref for ref in everything if ref.startswith(SNAPSHOT_REFS))[-self.keep_commits:])
+        everything = out(
+            self.path, "for-each-ref", "--format=%(refname)", _LEGACY_REFS
+        ).splitlines()
+        kept = set(
+            sorted(ref for ref in everything if ref.startswith(SNAPSHOT_REFS))[-self.keep_commits :]
+        )
         dropped = sorted(ref for ref in everything if ref not in kept)
         if not dropped:
             return []
-        git(self.path, "update-ref", "--stdin", stdin="".join(f"delete {ref}\n" for ref in dropped).encode())
-        # Snapshot objects arrive in small pushes and stay loose, so prune (not a full gc) frees them.
+        git(
+            self.path,
+            "update-ref",
+            "--stdin",
+            stdin="".join(f"delete {ref}\n" for ref in dropped).encode(),
+        )
+        # Snapshot objects arrive in small pushes and stay loose: prune (not a full gc) frees them.
         git(self.path, "prune", "--expire=now")
         return dropped
 
@@ -63,14 +72,31 @@ class SnapshotArchive:
         """Bring the snapshot's commits back into the guarded repo (the agent destroyed them)."""
         if not snap.archive_ref or snap.archive_ref not in self.refs():
             raise GuardError(
-                f"the snapshot of {self.repo} at {snap.head[:12]} lost its commits and is no longer in the "
-                f"archive (it keeps the newest {self.keep_commits}); restore by hand from {self.path}"
+                f"the snapshot of {self.repo} at {snap.head[:12]} lost its commits and is "
+                f"no longer in the archive (it keeps the newest {self.keep_commits}); "
+                f"restore by hand from {self.path}"
             )
-        git(self.repo, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(self.path), snap.archive_ref)
+        git(
+            self.repo,
+            "fetch",
+            "-q",
+            "--no-tags",
+            "--no-write-fetch-head",
+            str(self.path),
+            snap.archive_ref,
+        )
 
 
-def save_patch(patches_dir: Path, repo: Path, snap: Snapshot, final: Final | None, reason: str,
-               violations: Sequence[str], notes: Sequence[str], now: datetime) -> Path:
+def save_patch(
+    patches_dir: Path,
+    repo: Path,
+    snap: Snapshot,
+    final: Final | None,
+    reason: str,
+    violations: Sequence[str],
+    notes: Sequence[str],
+    now: datetime,
+) -> Path:
     """Keep the difference between `snap` and what the agent left as a patch `git apply` takes."""
     patches_dir.mkdir(parents=True, exist_ok=True)
     name = f"{now.strftime('%Y%m%dT%H%M%SZ')}-{snap.head[:8]}"
@@ -90,9 +116,13 @@ def save_patch(patches_dir: Path, repo: Path, snap: Snapshot, final: Final | Non
     body = b""
     if final is not None:
         if final.head and final.head != snap.head:
-            log = git(repo, "log", "--oneline", "--no-decorate", f"{snap.head}..{final.head}", check=False)
+            log = git(
+                repo, "log", "--oneline", "--no-decorate", f"{snap.head}..{final.head}", check=False
+            )
             header += ["agent commits:", *log.stdout.decode(errors="replace").splitlines()]
-        body = git(repo, "diff", "--binary", "--no-ext-diff", "--no-textconv", "-M", snap.tree, final.tree).stdout
+        body = git(
+            repo, "diff", "--binary", "--no-ext-diff", "--no-textconv", "-M", snap.tree, final.tree
+        ).stdout
     header += notes
     # Every header line starts with "# " so `git apply` skips it and never mistakes it for a hunk.
     text = "".join(f"# {line}\n" for line in header) + "\n"

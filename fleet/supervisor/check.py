@@ -1,4 +1,4 @@
-"""The check command run after an agent's change: bounded in time, its output's end kept for the verdict."""
+"""The check command run after an agent's change: bounded in time, its output's end kept."""
 
 from __future__ import annotations
 

@@ -45,7 +45,14 @@ from fleet.supervisor.check import run_check
 from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths
 from fleet.supervisor.internals import Found
 from fleet.supervisor.paths import ALWAYS_PROTECTED, ProtectedPaths
-from fleet.supervisor.snapshot import SNAPSHOT_REF, SYMLINK_MODE, Change, Final, GuardedRepo, Snapshot
+from fleet.supervisor.snapshot import (
+    SNAPSHOT_REF,
+    SYMLINK_MODE,
+    Change,
+    Final,
+    GuardedRepo,
+    Snapshot,
+)
 
 ACCEPT_MESSAGE = "supervisor: accepted change"
 
@@ -70,7 +77,7 @@ class _Examined:
 
 
 class ChangeGuard:
-    """Guards one repository: `snap = guard.snapshot()`, let the agent work, `guard.validate(snap)`."""
+    """Guards one repository: `snap = guard.snapshot()`, the agent works, `guard.validate(snap)`."""
 
     def __init__(
         self,
@@ -85,13 +92,21 @@ class ChangeGuard:
         self.repo = Path(repo).resolve()
         self.protected = ProtectedPaths(list(protected))
         self.check_command = list(check_command) if check_command else None
-        self.patches_dir = Path(patches_dir) if patches_dir else get_settings().home.resolve() / "supervisor" / "patches"
+        self.patches_dir = (
+            Path(patches_dir)
+            if patches_dir
+            else get_settings().home.resolve() / "supervisor" / "patches"
+        )
         self.check_timeout = check_timeout
         self.clock = clock or SystemClock()
-        # Kept patches inside the repo (a relative state dir) are the guard's files, never the agent's change.
+        # Kept patches inside the repo (a relative state dir) are the guard's files, never the
+        # agent's change.
         patches = self.patches_dir.resolve()
-        self._patches_in_repo = (patches.relative_to(self.repo).as_posix()
-                                 if patches != self.repo and patches.is_relative_to(self.repo) else None)
+        self._patches_in_repo = (
+            patches.relative_to(self.repo).as_posix()
+            if patches != self.repo and patches.is_relative_to(self.repo)
+            else None
+        )
         self.git = GuardedRepo(self.repo, self._patches_in_repo)
         self.archive = SnapshotArchive(self.repo, self.patches_dir, keep_commits)
 
@@ -108,9 +123,16 @@ class ChangeGuard:
         archive_ref = self.archive.store(head, stash)
         ignored_paths = self.git.ignored_files()
         return Snapshot(
-            repo=self.repo, head=head, stash=stash, taken_at=self.clock.now(), tree=tree, branch=branch,
-            perms=self.git.perms(self.git.listed_files()), internals=internals.read_internals(self.git.common_dir),
-            ignored=self._read_ignored_protected(ignored_paths), ignored_paths=frozenset(ignored_paths),
+            repo=self.repo,
+            head=head,
+            stash=stash,
+            taken_at=self.clock.now(),
+            tree=tree,
+            branch=branch,
+            perms=self.git.perms(self.git.listed_files()),
+            internals=internals.read_internals(self.git.common_dir),
+            ignored=self._read_ignored_protected(ignored_paths),
+            ignored_paths=frozenset(ignored_paths),
             archive_ref=archive_ref,
         )
 
@@ -121,11 +143,18 @@ class ChangeGuard:
         """
         first = self._examine(snap)
         if first.final is None:
-            return self._reject(snap, None, f"repository damaged: {first.damage}", ["repository (damaged)"],
-                                first.notes)
+            return self._reject(
+                snap,
+                None,
+                f"repository damaged: {first.damage}",
+                ["repository (damaged)"],
+                first.notes,
+            )
         found = _format_violations(first.found)
         if found:
-            return self._reject(snap, first.final, f"protected path changed: {_join(found)}", found, first.notes)
+            return self._reject(
+                snap, first.final, f"protected path changed: {_join(found)}", found, first.notes
+            )
         if not first.final.changes and first.final.head == snap.head:
             return GuardVerdict(True, "accepted (no changes)", [], None, snap.head)
         if self.check_command:
@@ -136,16 +165,26 @@ class ChangeGuard:
             after = self._examine(snap)
             notes = first.notes + after.notes
             if after.final is None:
-                return self._reject(snap, first.final, f"repository damaged by checks: {after.damage}",
-                                    ["repository (damaged)"], notes)
+                return self._reject(
+                    snap,
+                    first.final,
+                    f"repository damaged by checks: {after.damage}",
+                    ["repository (damaged)"],
+                    notes,
+                )
             found = _format_violations(after.found)
             if found:
-                return self._reject(snap, after.final, f"protected path changed during checks: {_join(found)}",
-                                    found, notes)
+                return self._reject(
+                    snap,
+                    after.final,
+                    f"protected path changed during checks: {_join(found)}",
+                    found,
+                    notes,
+                )
         return GuardVerdict(True, "accepted", [], None, self._commit(first.final))
 
     def rollback(self, snap: Snapshot, reason: str, violations: Sequence[str] = ()) -> Path | None:
-        """Save the difference from `snap` as a patch, then restore `snap` exactly; returns the patch."""
+        """Keep the difference from `snap` as a patch, restore `snap` exactly; returns the patch."""
         final = self._examine(snap, judge=False).final
         patch = self._save_patch(snap, final, reason, list(violations), [])
         self._restore(snap)
@@ -197,22 +236,34 @@ class ChangeGuard:
             now = stat.S_IMODE(st.st_mode)
             if now != perm:
                 unreadable = "made unreadable, " if not now & stat.S_IRUSR else ""
-                found.setdefault(path, []).append(f"{unreadable}permissions {perm:04o} -> {now:04o}")
+                found.setdefault(path, []).append(
+                    f"{unreadable}permissions {perm:04o} -> {now:04o}"
+                )
         if final.head is None:
             found.setdefault("HEAD", []).append("no longer points at a commit")
         elif final.head != snap.head:
-            ancestor = git(self.repo, "merge-base", "--is-ancestor", snap.head, final.head, check=False)
+            ancestor = git(
+                self.repo, "merge-base", "--is-ancestor", snap.head, final.head, check=False
+            )
             if ancestor.returncode != 0:
                 found.setdefault("HEAD", []).append(
-                    f"history rewritten: {final.head[:12]} does not descend from {snap.head[:12]}")
+                    f"history rewritten: {final.head[:12]} does not descend from {snap.head[:12]}"
+                )
         if final.branch != snap.branch:
             found.setdefault("HEAD", []).append(
-                f"switched from {snap.branch or 'detached'} to {final.branch or 'detached'}")
+                f"switched from {snap.branch or 'detached'} to {final.branch or 'detached'}"
+            )
 
     def _symlink_violation(self, change: Change, found: Found) -> None:
         path = change.new_path
-        target = git(self.repo, "cat-file", "blob", change.new_sha).stdout.decode(errors="surrogateescape")
-        lexical = target if os.path.isabs(target) else os.path.normpath(os.path.join(os.path.dirname(path), target))
+        target = git(self.repo, "cat-file", "blob", change.new_sha).stdout.decode(
+            errors="surrogateescape"
+        )
+        lexical = (
+            target
+            if os.path.isabs(target)
+            else os.path.normpath(os.path.join(os.path.dirname(path), target))
+        )
         for cand in (lexical, os.path.realpath(self.repo / path)):
             if os.path.isabs(cand):
                 rel = os.path.relpath(cand, self.repo) if _inside(cand, self.repo) else None
@@ -225,27 +276,47 @@ class ChangeGuard:
                 found.setdefault(path, []).append(f"symlink to protected path {rel}")
                 return
 
-    def _read_ignored_protected(self, ignored_files: Sequence[str] | None = None) -> dict[str, internals.Entry]:
+    def _read_ignored_protected(
+        self, ignored_files: Sequence[str] | None = None
+    ) -> dict[str, internals.Entry]:
         listed = self.git.ignored_files() if ignored_files is None else ignored_files
-        return internals.read_files(self.repo, (rel for rel in listed if self.protected.matches(rel)))
+        return internals.read_files(
+            self.repo, (rel for rel in listed if self.protected.matches(rel))
+        )
 
     # ------------------------------------------------------------ decisions
 
-    def _reject(self, snap: Snapshot, final: Final | None, reason: str, violations: list[str],
-                notes: list[str]) -> GuardVerdict:
+    def _reject(
+        self,
+        snap: Snapshot,
+        final: Final | None,
+        reason: str,
+        violations: list[str],
+        notes: list[str],
+    ) -> GuardVerdict:
         patch = self._save_patch(snap, final, reason, violations, notes)
         self._restore(snap)
         return GuardVerdict(False, reason, violations, patch, snap.head)
 
-    def _save_patch(self, snap: Snapshot, final: Final | None, reason: str, violations: list[str],
-                    notes: list[str]) -> Path:
-        return save_patch(self.patches_dir, self.repo, snap, final, reason, violations, notes, self.clock.now())
+    def _save_patch(
+        self,
+        snap: Snapshot,
+        final: Final | None,
+        reason: str,
+        violations: list[str],
+        notes: list[str],
+    ) -> Path:
+        return save_patch(
+            self.patches_dir, self.repo, snap, final, reason, violations, notes, self.clock.now()
+        )
 
     def _commit(self, final: Final) -> str:
         head = final.head
         assert head is not None
         if final.tree != self.git.tree_of(head):
-            head = out(self.repo, *IDENTITY, "commit-tree", final.tree, "-p", head, "-m", ACCEPT_MESSAGE)
+            head = out(
+                self.repo, *IDENTITY, "commit-tree", final.tree, "-p", head, "-m", ACCEPT_MESSAGE
+            )
         # Commit exactly the validated tree; anything the check rewrote in tracked files goes.
         git(self.repo, "reset", "-q", "--hard", head)
         return head
@@ -254,8 +325,11 @@ class ChangeGuard:
         """Write back the git internals, then bring back the snapshot's objects if the agent
         destroyed them (deleted refs, expired reflogs, `git gc --prune=now`)."""
         internals.restore_internals(self.git.common_dir, snap.internals)
-        lost = [sha for sha in (snap.head, snap.stash)
-                if sha and git(self.repo, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode]
+        lost = [
+            sha
+            for sha in (snap.head, snap.stash)
+            if sha and git(self.repo, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode
+        ]
         if lost:
             self.archive.recover(snap)
             if snap.stash:
@@ -272,7 +346,9 @@ class ChangeGuard:
         self.git.unlock_dirs(snap.perms)
         # Files are written back through the attributes in the working tree: drop the agent's
         # first (the snapshot's own come back with the files, ignored ones from their copy).
-        attributes = git(self.repo, "ls-files", "-z", "--cached", "--others", "--", ":(glob)**/.gitattributes").stdout
+        attributes = git(
+            self.repo, "ls-files", "-z", "--cached", "--others", "--", ":(glob)**/.gitattributes"
+        ).stdout
         for rel in z_paths(attributes):
             (self.repo / rel).unlink(missing_ok=True)
         git(self.repo, "reset", "-q", "--hard", snap.head)
@@ -293,7 +369,8 @@ class ChangeGuard:
         if head != snap.head or tree != snap.tree:
             raise GuardError(
                 f"rollback of {self.repo} did not restore the snapshot (HEAD {head}, tree {tree}; "
-                f"expected {snap.head}, {snap.tree}); restore by hand with `git reset --hard {snap.head}`"
+                f"expected {snap.head}, {snap.tree}); "
+                f"restore by hand with `git reset --hard {snap.head}`"
                 + (f" and `git stash apply {snap.stash}`" if snap.stash else "")
             )
 
@@ -301,14 +378,25 @@ class ChangeGuard:
         """`-e` patterns for `git clean`: the patches dir, and files git ignored at snapshot time
         but no longer ignores (an edited .gitignore, HEAD's .gitignore without the operator's
         uncommitted lines)."""
-        patches = ["-e", _literal_pattern(self._patches_in_repo + "/")] if self._patches_in_repo else []
+        patches = (
+            ["-e", _literal_pattern(self._patches_in_repo + "/")] if self._patches_in_repo else []
+        )
         kept = sorted(rel for rel in snap.ignored_paths if os.path.lexists(self.repo / rel))
         if not kept:
             return patches
-        probe = git(self.repo, "check-ignore", "-z", "--stdin", "--no-index", check=False,
-                    stdin=b"\0".join(os.fsencode(rel) for rel in kept))
+        probe = git(
+            self.repo,
+            "check-ignore",
+            "-z",
+            "--stdin",
+            "--no-index",
+            check=False,
+            stdin=b"\0".join(os.fsencode(rel) for rel in kept),
+        )
         still = set(z_paths(probe.stdout)) if probe.returncode in (0, 1) else set()
-        return patches + [arg for rel in kept if rel not in still for arg in ("-e", _literal_pattern(rel))]
+        return patches + [
+            arg for rel in kept if rel not in still for arg in ("-e", _literal_pattern(rel))
+        ]
 
 
 def _literal_pattern(rel: str) -> str:
@@ -335,4 +423,11 @@ def _inside(path: str, root: Path) -> bool:
         return False
 
 
-__all__ = ["ACCEPT_MESSAGE", "ALWAYS_PROTECTED", "ChangeGuard", "GuardVerdict", "ProtectedPaths", "Snapshot"]
+__all__ = [
+    "ACCEPT_MESSAGE",
+    "ALWAYS_PROTECTED",
+    "ChangeGuard",
+    "GuardVerdict",
+    "ProtectedPaths",
+    "Snapshot",
+]

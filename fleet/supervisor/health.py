@@ -1,4 +1,4 @@
-"""Health limits of a process tree (memory, CPU via psutil), sampled on the injected clock's schedule."""
+"""Health limits of a process tree (memory, CPU via psutil), sampled by the injected clock."""
 
 from __future__ import annotations
 
@@ -26,8 +26,12 @@ class HealthSample:
     processes: int
 
     def as_dict(self) -> dict:
-        return {"at": self.at.isoformat(), "memory_mb": round(self.memory_mb, 1),
-                "cpu_percent": round(self.cpu_percent, 1), "processes": self.processes}
+        return {
+            "at": self.at.isoformat(),
+            "memory_mb": round(self.memory_mb, 1),
+            "cpu_percent": round(self.cpu_percent, 1),
+            "processes": self.processes,
+        }
 
 
 Reader = Callable[[int], "Reading | None"]  # pid → a reading of its tree (None: it is gone)
@@ -37,7 +41,9 @@ class TreeReader:
     """psutil readings of a process and its descendants (memory summed, CPU summed)."""
 
     def __init__(self) -> None:
-        self._known: dict[int, psutil.Process] = {}  # the same objects across samples give a cpu delta
+        self._known: dict[
+            int, psutil.Process
+        ] = {}  # the same objects across samples give a cpu delta
 
     def __call__(self, pid: int) -> Reading | None:
         try:
@@ -92,6 +98,8 @@ class HealthMonitor:
         if health.max_cpu_percent is not None:
             self.cpu_over = self.cpu_over + 1 if sample.cpu_percent > health.max_cpu_percent else 0
             if self.cpu_over >= health.cpu_samples:
-                return (f"cpu {sample.cpu_percent:.0f}% over the limit of {health.max_cpu_percent:g}% "
-                        f"for {self.cpu_over} samples")
+                return (
+                    f"cpu {sample.cpu_percent:.0f}% over the limit of {health.max_cpu_percent:g}% "
+                    f"for {self.cpu_over} samples"
+                )
         return None

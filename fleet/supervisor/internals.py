@@ -13,8 +13,14 @@ from typing import Iterable, Mapping
 
 # Git internals an agent could use to run code or hide files (relative to the common git dir);
 # replace refs would show the operator's own git a forged tree.
-GUARDED_INTERNALS = ("config", "hooks", "info", "objects/info/alternates", "objects/info/http-alternates",
-                     "refs/replace")
+GUARDED_INTERNALS = (
+    "config",
+    "hooks",
+    "info",
+    "objects/info/alternates",
+    "objects/info/http-alternates",
+    "refs/replace",
+)
 
 Found = dict[str, list[str]]  # path → what happened to it, in operator words
 
@@ -47,8 +53,14 @@ def read_entry(path: Path, rel: str, found: dict[str, Entry]) -> None:
         found[rel] = Entry("file", perm, data)
 
 
-def change_kind(before: Entry | None, after: Entry | None, *, added: str = "added",
-                deleted: str = "deleted", modified: str = "modified") -> str:
+def change_kind(
+    before: Entry | None,
+    after: Entry | None,
+    *,
+    added: str = "added",
+    deleted: str = "deleted",
+    modified: str = "modified",
+) -> str:
     """How a file the repo's history does not track changed between two readings."""
     if before is None:
         return added
@@ -76,8 +88,10 @@ def read_internals(common_dir: Path) -> dict[str, Entry]:
     return found
 
 
-def internals_changes(saved: Mapping[str, Entry], now: Mapping[str, Entry], found: Found) -> list[str]:
-    """Record each changed internal as `.git/<path>` in `found`; returns text diffs for a patch header."""
+def internals_changes(
+    saved: Mapping[str, Entry], now: Mapping[str, Entry], found: Found
+) -> list[str]:
+    """Record each changed internal as `.git/<path>` in `found`; returns text diffs for a patch."""
     notes: list[str] = []
     for rel in sorted(set(saved) | set(now)):
         before, after = saved.get(rel), now.get(rel)
@@ -95,7 +109,7 @@ def internals_changes(saved: Mapping[str, Entry], now: Mapping[str, Entry], foun
 
 
 def restore_internals(common_dir: Path, saved: Mapping[str, Entry]) -> None:
-    """Write back the internals as `saved`: what the agent added goes, what it changed comes back."""
+    """Write the internals back as `saved`: what the agent added goes, what it changed returns."""
     now = read_internals(common_dir)
     if now == dict(saved):
         return
@@ -146,9 +160,15 @@ def ignored_changes(saved: Mapping[str, Entry], now: Mapping[str, Entry], found:
         before, after = saved.get(rel), now.get(rel)
         if before == after:
             continue
-        found.setdefault(rel, []).append(change_kind(
-            before, after, added="added, ignored by git", deleted="deleted or no longer ignored",
-            modified="modified, ignored by git"))
+        found.setdefault(rel, []).append(
+            change_kind(
+                before,
+                after,
+                added="added, ignored by git",
+                deleted="deleted or no longer ignored",
+                modified="modified, ignored by git",
+            )
+        )
 
 
 def restore_files(repo: Path, saved: Mapping[str, Entry], now: Mapping[str, Entry]) -> None:

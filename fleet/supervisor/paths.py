@@ -10,7 +10,10 @@ from pathspec import GitIgnoreSpec
 # The supervisor's own configuration can never be changed by the agent it supervises, nor can
 # .gitattributes (at any depth): its filters and encodings change the bytes git sees.
 ALWAYS_PROTECTED: tuple[str, ...] = (
-    "supervisor.yaml", "supervisor.yml", ".fleet-supervisor/**", ".gitattributes",
+    "supervisor.yaml",
+    "supervisor.yml",
+    ".fleet-supervisor/**",
+    ".gitattributes",
 )
 # pathspec's patterns use "." (which stops at a newline): a newline in a directory name would
 # hide the files below it. Git paths never hold NUL, so it stands in for the newline.
@@ -21,9 +24,10 @@ class ProtectedPaths:
     """The configured globs plus the always-protected ones; `matches("ci/x.cfg")`.
 
     Globs read as in .gitignore (`**` spans directories, a glob with an inner "/" is anchored
-    at the repo root, "dir/" names a directory), with differences that only ever protect more: a path is protected when it or any directory above it matches ("ci", "ci/" and "ci/*"
-    all protect "ci/sub/gate.sh", "ci/**" protects "ci" itself); each glob counts on its own, so
-    a leading "!" or "#" is part of a name, never a negation or a comment that could lift an
+    at the repo root, "dir/" names a directory), with differences that only ever protect more:
+    a path is protected when it or any directory above it matches ("ci", "ci/" and "ci/*" all
+    protect "ci/sub/gate.sh", "ci/**" protects "ci" itself); each glob counts on its own, so a
+    leading "!" or "#" is part of a name, never a negation or a comment that could lift an
     always-protected path; "\\" is a path separator, not an escape; an unclosed "[" is itself.
     """
 

@@ -21,13 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
-from fleet.settings import get_settings
 from fleet.procs import run_bounded, stop_process_tree
-from fleet.supervisor.check import tail
+from fleet.settings import get_settings
 from fleet.supervisor.archive import KEEP_COMMITS
+from fleet.supervisor.check import tail
 from fleet.supervisor.config import APP_HEALTH, Health
 from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
 from fleet.supervisor.health import HealthMonitor, Reader
@@ -82,8 +81,8 @@ class Supervisor:
     ):
         settings = get_settings()
         self.clock = clock or SystemClock()
-        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout, self.clock,
-                                 keep_commits=keep_commits)
+        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout,
+                                 self.clock, keep_commits=keep_commits)
         self.repo = self.guard.repo
         self.command = list(command)
         self.min_runtime = settings.supervisor_min_runtime_seconds if min_runtime is None else min_runtime
@@ -357,7 +356,7 @@ class Supervisor:
 def run_agent(
     argv: list[str], repo: Path, timeout: float | None, env: Mapping[str, str] | None
 ) -> tuple[int | None, str]:
-    """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail).
+    """Run an agent command in the repo, in its own session; (exit code, None at timeout; tail).
 
     Whatever the agent left running, in its session or out of it, is stopped before this
     returns: it must not edit the repo behind the guard.

@@ -31,7 +31,8 @@ class Snapshot:
     branch: str | None = None  # symbolic ref HEAD pointed at; None = detached
     perms: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
     internals: Mapping[str, Entry] = field(default_factory=dict, repr=False, compare=False)
-    # Protected files git ignores (a local supervisor.yaml, .env): git cannot restore them, so we keep a copy.
+    # Protected files git ignores (a local supervisor.yaml, .env): git cannot restore them, so
+    # we keep a copy.
     ignored: Mapping[str, Entry] = field(default_factory=dict, repr=False, compare=False)
     # Every file git ignored: a rollback never deletes one, even if .gitignore no longer ignores it.
     ignored_paths: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
@@ -66,8 +67,10 @@ class Change:
             return {self.new_path: f"type changed {self.old_mode} -> {self.new_mode}"}
         if s == "R":
             edited = "" if self.score >= 100 else ", modified"
-            return {self.old_path: f"renamed to {self.new_path}{edited}",
-                    self.new_path: f"renamed from {self.old_path}{edited}"}
+            return {
+                self.old_path: f"renamed to {self.new_path}{edited}",
+                self.new_path: f"renamed from {self.old_path}{edited}",
+            }
         if s == "C":
             return {self.new_path: f"copied from {self.old_path}"}
         if self.old_mode != self.new_mode:
@@ -90,14 +93,18 @@ class GuardedRepo:
 
     def __init__(self, repo: Path, patches_in_repo: str | None = None):
         self.path = repo
-        # Kept patches inside the repo are the guard's files, never part of the working tree it compares.
+        # Kept patches inside the repo are the guard's files, never part of the compared tree.
         self.patches_in_repo = patches_in_repo
         try:
             top = out(repo, "rev-parse", "--show-toplevel")
         except GuardError as exc:
-            raise GuardError(f"{repo} is not a git repository; run `git init` and commit once ({exc})") from exc
+            raise GuardError(
+                f"{repo} is not a git repository; run `git init` and commit once ({exc})"
+            ) from exc
         if Path(top).resolve() != repo:
-            raise GuardError(f"{repo} is inside the repository {top}; guard the repository root instead")
+            raise GuardError(
+                f"{repo} is inside the repository {top}; guard the repository root instead"
+            )
         self.git_dir = Path(out(repo, "rev-parse", "--absolute-git-dir"))
         common = Path(out(repo, "rev-parse", "--git-common-dir"))
         self.common_dir = common if common.is_absolute() else (repo / common).resolve()
@@ -121,15 +128,22 @@ class GuardedRepo:
         """
         index_tree = git(self.path, "write-tree", check=False)
         if index_tree.returncode != 0:
-            raise GuardError(f"the index of {self.path} has unresolved conflicts; resolve them before supervising")
+            raise GuardError(
+                f"the index of {self.path} has unresolved conflicts; "
+                "resolve them before supervising"
+            )
         index_tree_sha = index_tree.stdout.decode().strip()
         tree = self.worktree_tree(head)
         head_tree = self.tree_of(head)
         if tree == head_tree and index_tree_sha == head_tree:
             return tree, None
         msg = "fleet-supervisor snapshot"
-        index_commit = out(self.path, *IDENTITY, "commit-tree", index_tree_sha, "-p", head, "-m", f"{msg} (index)")
-        stash = out(self.path, *IDENTITY, "commit-tree", tree, "-p", head, "-p", index_commit, "-m", msg)
+        index_commit = out(
+            self.path, *IDENTITY, "commit-tree", index_tree_sha, "-p", head, "-m", f"{msg} (index)"
+        )
+        stash = out(
+            self.path, *IDENTITY, "commit-tree", tree, "-p", head, "-p", index_commit, "-m", msg
+        )
         git(self.path, "update-ref", "-m", msg, SNAPSHOT_REF, stash)
         return tree, stash
 
@@ -138,7 +152,9 @@ class GuardedRepo:
         return list(dict.fromkeys(z_paths(raw)))
 
     def ignored_files(self) -> list[str]:
-        return z_paths(git(self.path, "ls-files", "-z", "--others", "--ignored", "--exclude-standard").stdout)
+        return z_paths(
+            git(self.path, "ls-files", "-z", "--others", "--ignored", "--exclude-standard").stdout
+        )
 
     def perms(self, paths: Sequence[str]) -> dict[str, int]:
         """Permission bits of files and their parent directories (git keeps only the x bit)."""
@@ -194,7 +210,9 @@ class GuardedRepo:
             with tempfile.TemporaryDirectory(prefix="fleet-guard-") as tmp:
                 env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
                 git(self.path, "read-tree", base, env=env)
-                outside = [f":(exclude,literal){self.patches_in_repo}"] if self.patches_in_repo else []
+                outside = (
+                    [f":(exclude,literal){self.patches_in_repo}"] if self.patches_in_repo else []
+                )
                 git(self.path, "add", "-A", "--", ".", *outside, env=env)
                 return out(self.path, "write-tree", env=env)
         finally:
@@ -224,7 +242,9 @@ class GuardedRepo:
         if probe.returncode == 0:
             return
         lines = probe.stderr.decode(errors="replace").strip().splitlines()
-        found.setdefault(".git/index", []).append(f"damaged: {lines[-1] if lines else 'unreadable'}")
+        found.setdefault(".git/index", []).append(
+            f"damaged: {lines[-1] if lines else 'unreadable'}"
+        )
         (self.git_dir / "index").unlink(missing_ok=True)
         git(self.path, "read-tree", head)
 

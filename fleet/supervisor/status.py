@@ -94,7 +94,9 @@ class StatusServer:
             body["state"] = "degraded"
             body["reason"] = "; ".join(problems)
         body["status"] = body["state"]
-        body["mcp_servers"] = {name: _SERVER_HEALTH.get(p["state"], p["state"]) for name, p in processes.items()}
+        body["mcp_servers"] = {
+            name: _SERVER_HEALTH.get(p["state"], p["state"]) for name, p in processes.items()
+        }
         return body
 
     def problems(self) -> list[str]:

@@ -1,4 +1,4 @@
-"""The snapshot archive (a bare repo of the guard's own) keeps the newest keep_commits snapshots; patches apply."""
+"""The snapshot archive (the guard's own bare repo) keeps the newest keep_commits snapshots."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def has_object(repo, sha: str) -> bool:
 
 
 def test_snapshots_beyond_keep_commits_are_pruned_from_the_archive(repo, tmp_path):
-    guard = ChangeGuard(repo, ["ci/**"], patches_dir=tmp_path / "patches", clock=ManualClock(), keep_commits=3)
+    guard = ChangeGuard(
+        repo, ["ci/**"], patches_dir=tmp_path / "patches", clock=ManualClock(), keep_commits=3
+    )
     snaps = []
     for i in range(5):
         (repo / "notes.txt").write_text(f"work in progress {i}\n")
@@ -31,9 +33,12 @@ def test_snapshots_beyond_keep_commits_are_pruned_from_the_archive(repo, tmp_pat
     assert has_object(archive, snaps[0].head)  # HEAD is still kept by the newer snapshots
 
 
-def test_a_kept_snapshot_comes_back_after_the_agent_prunes_the_repo_and_a_pruned_one_is_a_clear_error(
-        repo, tmp_path):
-    guard = ChangeGuard(repo, ["ci/**"], patches_dir=tmp_path / "patches", clock=ManualClock(), keep_commits=1)
+def test_a_kept_snapshot_comes_back_after_a_repo_prune_and_a_pruned_one_is_a_clear_error(
+    repo, tmp_path
+):
+    guard = ChangeGuard(
+        repo, ["ci/**"], patches_dir=tmp_path / "patches", clock=ManualClock(), keep_commits=1
+    )
     (repo / "notes.txt").write_text("old work\n")
     old = guard.snapshot()
     (repo / "notes.txt").write_text("newer work\n")

@@ -1,4 +1,4 @@
-"""The check after a change: pass, fail with the output's end, timeout, a program that is not there."""
+"""The check after a change: pass, fail with the output's end, timeout, a missing program."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ def test_a_passing_check_is_none(tmp_path):
 
 
 def test_a_failing_check_says_its_exit_and_the_end_of_its_output(tmp_path):
-    failure = run_check([sys.executable, "-c", "import sys; print('a\\n  b'); sys.exit(2)"], tmp_path, 30)
+    failure = run_check(
+        [sys.executable, "-c", "import sys; print('a\\n  b'); sys.exit(2)"], tmp_path, 30
+    )
     assert failure == "exit 2: a b"
-    assert run_check([sys.executable, "-c", "raise SystemExit(1)"], tmp_path, 30) == "exit 1: (no output)"
+    assert (
+        run_check([sys.executable, "-c", "raise SystemExit(1)"], tmp_path, 30)
+        == "exit 1: (no output)"
+    )
 
 
 def test_a_check_that_hangs_is_stopped(tmp_path):
@@ -24,7 +29,9 @@ def test_a_check_that_hangs_is_stopped(tmp_path):
 
 def test_a_check_that_cannot_start_is_one_line(tmp_path):
     failure = run_check([str(tmp_path / "nope")], tmp_path, 30)
-    assert failure.startswith(f"could not start {str(tmp_path / 'nope')!r}: ") and "\n" not in failure
+    assert (
+        failure.startswith(f"could not start {str(tmp_path / 'nope')!r}: ") and "\n" not in failure
+    )
 
 
 def test_tail_is_one_line_and_bounded():

@@ -1,4 +1,4 @@
-"""Health checks: the monitor on injected readings, and the app rolled back when it breaches after a change."""
+"""Health checks on injected readings; the app rolled back when it breaches after a change."""
 
 from __future__ import annotations
 
@@ -27,7 +27,11 @@ class Readings:
 
 
 def test_the_seed_health_checks_are_the_app_default(tmp_path):
-    assert (APP_HEALTH.interval_seconds, APP_HEALTH.max_memory_mb, APP_HEALTH.max_cpu_percent) == (5, 4096, 90)
+    assert (APP_HEALTH.interval_seconds, APP_HEALTH.max_memory_mb, APP_HEALTH.max_cpu_percent) == (
+        5,
+        4096,
+        90,
+    )
     config = tmp_path / "supervisor.yaml"
     config.write_text("app: {repo: ., command: [python3, app.py]}\n")
     app = load_config(config).app
@@ -36,8 +40,9 @@ def test_the_seed_health_checks_are_the_app_default(tmp_path):
 
 def test_monitor_samples_on_the_interval_and_needs_consecutive_cpu_samples():
     clock, readings = ManualClock(), Readings()
-    monitor = HealthMonitor(Health(interval_seconds=5, max_memory_mb=4096, max_cpu_percent=90, cpu_samples=3),
-                            readings)
+    monitor = HealthMonitor(
+        Health(interval_seconds=5, max_memory_mb=4096, max_cpu_percent=90, cpu_samples=3), readings
+    )
     monitor.start(clock.now())
     readings.cpu_percent = 95
     clock.advance(4.9)
@@ -60,8 +65,15 @@ def test_tree_reader_reads_a_real_process():
 
 
 def make(repo, tmp_path, clock, readings) -> Supervisor:
-    return Supervisor(repo, [sys.executable, "app.py"], protected=["ci/**"], patches_dir=tmp_path / "patches",
-                      min_runtime=10, clock=clock, health_reader=readings)
+    return Supervisor(
+        repo,
+        [sys.executable, "app.py"],
+        protected=["ci/**"],
+        patches_dir=tmp_path / "patches",
+        min_runtime=10,
+        clock=clock,
+        health_reader=readings,
+    )
 
 
 def test_app_breaching_memory_after_a_change_is_rolled_back_even_past_min_runtime(repo, tmp_path):
@@ -72,17 +84,25 @@ def test_app_breaching_memory_after_a_change_is_rolled_back_even_past_min_runtim
     pid = sup.start_app()
     try:
         clock.advance(10)
-        assert sup.poll_app().survived and sup.state == RUNNING  # proven by min_runtime, still on probation
+        assert (
+            sup.poll_app().survived and sup.state == RUNNING
+        )  # proven by min_runtime, still on probation
         readings.memory_mb = 5000
         clock.advance(5)
         outcome = sup.poll_app()
         assert readings.pids[-1] == pid
         assert not outcome.survived and outcome.rolled_back
-        assert outcome.reason == (f"app memory 5000 MB over the limit of 4096 MB after 15.0 s; "
-                                  f"rolled back to {before['head'][:12]}")
+        assert outcome.reason == (
+            f"app memory 5000 MB over the limit of 4096 MB after 15.0 s; "
+            f"rolled back to {before['head'][:12]}"
+        )
         assert fingerprint(repo) == before and b"leaks memory" in outcome.patch_path.read_bytes()
         status = sup.status()
-        assert status["state"] == IDLE and status["consecutive_failures"] == 1 and status["app"]["pid"] is None
+        assert (
+            status["state"] == IDLE
+            and status["consecutive_failures"] == 1
+            and status["app"]["pid"] is None
+        )
         assert status["health"]["memory_mb"] == 5000
     finally:
         sup.stop_app()
@@ -102,7 +122,9 @@ def test_a_breach_without_a_change_restarts_without_rolling_back(repo, tmp_path)
             clock.advance(5)
             outcomes.append(sup.poll_app())
         assert outcomes[:2] == [None, None]
-        assert not outcomes[2].rolled_back and outcomes[2].reason.startswith("app cpu 99% over the limit of 90%")
+        assert not outcomes[2].rolled_back and outcomes[2].reason.startswith(
+            "app cpu 99% over the limit of 90%"
+        )
         assert sup.consecutive_failures == 1 and git(repo, "rev-parse", "HEAD") == head
     finally:
         sup.stop_app()
@@ -122,6 +144,10 @@ def test_probation_ends_with_the_run(repo, tmp_path):
         readings.memory_mb = 5000
         clock.advance(5)
         outcome = sup.poll_app()
-        assert outcome is not None and not outcome.rolled_back and git(repo, "rev-parse", "HEAD") == changed
+        assert (
+            outcome is not None
+            and not outcome.rolled_back
+            and git(repo, "rev-parse", "HEAD") == changed
+        )
     finally:
         sup.stop_app()

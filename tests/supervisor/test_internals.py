@@ -1,4 +1,4 @@
-"""Copies of what git cannot restore: git internals and ignored protected files, on real tmp dirs."""
+"""Copies of what git cannot restore: git internals and ignored protected files, on tmp dirs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 
 from fleet.supervisor.internals import (
-    Entry, change_kind, ignored_changes, internals_changes, read_files, read_internals, restore_files,
+    Entry,
+    change_kind,
+    ignored_changes,
+    internals_changes,
+    read_files,
+    read_internals,
+    restore_files,
     restore_internals,
 )
 
@@ -39,9 +45,13 @@ def test_internals_are_read_compared_and_restored_byte_for_byte(tmp_path):
     os.symlink("/elsewhere", git_dir / "objects" / "info" / "alternates")
     found: dict[str, list[str]] = {}
     notes = internals_changes(saved, read_internals(git_dir), found)
-    assert found == {".git/config": ["modified"], ".git/hooks/pre-commit": ["added"],
-                     ".git/objects/info/alternates": ["added"], ".git/refs/replace": ["added"],
-                     ".git/refs/replace/abc": ["added"]}
+    assert found == {
+        ".git/config": ["modified"],
+        ".git/hooks/pre-commit": ["added"],
+        ".git/objects/info/alternates": ["added"],
+        ".git/refs/replace": ["added"],
+        ".git/refs/replace/abc": ["added"],
+    }
     assert "+\thooksPath = evil" in notes
     restore_internals(git_dir, saved)
     assert read_internals(git_dir) == saved
@@ -59,6 +69,9 @@ def test_ignored_protected_files_are_copied_and_put_back(tmp_path):
     now = read_files(tmp_path, ["supervisor.yaml", ".env"])
     found: dict[str, list[str]] = {}
     ignored_changes(saved, now, found)
-    assert found == {".env": ["added, ignored by git"], "supervisor.yaml": ["modified, ignored by git"]}
+    assert found == {
+        ".env": ["added, ignored by git"],
+        "supervisor.yaml": ["modified, ignored by git"],
+    }
     restore_files(tmp_path, saved, now)
     assert read_files(tmp_path, ["supervisor.yaml", ".env"]) == saved

@@ -1,4 +1,4 @@
-"""Protected-path globs on pathspec: gitignore semantics, and where the guard deliberately protects more."""
+"""Protected-path globs on pathspec: gitignore semantics, and where the guard protects more."""
 
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ from fleet.supervisor.paths import ProtectedPaths
 @pytest.mark.parametrize(
     ("glob", "path", "protected"),
     [
-        ("/ci", "ci/x", True), ("/ci", "sub/ci/x", False),  # a leading "/" anchors
-        ("ci", "sub/ci/x", True), ("docs/ci", "sub/docs/ci", False),  # an inner "/" anchors too
-        ("a/**/b", "a/b", True), ("a/**/b", "a/x/y/b", True), ("**/gate.sh", "x/y/gate.sh", True),
-        ("*.py", "src/deep/m.py", True), ("src/*.py", "src/deep/m.py", False),
-        ("[ab].txt", "b.txt", True), ("[!a].txt", "a.txt", False), ("?.cfg", "ab.cfg", False),
+        ("/ci", "ci/x", True),
+        ("/ci", "sub/ci/x", False),  # a leading "/" anchors
+        ("ci", "sub/ci/x", True),
+        ("docs/ci", "sub/docs/ci", False),  # an inner "/" anchors too
+        ("a/**/b", "a/b", True),
+        ("a/**/b", "a/x/y/b", True),
+        ("**/gate.sh", "x/y/gate.sh", True),
+        ("*.py", "src/deep/m.py", True),
+        ("src/*.py", "src/deep/m.py", False),
+        ("[ab].txt", "b.txt", True),
+        ("[!a].txt", "a.txt", False),
+        ("?.cfg", "ab.cfg", False),
         ("*.Lock", "a.lock", False),  # case counts, as in git on Linux
     ],
 )
@@ -24,7 +31,12 @@ def test_gitignore_semantics(glob, path, protected):
 
 @pytest.mark.parametrize(
     ("glob", "path"),
-    [("ci/**", "ci"), ("backend/supervisor/", "backend/supervisor"), ("ci/", "ci"), ("dir/*/", "dir/x")],
+    [
+        ("ci/**", "ci"),
+        ("backend/supervisor/", "backend/supervisor"),
+        ("ci/", "ci"),
+        ("dir/*/", "dir/x"),
+    ],
 )
 def test_a_glob_for_a_directory_protects_the_path_whether_file_or_directory(glob, path):
     # git reads "dir/" as directories only; the guard cannot tell what the agent left at `path`.
@@ -56,4 +68,10 @@ def test_backslashes_and_dot_slash_are_read_as_paths():
 
 def test_globs_are_listed_once_with_the_always_protected_first():
     paths = ProtectedPaths(["ci/**", "ci/**", " ", "supervisor.yaml"])
-    assert paths.globs == ("supervisor.yaml", "supervisor.yml", ".fleet-supervisor/**", ".gitattributes", "ci/**")
+    assert paths.globs == (
+        "supervisor.yaml",
+        "supervisor.yml",
+        ".fleet-supervisor/**",
+        ".gitattributes",
+        "ci/**",
+    )

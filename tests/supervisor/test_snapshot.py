@@ -1,4 +1,4 @@
-"""Git state of a guarded repo on real repositories: the working tree as git cannot be fooled into seeing it."""
+"""Git state of a guarded repo, on real repositories: a working tree no index trick can hide."""
 
 from __future__ import annotations
 
@@ -65,9 +65,14 @@ def test_a_subdirectory_is_refused(repo):
 
 
 def test_raw_diff_parsing_names_renames_modes_and_symlinks():
-    raw = (b":100644 100644 a b R087\0old.cfg\0new.cfg\0:100644 120000 a c T\0x\0"
-           b":100644 100755 a d M\0run.sh\0:000000 120000 0 e A\0link\0")
+    raw = (
+        b":100644 100644 a b R087\0old.cfg\0new.cfg\0:100644 120000 a c T\0x\0"
+        b":100644 100755 a d M\0run.sh\0:000000 120000 0 e A\0link\0"
+    )
     kinds = [c.kinds() for c in parse_raw(raw)]
-    assert kinds == [{"old.cfg": "renamed to new.cfg, modified", "new.cfg": "renamed from old.cfg, modified"},
-                     {"x": "replaced by symlink"}, {"run.sh": "mode changed 100644 -> 100755"},
-                     {"link": "added as symlink"}]
+    assert kinds == [
+        {"old.cfg": "renamed to new.cfg, modified", "new.cfg": "renamed from old.cfg, modified"},
+        {"x": "replaced by symlink"},
+        {"run.sh": "mode changed 100644 -> 100755"},
+        {"link": "added as symlink"},
+    ]

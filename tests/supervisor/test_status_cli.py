@@ -62,9 +62,10 @@ def test_status_endpoint_reports_supervisor_and_processes(repo, tmp_path):
 
 def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
     clock = ManualClock()
-    sup = Supervisor(repo, [sys.executable, "app.py"], patches_dir=tmp_path, min_runtime=0.3, clock=clock)
+    sup = Supervisor(repo, [sys.executable, "app.py"], patches_dir=tmp_path, clock=clock)
     manager = ProcessManager([ProcessSpec(name="dynamic-thinking", command=SLEEPER),
-                              ProcessSpec(name="openevolve", command=CRASH, restart="never")], clock=clock)
+                              ProcessSpec(name="openevolve", command=CRASH, restart="never")],
+                             clock=clock)
     try:
         manager.tick()
         manager.process("openevolve").popen.wait(timeout=10)
@@ -72,7 +73,8 @@ def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
         with StatusServer(sup, manager, port=0, clock=clock) as server:
             clock.advance(2 * 3600 + 34 * 60)
             body = httpx.get(f"{server.url}/supervisor/status", timeout=5).json()
-            seed = {k: body[k] for k in ("status", "current_commit", "consecutive_failures", "uptime", "mcp_servers")}
+            shape = ("status", "current_commit", "consecutive_failures", "uptime", "mcp_servers")
+            seed = {k: body[k] for k in shape}
             assert seed == {"status": "idle", "current_commit": git(repo, "rev-parse", "HEAD"),
                             "consecutive_failures": 0, "uptime": "2h34m",
                             "mcp_servers": {"dynamic-thinking": "healthy", "openevolve": "exited"}}
