@@ -22,6 +22,14 @@ RUN_MARKER = "FLEET_SUPERVISOR_RUN"
 TAIL_BYTES = 16 * 1024  # output kept from a bounded run: its end, where errors are
 STOP_GRACE = 1.0  # seconds between SIGTERM and SIGKILL, and for reading what is left after a stop
 _POLL = 0.05  # how often a run whose output pipe stays open checks whether the command exited
+# A bounded command reads nothing, writes one stream, and leads a session of its own (so a stop
+# reaches its whole process group).
+_SPAWN: dict = dict(
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+)
 
 
 @dataclass(frozen=True)
@@ -69,15 +77,7 @@ def run_bounded(
     marked, marker = marked_env(env)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    proc = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        env=marked,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=marked, **_SPAWN)
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
     timed_out = False
@@ -125,15 +125,7 @@ async def arun_bounded(
     marked, marker = marked_env(env)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=marked,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=marked, **_SPAWN)
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
     reader = asyncio.ensure_future(_pump(proc.stdout, tail))
@@ -247,6 +239,18 @@ def _wait_gone(
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.02)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's end in the operator's words: 'exited with code 3', 'was killed by SIGKILL'."""
+    if code is None:
+        return "did not run"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def kill_group(pgid: int) -> None:

@@ -44,7 +44,7 @@ class Health(_Strict):
 
 
 # The seed's health checks for the supervised app: every 5 s, 4 096 MB, 90 % CPU.
-APP_HEALTH = Health(interval_seconds=5.0, max_memory_mb=4096, max_cpu_percent=90)
+APP_HEALTH = Health(interval_seconds=5.0, max_memory_mb=4096, max_cpu_percent=90, cpu_samples=3)
 
 
 class ProcessSpec(_Strict):

@@ -185,10 +185,9 @@ class ChangeGuard:
 
     def rollback(self, snap: Snapshot, reason: str, violations: Sequence[str] = ()) -> Path | None:
         """Keep the difference from `snap` as a patch, restore `snap` exactly; returns the patch."""
-        final = self._examine(snap, judge=False).final
-        patch = self._save_patch(snap, final, reason, list(violations), [])
-        self._restore(snap)
-        return patch
+        return self._undo(
+            snap, self._examine(snap, judge=False).final, reason, list(violations), []
+        )
 
     def current_head(self) -> str | None:
         return self.git.head()
@@ -294,11 +293,10 @@ class ChangeGuard:
         violations: list[str],
         notes: list[str],
     ) -> GuardVerdict:
-        patch = self._save_patch(snap, final, reason, violations, notes)
-        self._restore(snap)
+        patch = self._undo(snap, final, reason, violations, notes)
         return GuardVerdict(False, reason, violations, patch, snap.head)
 
-    def _save_patch(
+    def _undo(
         self,
         snap: Snapshot,
         final: Final | None,
@@ -306,9 +304,12 @@ class ChangeGuard:
         violations: list[str],
         notes: list[str],
     ) -> Path:
-        return save_patch(
+        """Keep what the agent did as a patch, then put the repository back to `snap`."""
+        patch = save_patch(
             self.patches_dir, self.repo, snap, final, reason, violations, notes, self.clock.now()
         )
+        self._restore(snap)
+        return patch
 
     def _commit(self, final: Final) -> str:
         head = final.head

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fleet.clock import Clock, SystemClock
-from fleet.procs import stop_process_tree
+from fleet.procs import describe_exit, stop_process_tree
 from fleet.supervisor.config import ProcessSpec
 from fleet.supervisor.health import HealthMonitor, HealthSample
 
@@ -156,9 +156,10 @@ class ProcessManager:
     def _exited(self, proc: ManagedProcess, code: int, now: datetime) -> None:
         proc.last_exit_code = code
         ran = (now - proc.started_at).total_seconds() if proc.started_at else 0.0
-        stop_process_tree(proc.popen, 1)  # children it left behind go with it
+        if proc.popen is not None:
+            stop_process_tree(proc.popen, 1)  # children it left behind go with it
         proc.popen = None
-        how = _describe_exit(code)
+        how = describe_exit(code)
         policy = proc.spec.restart
         if policy == "never" or (policy == "on-failure" and code == 0):
             proc.state, proc.reason = EXITED, f"{how} after {ran:.1f} s; restart policy {policy}"
@@ -219,14 +220,3 @@ class ProcessManager:
         proc.state = RUNNING
         proc.started_at = now
         proc.monitor.start(now)
-
-
-def _describe_exit(code: int) -> str:
-    import signal
-
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"

@@ -13,7 +13,6 @@ probation) it also rolls the change back, even after min_runtime.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import threading
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
-from fleet.procs import run_bounded, stop_process_tree
+from fleet.procs import describe_exit, run_bounded, stop_process_tree
 from fleet.settings import get_settings
 from fleet.supervisor.archive import KEEP_COMMITS
 from fleet.supervisor.check import tail
@@ -299,7 +298,7 @@ class Supervisor:
             outcome = RunOutcome(True, code, runtime, False, self.reason)
         else:
             self._proc = None
-            why = why or f"app {_describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
+            why = why or f"app {describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
             patch = None
             rolled_back = False
             if self._pending and self._last_good is not None:
@@ -366,17 +365,6 @@ def run_agent(
     except OSError as exc:
         return 127, f"could not start {argv[0]!r}: {exc.strerror or exc}"
     return done.returncode, tail(done.output_tail)
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "did not run"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 def _verdict_dict(v: GuardVerdict | None) -> dict | None:
