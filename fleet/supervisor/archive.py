@@ -13,7 +13,8 @@ from fleet.supervisor.gitcli import git, out
 from fleet.supervisor.snapshot import Final, Snapshot
 
 KEEP_COMMITS = 10  # snapshots kept in the archive per repository (the seed's rollback.keep_commits)
-SNAPSHOT_REFS = "refs/fleet-supervisor/snapshots/"  # + a zero-padded sequence number, oldest first
+# + "<zero-padded sequence number>-<tip sha prefix>": sorted by name, oldest first.
+SNAPSHOT_REFS = "refs/fleet-supervisor/snapshots/"
 _LEGACY_REFS = "refs/fleet-supervisor/"  # earlier archives named each kept commit by its sha
 
 
@@ -36,9 +37,11 @@ class SnapshotArchive:
             self.path.mkdir(parents=True, exist_ok=True)
             git(self.path, "init", "-q", "--bare")
         refs = self.refs()
-        last = int(refs[-1].removeprefix(SNAPSHOT_REFS)) if refs else 0
-        ref = f"{SNAPSHOT_REFS}{last + 1:010d}"
-        git(self.repo, "push", "-q", "--no-verify", str(self.path), f"+{stash or head}:{ref}")
+        last = int(refs[-1].removeprefix(SNAPSHOT_REFS).split("-")[0]) if refs else 0
+        tip = stash or head
+        # The tip in the name: two guards numbering at once never overwrite each other's snapshot.
+        ref = f"{SNAPSHOT_REFS}{last + 1:010d}-{tip[:12]}"
+        git(self.repo, "push", "-q", "--no-verify", str(self.path), f"{tip}:{ref}")
         self.prune()
         return ref
 
