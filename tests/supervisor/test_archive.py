@@ -26,7 +26,7 @@ def test_snapshots_beyond_keep_commits_are_pruned_from_the_archive(repo, tmp_pat
         (repo / "notes.txt").write_text(f"work in progress {i}\n")
         snaps.append(guard.snapshot())
     archive = guard.archive.path
-    expected = [f"{SNAPSHOT_REFS}{n + 1:010d}-{s.stash[:12]}" for n, s in enumerate(snaps) if n >= 2]
+    expected = [f"{SNAPSHOT_REFS}{n:010d}-{s.stash[:12]}" for n, s in enumerate(snaps, 1) if n > 2]
     assert guard.archive.refs() == expected
     assert [s.archive_ref for s in snaps[2:]] == guard.archive.refs()
     assert not has_object(archive, snaps[0].stash) and not has_object(archive, snaps[1].stash)
