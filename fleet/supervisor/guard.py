@@ -23,8 +23,9 @@ What "exactly" means for a rollback (documented limits):
 - The user's global git config is trusted; the agent is only prevented from changing the
   repository's own config and hooks. Our git calls never run hooks or fsmonitor.
 
-The parts live by concern: paths.py (protected globs), snapshot.py (git state), internals.py
-(copies of what git cannot restore), archive.py (patches, bare-repo copies), check.py.
+The parts live by concern: paths.py (protected globs), violations.py (what touches them),
+snapshot.py (git state), internals.py (copies of what git cannot restore), archive.py
+(patches, bare-repo copies), check.py; this module decides and restores.
 """
 
 from __future__ import annotations
@@ -47,12 +48,11 @@ from fleet.supervisor.internals import Found
 from fleet.supervisor.paths import ALWAYS_PROTECTED, ProtectedPaths
 from fleet.supervisor.snapshot import (
     SNAPSHOT_REF,
-    SYMLINK_MODE,
-    Change,
     Final,
     GuardedRepo,
     Snapshot,
 )
+from fleet.supervisor.violations import protected_changes
 
 ACCEPT_MESSAGE = "supervisor: accepted change"
 
@@ -212,68 +212,8 @@ class ChangeGuard:
             seen.damage = str(exc)
             return seen
         if judge:
-            self._path_violations(snap, seen.final, seen.found)
+            protected_changes(self.repo, self.protected, snap, seen.final, seen.found)
         return seen
-
-    def _path_violations(self, snap: Snapshot, final: Final, found: Found) -> None:
-        for change in final.changes:
-            for path, kind in change.kinds().items():
-                if self.protected.matches(path):
-                    found.setdefault(path, []).append(kind)
-            if change.new_mode == SYMLINK_MODE:
-                self._symlink_violation(change, found)
-        # Permission bits git does not track (chmod 000 keeps git's mode 100644).
-        for path, perm in snap.perms.items():
-            if not self.protected.matches(path):
-                continue
-            try:
-                st = os.lstat(self.repo / path)
-            except OSError:
-                continue  # deletions come from the diff
-            if stat.S_ISLNK(st.st_mode):
-                continue
-            now = stat.S_IMODE(st.st_mode)
-            if now != perm:
-                unreadable = "made unreadable, " if not now & stat.S_IRUSR else ""
-                found.setdefault(path, []).append(
-                    f"{unreadable}permissions {perm:04o} -> {now:04o}"
-                )
-        if final.head is None:
-            found.setdefault("HEAD", []).append("no longer points at a commit")
-        elif final.head != snap.head:
-            ancestor = git(
-                self.repo, "merge-base", "--is-ancestor", snap.head, final.head, check=False
-            )
-            if ancestor.returncode != 0:
-                found.setdefault("HEAD", []).append(
-                    f"history rewritten: {final.head[:12]} does not descend from {snap.head[:12]}"
-                )
-        if final.branch != snap.branch:
-            found.setdefault("HEAD", []).append(
-                f"switched from {snap.branch or 'detached'} to {final.branch or 'detached'}"
-            )
-
-    def _symlink_violation(self, change: Change, found: Found) -> None:
-        path = change.new_path
-        target = git(self.repo, "cat-file", "blob", change.new_sha).stdout.decode(
-            errors="surrogateescape"
-        )
-        lexical = (
-            target
-            if os.path.isabs(target)
-            else os.path.normpath(os.path.join(os.path.dirname(path), target))
-        )
-        for cand in (lexical, os.path.realpath(self.repo / path)):
-            if os.path.isabs(cand):
-                rel = os.path.relpath(cand, self.repo) if _inside(cand, self.repo) else None
-            else:
-                rel = cand if cand != ".." and not cand.startswith("../") else None
-            if rel is None:
-                found.setdefault(path, []).append(f"symlink pointing outside the repo: -> {target}")
-                return
-            if rel != "." and self.protected.matches(rel):
-                found.setdefault(path, []).append(f"symlink to protected path {rel}")
-                return
 
     def _read_ignored_protected(
         self, ignored_files: Sequence[str] | None = None
@@ -414,14 +354,6 @@ def _format_violations(found: Mapping[str, list[str]]) -> list[str]:
 def _join(items: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _inside(path: str, root: Path) -> bool:
-    try:
-        Path(path).relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 __all__ = [
