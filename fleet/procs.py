@@ -69,10 +69,10 @@ def run_bounded(
 ) -> Finished:
     """Run `argv` in a session of its own; nothing it started outlives the call.
 
-    On the timeout the whole tree is stopped (SIGTERM, `grace`, SIGKILL); when the command
-    exits, whatever it left behind (its group, and escapees found by RUN_MARKER) is killed.
-    A process holding the output pipe never makes this wait past the timeout plus `grace`.
-    Raises OSError when the command cannot be started.
+    On the timeout (or an interrupt) the whole tree is stopped (SIGTERM, `grace`, SIGKILL);
+    when the command exits, whatever it left behind (its group, and escapees found by
+    RUN_MARKER) is killed. A process holding the output pipe never makes this wait past the
+    timeout plus `grace`. Raises OSError when the command cannot be started.
     """
     marked, marker = marked_env(env)
     started = time.monotonic()
@@ -80,32 +80,31 @@ def run_bounded(
     proc = subprocess.Popen(list(argv), cwd=cwd, env=marked, **_SPAWN)
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
-    timed_out = False
     with proc.stdout, selectors.DefaultSelector() as sel:
         fd = proc.stdout.fileno()
         sel.register(fd, selectors.EVENT_READ)
         open_pipe = True
-        while True:
-            if deadline is not None and time.monotonic() >= deadline:
-                timed_out = True
-                break
-            wait = _POLL if deadline is None else max(0.0, min(_POLL, deadline - time.monotonic()))
-            if not open_pipe:
-                time.sleep(wait)
-            elif sel.select(wait):
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    tail.add(chunk)
-                else:  # EOF: every writer is gone
-                    sel.unregister(fd)
-                    open_pipe = False
-            if _exited(proc):
-                break  # anything still holding the pipe is a leftover, stopped below
-        if timed_out:
-            _stop_tree(proc.pid, proc.poll, grace)
-        else:
-            _signal_group(proc.pid, signal.SIGKILL)  # before reaping: the group id is still ours
-        kill_marked(marker)
+        try:
+            while not (timed_out := deadline is not None and time.monotonic() >= deadline):
+                wait = (
+                    _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
+                )
+                if not open_pipe:
+                    time.sleep(wait)
+                elif sel.select(wait):
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        tail.add(chunk)
+                    else:  # EOF: every writer is gone
+                        sel.unregister(fd)
+                        open_pipe = False
+                if _exited(proc):
+                    break  # anything still holding the pipe is a leftover, stopped below
+        except BaseException:
+            _end(proc.pid, proc.poll, marker, grace, running=True)
+            raise
+        # Before reaping the child: until then its pid still names our process group.
+        _end(proc.pid, proc.poll, marker, grace, running=timed_out)
         if open_pipe:  # the rest of the output, unless a process out of reach still holds the pipe
             _drain(sel, fd, tail, time.monotonic() + grace)
     code = proc.wait()
@@ -121,41 +120,57 @@ async def arun_bounded(
     tail_bytes: int = TAIL_BYTES,
     grace: float = STOP_GRACE,
 ) -> Finished:
-    """`run_bounded` for an event loop: the same bounds and the same stop, without blocking it."""
+    """`run_bounded` for an event loop: the same bounds and the same stop, without blocking it.
+
+    Cancelling it stops the command's tree before the cancellation goes on.
+    """
     marked, marker = marked_env(env)
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
-    proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=marked, **_SPAWN)
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=marked, **_SPAWN)
+    except BaseException:
+        kill_marked(marker)  # cancelled while starting: asyncio kills the child, not what it began
+        raise
     assert proc.stdout is not None
     tail = _Tail(tail_bytes)
     reader = asyncio.ensure_future(_pump(proc.stdout, tail))
-    timed_out = False
-    # Process.wait() also waits for the pipe to close, which a leftover may hold: poll the exit.
-    while proc.returncode is None:
-        if deadline is not None and time.monotonic() >= deadline:
-            timed_out = True
-            break
-        left = _POLL if deadline is None else deadline - time.monotonic()
-        await asyncio.sleep(min(_POLL, max(0.0, left)))
 
-    def stop() -> None:
-        if timed_out:
-            _stop_tree(proc.pid, lambda: proc.returncode, grace)
-        else:
-            _signal_group(proc.pid, signal.SIGKILL)
-        kill_marked(marker)
+    def reap() -> int | None:  # the loop's child watcher reaps it
+        return proc.returncode
 
-    await asyncio.to_thread(stop)
+    try:
+        # Process.wait() also waits for the pipe to close, which a leftover may hold: poll the exit.
+        while not (timed_out := deadline is not None and time.monotonic() >= deadline):
+            if proc.returncode is not None:
+                break
+            left = _POLL if deadline is None else deadline - time.monotonic()
+            await asyncio.sleep(min(_POLL, max(0.0, left)))
+    except BaseException:
+        reader.cancel()
+        _end(proc.pid, reap, marker, grace, running=True)  # blocking: a second cancel cannot cut it
+        raise
+    await asyncio.to_thread(_end, proc.pid, reap, marker, grace, timed_out)
     try:
         await asyncio.wait_for(reader, grace)
     except asyncio.TimeoutError:  # a process out of reach holds the pipe: stop reading
         transport = getattr(proc, "_transport", None)
         if transport is not None:
             transport.close()
-    while proc.returncode is None:  # reaped by the loop's child watcher
+    while proc.returncode is None:
         await asyncio.sleep(0.01)
     code = proc.returncode
     return Finished(None if timed_out else code, tail.text(), timed_out, time.monotonic() - started)
+
+
+def _end(pid: int, reap: Callable[[], object], marker: str, grace: float, running: bool) -> None:
+    """Stop what a bounded command leaves: its whole tree gently (`running`), else its
+    leftovers at once; then every process carrying its marker, wherever it moved."""
+    if running:
+        _stop_tree(pid, reap, grace)
+    else:
+        _signal_group(pid, signal.SIGKILL)
+    kill_marked(marker)
 
 
 async def _pump(stream: asyncio.StreamReader, tail: _Tail) -> None:

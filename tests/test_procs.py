@@ -110,3 +110,20 @@ def test_double_forked_grandchild_holding_the_pipe_is_stopped(flavour, tmp_path)
 def test_a_command_that_cannot_start_raises_oserror(flavour, tmp_path):
     with pytest.raises(OSError):
         run(flavour, [str(tmp_path / "no-such-program")])
+
+
+def test_cancelling_the_async_run_stops_the_whole_tree(tmp_path):
+    pidfile = tmp_path / "escapee.pid"
+
+    async def cancel_once_started() -> None:
+        task = asyncio.ensure_future(arun_bounded(setsid_sleeper(pidfile, "sleep 60"), timeout=60))
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    started = time.monotonic()
+    asyncio.run(cancel_once_started())
+    assert time.monotonic() - started < 10
+    assert gone(wait_for_pid(pidfile))
