@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,4 +129,27 @@ def test_cancelling_the_async_run_stops_the_whole_tree(tmp_path):
     started = time.monotonic()
     asyncio.run(cancel_once_started())
     assert time.monotonic() - started < 10
+    assert gone(wait_for_pid(pidfile))
+
+
+def test_an_interrupted_sync_run_stops_the_whole_tree(tmp_path):
+    pidfile = tmp_path / "escapee.pid"
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*_: object) -> None:
+        raise Interrupted
+
+    def interrupt_once_started() -> None:
+        wait_for_pid(pidfile)
+        os.kill(os.getpid(), signal.SIGALRM)  # handled in the main thread, inside run_bounded
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    threading.Thread(target=interrupt_once_started, daemon=True).start()
+    try:
+        with pytest.raises(Interrupted):
+            run_bounded(setsid_sleeper(pidfile, "sleep 60"), timeout=60)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     assert gone(wait_for_pid(pidfile))
