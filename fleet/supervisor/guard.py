@@ -46,12 +46,7 @@ from fleet.supervisor.check import run_check
 from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths
 from fleet.supervisor.internals import Found
 from fleet.supervisor.paths import ALWAYS_PROTECTED, ProtectedPaths
-from fleet.supervisor.snapshot import (
-    SNAPSHOT_REF,
-    Final,
-    GuardedRepo,
-    Snapshot,
-)
+from fleet.supervisor.snapshot import SNAPSHOT_REF, Final, GuardedRepo, Snapshot
 from fleet.supervisor.violations import protected_changes
 
 ACCEPT_MESSAGE = "supervisor: accepted change"
@@ -142,19 +137,10 @@ class ChangeGuard:
         Raises GuardError only when the repository cannot be restored (an operator must look).
         """
         first = self._examine(snap)
-        if first.final is None:
-            return self._reject(
-                snap,
-                None,
-                f"repository damaged: {first.damage}",
-                ["repository (damaged)"],
-                first.notes,
-            )
-        found = _format_violations(first.found)
-        if found:
-            return self._reject(
-                snap, first.final, f"protected path changed: {_join(found)}", found, first.notes
-            )
+        refused = self._refusal(snap, first, None, first.notes)
+        if refused:
+            return refused
+        assert first.final is not None  # a damaged repository was refused above
         if not first.final.changes and first.final.head == snap.head:
             return GuardVerdict(True, "accepted (no changes)", [], None, snap.head)
         if self.check_command:
@@ -163,24 +149,9 @@ class ChangeGuard:
                 return self._reject(snap, first.final, f"checks failed: {failure}", [], first.notes)
             # The check ran the agent's code; it must not have touched protected paths either.
             after = self._examine(snap)
-            notes = first.notes + after.notes
-            if after.final is None:
-                return self._reject(
-                    snap,
-                    first.final,
-                    f"repository damaged by checks: {after.damage}",
-                    ["repository (damaged)"],
-                    notes,
-                )
-            found = _format_violations(after.found)
-            if found:
-                return self._reject(
-                    snap,
-                    after.final,
-                    f"protected path changed during checks: {_join(found)}",
-                    found,
-                    notes,
-                )
+            refused = self._refusal(snap, after, first.final, first.notes + after.notes, "checks")
+            if refused:
+                return refused
         return GuardVerdict(True, "accepted", [], None, self._commit(first.final))
 
     def rollback(self, snap: Snapshot, reason: str, violations: Sequence[str] = ()) -> Path | None:
@@ -224,6 +195,20 @@ class ChangeGuard:
         )
 
     # ------------------------------------------------------------ decisions
+
+    def _refusal(
+        self, snap: Snapshot, seen: _Examined, before: Final | None, notes: list[str], by: str = ""
+    ) -> GuardVerdict | None:
+        """The verdict when a look at the repo (after the agent, or `by` the checks) finds it
+        damaged or a protected path changed; None when it finds neither."""
+        if seen.final is None:
+            damaged = f"repository damaged{f' by {by}' if by else ''}: {seen.damage}"
+            return self._reject(snap, before, damaged, ["repository (damaged)"], notes)
+        found = _format_violations(seen.found)
+        if not found:
+            return None
+        changed = f"protected path changed{f' during {by}' if by else ''}: {_join(found)}"
+        return self._reject(snap, seen.final, changed, found, notes)
 
     def _reject(
         self,
