@@ -156,9 +156,8 @@ class ChangeGuard:
 
     def rollback(self, snap: Snapshot, reason: str, violations: Sequence[str] = ()) -> Path | None:
         """Keep the difference from `snap` as a patch, restore `snap` exactly; returns the patch."""
-        return self._undo(
-            snap, self._examine(snap, judge=False).final, reason, list(violations), []
-        )
+        final = self._examine(snap, judge=False).final
+        return self._reject(snap, final, reason, list(violations), []).patch_path
 
     def current_head(self) -> str | None:
         return self.git.head()
@@ -218,23 +217,12 @@ class ChangeGuard:
         violations: list[str],
         notes: list[str],
     ) -> GuardVerdict:
-        patch = self._undo(snap, final, reason, violations, notes)
-        return GuardVerdict(False, reason, violations, patch, snap.head)
-
-    def _undo(
-        self,
-        snap: Snapshot,
-        final: Final | None,
-        reason: str,
-        violations: list[str],
-        notes: list[str],
-    ) -> Path:
         """Keep what the agent did as a patch, then put the repository back to `snap`."""
         patch = save_patch(
             self.patches_dir, self.repo, snap, final, reason, violations, notes, self.clock.now()
         )
         self._restore(snap)
-        return patch
+        return GuardVerdict(False, reason, violations, patch, snap.head)
 
     def _commit(self, final: Final) -> str:
         head = final.head
