@@ -1,20 +1,197 @@
-"""Stopping a child process with everything it started: its tree, its process group, and
-(by an environment marker) the processes that left both."""
+"""Running a command within bounds (time, output kept) and stopping a child with all it started:
+its tree, its process group, and (by an environment marker) the processes that left both."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import selectors
 import signal
 import subprocess
 import time
 import uuid
-from typing import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import psutil
 
 # Every process a marked command starts inherits this variable: the ones that leave its
 # process group (setsid, double fork) are still found, and stopped.
 RUN_MARKER = "FLEET_SUPERVISOR_RUN"
+TAIL_BYTES = 16 * 1024  # output kept from a bounded run: its end, where errors are
+STOP_GRACE = 1.0  # seconds between SIGTERM and SIGKILL, and for reading what is left after a stop
+_POLL = 0.05  # how often a run whose output pipe stays open checks whether the command exited
+# A bounded command reads nothing, writes one stream, and leads a session of its own (so a stop
+# reaches its whole process group).
+_SPAWN: dict = dict(
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    start_new_session=True,
+)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a bounded run ended: exit code (None when stopped at the timeout), the output's end."""
+
+    returncode: int | None
+    output_tail: str
+    timed_out: bool
+    duration: float
+
+
+class _Tail:
+    """The last `limit` bytes written, in bounded memory whatever the output's size."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * self.limit:  # trim in batches, not on every chunk
+            del self.data[: -self.limit]
+
+    def text(self) -> str:
+        return bytes(self.data[-self.limit :]).decode(errors="replace")
+
+
+def run_bounded(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    tail_bytes: int = TAIL_BYTES,
+    grace: float = STOP_GRACE,
+) -> Finished:
+    """Run `argv` in a session of its own; nothing it started outlives the call.
+
+    On the timeout (or an interrupt) the whole tree is stopped (SIGTERM, `grace`, SIGKILL);
+    when the command exits, whatever it left behind (its group, and escapees found by
+    RUN_MARKER) is killed. A process holding the output pipe never makes this wait past the
+    timeout plus `grace`. Raises OSError when the command cannot be started.
+    """
+    marked, marker = marked_env(env)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    proc = subprocess.Popen(list(argv), cwd=cwd, env=marked, **_SPAWN)
+    assert proc.stdout is not None
+    tail = _Tail(tail_bytes)
+    with proc.stdout, selectors.DefaultSelector() as sel:
+        fd = proc.stdout.fileno()
+        sel.register(fd, selectors.EVENT_READ)
+        open_pipe = True
+        try:
+            while not (timed_out := deadline is not None and time.monotonic() >= deadline):
+                wait = (
+                    _POLL if deadline is None else min(_POLL, max(0.0, deadline - time.monotonic()))
+                )
+                if not open_pipe:
+                    time.sleep(wait)
+                elif sel.select(wait):
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        tail.add(chunk)
+                    else:  # EOF: every writer is gone
+                        sel.unregister(fd)
+                        open_pipe = False
+                if _exited(proc):
+                    break  # anything still holding the pipe is a leftover, stopped below
+        except BaseException:
+            _end(proc.pid, proc.poll, marker, grace, running=True)
+            raise
+        # Before reaping the child: until then its pid still names our process group.
+        _end(proc.pid, proc.poll, marker, grace, running=timed_out)
+        if open_pipe:  # the rest of the output, unless a process out of reach still holds the pipe
+            _drain(sel, fd, tail, time.monotonic() + grace)
+    code = proc.wait()
+    return Finished(None if timed_out else code, tail.text(), timed_out, time.monotonic() - started)
+
+
+async def arun_bounded(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    tail_bytes: int = TAIL_BYTES,
+    grace: float = STOP_GRACE,
+) -> Finished:
+    """`run_bounded` for an event loop: the same bounds and the same stop, without blocking it.
+
+    Cancelling it stops the command's tree before the cancellation goes on.
+    """
+    marked, marker = marked_env(env)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    try:
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=marked, **_SPAWN)
+    except BaseException:
+        kill_marked(marker)  # cancelled while starting: asyncio kills the child, not what it began
+        raise
+    assert proc.stdout is not None
+    tail = _Tail(tail_bytes)
+    reader = asyncio.ensure_future(_pump(proc.stdout, tail))
+
+    def reap() -> int | None:  # the loop's child watcher reaps it
+        return proc.returncode
+
+    try:
+        # Process.wait() also waits for the pipe to close, which a leftover may hold: poll the exit.
+        while not (timed_out := deadline is not None and time.monotonic() >= deadline):
+            if proc.returncode is not None:
+                break
+            left = _POLL if deadline is None else deadline - time.monotonic()
+            await asyncio.sleep(min(_POLL, max(0.0, left)))
+    except BaseException:
+        reader.cancel()
+        _end(proc.pid, reap, marker, grace, running=True)  # blocking: a second cancel cannot cut it
+        raise
+    await asyncio.to_thread(_end, proc.pid, reap, marker, grace, timed_out)
+    try:
+        await asyncio.wait_for(reader, grace)
+    except asyncio.TimeoutError:  # a process out of reach holds the pipe: stop reading
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+    while proc.returncode is None:
+        await asyncio.sleep(0.01)
+    code = proc.returncode
+    return Finished(None if timed_out else code, tail.text(), timed_out, time.monotonic() - started)
+
+
+def _end(pid: int, reap: Callable[[], object], marker: str, grace: float, running: bool) -> None:
+    """Stop what a bounded command leaves: its whole tree gently (`running`), else its
+    leftovers at once; then every process carrying its marker, wherever it moved."""
+    if running:
+        _stop_tree(pid, reap, grace)
+    else:
+        _signal_group(pid, signal.SIGKILL)
+    kill_marked(marker)
+
+
+async def _pump(stream: asyncio.StreamReader, tail: _Tail) -> None:
+    while chunk := await stream.read(65536):
+        tail.add(chunk)
+
+
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the child exited, without reaping it: its pid keeps naming our process group."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return proc.poll() is not None
+
+
+def _drain(sel: selectors.BaseSelector, fd: int, tail: _Tail, until: float) -> None:
+    while (left := until - time.monotonic()) > 0 and sel.select(left):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        tail.add(chunk)
 
 
 def stop_process_tree(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -24,29 +201,33 @@ def stop_process_tree(proc: subprocess.Popen, timeout: float) -> int | None:
     exited is no longer in the tree, but it is still in the group. Returns the exit code, or
     None if the child could not be reaped.
     """
+    _stop_tree(proc.pid, proc.poll, timeout)
     try:
-        root = psutil.Process(proc.pid)
+        return proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _stop_tree(pid: int, reap: Callable[[], object], timeout: float) -> None:
+    try:
+        root = psutil.Process(pid)
         family = [root, *root.children(recursive=True)]
     except psutil.Error:
         family = []
-    _signal_group(proc.pid, signal.SIGTERM)
+    _signal_group(pid, signal.SIGTERM)
     for p in family:  # children that left the group still get the signal
         try:
             p.terminate()
         except psutil.Error:
             pass
-    alive = _wait_gone(proc, family, timeout)
-    _signal_group(proc.pid, signal.SIGKILL)
+    alive = _wait_gone(reap, family, timeout)
+    _signal_group(pid, signal.SIGKILL)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    _wait_gone(proc, alive, 1)
-    try:
-        return proc.wait(timeout=1)
-    except subprocess.TimeoutExpired:
-        return None
+    _wait_gone(reap, alive, 1)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -56,11 +237,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _wait_gone(proc: subprocess.Popen, family: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait until every member exited; a zombie counts as gone (its parent, maybe init, reaps it)."""
+def _wait_gone(
+    reap: Callable[[], object], family: list[psutil.Process], timeout: float
+) -> list[psutil.Process]:
+    """Wait until every member exited; a zombie counts as gone (its parent, or init, reaps it)."""
     deadline = time.monotonic() + timeout
     while True:
-        proc.poll()  # reap our own child so it does not linger as a zombie
+        reap()  # reap our own child so it does not linger as a zombie
         alive = []
         for p in family:
             try:
@@ -71,6 +254,18 @@ def _wait_gone(proc: subprocess.Popen, family: list[psutil.Process], timeout: fl
         if not alive or time.monotonic() >= deadline:
             return alive
         time.sleep(0.02)
+
+
+def describe_exit(code: int | None) -> str:
+    """A process's end in the operator's words: 'exited with code 3', 'was killed by SIGKILL'."""
+    if code is None:
+        return "did not run"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def kill_group(pgid: int) -> None:

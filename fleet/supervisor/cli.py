@@ -113,7 +113,8 @@ def run(
             protected = [*a.protected, *_relative_to(config_path, a.repo)]
             supervisor = Supervisor(a.repo, a.command, protected, a.check_command,
                                     min_runtime=a.min_runtime_seconds, max_failures=a.max_failures,
-                                    log_path=log_dir / "app.log")
+                                    log_path=log_dir / "app.log", keep_commits=a.keep_commits,
+                                    health=a.health)
         status_port = port if port is not None else config.status_port
         server = StatusServer(supervisor, manager, host=config.status_host, port=status_port)
     except (FleetError, OSError) as exc:

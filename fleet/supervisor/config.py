@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleet.configfile import KeyLines, dotted, line_of, load_model
+from fleet.supervisor.archive import KEEP_COMMITS
 
 RestartPolicy = Literal["always", "on-failure", "never"]
 
@@ -19,27 +20,40 @@ class _Strict(BaseModel):
 class Backoff(_Strict):
     """Delay before a restart: initial, doubled per quick crash, capped at max."""
 
-    initial_seconds: float = Field(1.0, gt=0)
-    max_seconds: float = Field(30.0, gt=0)
+    initial_seconds: float = Field(default=1.0, gt=0)
+    max_seconds: float = Field(default=30.0, gt=0)
     # A run this long counts as healthy: the next crash starts again from `initial_seconds`.
-    reset_after_seconds: float = Field(30.0, ge=0)
+    reset_after_seconds: float = Field(default=30.0, ge=0)
 
 
 class Intensity(_Strict):
     """OTP restart intensity: more than max_restarts within period_seconds → give up."""
 
-    max_restarts: int = Field(5, ge=0)
-    period_seconds: float = Field(60.0, gt=0)
+    max_restarts: int = Field(default=5, ge=0)
+    period_seconds: float = Field(default=60.0, gt=0)
 
 
 class Health(_Strict):
     """Limits sampled via psutil over the whole process tree; exceeding one restarts the process."""
 
-    interval_seconds: float = Field(5.0, gt=0)
-    max_memory_mb: float | None = Field(None, gt=0)
-    max_cpu_percent: float | None = Field(None, gt=0)
+    interval_seconds: float = Field(default=5.0, gt=0)
+    max_memory_mb: float | None = Field(default=None, gt=0)
+    max_cpu_percent: float | None = Field(default=None, gt=0)
     # CPU spikes are normal: only this many consecutive samples over the limit count.
-    cpu_samples: int = Field(3, ge=1)
+    cpu_samples: int = Field(default=3, ge=1)
+
+
+class AppHealth(Health):
+    """The seed's health checks for the supervised app: every 5 s, 4 096 MB, 90 % CPU.
+
+    Setting one limit keeps the others; `null` switches a limit off.
+    """
+
+    max_memory_mb: float | None = Field(default=4096, gt=0)
+    max_cpu_percent: float | None = Field(default=90, gt=0)
+
+
+APP_HEALTH = AppHealth()
 
 
 class ProcessSpec(_Strict):
@@ -71,6 +85,10 @@ class AppSpec(_Strict):
     check_command: list[str] | None = None
     min_runtime_seconds: float | None = Field(None, gt=0)
     max_failures: int | None = Field(None, ge=1)
+    # Snapshots whose commits are kept outside the repo; older ones are pruned.
+    keep_commits: int = Field(KEEP_COMMITS, ge=1)
+    # A breach stops the app; in the first run after a change it also rolls the change back.
+    health: AppHealth = Field(default_factory=AppHealth)
 
 
 class SupervisorConfig(_Strict):

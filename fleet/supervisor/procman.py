@@ -16,28 +16,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Sequence
 
-import psutil
-
 from fleet.clock import Clock, SystemClock
-from fleet.procs import stop_process_tree
+from fleet.procs import describe_exit, stop_process_tree
 from fleet.supervisor.config import ProcessSpec
+from fleet.supervisor.health import HealthMonitor, HealthSample
 
 # States of a managed process, in the operator's words.
 STARTING_SOON, RUNNING, BACKOFF, EXITED, GAVE_UP, STOPPED, FAILED_TO_START = (
     "pending", "running", "backoff", "exited", "gave_up", "stopped", "failed_to_start",
 )
-
-
-@dataclass
-class HealthSample:
-    at: datetime
-    memory_mb: float
-    cpu_percent: float
-    processes: int
-
-    def as_dict(self) -> dict:
-        return {"at": self.at.isoformat(), "memory_mb": round(self.memory_mb, 1),
-                "cpu_percent": round(self.cpu_percent, 1), "processes": self.processes}
 
 
 @dataclass
@@ -47,15 +34,23 @@ class ManagedProcess:
     popen: subprocess.Popen | None = None
     started_at: datetime | None = None
     next_start_at: datetime | None = None
-    next_health_at: datetime | None = None
     restarts: int = 0
     restart_times: deque = field(default_factory=deque)
     delay: float = 0.0
     last_exit_code: int | None = None
     reason: str = ""
-    last_sample: HealthSample | None = None
-    cpu_over: int = 0
-    _ps: dict = field(default_factory=dict)  # pid → psutil.Process, kept for cpu_percent deltas
+    monitor: HealthMonitor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.monitor = HealthMonitor(self.spec.health)
+
+    @property
+    def last_sample(self) -> HealthSample | None:
+        return self.monitor.last_sample
+
+    @property
+    def cpu_over(self) -> int:
+        return self.monitor.cpu_over
 
     @property
     def pid(self) -> int | None:
@@ -152,20 +147,19 @@ class ProcessManager:
         if code is not None:
             self._exited(proc, code, now)
             return
-        if proc.next_health_at is not None and now >= proc.next_health_at:
-            proc.next_health_at = now + timedelta(seconds=proc.spec.health.interval_seconds)
-            breach = self._sample(proc, now)
-            if breach:
-                stop_process_tree(proc.popen, proc.spec.stop_timeout_seconds)
-                proc.popen = None
-                self._restart_or_give_up(proc, now, f"restarted: {breach}", immediate=True)
+        breach = proc.monitor.check(proc.popen.pid, now)
+        if breach:
+            stop_process_tree(proc.popen, proc.spec.stop_timeout_seconds)
+            proc.popen = None
+            self._restart_or_give_up(proc, now, f"restarted: {breach}", immediate=True)
 
     def _exited(self, proc: ManagedProcess, code: int, now: datetime) -> None:
         proc.last_exit_code = code
         ran = (now - proc.started_at).total_seconds() if proc.started_at else 0.0
-        stop_process_tree(proc.popen, 1)  # children it left behind go with it
+        if proc.popen is not None:
+            stop_process_tree(proc.popen, 1)  # children it left behind go with it
         proc.popen = None
-        how = _describe_exit(code)
+        how = describe_exit(code)
         policy = proc.spec.restart
         if policy == "never" or (policy == "on-failure" and code == 0):
             proc.state, proc.reason = EXITED, f"{how} after {ran:.1f} s; restart policy {policy}"
@@ -225,48 +219,4 @@ class ProcessManager:
                 log.close()
         proc.state = RUNNING
         proc.started_at = now
-        proc.cpu_over = 0
-        proc._ps = {}
-        proc.next_health_at = now + timedelta(seconds=spec.health.interval_seconds)
-
-    def _sample(self, proc: ManagedProcess, now: datetime) -> str | None:
-        """One psutil sample of the process tree; returns why it breaches a limit, if it does."""
-        assert proc.popen is not None
-        try:
-            root = psutil.Process(proc.popen.pid)
-            members = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return None
-        rss = cpu = 0.0
-        seen: dict = {}
-        for m in members:
-            known = proc._ps.get(m.pid, m)  # the same object across samples gives a cpu delta
-            try:
-                rss += known.memory_info().rss
-                cpu += known.cpu_percent(interval=None)
-            except psutil.Error:
-                continue
-            seen[m.pid] = known
-        proc._ps = seen
-        sample = HealthSample(now, rss / (1024 * 1024), cpu, len(seen))
-        proc.last_sample = sample
-        health = proc.spec.health
-        if health.max_memory_mb is not None and sample.memory_mb > health.max_memory_mb:
-            return f"memory {sample.memory_mb:.0f} MB over the limit of {health.max_memory_mb:g} MB"
-        if health.max_cpu_percent is not None:
-            proc.cpu_over = proc.cpu_over + 1 if sample.cpu_percent > health.max_cpu_percent else 0
-            if proc.cpu_over >= health.cpu_samples:
-                return (f"cpu {sample.cpu_percent:.0f}% over the limit of {health.max_cpu_percent:g}% "
-                        f"for {proc.cpu_over} samples")
-        return None
-
-
-def _describe_exit(code: int) -> str:
-    import signal
-
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+        proc.monitor.start(now)

@@ -6,13 +6,13 @@ the change; `max_failures` consecutive failures → emergency stop, and no furth
 applied until an operator calls `resume()`. A run that lasts past `min_runtime` proves the
 current commit good and resets the counter. Any exit before `min_runtime`, even with code 0,
 counts as broken ("process exits in < 10 seconds" in the seed); a clean exit after it is a
-finished job.
+finished job. While it runs, the app's process tree is sampled every `health.interval_seconds`
+(memory, CPU): a breach stops it and counts as a failure; in the first run after a change (its
+probation) it also rolls the change back, even after min_runtime.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import threading
 from dataclasses import asdict, dataclass
@@ -20,12 +20,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
+from fleet.procs import describe_exit, run_bounded, stop_process_tree
 from fleet.settings import get_settings
-from fleet.procs import kill_marked, marked_env, stop_process_tree
+from fleet.supervisor.archive import KEEP_COMMITS
+from fleet.supervisor.check import tail
+from fleet.supervisor.config import APP_HEALTH, Health
 from fleet.supervisor.guard import ChangeGuard, GuardVerdict, Snapshot
+from fleet.supervisor.health import HealthMonitor, Reader
 
 RUNNING, WATCHING, IDLE, EMERGENCY_STOP = "running", "watching", "idle", "emergency_stop"
 
@@ -71,10 +74,14 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         log_path: Path | None = None,
         clock: Clock | None = None,
+        keep_commits: int = KEEP_COMMITS,
+        health: Health | None = APP_HEALTH,
+        health_reader: Reader | None = None,
     ):
         settings = get_settings()
         self.clock = clock or SystemClock()
-        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout, self.clock)
+        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout,
+                                 self.clock, keep_commits=keep_commits)
         self.repo = self.guard.repo
         self.command = list(command)
         self.min_runtime = settings.supervisor_min_runtime_seconds if min_runtime is None else min_runtime
@@ -92,6 +99,9 @@ class Supervisor:
         self.last_outcome: RunOutcome | None = None
         self._last_good: Snapshot | None = None  # the state the app last proved good on
         self._pending = False  # accepted changes not yet proven by a run
+        # The state before the change this run is the first run of: a health breach returns to it.
+        self._probation: Snapshot | None = None
+        self.health = HealthMonitor(health, health_reader) if health is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._proc_started: datetime | None = None
         self._lock = threading.RLock()
@@ -154,6 +164,9 @@ class Supervisor:
                 if log:
                     log.close()
             self._proc_started = self.clock.now()
+            self._probation = self._last_good if self._pending else None
+            if self.health is not None:
+                self.health.start(self._proc_started)
             self.state = WATCHING
             self.reason = f"watching the app for {self.min_runtime:g} s"
             return self._proc.pid
@@ -164,18 +177,19 @@ class Supervisor:
             if self._proc is None or self._proc_started is None:
                 return None
             code = self._proc.poll()
-            runtime = (self.clock.now() - self._proc_started).total_seconds()
-            if self.state == WATCHING:
-                if code is None and runtime < self.min_runtime:
-                    return None
+            now = self.clock.now()
+            runtime = (now - self._proc_started).total_seconds()
+            if self.state == WATCHING and (code is not None or runtime >= self.min_runtime):
                 return self._judge(code, runtime)
             if code is not None:  # a proven run that ended later: restartable, not a failure
                 self._proc = None
+                self._probation = None
                 self.state = IDLE
                 self.reason = f"app exited with code {code} after {runtime:.1f} s"
                 self.last_outcome = RunOutcome(True, code, runtime, False, self.reason)
                 return self.last_outcome
-            return None
+            breach = self.health.check(self._proc.pid, now) if self.health is not None else None
+            return self._breached(breach, runtime) if breach else None
 
     def run_once(self) -> RunOutcome:
         """Start the app and watch it until it is judged; a proven app is left running."""
@@ -210,6 +224,7 @@ class Supervisor:
 
     def stop_app(self) -> None:
         with self._lock:
+            self._probation = None
             if self._proc is not None:
                 stop_process_tree(self._proc, self.stop_timeout)
                 self._proc = None
@@ -257,6 +272,8 @@ class Supervisor:
                         if pid and self._proc_started else None
                     ),
                 },
+                "health": (self.health.last_sample.as_dict()
+                           if self.health is not None and self.health.last_sample else None),
                 "last_verdict": _verdict_dict(self.last_verdict),
                 "last_run": _outcome_dict(self.last_outcome),
             }
@@ -281,7 +298,7 @@ class Supervisor:
             outcome = RunOutcome(True, code, runtime, False, self.reason)
         else:
             self._proc = None
-            why = why or f"app {_describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
+            why = why or f"app {describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
             patch = None
             rolled_back = False
             if self._pending and self._last_good is not None:
@@ -293,6 +310,24 @@ class Supervisor:
             outcome = RunOutcome(False, code, runtime, rolled_back, why, patch)
             self._fail(why)
         self.last_outcome = outcome
+        return outcome
+
+    def _breached(self, breach: str, runtime: float) -> RunOutcome:
+        """The app broke a health limit: stop it; in its probation, roll the change back."""
+        assert self._proc is not None
+        target = self._probation
+        code = stop_process_tree(self._proc, self.stop_timeout)
+        self._proc = None
+        why = f"app {breach} after {runtime:.1f} s"
+        patch = None
+        if target is not None:
+            patch = self.guard.rollback(target, f"broke the app: {why}")
+            self._last_good, self._pending, self._probation = target, False, None
+            why += f"; rolled back to {target.head[:12]}"
+        self.state = IDLE
+        outcome = RunOutcome(False, code, runtime, target is not None, why, patch)
+        self.last_outcome = outcome
+        self._fail(why)
         return outcome
 
     def _fail(self, why: str) -> None:
@@ -320,40 +355,16 @@ class Supervisor:
 def run_agent(
     argv: list[str], repo: Path, timeout: float | None, env: Mapping[str, str] | None
 ) -> tuple[int | None, str]:
-    """Run an agent command in the repo in its own session; (exit code or None at timeout, output tail)."""
-    env, marker = marked_env(env)
+    """Run an agent command in the repo, in its own session; (exit code, None at timeout; tail).
+
+    Whatever the agent left running, in its session or out of it, is stopped before this
+    returns: it must not edit the repo behind the guard.
+    """
     try:
-        proc = subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        done = run_bounded(argv, cwd=repo, env=env, timeout=timeout)
     except OSError as exc:
         return 127, f"could not start {argv[0]!r}: {exc.strerror or exc}"
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-        code: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        stop_process_tree(proc, 1)
-        kill_marked(marker)  # an escaped process holding the output pipe would block the read
-        output, _ = proc.communicate()
-        code = None
-    # Whatever the agent left running, in its session or out of it, must not edit the repo behind the guard.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    kill_marked(marker)
-    text = " ".join((output or b"").decode(errors="replace").split())
-    return code, text[-240:]
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "did not run"
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+    return done.returncode, tail(done.output_tail)
 
 
 def _verdict_dict(v: GuardVerdict | None) -> dict | None:

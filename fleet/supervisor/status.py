@@ -1,4 +1,5 @@
-"""Status endpoint: GET /status (JSON of the supervisor and its processes), GET /healthz (200/503)."""
+"""Status endpoint: GET /status or /supervisor/status (JSON of the supervisor and its processes),
+GET /healthz (200/503)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import TYPE_CHECKING
 
 from fleet.clock import Clock, SystemClock
 from fleet.settings import get_settings
+
+# A managed process's state as the seed's `mcp_servers` map shows it.
+_SERVER_HEALTH = {
+    "running": "healthy", "pending": "starting", "backoff": "restarting", "exiting": "restarting",
+    "exited": "exited", "stopped": "stopped", "gave_up": "failed", "failed_to_start": "failed",
+}
 
 if TYPE_CHECKING:
     from fleet.supervisor.procman import ProcessManager
@@ -65,6 +72,8 @@ class StatusServer:
     # ------------------------------------------------------------ documents
 
     def status(self) -> dict:
+        """The seed's document (`status`, `current_commit`, `consecutive_failures`, `uptime`,
+        `mcp_servers`) with the richer fields beside it (`state`, `reason`, `app`, `processes`)."""
         uptime = (self.clock.now() - self.started_at).total_seconds()
         body: dict = {
             "state": "running",
@@ -84,6 +93,10 @@ class StatusServer:
         if problems and body["state"] != "emergency_stop":
             body["state"] = "degraded"
             body["reason"] = "; ".join(problems)
+        body["status"] = body["state"]
+        body["mcp_servers"] = {
+            name: _SERVER_HEALTH.get(p["state"], p["state"]) for name, p in processes.items()
+        }
         return body
 
     def problems(self) -> list[str]:

@@ -92,3 +92,15 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
 def test_a_key_given_twice_is_refused(tmp_path):
     path = write(tmp_path, "status_port: 9000\nstatus_port: 1\n")
     assert error_of(path) == f"{path}:2: status_port: given twice (first on line 1); keep one"
+
+
+def test_app_keep_commits_and_health_are_read_and_checked(tmp_path):
+    text = (
+        "app:\n  repo: .\n  command: [python3, app.py]\n"
+        "  keep_commits: 3\n  health: {max_memory_mb: 512}\n"
+    )
+    app = load_config(write(tmp_path, text)).app
+    assert app.keep_commits == 3 and app.health.max_memory_mb == 512
+    assert app.health.max_cpu_percent == 90 and app.health.interval_seconds == 5  # the others stay
+    path = write(tmp_path, text.replace("keep_commits: 3", "keep_commits: 0"))
+    assert error_of(path).startswith(f"{path}:4: app.keep_commits: 0 is not valid: ")

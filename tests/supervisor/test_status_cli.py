@@ -60,6 +60,29 @@ def test_status_endpoint_reports_supervisor_and_processes(repo, tmp_path):
         manager.stop_all()
 
 
+def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
+    clock = ManualClock()
+    sup = Supervisor(repo, [sys.executable, "app.py"], patches_dir=tmp_path, clock=clock)
+    manager = ProcessManager([ProcessSpec(name="dynamic-thinking", command=SLEEPER),
+                              ProcessSpec(name="openevolve", command=CRASH, restart="never")],
+                             clock=clock)
+    try:
+        manager.tick()
+        manager.process("openevolve").popen.wait(timeout=10)
+        manager.tick()
+        with StatusServer(sup, manager, port=0, clock=clock) as server:
+            clock.advance(2 * 3600 + 34 * 60)
+            body = httpx.get(f"{server.url}/supervisor/status", timeout=5).json()
+            shape = ("status", "current_commit", "consecutive_failures", "uptime", "mcp_servers")
+            seed = {k: body[k] for k in shape}
+            assert seed == {"status": "idle", "current_commit": git(repo, "rev-parse", "HEAD"),
+                            "consecutive_failures": 0, "uptime": "2h34m",
+                            "mcp_servers": {"dynamic-thinking": "healthy", "openevolve": "exited"}}
+            assert body["processes"]["openevolve"]["last_exit_code"] == 7  # the richer fields stay
+    finally:
+        manager.stop_all()
+
+
 def test_cli_guard_accepts_and_rejects(repo, tmp_path):
     runner = CliRunner()
     base = ["guard", "--repo", str(repo), "--protect", "ci/**", "--patches-dir", str(tmp_path / "p"),
