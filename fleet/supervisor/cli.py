@@ -117,6 +117,7 @@ def run(
                                     health=a.health)
         status_port = port if port is not None else config.status_port
         server = StatusServer(supervisor, manager, host=config.status_host, port=status_port)
+        server.start()  # binds here, so a taken port is the one-line error below
     except (FleetError, OSError) as exc:
         err.print(f"[red]cannot start the supervisor:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -3,13 +3,10 @@ GET /healthz (200/503)."""
 
 from __future__ import annotations
 
-import json
-import threading
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 from fleet.clock import Clock, SystemClock
+from fleet.jsonhttp import JsonServer, Request, Response
 from fleet.settings import get_settings
 
 # A managed process's state as the seed's `mcp_servers` map shows it.
@@ -39,29 +36,24 @@ class StatusServer:
         self.clock = clock or SystemClock()
         self.started_at = self.clock.now()
         port = get_settings().supervisor_status_port if port is None else port
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
+        self._server = JsonServer(self._respond, host=host, port=port, name="supervisor-status")
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._server.port
 
     @property
     def url(self) -> str:
-        host = self._httpd.server_address[0]
-        return f"http://{host}:{self.port}"
+        return f"http://{self._server.host}:{self.port}"
 
     def start(self) -> StatusServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="supervisor-status", daemon=True)
-        self._thread.start()
+        """Bind and serve (once); OSError (e.g. the port is taken) is the caller's to explain."""
+        if not self._server.running:
+            self._server.start()
         return self
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread:
-            self._thread.join(timeout=5)
+        self._server.stop()
 
     def __enter__(self) -> StatusServer:
         return self.start()
@@ -109,6 +101,17 @@ class StatusServer:
                     found.append(f"{name}: {proc['reason']}")
         return found
 
+    def _respond(self, request: Request) -> Response:
+        path = request.path.rstrip("/")
+        if request.method != "GET":
+            return Response(405, {"error": f"{request.method} not allowed; try GET /status"})
+        if path in ("/status", "/supervisor/status"):  # the seed's curl uses the longer path
+            return Response(200, self.status())
+        if path == "/healthz":
+            problems = self.problems()
+            return Response(503 if problems else 200, {"ok": not problems, "problems": problems})
+        return _not_found(path)
+
 
 def _human(seconds: float) -> str:
     """2h34m, 5m07s, 42s — as the seed's status example shows uptime."""
@@ -120,28 +123,5 @@ def _human(seconds: float) -> str:
     return f"{s}s"
 
 
-def _handler(server: StatusServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path in ("/status", "/supervisor/status"):  # the seed's curl uses the longer path
-                self._send(HTTPStatus.OK, server.status())
-            elif path == "/healthz":
-                problems = server.problems()
-                code = HTTPStatus.SERVICE_UNAVAILABLE if problems else HTTPStatus.OK
-                self._send(code, {"ok": not problems, "problems": problems})
-            else:
-                self._send(HTTPStatus.NOT_FOUND, {"error": f"no such path {path!r}; try /status or /healthz"})
-
-        def _send(self, code: HTTPStatus, body: dict) -> None:
-            data = json.dumps(body, default=str).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args) -> None:  # noqa: A002
-            pass  # polled often; access logs would drown the supervisor's own output
-
-    return Handler
+def _not_found(path: str) -> Response:
+    return Response(404, {"error": f"no such path {path!r}; try /status or /healthz"})
