@@ -310,16 +310,23 @@ def _leading_items(body: str) -> list:
         pos = opening.end()
     items: list = []
     while True:
-        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        pos = _past_space(body, pos)
         try:
             item, pos = _JSON.raw_decode(body, pos)
         except (ValueError, RecursionError):  # the cut, or a broken item: stop there
             return items
         items.append(item)
-        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        pos = _past_space(body, pos)
         if body[pos : pos + 1] != ",":
             return items
         pos += 1
+
+
+def _past_space(body: str, pos: int) -> int:
+    """`pos` moved past the whitespace there."""
+    match = _WHITESPACE_RE.match(body, pos)
+    assert match is not None  # `\s*` matches everywhere, if only the empty string
+    return match.end()
 
 
 _INVALID = object()
