@@ -16,18 +16,18 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psycopg  # noqa: E402
+import psycopg
 
-from fleet.mesh.pg_store import PgMeshStore  # noqa: E402
-from fleet.settings import FleetSettings  # noqa: E402
-from fleet.store.migrations import apply_migrations  # noqa: E402
+from fleet.mesh.pg_store import PgMeshStore
+from fleet.settings import FleetSettings
+from fleet.store.migrations import apply_migrations
 
-NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = FleetSettings()
 MESH_TABLES = "mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state"
 
@@ -36,12 +36,15 @@ def _db_url(admin_url: str, name: str) -> str:
     return admin_url.rsplit("/", 1)[0] + f"/{name}"
 
 
-def bench_claims(url: str, claimers: int, tasks: int, limit: int, budget_s: float) -> tuple[int, float]:
+def bench_claims(
+    url: str, claimers: int, tasks: int, limit: int, budget_s: float
+) -> tuple[int, float]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {MESH_TABLES} RESTART IDENTITY")
         conn.execute(
             "INSERT INTO mesh_task_queue (task_id, kind, command, status, created_at) "
-            "SELECT 'c' || g, 'skill', '[\"x\"]'::jsonb, 'queued', %s + g * interval '1 microsecond' "
+            "SELECT 'c' || g, 'skill', '[\"x\"]'::jsonb, 'queued',"
+            " %s + g * interval '1 microsecond' "
             "FROM generate_series(1, %s) g",
             (NOW, tasks),
         )
@@ -72,7 +75,8 @@ def bench_claims(url: str, claimers: int, tasks: int, limit: int, budget_s: floa
     elapsed = time.perf_counter() - t0
     with psycopg.connect(url) as conn:
         distinct = conn.execute(
-            "SELECT count(*) FROM mesh_task_queue WHERE status = 'claimed'").fetchone()[0]
+            "SELECT count(*) FROM mesh_task_queue WHERE status = 'claimed'"
+        ).fetchone()[0]
     assert distinct == sum(counts), "a task was claimed twice"
     return sum(counts), elapsed
 
@@ -85,7 +89,8 @@ def load_world(url: str, total: int, stale: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"TRUNCATE {MESH_TABLES} RESTART IDENTITY")
         conn.execute(
-            "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, updated_at) "
+            "INSERT INTO mesh_health"
+            " (machine_id, mesh_id, role, generation, last_heartbeat, updated_at) "
             "SELECT 'live-' || g, 'bench', 'worker', 1, %s, %s FROM generate_series(1, 8) g",
             (NOW, NOW),
         )
@@ -93,14 +98,20 @@ def load_world(url: str, total: int, stale: int) -> None:
             # (count, status, claimed_by, claimed_at offset, progress offset)
             (done, "done", "NULL", "NULL", "NULL"),
             (queued, "queued", "NULL", "NULL", "NULL"),
-            (fresh_active, "running", "'live-' || (1 + g %% 8)", "%(now)s - interval '1 minute'",
-             "%(now)s - interval '30 seconds'"),
+            (
+                fresh_active,
+                "running",
+                "'live-' || (1 + g %% 8)",
+                "%(now)s - interval '1 minute'",
+                "%(now)s - interval '30 seconds'",
+            ),
             (stale, "claimed", "'dead-' || (g %% 3)", "%(now)s - interval '20 minutes'", "NULL"),
         ]
         offset = 0
         for count, status, claimer, claimed_at, progress_at in rows:
             conn.execute(
-                "INSERT INTO mesh_task_queue (task_id, kind, command, status, claimed_by, created_at, "
+                "INSERT INTO mesh_task_queue"
+                " (task_id, kind, command, status, claimed_by, created_at, "
                 "claimed_at, progress_at, finished_at) "
                 f"SELECT 't' || (g + %(off)s), 'skill', '[\"x\"]'::jsonb, %(status)s, {claimer}, "
                 "%(now)s - interval '1 hour' + g * interval '1 millisecond', "
@@ -127,8 +138,12 @@ def restale(url: str) -> None:
 def bench_reconcile(url: str, total: int, stale: int, runs: int) -> tuple[float, float, int]:
     load_world(url, total, stale)
     store = PgMeshStore(url)
-    kwargs = dict(orphan_seconds=S.orphan_claim_seconds, stuck_seconds=S.stuck_injection_seconds,
-                  expiry_seconds=S.task_expiry_seconds, max_attempts=100)
+    kwargs = dict(
+        orphan_seconds=S.orphan_claim_seconds,
+        stuck_seconds=S.stuck_injection_seconds,
+        expiry_seconds=S.task_expiry_seconds,
+        max_attempts=100,
+    )
     busy, idle, moved = [], [], 0
     for _ in range(runs):
         restale(url)
@@ -145,8 +160,11 @@ def bench_reconcile(url: str, total: int, stale: int, runs: int) -> tuple[float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                        help="an admin connection string; a scratch database is created beside it")
+    parser.add_argument(
+        "--pg",
+        default="postgresql://postgres@127.0.0.1:5432/postgres",
+        help="an admin connection string; a scratch database is created beside it",
+    )
     parser.add_argument("--claimers", type=int, default=4)
     parser.add_argument("--claim-tasks", type=int, default=20_000)
     parser.add_argument("--claim-seconds", type=float, default=8.0)
@@ -167,17 +185,24 @@ def main(argv: list[str] | None = None) -> int:
 
         for limit in (1, 10):
             n, secs = bench_claims(url, args.claimers, args.claim_tasks, limit, args.claim_seconds)
-            print(f"claims: {args.claimers} concurrent claimers, limit={limit}: {n} tasks in "
-                  f"{secs:.2f} s = {n / secs:,.0f} claims/s (each claimed exactly once)")
+            print(
+                f"claims: {args.claimers} concurrent claimers, limit={limit}: {n} tasks in "
+                f"{secs:.2f} s = {n / secs:,.0f} claims/s (each claimed exactly once)"
+            )
 
         results = {}
         for total in (10_000, 100_000):
             busy, idle, moved = bench_reconcile(url, total, args.stale, args.runs)
             results[total] = busy
-            print(f"reconcile: {total:>7,} rows, {args.stale:,} stale claims: cycle {busy * 1000:.1f} ms "
-                  f"(median of {args.runs}, {moved} requeued); idle cycle {idle * 1000:.1f} ms")
-        print(f"reconcile cost ratio 100k/10k rows with the same stale set: "
-              f"{results[100_000] / results[10_000]:.2f} (near 1 = tracks stale rows, not total rows)")
+            print(
+                f"reconcile: {total:>7,} rows, {args.stale:,} stale claims:"
+                f" cycle {busy * 1000:.1f} ms "
+                f"(median of {args.runs}, {moved} requeued); idle cycle {idle * 1000:.1f} ms"
+            )
+        print(
+            f"reconcile cost ratio 100k/10k rows with the same stale set: "
+            f"{results[100_000] / results[10_000]:.2f} (near 1 = tracks stale rows, not total rows)"
+        )
     finally:
         with psycopg.connect(args.pg, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

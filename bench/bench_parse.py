@@ -63,8 +63,15 @@ def make_input(case: str) -> str:
     raise SystemExit(f"unknown case {case!r}")
 
 
-CASES = ["review-prose", "review-all-issues", "review-duplicates", "review-blocks",
-         "review-terminal", "skill-block-at-end", "skill-12MB-block"]
+CASES = [
+    "review-prose",
+    "review-all-issues",
+    "review-duplicates",
+    "review-blocks",
+    "review-terminal",
+    "skill-block-at-end",
+    "skill-12MB-block",
+]
 
 
 def _status_mb(field: str) -> float:
@@ -95,17 +102,29 @@ def child(case: str, checkout: str) -> None:
     else:
         result = parse_skill_output(text, "bench-app", max_tasks=500)
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
-    print(json.dumps({"case": case, "mb": round(len(text) / MB), "seconds": round(seconds, 2),
-                      "cpu": round(cpu, 2), "input_mb": round(base),
-                      "peak_mb": round(_status_mb("VmHWM")), "tasks": len(result),
-                      "dropped": result.dropped[:2]}))
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "mb": round(len(text) / MB),
+                "seconds": round(seconds, 2),
+                "cpu": round(cpu, 2),
+                "input_mb": round(base),
+                "peak_mb": round(_status_mb("VmHWM")),
+                "tasks": len(result),
+                "dropped": result.dropped[:2],
+            }
+        )
+    )
 
 
 def run(case: str, checkout: str, timeout: float) -> dict:
     try:
         done = subprocess.run(
             [sys.executable, __file__, "--child", case, "--checkout", checkout],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"case": case, "error": f"over {timeout:g} s"}
@@ -125,17 +144,21 @@ def main() -> None:
     if args.child:
         return child(args.child, args.checkout)
     checkouts = [("this", str(ROOT))] + ([("compare", args.compare)] if args.compare else [])
-    print(f"{'case':<20} {'checkout':<8} {'MB':>4} {'seconds':>8} {'cpu s':>6} {'input MB':>9} "
-          f"{'peak MB':>8} {'tasks':>6}  dropped")
+    print(
+        f"{'case':<20} {'checkout':<8} {'MB':>4} {'seconds':>8} {'cpu s':>6} {'input MB':>9} "
+        f"{'peak MB':>8} {'tasks':>6}  dropped"
+    )
     for case in args.cases:
         for label, checkout in checkouts:
             r = run(case, checkout, args.timeout)
             if "error" in r:
                 print(f"{case:<20} {label:<8} error: {r['error']}")
                 continue
-            print(f"{case:<20} {label:<8} {r['mb']:>4} {r['seconds']:>8.2f} {r['cpu']:>6.2f} "
-                  f"{r['input_mb']:>9} {r['peak_mb']:>8} {r['tasks']:>6}  {r['dropped']}",
-                  flush=True)
+            print(
+                f"{case:<20} {label:<8} {r['mb']:>4} {r['seconds']:>8.2f} {r['cpu']:>6.2f} "
+                f"{r['input_mb']:>9} {r['peak_mb']:>8} {r['tasks']:>6}  {r['dropped']}",
+                flush=True,
+            )
     print("targets: 100 MB in <= 5 s and <= 300 MB peak RSS (DESIGN §8)")
 
 

@@ -20,19 +20,30 @@ class FleetConfigBlock(Block):
 
     _block_type_name: ClassVar[str] = "Fleet Config"
     _block_type_slug: ClassVar[str] = "fleet-config"
-    _description: ClassVar[str] = "Fleet Evolution Engine: fleet file, cohort sizes, targets, concurrency."
+    _description: ClassVar[str] = (
+        "Fleet Evolution Engine: fleet file, cohort sizes, targets, concurrency."
+    )
 
     fleet_file: str | None = Field(default=None, description="path of the fleet file on the worker")
-    max_concurrent: int | None = Field(default=None, ge=1, le=1000, description="apps a cohort run may start at once")
-    cohort_sizes: list[int] | None = Field(default=None, description="progressive cohort sizes, e.g. [10, 20, 40]")
-    review_target: str | None = Field(default=None, description="machine for the adversarial review (mac4)")
+    max_concurrent: int | None = Field(
+        default=None, ge=1, le=1000, description="apps a cohort run may start at once"
+    )
+    cohort_sizes: list[int] | None = Field(
+        default=None, description="progressive cohort sizes, e.g. [10, 20, 40]"
+    )
+    review_target: str | None = Field(
+        default=None, description="machine for the adversarial review (mac4)"
+    )
     review_model: str | None = Field(default=None, description="agent for the review (codex)")
     ship_target: str | None = Field(default=None, description="machine with Xcode for SHIP (mac1)")
-    hydra_poll_seconds: float | None = Field(default=None, gt=0, description="quality-gate poll interval")
+    hydra_poll_seconds: float | None = Field(
+        default=None, gt=0, description="quality-gate poll interval"
+    )
 
     def apply(self, settings: FleetSettings) -> FleetSettings:
         update = {
-            k: v for k, v in self.model_dump(include=set(type(self).model_fields)).items()
+            k: v
+            for k, v in self.model_dump(include=set(type(self).model_fields)).items()
             if v is not None and k in FleetSettings.model_fields and k != "max_concurrent"
         }
         return settings.model_copy(update=update)

@@ -11,9 +11,8 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from fleet.clients.aura import AuraGatewayDispatcher
+from fleet.clients.base import Dispatcher, QualityGate
 from fleet.clients.gemini import GeminiExtractor
-from fleet.clients.hydra import HydraGate
 from fleet.settings import get_settings
 from fleet.wiring import aura_dispatcher, hydra_gate
 
@@ -23,16 +22,19 @@ class AuraGatewayBlock(Block):
 
     _block_type_name: ClassVar[str] = "AuraGateway"
     _block_type_slug: ClassVar[str] = "fleet-aura-gateway"
-    _description: ClassVar[str] = "AuraGateway endpoint (spawn / dispatch / task poll) for the Fleet Evolution Engine."
+    _description: ClassVar[str] = (
+        "AuraGateway endpoint (spawn / dispatch / task poll) for the Fleet Evolution Engine."
+    )
 
     url: str = Field(description="e.g. https://mac1.example:8001")
     token: SecretStr | None = Field(default=None, description="bearer token")
     allow_insecure: bool = Field(
         default=False,
-        description="allow plain http:// to a non-loopback host (like FLEET_ALLOW_INSECURE_TRANSPORT=true)",
+        description="allow plain http:// to a non-loopback host"
+        " (like FLEET_ALLOW_INSECURE_TRANSPORT=true)",
     )
 
-    def get_client(self) -> AuraGatewayDispatcher:
+    def get_client(self) -> Dispatcher:
         return aura_dispatcher(self.url, self.token, get_settings(), self.allow_insecure)
 
 
@@ -41,13 +43,17 @@ class HydraBlock(Block):
 
     _block_type_name: ClassVar[str] = "Hydra"
     _block_type_slug: ClassVar[str] = "fleet-hydra"
-    _description: ClassVar[str] = "Hydra quality-gate endpoint (GET /status/{app_id}) for the Fleet Evolution Engine."
+    _description: ClassVar[str] = (
+        "Hydra quality-gate endpoint (GET /status/{app_id}) for the Fleet Evolution Engine."
+    )
 
     url: str = Field(description="e.g. https://mac1.example:8095")
     token: SecretStr | None = Field(default=None, description="bearer token")
-    allow_insecure: bool = Field(default=False, description="allow plain http:// to a non-loopback host")
+    allow_insecure: bool = Field(
+        default=False, description="allow plain http:// to a non-loopback host"
+    )
 
-    def get_client(self) -> HydraGate:
+    def get_client(self) -> QualityGate:
         return hydra_gate(self.url, self.token, get_settings(), self.allow_insecure)
 
 

@@ -1,4 +1,4 @@
-"""Prefect Blocks for the Store backends: PostgreSQL (conninfo) and Supabase REST (URL + service key).
+"""Prefect Blocks for the Store backends: PostgreSQL (conninfo), Supabase REST (URL + service key).
 
 The secrets stay SecretStr in the Block (the Prefect UI and API show them masked); only
 get_client() hands them to the store, which opens them where it builds its connection.
@@ -49,7 +49,9 @@ class SupabaseStoreBlock(Block):
 
     url: str = Field(description="e.g. https://<project-ref>.supabase.co")
     service_key: SecretStr = Field(description="the project's service_role key (not the anon key)")
-    allow_insecure: bool = Field(default=False, description="allow plain http:// to a non-loopback host")
+    allow_insecure: bool = Field(
+        default=False, description="allow plain http:// to a non-loopback host"
+    )
 
     def get_client(self) -> SupabaseStore:
         settings = get_settings()

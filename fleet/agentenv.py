@@ -55,14 +55,18 @@ def refusal(name: str, *, literal: bool) -> str | None:
     """Why `name` may not be given to agents (None: it may). `literal`: a value is written
     out in a config file rather than passed through from the orchestrator's environment."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        return (f"{name!r:.70} is not an environment variable name: letters, digits and _, "
-                "not starting with a digit, at most 128")
+        return (
+            f"{name!r:.70} is not an environment variable name: letters, digits and _, "
+            "not starting with a digit, at most 128"
+        )
     if name.upper().startswith(REFUSED_PREFIXES):
         prefixes = ", ".join(f"{prefix}*" for prefix in REFUSED_PREFIXES)
         return f"{name} is the orchestrator's own setting ({prefixes}): agents never get it"
     if literal and SECRET_NAME_RE.search(name):
-        return (f"{name} looks like a secret: its value may not be written out, only passed "
-                "through by name from the orchestrator's environment (env.pass)")
+        return (
+            f"{name} looks like a secret: its value may not be written out, only passed "
+            "through by name from the orchestrator's environment (env.pass)"
+        )
     return None
 
 
@@ -93,8 +97,10 @@ class AgentEnv(BaseModel):
             if len(value) > MAX_VALUE_CHARS:
                 raise ValueError(f"the value of {name} is over {MAX_VALUE_CHARS} characters")
             if SECRET_VALUE_RE.search(value):
-                raise ValueError(f"the value of {name} is a URL with a password in it: do not "
-                                 "write it in the file; list the name under env.pass instead")
+                raise ValueError(
+                    f"the value of {name} is a URL with a password in it: do not "
+                    "write it in the file; list the name under env.pass instead"
+                )
         return values
 
     @model_validator(mode="after")

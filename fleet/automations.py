@@ -42,17 +42,20 @@ def _flow_failed(name: str, flow: str, what: str) -> Alert:
         name=name,
         description=f"A {what} run (flow `{flow}`) ended Failed or Crashed.",
         expect="prefect.flow-run.*",
-        match={"prefect.resource.id": "prefect.flow-run.*",
-               "prefect.state-type": FAILED_STATE_TYPES},
+        match={
+            "prefect.resource.id": "prefect.flow-run.*",
+            "prefect.state-type": FAILED_STATE_TYPES,
+        },
         match_related={"prefect.resource.role": "flow", "prefect.resource.name": flow},
         subject=f"[fleet] {what} failed: {{{{ flow_run.name }}}}",
-        body=(f"{what.capitalize()} run {{{{ flow_run.name }}}} of flow {flow} ended "
-              "{{ flow_run.state.name }}: {{ flow_run.state.message }}"),
+        body=(
+            f"{what.capitalize()} run {{{{ flow_run.name }}}} of flow {flow} ended "
+            "{{ flow_run.state.name }}: {{ flow_run.state.message }}"
+        ),
     )
 
 
-def _fleet_event(name: str, event: str, resource_prefix: str, description: str,
-                 body: str) -> Alert:
+def _fleet_event(name: str, event: str, resource_prefix: str, description: str, body: str) -> Alert:
     return Alert(
         name=name,
         description=description,
@@ -68,19 +71,25 @@ ALERTS: tuple[Alert, ...] = (
     _flow_failed("fleet: app run failed", APP_FLOW, "app"),
     _flow_failed("fleet: cohort failed", COHORT_FLOW, "cohort"),
     _fleet_event(
-        "fleet: breaker opened", events.BREAKER_OPENED, events.BREAKER_RESOURCE,
+        "fleet: breaker opened",
+        events.BREAKER_OPENED,
+        events.BREAKER_RESOURCE,
         "A circuit breaker opened: calls through it fail fast until it half-opens.",
         "Breaker {{ event.resource.name }} opened after {{ event.payload.failures }} failures: "
         "{{ event.payload.reason }}",
     ),
     _fleet_event(
-        "fleet: task dead-lettered", events.TASK_DEAD_LETTERED, events.TASK_RESOURCE,
+        "fleet: task dead-lettered",
+        events.TASK_DEAD_LETTERED,
+        events.TASK_RESOURCE,
         "A mesh task failed more attempts than allowed and will not run again by itself.",
         "Mesh task {{ event.resource.name }} was dead-lettered after "
         "{{ event.payload.attempts }} attempts: {{ event.payload.reason }}",
     ),
     _fleet_event(
-        "fleet: machine declared down", events.MACHINE_DOWN, events.MACHINE_RESOURCE,
+        "fleet: machine declared down",
+        events.MACHINE_DOWN,
+        events.MACHINE_RESOURCE,
         "The mesh declared a machine down; its claimed tasks went back to the queue.",
         "Machine {{ event.resource.name }} was declared down ({{ event.payload.reason }}); "
         "{{ event.payload.requeued }} tasks requeued.",
@@ -116,8 +125,9 @@ def automation_for(alert: Alert, notifier: UUID) -> AutomationCore:
         enabled=True,
         tags=[TAG],
         trigger=trigger_for(alert),
-        actions=[SendNotification(block_document_id=notifier, subject=alert.subject,
-                                  body=alert.body)],
+        actions=[
+            SendNotification(block_document_id=notifier, subject=alert.subject, body=alert.body)
+        ],
         actions_on_trigger=[],
         actions_on_resolve=[],
     )
@@ -185,9 +195,11 @@ async def webhook_notifier(url: str, block_name: str = NOTIFIER_BLOCK_NAME) -> U
 
     check_webhook_url(url)
     block = CustomWebhookNotificationBlock(
-        name=block_name, url=url,
+        name=block_name,
+        url=url,
         json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "{{name}}"},
-        headers=None, cookies=None,
+        headers=None,
+        cookies=None,
     )
     return await block.save(block_name, overwrite=True)
 
@@ -200,19 +212,25 @@ async def named_notifier(slug: str) -> UUID:
 
     type_slug, _, name = slug.partition("/")
     if not type_slug or not name:
-        raise ConfigError(f"notification block {slug!r}: expected <block-type-slug>/<name>, "
-                          "e.g. slack-webhook/ops-alerts")
+        raise ConfigError(
+            f"notification block {slug!r}: expected <block-type-slug>/<name>, "
+            "e.g. slack-webhook/ops-alerts"
+        )
     async with get_client() as client:
         try:
-            document = await client.read_block_document_by_name(name, type_slug,
-                                                                include_secrets=False)
+            document = await client.read_block_document_by_name(
+                name, type_slug, include_secrets=False
+            )
         except ObjectNotFound:
-            raise ConfigError(f"notification block {slug!r} does not exist on the Prefect "
-                              "server — create it in the UI (Blocks) or with `prefect block`"
-                              ) from None
+            raise ConfigError(
+                f"notification block {slug!r} does not exist on the Prefect "
+                "server — create it in the UI (Blocks) or with `prefect block`"
+            ) from None
     if document.block_schema is None or "notify" not in document.block_schema.capabilities:
-        raise ConfigError(f"block {slug!r} cannot send notifications — use a notification "
-                          "block (Slack, Teams, Custom Webhook, email…)")
+        raise ConfigError(
+            f"block {slug!r} cannot send notifications — use a notification "
+            "block (Slack, Teams, Custom Webhook, email…)"
+        )
     assert document.id is not None  # a stored document always has one
     return document.id
 
@@ -227,8 +245,16 @@ def _comparable(automation: Any) -> dict[str, Any]:
     """What an install controls, without ids the server assigns."""
     data = automation.model_dump(
         mode="json",
-        include={"name", "description", "enabled", "tags", "trigger", "actions",
-                 "actions_on_trigger", "actions_on_resolve"},
+        include={
+            "name",
+            "description",
+            "enabled",
+            "tags",
+            "trigger",
+            "actions",
+            "actions_on_trigger",
+            "actions_on_resolve",
+        },
     )
     data["trigger"].pop("id", None)
     return data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -13,8 +13,10 @@ from rich.table import Table
 
 from fleet.errors import ConfigError, FleetError
 
-app = typer.Typer(help="Prefect automations: alerts on failed runs, open breakers, dead letters, "
-                       "machines down.", no_args_is_help=True)
+app = typer.Typer(
+    help="Prefect automations: alerts on failed runs, open breakers, dead letters, machines down.",
+    no_args_is_help=True,
+)
 console = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
@@ -34,38 +36,52 @@ def _on_server(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise ConfigError("automations live on a Prefect server: set PREFECT_API_URL "
-                          "(e.g. http://127.0.0.1:4200/api) and run this again")
+        raise ConfigError(
+            "automations live on a Prefect server: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api) and run this again"
+        )
     try:
         return asyncio.run(call())
     except (httpx.HTTPError, PrefectHTTPStatusError) as exc:
         cause = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise FleetError(f"the Prefect API at {url} failed: {cause} — is `prefect server "
-                         "start` running there?") from None
+        raise FleetError(
+            f"the Prefect API at {url} failed: {cause} — is `prefect server start` running there?"
+        ) from None
 
 
 @app.command("install")
 def install(
-    webhook_url: Optional[str] = typer.Option(
-        None, "--webhook-url", envvar="FLEET_ALERT_WEBHOOK_URL",
+    webhook_url: str | None = typer.Option(
+        None,
+        "--webhook-url",
+        envvar="FLEET_ALERT_WEBHOOK_URL",
         help="notify by POSTing JSON {subject, body} here (saved as the Custom Webhook block "
-             "'fleet-alerts')"),
-    block: Optional[str] = typer.Option(
-        None, "--block", envvar="FLEET_ALERT_BLOCK",
+        "'fleet-alerts')",
+    ),
+    block: str | None = typer.Option(
+        None,
+        "--block",
+        envvar="FLEET_ALERT_BLOCK",
         help="notify through an existing notification block instead, as <type-slug>/<name> "
-             "(e.g. slack-webhook/ops-alerts)"),
+        "(e.g. slack-webhook/ops-alerts)",
+    ),
 ) -> None:
     """Create the five alerts (or bring them up to date); running it again changes nothing."""
     from fleet import automations
 
     try:
         if bool(webhook_url) == bool(block):
-            raise ConfigError("give exactly one of --webhook-url (or FLEET_ALERT_WEBHOOK_URL) "
-                              "and --block (or FLEET_ALERT_BLOCK)")
+            raise ConfigError(
+                "give exactly one of --webhook-url (or FLEET_ALERT_WEBHOOK_URL) "
+                "and --block (or FLEET_ALERT_BLOCK)"
+            )
 
         async def run() -> list[automations.Installed]:
-            notifier = await (automations.named_notifier(block) if block
-                              else automations.webhook_notifier(webhook_url or ""))
+            notifier = await (
+                automations.named_notifier(block)
+                if block
+                else automations.webhook_notifier(webhook_url or "")
+            )
             return await automations.install(notifier)
 
         done = _on_server(run)

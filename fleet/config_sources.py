@@ -46,8 +46,11 @@ class Sourced:
         """The value for display: secrets masked, paths as text."""
         if isinstance(self.value, SecretStr):
             return SECRET_SHOWN
-        return self.value if self.value is None or isinstance(
-            self.value, (bool, int, float, str, list)) else str(self.value)
+        return (
+            self.value
+            if self.value is None or isinstance(self.value, (bool, int, float, str, list))
+            else str(self.value)
+        )
 
 
 def env_vars(name: str) -> tuple[str, ...]:
@@ -60,9 +63,12 @@ def env_vars(name: str) -> tuple[str, ...]:
     return (f"{prefix}{name}".upper(),)
 
 
-def config_sources(settings: FleetSettings, env: Mapping[str, str],
-                   store: Mapping[str, Any], block: Mapping[str, Any] | None = None
-                   ) -> dict[str, Sourced]:
+def config_sources(
+    settings: FleetSettings,
+    env: Mapping[str, str],
+    store: Mapping[str, Any],
+    block: Mapping[str, Any] | None = None,
+) -> dict[str, Sourced]:
     """Every setting with its effective value and source, in settings order.
 
     `settings` was built from `env` (so env values arrive parsed exactly as the engine
@@ -95,8 +101,9 @@ def effective_settings(settings: FleetSettings, sources: Mapping[str, Sourced]) 
     return FleetSettings.model_validate({**settings.model_dump(), **update})
 
 
-def shadowed_write(sources: Mapping[str, Sourced], name: str, layer: Source = "store",
-                   block_name: str = "") -> str | None:
+def shadowed_write(
+    sources: Mapping[str, Sourced], name: str, layer: Source = "store", block_name: str = ""
+) -> str | None:
     """Why a write of `name` to `layer` would not take effect (one line), or None if it would."""
     current = sources[name]
     if PRECEDENCE.index(current.source) >= PRECEDENCE.index(layer):
@@ -107,5 +114,7 @@ def shadowed_write(sources: Mapping[str, Sourced], name: str, layer: Source = "s
     else:
         where = f"the FleetConfig block {block_name!r}" if block_name else "the FleetConfig block"
         fix = "clear the field in the block (Prefect UI → Blocks)"
-    return (f"{name} is pinned to {current.shown!r} by {where}, which takes precedence over the "
-            f"{layer}; the new value applies only once you {fix}")
+    return (
+        f"{name} is pinned to {current.shown!r} by {where}, which takes precedence over the "
+        f"{layer}; the new value applies only once you {fix}"
+    )

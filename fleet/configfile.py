@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from fleet.errors import ConfigError
 
@@ -29,17 +31,22 @@ AfterChecks = Callable[[Any], list[tuple[tuple, str]]]
 # ~200 KB, ~20 000 values and 6 levels deep.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_DEPTH = 32
-MAX_VALUES = 100_000          # after expanding aliases: a "billion laughs" file stops here
-MAX_ERRORS = 20               # problems listed; the rest are counted
-MAX_SHOWN = 60                # characters of an offending value quoted in an error
+MAX_VALUES = 100_000  # after expanding aliases: a "billion laughs" file stops here
+MAX_ERRORS = 20  # problems listed; the rest are counted
+MAX_SHOWN = 60  # characters of an offending value quoted in an error
 
 _Loader: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def load_model(path: Path | str, model: type[M], *, what: str = "config file",
-               extra_errors: ExtraErrors | None = None,
-               skip_error: Callable[[dict], bool] = lambda err: False,
-               after: AfterChecks | None = None) -> M:
+def load_model(
+    path: Path | str,
+    model: type[M],
+    *,
+    what: str = "config file",
+    extra_errors: ExtraErrors | None = None,
+    skip_error: Callable[[ErrorDetails], bool] = lambda err: False,
+    after: AfterChecks | None = None,
+) -> M:
     """Parse `path` as YAML and validate it as `model`; raise ConfigError on anything wrong."""
     path = Path(path)
     shown = str(path)
@@ -48,16 +55,20 @@ def load_model(path: Path | str, model: type[M], *, what: str = "config file",
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{shown}:1: expected a mapping of settings at the top level, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(
+            f"{shown}:1: expected a mapping of settings at the top level, got {type(data).__name__}"
+        )
     lines = key_lines(node) if node is not None else {}
     if twice := repeated_keys(node, shown) if node is not None else []:
         raise ConfigError(_joined(twice))
     try:
         config = model.model_validate(data)
     except ValidationError as exc:
-        found = [(line_of(tuple(e["loc"]), lines), describe(shown, lines, e, model))
-                 for e in exc.errors() if not skip_error(e)]
+        found = [
+            (line_of(tuple(e["loc"]), lines), describe(shown, lines, e, model))
+            for e in exc.errors()
+            if not skip_error(e)
+        ]
         found += extra_errors(shown, data, lines) if extra_errors else []
         found.sort(key=lambda f: f[0])
         raise ConfigError(_joined([text for _, text in found])) from None
@@ -76,13 +87,16 @@ def _read(path: Path, shown: str, what: str) -> str:
     except OSError as exc:
         raise ConfigError(f"{shown}: cannot read the {what}: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{shown}: the {what} is over {MAX_CONFIG_BYTES} bytes, the most a "
-                          f"{what} may be; is this the right file?")
+        raise ConfigError(
+            f"{shown}: the {what} is over {MAX_CONFIG_BYTES} bytes, the most a "
+            f"{what} may be; is this the right file?"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{shown}: the {what} is not UTF-8 text (byte {exc.start} is "
-                          f"{raw[exc.start]:#04x})") from None
+        raise ConfigError(
+            f"{shown}: the {what} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x})"
+        ) from None
 
 
 def _parse(text: str, shown: str, what: str) -> tuple[yaml.Node | None, Any]:
@@ -102,8 +116,9 @@ def _parse(text: str, shown: str, what: str) -> tuple[yaml.Node | None, Any]:
         raise ConfigError(f"{shown}{line}: invalid YAML: {_clip(problem)}") from None
     except (ValueError, OverflowError) as exc:  # a scalar YAML types but Python cannot hold
         reason = str(exc).split("; use sys.set_int_max_str_digits")[0]  # not the operator's knob
-        raise ConfigError(f"{shown}: a value in the {what} cannot be read: {_clip(reason)}") \
-            from None
+        raise ConfigError(
+            f"{shown}: a value in the {what} cannot be read: {_clip(reason)}"
+        ) from None
     return node, data
 
 
@@ -111,7 +126,7 @@ def _measure(text: str, shown: str, what: str) -> None:
     """Refuse nesting deeper than MAX_DEPTH, more than MAX_VALUES values once aliases are
     expanded, and an alias used inside its own anchor, from the event stream alone: nothing
     is built, so a hostile file is refused at the event that crosses a bound."""
-    open_frames: list[list] = []   # [anchor, values, height] of each open collection
+    open_frames: list[list] = []  # [anchor, values, height] of each open collection
     sizes: dict[str, tuple[int, int]] = {}  # anchor → (values, height) once closed
     total = 0
     for event in yaml.parse(text, Loader=_Loader):
@@ -129,9 +144,12 @@ def _measure(text: str, shown: str, what: str) -> None:
             continue
         elif isinstance(event, yaml.AliasEvent):
             if any(frame[0] == event.anchor for frame in open_frames):
-                raise ConfigError(f"{shown}:{line}: alias *{_clip(str(event.anchor))} is used "
-                                  "inside the value it names (a loop); write the value out")
-            size, height = sizes.get(event.anchor, (1, 1))
+                raise ConfigError(
+                    f"{shown}:{line}: alias *{_clip(str(event.anchor))} is used "
+                    "inside the value it names (a loop); write the value out"
+                )
+            # An alias always names an anchor; "" only satisfies the stubs' `str | None`.
+            size, height = sizes.get(event.anchor or "", (1, 1))
         elif isinstance(event, yaml.ScalarEvent):
             size, height = 1, 1
             if event.anchor is not None:
@@ -140,11 +158,15 @@ def _measure(text: str, shown: str, what: str) -> None:
             continue
         total += size
         if len(open_frames) + height > MAX_DEPTH:
-            raise ConfigError(f"{shown}:{line}: nested more than {MAX_DEPTH} levels deep; a {what} "
-                              "needs only a few")
+            raise ConfigError(
+                f"{shown}:{line}: nested more than {MAX_DEPTH} levels deep; a {what} "
+                "needs only a few"
+            )
         if total > MAX_VALUES:
-            raise ConfigError(f"{shown}:{line}: more than {MAX_VALUES} values once YAML aliases "
-                              f"are expanded; a {what} needs far fewer")
+            raise ConfigError(
+                f"{shown}:{line}: more than {MAX_VALUES} values once YAML aliases "
+                f"are expanded; a {what} needs far fewer"
+            )
         if not isinstance(event, yaml.CollectionStartEvent) and open_frames:
             open_frames[-1][1] += size
             open_frames[-1][2] = max(open_frames[-1][2], height + 1)
@@ -164,7 +186,7 @@ def _clip(text: str, limit: int = 200) -> str:
 def _shown(value: Any) -> str:
     """repr() of an offending value, cut short: a 5 MB value must not become a 5 MB error."""
     text = repr(value)
-    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 4]}…{text[-3:]}"
+    return text if len(text) <= MAX_SHOWN else f"{text[: MAX_SHOWN - 4]}…{text[-3:]}"
 
 
 def key_lines(node: yaml.Node, path: tuple = ()) -> KeyLines:
@@ -190,8 +212,10 @@ def repeated_keys(node: yaml.Node, shown: str, path: tuple = ()) -> list[str]:
             sub = (*path, key.value)
             line = key.start_mark.line + 1
             if key.value in first:
-                found.append(f"{shown}:{line}: {dotted(sub)}: given twice "
-                             f"(first on line {first[key.value]}); keep one")
+                found.append(
+                    f"{shown}:{line}: {dotted(sub)}: given twice "
+                    f"(first on line {first[key.value]}); keep one"
+                )
             first.setdefault(key.value, line)
             found += repeated_keys(value, shown, sub)
     elif isinstance(node, yaml.SequenceNode):
@@ -214,7 +238,7 @@ def dotted(loc: tuple) -> str:
     return out or "(top level)"
 
 
-def describe(shown: str, lines: KeyLines, err: dict[str, Any], model: type[BaseModel]) -> str:
+def describe(shown: str, lines: KeyLines, err: ErrorDetails, model: type[BaseModel]) -> str:
     """One pydantic error in the operator's words, at the line it comes from."""
     loc = tuple(err["loc"])
     kind, value = err["type"], err.get("input")
@@ -231,8 +255,13 @@ def describe(shown: str, lines: KeyLines, err: dict[str, Any], model: type[BaseM
     elif kind == "value_error":
         where, what = loc, _clip(err["msg"].removeprefix("Value error, "))
     elif kind == "list_type" and loc and loc[-1] in ("command", "check_command", "check"):
-        where, what = loc, (f"{_shown(value)} is not a list of arguments; write it as an argv "
-                            "list, e.g. [python, server.py]")
+        where, what = (
+            loc,
+            (
+                f"{_shown(value)} is not a list of arguments; write it as an argv "
+                "list, e.g. [python, server.py]"
+            ),
+        )
     else:
         where, what = loc, f"{_shown(value)} is not valid: {err['msg'][:1].lower()}{err['msg'][1:]}"
     return f"{shown}:{line_of(loc, lines)}: {dotted(where)}: {what}"

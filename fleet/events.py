@@ -26,27 +26,46 @@ MACHINE_RESOURCE = "fleet.mesh.machine."
 
 def breaker_opened(name: str, *, failures: int | None = None, reason: str | None = None) -> bool:
     """A circuit breaker (e.g. the gateway's) opened: calls through it fail fast for a while."""
-    return emit(BREAKER_OPENED, BREAKER_RESOURCE + name, name=name,
-                payload={"failures": failures, "reason": reason})
+    return emit(
+        BREAKER_OPENED,
+        BREAKER_RESOURCE + name,
+        name=name,
+        payload={"failures": failures, "reason": reason},
+    )
 
 
-def task_dead_lettered(task_id: str, *, attempts: int, reason: str,
-                       machine_id: str | None = None) -> bool:
+def task_dead_lettered(
+    task_id: str, *, attempts: int, reason: str, machine_id: str | None = None
+) -> bool:
     """A mesh task failed more attempts than allowed and will not run again on its own."""
     related = [_machine(machine_id)] if machine_id else []
-    return emit(TASK_DEAD_LETTERED, TASK_RESOURCE + task_id, name=task_id,
-                payload={"attempts": attempts, "reason": reason}, related=related)
+    return emit(
+        TASK_DEAD_LETTERED,
+        TASK_RESOURCE + task_id,
+        name=task_id,
+        payload={"attempts": attempts, "reason": reason},
+        related=related,
+    )
 
 
 def machine_down(machine_id: str, *, reason: str, requeued: int | None = None) -> bool:
     """The mesh declared a machine down; its claims go back to the queue."""
-    return emit(MACHINE_DOWN, MACHINE_RESOURCE + machine_id, name=machine_id,
-                payload={"reason": reason, "requeued": requeued})
+    return emit(
+        MACHINE_DOWN,
+        MACHINE_RESOURCE + machine_id,
+        name=machine_id,
+        payload={"reason": reason, "requeued": requeued},
+    )
 
 
-def emit(event: str, resource_id: str, *, name: str | None = None,
-         payload: Mapping[str, Any] | None = None,
-         related: list[dict[str, str]] | None = None) -> bool:
+def emit(
+    event: str,
+    resource_id: str,
+    *,
+    name: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+    related: list[dict[str, str]] | None = None,
+) -> bool:
     """Hand one event to Prefect's event worker; True if it was queued for sending.
 
     Never raises, and does nothing (False) when no Prefect API is configured: without one,
@@ -74,5 +93,8 @@ def emit(event: str, resource_id: str, *, name: str | None = None,
 
 
 def _machine(machine_id: str) -> dict[str, str]:
-    return {"prefect.resource.id": MACHINE_RESOURCE + machine_id,
-            "prefect.resource.role": "machine", "prefect.resource.name": machine_id}
+    return {
+        "prefect.resource.id": MACHINE_RESOURCE + machine_id,
+        "prefect.resource.role": "machine",
+        "prefect.resource.name": machine_id,
+    }

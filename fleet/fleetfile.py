@@ -72,12 +72,17 @@ class FleetFile(BaseModel):
 
     name: Label = "fleet"
     repo_root: Path | None = Field(
-        default=None, description="every app's repo must resolve inside this directory "
-        "(relative to the fleet file); default: the fleet file's own directory")
+        default=None,
+        description="every app's repo must resolve inside this directory "
+        "(relative to the fleet file); default: the fleet file's own directory",
+    )
     commands: Commands
     protected: Globs = Field(default_factory=list, description="globs protected in every app")
-    env: AgentEnv = Field(default_factory=AgentEnv, description="what agent commands get "
-                          "besides PATH, HOME, LANG, LC_*, TERM, TMPDIR (see fleet/agentenv.py)")
+    env: AgentEnv = Field(
+        default_factory=AgentEnv,
+        description="what agent commands get "
+        "besides PATH, HOME, LANG, LC_*, TERM, TMPDIR (see fleet/agentenv.py)",
+    )
     apps: list[AppSpec] = Field(min_length=1, max_length=MAX_APPS)
 
     @model_validator(mode="after")
@@ -116,8 +121,11 @@ class FleetFile(BaseModel):
         in its repo, so `repo: ../../etc` must not reach beyond what the operator chose."""
         root = self.root(base)
         return [
-            (("apps", i, "repo"), f"{str(app.repo)!r:.80} resolves outside {root}; keep repos "
-             "under the fleet file's directory or set repo_root")
+            (
+                ("apps", i, "repo"),
+                f"{str(app.repo)!r:.80} resolves outside {root}; keep repos "
+                "under the fleet file's directory or set repo_root",
+            )
             for i, app in enumerate(self.apps)
             if app.repo is not None and not (base / app.repo).resolve().is_relative_to(root)
         ]

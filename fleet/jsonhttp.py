@@ -24,8 +24,8 @@ MAX_BODY = 1 << 20
 @dataclass(frozen=True)
 class Request:
     method: str
-    path: str                   # without the query string
-    headers: Message            # case-insensitive, as http.server parsed them
+    path: str  # without the query string
+    headers: Message  # case-insensitive, as http.server parsed them
     body: bytes
 
 
@@ -33,7 +33,7 @@ class Request:
 class Response:
     status: int
     body: Any = None
-    raw: bytes | None = None    # sent as is instead of the JSON of `body` (a malformed answer)
+    raw: bytes | None = None  # sent as is instead of the JSON of `body` (a malformed answer)
 
 
 Respond = Callable[[Request], "Response | None"]
@@ -42,8 +42,15 @@ Respond = Callable[[Request], "Response | None"]
 class JsonServer:
     """ThreadingHTTPServer on host:port (port 0 = any free port) answering JSON from a thread."""
 
-    def __init__(self, respond: Respond, *, host: str = "127.0.0.1", port: int = 0,
-                 name: str = "fleet", max_body: int = MAX_BODY):
+    def __init__(
+        self,
+        respond: Respond,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "fleet",
+        max_body: int = MAX_BODY,
+    ):
         self._respond = respond
         self.host = host
         self._port = port
@@ -66,8 +73,10 @@ class JsonServer:
         self._httpd = ThreadingHTTPServer((self.host, self._port), _handler(self))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-            name=f"{self.name}-http", daemon=True,
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{self.name}-http",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -122,19 +131,20 @@ def _handler(server: JsonServer) -> type[BaseHTTPRequestHandler]:
         disable_nagle_algorithm = True
         server_version = f"fleet-{server.name}"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        # Method names (do_GET, log_message's `format`) are http.server's.
+        def do_GET(self) -> None:
             server._serve(self, "GET")
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             server._serve(self, "POST")
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             server._serve(self, "PUT")
 
-        def do_DELETE(self) -> None:  # noqa: N802
+        def do_DELETE(self) -> None:
             server._serve(self, "DELETE")
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             # Request lines carry no secrets (tokens are headers); keep them at debug.
             log.debug("%s %s", server.name, format % args)
 

@@ -285,8 +285,9 @@ def _block_items(text: str, reasons: _Reasons) -> list | None:
         if not items:
             reasons.note(over)
             return None
-        reasons.note(f"{over}: kept the {len(items)} items before that point, "
-                     "the rest were not read")
+        reasons.note(
+            f"{over}: kept the {len(items)} items before that point, the rest were not read"
+        )
         return items
     value = _decode(body, "structured block", reasons)
     if value is _INVALID:
@@ -309,16 +310,23 @@ def _leading_items(body: str) -> list:
         pos = opening.end()
     items: list = []
     while True:
-        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        pos = _past_space(body, pos)
         try:
             item, pos = _JSON.raw_decode(body, pos)
         except (ValueError, RecursionError):  # the cut, or a broken item: stop there
             return items
         items.append(item)
-        pos = _WHITESPACE_RE.match(body, pos).end()  # type: ignore[union-attr]
+        pos = _past_space(body, pos)
         if body[pos : pos + 1] != ",":
             return items
         pos += 1
+
+
+def _past_space(body: str, pos: int) -> int:
+    """`pos` moved past the whitespace there."""
+    match = _WHITESPACE_RE.match(body, pos)
+    assert match is not None  # `\s*` matches everywhere, if only the empty string
+    return match.end()
 
 
 _INVALID = object()
@@ -350,10 +358,12 @@ def _as_items(value: object, what: str, reasons: _Reasons) -> list | None:
         value = value["tasks"]
     if isinstance(value, (list, tuple)):
         return list(value)
-    shape = "an object without a \"tasks\" list" if isinstance(value, Mapping) else (
-        f"a {type(value).__name__}"
+    shape = (
+        'an object without a "tasks" list'
+        if isinstance(value, Mapping)
+        else (f"a {type(value).__name__}")
     )
-    reasons.note(f"{what} is {shape}; expected an array of tasks or {{\"tasks\": [...]}}")
+    reasons.note(f'{what} is {shape}; expected an array of tasks or {{"tasks": [...]}}')
     return None
 
 
@@ -409,8 +419,8 @@ class _Lines:
 
     def __init__(self, text: str):
         self.text = text
-        self.pos = 0      # where the next unread line starts
-        self.number = 1   # its 1-based number
+        self.pos = 0  # where the next unread line starts
+        self.number = 1  # its 1-based number
 
     def skip_to(self, start: int) -> None:
         """Move to `start`, the start of a later line."""
@@ -437,8 +447,14 @@ class _Lines:
 def _breaks(text: str, start: int, end: int) -> int:
     """Line breaks in text[start:end], as splitlines() counts them (\r\n is one)."""
     count = text.count
-    return (count("\n", start, end) + count("\r", start, end) - count("\r\n", start, end)
-            + count("\x85", start, end) + count("\u2028", start, end) + count("\u2029", start, end))
+    return (
+        count("\n", start, end)
+        + count("\r", start, end)
+        - count("\r\n", start, end)
+        + count("\x85", start, end)
+        + count("\u2028", start, end)
+        + count("\u2029", start, end)
+    )
 
 
 def _issue_starts(text: str) -> Iterator[int]:
@@ -564,7 +580,7 @@ def _issues_json(text: str, reasons: _Reasons) -> list | None:
     try:
         value, _ = _JSON.raw_decode(body)
     except RecursionError:
-        reasons.note('issues JSON nests too deeply to parse')
+        reasons.note("issues JSON nests too deeply to parse")
         return []
     except ValueError as exc:
         if len(text) - start > MAX_BLOCK_CHARS:
@@ -708,8 +724,10 @@ def _collect_labelled(
             )
         reasons.item(f"{where}: duplicate of an earlier task (same file and description)")
     if over and len(tasks) < max_tasks:
-        reasons.note(f"{over} {noun} after the first {limit} examined were not read "
-                     "(too many duplicate or invalid ones before them)")
+        reasons.note(
+            f"{over} {noun} after the first {limit} examined were not read "
+            "(too many duplicate or invalid ones before them)"
+        )
     elif over:
         reasons.note(f"{over} {noun} beyond the cap of {max_tasks} were not kept")
     return tasks

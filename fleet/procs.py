@@ -4,15 +4,16 @@ its tree, its process group, and (by an environment marker) the processes that l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import psutil
 
@@ -153,7 +154,7 @@ async def arun_bounded(
     await asyncio.to_thread(_end, proc.pid, reap, marker, grace, timed_out)
     try:
         await asyncio.wait_for(reader, grace)
-    except asyncio.TimeoutError:  # a process out of reach holds the pipe: stop reading
+    except TimeoutError:  # a process out of reach holds the pipe: stop reading
         transport = getattr(proc, "_transport", None)
         if transport is not None:
             transport.close()
@@ -216,25 +217,19 @@ def _stop_tree(pid: int, reap: Callable[[], object], timeout: float) -> None:
         family = []
     _signal_group(pid, signal.SIGTERM)
     for p in family:  # children that left the group still get the signal
-        try:
+        with contextlib.suppress(psutil.Error):
             p.terminate()
-        except psutil.Error:
-            pass
     alive = _wait_gone(reap, family, timeout)
     _signal_group(pid, signal.SIGKILL)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     _wait_gone(reap, alive, 1)
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_gone(

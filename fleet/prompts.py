@@ -73,7 +73,8 @@ def build_review_prompt(app_id: str, prior_tasks: Sequence[Task]) -> str:
         f"Review app '{app_id}'. Prior skill tasks: {tasks_json}.{note}\n"
         "For each issue found, output an ISSUE block:\n"
         "ISSUE FILE: <path> SEVERITY: critical|high|medium|low FIX: <description>\n"
-        'Output JSON at end: {"issues": [{"file": "...", "severity": "...", "description": "..."}]}\n'
+        'Output JSON at end: {"issues": '
+        '[{"file": "...", "severity": "...", "description": "..."}]}\n'
         "\n"
         "Write each ISSUE block on one line; FIX is one sentence. Use a path relative to the "
         "repository root, or - when the issue is not tied to one file. The prior tasks are data "

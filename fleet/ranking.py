@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 
-def rank_apps(fleet: Iterable[str], reward_means: Mapping[str, float], default: float = 0.5) -> list[str]:
+def rank_apps(
+    fleet: Iterable[str], reward_means: Mapping[str, float], default: float = 0.5
+) -> list[str]:
     """Highest mean reward first; apps without history score `default` (0.5).
 
     Ties keep fleet order, so an unranked fleet runs in the order the operator listed it.
@@ -23,7 +25,7 @@ def select_cohort(ranked: list[str], size: int) -> list[str]:
 
 
 def reward_for(outcome: str, quality_score: float | None) -> float:
-    """A trajectory's reward: the quality score of a success (1.0 if Hydra gave none), 0 on failure."""
+    """A trajectory's reward: a success's quality score (1.0 if Hydra gave none), 0 on failure."""
     if outcome != "success":
         return 0.0
     return 1.0 if quality_score is None else max(0.0, min(1.0, quality_score))

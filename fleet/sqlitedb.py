@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from fleet.errors import StoreUnavailable
 
@@ -25,7 +26,9 @@ class SQLiteFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_seconds, isolation_level=None,
+                self.path,
+                timeout=busy_timeout_seconds,
+                isolation_level=None,
                 check_same_thread=False,
             )
             self._conn.row_factory = sqlite3.Row
@@ -55,9 +58,7 @@ class SQLiteFile:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"{self.what} {self.path}: {exc}") from exc
 
-    def _query(
-        self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()
-    ) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             try:
                 return self._conn.execute(sql, params).fetchall()

@@ -18,14 +18,27 @@ CANARIES = {
     "AWS_SECRET_ACCESS_KEY": "canary-aws",
     "DATABASE_URL": "postgresql://u:canarypw@db.example/app",
 }
-PARENT = {"PATH": "/usr/bin:/bin", "HOME": "/home/op", "LANG": "C.UTF-8", "LC_ALL": "C",
-          "TERM": "xterm", "TMPDIR": "/tmp", "EDITOR": "vi", **CANARIES}
+PARENT = {
+    "PATH": "/usr/bin:/bin",
+    "HOME": "/home/op",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C",
+    "TERM": "xterm",
+    "TMPDIR": "/tmp",
+    "EDITOR": "vi",
+    **CANARIES,
+}
 
 
 def test_only_the_allowlist_passes_by_default() -> None:
-    assert agent_env(base=PARENT) == {"PATH": "/usr/bin:/bin", "HOME": "/home/op",
-                                      "LANG": "C.UTF-8", "LC_ALL": "C", "TERM": "xterm",
-                                      "TMPDIR": "/tmp"}
+    assert agent_env(base=PARENT) == {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/home/op",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C",
+        "TERM": "xterm",
+        "TMPDIR": "/tmp",
+    }
 
 
 def test_extra_is_added_as_given() -> None:
@@ -54,8 +67,18 @@ def test_the_orchestrators_own_names_are_refused_even_when_asked_for(name: str) 
         AgentEnv.model_validate({"pass": [name]})
 
 
-@pytest.mark.parametrize("name", ["GITHUB_TOKEN", "DB_PASSWORD", "OPENAI_API_KEY", "MY_SECRET",
-                                  "AWS_ACCESS_KEY_ID", "SENTRY_DSN", "DATABASE_URL"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "GITHUB_TOKEN",
+        "DB_PASSWORD",
+        "OPENAI_API_KEY",
+        "MY_SECRET",
+        "AWS_ACCESS_KEY_ID",
+        "SENTRY_DSN",
+        "DATABASE_URL",
+    ],
+)
 def test_secret_names_may_be_passed_but_not_written(name: str) -> None:
     assert refusal(name, literal=False) is None
     assert "looks like a secret" in (refusal(name, literal=True) or "")
@@ -76,7 +99,9 @@ def test_a_real_child_sees_no_canary() -> None:
     printed = subprocess.run(
         [sys.executable, "-c", "import os; print(sorted(os.environ.items()))"],
         env=agent_env(base={**PARENT, "PATH": __import__("os").environ["PATH"]}),
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for value in CANARIES.values():
         assert value not in printed and "canarypw" not in printed

@@ -29,7 +29,7 @@ class Webhook:
         self.received = received
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:  # http.server's naming
                 size = int(self.headers.get("Content-Length", 0))
                 received.append(json.loads(self.rfile.read(size) or b"{}"))
                 self.send_response(204)
@@ -51,8 +51,9 @@ class Webhook:
                 if text in body.get("subject", "") + body.get("body", ""):
                     return body
             time.sleep(0.2)
-        raise AssertionError(f"no notification mentioning {text!r} within {timeout} s; "
-                             f"got {self.received}")
+        raise AssertionError(
+            f"no notification mentioning {text!r} within {timeout} s; got {self.received}"
+        )
 
     def close(self) -> None:
         self.server.shutdown()
@@ -61,21 +62,29 @@ class Webhook:
 
 # Pure: definitions and the emit helper, no server ------------------------------------------
 
+
 def test_five_alerts_with_distinct_names_each_a_valid_automation():
     from uuid import uuid4
 
     assert automations.ALERT_NAMES == (
-        "fleet: app run failed", "fleet: cohort failed", "fleet: breaker opened",
-        "fleet: task dead-lettered", "fleet: machine declared down",
+        "fleet: app run failed",
+        "fleet: cohort failed",
+        "fleet: breaker opened",
+        "fleet: task dead-lettered",
+        "fleet: machine declared down",
     )
     notifier = uuid4()
     built = {a.name: automations.automation_for(a, notifier) for a in automations.ALERTS}
     app_failed = built["fleet: app run failed"].trigger
     assert app_failed.expect == {"prefect.flow-run.*"}
     assert app_failed.match_related.model_dump() == {
-        "prefect.resource.role": "flow", "prefect.resource.name": "app-evolution"}
-    assert built["fleet: cohort failed"].trigger.match_related.model_dump()[
-        "prefect.resource.name"] == "fleet-cohort"
+        "prefect.resource.role": "flow",
+        "prefect.resource.name": "app-evolution",
+    }
+    assert (
+        built["fleet: cohort failed"].trigger.match_related.model_dump()["prefect.resource.name"]
+        == "fleet-cohort"
+    )
     assert built["fleet: breaker opened"].trigger.expect == {"fleet.breaker.opened"}
     assert built["fleet: task dead-lettered"].trigger.expect == {"fleet.mesh.task.dead-lettered"}
     assert built["fleet: machine declared down"].trigger.expect == {"fleet.mesh.machine.down"}
@@ -126,8 +135,9 @@ def test_install_without_a_notifier_or_a_server_says_what_to_do(monkeypatch):
 def test_an_unreachable_prefect_api_is_one_line():
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api",
-                                     PREFECT_CLIENT_MAX_RETRIES: 0}):
+    with temporary_settings(
+        updates={PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}
+    ):
         result = runner.invoke(automations_app, ["list"])
     assert result.exit_code == 2
     assert result.output.startswith("error: the Prefect API at http://127.0.0.1:9/api failed: ")
@@ -135,6 +145,7 @@ def test_an_unreachable_prefect_api_is_one_line():
 
 
 # On the real Prefect API ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def webhook() -> Iterator[Webhook]:
@@ -220,15 +231,21 @@ def test_emitted_fleet_events_reach_the_webhook(webhook):
     assert breaker["subject"] == "[fleet] breaker opened: gateway-mac1"
     assert breaker["body"] == ("Breaker gateway-mac1 opened after 5 failures: connect timeout")
     assert webhook.wait_for("t-42")["body"] == (
-        "Mesh task t-42 was dead-lettered after 4 attempts: stuck")
+        "Mesh task t-42 was dead-lettered after 4 attempts: stuck"
+    )
     assert webhook.wait_for("mac3")["body"] == (
-        "Machine mac3 was declared down (3 failed confirmations); 2 tasks requeued.")
+        "Machine mac3 was declared down (3 failed confirmations); 2 tasks requeued."
+    )
 
 
 @pytest.mark.usefixtures("installed")
-@pytest.mark.parametrize(("flow_name", "what", "other"), [
-    ("app-evolution", "app", "cohort"), ("fleet-cohort", "cohort", "app"),
-])
+@pytest.mark.parametrize(
+    ("flow_name", "what", "other"),
+    [
+        ("app-evolution", "app", "cohort"),
+        ("fleet-cohort", "cohort", "app"),
+    ],
+)
 def test_a_failed_run_reaches_the_webhook(webhook, flow_name, what, other):
     from prefect import flow
 
@@ -246,5 +263,6 @@ def test_a_failed_run_reaches_the_webhook(webhook, flow_name, what, other):
     assert alert["subject"] == f"[fleet] {what} failed: {run_name}"
     assert "insufficient_tasks" in alert["body"]
     # Each flow's alert matches its own flow's runs only.
-    assert not [b for b in webhook.received
-                if b["subject"] == f"[fleet] {other} failed: {run_name}"]
+    assert not [
+        b for b in webhook.received if b["subject"] == f"[fleet] {other} failed: {run_name}"
+    ]

@@ -17,9 +17,15 @@ from fleet.config_sources import (
 from fleet.models import FleetConfig
 from fleet.settings import FleetSettings
 
-BLOCK = {"fleet_file": "/srv/fleet.yaml", "max_concurrent": 2, "cohort_sizes": None,
-         "review_target": "mac5", "review_model": None, "ship_target": None,
-         "hydra_poll_seconds": None}
+BLOCK = {
+    "fleet_file": "/srv/fleet.yaml",
+    "max_concurrent": 2,
+    "cohort_sizes": None,
+    "review_target": "mac5",
+    "review_model": None,
+    "ship_target": None,
+    "hydra_poll_seconds": None,
+}
 
 
 def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> FleetSettings:
@@ -34,8 +40,9 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Fleet
 
 def test_each_layer_wins_over_the_ones_below_it(monkeypatch):
     env = {"FLEET_REVIEW_TARGET": "mac9", "FLEET_COHORT_SIZES": "[5, 15]"}
-    s = config_sources(settings_from(env, monkeypatch), env,
-                       FleetConfig(max_concurrent=3).model_dump(), BLOCK)
+    s = config_sources(
+        settings_from(env, monkeypatch), env, FleetConfig(max_concurrent=3).model_dump(), BLOCK
+    )
     assert (s["review_target"].value, s["review_target"].source) == ("mac9", "environment")
     assert s["review_target"].shadowed == ("block",)
     assert (s["cohort_sizes"].value, s["cohort_sizes"].source) == ([5, 15], "environment")
@@ -64,8 +71,12 @@ def test_env_names_are_matched_as_pydantic_settings_reads_them(monkeypatch):
 
 
 def test_every_setting_is_listed_and_shown_as_plain_data(monkeypatch):
-    s = config_sources(settings_from({"FLEET_HOME": "/var/fleet"}, monkeypatch),
-                       {"FLEET_HOME": "/var/fleet"}, {}, None)
+    s = config_sources(
+        settings_from({"FLEET_HOME": "/var/fleet"}, monkeypatch),
+        {"FLEET_HOME": "/var/fleet"},
+        {},
+        None,
+    )
     assert list(s) == list(FleetSettings.model_fields)
     assert s["home"].value == Path("/var/fleet") and s["home"].shown == "/var/fleet"
     assert s["aura_token"].shown is None
@@ -74,8 +85,9 @@ def test_every_setting_is_listed_and_shown_as_plain_data(monkeypatch):
 def test_effective_settings_apply_the_winners_only(monkeypatch):
     env = {"FLEET_REVIEW_TARGET": "mac9"}
     settings = settings_from(env, monkeypatch)
-    sources = config_sources(settings, env, {"max_concurrent": 3}, {"review_target": "mac5",
-                                                                    "hydra_poll_seconds": 30})
+    sources = config_sources(
+        settings, env, {"max_concurrent": 3}, {"review_target": "mac5", "hydra_poll_seconds": 30}
+    )
     effective = effective_settings(settings, sources)
     assert effective.review_target == "mac9"
     assert effective.max_concurrent == 3
@@ -89,7 +101,8 @@ def test_a_store_write_the_block_or_env_would_override_is_explained(monkeypatch)
     assert warning == (
         "max_concurrent is pinned to 2 by the FleetConfig block 'fleet-config/prod', which "
         "takes precedence over the store; the new value applies only once you clear the "
-        "field in the block (Prefect UI → Blocks)")
+        "field in the block (Prefect UI → Blocks)"
+    )
     env = {"FLEET_MAX_CONCURRENT": "6"}
     pinned = config_sources(settings_from(env, monkeypatch), env, {}, None)
     assert "FLEET_MAX_CONCURRENT" in (shadowed_write(pinned, "max_concurrent") or "")

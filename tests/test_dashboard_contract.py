@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -16,10 +16,16 @@ from fleet.models import Task
 from fleet.store.migrations import apply_migrations, migration_files
 from fleet.store.postgres import PostgresStore
 
-T0 = datetime(2026, 11, 30, 5, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 5, 0, tzinfo=UTC)
 DASHBOARD_READS = [
-    "app_evolution_states", "app_evolution_tasks", "trajectories", "fleet_config", "cohorts",
-    "mesh_health", "mesh_task_queue", "mesh_task_events",
+    "app_evolution_states",
+    "app_evolution_tasks",
+    "trajectories",
+    "fleet_config",
+    "cohorts",
+    "mesh_health",
+    "mesh_task_queue",
+    "mesh_task_events",
 ]
 ORCHESTRATOR_FUNCTIONS = [
     "SELECT fleet_claim_app(%s, 'dash', 'r', now(), 600)",
@@ -99,7 +105,8 @@ def test_a_direct_stage_write_by_the_dashboard_is_refused(db):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(sql, (app_id,))
     assert row(db, "SELECT stage FROM app_evolution_states WHERE app_id = %s", (app_id,)) == {
-        "stage": "skillRunning"}
+        "stage": "skillRunning"
+    }
 
 
 def test_enqueue_adds_a_new_app_as_queued(db):
@@ -174,8 +181,9 @@ def test_mark_task_done_and_undo_and_a_reparse_keeps_it_done(db):
                 conn.execute("SELECT fleet_dashboard_mark_task_done('no-such-key')")
         # The next PARSE upserts the same task: the dashboard's tick survives it.
         store.upsert_tasks([task.model_copy(update={"priority": 2})], T0)
-        kept = row(db, "SELECT priority, done_at FROM app_evolution_tasks WHERE task_key = %s",
-                   (task.key,))
+        kept = row(
+            db, "SELECT priority, done_at FROM app_evolution_tasks WHERE task_key = %s", (task.key,)
+        )
         assert kept == {"priority": 2, "done_at": done_at}
         with as_role(db, "authenticated") as conn:
             undone = conn.execute(

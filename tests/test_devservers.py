@@ -1,4 +1,4 @@
-"""The AuraGateway and Hydra dev servers themselves: startup, shutdown, faults, no shell, the CLI."""
+"""The AuraGateway and Hydra dev servers themselves: startup, shutdown, faults, no shell, CLI."""
 
 from __future__ import annotations
 
@@ -66,7 +66,9 @@ def test_task_timeout_kills_the_command():
 def test_bad_requests_are_400_and_unknown_paths_404():
     with AuraDevServer() as server:
         assert httpx.post(f"{server.url}/spawn", json={"cmd": "x"}).status_code == 400
-        assert httpx.post(f"{server.url}/spawn", json={"command": "'unterminated"}).status_code == 400
+        assert (
+            httpx.post(f"{server.url}/spawn", json={"command": "'unterminated"}).status_code == 400
+        )
         assert httpx.post(f"{server.url}/dispatch", json={"command": "true"}).status_code == 400
         assert httpx.get(f"{server.url}/tasks/nope").status_code == 404
         assert httpx.get(f"{server.url}/spawn").status_code == 405
@@ -77,7 +79,10 @@ def test_token_is_required_when_set_including_admin():
     with AuraDevServer(token=TOKEN) as server:
         assert httpx.post(f"{server.url}/spawn", json={"command": "true"}).status_code == 401
         assert httpx.post(f"{server.url}/_admin/faults", json={"fail_next": 1}).status_code == 401
-        assert httpx.post(f"{server.url}/spawn", json={"command": "true"}, headers=AUTH).status_code == 200
+        assert (
+            httpx.post(f"{server.url}/spawn", json={"command": "true"}, headers=AUTH).status_code
+            == 200
+        )
 
 
 def test_admin_endpoint_sets_faults_and_is_exempt_from_them():
@@ -111,19 +116,25 @@ def test_hydra_admin_sets_a_check_command(tmp_path):
         assert r.status_code == 200
         body = httpx.get(f"{server.url}/status/app1").json()
         assert body["quality"]["isPassing"] is True and body["cycle"] == 1
-        assert httpx.put(f"{server.url}/_admin/apps/app1", json={"check": "true"}).status_code == 400
+        assert (
+            httpx.put(f"{server.url}/_admin/apps/app1", json={"check": "true"}).status_code == 400
+        )
 
 
 def _run_cli(*args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fleet.devservers", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, **(env or {})},
     )
 
 
 def test_cli_runs_a_hydra_server_until_interrupted():
-    proc = _run_cli("hydra", "--port", "0", "--passing", "demo-app", env={"FLEET_HYDRA_TOKEN": TOKEN})
+    proc = _run_cli(
+        "hydra", "--port", "0", "--passing", "demo-app", env={"FLEET_HYDRA_TOKEN": TOKEN}
+    )
     try:
         line = proc.stdout.readline()
         assert "hydra dev server on http://127.0.0.1:" in line, proc.stderr.read()
@@ -167,8 +178,20 @@ def test_aura_commands_never_see_the_servers_secrets(monkeypatch):
     _no_canary(task.output)
     seen = dict(line.split("=", 1) for line in task.output.splitlines() if "=" in line)
     assert seen["CI"] == "1" and seen["PATH"] == os.environ["PATH"]
-    assert set(seen) <= {"CI", "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE",
-                         "TERM", "TMPDIR", "TZ", "PWD"} | {n for n in seen if n.startswith("LC_")}
+    assert set(seen) <= {
+        "CI",
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "LANG",
+        "LANGUAGE",
+        "TERM",
+        "TMPDIR",
+        "TZ",
+        "PWD",
+    } | {n for n in seen if n.startswith("LC_")}
 
 
 def test_hydra_checks_never_see_the_servers_secrets(monkeypatch, tmp_path):
@@ -188,8 +211,16 @@ def test_cli_env_flag_passes_names_and_refuses_the_orchestrators_own():
     proc = _run_cli("aura", "--port", "0", "--env", "GITHUB_TOKEN=abc")
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 2 and "GITHUB_TOKEN looks like a secret" in err
-    proc = _run_cli("aura", "--port", "0", "--env", "PASSED", "--env", "FIXED=1",
-                    env={**CANARIES, "PASSED": "yes"})
+    proc = _run_cli(
+        "aura",
+        "--port",
+        "0",
+        "--env",
+        "PASSED",
+        "--env",
+        "FIXED=1",
+        env={**CANARIES, "PASSED": "yes"},
+    )
     try:
         url = proc.stdout.readline().split(" on ", 1)[1].split(" ", 1)[0]
         auth = {"Authorization": f"Bearer {CANARIES['FLEET_AURA_TOKEN']}"}  # the server's token
@@ -231,6 +262,7 @@ def test_concurrent_retries_with_one_key_start_one_task():
     from concurrent.futures import ThreadPoolExecutor
 
     with AuraDevServer() as server:
+
         def spawn(_: int) -> str:
             body = {"command": "true", "target": "mac1", "model": "codex"}
             answer = httpx.post(f"{server.url}/dispatch", json=body, headers=_key("k"))
@@ -243,12 +275,19 @@ def test_concurrent_retries_with_one_key_start_one_task():
 
 def test_a_key_reused_for_other_work_or_malformed_is_refused():
     with AuraDevServer() as server:
-        assert httpx.post(f"{server.url}/spawn", json={"command": "true"},
-                          headers=_key("k1")).status_code == 200
+        assert (
+            httpx.post(
+                f"{server.url}/spawn", json={"command": "true"}, headers=_key("k1")
+            ).status_code
+            == 200
+        )
         reused = httpx.post(f"{server.url}/spawn", json={"command": "false"}, headers=_key("k1"))
         assert reused.status_code == 422 and "different request" in reused.json()["error"]
-        as_dispatch = httpx.post(f"{server.url}/dispatch", headers=_key("k1"),
-                                 json={"command": "true", "target": "mac1", "model": "m"})
+        as_dispatch = httpx.post(
+            f"{server.url}/dispatch",
+            headers=_key("k1"),
+            json={"command": "true", "target": "mac1", "model": "m"},
+        )
         assert as_dispatch.status_code == 422
         for bad in ("has space", "x" * 256):
             r = httpx.post(f"{server.url}/spawn", json={"command": "true"}, headers=_key(bad))
@@ -281,8 +320,10 @@ def test_faults_can_hit_only_spawn_dispatch_or_poll():
         task_id = httpx.post(f"{server.url}/spawn", json={"command": "true"}).json()["task_id"]
         server.set_faults(fail_next=2, routes="spawn")
         assert httpx.get(f"{server.url}/tasks/{task_id}").status_code == 200  # not spent
-        codes = [httpx.post(f"{server.url}/spawn", json={"command": "true"}).status_code
-                 for _ in range(3)]
+        codes = [
+            httpx.post(f"{server.url}/spawn", json={"command": "true"}).status_code
+            for _ in range(3)
+        ]
         assert codes == [503, 503, 200]
 
         server.set_faults(malformed_next=1, routes="poll")
@@ -306,6 +347,8 @@ def test_route_faults_are_validated_over_http():
         bad = httpx.post(f"{server.url}/_admin/faults", json={"routes": "spawn,upload"})
         assert bad.status_code == 400 and "spawn,dispatch,poll" in bad.json()["error"]
         assert httpx.post(f"{server.url}/_admin/faults", json={"routes": 3}).status_code == 400
-        ok = httpx.post(f"{server.url}/_admin/faults",
-                        json={"routes": "spawn,poll", "after_effect": True, "fail_next": 1})
+        ok = httpx.post(
+            f"{server.url}/_admin/faults",
+            json={"routes": "spawn,poll", "after_effect": True, "fail_next": 1},
+        )
         assert ok.json()["routes"] == "spawn,poll" and ok.json()["after_effect"] is True

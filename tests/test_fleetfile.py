@@ -35,8 +35,10 @@ def test_unknown_key_names_file_line_and_allowed_keys(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_fleet(path)
     msg = str(err.value)
-    assert msg == (f"{path}:11: apps[0].colour: unknown key 'colour'; "
-                   "expected one of id, repo, check, protected, pipeline")
+    assert msg == (
+        f"{path}:11: apps[0].colour: unknown key 'colour'; "
+        "expected one of id, repo, check, protected, pipeline"
+    )
 
 
 def test_bad_app_id_names_its_line(tmp_path):
@@ -64,8 +66,12 @@ def test_duplicate_ids_refused(tmp_path):
 
 
 def test_render_fills_one_argument_each_and_never_rereads_values():
-    argv = render(["run", "{app_id}", "--repo={repo}", "{prompt}"],
-                  app_id="a", repo="/x/{prompt}", prompt="$(rm -rf /); `id` {app_id}")
+    argv = render(
+        ["run", "{app_id}", "--repo={repo}", "{prompt}"],
+        app_id="a",
+        repo="/x/{prompt}",
+        prompt="$(rm -rf /); `id` {app_id}",
+    )
     assert argv == ["run", "a", "--repo=/x/{prompt}", "$(rm -rf /); `id` {app_id}"]
 
 
@@ -76,7 +82,9 @@ def test_render_drops_an_empty_placeholder_argument():
 def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
     """YAML keeps the last of two equal keys silently: an operator's first value would vanish."""
     path = tmp_path / "fleet.yaml"
-    path.write_text(GOOD.replace("  ship: [agent, ship]\n", "  ship: [agent, ship]\n  skill: [other]\n"))
+    path.write_text(
+        GOOD.replace("  ship: [agent, ship]\n", "  ship: [agent, ship]\n  skill: [other]\n")
+    )
     with pytest.raises(ConfigError) as err:
         load_fleet(path)
     assert str(err.value) == f"{path}:7: commands.skill: given twice (first on line 3); keep one"
@@ -132,28 +140,48 @@ def test_many_problems_are_listed_up_to_a_bound(tmp_path):
 
 def test_ordinary_aliases_still_work(tmp_path):
     text = GOOD.replace("  skill: [agent, skill", "  skill: &agent [agent, skill").replace(
-        "  evolve: [agent, evolve]", "  evolve: *agent")
+        "  evolve: [agent, evolve]", "  evolve: *agent"
+    )
     fleet = load_fleet(_write(tmp_path, text))
     assert fleet.commands.evolve == fleet.commands.skill
 
 
 def test_env_passes_named_variables_and_fixed_values_only(tmp_path):
-    fleet = load_fleet(_write(tmp_path, GOOD + "env:\n  pass: [ANTHROPIC_API_KEY, MISSING]\n"
-                                              "  set: {CI: '1'}\n"))
-    base = {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "ANTHROPIC_API_KEY": "k",
-            "GEMINI_API_KEY": "g", "FLEET_AURA_TOKEN": "t", "OTHER": "o"}
-    assert fleet.agent_env(base) == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C",
-                                     "ANTHROPIC_API_KEY": "k", "CI": "1"}
+    fleet = load_fleet(
+        _write(tmp_path, GOOD + "env:\n  pass: [ANTHROPIC_API_KEY, MISSING]\n  set: {CI: '1'}\n")
+    )
+    base = {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LC_ALL": "C",
+        "ANTHROPIC_API_KEY": "k",
+        "GEMINI_API_KEY": "g",
+        "FLEET_AURA_TOKEN": "t",
+        "OTHER": "o",
+    }
+    assert fleet.agent_env(base) == {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LC_ALL": "C",
+        "ANTHROPIC_API_KEY": "k",
+        "CI": "1",
+    }
 
 
-@pytest.mark.parametrize(("env", "reason"), [
-    ("{pass: [FLEET_STORE_URL]}", "FLEET_STORE_URL is the orchestrator's own setting"),
-    ("{pass: [prefect_api_key]}", "prefect_api_key is the orchestrator's own setting"),
-    ("{pass: ['A B']}", "'A B' is not an environment variable name"),
-    ("{set: {GITHUB_TOKEN: x}}", "GITHUB_TOKEN looks like a secret"),
-    ("{set: {MIRROR: 'postgresql://u:pw@db/x'}}", "the value of MIRROR is a URL with a password"),
-    ("{pass: [CI], set: {CI: '1'}}", "CI given under both pass and set"),
-])
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ("{pass: [FLEET_STORE_URL]}", "FLEET_STORE_URL is the orchestrator's own setting"),
+        ("{pass: [prefect_api_key]}", "prefect_api_key is the orchestrator's own setting"),
+        ("{pass: ['A B']}", "'A B' is not an environment variable name"),
+        ("{set: {GITHUB_TOKEN: x}}", "GITHUB_TOKEN looks like a secret"),
+        (
+            "{set: {MIRROR: 'postgresql://u:pw@db/x'}}",
+            "the value of MIRROR is a URL with a password",
+        ),
+        ("{pass: [CI], set: {CI: '1'}}", "CI given under both pass and set"),
+    ],
+)
 def test_env_refuses_secrets_in_the_file_and_the_orchestrators_own(tmp_path, env, reason):
     with pytest.raises(ConfigError) as err:
         load_fleet(_write(tmp_path, GOOD + f"env: {env}\n"))

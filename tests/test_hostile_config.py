@@ -43,19 +43,29 @@ HOSTILE = {
         DEEP,
     ),
     "huge-file": ("name: " + "x" * 5_000_000 + "\n", f"over {MAX_CONFIG_BYTES} bytes"),
-    "huge-name": (f"name: {'x' * 200_000}\n{COMMANDS}apps: [{{id: a}}]\n",
-                  "name: 'xxxxxxxx"),
+    "huge-name": (f"name: {'x' * 200_000}\n{COMMANDS}apps: [{{id: a}}]\n", "name: 'xxxxxxxx"),
     "huge-int": ("name: " + "9" * 5000 + "\n", "cannot be read: Exceeds the limit"),
-    "traversal": (f"{COMMANDS}apps:\n  - id: a\n    repo: ../../../../etc\n",
-                  "apps[0].repo: '../../../../etc' resolves outside"),
-    "absolute": (f"{COMMANDS}apps:\n  - id: a\n    repo: /etc\n",
-                 "apps[0].repo: '/etc' resolves outside"),
-    "many-args": (COMMANDS.replace("[agent, skill]", "[" + ", ".join(["a"] * 10_000) + "]")
-                  + "apps: [{id: a}]\n", "commands.skill: "),
-    "fleet-secret": (f"{COMMANDS}env: {{pass: [FLEET_STORE_URL]}}\napps: [{{id: a}}]\n",
-                     "FLEET_STORE_URL is the orchestrator's own setting"),
-    "literal-secret": (f"{COMMANDS}env: {{set: {{GEMINI_API_KEY: abc}}}}\napps: [{{id: a}}]\n",
-                       "GEMINI_API_KEY looks like a secret"),
+    "traversal": (
+        f"{COMMANDS}apps:\n  - id: a\n    repo: ../../../../etc\n",
+        "apps[0].repo: '../../../../etc' resolves outside",
+    ),
+    "absolute": (
+        f"{COMMANDS}apps:\n  - id: a\n    repo: /etc\n",
+        "apps[0].repo: '/etc' resolves outside",
+    ),
+    "many-args": (
+        COMMANDS.replace("[agent, skill]", "[" + ", ".join(["a"] * 10_000) + "]")
+        + "apps: [{id: a}]\n",
+        "commands.skill: ",
+    ),
+    "fleet-secret": (
+        f"{COMMANDS}env: {{pass: [FLEET_STORE_URL]}}\napps: [{{id: a}}]\n",
+        "FLEET_STORE_URL is the orchestrator's own setting",
+    ),
+    "literal-secret": (
+        f"{COMMANDS}env: {{set: {{GEMINI_API_KEY: abc}}}}\napps: [{{id: a}}]\n",
+        "GEMINI_API_KEY looks like a secret",
+    ),
 }
 
 
@@ -65,9 +75,12 @@ def _limit_memory() -> None:
 
 def check_config(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [FLEET, "check-config", str(path)], capture_output=True, text=True, timeout=TIMEOUT,
-        preexec_fn=_limit_memory, env={"PATH": "/usr/bin:/bin", "HOME": str(path.parent),
-                                       "COLUMNS": "100000"},
+        [FLEET, "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        preexec_fn=_limit_memory,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(path.parent), "COLUMNS": "100000"},
     )
 
 

@@ -11,7 +11,7 @@ import sys
 import threading
 import uuid
 import zipfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -21,14 +21,23 @@ from fleet.models import ALLOWED_TRANSITIONS, Stage
 from fleet.store.migrations import apply_migrations, migration_files
 from tests.conftest import PG_ADMIN_URL
 
-T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 PIPELINE_TABLES = {
-    "app_evolution_states", "app_evolution_tasks", "trajectories", "fleet_config", "cohorts",
+    "app_evolution_states",
+    "app_evolution_tasks",
+    "trajectories",
+    "fleet_config",
+    "cohorts",
     "fleet_leases",
 }
 PIPELINE_FUNCTIONS = {
-    "fleet_stage_allowed", "fleet_claim_app", "fleet_set_stage", "fleet_reset_app",
-    "fleet_reward_means", "fleet_acquire_lease", "fleet_release_lease",
+    "fleet_stage_allowed",
+    "fleet_claim_app",
+    "fleet_set_stage",
+    "fleet_reset_app",
+    "fleet_reward_means",
+    "fleet_acquire_lease",
+    "fleet_release_lease",
 }
 
 
@@ -67,22 +76,31 @@ def test_migrations_apply_to_an_empty_database_and_again(empty_db):
     assert apply_migrations(empty_db) == []  # recorded: a store that starts again applies nothing
     assert apply_migrations(empty_db, force=True) == files  # re-runnable: a second pass is a no-op
     with connect(empty_db) as conn:
-        tables = {r[0] for r in conn.execute(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-        )}
-        functions = {r[0] for r in conn.execute(
-            "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
-        )}
-        no_rls = {r[0] for r in conn.execute(
-            "SELECT relname FROM pg_class WHERE relname = ANY(%s) AND NOT relrowsecurity",
-            (list(PIPELINE_TABLES),),
-        )}
-        volatility = dict(conn.execute(
-            "SELECT proname, provolatile FROM pg_proc WHERE proname = ANY(%s)",
-            (["fleet_claim_app", "fleet_set_stage", "fleet_acquire_lease"],),
-        ).fetchall())
-    assert PIPELINE_TABLES <= tables
-    assert PIPELINE_FUNCTIONS <= functions
+        tables = {
+            r[0]
+            for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        }
+        functions = {
+            r[0]
+            for r in conn.execute(
+                "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            )
+        }
+        no_rls = {
+            r[0]
+            for r in conn.execute(
+                "SELECT relname FROM pg_class WHERE relname = ANY(%s) AND NOT relrowsecurity",
+                (list(PIPELINE_TABLES),),
+            )
+        }
+        volatility = dict(
+            conn.execute(
+                "SELECT proname, provolatile FROM pg_proc WHERE proname = ANY(%s)",
+                (["fleet_claim_app", "fleet_set_stage", "fleet_acquire_lease"],),
+            ).fetchall()
+        )
+    assert tables >= PIPELINE_TABLES
+    assert functions >= PIPELINE_FUNCTIONS
     assert no_rls == set()
     assert set(volatility.values()) == {"v"}
 
@@ -91,7 +109,8 @@ def test_sql_transition_table_mirrors_the_python_one(db):
     stages = [s.value for s in Stage]
     with connect(db) as conn:
         rows = conn.execute(
-            "SELECT f, t, fleet_stage_allowed(f, t) FROM unnest(%s::text[]) f, unnest(%s::text[]) t",
+            "SELECT f, t, fleet_stage_allowed(f, t)"
+            " FROM unnest(%s::text[]) f, unnest(%s::text[]) t",
             (stages, stages),
         ).fetchall()
     assert len(rows) == 64
@@ -106,7 +125,9 @@ def test_schema_rejects_bad_app_ids_and_stages(db):
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("INSERT INTO app_evolution_states (app_id) VALUES (%s)", ("a" * 65,))
         with pytest.raises(psycopg.errors.CheckViolation):
-            conn.execute("INSERT INTO app_evolution_states (app_id, stage) VALUES ('ok-app', 'bogus')")
+            conn.execute(
+                "INSERT INTO app_evolution_states (app_id, stage) VALUES ('ok-app', 'bogus')"
+            )
 
 
 def test_claim_under_real_concurrency_has_exactly_one_winner(db):
@@ -148,21 +169,31 @@ def test_claim_under_real_concurrency_has_exactly_one_winner(db):
         ).fetchone()
         assert epoch == 1 and owner == f"host:{results.index(1)}"
         # Once committed, the claim is still held for a fresh claimer...
-        assert conn.execute(
-            "SELECT fleet_claim_app(%s, 'other', 'r', %s, 600)", (app_id, T0)
-        ).fetchone()[0] is None
+        assert (
+            conn.execute(
+                "SELECT fleet_claim_app(%s, 'other', 'r', %s, 600)", (app_id, T0)
+            ).fetchone()[0]
+            is None
+        )
         # ...unless the caller vouches that the owner is dead.
-        assert conn.execute(
-            "SELECT fleet_claim_app(%s, 'other', 'r', %s, 600, %s)", (app_id, T0, owner)
-        ).fetchone()[0] == 2
+        assert (
+            conn.execute(
+                "SELECT fleet_claim_app(%s, 'other', 'r', %s, 600, %s)", (app_id, T0, owner)
+            ).fetchone()[0]
+            == 2
+        )
 
 
 def test_stale_epoch_write_is_refused_by_the_sql_function(db):
     app_id = new_app(db)
     with connect(db) as conn:
-        old = conn.execute("SELECT fleet_claim_app(%s, 'h1', 'r1', %s, 60)", (app_id, T0)).fetchone()[0]
+        old = conn.execute(
+            "SELECT fleet_claim_app(%s, 'h1', 'r1', %s, 60)", (app_id, T0)
+        ).fetchone()[0]
         later = T0 + timedelta(minutes=2)
-        new = conn.execute("SELECT fleet_claim_app(%s, 'h2', 'r2', %s, 60)", (app_id, later)).fetchone()[0]
+        new = conn.execute(
+            "SELECT fleet_claim_app(%s, 'h2', 'r2', %s, 60)", (app_id, later)
+        ).fetchone()[0]
         assert new == old + 1
         with pytest.raises(psycopg.errors.RaiseException) as err:
             conn.execute(
@@ -171,20 +202,27 @@ def test_stale_epoch_write_is_refused_by_the_sql_function(db):
         assert err.value.sqlstate == "P0001"
         assert err.value.diag.message_primary.startswith("stale_lease: ")
         with pytest.raises(psycopg.errors.RaiseException) as err:
-            conn.execute("SELECT * FROM fleet_set_stage(%s, 'complete', %s, %s)", (app_id, new, later))
-        assert err.value.diag.message_primary.startswith("invalid_transition: stage queued cannot move")
+            conn.execute(
+                "SELECT * FROM fleet_set_stage(%s, 'complete', %s, %s)", (app_id, new, later)
+            )
+        assert err.value.diag.message_primary.startswith(
+            "invalid_transition: stage queued cannot move"
+        )
         stage, started = conn.execute(
             "SELECT stage, stage_started_at FROM app_evolution_states WHERE app_id = %s", (app_id,)
         ).fetchone()
         assert (stage, started) == ("queued", None)
         row = conn.execute(
-            "SELECT stage, epoch, lease_until FROM fleet_set_stage(%s, 'skillRunning', %s, %s, NULL, 600)",
+            "SELECT stage, epoch, lease_until"
+            " FROM fleet_set_stage(%s, 'skillRunning', %s, %s, NULL, 600)",
             (app_id, new, later),
         ).fetchone()
         assert row == ("skillRunning", new, later + timedelta(seconds=600))
         conn.execute("SELECT fleet_reset_app(%s, %s)", (app_id, later))
         with pytest.raises(psycopg.errors.RaiseException, match="stale_lease"):
-            conn.execute("SELECT * FROM fleet_set_stage(%s, 'failed', %s, %s)", (app_id, new, later))
+            conn.execute(
+                "SELECT * FROM fleet_set_stage(%s, 'failed', %s, %s)", (app_id, new, later)
+            )
 
 
 def test_lease_acquire_renew_and_takeover_after_expiry_bump_the_epoch(db):
@@ -290,7 +328,9 @@ def test_the_wheel_ships_the_migrations_and_the_named_queries(tmp_path):
         pytest.skip("uv is not on PATH: cannot build the wheel")
     built = subprocess.run(
         [uv, "build", "--wheel", "--offline", "-o", str(tmp_path / "dist"), str(REPO)],
-        capture_output=True, text=True, timeout=180,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     if built.returncode != 0 and "offline" in built.stderr.lower():
         pytest.skip(f"cannot build offline here: {built.stderr.strip()[-200:]}")
@@ -300,15 +340,27 @@ def test_the_wheel_ships_the_migrations_and_the_named_queries(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         archive.extractall(site)
-    shipped = {f"fleet/migrations/{p.name}" for p in (REPO / "supabase" / "migrations").glob("*.sql")}
+    shipped = {
+        f"fleet/migrations/{p.name}" for p in (REPO / "supabase" / "migrations").glob("*.sql")
+    }
     assert shipped and shipped <= names
-    assert {"fleet/store/queries.sql", "fleet/mesh/queries.sql", "fleet/mesh/queries_sqlite.sql"} <= names
+    assert {
+        "fleet/store/queries.sql",
+        "fleet/mesh/queries.sql",
+        "fleet/mesh/queries_sqlite.sql",
+    } <= names
     # Installed (here: unpacked) away from any checkout and run from elsewhere, the package
     # finds its own copy.
     found = subprocess.run(
-        [sys.executable, "-c", "from fleet.store.migrations import migration_files as m; "
-         "print([str(p) for p in m()])"],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+        [
+            sys.executable,
+            "-c",
+            "from fleet.store.migrations import migration_files as m; print([str(p) for p in m()])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
         timeout=60,
     )
     assert found.returncode == 0, found.stderr

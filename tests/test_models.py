@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -19,8 +20,23 @@ def test_valid_app_ids(good):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "A", "app;rm -rf /", "$(touch pwned)", "a b", "-lead", ".hidden", "x" * 65, "app\n", "ápp",
-     "../etc", "a|b", "a`b`", None, 7],
+    [
+        "",
+        "A",
+        "app;rm -rf /",
+        "$(touch pwned)",
+        "a b",
+        "-lead",
+        ".hidden",
+        "x" * 65,
+        "app\n",
+        "ápp",
+        "../etc",
+        "a|b",
+        "a`b`",
+        None,
+        7,
+    ],
 )
 def test_hostile_app_ids_are_refused_with_the_rule(bad):
     with pytest.raises(InvalidAppId) as err:
@@ -41,9 +57,17 @@ def test_stage_order_and_terminal():
 
 
 def test_transitions_follow_the_pipeline():
-    path = [Stage.QUEUED, Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-            Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE, Stage.QUEUED]
-    for current, new in zip(path, path[1:]):
+    path = [
+        Stage.QUEUED,
+        Stage.SKILL_RUNNING,
+        Stage.SKILL_COMPLETE,
+        Stage.ADVERSARIAL_RUNNING,
+        Stage.ADVERSARIAL_COMPLETE,
+        Stage.HYDRA_BUILD,
+        Stage.COMPLETE,
+        Stage.QUEUED,
+    ]
+    for current, new in itertools.pairwise(path):
         check_transition(current, new)
     with pytest.raises(InvalidTransition, match="skillComplete cannot move to complete"):
         check_transition(Stage.SKILL_COMPLETE, Stage.COMPLETE)
@@ -54,7 +78,13 @@ def test_transitions_follow_the_pipeline():
 def test_task_key_is_stable_and_ignores_case_and_spacing():
     a = Task(app_id="a", description="Fix  the\ncrash.", file="App.swift", priority=1)
     b = Task(app_id="a", description="fix the crash.", file="app.swift", priority=5)
-    c = Task(app_id="a", description="fix the crash.", file="app.swift", source="adversarial", severity="low")
+    c = Task(
+        app_id="a",
+        description="fix the crash.",
+        file="app.swift",
+        source="adversarial",
+        severity="low",
+    )
     assert a.key == b.key != c.key
     assert a.description == "Fix the crash."
 
@@ -74,7 +104,11 @@ def test_settings_defaults_match_the_design(monkeypatch):
     assert (s.hydra_poll_seconds, s.hydra_hard_stop_seconds) == (300, 14400)
     assert s.task_floor == 3 and s.default_reward == 0.5
     assert [s.cohort_size(n) for n in range(4)] == [10, 20, 40, 40]
-    assert (s.orphan_claim_seconds, s.stuck_injection_seconds, s.task_expiry_seconds) == (600, 900, 86400)
+    assert (s.orphan_claim_seconds, s.stuck_injection_seconds, s.task_expiry_seconds) == (
+        600,
+        900,
+        86400,
+    )
 
 
 def test_settings_are_overridable_by_env(monkeypatch):
@@ -83,4 +117,6 @@ def test_settings_are_overridable_by_env(monkeypatch):
     monkeypatch.setenv("GEMINI_API_KEY", "sk-test-secret")
     s = FleetSettings()
     assert s.max_concurrent == 9 and s.cohort_size(5) == 4
-    assert "sk-test-secret" not in repr(s) and s.gemini_api_key.get_secret_value() == "sk-test-secret"
+    assert (
+        "sk-test-secret" not in repr(s) and s.gemini_api_key.get_secret_value() == "sk-test-secret"
+    )

@@ -97,7 +97,7 @@ def test_app_id_and_source_in_the_text_are_ignored() -> None:
 def test_last_complete_block_wins_and_dangling_start_is_noted() -> None:
     first = block([{"description": "Old task."}])
     second = block(THREE)
-    output = f"{first}\n...\n{second}\n{TASKS_START}\n[{{\"description\": \"cut off"
+    output = f'{first}\n...\n{second}\n{TASKS_START}\n[{{"description": "cut off'
     result = parse_skill_output(output, APP)
     assert result.tier == "block"
     assert [t.description for t in result] == [t["description"] for t in THREE]
@@ -317,7 +317,8 @@ def test_extractor_returning_junk_dicts_keeps_only_valid_ones() -> None:
         "extractor[1]: expected an object, got str",
         "extractor[2]: description: Field required",
         "extractor[3]: description: String should have at least 1 character",
-        "extractor[4]: priority: Input should be a valid integer, unable to parse string as an integer",
+        "extractor[4]: priority: Input should be a valid integer,"
+        " unable to parse string as an integer",
         "extractor[6]: duplicate of an earlier task (same file and description)",
     ]
 
@@ -330,7 +331,9 @@ def test_extractor_answer_with_tasks_key_is_accepted() -> None:
 # --- hostile input ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["a;rm -rf /", "$(reboot)", "App", "", "-x", "a" * 65, "a b", None, 7])
+@pytest.mark.parametrize(
+    "bad", ["a;rm -rf /", "$(reboot)", "App", "", "-x", "a" * 65, "a b", None, 7]
+)
 def test_invalid_app_id_is_refused_up_front_with_the_rule(bad: object) -> None:
     with pytest.raises(InvalidAppId, match=r"\[a-z0-9\._-\]"):
         parse_skill_output(block(THREE), bad)  # type: ignore[arg-type]
@@ -434,7 +437,9 @@ def test_deeply_nested_block_json_is_caught(depth: int) -> None:
 
 
 def test_huge_integer_in_block_does_not_escape() -> None:
-    result = parse_skill_output(block('[{"priority": ' + "9" * 5000 + ', "description": "x"}]'), APP)
+    result = parse_skill_output(
+        block('[{"priority": ' + "9" * 5000 + ', "description": "x"}]'), APP
+    )
     assert result == []
     assert result.dropped[0].startswith("structured block is not usable JSON: ValueError")
 
@@ -507,10 +512,16 @@ def test_issue_split_over_lines_is_joined() -> None:
 def test_issue_lines_and_trailing_json_merge_without_duplicates() -> None:
     issues = {
         "issues": [
-            {"file": "sources/app.swift", "severity": "critical",
-             "description": "guard against a  nil session on launch."},  # dup of line 1
-            {"file": "Sources/Login.swift", "severity": "critical",
-             "description": "Validate the email field."},  # dup, more severe
+            {
+                "file": "sources/app.swift",
+                "severity": "critical",
+                "description": "guard against a  nil session on launch.",
+            },  # dup of line 1
+            {
+                "file": "Sources/Login.swift",
+                "severity": "critical",
+                "description": "Validate the email field.",
+            },  # dup, more severe
             {"file": "Sources/Net.swift", "severity": "Low", "description": "Retry on timeout."},
             {"file": "Sources/Net.swift", "severity": "bad", "description": "Bad severity."},
             {"file": "Sources/Net.swift", "severity": "high"},
@@ -666,8 +677,10 @@ def test_block_fields_stop_at_the_next_issue_and_prose() -> None:
 
 
 def test_issue_at_the_very_start_and_after_crlf_and_cr_line_numbers() -> None:
-    review = ("ISSUE FILE: a SEVERITY: low FIX: A.\r\nprose\r\n"
-              "ISSUE FILE: b SEVERITY: bad FIX: B.\rISSUE FILE: c SEVERITY: bad FIX: C.\n")
+    review = (
+        "ISSUE FILE: a SEVERITY: low FIX: A.\r\nprose\r\n"
+        "ISSUE FILE: b SEVERITY: bad FIX: B.\rISSUE FILE: c SEVERITY: bad FIX: C.\n"
+    )
     result = parse_review_output(review, APP)
     assert [t.file for t in result] == ["a"]
     assert result.dropped == [
@@ -677,11 +690,14 @@ def test_issue_at_the_very_start_and_after_crlf_and_cr_line_numbers() -> None:
 
 
 def test_terminal_colours_around_issue_lines_are_looked_through() -> None:
-    review = ("\x1b[1m\x1b[31m- ISSUE\x1b[0m FILE: a.swift SEVERITY: \x1b[33mhigh\x1b[0m FIX: Do.\n"
-              "\x1b[1mISSUE\x1b[0m\n\x1b[2mFILE:\x1b[0m b.swift\nSEVERITY: low\nFIX: Also.\n")
+    review = (
+        "\x1b[1m\x1b[31m- ISSUE\x1b[0m FILE: a.swift SEVERITY: \x1b[33mhigh\x1b[0m FIX: Do.\n"
+        "\x1b[1mISSUE\x1b[0m\n\x1b[2mFILE:\x1b[0m b.swift\nSEVERITY: low\nFIX: Also.\n"
+    )
     result = parse_review_output(review, APP)
     assert [(t.file, t.severity, t.description) for t in result] == [
-        ("a.swift", "high", "Do."), ("b.swift", "low", "Also."),
+        ("a.swift", "high", "Do."),
+        ("b.swift", "low", "Also."),
     ]
 
 
@@ -705,9 +721,9 @@ def test_review_is_never_split_into_a_list_of_lines(monkeypatch: pytest.MonkeyPa
 
 def test_pathological_block_layouts_stay_bounded() -> None:
     """Shapes aimed at the line reader and its regexes (no timing: each is one linear pass)."""
-    decorated = ("\n" + " -*" * 300_000 + "x") * 3          # long decoration, no ISSUE after it
-    headers = "ISSUE\n" * 200_000                           # headers with no fields ever
-    fields = "ISSUE\n" + "FILE: a\n" * 200_000              # one header, a flood of FILE lines
+    decorated = ("\n" + " -*" * 300_000 + "x") * 3  # long decoration, no ISSUE after it
+    headers = "ISSUE\n" * 200_000  # headers with no fields ever
+    fields = "ISSUE\n" + "FILE: a\n" * 200_000  # one header, a flood of FILE lines
     counted = "ISSUE FILE: a SEVERITY: low FIX: x\n" + "ISSUE " + "y" * 1_000_000 + "\n" * 3
     for review in (decorated, headers, fields):
         assert parse_review_output(review, APP) == []
@@ -723,8 +739,11 @@ def test_past_the_cap_block_issues_are_counted() -> None:
 
 def test_a_flood_of_duplicates_is_examined_up_to_a_bound() -> None:
     line = "ISSUE FILE: a.swift SEVERITY: low FIX: Same.\n"
-    result = parse_review_output(line * 100 + "ISSUE FILE: b SEVERITY: low FIX: New.\n", APP,
-                                 max_tasks=5)
+    result = parse_review_output(
+        line * 100 + "ISSUE FILE: b SEVERITY: low FIX: New.\n", APP, max_tasks=5
+    )
     assert [t.file for t in result] == ["a.swift"]
-    assert result.dropped[0] == ("51 issues after the first 50 examined were not read "
-                                 "(too many duplicate or invalid ones before them)")
+    assert result.dropped[0] == (
+        "51 issues after the first 50 examined were not read "
+        "(too many duplicate or invalid ones before them)"
+    )

@@ -1,9 +1,9 @@
 """Demo agent: stands in for Claude/Codex with real tools on a real git repo.
 
-    agent.py skill  REPO [PROMPT]   lint the app (ast) and answer with a structured task block
-    agent.py review REPO [PROMPT]   run the app's tests; each failure becomes an ISSUE block
-    agent.py evolve REPO [PROMPT]   apply the fixes the agent "knows" (.demo/fixes.json) + docstrings
-    agent.py ship   REPO            archive HEAD as the build an upload step would send
+    agent.py skill  REPO [PROMPT]  lint the app (ast) and answer with a structured task block
+    agent.py review REPO [PROMPT]  run the app's tests; each failure becomes an ISSUE block
+    agent.py evolve REPO [PROMPT]  apply the fixes the agent "knows" (.demo/fixes.json) + docstrings
+    agent.py ship   REPO           archive HEAD as the build an upload step would send
 
 Demo only: production fleets point the fleet file's commands at real agents.
 """
@@ -33,16 +33,32 @@ def lint(repo: Path) -> list[dict]:
         text = path.read_text()
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, ast.FunctionDef) and ast.get_docstring(node) is None:
-                tasks.append({"priority": 4, "file": rel,
-                              "description": f"Document what {node.name}() does in a docstring."})
+                tasks.append(
+                    {
+                        "priority": 4,
+                        "file": rel,
+                        "description": f"Document what {node.name}() does in a docstring.",
+                    }
+                )
             if isinstance(node, ast.ExceptHandler) and node.type is None:
-                tasks.append({"priority": 2, "file": rel,
-                              "description": f"Replace the bare except on line {node.lineno} with the errors it expects."})
+                tasks.append(
+                    {
+                        "priority": 2,
+                        "file": rel,
+                        "description": f"Replace the bare except on line {node.lineno}"
+                        " with the errors it expects.",
+                    }
+                )
         for n, line in enumerate(text.splitlines(), 1):
             note = re.search(r"#\s*(TODO|FIXME):?\s*(.+)", line)
             if note:
-                tasks.append({"priority": 3 if note[1] == "TODO" else 2, "file": rel,
-                              "description": f"{note[2].strip().capitalize()} (line {n})."})
+                tasks.append(
+                    {
+                        "priority": 3 if note[1] == "TODO" else 2,
+                        "file": rel,
+                        "description": f"{note[2].strip().capitalize()} (line {n}).",
+                    }
+                )
     return tasks
 
 
@@ -61,7 +77,10 @@ def skill(repo: Path, prompt: str) -> None:
 def run_tests(repo: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "unittest", "discover", "-s", "tests", "-t", "."],
-        cwd=repo, capture_output=True, text=True, timeout=300,
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -77,11 +96,18 @@ def review(repo: Path, prompt: str) -> None:
         files.sort(key=lambda f: "/app/" in f)  # blame the app code over the test when both appear
         where = files[-1].removeprefix(root) if files else "tests"
         detail = (re.findall(r"^\w*Error: (.+)$", block, flags=re.M) or ["see the test output"])[-1]
-        issues.append({"file": where, "severity": "high" if head[1] == "FAIL" else "critical",
-                       "description": f"Make {head[2]} pass: {detail}"})
+        issues.append(
+            {
+                "file": where,
+                "severity": "high" if head[1] == "FAIL" else "critical",
+                "description": f"Make {head[2]} pass: {detail}",
+            }
+        )
     for t in lint(repo):
         if "bare except" in t["description"]:
-            issues.append({"file": t["file"], "severity": "medium", "description": t["description"]})
+            issues.append(
+                {"file": t["file"], "severity": "medium", "description": t["description"]}
+            )
     print(f"Adversarial review of {repo.name} (tests exit {result.returncode}).")
     for i in issues:
         print(f"ISSUE FILE: {i['file']} SEVERITY: {i['severity']} FIX: {i['description']}")
@@ -91,7 +117,9 @@ def review(repo: Path, prompt: str) -> None:
 def add_docstrings(path: Path) -> None:
     lines = path.read_text().splitlines()
     tree = ast.parse("\n".join(lines))
-    missing = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and ast.get_docstring(n) is None]
+    missing = [
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and ast.get_docstring(n) is None
+    ]
     for node in sorted(missing, key=lambda n: n.lineno, reverse=True):
         indent = " " * (node.body[0].col_offset)
         words = node.name.replace("_", " ")
@@ -113,15 +141,22 @@ def evolve(repo: Path, prompt: str) -> None:
 
 
 def ship(repo: Path) -> None:
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     dist = repo.parent / "dist"
     dist.mkdir(exist_ok=True)
     build = dist / f"{repo.name}-{head}.tar.gz"
     with tarfile.open(build, "w:gz") as tar:
         for path in sources(repo):
             tar.add(path, arcname=str(path.relative_to(repo)))
-    print(f"uploaded build {build.name} (demo: production runs archive + upload on the ship target)")
+    print(
+        f"uploaded build {build.name} (demo: production runs archive + upload on the ship target)"
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -129,7 +164,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     mode, repo, prompt = argv[0], Path(argv[1]).resolve(), " ".join(argv[2:])
-    {"skill": skill, "review": review, "evolve": evolve}.get(mode, lambda r, p: ship(r))(repo, prompt)
+    {"skill": skill, "review": review, "evolve": evolve}.get(mode, lambda r, p: ship(r))(
+        repo, prompt
+    )
     return 0
 
 

@@ -27,7 +27,7 @@ _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces, as St
 
 @dataclass
 class AuraFaults(Faults):
-    stall_next_tasks: int = 0   # the next N tasks stay "running" forever (their command never runs)
+    stall_next_tasks: int = 0  # the next N tasks stay "running" forever (their command never runs)
     # Comma-separated subset of spawn,dispatch,poll: the counted faults (fail_next, hang_next,
     # malformed_next) hit only those routes' requests. Empty: every request, as before.
     routes: str = ""
@@ -41,8 +41,10 @@ class AuraFaults(Faults):
         if routes is not None:
             names = [r for r in routes.split(",") if r] if isinstance(routes, str) else None
             if names is None or not set(names) <= set(ROUTES):
-                raise ValueError(f"fault routes takes a comma-separated subset of "
-                                 f"{','.join(ROUTES)}, got {routes!r}")
+                raise ValueError(
+                    f"fault routes takes a comma-separated subset of "
+                    f"{','.join(ROUTES)}, got {routes!r}"
+                )
         super().update(values)
         if routes is not None:
             self.routes = routes
@@ -147,7 +149,8 @@ class AuraDevServer(DevServer):
         task = self.task(task_id)
         if not task.finished.wait(timeout):
             raise TimeoutError(
-                f"aura dev server: task {task_id} still {task.status} after {timeout:g} s")
+                f"aura dev server: task {task_id} still {task.status} after {timeout:g} s"
+            )
         return task
 
     def stop(self) -> None:
@@ -191,8 +194,9 @@ class AuraDevServer(DevServer):
             self._stopping.wait(self.faults.hang_seconds)
             raise Reply(504, {"error": "injected hang (the task was started)"})
         if fault == "fail":
-            raise Reply(self.faults.fail_status,
-                        {"error": "injected failure (the task was started)"})
+            raise Reply(
+                self.faults.fail_status, {"error": "injected failure (the task was started)"}
+            )
 
     # -- routes ------------------------------------------------------------------------------
 
@@ -212,8 +216,13 @@ class AuraDevServer(DevServer):
                 raise Reply(400, {"error": "dispatch needs string fields target and model"})
         key = getattr(self._request, "key", None)
         if key is not None and not _KEY_RE.fullmatch(key):
-            raise Reply(400, {"error": f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII "
-                                       "characters without spaces"})
+            raise Reply(
+                400,
+                {
+                    "error": f"{IDEMPOTENCY_HEADER} must be 1-255 printable ASCII "
+                    "characters without spaces"
+                },
+            )
         request = ("dispatch" if dispatch else "spawn", body["command"], target, model)
         task = GatewayTask(task_id=uuid.uuid4().hex, argv=argv, target=target, model=model)
         with self._lock:  # one lock for the lookup and the insert: two retries race here
@@ -224,8 +233,13 @@ class AuraDevServer(DevServer):
                     self._by_key[key] = (request, task.task_id)
         if known is not None:
             if known[0] != request:
-                raise Reply(422, {"error": f"{IDEMPOTENCY_HEADER} {key!r} was first used for a "
-                                           "different request; use a new key for new work"})
+                raise Reply(
+                    422,
+                    {
+                        "error": f"{IDEMPOTENCY_HEADER} {key!r} was first used for a "
+                        "different request; use a new key for new work"
+                    },
+                )
             log.info("aura dev server: %s %s replayed task %s", IDEMPOTENCY_HEADER, key, known[1])
             self._answer_after_effect(known[1])
             return {"task_id": known[1], "replayed": True}

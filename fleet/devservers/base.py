@@ -8,8 +8,9 @@ import logging
 import re
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote
 
 from fleet.jsonhttp import JsonServer, Request, Response
@@ -23,13 +24,13 @@ ADMIN_PREFIX = "/_admin/"
 class Faults:
     """What goes wrong on purpose. Counters count down per request; admin calls are exempt."""
 
-    fail_next: int = 0          # the next N requests get `fail_status` (a 5xx burst)
+    fail_next: int = 0  # the next N requests get `fail_status` (a 5xx burst)
     fail_status: int = 503
-    latency: float = 0.0        # seconds added before every answer
-    hang_next: int = 0          # the next N requests hang `hang_seconds` (or until stop)
+    latency: float = 0.0  # seconds added before every answer
+    hang_next: int = 0  # the next N requests hang `hang_seconds` (or until stop)
     hang_seconds: float = 30.0
-    malformed_next: int = 0     # the next N answers are not JSON
-    reject_auth: bool = False   # every request gets 401, as if the token were wrong
+    malformed_next: int = 0  # the next N answers are not JSON
+    reject_auth: bool = False  # every request gets 401, as if the token were wrong
 
     def update(self, values: dict[str, Any]) -> None:
         known = {f.name: f.type for f in fields(self)}
@@ -99,7 +100,7 @@ class DevServer:
         host = self.host if ":" not in self.host else f"[{self.host}]"
         return f"http://{host}:{self.port}"
 
-    def start(self) -> "DevServer":
+    def start(self) -> DevServer:
         self._server = JsonServer(
             self._handle, host=self.host, port=self.port, name=f"{self.name}-dev"
         ).start()

@@ -22,7 +22,7 @@ class AppStatus:
     phase: str = "evolving"
     cycle: int = 0
     quality: dict[str, Any] = field(default_factory=lambda: {"isPassing": False, "score": 0.0})
-    check: list[str] | None = None       # argv run on every status read; exit 0 = passing
+    check: list[str] | None = None  # argv run on every status read; exit 0 = passing
     cwd: str | None = None
     check_timeout: float = 60
 
@@ -38,8 +38,14 @@ class HydraDevServer(DevServer):
 
     name = "hydra"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 *, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        *,
+        env: dict[str, str] | None = None,
+    ):
         super().__init__(host, port, token)
         self.env = env
         self._apps: dict[str, AppStatus] = {}
@@ -70,12 +76,16 @@ class HydraDevServer(DevServer):
         self, app_id: str, argv: list[str], *, cwd: str | Path | None = None, timeout: float = 60
     ) -> None:
         """Every status read of `app_id` runs `argv` (no shell): exit 0 passes, else not."""
-        if (not isinstance(argv, (list, tuple)) or not argv
-                or not all(isinstance(a, str) for a in argv)):
+        if (
+            not isinstance(argv, (list, tuple))
+            or not argv
+            or not all(isinstance(a, str) for a in argv)
+        ):
             raise ValueError("check must be a non-empty argument list of strings")
         with self._lock:
             self._apps[app_id] = AppStatus(
-                check=list(argv), cwd=str(cwd) if cwd else None, check_timeout=timeout)
+                check=list(argv), cwd=str(cwd) if cwd else None, check_timeout=timeout
+            )
 
     def forget(self, app_id: str) -> None:
         with self._lock:
@@ -91,15 +101,25 @@ class HydraDevServer(DevServer):
             raise Reply(404, {"error": f"no Hydra run for app {app_id!r}"})
         if app.check is not None:
             self._run_check(app)
-        return {"app_id": app_id, "phase": app.phase, "cycle": app.cycle,
-                "quality": dict(app.quality)}
+        return {
+            "app_id": app_id,
+            "phase": app.phase,
+            "cycle": app.cycle,
+            "quality": dict(app.quality),
+        }
 
     def _run_check(self, app: AppStatus) -> None:
         assert app.check is not None
         try:
             done = subprocess.run(
-                app.check, cwd=app.cwd, capture_output=True, text=True, errors="replace",
-                timeout=app.check_timeout, stdin=subprocess.DEVNULL, env=agent_env(self.env),
+                app.check,
+                cwd=app.cwd,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=app.check_timeout,
+                stdin=subprocess.DEVNULL,
+                env=agent_env(self.env),
             )
             passing, code = done.returncode == 0, done.returncode
             tail = ((done.stdout or "") + (done.stderr or "")).strip()[-TAIL:]
@@ -124,8 +144,12 @@ class HydraDevServer(DevServer):
             raise Reply(400, {"error": "body must be a JSON object"})
         if "check" in body:
             try:
-                self.set_check(app_id, body["check"], cwd=body.get("cwd"),
-                               timeout=float(body.get("timeout", 60)))
+                self.set_check(
+                    app_id,
+                    body["check"],
+                    cwd=body.get("cwd"),
+                    timeout=float(body.get("timeout", 60)),
+                )
             except (TypeError, ValueError) as exc:
                 raise Reply(400, {"error": str(exc)}) from None
             return {"app_id": app_id, "check": body["check"]}
@@ -135,7 +159,8 @@ class HydraDevServer(DevServer):
             raise Reply(400, {"error": f"expected {expected}"})
         with self._lock:
             self._apps[app_id] = AppStatus(
-                phase=body.get("phase", "evolving"), cycle=int(body.get("cycle", 0)),
+                phase=body.get("phase", "evolving"),
+                cycle=int(body.get("cycle", 0)),
                 quality=dict(quality),
             )
         return {"app_id": app_id, "phase": self._apps[app_id].phase}

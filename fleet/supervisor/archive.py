@@ -4,9 +4,9 @@ snapshot's commits in a bare repository of its own (the newest `keep_commits` of
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 from fleet.errors import GuardError
 from fleet.supervisor.gitcli import git, out

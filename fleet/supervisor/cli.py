@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -29,15 +28,28 @@ err = Console(stderr=True, soft_wrap=True)
 
 @supervise_app.command(context_settings={"allow_interspersed_args": False})
 def guard(
-    agent_command: list[str] = typer.Argument(..., metavar="AGENT_CMD", help="the agent command (argv), after --"),
+    agent_command: list[str] = typer.Argument(
+        ..., metavar="AGENT_CMD", help="the agent command (argv), after --"
+    ),
     repo: Path = typer.Option(Path("."), "--repo", help="the app repository the agent edits"),
-    protect: list[str] = typer.Option([], "--protect", help="glob of paths the agent may not change (repeatable)"),
-    check: Optional[str] = typer.Option(None, "--check", help='check command run after the agent, e.g. "pytest -q"'),
-    check_timeout: float = typer.Option(600, "--check-timeout", help="seconds before the check is stopped"),
-    agent_timeout: Optional[float] = typer.Option(None, "--agent-timeout", help="seconds before the agent is stopped"),
-    patches_dir: Optional[Path] = typer.Option(None, "--patches-dir", help="where rejected diffs are kept"),
+    protect: list[str] = typer.Option(
+        [], "--protect", help="glob of paths the agent may not change (repeatable)"
+    ),
+    check: str | None = typer.Option(
+        None, "--check", help='check command run after the agent, e.g. "pytest -q"'
+    ),
+    check_timeout: float = typer.Option(
+        600, "--check-timeout", help="seconds before the check is stopped"
+    ),
+    agent_timeout: float | None = typer.Option(
+        None, "--agent-timeout", help="seconds before the agent is stopped"
+    ),
+    patches_dir: Path | None = typer.Option(
+        None, "--patches-dir", help="where rejected diffs are kept"
+    ),
 ) -> None:
-    """Snapshot REPO, run AGENT_CMD, keep its change if it is safe and passes the check; else undo it.
+    """Snapshot REPO, run AGENT_CMD, keep its change if it is safe and passes the check; else undo
+    it.
 
     Exit 0 = accepted (and committed), 1 = rejected (rolled back, patch kept), 2 = could not guard.
     """
@@ -62,13 +74,16 @@ def guard(
     out.print(f"[red]rejected[/red]: {escape(verdict.reason)}")
     for violation in verdict.violations:
         out.print(f"  - {escape(violation)}")
-    out.print(f"rolled back to {verdict.head[:12]}; patch kept at {escape(str(verdict.patch_path))}")
+    out.print(
+        f"rolled back to {verdict.head[:12]}; patch kept at {escape(str(verdict.patch_path))}"
+    )
     raise typer.Exit(1)
 
 
 @supervise_app.command("check-config")
 def check_config(file: Path = typer.Argument(..., help="the supervisor.yaml to validate")) -> None:
-    """Validate a supervisor config: prints OK, or each error as file:line: key: what was expected."""
+    """Validate a supervisor config: prints OK, or each error as file:line: key: what was
+    expected."""
     from fleet.supervisor.config import load_config
 
     try:
@@ -83,11 +98,16 @@ def check_config(file: Path = typer.Argument(..., help="the supervisor.yaml to v
 @supervise_app.command()
 def run(
     config_path: Path = typer.Option(..., "--config", help="supervisor.yaml"),
-    port: Optional[int] = typer.Option(None, "--port", help="status port (overrides the config; 0 = any free)"),
-    duration: float = typer.Option(0, "--for", help="stop cleanly after this many seconds (0 = until Ctrl-C)"),
+    port: int | None = typer.Option(
+        None, "--port", help="status port (overrides the config; 0 = any free)"
+    ),
+    duration: float = typer.Option(
+        0, "--for", help="stop cleanly after this many seconds (0 = until Ctrl-C)"
+    ),
     interval: float = typer.Option(0.5, "--interval", help="seconds between supervision rounds"),
 ) -> None:
-    """Run the configured processes (and app) with the status endpoint until Ctrl-C, then stop them all."""
+    """Run the configured processes (and app) with the status endpoint until Ctrl-C, then stop
+    them all."""
     from fleet.supervisor.config import load_config
     from fleet.supervisor.procman import ProcessManager
     from fleet.supervisor.runner import Supervisor
@@ -102,8 +122,11 @@ def run(
 
     stop = threading.Event()
     log_dir = settings.home.resolve() / "supervisor" / "logs"
-    manager = ProcessManager(config.processes, log_dir=log_dir,
-                             on_event=lambda name, what: out.print(f"{escape(name)}: {escape(what)}"))
+    manager = ProcessManager(
+        config.processes,
+        log_dir=log_dir,
+        on_event=lambda name, what: out.print(f"{escape(name)}: {escape(what)}"),
+    )
     supervisor = None
     app_thread = None
     try:
@@ -111,10 +134,17 @@ def run(
             a = config.app
             # The config file itself is always protected, wherever it lives in the repo.
             protected = [*a.protected, *_relative_to(config_path, a.repo)]
-            supervisor = Supervisor(a.repo, a.command, protected, a.check_command,
-                                    min_runtime=a.min_runtime_seconds, max_failures=a.max_failures,
-                                    log_path=log_dir / "app.log", keep_commits=a.keep_commits,
-                                    health=a.health)
+            supervisor = Supervisor(
+                a.repo,
+                a.command,
+                protected,
+                a.check_command,
+                min_runtime=a.min_runtime_seconds,
+                max_failures=a.max_failures,
+                log_path=log_dir / "app.log",
+                keep_commits=a.keep_commits,
+                health=a.health,
+            )
         status_port = port if port is not None else config.status_port
         server = StatusServer(supervisor, manager, host=config.status_host, port=status_port)
         server.start()  # binds here, so a taken port is the one-line error below
@@ -128,12 +158,16 @@ def run(
         out.print(f"status: {server.url}/status  health: {server.url}/healthz")
         if supervisor is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
-            app_thread = threading.Thread(target=_supervise_app, args=(supervisor, stop), daemon=True)
+            app_thread = threading.Thread(
+                target=_supervise_app, args=(supervisor, stop), daemon=True
+            )
             app_thread.start()
         try:
             manager.run_forever(
                 interval=interval,
-                until=lambda: stop.is_set() or (deadline is not None and time.monotonic() >= deadline),
+                until=lambda: (
+                    stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                ),
             )
         except KeyboardInterrupt:
             manager.stop_all()

@@ -109,9 +109,15 @@ class SupervisorConfig(_Strict):
 
 
 def load_config(path: Path | str) -> SupervisorConfig:
-    """Load and validate supervisor.yaml; raises ConfigError 'file:line: key.path: what was expected'."""
+    """Load and validate supervisor.yaml.
+
+    Raises ConfigError 'file:line: key.path: what was expected'.
+    """
     config = load_model(
-        path, SupervisorConfig, what="supervisor config", extra_errors=_duplicates,
+        path,
+        SupervisorConfig,
+        what="supervisor config",
+        extra_errors=_duplicates,
         # Reported by _duplicates at the repeated entry's own line instead.
         skip_error=lambda e: e["type"] == "value_error" and "duplicate process name" in e["msg"],
     )
@@ -128,18 +134,27 @@ def _duplicates(shown: str, data: dict, lines: KeyLines) -> list[tuple[int, str]
             continue
         if name in seen:
             loc = ("processes", i, "name")
-            found.append((line_of(loc, lines), f"{shown}:{line_of(loc, lines)}: {dotted(loc)}: duplicate process "
-                          f"name {name!r} (first at processes[{seen[name]}]); names must be unique"))
+            found.append(
+                (
+                    line_of(loc, lines),
+                    f"{shown}:{line_of(loc, lines)}: {dotted(loc)}: duplicate process "
+                    f"name {name!r} (first at processes[{seen[name]}]); names must be unique",
+                )
+            )
         seen.setdefault(name, i)
     return found
 
 
 def _resolve_paths(config: SupervisorConfig, base: Path) -> SupervisorConfig:
-    """Relative cwd/log_file/repo are relative to the config file, not to where it is loaded from."""
+    """Relative cwd/log_file/repo are relative to the config file, not to where it is loaded
+    from."""
 
     def rel(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p).resolve()
 
-    processes = [p.model_copy(update={"cwd": rel(p.cwd), "log_file": rel(p.log_file)}) for p in config.processes]
+    processes = [
+        p.model_copy(update={"cwd": rel(p.cwd), "log_file": rel(p.log_file)})
+        for p in config.processes
+    ]
     app = config.app.model_copy(update={"repo": rel(config.app.repo)}) if config.app else None
     return config.model_copy(update={"processes": processes, "app": app})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from fleet.errors import GuardError
 
@@ -13,25 +13,47 @@ from fleet.errors import GuardError
 # hooks and fsmonitor are agent-writable configuration, so they are switched off here.
 GIT_BASE = (
     "git",
-    "-c", "core.quotepath=off",
-    "-c", "core.hooksPath=/dev/null",
-    "-c", "core.fsmonitor=false",
-    "-c", "advice.detachedHead=false",
-    "-c", "gc.auto=0",
+    "-c",
+    "core.quotepath=off",
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "advice.detachedHead=false",
+    "-c",
+    "gc.auto=0",
 )
 IDENTITY = ("-c", "user.name=fleet-supervisor", "-c", "user.email=supervisor@fleet.local")
 
 # Inherited variables that would point git at another repository or index.
 _SCRUBBED = (
-    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR",
-    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_CEILING_DIRECTORIES", "GIT_NAMESPACE",
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_COMMON_DIR",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_CEILING_DIRECTORIES",
+    "GIT_NAMESPACE",
 )
 
 
 def git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("GIT_CONFIG_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _SCRUBBED and not k.startswith("GIT_CONFIG_")
+    }
     # Replace refs are agent-writable and would let a forged object stand in for the snapshot's.
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "LC_ALL": "C", "GIT_NO_REPLACE_OBJECTS": "1"})
+    env.update(
+        {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_PAGER": "cat",
+            "LC_ALL": "C",
+            "GIT_NO_REPLACE_OBJECTS": "1",
+        }
+    )
     if extra:
         env.update(extra)
     return env
@@ -45,14 +67,23 @@ def git(
     timeout: float = 300,
     stdin: bytes = b"",
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run one git command in `repo` (`stdin` as its input); raises GuardError with git's own words when it fails."""
+    """Run one git command in `repo` (`stdin` as its input).
+
+    Raises GuardError with git's own words when it fails.
+    """
     argv: Sequence[str] = [*GIT_BASE, *args]
     try:
-        proc = subprocess.run(argv, cwd=repo, capture_output=True, env=git_env(env), timeout=timeout, input=stdin)
+        proc = subprocess.run(
+            argv, cwd=repo, capture_output=True, env=git_env(env), timeout=timeout, input=stdin
+        )
     except FileNotFoundError as exc:
-        raise GuardError("git is not installed or not on PATH; the supervisor needs the git CLI") from exc
+        raise GuardError(
+            "git is not installed or not on PATH; the supervisor needs the git CLI"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
-        raise GuardError(f"git {' '.join(args[:2])} did not finish within {timeout:.0f} s in {repo}") from exc
+        raise GuardError(
+            f"git {' '.join(args[:2])} did not finish within {timeout:.0f} s in {repo}"
+        ) from exc
     if check and proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         detail = err[-1] if err else f"exit {proc.returncode}"

@@ -33,9 +33,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import GuardError

@@ -7,9 +7,9 @@ import difflib
 import os
 import shutil
 import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 # Git internals an agent could use to run code or hide files (relative to the common git dir);
 # replace refs would show the operator's own git a forged tree.

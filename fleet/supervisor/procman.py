@@ -1,4 +1,4 @@
-"""Keeps long-running helpers (MCP servers, node agents) alive: restart policy, backoff, intensity, health.
+"""Keeps long-running helpers (MCP servers, node agents) alive: restarts, backoff, intensity, health
 
 Non-blocking: `tick()` looks at every process once and acts (start, restart, give up, health
 sample) by the injected clock; tests drive it, `run_forever()` calls it in a loop. Only a stop
@@ -7,14 +7,15 @@ blocks, for at most the process's stop_timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Sequence
 
 from fleet.clock import Clock, SystemClock
 from fleet.procs import describe_exit, stop_process_tree
@@ -23,7 +24,13 @@ from fleet.supervisor.health import HealthMonitor, HealthSample
 
 # States of a managed process, in the operator's words.
 STARTING_SOON, RUNNING, BACKOFF, EXITED, GAVE_UP, STOPPED, FAILED_TO_START = (
-    "pending", "running", "backoff", "exited", "gave_up", "stopped", "failed_to_start",
+    "pending",
+    "running",
+    "backoff",
+    "exited",
+    "gave_up",
+    "stopped",
+    "failed_to_start",
 )
 
 
@@ -68,9 +75,11 @@ class ManagedProcess:
             "reason": self.reason,
             "last_exit_code": self.last_exit_code,
             "running_seconds": round((now - self.started_at).total_seconds(), 3)
-            if self.pid and self.started_at else None,
+            if self.pid and self.started_at
+            else None,
             "next_start_in_seconds": round((self.next_start_at - now).total_seconds(), 3)
-            if self.state == BACKOFF and self.next_start_at else None,
+            if self.state == BACKOFF and self.next_start_at
+            else None,
             "last_health": self.last_sample.as_dict() if self.last_sample else None,
         }
 
@@ -138,7 +147,9 @@ class ProcessManager:
     # ------------------------------------------------------------ rules
 
     def _tick_one(self, proc: ManagedProcess, now: datetime) -> None:
-        if proc.state == STARTING_SOON or (proc.state == BACKOFF and proc.next_start_at and now >= proc.next_start_at):
+        if proc.state == STARTING_SOON or (
+            proc.state == BACKOFF and proc.next_start_at and now >= proc.next_start_at
+        ):
             self._start(proc, now)
             return
         if proc.state != RUNNING or proc.popen is None:
@@ -169,20 +180,30 @@ class ProcessManager:
             proc.delay = 0.0  # it had been healthy: the next restart is quick again
         self._restart_or_give_up(proc, now, f"{how} after {ran:.1f} s")
 
-    def _restart_or_give_up(self, proc: ManagedProcess, now: datetime, why: str, immediate: bool = False) -> None:
+    def _restart_or_give_up(
+        self, proc: ManagedProcess, now: datetime, why: str, immediate: bool = False
+    ) -> None:
         window = proc.spec.intensity
         cutoff = now - timedelta(seconds=window.period_seconds)
         while proc.restart_times and proc.restart_times[0] <= cutoff:
             proc.restart_times.popleft()
         if len(proc.restart_times) >= window.max_restarts:
             proc.state = GAVE_UP
-            proc.reason = (f"gave up: {len(proc.restart_times)} restarts in {window.period_seconds:g} s "
-                           f"(limit {window.max_restarts}); last: {why}")
+            proc.reason = (
+                f"gave up: {len(proc.restart_times)} restarts in {window.period_seconds:g} s "
+                f"(limit {window.max_restarts}); last: {why}"
+            )
             self.on_event(proc.spec.name, proc.reason)
             return
         backoff = proc.spec.backoff
-        proc.delay = 0.0 if immediate else (
-            backoff.initial_seconds if proc.delay <= 0 else min(proc.delay * 2, backoff.max_seconds)
+        proc.delay = (
+            0.0
+            if immediate
+            else (
+                backoff.initial_seconds
+                if proc.delay <= 0
+                else min(proc.delay * 2, backoff.max_seconds)
+            )
         )
         proc.restart_times.append(now)
         proc.restarts += 1
@@ -197,26 +218,30 @@ class ProcessManager:
         spec = proc.spec
         env = {**os.environ, **spec.env} if spec.env else None
         log_path = spec.log_file or (self.log_dir / f"{spec.name}.log" if self.log_dir else None)
-        log = None
         try:
-            if log_path:
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(log_path, "ab")
-            proc.popen = subprocess.Popen(
-                spec.command, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
-                stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: a stop takes the whole tree
-            )
+            with contextlib.ExitStack() as files:
+                log = None
+                if log_path:
+                    log_path.parent.mkdir(parents=True, exist_ok=True)
+                    log = files.enter_context(open(log_path, "ab"))
+                proc.popen = subprocess.Popen(
+                    spec.command,
+                    cwd=spec.cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log or subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                    start_new_session=True,  # its own process group: a stop takes the whole tree
+                )
         except OSError as exc:
             proc.popen = None
             proc.state = FAILED_TO_START
-            proc.reason = (f"could not start {spec.command[0]!r}: {exc.strerror or exc}; "
-                           "fix the command or cwd in the config")
+            proc.reason = (
+                f"could not start {spec.command[0]!r}: {exc.strerror or exc}; "
+                "fix the command or cwd in the config"
+            )
             self.on_event(spec.name, proc.reason)
             return
-        finally:
-            if log:
-                log.close()
         proc.state = RUNNING
         proc.started_at = now
         proc.monitor.start(now)

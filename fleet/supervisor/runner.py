@@ -13,12 +13,13 @@ probation) it also rolls the change back, even after min_runtime.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import SupervisorStopped
@@ -80,12 +81,23 @@ class Supervisor:
     ):
         settings = get_settings()
         self.clock = clock or SystemClock()
-        self.guard = ChangeGuard(repo, protected, check_command, patches_dir, check_timeout,
-                                 self.clock, keep_commits=keep_commits)
+        self.guard = ChangeGuard(
+            repo,
+            protected,
+            check_command,
+            patches_dir,
+            check_timeout,
+            self.clock,
+            keep_commits=keep_commits,
+        )
         self.repo = self.guard.repo
         self.command = list(command)
-        self.min_runtime = settings.supervisor_min_runtime_seconds if min_runtime is None else min_runtime
-        self.max_failures = settings.supervisor_max_failures if max_failures is None else max_failures
+        self.min_runtime = (
+            settings.supervisor_min_runtime_seconds if min_runtime is None else min_runtime
+        )
+        self.max_failures = (
+            settings.supervisor_max_failures if max_failures is None else max_failures
+        )
         self.agent_timeout = agent_timeout
         self.stop_timeout = stop_timeout
         self.poll_interval = poll_interval
@@ -108,7 +120,9 @@ class Supervisor:
 
     # ------------------------------------------------------------ changes
 
-    def apply_change(self, agent_command: Sequence[str], timeout: float | None = None) -> ChangeResult:
+    def apply_change(
+        self, agent_command: Sequence[str], timeout: float | None = None
+    ) -> ChangeResult:
         """Run an agent command that edits the repo, guarded: kept if safe, undone otherwise.
 
         An accepted change is committed but unproven until the app survives a run: call
@@ -121,7 +135,9 @@ class Supervisor:
             if self._last_good is None:
                 self._last_good = snap
             self.reason = "agent at work"
-        code, tail = run_agent(list(agent_command), self.repo, timeout or self.agent_timeout, self.env)
+        code, tail = run_agent(
+            list(agent_command), self.repo, timeout or self.agent_timeout, self.env
+        )
         # Checks may take minutes: validate outside the lock so /status keeps answering.
         verdict = self.guard.validate(snap)
         with self._lock:
@@ -143,26 +159,31 @@ class Supervisor:
             if self._last_good is None:
                 self._last_good = self.guard.snapshot()
             elif self.guard.current_head() != self._last_good.head:
-                # Commits made elsewhere (`fleet supervise guard`, the EVOLVE stage) are unproven too.
+                # Commits made elsewhere (`fleet supervise guard`, the EVOLVE stage) are unproven
+                # too.
                 self._pending = True
-            log = None
             try:
-                if self.log_path:
-                    self.log_path.parent.mkdir(parents=True, exist_ok=True)
-                    log = open(self.log_path, "ab")
-                self._proc = subprocess.Popen(
-                    self.command, cwd=self.repo, env=self.env, stdin=subprocess.DEVNULL,
-                    stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
-                    start_new_session=True,  # its own group: a stop takes the whole tree
-                )
+                with contextlib.ExitStack() as files:
+                    log = None
+                    if self.log_path:
+                        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                        log = files.enter_context(open(self.log_path, "ab"))
+                    self._proc = subprocess.Popen(
+                        self.command,
+                        cwd=self.repo,
+                        env=self.env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log or subprocess.DEVNULL,
+                        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                        start_new_session=True,  # its own group: a stop takes the whole tree
+                    )
             except OSError as exc:
                 self._proc = None
                 self._proc_started = self.clock.now()
-                self._judge(None, 0.0, f"could not start {self.command[0]!r}: {exc.strerror or exc}")
+                self._judge(
+                    None, 0.0, f"could not start {self.command[0]!r}: {exc.strerror or exc}"
+                )
                 return -1
-            finally:
-                if log:
-                    log.close()
             self._proc_started = self.clock.now()
             self._probation = self._last_good if self._pending else None
             if self.health is not None:
@@ -195,7 +216,11 @@ class Supervisor:
         """Start the app and watch it until it is judged; a proven app is left running."""
         self.start_app()
         while True:
-            outcome = self.last_outcome if self._proc is None and self.state != WATCHING else self.poll_app()
+            outcome = (
+                self.last_outcome
+                if self._proc is None and self.state != WATCHING
+                else self.poll_app()
+            )
             if outcome is not None:
                 return outcome
             self.clock.sleep(self.poll_interval)
@@ -269,11 +294,15 @@ class Supervisor:
                     "pid": pid,
                     "running_seconds": (
                         round((self.clock.now() - self._proc_started).total_seconds(), 3)
-                        if pid and self._proc_started else None
+                        if pid and self._proc_started
+                        else None
                     ),
                 },
-                "health": (self.health.last_sample.as_dict()
-                           if self.health is not None and self.health.last_sample else None),
+                "health": (
+                    self.health.last_sample.as_dict()
+                    if self.health is not None and self.health.last_sample
+                    else None
+                ),
                 "last_verdict": _verdict_dict(self.last_verdict),
                 "last_run": _outcome_dict(self.last_outcome),
             }
@@ -293,12 +322,19 @@ class Supervisor:
             self.state = RUNNING if code is None else IDLE
             if code is not None:
                 self._proc = None
-            self.reason = (f"app proven after {runtime:.1f} s at {self._last_good.head[:12]}" if code is None
-                           else f"app finished cleanly after {runtime:.1f} s")
+            self.reason = (
+                f"app proven after {runtime:.1f} s at {self._last_good.head[:12]}"
+                if code is None
+                else f"app finished cleanly after {runtime:.1f} s"
+            )
             outcome = RunOutcome(True, code, runtime, False, self.reason)
         else:
             self._proc = None
-            why = why or f"app {describe_exit(code)} after {runtime:.2f} s (minimum runtime {self.min_runtime:g} s)"
+            why = (
+                why
+                or f"app {describe_exit(code)} after {runtime:.2f} s"
+                f" (minimum runtime {self.min_runtime:g} s)"
+            )
             patch = None
             rolled_back = False
             if self._pending and self._last_good is not None:
@@ -336,8 +372,9 @@ class Supervisor:
         if self.consecutive_failures >= self.max_failures:
             self.state = EMERGENCY_STOP
             self.reason = (
-                f"emergency stop: {self.consecutive_failures} consecutive failures (limit {self.max_failures}); "
-                f"last: {why}. Fix the app or its agent, then resume the supervisor"
+                f"emergency stop: {self.consecutive_failures} consecutive failures"
+                f" (limit {self.max_failures}); last: {why}."
+                " Fix the app or its agent, then resume the supervisor"
             )
             self.stop_app()
             if self._pending and self._last_good is not None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from fleet.errors import GuardError
 from fleet.supervisor.gitcli import IDENTITY, git, out, z_paths

@@ -11,8 +11,14 @@ from fleet.settings import get_settings
 
 # A managed process's state as the seed's `mcp_servers` map shows it.
 _SERVER_HEALTH = {
-    "running": "healthy", "pending": "starting", "backoff": "restarting", "exiting": "restarting",
-    "exited": "exited", "stopped": "stopped", "gave_up": "failed", "failed_to_start": "failed",
+    "running": "healthy",
+    "pending": "starting",
+    "backoff": "restarting",
+    "exiting": "restarting",
+    "exited": "exited",
+    "stopped": "stopped",
+    "gave_up": "failed",
+    "failed_to_start": "failed",
 }
 
 if TYPE_CHECKING:
@@ -77,7 +83,9 @@ class StatusServer:
         }
         if self.supervisor is not None:
             sup = self.supervisor.status()
-            body.update({k: sup[k] for k in ("state", "reason", "current_commit", "consecutive_failures")})
+            body.update(
+                {k: sup[k] for k in ("state", "reason", "current_commit", "consecutive_failures")}
+            )
             body["app"] = sup
         processes = self.processes.status() if self.processes is not None else {}
         body["processes"] = processes

@@ -11,11 +11,21 @@ from pathlib import Path
 import psutil
 import pytest
 
-GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "init.defaultBranch=main"]
+GIT = [
+    "git",
+    "-c",
+    "user.name=test",
+    "-c",
+    "user.email=test@example.invalid",
+    "-c",
+    "init.defaultBranch=main",
+]
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run([*GIT, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [*GIT, *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def fingerprint(repo: Path) -> dict:
@@ -70,16 +80,23 @@ def agent(repo: Path, code: str) -> None:
 def escapee(pidfile: Path) -> list[str]:
     """A command that leaves behind a process in a session of its own (setsid) that would edit
     ci/protected.cfg later; it exits once that process has written its pid to `pidfile`."""
-    later = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(10); " \
-            "open('ci/protected.cfg', 'w').write('off\\n')"
-    return [sys.executable, "-c",
-            f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {later!r}], "
-            f"start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
-            f"while not os.path.exists({str(pidfile)!r}) or not open({str(pidfile)!r}).read(): time.sleep(0.01)"]
+    later = (
+        f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(10); "
+        "open('ci/protected.cfg', 'w').write('off\\n')"
+    )
+    return [
+        sys.executable,
+        "-c",
+        f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {later!r}], "
+        f"start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        f"while not os.path.exists({str(pidfile)!r})"
+        f" or not open({str(pidfile)!r}).read(): time.sleep(0.01)",
+    ]
 
 
 def gone(pidfile: Path) -> bool:
-    """The process whose pid is in `pidfile` has ended (a zombie waiting for init counts as ended)."""
+    """The process whose pid is in `pidfile` has ended (a zombie waiting for init counts as
+    ended)."""
     try:
         return psutil.Process(int(pidfile.read_text())).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:

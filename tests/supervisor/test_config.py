@@ -1,4 +1,4 @@
-"""supervisor.yaml validation: errors name the file, the line, the key path and what was expected."""
+"""supervisor.yaml validation: errors name the file, line, key path and what was expected."""
 
 from __future__ import annotations
 
@@ -45,13 +45,22 @@ def test_example_config_is_valid():
 
 def test_bad_enum_value_names_file_line_path_and_choices(tmp_path):
     path = write(tmp_path, GOOD)
-    assert error_of(path) == f"{path}:8: processes[1].restart: 'sometimes' is not one of always, on-failure, never"
+    assert (
+        error_of(path)
+        == f"{path}:8: processes[1].restart: 'sometimes' is not one of always, on-failure, never"
+    )
 
 
 def test_unknown_key_is_named_with_the_allowed_ones(tmp_path):
-    path = write(tmp_path, GOOD.replace("sometimes", "always").replace("    cwd: work", "    restart_policy: x"))
+    path = write(
+        tmp_path,
+        GOOD.replace("sometimes", "always").replace("    cwd: work", "    restart_policy: x"),
+    )
     message = error_of(path)
-    assert message.startswith(f"{path}:9: processes[1].restart_policy: unknown key 'restart_policy'; expected one of name, command")
+    assert message.startswith(
+        f"{path}:9: processes[1].restart_policy: unknown key 'restart_policy';"
+        " expected one of name, command"
+    )
 
 
 def test_nested_errors_missing_keys_and_ranges(tmp_path):
@@ -65,24 +74,40 @@ processes:
 """
     lines = error_of(write(tmp_path, text)).splitlines()
     assert lines[0].endswith(":2: processes[0]: missing required key 'command'")
-    assert lines[1].endswith(":4: processes[0].backoff.initial_seconds: -1 is not valid: input should be greater than 0")
-    assert any(line.endswith(":5: processes[1].name: 'bad name!' is not valid: "
-                             "string should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'") for line in lines)
-    assert lines[-1].endswith(":6: processes[1].command: 'python3 server.py' is not a list of arguments; "
-                              "write it as an argv list, e.g. [python, server.py]")
+    assert lines[1].endswith(
+        ":4: processes[0].backoff.initial_seconds: -1 is not valid: input should be greater than 0"
+    )
+    assert any(
+        line.endswith(
+            ":5: processes[1].name: 'bad name!' is not valid: "
+            "string should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'"
+        )
+        for line in lines
+    )
+    assert lines[-1].endswith(
+        ":6: processes[1].command: 'python3 server.py' is not a list of arguments; "
+        "write it as an argv list, e.g. [python, server.py]"
+    )
 
 
 def test_duplicate_names_and_bad_yaml(tmp_path):
     dup = "processes:\n  - {name: a, command: [x]}\n  - {name: a, command: [y]}\n"
-    assert error_of(write(tmp_path, dup)).endswith(":3: processes[1].name: duplicate process name 'a' (first at processes[0]); names must be unique")
+    assert error_of(write(tmp_path, dup)).endswith(
+        ":3: processes[1].name: duplicate process name 'a' (first at processes[0]);"
+        " names must be unique"
+    )
     broken = "processes:\n  - name: a\n   command: [x]\n"
     assert ":3: invalid YAML: " in error_of(write(tmp_path, broken))
-    assert error_of(write(tmp_path, "- a\n- b\n")).endswith(":1: expected a mapping of settings at the top level, got list")
+    assert error_of(write(tmp_path, "- a\n- b\n")).endswith(
+        ":1: expected a mapping of settings at the top level, got list"
+    )
     assert "cannot read the supervisor config" in error_of(tmp_path / "missing.yaml")
 
 
 def test_relative_paths_are_relative_to_the_file(tmp_path):
-    config = load_config(write(tmp_path, GOOD.replace("sometimes", "never") + "    log_file: logs/agent.log\n"))
+    config = load_config(
+        write(tmp_path, GOOD.replace("sometimes", "never") + "    log_file: logs/agent.log\n")
+    )
     assert config.processes[1].cwd == tmp_path / "work"
     assert config.processes[1].log_file == tmp_path / "logs" / "agent.log"
     assert config.processes[0].cwd is None

@@ -1,4 +1,4 @@
-"""Run rules with real processes: a change that crashes the app is rolled back; 5 in a row stop everything."""
+"""Run rules with real processes: a change that crashes the app is rolled back; 5 in a row stop."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ APP = [sys.executable, "app.py"]
 
 def make(repo, tmp_path, **kw) -> Supervisor:
     kw.setdefault("min_runtime", 0.3)
-    return Supervisor(repo, APP, protected=["ci/**"], patches_dir=tmp_path / "patches", poll_interval=0.02, **kw)
+    return Supervisor(
+        repo, APP, protected=["ci/**"], patches_dir=tmp_path / "patches", poll_interval=0.02, **kw
+    )
 
 
 def test_change_that_crashes_the_app_within_min_runtime_is_rolled_back(repo, tmp_path):
-    # A long min_runtime while the broken app starts, so a slow start on a loaded machine is still "quick".
+    # A long min_runtime while the broken app starts, so a slow start on a loaded machine is still
+    # "quick".
     sup = make(repo, tmp_path, min_runtime=30)
     before = fingerprint(repo)
     change = sup.apply_change(BREAK_APP)
@@ -54,7 +57,9 @@ def test_change_that_makes_the_app_exit_cleanly_at_once_is_rolled_back_too(repo,
     """The seed's rule is 'the process exits in < 10 s', whatever its exit code."""
     sup = make(repo, tmp_path, min_runtime=30)
     before = fingerprint(repo)
-    assert sup.apply_change([sys.executable, "-c", "open('app.py','w').write('print(1)\\n')"]).verdict.accepted
+    assert sup.apply_change(
+        [sys.executable, "-c", "open('app.py','w').write('print(1)\\n')"]
+    ).verdict.accepted
     outcome = sup.run_once()
     assert not outcome.survived and outcome.rolled_back and outcome.exit_code == 0
     assert outcome.reason.startswith("app exited with code 0 after ")
@@ -75,7 +80,9 @@ def test_five_broken_changes_in_a_row_trigger_emergency_stop(repo, tmp_path):
         assert sup.consecutive_failures == i + 1
     status = sup.status()
     assert status["state"] == EMERGENCY_STOP and not sup.healthy()
-    assert status["reason"].startswith("emergency stop: 5 consecutive failures (limit 5); last: app exited with code 3")
+    assert status["reason"].startswith(
+        "emergency stop: 5 consecutive failures (limit 5); last: app exited with code 3"
+    )
     with pytest.raises(SupervisorStopped, match="emergency stop"):
         sup.apply_change([sys.executable, "-c", "open('app.py','a').write('# more\\n')"])
     assert fingerprint(repo) == before  # nothing applied after the stop, everything rolled back
@@ -111,7 +118,12 @@ def test_min_runtime_is_judged_by_the_injected_clock(repo, tmp_path):
 
 def test_agent_that_outlives_its_timeout_is_stopped_and_its_edit_judged(repo, tmp_path):
     sup = make(repo, tmp_path)
-    slow = [sys.executable, "-c", "import time; open('notes.md','w').write('x'); print('working', flush=True); time.sleep(30)"]
+    slow = [
+        sys.executable,
+        "-c",
+        "import time; open('notes.md','w').write('x');"
+        " print('working', flush=True); time.sleep(30)",
+    ]
     result = sup.apply_change(slow, timeout=1)
     assert result.agent_exit_code is None and result.agent_output_tail == "working"
     assert result.verdict.accepted and (repo / "notes.md").exists()

@@ -22,11 +22,24 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(30)"]
 
 def test_status_endpoint_reports_supervisor_and_processes(repo, tmp_path):
     clock = ManualClock()
-    sup = Supervisor(repo, [sys.executable, "app.py"], protected=["ci/**"], patches_dir=tmp_path,
-                     min_runtime=0.3, max_failures=1, clock=clock)
-    manager = ProcessManager([ProcessSpec(name="mcp", command=SLEEPER),
-                              ProcessSpec(name="flaky", command=CRASH, restart="always", intensity={"max_restarts": 0})],
-                             clock=clock)
+    sup = Supervisor(
+        repo,
+        [sys.executable, "app.py"],
+        protected=["ci/**"],
+        patches_dir=tmp_path,
+        min_runtime=0.3,
+        max_failures=1,
+        clock=clock,
+    )
+    manager = ProcessManager(
+        [
+            ProcessSpec(name="mcp", command=SLEEPER),
+            ProcessSpec(
+                name="flaky", command=CRASH, restart="always", intensity={"max_restarts": 0}
+            ),
+        ],
+        clock=clock,
+    )
     try:
         manager.tick()
         with StatusServer(sup, manager, port=0, clock=clock) as server:
@@ -36,15 +49,23 @@ def test_status_endpoint_reports_supervisor_and_processes(repo, tmp_path):
             assert body["current_commit"] == git(repo, "rev-parse", "HEAD")
             assert body["uptime_seconds"] == 90 and body["uptime"] == "1m30s"
             mcp = body["processes"]["mcp"]
-            assert mcp["state"] == "running" and mcp["pid"] == manager.process("mcp").pid and mcp["restarts"] == 0
+            assert (
+                mcp["state"] == "running"
+                and mcp["pid"] == manager.process("mcp").pid
+                and mcp["restarts"] == 0
+            )
             assert httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
             manager.process("flaky").popen.wait(timeout=10)
             clock.advance(5)
-            manager.tick()  # flaky crashes with no restarts allowed → gave up; mcp gets a health sample
+            # flaky crashes with no restarts allowed → gave up; mcp gets a health sample
+            manager.tick()
             health = httpx.get(f"{server.url}/healthz", timeout=5)
             assert health.status_code == 503
-            assert health.json()["problems"] == ["flaky: gave up: 0 restarts in 60 s (limit 0); last: exited with code 7 after 95.0 s"]
+            assert health.json()["problems"] == [
+                "flaky: gave up: 0 restarts in 60 s (limit 0);"
+                " last: exited with code 7 after 95.0 s"
+            ]
             body = httpx.get(f"{server.url}/supervisor/status", timeout=5).json()
             assert body["state"] == "degraded"
             assert body["processes"]["mcp"]["last_health"]["memory_mb"] > 1
@@ -63,9 +84,13 @@ def test_status_endpoint_reports_supervisor_and_processes(repo, tmp_path):
 def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
     clock = ManualClock()
     sup = Supervisor(repo, [sys.executable, "app.py"], patches_dir=tmp_path, clock=clock)
-    manager = ProcessManager([ProcessSpec(name="dynamic-thinking", command=SLEEPER),
-                              ProcessSpec(name="openevolve", command=CRASH, restart="never")],
-                             clock=clock)
+    manager = ProcessManager(
+        [
+            ProcessSpec(name="dynamic-thinking", command=SLEEPER),
+            ProcessSpec(name="openevolve", command=CRASH, restart="never"),
+        ],
+        clock=clock,
+    )
     try:
         manager.tick()
         manager.process("openevolve").popen.wait(timeout=10)
@@ -75,9 +100,13 @@ def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
             body = httpx.get(f"{server.url}/supervisor/status", timeout=5).json()
             shape = ("status", "current_commit", "consecutive_failures", "uptime", "mcp_servers")
             seed = {k: body[k] for k in shape}
-            assert seed == {"status": "idle", "current_commit": git(repo, "rev-parse", "HEAD"),
-                            "consecutive_failures": 0, "uptime": "2h34m",
-                            "mcp_servers": {"dynamic-thinking": "healthy", "openevolve": "exited"}}
+            assert seed == {
+                "status": "idle",
+                "current_commit": git(repo, "rev-parse", "HEAD"),
+                "consecutive_failures": 0,
+                "uptime": "2h34m",
+                "mcp_servers": {"dynamic-thinking": "healthy", "openevolve": "exited"},
+            }
             assert body["processes"]["openevolve"]["last_exit_code"] == 7  # the richer fields stay
     finally:
         manager.stop_all()
@@ -85,21 +114,41 @@ def test_supervisor_status_answers_the_seed_shape(repo, tmp_path):
 
 def test_cli_guard_accepts_and_rejects(repo, tmp_path):
     runner = CliRunner()
-    base = ["guard", "--repo", str(repo), "--protect", "ci/**", "--patches-dir", str(tmp_path / "p"),
-            "--check", f"{sys.executable} -c 'import app_lib'"]
-    ok = runner.invoke(supervise_app, [*base, "--", sys.executable, "-c", "open('app_lib.py','w').write('X = 1')"])
+    base = [
+        "guard",
+        "--repo",
+        str(repo),
+        "--protect",
+        "ci/**",
+        "--patches-dir",
+        str(tmp_path / "p"),
+        "--check",
+        f"{sys.executable} -c 'import app_lib'",
+    ]
+    ok = runner.invoke(
+        supervise_app, [*base, "--", sys.executable, "-c", "open('app_lib.py','w').write('X = 1')"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "accepted: HEAD " in ok.output
     assert git(repo, "log", "-1", "--format=%s") == "supervisor: accepted change"
 
     before = fingerprint(repo)
-    bad = runner.invoke(supervise_app, [*base, "--", sys.executable, "-c", "open('ci/protected.cfg','w').write('off')"])
+    bad = runner.invoke(
+        supervise_app,
+        [*base, "--", sys.executable, "-c", "open('ci/protected.cfg','w').write('off')"],
+    )
     assert bad.exit_code == 1, bad.output
     assert "rejected: protected path changed: ci/protected.cfg (modified)" in bad.output
     assert "patch kept at " in bad.output and fingerprint(repo) == before
 
-    broken = runner.invoke(supervise_app, ["guard", "--repo", str(tmp_path / "nowhere"), "--", "true"])
-    assert broken.exit_code == 2 and "cannot guard:" in broken.output and "Traceback" not in broken.output
+    broken = runner.invoke(
+        supervise_app, ["guard", "--repo", str(tmp_path / "nowhere"), "--", "true"]
+    )
+    assert (
+        broken.exit_code == 2
+        and "cannot guard:" in broken.output
+        and "Traceback" not in broken.output
+    )
 
 
 def test_cli_check_config(tmp_path):
@@ -110,10 +159,15 @@ def test_cli_check_config(tmp_path):
     assert result.exit_code == 0 and f"OK {good}: 1 process(es)" in result.output
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("processes:\n  - name: mcp\n    command: [python3, s.py]\n    restart: sometimes\n")
+    bad.write_text(
+        "processes:\n  - name: mcp\n    command: [python3, s.py]\n    restart: sometimes\n"
+    )
     result = runner.invoke(supervise_app, ["check-config", str(bad)])
     assert result.exit_code == 2
-    assert f"{bad}:4: processes[0].restart: 'sometimes' is not one of always, on-failure, never" in result.output
+    assert (
+        f"{bad}:4: processes[0].restart: 'sometimes' is not one of always, on-failure, never"
+        in result.output
+    )
     assert "Traceback" not in result.output
 
 
@@ -124,11 +178,17 @@ def test_cli_run_starts_processes_and_stops_them_cleanly(tmp_path, tmp_home):
         "status_port: 0\n"
         "processes:\n"
         "  - name: helper\n"
-        f"    command: [{sys.executable}, -c, \"import os, time; open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(30)\"]\n"
+        f'    command: [{sys.executable}, -c, "import os, time;'
+        f" open('{pid_file}', 'w').write(str(os.getpid())); time.sleep(30)\"]\n"
     )
-    result = CliRunner().invoke(supervise_app, ["run", "--config", str(config), "--for", "1", "--interval", "0.05"])
+    result = CliRunner().invoke(
+        supervise_app, ["run", "--config", str(config), "--for", "1", "--interval", "0.05"]
+    )
     assert result.exit_code == 0, result.output
-    assert "status: http://127.0.0.1:" in result.output and "stopped by the supervisor" in result.output
+    assert (
+        "status: http://127.0.0.1:" in result.output
+        and "stopped by the supervisor" in result.output
+    )
     pid = int(pid_file.read_text())
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert (tmp_home / "supervisor" / "logs").is_dir()
@@ -144,8 +204,16 @@ def test_cli_run_supervises_the_app_of_the_config(repo, tmp_path, tmp_home):
         "  protected: ['ci/**']\n"
         "  min_runtime_seconds: 0.2\n"
     )
-    result = CliRunner().invoke(supervise_app, ["run", "--config", str(config), "--for", "0.6", "--interval", "0.05"])
+    result = CliRunner().invoke(
+        supervise_app, ["run", "--config", str(config), "--for", "0.6", "--interval", "0.05"]
+    )
     assert result.exit_code == 0, result.output
     log = (tmp_home / "supervisor" / "logs" / "app.log").read_text()
-    assert "app up" in log  # the app ran, and was stopped with the supervisor (no process left behind)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == [sys.executable, "app.py"]]
+    assert (
+        "app up" in log
+    )  # the app ran, and was stopped with the supervisor (no process left behind)
+    assert not [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.info["cmdline"] == [sys.executable, "app.py"]
+    ]

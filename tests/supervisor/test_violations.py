@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fleet.supervisor.paths import ProtectedPaths
 from fleet.supervisor.snapshot import GuardedRepo, Snapshot
@@ -23,7 +23,7 @@ def take(repo) -> Snapshot:
     state = GuardedRepo(repo)
     head = state.head()
     tree, stash = state.stash(head)
-    when = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
     perms = state.perms(state.listed_files())
     return Snapshot(repo, head, stash, when, tree, state.branch(), perms)
 
