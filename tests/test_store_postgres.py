@@ -17,7 +17,10 @@ from tests.store_contract import (
     write_state_to_survive,
 )
 
-TABLES = "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"
+TABLES = (
+    "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases, "
+    "app_effects"
+)
 
 
 @pytest.fixture(scope="module")
