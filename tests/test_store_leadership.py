@@ -76,11 +76,12 @@ def test_renew_must_be_shorter_than_the_lease(store):
 
 
 def test_fleet_status_shows_the_leader(tmp_home):
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
     from typer.testing import CliRunner
 
     from fleet.cli import app
+    from fleet.clock import utcnow
 
     tmp_home.mkdir(parents=True)
     store = SQLiteStore(tmp_home / "fleet.db")
@@ -88,7 +89,7 @@ def test_fleet_status_shows_the_leader(tmp_home):
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 0, result.output
     assert "planner: no leader yet" in result.output
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     store.acquire_lease("planner", "vm-a:123", now, 15)
     result = runner.invoke(app, ["status"])
     assert "planner: vm-a:123 (epoch 1), lease expires in" in result.output
