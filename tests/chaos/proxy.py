@@ -8,6 +8,7 @@ new ones (a client sees the server drop it, as when the network or the server go
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from types import TracebackType
@@ -93,8 +94,6 @@ class TcpProxy:
 
 
 def _hang_up(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not connected any more
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # not connected any more
     sock.close()
