@@ -54,7 +54,8 @@ DECLARE
     v_row app_evolution_states;
     v_value text;
 BEGIN
-    -- FOR SHARE: a concurrent claim (which bumps the epoch) waits until this record is in.
+    -- FOR SHARE: a concurrent claim (FOR UPDATE SKIP LOCKED) skips the row meanwhile, so no
+    -- claim bumps the epoch between this check and the insert.
     SELECT * INTO v_row FROM app_evolution_states WHERE app_id = p_app_id FOR SHARE;
     IF NOT FOUND OR v_row.epoch IS DISTINCT FROM p_epoch OR v_row.owner IS NULL THEN
         RAISE EXCEPTION USING
