@@ -206,3 +206,28 @@ def test_the_durable_migration_is_re_runnable(store, pg_url):
     store.record_effect("app-a", "skill/1/x", "spawn", "t-1", epoch, T0)
     apply_migrations(pg_url, force=True)
     assert store.get_effect("app-a", "skill/1/x").value == "t-1"
+
+
+def test_two_runs_recording_one_effect_at_once_agree_on_the_first(pg_url, store):
+    import threading
+
+    store.ensure_apps(["app-a"], T0)
+    epoch = store.claim_app("app-a", "h", "r", T0, 60)
+    stores = [PostgresStore(pg_url, apply_schema=False) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    answers: list[str] = []
+
+    def record(i: int) -> None:
+        barrier.wait()
+        value = stores[i].record_effect("app-a", "skill/1/x", "spawn", f"task-{i}", epoch, T0)
+        answers.append(value)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert len(answers) == 4 and len(set(answers)) == 1
+    assert store.get_effect("app-a", "skill/1/x").value == answers[0]

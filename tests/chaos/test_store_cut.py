@@ -99,3 +99,33 @@ def test_a_cut_longer_than_the_budget_ends_in_a_clean_store_outage(store, proxy,
     proxy.restore()
     assert store.get_state("app-a").app_id == "app-a"  # resumable: nothing to reopen
     print(f"\nFIGURE store cut past a 1 s budget: StoreOutage after {gave_up_after:.2f} s")
+
+
+def test_the_heartbeat_keeps_the_claim_through_a_cut_inside_the_budget(store, proxy, caplog):
+    from datetime import timedelta
+
+    from fleet.store.heartbeat import ClaimHeartbeat
+
+    caplog.set_level(logging.INFO)
+    clock = SystemClock()
+    lease = 5.0
+    epoch = store.claim_app("app-a", "host:1", "run-1", clock.now(), lease)
+
+    async def run() -> ClaimHeartbeat:
+        beat = ClaimHeartbeat(store, "app-a", epoch, clock=clock, lease_seconds=lease,
+                              every_seconds=0.5, outage_budget=4)
+        async with beat:
+            await asyncio.sleep(1)
+            proxy.cut()
+            await asyncio.sleep(1.5)
+            proxy.restore()
+            await asyncio.sleep(1.5)
+        return beat
+
+    beat = asyncio.run(run())
+    assert not beat.lost.is_set() and beat.beats >= 3
+    state = store.get_state("app-a")
+    assert (state.epoch, state.owner) == (epoch, "host:1")
+    assert state.lease_until > clock.now() + timedelta(seconds=lease - 1.5)
+    lines = outage_lines(caplog)
+    assert [line.split(" (")[0] for line in lines] == ["store unreachable", "store back"], lines
