@@ -11,7 +11,12 @@ import pytest
 from fleet.clock import ManualClock
 from fleet.errors import StaleLease, StoreUnavailable
 from fleet.settings import FleetSettings
-from fleet.store.outage import StoreOutage, outage_tolerant, outage_tolerant_sync
+from fleet.store.outage import (
+    StoreOutage,
+    StoreUnreachable,
+    outage_tolerant,
+    outage_tolerant_sync,
+)
 from tests.store_contract import T0
 
 
@@ -24,7 +29,7 @@ class Flaky:
     def __call__(self) -> str:
         self.calls += 1
         if (self.clock.now() - T0).total_seconds() < self.back_at:
-            raise StoreUnavailable("PostgreSQL store at db:5432/fleet: cannot connect: "
+            raise StoreUnreachable("PostgreSQL store at db:5432/fleet: cannot connect: "
                                    "OperationalError: connection refused\nsecond line")
         return self.value
 
@@ -114,3 +119,26 @@ def test_async_past_the_budget():
     with pytest.raises(StoreOutage, match="past the outage budget of 5 s"):
         asyncio.run(outage_tolerant(Flaky(clock, back_at=60), budget=5, clock=clock,
                                     log_key="app-b", sleep=sleep))
+
+
+def test_a_query_the_store_refused_is_not_an_outage():
+    clock = ManualClock(T0)
+    calls = []
+
+    def missing_migration() -> None:
+        calls.append(1)
+        raise StoreUnavailable("Supabase at x: rpc fleet_renew_claim failed: PGRST202 … — "
+                               "apply supabase/migrations")
+
+    with pytest.raises(StoreUnavailable, match="PGRST202"):
+        outage_tolerant_sync(missing_migration, budget=300, clock=clock, log_key="app-a")
+    assert calls == [1] and clock.sleeps == []
+
+
+def test_which_codes_mean_out_of_reach():
+    from fleet.store.refusals import unreachable_code
+
+    for code in ("08006", "08001", "57P01", "57P03", "53300", "PGRST000", "PGRST002"):
+        assert unreachable_code(code), code
+    for code in (None, "", "42P01", "23505", "P0001", "PGRST202", "42501"):
+        assert not unreachable_code(code), code

@@ -1,12 +1,15 @@
 """Store outages pause the work instead of crashing it: retry with backoff up to a budget.
 
 `outage_tolerant(call, budget=…, clock=…, log_key=…)` (async) and `outage_tolerant_sync`
-repeat a store call that raised StoreUnavailable — the connector's one error for a store
-that cannot be reached — with capped exponential backoff, for up to `budget` seconds
+repeat a store call that raised StoreUnreachable — the StoreUnavailable that the PostgreSQL
+connector and the REST store raise when the store cannot be reached (refused, dropped,
+shutting down, out of connections) — with capped exponential backoff, for up to `budget` seconds
 (`store_outage_budget_seconds`, 5 min by default). They log ONE warning line per `log_key`
 per outage, however many calls and tries wait on it, and one "store back after N s" line
 when it answers again; past the budget they raise StoreOutage, a one-line, resumable
-failure. Any other error (StaleLease, InvalidTransition, a bug) passes through at once.
+failure. Any other error passes through at once: StaleLease, InvalidTransition, and a
+StoreUnavailable for a query the store refused (a missing migration, a bad key), which
+waiting would not cure.
 
 Wrap only calls that are safe to repeat: reads, fenced stage writes, `renew_claim`,
 `record_effect`, lease acquisition — every Store write is idempotent by design, except a
@@ -26,7 +29,8 @@ from typing import TypeVar, cast
 import tenacity
 
 from fleet.clock import Clock
-from fleet.errors import FleetError, StoreUnavailable
+from fleet.errors import FleetError
+from fleet.store.refusals import StoreUnreachable
 
 T = TypeVar("T")
 
@@ -38,6 +42,10 @@ BACKOFF_CAP_SECONDS = 30.0
 
 class StoreOutage(FleetError):
     """The store stayed unreachable past the outage budget; the app's work is resumable."""
+
+
+__all__ = ["OUTAGES", "OutageLog", "StoreOutage", "StoreUnreachable", "outage_tolerant",
+           "outage_tolerant_sync"]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -77,7 +85,7 @@ class OutageLog:
 
 
 OUTAGES = OutageLog()
-_UNAVAILABLE = tenacity.retry_if_exception_type(StoreUnavailable)
+_UNREACHABLE = tenacity.retry_if_exception_type(StoreUnreachable)
 
 
 class _Budget:
@@ -100,12 +108,12 @@ class _Budget:
 
     def before_sleep(self, state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        self.outages.down(self.log_key, self.clock.now(), exc or StoreUnavailable(), self.budget)
+        self.outages.down(self.log_key, self.clock.now(), exc or StoreUnreachable(), self.budget)
 
     def succeeded(self) -> None:
         self.outages.up(self.log_key, self.clock.now())
 
-    def outage(self, exc: StoreUnavailable) -> StoreOutage:
+    def outage(self, exc: StoreUnreachable) -> StoreOutage:
         self.outages.gave_up(self.log_key)
         waited = (self.clock.now() - self.started).total_seconds()
         return StoreOutage(
@@ -131,12 +139,12 @@ async def outage_tolerant(
         return await asyncio.to_thread(cast(Callable[[], T], call))
 
     retrying = tenacity.AsyncRetrying(
-        sleep=sleep or asyncio.sleep, retry=_UNAVAILABLE, stop=policy.stop, wait=policy.wait,
+        sleep=sleep or asyncio.sleep, retry=_UNREACHABLE, stop=policy.stop, wait=policy.wait,
         before_sleep=policy.before_sleep, reraise=True,
     )
     try:
         result: T = await retrying(once)
-    except StoreUnavailable as exc:
+    except StoreUnreachable as exc:
         raise policy.outage(exc) from None
     policy.succeeded()
     return result
@@ -150,12 +158,12 @@ def outage_tolerant_sync(
     """The blocking twin of `outage_tolerant` (threads, the live table); sleeps on `clock`."""
     policy = _Budget(budget, clock, log_key, outages, initial, cap)
     retrying = tenacity.Retrying(
-        sleep=clock.sleep, retry=_UNAVAILABLE, stop=policy.stop, wait=policy.wait,
+        sleep=clock.sleep, retry=_UNREACHABLE, stop=policy.stop, wait=policy.wait,
         before_sleep=policy.before_sleep, reraise=True,
     )
     try:
         result = retrying(call)
-    except StoreUnavailable as exc:
+    except StoreUnreachable as exc:
         raise policy.outage(exc) from None
     policy.succeeded()
     return result

@@ -20,7 +20,7 @@ from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
 from fleet.store.base import Effect, EffectKind, Lease
-from fleet.store.refusals import REFUSAL_SQLSTATE, refusal
+from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 from fleet.store.timestamps import utc
 
 T = TypeVar("T")
@@ -94,7 +94,7 @@ class SupabaseStore:
         except APIError as exc:
             raise self._refusal(what, exc) from None
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(
+            raise StoreUnreachable(
                 f"Supabase at {self.url}: {what} failed: {type(exc).__name__}: "
                 f"{self._clean(exc) or 'no response'} — check the network and FLEET_SUPABASE_URL"
             ) from None
@@ -113,7 +113,8 @@ class SupabaseStore:
         else:
             advice = "the store is unavailable or refused the request; retry later"
         details = f" ({self._clean(exc.details)})" if exc.details else ""
-        return StoreUnavailable(
+        error = StoreUnreachable if unreachable_code(exc.code) else StoreUnavailable
+        return error(
             f"Supabase at {self.url}: {what} failed: {code} {message}{details} — {advice}"
         )
 

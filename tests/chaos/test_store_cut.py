@@ -129,3 +129,14 @@ def test_the_heartbeat_keeps_the_claim_through_a_cut_inside_the_budget(store, pr
     assert state.lease_until > clock.now() + timedelta(seconds=lease - 1.5)
     lines = outage_lines(caplog)
     assert [line.split(" (")[0] for line in lines] == ["store unreachable", "store back"], lines
+
+
+def test_a_refused_query_is_not_an_outage_and_is_not_waited_on(store):
+    from fleet.store.outage import StoreUnreachable
+
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable) as err:
+        outage_tolerant_sync(lambda: store._db.fetch("SELECT * FROM no_such_table"),
+                             budget=30, clock=SystemClock(), log_key="app-a")
+    assert not isinstance(err.value, StoreUnreachable)
+    assert time.monotonic() - started < 1
