@@ -37,7 +37,8 @@ T = TypeVar("T")
 log = logging.getLogger("fleet.store.outage")
 
 BACKOFF_INITIAL_SECONDS = 0.5
-BACKOFF_CAP_SECONDS = 30.0
+# The cap bounds how late a call notices the store is back (at most one cap after it).
+BACKOFF_CAP_SECONDS = 10.0
 
 
 class StoreOutage(FleetError):
