@@ -216,6 +216,10 @@ def status() -> None:
         table.add_row(s.app_id, f"[{STAGE_STYLE.get(s.stage.value, 'yellow')}]{s.stage.value}[/]",
                       s.owner or "", str(s.lease_until or ""), str(s.updated_at or ""), (s.error or "")[:80])
     console.print(table)
+    from fleet.clock import utcnow
+    from fleet.store.leadership import PLANNER, describe_leader
+
+    console.print(describe_leader(store.get_lease(PLANNER), utcnow()))
 
 
 @app.command()

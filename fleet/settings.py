@@ -41,8 +41,17 @@ class FleetSettings(BaseSettings):
     check_timeout_seconds: float = 600
     stage_retries: int = 2
     retry_delay_seconds: float = 10
-    # A run's claim on an app; renewed at every stage write and Hydra poll.
-    app_lease_seconds: float = 3600 + 600
+    # A run's claim on an app: a short lease renewed by the run's heartbeat
+    # (Store.renew_claim), so the app of a dead run is free again within one lease.
+    app_lease_seconds: float = 60
+    app_heartbeat_seconds: float = 20
+    # The planner lease: one cohort run at a time plans (DISCOVER + starting apps); a
+    # standby retries and takes over within one lease of the leader's death.
+    planner_lease_seconds: float = 15
+    planner_renew_seconds: float = 10
+    planner_retry_seconds: float = 2
+    # How long a store outage is waited out (with backoff) before the call fails cleanly.
+    store_outage_budget_seconds: float = 300
 
     # Mesh (DESIGN §5).
     heartbeat_seconds: float = 30

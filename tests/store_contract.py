@@ -13,6 +13,7 @@ import pytest
 
 from fleet.errors import InvalidTransition, StaleLease
 from fleet.models import FleetConfig, Stage, Task, Trajectory
+from fleet.store.base import effect_key
 
 T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
 
@@ -261,3 +262,101 @@ class StoreContract:
         store.record_cohort("c2", [], T0)
         store.finish_cohort("c2", T0)
         assert store.completed_cohorts() == 1
+
+    # Heartbeat renewal -----------------------------------------------------------
+    def test_renew_claim_extends_the_lease_without_touching_the_stage(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h1", "r1", T0, 60)
+        store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0)
+        assert store.renew_claim("app-a", epoch, T0 + timedelta(seconds=50), 60) is True
+        state = store.get_state("app-a")
+        assert state.lease_until == T0 + timedelta(seconds=110)
+        assert (state.stage, state.stage_started_at) == (Stage.SKILL_RUNNING, T0)
+        assert state.epoch == epoch
+        # Past the first lease but inside the renewed one: still held.
+        assert store.claim_app("app-a", "h2", "r2", T0 + timedelta(seconds=100), 60) is None
+
+    def test_renew_claim_is_fenced(self, store):
+        store.ensure_apps(["app-a", "app-b"], T0)
+        old = store.claim_app("app-a", "h1", "r1", T0, 60)
+        new = store.claim_app("app-a", "h2", "r2", T0 + timedelta(seconds=61), 60)
+        assert store.renew_claim("app-a", old, T0 + timedelta(seconds=62), 60) is False
+        assert store.get_state("app-a").lease_until == T0 + timedelta(seconds=121)
+        store.release_app("app-a", new)
+        assert store.renew_claim("app-a", new, T0 + timedelta(seconds=63), 60) is False
+        assert store.get_state("app-a").lease_until is None
+        assert store.renew_claim("app-b", 0, T0, 60) is False  # never claimed
+        assert store.renew_claim("app-z", 1, T0, 60) is False  # unknown app
+
+    # Effects ledger --------------------------------------------------------------
+    def test_record_effect_keeps_the_first_value(self, store):
+        store.ensure_apps(["app-a"], T0)
+        epoch = store.claim_app("app-a", "h1", "r1", T0, 60)
+        key = effect_key("app-a", "skill", 1)
+        assert store.record_effect("app-a", key, "spawn", "task-1", epoch, T0) == "task-1"
+        # A retried spawn that got a second task id learns the first one.
+        assert store.record_effect("app-a", key, "spawn", "task-2", epoch, T0) == "task-1"
+        effect = store.get_effect("app-a", key)
+        assert (effect.kind, effect.value, effect.epoch) == ("spawn", "task-1", epoch)
+        assert effect.created_at == T0
+        assert store.get_effect("app-a", effect_key("app-a", "skill", 2)) is None
+
+    def test_a_resumed_run_finds_the_effect_of_the_dead_one(self, store):
+        store.ensure_apps(["app-a"], T0)
+        dead = store.claim_app("app-a", "host:1", "r1", T0, 60)
+        key = effect_key("app-a", "ship", 1)
+        store.record_effect("app-a", key, "ship", "ship-task-9", dead, T0)
+        resumed = store.claim_app("app-a", "host:2", "r2", T0 + timedelta(seconds=61), 60)
+        assert store.record_effect("app-a", key, "ship", "ship-task-10", resumed,
+                                   T0 + timedelta(seconds=62)) == "ship-task-9"
+        assert store.get_effect("app-a", key).epoch == dead
+
+    def test_record_effect_is_fenced(self, store):
+        store.ensure_apps(["app-a"], T0)
+        old = store.claim_app("app-a", "h1", "r1", T0, 60)
+        store.claim_app("app-a", "h2", "r2", T0 + timedelta(seconds=61), 60)
+        with pytest.raises(StaleLease, match="app-a"):
+            store.record_effect("app-a", effect_key("app-a", "skill", 1), "spawn", "t", old, T0)
+        with pytest.raises(StaleLease):
+            store.record_effect("app-z", "k", "spawn", "t", 1, T0)  # unknown app
+        assert store.list_effects("app-a") == []
+
+    def test_list_effects_in_order_and_reset_forgets_them(self, store):
+        store.ensure_apps(["app-a", "app-b"], T0)
+        epoch = store.claim_app("app-a", "h1", "r1", T0, 60)
+        other = store.claim_app("app-b", "h1", "r1", T0, 60)
+        snapshot = '{"commit": "abc123", "bare": "/srv/snap/app-a.git"}'
+        for i, (stage, kind, value) in enumerate(
+            [("guard", "snapshot", snapshot), ("skill", "spawn", "t-1"), ("run", "marker", "m-1")]
+        ):
+            store.record_effect("app-a", effect_key("app-a", stage, 1), kind, value, epoch,
+                                T0 + timedelta(seconds=i))
+        store.record_effect("app-b", effect_key("app-b", "skill", 1), "spawn", "t-b", other, T0)
+        effects = store.list_effects("app-a")
+        assert [(e.kind, e.value) for e in effects] == [
+            ("snapshot", snapshot), ("spawn", "t-1"), ("marker", "m-1")]
+        store.reset_app("app-a", T0 + timedelta(seconds=5))
+        assert store.list_effects("app-a") == []
+        assert [e.value for e in store.list_effects("app-b")] == ["t-b"]
+
+    # Leadership leases -----------------------------------------------------------
+    def test_lease_is_held_renewed_and_taken_over_after_expiry(self, store):
+        assert store.get_lease("planner") is None
+        assert store.acquire_lease("planner", "vm-a", T0, 15) == 1
+        assert store.acquire_lease("planner", "vm-b", T0 + timedelta(seconds=14), 15) is None
+        assert store.acquire_lease("planner", "vm-a", T0 + timedelta(seconds=10), 15) == 1  # renew
+        lease = store.get_lease("planner")
+        assert (lease.holder, lease.epoch, lease.acquired_at) == ("vm-a", 1, T0)
+        assert lease.expires_at == T0 + timedelta(seconds=25)
+        assert store.acquire_lease("planner", "vm-b", T0 + timedelta(seconds=24), 15) is None
+        assert store.acquire_lease("planner", "vm-b", T0 + timedelta(seconds=26), 15) == 2
+        # The deposed holder cannot renew, nor release the new holder's lease.
+        assert store.acquire_lease("planner", "vm-a", T0 + timedelta(seconds=27), 15) is None
+        assert store.release_lease("planner", "vm-a", 1, T0 + timedelta(seconds=27)) is False
+        assert store.get_lease("planner").holder == "vm-b"
+
+    def test_released_lease_is_free_at_once(self, store):
+        epoch = store.acquire_lease("planner", "vm-a", T0, 15)
+        assert store.release_lease("planner", "vm-a", epoch, T0 + timedelta(seconds=1)) is True
+        assert store.acquire_lease("planner", "vm-b", T0 + timedelta(seconds=1), 15) == epoch + 1
+        assert store.acquire_lease("other", "vm-a", T0, 15) == 1  # leases are per name

@@ -17,7 +17,10 @@ from tests.store_contract import (
     write_state_to_survive,
 )
 
-TABLES = "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases"
+TABLES = (
+    "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases, "
+    "app_effects"
+)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +178,56 @@ def test_claims_on_separate_connections_never_exceed_max_in_flight(pg_url, store
             s.close()
     assert sum(1 for r in results if r is not None) == 2
     assert sum(1 for s in store.list_states() if s.owner) == 2
+
+
+def test_durable_functions_are_volatile_and_not_for_public(store, pg_url):
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT proname, provolatile, coalesce(proacl::text, '') AS acl FROM pg_proc "
+            "WHERE proname IN ('fleet_renew_claim', 'fleet_record_effect', 'fleet_reset_app')"
+        ).fetchall()
+        table_acl = conn.execute(
+            "SELECT coalesce(relacl::text, ''), relrowsecurity FROM pg_class "
+            "WHERE relname = 'app_effects'"
+        ).fetchone()
+    assert {r[0] for r in rows} == {"fleet_renew_claim", "fleet_record_effect", "fleet_reset_app"}
+    for name, volatility, acl in rows:
+        assert volatility == "v", name
+        # An ACL entry "=X/owner" would be PUBLIC's EXECUTE right; NULL means the default (PUBLIC).
+        assert acl and "{=X" not in acl and ",=X" not in acl, (name, acl)
+    assert "=r" not in table_acl[0] and table_acl[1] is True
+
+
+def test_the_durable_migration_is_re_runnable(store, pg_url):
+    from fleet.store.migrations import apply_migrations
+
+    store.ensure_apps(["app-a"], T0)
+    epoch = store.claim_app("app-a", "h", "r", T0, 60)
+    store.record_effect("app-a", "skill/1/x", "spawn", "t-1", epoch, T0)
+    apply_migrations(pg_url, force=True)
+    assert store.get_effect("app-a", "skill/1/x").value == "t-1"
+
+
+def test_two_runs_recording_one_effect_at_once_agree_on_the_first(pg_url, store):
+    import threading
+
+    store.ensure_apps(["app-a"], T0)
+    epoch = store.claim_app("app-a", "h", "r", T0, 60)
+    stores = [PostgresStore(pg_url, apply_schema=False) for _ in range(4)]
+    barrier = threading.Barrier(len(stores))
+    answers: list[str] = []
+
+    def record(i: int) -> None:
+        barrier.wait()
+        value = stores[i].record_effect("app-a", "skill/1/x", "spawn", f"task-{i}", epoch, T0)
+        answers.append(value)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(len(stores))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in stores:
+        s.close()
+    assert len(answers) == 4 and len(set(answers)) == 1
+    assert store.get_effect("app-a", "skill/1/x").value == answers[0]

@@ -2,10 +2,56 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Iterable, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
+
+EffectKind = Literal["spawn", "dispatch", "ship", "snapshot", "marker"]
+
+
+class Lease(BaseModel):
+    """A named leadership lease (e.g. `planner`); `epoch` is its fencing token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    holder: str
+    epoch: int
+    acquired_at: datetime
+    renewed_at: datetime
+    expires_at: datetime
+
+
+class Effect(BaseModel):
+    """One side effect a run started for an app, recorded before waiting on it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    app_id: str
+    key: str
+    kind: EffectKind
+    value: str  # a gateway task id, or the effect's own small JSON (snapshot, marker)
+    epoch: int  # the claim that recorded it (for the record; keys never contain it)
+    created_at: datetime
+
+
+def effect_key(app_id: str, stage: str, attempt: int) -> str:
+    """The idempotency key of the effect of `stage` (e.g. "skill", "ship") at `attempt`.
+
+    Derived only from what a resumed run knows again — the app, the stage and the attempt
+    number counted from 1 — never from the claim epoch or the run id, so the run that takes
+    a dead run's app computes the same key, finds the recorded effect and polls it instead
+    of starting it again. Stable across versions: `<stage>/<attempt>/<sha256 prefix>`; the
+    hash binds the key to the app when it travels alone (an `Idempotency-Key` header).
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt numbers start at 1, got {attempt}")
+    digest = hashlib.sha256(f"{app_id}\0{stage}\0{attempt}".encode()).hexdigest()[:16]
+    return f"{stage}/{attempt}/{digest}"
 
 
 @runtime_checkable
@@ -46,8 +92,45 @@ class Store(Protocol):
     ) -> EvolutionState:
         """Move the app to `stage` if `epoch` owns it (else StaleLease), renewing the lease."""
 
+    def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
+        """The run's heartbeat: extend the claim to now + lease if `epoch` still holds it.
+
+        False (nothing written) when the claim was released or a newer epoch holds the app:
+        the run has lost the app and must stop working on it. Never touches the stage.
+        """
+
     def reset_app(self, app_id: str, now: datetime) -> None:
-        """Operator request: back to `queued`, tasks kept, error cleared, claim dropped."""
+        """Operator request: back to `queued`, tasks kept, error cleared, claim dropped,
+        the app's effects forgotten."""
+
+    # Effects ledger (exactly-once side effects) ----------------------------------
+    def record_effect(
+        self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
+    ) -> str:
+        """Record `value` under (app_id, key) unless a value is there; returns the stored one.
+
+        The first record wins: a retried or resumed run learns the task it already started.
+        Fenced like `set_stage`: raises StaleLease when `epoch` no longer holds the app.
+        """
+
+    def get_effect(self, app_id: str, key: str) -> Effect | None: ...
+
+    def list_effects(self, app_id: str) -> list[Effect]:
+        """The app's effects, oldest first."""
+
+    # Leadership leases -----------------------------------------------------------
+    def acquire_lease(
+        self, name: str, holder: str, now: datetime, lease_seconds: float
+    ) -> int | None:
+        """Acquire or renew lease `name`; its epoch, or None while another holder's is live.
+
+        The epoch grows by one whenever the holder changes (a fencing token)."""
+
+    def release_lease(self, name: str, holder: str, epoch: int, now: datetime) -> bool:
+        """Give the lease up early; False if `holder` at `epoch` no longer holds it."""
+
+    def get_lease(self, name: str) -> Lease | None:
+        """The lease as stored (possibly expired), or None if it was never taken."""
 
     # Tasks -----------------------------------------------------------------------
     def upsert_tasks(self, tasks: Iterable[Task], now: datetime) -> int:

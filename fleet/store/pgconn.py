@@ -10,8 +10,9 @@ It owns the connection and its policy, so both stores behave alike:
 - a connection found dropped is reopened, and the call repeated once when repeating it
   cannot do anything twice (`retry_safe`);
 - driver errors are mapped in one place: the SQL functions' refusals to StaleLease /
-  InvalidTransition (fleet/store/refusals.py), everything else to StoreUnavailable, with
-  any password in the message masked.
+  InvalidTransition (fleet/store/refusals.py), a server out of reach to StoreUnreachable
+  (an outage callers wait out, fleet/store/outage.py), everything else to
+  StoreUnavailable, with any password in the message masked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from pydantic import SecretStr
 
 from fleet.errors import ConfigError, StoreUnavailable
-from fleet.store.refusals import REFUSAL_SQLSTATE, refusal
+from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 
 if TYPE_CHECKING:
     import psycopg
@@ -104,12 +105,16 @@ class PgConnector:
         return self._conninfo
 
     # Errors ------------------------------------------------------------------------
-    def unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        """StoreUnavailable for a failed `what`, the driver's message redacted."""
+    def unavailable(
+        self, what: str, exc: BaseException, *, unreachable: bool = False
+    ) -> StoreUnavailable:
+        """StoreUnavailable (StoreUnreachable for an outage) for a failed `what`, the
+        driver's message redacted."""
         detail = redact(
             str(exc).strip(), self._password.get_secret_value() if self._password else None
         )
-        return StoreUnavailable(
+        error = StoreUnreachable if unreachable else StoreUnavailable
+        return error(
             f"{self._label} at {self.where}: {what}: {type(exc).__name__}: {detail} — "
             f"{self._advice}"
         )
@@ -120,7 +125,8 @@ class PgConnector:
             refused = refusal(exc.diag.message_primary or str(exc))
             if refused is not None:
                 return refused
-        return self.unavailable("connection lost" if lost else "query failed", exc)
+        return self.unavailable("connection lost" if lost else "query failed", exc,
+                                unreachable=lost or unreachable_code(exc.sqlstate))
 
     # Connection --------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
@@ -148,7 +154,7 @@ class PgConnector:
                 )
             except psycopg.Error as exc:
                 # `from None`: the driver's error may quote the connection string.
-                raise self.unavailable("cannot connect", exc) from None
+                raise self.unavailable("cannot connect", exc, unreachable=True) from None
             self._conn = conn
         return self._conn
 

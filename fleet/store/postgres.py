@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
 from fleet.store import queries
+from fleet.store.base import Effect, EffectKind, Lease
 from fleet.store.pgconn import PgConnector, Timeouts, redact
 from fleet.store.timestamps import utc
 
@@ -104,9 +105,31 @@ class PostgresStore:
         )
         return EvolutionState.model_validate(row)
 
+    def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
+        # Safe to repeat: a second renewal at the same epoch only sets the same expiry.
+        row = self._one("renew_claim", app_id=app_id, epoch=epoch, now=utc(now),
+                        lease_seconds=float(lease_seconds))
+        return bool(row["renewed"])
+
     def reset_app(self, app_id: str, now: datetime) -> None:
         # Not retried: each reset bumps the epoch.
         self._one("reset_app", retry_safe=False, app_id=app_id, now=utc(now))
+
+    # Effects ledger --------------------------------------------------------------
+    def record_effect(
+        self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
+    ) -> str:
+        # Safe to repeat: the first value under the key wins and is returned again.
+        row = self._one("record_effect", app_id=app_id, key=key, kind=kind, value=value,
+                        epoch=epoch, now=utc(now))
+        return str(row["value"])
+
+    def get_effect(self, app_id: str, key: str) -> Effect | None:
+        rows = self._rows("get_effect", app_id=app_id, key=key)
+        return Effect.model_validate(rows[0]) if rows else None
+
+    def list_effects(self, app_id: str) -> list[Effect]:
+        return [Effect.model_validate(r) for r in self._rows("list_effects", app_id=app_id)]
 
     # Tasks -----------------------------------------------------------------------
     def upsert_tasks(self, tasks: Iterable[Task], now: datetime) -> int:
@@ -173,7 +196,7 @@ class PostgresStore:
     def completed_cohorts(self) -> int:
         return self._one("completed_cohorts")["n"]
 
-    # Leadership lease (not part of the Store protocol) ----------------------------
+    # Leadership leases -----------------------------------------------------------
     def acquire_lease(
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
@@ -188,6 +211,10 @@ class PostgresStore:
         """Give the lease up early; False if `holder` at `epoch` no longer holds it."""
         row = self._one("release_lease", name=name, holder=holder, epoch=epoch, now=utc(now))
         return bool(row["released"])
+
+    def get_lease(self, name: str) -> Lease | None:
+        rows = self._rows("get_lease", name=name)
+        return Lease.model_validate(rows[0]) if rows else None
 
     def close(self) -> None:
         self._db.close()

@@ -1,6 +1,6 @@
 -- The pipeline store's statements on PostgreSQL (fleet/store/postgres.py reads them by name).
 -- Claims, fenced stage writes, resets, reward means and leases are the SQL functions of
--- supabase/migrations/0001_pipeline.sql; these statements only call them or read and write
+-- supabase/migrations/0001_pipeline.sql (heartbeats and effects: 0006_durable.sql); these statements only call them or read and write
 -- rows. Every statement is one autocommitted statement, all a transaction pooler carries.
 
 -- name: ensure_apps
@@ -84,3 +84,18 @@ SELECT fleet_acquire_lease(%(name)s, %(holder)s, %(now)s, %(lease_seconds)s) AS 
 
 -- name: release_lease
 SELECT fleet_release_lease(%(name)s, %(holder)s, %(epoch)s, %(now)s) AS released
+
+-- name: get_lease
+SELECT * FROM fleet_leases WHERE name = %(name)s
+
+-- name: renew_claim
+SELECT fleet_renew_claim(%(app_id)s, %(epoch)s, %(now)s, %(lease_seconds)s) AS renewed
+
+-- name: record_effect
+SELECT fleet_record_effect(%(app_id)s, %(key)s, %(kind)s, %(value)s, %(epoch)s, %(now)s) AS value
+
+-- name: get_effect
+SELECT * FROM app_effects WHERE app_id = %(app_id)s AND key = %(key)s
+
+-- name: list_effects
+SELECT * FROM app_effects WHERE app_id = %(app_id)s ORDER BY created_at, key

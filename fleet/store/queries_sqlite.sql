@@ -37,6 +37,14 @@ UPDATE app_evolution_states SET stage = :stage, error = :error, updated_at = :no
 WHERE app_id = :app_id AND epoch = :epoch
 RETURNING *
 
+-- name: renew_claim
+UPDATE app_evolution_states SET lease_until = :until
+WHERE app_id = :app_id AND epoch = :epoch AND owner IS NOT NULL
+RETURNING epoch
+
+-- name: reset_app_effects
+DELETE FROM app_effects WHERE app_id = :app_id
+
 -- name: reset_app
 UPDATE app_evolution_states SET stage = 'queued', error = NULL, owner = NULL,
     lease_until = NULL, stage_started_at = NULL, epoch = epoch + 1, updated_at = :now
@@ -89,3 +97,37 @@ UPDATE cohorts SET finished_at = COALESCE(finished_at, :now) WHERE run_id = :run
 
 -- name: completed_cohorts
 SELECT COUNT(*) AS n FROM cohorts WHERE finished_at IS NOT NULL AND app_ids != '[]'
+
+-- name: record_effect
+-- The first value under (app_id, key) wins; the caller reads the stored one back.
+INSERT INTO app_effects (app_id, key, kind, value, epoch, created_at)
+VALUES (:app_id, :key, :kind, :value, :epoch, :now)
+ON CONFLICT (app_id, key) DO NOTHING
+
+-- name: get_effect
+SELECT * FROM app_effects WHERE app_id = :app_id AND key = :key
+
+-- name: list_effects
+SELECT * FROM app_effects WHERE app_id = :app_id ORDER BY created_at, key
+
+-- name: acquire_lease
+-- The twin of fleet_acquire_lease (0001): taken when free or expired, renewed by its holder;
+-- the epoch grows whenever the holder changes.
+INSERT INTO fleet_leases AS l (name, holder, epoch, acquired_at, renewed_at, expires_at)
+VALUES (:name, :holder, 1, :now, :now, :until)
+ON CONFLICT (name) DO UPDATE
+   SET holder = excluded.holder,
+       epoch = CASE WHEN l.holder = excluded.holder THEN l.epoch ELSE l.epoch + 1 END,
+       acquired_at = CASE WHEN l.holder = excluded.holder THEN l.acquired_at ELSE :now END,
+       renewed_at = :now,
+       expires_at = excluded.expires_at
+ WHERE l.holder = excluded.holder OR l.expires_at < :now
+RETURNING epoch
+
+-- name: release_lease
+UPDATE fleet_leases SET expires_at = :expired, renewed_at = :now
+WHERE name = :name AND holder = :holder AND epoch = :epoch
+RETURNING 1 AS released
+
+-- name: get_lease
+SELECT * FROM fleet_leases WHERE name = :name

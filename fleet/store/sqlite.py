@@ -16,6 +16,7 @@ from fleet.errors import StaleLease
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory, check_transition
 from fleet.sqlitedb import SQLiteFile
 from fleet.store import queries
+from fleet.store.base import Effect, EffectKind, Lease
 from fleet.store.timestamps import utc
 
 _SCHEMA = resources.files("fleet.store").joinpath("sqlite_schema.sql").read_text()
@@ -103,9 +104,67 @@ class SQLiteStore(SQLiteFile):
             }).fetchone()
         return self._state(row)
 
+    def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
+        until = _ts(now + timedelta(seconds=lease_seconds))
+        with self._tx() as db:
+            row = db.execute(QUERIES["renew_claim"],
+                             {"app_id": app_id, "epoch": epoch, "until": until}).fetchone()
+        return row is not None
+
     def reset_app(self, app_id: str, now: datetime) -> None:
         with self._tx() as db:
+            db.execute(QUERIES["reset_app_effects"], {"app_id": app_id})
             db.execute(QUERIES["reset_app"], {"app_id": app_id, "now": _ts(now)})
+
+    # Effects ledger --------------------------------------------------------------
+    def record_effect(
+        self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
+    ) -> str:
+        with self._tx() as db:  # BEGIN IMMEDIATE: no claim can slip between check and insert
+            row = db.execute(QUERIES["claim_of"], {"app_id": app_id}).fetchone()
+            if row is None or row["epoch"] != epoch or row["owner"] is None:
+                current = None if row is None else row["epoch"]
+                raise StaleLease(
+                    f"effect {key} for {app_id} refused: epoch {epoch} no longer owns it "
+                    f"(current epoch {current}); another run has taken the app or the claim "
+                    "was released"
+                )
+            db.execute(QUERIES["record_effect"], {
+                "app_id": app_id, "key": key, "kind": kind, "value": value, "epoch": epoch,
+                "now": _ts(now),
+            })
+            stored = db.execute(QUERIES["get_effect"], {"app_id": app_id, "key": key}).fetchone()
+        return stored["value"]
+
+    def get_effect(self, app_id: str, key: str) -> Effect | None:
+        rows = self._rows("get_effect", app_id=app_id, key=key)
+        return Effect.model_validate(dict(rows[0])) if rows else None
+
+    def list_effects(self, app_id: str) -> list[Effect]:
+        return [Effect.model_validate(dict(r)) for r in self._rows("list_effects", app_id=app_id)]
+
+    # Leadership leases -----------------------------------------------------------
+    def acquire_lease(
+        self, name: str, holder: str, now: datetime, lease_seconds: float
+    ) -> int | None:
+        with self._tx() as db:
+            row = db.execute(QUERIES["acquire_lease"], {
+                "name": name, "holder": holder, "now": _ts(now),
+                "until": _ts(now + timedelta(seconds=lease_seconds)),
+            }).fetchone()
+        return row["epoch"] if row else None
+
+    def release_lease(self, name: str, holder: str, epoch: int, now: datetime) -> bool:
+        with self._tx() as db:
+            row = db.execute(QUERIES["release_lease"], {
+                "name": name, "holder": holder, "epoch": epoch, "now": _ts(now),
+                "expired": _ts(now - timedelta(microseconds=1)),
+            }).fetchone()
+        return row is not None
+
+    def get_lease(self, name: str) -> Lease | None:
+        rows = self._rows("get_lease", name=name)
+        return Lease.model_validate(dict(rows[0])) if rows else None
 
     # Tasks -----------------------------------------------------------------------
     def upsert_tasks(self, tasks: Iterable[Task], now: datetime) -> int:

@@ -53,3 +53,23 @@ CREATE TABLE IF NOT EXISTS cohorts (
     started_at  TEXT NOT NULL,
     finished_at TEXT
 );
+
+CREATE TABLE IF NOT EXISTS fleet_leases (
+    name        TEXT PRIMARY KEY,
+    holder      TEXT NOT NULL,
+    epoch       INTEGER NOT NULL DEFAULT 1,
+    acquired_at TEXT NOT NULL,
+    renewed_at  TEXT NOT NULL,
+    expires_at  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS app_effects (
+    app_id     TEXT NOT NULL,
+    key        TEXT NOT NULL,
+    kind       TEXT NOT NULL
+               CHECK (kind IN ('spawn', 'dispatch', 'ship', 'snapshot', 'marker')),
+    value      TEXT NOT NULL,
+    epoch      INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (app_id, key)
+);

@@ -19,7 +19,8 @@ from pydantic import SecretStr
 from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
-from fleet.store.refusals import REFUSAL_SQLSTATE, refusal
+from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 from fleet.store.timestamps import utc
 
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class SupabaseStore:
         except APIError as exc:
             raise self._refusal(what, exc) from None
         except httpx.HTTPError as exc:
-            raise StoreUnavailable(
+            raise StoreUnreachable(
                 f"Supabase at {self.url}: {what} failed: {type(exc).__name__}: "
                 f"{self._clean(exc) or 'no response'} — check the network and FLEET_SUPABASE_URL"
             ) from None
@@ -112,7 +113,8 @@ class SupabaseStore:
         else:
             advice = "the store is unavailable or refused the request; retry later"
         details = f" ({self._clean(exc.details)})" if exc.details else ""
-        return StoreUnavailable(
+        error = StoreUnreachable if unreachable_code(exc.code) else StoreUnavailable
+        return error(
             f"Supabase at {self.url}: {what} failed: {code} {message}{details} — {advice}"
         )
 
@@ -195,8 +197,35 @@ class SupabaseStore:
             row = row[0]
         return EvolutionState.model_validate(row)
 
+    def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
+        return bool(_scalar(self._rpc("fleet_renew_claim", {
+            "p_app_id": app_id, "p_epoch": epoch, "p_now": _iso(now),
+            "p_lease_seconds": float(lease_seconds),
+        })))
+
     def reset_app(self, app_id: str, now: datetime) -> None:
         self._rpc("fleet_reset_app", {"p_app_id": app_id, "p_now": _iso(now)})
+
+    # Effects ledger --------------------------------------------------------------
+    def record_effect(
+        self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
+    ) -> str:
+        stored = self._rpc("fleet_record_effect", {
+            "p_app_id": app_id, "p_key": key, "p_kind": kind, "p_value": value,
+            "p_epoch": epoch, "p_now": _iso(now),
+        })
+        return str(stored)
+
+    def get_effect(self, app_id: str, key: str) -> Effect | None:
+        rows = self._call("get_effect", lambda: self._table("app_effects")
+                          .select("*").eq("app_id", app_id).eq("key", key).execute()).data
+        return Effect.model_validate(rows[0]) if rows else None
+
+    def list_effects(self, app_id: str) -> list[Effect]:
+        rows = self._select_all("list_effects", lambda: self._table("app_effects")
+                                .select("*").eq("app_id", app_id)
+                                .order("created_at").order("key"))
+        return [Effect.model_validate(r) for r in rows]
 
     # Tasks -----------------------------------------------------------------------
     def upsert_tasks(self, tasks: Iterable[Task], now: datetime) -> int:
@@ -306,7 +335,7 @@ class SupabaseStore:
             )
         return response.count
 
-    # Leadership lease (not part of the Store protocol) ----------------------------
+    # Leadership leases -----------------------------------------------------------
     def acquire_lease(
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
@@ -322,6 +351,11 @@ class SupabaseStore:
         return bool(_scalar(self._rpc("fleet_release_lease", {
             "p_name": name, "p_holder": holder, "p_epoch": epoch, "p_now": _iso(now),
         })))
+
+    def get_lease(self, name: str) -> Lease | None:
+        rows = self._call("get_lease", lambda: self._table("fleet_leases")
+                          .select("*").eq("name", name).execute()).data
+        return Lease.model_validate(rows[0]) if rows else None
 
     def close(self) -> None:
         self._http.close()
