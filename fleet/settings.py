@@ -69,6 +69,33 @@ class FleetSettings(BaseSettings):
     agent_tick_seconds: float = 1
     agent_capture_lines: int = 2000
 
+    # Immune system (DESIGN §5, §9; fleet/mesh/immune.py). Failures of a subject (machine, pane,
+    # task type, account) are counted in a sliding window of heartbeats; tier lengths are in
+    # heartbeats too. Repeated hard quarantines multiply the exclusion (as Envoy does).
+    immune_window_heartbeats: int = 10
+    immune_soft_failures: int = 3            # failures in the window → tier 1 (soft)
+    immune_hard_failures: int = 5            # failures in the window → tier 2 (hard)
+    immune_soft_weight: float = 0.5          # tier 1: routing weight −50 %
+    immune_soft_heartbeats: int = 5
+    immune_hard_heartbeats: int = 20         # × the ejection count
+    immune_max_exclusion_heartbeats: int = 200
+    immune_recalibrate_ejections: int = 3    # ejections → tier 3 (recalibrate + alert)
+    immune_min_failures: int = 2             # recalibration never lowers a threshold below this
+    # Safety brakes: at most this share of a kind hard-quarantined at once (at least one when
+    # there are two or more; never the only one), and no quarantine at all while this share
+    # looks unhealthy (then it is our network, not them).
+    immune_max_quarantined_share: float = 0.10
+    immune_panic_unhealthy_share: float = 0.55
+    # A rate-limited account backs off until the reset time the limit message gives, else this.
+    account_backoff_seconds: float = 900
+    # The account (agent login or API key name, never the key) this machine's panes run under.
+    agent_account: str = ""
+
+    # Feedback metabolism (DESIGN §5; fleet/mesh/metabolism.py): the pace it sets.
+    metabolism_min_interval_seconds: float = 30
+    metabolism_max_interval_seconds: float = 300
+    metabolism_momentum_days: float = 14
+
     # Supervisor (DESIGN §7).
     supervisor_min_runtime_seconds: float = 10
     supervisor_max_failures: int = 5
