@@ -10,8 +10,11 @@ from typing import Any, Iterator
 
 from fleet.errors import StoreUnavailable
 from fleet.mesh import rules
+from fleet.mesh.immune import task_type
+from fleet.mesh.immune_store import PgImmuneOps
 from fleet.mesh.store import (
-    MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent, TaskStatus,
+    PROTOCOL_GENERATION, MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent,
+    TaskStatus,
 )
 
 _ACTIVE = "('claimed', 'injected', 'running')"
@@ -45,7 +48,7 @@ def _machine(row: dict[str, Any]) -> MachineHealth:
     )
 
 
-class PgMeshStore:
+class PgMeshStore(PgImmuneOps):
     """MeshStore on PostgreSQL (or Supabase's database) through one psycopg connection.
 
     The connection is opened lazily and reopened after a failure; every error surfaces as
@@ -224,20 +227,25 @@ class PgMeshStore:
 
     # Queue -----------------------------------------------------------------------
     def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None) -> str:
+                model: str | None = None, task_id: str | None = None, *,
+                mesh_id: str | None = None, generation: int | None = None) -> str:
         from psycopg.types.json import Jsonb
 
         task_id = task_id or uuid.uuid4().hex
+        if mesh_id and generation is None:
+            generation = PROTOCOL_GENERATION
         with self._tx() as conn:
             conn.execute(
                 "WITH added AS (INSERT INTO mesh_task_queue (task_id, kind, command, target, model, "
-                "  status, created_at) VALUES (%(id)s, %(kind)s, %(cmd)s, %(target)s, %(model)s, "
-                "  'queued', %(now)s) ON CONFLICT (task_id) DO NOTHING RETURNING task_id) "
+                "  status, created_at, task_type, mesh_id, generation) VALUES (%(id)s, %(kind)s, "
+                "  %(cmd)s, %(target)s, %(model)s, 'queued', %(now)s, %(type)s, %(mesh)s, %(gen)s) "
+                "  ON CONFLICT (task_id) DO NOTHING RETURNING task_id) "
                 "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "SELECT task_id, 'queued', NULL, %(now)s, "
                 "  jsonb_build_object('kind', %(kind)s::text, 'target', %(target)s::text) FROM added",
                 {"id": task_id, "kind": kind, "cmd": Jsonb(list(command)), "target": target,
-                 "model": model, "now": _utc(now)},
+                 "model": model, "now": _utc(now), "type": task_type(kind, command),
+                 "mesh": mesh_id or None, "gen": generation},
             )
         return task_id
 

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from fleet.mesh import rules
+from fleet.mesh.immune import task_type
+from fleet.mesh.immune_store import SQLiteImmuneOps
 from fleet.sqlitedb import SQLiteFile
 from fleet.mesh.store import (
-    MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent, TaskStatus,
+    PROTOCOL_GENERATION, MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskEvent,
+    TaskStatus,
 )
 
 _SCHEMA = resources.files("fleet.mesh").joinpath("mesh_schema_sqlite.sql").read_text()
@@ -21,6 +24,9 @@ _SCHEMA = resources.files("fleet.mesh").joinpath("mesh_schema_sqlite.sql").read_
 _ADDED_COLUMNS = (
     ("mesh_task_queue", "claim_seq", "INTEGER NOT NULL DEFAULT 0"),
     ("mesh_pane_state", "claim_seq", "INTEGER"),
+    ("mesh_task_queue", "mesh_id", "TEXT"),
+    ("mesh_task_queue", "generation", "INTEGER"),
+    ("mesh_task_queue", "task_type", "TEXT"),
 )
 _ACTIVE = "('claimed', 'injected', 'running')"
 _UNFINISHED = "('queued', 'claimed', 'injected', 'running')"
@@ -58,6 +64,7 @@ def _task(row: sqlite3.Row) -> QueuedTask:
         created_at=_dt(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
         progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
         output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
+        task_type=row["task_type"], mesh_id=row["mesh_id"], generation=row["generation"],
     )
 
 
@@ -76,7 +83,7 @@ def _default_max_attempts() -> int:
     return get_settings().max_task_attempts
 
 
-class SQLiteMeshStore(SQLiteFile):
+class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
     """MeshStore on a SQLite file (WAL). Every write is one BEGIN IMMEDIATE transaction, so
     claims are atomic across connections; open one store per thread or process."""
 
@@ -195,44 +202,25 @@ class SQLiteMeshStore(SQLiteFile):
 
     # Queue -----------------------------------------------------------------------
     def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None) -> str:
+                model: str | None = None, task_id: str | None = None, *,
+                mesh_id: str | None = None, generation: int | None = None) -> str:
         task_id = task_id or uuid.uuid4().hex
+        if mesh_id and generation is None:
+            generation = PROTOCOL_GENERATION
         with self._tx() as db:
             row = db.execute(
-                "INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?) ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
-                (task_id, kind, json.dumps(list(command)), target, model, _ts(now)),
+                "INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at, "
+                "task_type, mesh_id, generation) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?) "
+                "ON CONFLICT (task_id) DO NOTHING RETURNING task_id",
+                (task_id, kind, json.dumps(list(command)), target, model, _ts(now),
+                 task_type(kind, command), mesh_id or None, generation),
             ).fetchone()
             if row is not None:
                 self._event(db, task_id, "queued", None, now, {"kind": kind, "target": target})
         return task_id
 
     def claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
-        with self._tx() as db:
-            refused = db.execute(
-                "SELECT 1 FROM mesh_health WHERE machine_id = ? "
-                "AND (status IN ('down', 'left') OR role = 'viewer')",
-                (machine_id,),
-            ).fetchone()
-            if refused or limit <= 0:
-                return []
-            rows = db.execute(
-                "UPDATE mesh_task_queue SET status = 'claimed', claimed_by = ?, claimed_at = ?, "
-                "claim_seq = claim_seq + 1, progress_at = NULL, pane_id = NULL WHERE task_id IN ("
-                "  SELECT task_id FROM mesh_task_queue WHERE status = 'queued' "
-                "  AND (target IS NULL OR target = ?) ORDER BY created_at, task_id LIMIT ?"
-                ") RETURNING *",
-                (machine_id, _ts(now), machine_id, limit),
-            ).fetchall()
-            db.executemany(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (?, 'claimed', ?, ?, ?)",
-                [(r["task_id"], machine_id, _ts(now),
-                  json.dumps({"attempts": r["attempts"], "claim_seq": r["claim_seq"]}))
-                 for r in rows],
-            )
-        tasks = [_task(r) for r in rows]
-        return sorted(tasks, key=lambda t: (t.created_at, t.task_id))
+        return self.immune_claim(machine_id, now, limit)
 
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,

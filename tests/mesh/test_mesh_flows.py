@@ -58,6 +58,8 @@ async def test_reconciler_flow_runs_one_cycle_and_reports_it(store_url, events, 
     now = utcnow()
     store = SQLiteMeshStore(tmp_path / "fleet.db")
     store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id="orphan")
+    store.heartbeat(MachineIdentity(machine_id="gone-machine", mesh_id="m"),
+                    now - timedelta(minutes=20), None, [])
     store.claim("gone-machine", now - timedelta(minutes=20))
     store.enqueue("skill", ["y"], now - timedelta(days=2), task_id="ancient")
 
