@@ -11,6 +11,7 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.events import emit_event
 
 from fleet.clock import SystemClock
+from fleet.errors import ConfigError
 from fleet.mesh.liveness import LivenessProbe
 from fleet.mesh.open import open_mesh_store
 from fleet.mesh.rules import Thresholds
@@ -21,11 +22,27 @@ from fleet.settings import get_settings
 RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
 
 
+async def mesh_store_url(settings) -> str:
+    """The mesh's store: FLEET_STORE_BLOCK's database when a Block is configured (the mesh
+    needs PostgreSQL itself, so a REST-only Block is refused), else FLEET_STORE_URL/SQLite."""
+    if not settings.store_block:
+        return settings.resolved_store_url()
+    from flows.config import _load_block
+
+    block = await anyio.to_thread.run_sync(_load_block, settings.store_block)
+    conninfo = getattr(block, "conninfo", None)
+    if conninfo is None:
+        raise ConfigError(
+            f"store block {settings.store_block!r} has no database connection string; the mesh "
+            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL")
+    return conninfo.get_secret_value()
+
+
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     """One reconciler cycle: orphaned claims, stuck panes (injected or running), expiry, dead letters."""
     settings = get_settings()
-    store = open_mesh_store(store_url or settings.resolved_store_url())
+    store = open_mesh_store(store_url or await mesh_store_url(settings))
     try:
         thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
@@ -47,7 +64,7 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
     """One watchdog cycle: heartbeat pulse and liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
-    store = open_mesh_store(store_url or settings.resolved_store_url())
+    store = open_mesh_store(store_url or await mesh_store_url(settings))
     probe = LivenessProbe.from_settings(store, settings)
     try:
         report = await anyio.to_thread.run_sync(

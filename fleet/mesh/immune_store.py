@@ -18,6 +18,11 @@ from fleet.mesh.immune import Action, Antibody, ImmunePolicy, Subject, SubjectSt
 from fleet.mesh.store import QueuedTask
 
 _ACTIVE = "('claimed', 'injected', 'running')"
+# A claim may have picked the probe since the state was read: a save that does not know of
+# it (same exclusion, no probe) keeps it, so a second probe is never let through.
+_KEEP_PROBE = ("CASE WHEN excluded.tier >= 2 AND excluded.probe_task IS NULL "
+               "AND excluded.until_at = mesh_immune_state.until_at "
+               "THEN mesh_immune_state.probe_task ELSE excluded.probe_task END")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -187,7 +192,7 @@ class SQLiteImmuneOps:
                 ":probe_task, :backoff_until, :sensitivity, :reason, :changed_at, :updated_at) "
                 "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
                 "failures = excluded.failures, ejections = excluded.ejections, "
-                "until_at = excluded.until_at, probe_task = excluded.probe_task, "
+                "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                 "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
                 "reason = excluded.reason, changed_at = excluded.changed_at, "
                 "updated_at = excluded.updated_at, "
@@ -316,18 +321,19 @@ class PgImmuneOps:
         with self._tx() as conn:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO mesh_immune_state AS s (subject, kind, tier, weight, failures, "
+                    "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, "
                     "ejections, until_at, probe_task, backoff_until, sensitivity, reason, changed_at, "
                     "updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, %(weight)s, "
                     "%(failures)s::jsonb, %(ejections)s, %(until_at)s, %(probe_task)s, "
                     "%(backoff_until)s, %(sensitivity)s, %(reason)s, %(changed_at)s, %(updated_at)s) "
                     "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
                     "failures = excluded.failures, ejections = excluded.ejections, "
-                    "until_at = excluded.until_at, probe_task = excluded.probe_task, "
+                    "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                     "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
                     "reason = excluded.reason, changed_at = excluded.changed_at, "
                     "updated_at = excluded.updated_at, "
-                    "claim_credit = CASE WHEN excluded.tier = 1 THEN s.claim_credit ELSE 0 END",
+                    "claim_credit = CASE WHEN excluded.tier = 1 THEN mesh_immune_state.claim_credit "
+                    "ELSE 0 END",
                     rows,
                 )
                 cur.executemany(
