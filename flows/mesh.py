@@ -51,6 +51,9 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
         store.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
+    if counts.dead_lettered:
+        emit_event(event="fleet.mesh.dead-letter", resource=RESOURCE,
+                   payload={"dead_lettered": counts.dead_lettered})
     await acreate_table_artifact(
         key="mesh-reconciler",
         table=[{"rule": rule, "tasks": n} for rule, n in counts.model_dump().items()],
@@ -83,6 +86,17 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
                              "prefect.resource.name": machine_id},
                    payload={"requeued": next(v.requeued for v in report.liveness.checked
                                              if v.machine_id == machine_id)})
+    for action in report.immune_actions:
+        if action["action"] in ("quarantine", "release", "alert", "braked"):
+            emit_event(event=f"fleet.mesh.{action['action']}",
+                       resource={"prefect.resource.id": f"fleet.mesh.{action['subject']}",
+                                 "prefect.resource.name": action["subject"]},
+                       payload={"tier": action["tier"], **action["detail"]})
+    for name in summary["open_breakers"]:
+        emit_event(event="fleet.mesh.breaker-open",
+                   resource={"prefect.resource.id": f"fleet.breaker.{name}",
+                             "prefect.resource.name": name},
+                   payload=report.breakers[name])
     await acreate_markdown_artifact(key="mesh-watchdog", markdown=_markdown(report, summary),
                                     description="Mesh health at the last watchdog cycle")
     return report
@@ -104,6 +118,11 @@ def _markdown(report: WatchdogReport, summary: dict[str, Any]) -> str:
         lines += [f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
                   f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
                   for h in report.handoffs]
+    if report.quarantines:
+        lines += ["", "## Quarantines", "", "| subject | tier | until | probe | reason |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {q['subject']} | {q['tier']} | {q['until'] or '—'} | {q['probe_task'] or '—'} "
+                  f"| {q['reason']} |" for q in report.quarantines]
     if report.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(lines)

@@ -23,8 +23,9 @@ class HealthServer:
     """
 
     def __init__(self, snapshot: HealthSnapshot, *, host: str = "0.0.0.0", port: int = 9300,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, metrics: Callable[[], bytes] | None = None):
         self._snapshot = snapshot
+        self._metrics = metrics  # GET /metrics (Prometheus text), when given
         self._host = host
         self._port = port
         self._advertise_host = advertise_host or None
@@ -48,9 +49,22 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         snapshot = self._snapshot
+        metrics = self._metrics
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+                if metrics is not None and self.path.split("?", 1)[0] == "/metrics":
+                    try:
+                        data = metrics()
+                    except Exception as exc:
+                        self._reply(503, {"error": f"metrics unavailable: {exc}"})
+                        return
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 if self.path.split("?", 1)[0] not in ("/health", "/"):
                     self._reply(404, {"error": f"no such path {self.path!r}; try GET /health"})
                     return
