@@ -32,8 +32,9 @@ from typing import Any
 
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError
-from fleet.mesh import END_PROTOCOL
+from fleet.mesh import END_PROTOCOL, immune
 from fleet.mesh.health import HealthServer
+from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
 from fleet.mesh.store import (
     SUPPORTED_GENERATIONS,
     MachineIdentity,
@@ -138,6 +139,7 @@ class NodeAgent:
         health_port: int | None = None,
         health_host: str = "0.0.0.0",
         advertise_host: str | None = None,
+        account: str | None = None,
     ):
         check_identity(identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id)
         if not agent_command and identity.role != "viewer":
@@ -163,8 +165,14 @@ class NodeAgent:
         self._lock = threading.RLock()
         self._pane_view: list[dict[str, Any]] = []
         self._status = "starting"
+        # The account the panes run under (a rate limit backs it off, not the task or machine).
+        self.account = account or settings.agent_account or identity.machine_id
+        self.policy = ImmunePolicy.from_settings(settings)
+        self._excluded_panes: set[str] = set()
+        self._backoff_until: datetime | None = None
         self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
-                                     advertise_host=advertise_host or self.settings.agent_advertise_host)
+                                     advertise_host=advertise_host or self.settings.agent_advertise_host,
+                                     metrics=self.metrics_text)
                         if health_port is not None else None)
 
     # -- identity ------------------------------------------------------------------------
@@ -264,8 +272,25 @@ class NodeAgent:
 
     # -- claim ---------------------------------------------------------------------------
     def free_panes(self) -> list[str]:
+        """Live panes without a task, except those the immune system excludes (a crash-looping
+        pane gets work again when its exclusion ends: that task is its probe)."""
         busy = {t.pane_id for t in self.tasks.values() if t.pane_id}
-        return [p for p in self.pane_ids if p not in busy and self.panes.is_alive(p)]
+        return [p for p in self.pane_ids
+                if p not in busy and p not in self._excluded_panes and self.panes.is_alive(p)]
+
+    def _read_immunity(self, now: datetime) -> None:
+        """This machine's pane exclusions and its account's rate-limit backoff, from the store."""
+        if not hasattr(self.store, "immune_states"):
+            return
+        prefix = f"{self.machine_id}/"
+        excluded, backoff = set(), None
+        for state in self.store.immune_states():
+            if state.subject.kind == "pane" and state.subject.key.startswith(prefix):
+                if state.excluded(now):
+                    excluded.add(state.subject.key[len(prefix):])
+            elif state.subject == Subject.account(self.account) and state.backing_off(now):
+                backoff = state.backoff_until
+        self._excluded_panes, self._backoff_until = excluded, backoff
 
     def claim_work(self, limit: int) -> list[QueuedTask]:
         """Claim up to `limit` tasks for this machine (viewers never claim)."""
@@ -309,6 +334,13 @@ class NodeAgent:
     def _claim(self, now: datetime) -> None:
         try:
             self._verify_claims()
+            self._read_immunity(now)
+            if self._backoff_until is not None:
+                log.info("account %s is rate-limited until %s; %s claims nothing until then",
+                         self.account, self._backoff_until.isoformat(), self.machine_id)
+                self._next_claim = min(self._backoff_until,
+                                       now + _seconds(self.settings.claim_seconds))
+                return
             free = len(self.free_panes()) - sum(1 for t in self.tasks.values() if t.pane_id is None)
             self.claim_work(free)
         except FleetError as exc:
@@ -384,6 +416,9 @@ class NodeAgent:
         if section is None:
             return
         end = finished(section, task.task_id)
+        if end is not None and end[0] is TaskStatus.FAILED and immune.is_rate_limit(end[1]):
+            self._rate_limited(task, end[1], now)
+            return
         if end is not None:
             status, detail = end
             kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
@@ -409,6 +444,25 @@ class NodeAgent:
         ratio = self.panes.context_ratio(text)
         if ratio is not None and ratio >= self.settings.context_handoff_ratio:
             self._handoff(task, section, ratio, now)
+
+    def _rate_limited(self, task: ActiveTask, message: str, now: datetime) -> None:
+        """A rate limit is not the task's failure: requeue it without spending an attempt and
+        back the account off until the reset the message names (DESIGN §9)."""
+        if hasattr(self.store, "requeue_unattempted"):
+            self.store.requeue_unattempted(task.task_id, self.machine_id, now, message,
+                                           claim_seq=task.claim_seq)
+            subject = Subject.account(self.account)
+            state = next((s for s in self.store.immune_states("account") if s.subject == subject),
+                         SubjectState(subject))
+            state, actions = immune.observe(state, Observation(subject, now, "rate_limited", message),
+                                            self.policy)
+            self.store.save_immune([state], actions, self.policy, now)
+            self._backoff_until = state.backoff_until
+            self._next_claim = state.backoff_until
+        log.warning("task %s hit a rate limit on account %s (%s); requeued, claims paused until %s",
+                    task.task_id, self.account, message[:200],
+                    self._backoff_until.isoformat() if self._backoff_until else "the next round")
+        del self.tasks[task.task_id]
 
     def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
         lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
@@ -453,6 +507,12 @@ class NodeAgent:
                 self._fresh.add(pane_id)
                 note = f"agent in pane {pane_id} exited; respawned"
             log.warning("%s on %s", note, self.machine_id)
+            if hasattr(self.store, "record_event"):  # the immune system counts pane deaths
+                try:
+                    self.store.record_event(task.task_id if task else None, "PaneRespawned",
+                                            self.machine_id, now, {"pane_id": pane_id, "note": note})
+                except FleetError as exc:
+                    log.warning("could not record the respawn of pane %s: %s", pane_id, exc)
             if task is None:
                 continue
             task.respawns += 1
@@ -579,6 +639,13 @@ class NodeAgent:
             view.append({"pane_id": pane_id, "alive": alive, "task_id": task and task.task_id,
                          "claim_seq": task and task.claim_seq, "context_ratio": ratio})
         self._pane_view = view
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics: the mesh's Prometheus metrics as this agent's store has them."""
+        from fleet.metrics import mesh_metrics, render
+
+        with self._lock:
+            return render(mesh_metrics(self.store, self.clock.now()))
 
     def health_snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -95,6 +95,9 @@ def start(
             health_port=settings.agent_health_port if health_port is None else health_port,
             health_host=health_host, advertise_host=advertise_host,
         )
+        from fleet.clients.breaker import share_states
+
+        share_states(store)  # this process's breakers, seen by the watchdog
         agent.install_signal_handlers()  # before start(): a SIGTERM while starting still leaves cleanly
         agent.start()
     except ConfigError as exc:

@@ -115,9 +115,9 @@ def run_cycle(store: Any, now: datetime, policy: ImmunePolicy, *, batch: int = 5
     rows = store.task_events_after(cursor, batch)
     before = {s.subject: s for s in store.immune_states()}
     machines = [m for m in store.machines() if m.role != "viewer" and m.status in ("alive", "suspect")]
-    population = {"machine": len(machines)}
+    population = {"machine": len(machines), "pane": len(store.pane_states())}
     for kind in ("pane", "task_type", "account"):
-        population[kind] = sum(1 for s in before if s.kind == kind)
+        population[kind] = max(population.get(kind, 0), sum(1 for s in before if s.kind == kind))
     obs = observations(rows)
     for o in obs:  # subjects seen now count towards their kind's population
         if o.subject.kind != "machine" and o.subject not in before:

@@ -95,6 +95,9 @@ class ImmuneStore(Protocol):
                             *, claim_seq: int | None = None) -> bool:
         """Back to the queue without counting a failed attempt (a rate limit); conditional like
         transition."""
+    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
+                     detail: dict[str, Any] | None = None) -> None:
+        """Append an agent-observed event (e.g. PaneRespawned) to mesh_task_events."""
     def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None: ...
     def breaker_rows(self) -> list[dict[str, Any]]: ...
 
@@ -281,6 +284,13 @@ class SQLiteImmuneOps:
                                     "message": reason[:500]})))
         return True
 
+    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
+                     detail: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (task_id, event, machine_id, _ts(now), json.dumps(detail or {})))
+
     # Breakers ------------------------------------------------------------------------
     def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None:
         row = breaker_row(name, holder, snapshot, now)
@@ -407,6 +417,14 @@ class PgImmuneOps:
             {"id": task_id, "m": machine_id, "claim": claim_seq, "now": now, "msg": reason},
         )
         return rows[0]["n"] == 1
+
+    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
+                     detail: dict[str, Any] | None = None) -> None:
+        from psycopg.types.json import Jsonb
+
+        with self._tx() as conn:
+            conn.execute("INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
+                         "VALUES (%s, %s, %s, %s, %s)", (task_id, event, machine_id, now, Jsonb(detail or {})))
 
     def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None:
         with self._tx() as conn:
