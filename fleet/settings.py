@@ -95,6 +95,9 @@ class FleetSettings(BaseSettings):
     metabolism_min_interval_seconds: float = 30
     metabolism_max_interval_seconds: float = 300
     metabolism_momentum_days: float = 14
+    # When on, a node agent whose claim came back empty waits the metabolism's pace (30–300 s)
+    # instead of claim_seconds: a quiet mesh polls less, at the cost of slower pick-up.
+    agent_metabolism_pacing: bool = False
 
     # Supervisor (DESIGN §7).
     supervisor_min_runtime_seconds: float = 10

@@ -118,6 +118,10 @@ def _markdown(report: WatchdogReport, summary: dict[str, Any]) -> str:
         lines += [f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
                   f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
                   for h in report.handoffs]
+    if report.metabolism:
+        m = report.metabolism
+        lines += ["", f"Metabolism {m['metabolism']:.2f} · fitness {m['fitness']:.2f} · "
+                      f"next watchdog pace {m['pace_seconds']:.0f} s"]
     if report.quarantines:
         lines += ["", "## Quarantines", "", "| subject | tier | until | probe | reason |",
                   "|---|---|---|---|---|"]

@@ -25,6 +25,7 @@ import re
 import signal
 import tempfile
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any
 
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError
-from fleet.mesh import END_PROTOCOL, immune
+from fleet.mesh import END_PROTOCOL, immune, metabolism
 from fleet.mesh.health import HealthServer
 from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
 from fleet.mesh.store import (
@@ -169,6 +170,8 @@ class NodeAgent:
         self.account = account or settings.agent_account or identity.machine_id
         self.policy = ImmunePolicy.from_settings(settings)
         self._excluded_panes: set[str] = set()
+        # What this machine saw lately (feedback metabolism: it paces idle claims).
+        self._signals: deque[metabolism.Signal] = deque(maxlen=500)
         self._backoff_until: datetime | None = None
         self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
                                      advertise_host=advertise_host or self.settings.agent_advertise_host,
@@ -342,11 +345,22 @@ class NodeAgent:
                                        now + _seconds(self.settings.claim_seconds))
                 return
             free = len(self.free_panes()) - sum(1 for t in self.tasks.values() if t.pane_id is None)
-            self.claim_work(free)
+            claimed = self.claim_work(free)
         except FleetError as exc:
             log.warning("claim failed on %s: %s; retrying next tick", self.machine_id, exc)
             return
-        self._next_claim = now + _seconds(self.settings.claim_seconds)
+        self._next_claim = now + _seconds(self.claim_interval(now, bool(claimed)))
+
+    def metabolism(self, now: datetime) -> float:
+        return metabolism.metabolism(self._signals, now)
+
+    def claim_interval(self, now: datetime, claimed: bool) -> float:
+        """claim_seconds while work flows; with pacing on, an empty round waits the metabolism's
+        pace (30 s busy … 300 s quiet)."""
+        if claimed or not self.settings.agent_metabolism_pacing:
+            return self.settings.claim_seconds
+        return metabolism.pace(self.metabolism(now), self.settings.metabolism_min_interval_seconds,
+                               self.settings.metabolism_max_interval_seconds)
 
     def _ready(self, pane_id: str) -> bool:
         """The pane's agent has drawn something (typing before that may be echoed or lost) and
@@ -421,6 +435,8 @@ class NodeAgent:
             return
         if end is not None:
             status, detail = end
+            self._signals.extend(metabolism.signals_from_events(
+                [{"event": status.value, "at": now, "task_type": None}]))
             kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
             if task.status == TaskStatus.INJECTED.value:
                 self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
@@ -507,6 +523,7 @@ class NodeAgent:
                 self._fresh.add(pane_id)
                 note = f"agent in pane {pane_id} exited; respawned"
             log.warning("%s on %s", note, self.machine_id)
+            self._signals.append(metabolism.Signal("crash_rate", now, 0.0))
             if hasattr(self.store, "record_event"):  # the immune system counts pane deaths
                 try:
                     self.store.record_event(task.task_id if task else None, "PaneRespawned",

@@ -47,6 +47,9 @@ class WatchdogReport(BaseModel):
     breakers: dict[str, Any] = {}
     # Immune system: subjects in quarantine ({subject, tier, until, probe_task, reason}) and
     # what this cycle decided ({subject, action, tier, detail}).
+    # Feedback metabolism of the mesh: {metabolism, fitness, pace_seconds} (pace = when the
+    # watchdog should run next, 30 s busy … 300 s quiet).
+    metabolism: dict[str, float] = {}
     quarantines: list[dict[str, Any]] = []
     immune_actions: list[dict[str, Any]] = []
     errors: list[str] = []
@@ -67,6 +70,8 @@ class WatchdogReport(BaseModel):
                 if isinstance(b, dict) and b.get("state") not in (None, "closed")
             ),
             "quarantined": len(self.quarantines),
+            "metabolism": self.metabolism.get("metabolism"),
+            "pace_seconds": self.metabolism.get("pace_seconds"),
             "errors": len(self.errors),
         }
 
@@ -130,6 +135,20 @@ def breaker_snapshot(store: Any = None, now: datetime | None = None) -> dict[str
     return merged
 
 
+def mesh_metabolism(store: Any, now: datetime, settings, recent: int = 2000) -> dict[str, float]:
+    """Metabolism, fitness and pace from the latest `recent` task events."""
+    from fleet.mesh import metabolism
+
+    last = store.event_cursor("immune")
+    rows = store.task_events_after(max(0, last - recent), recent)
+    signals = metabolism.signals_from_events(rows)
+    value = metabolism.metabolism(signals, now)
+    return {"metabolism": round(value, 4),
+            "fitness": round(metabolism.grounded_fitness(signals, now), 4),
+            "pace_seconds": metabolism.pace(value, settings.metabolism_min_interval_seconds,
+                                            settings.metabolism_max_interval_seconds)}
+
+
 # One cycle --------------------------------------------------------------------------
 def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessProbe | None) -> WatchdogReport:
     report = WatchdogReport(at=now)
@@ -179,4 +198,8 @@ def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessPro
                 for a in cycle.actions if a.kind != "corrective"]
         except Exception as exc:
             report.errors.append(f"immune system: {exc}")
+        try:  # feedback metabolism over the latest events
+            report.metabolism = mesh_metabolism(store, now, settings)
+        except Exception as exc:
+            report.errors.append(f"metabolism: {exc}")
     return report

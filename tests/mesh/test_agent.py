@@ -726,3 +726,16 @@ def test_a_rate_limit_requeues_without_an_attempt_and_backs_the_account_off(make
     for _ in range(5):
         agent.tick()
     assert status_of(store, task_id) is TaskStatus.QUEUED  # backing off: not claimed again
+
+
+def test_metabolism_paces_empty_claims_between_30_and_300_seconds(make_agent, store, clock):
+    settings = FleetSettings(agent_panes=1, mesh_id="", agent_metabolism_pacing=True)
+    agent = make_agent(settings=settings)
+    assert agent.claim_interval(clock.now(), claimed=True) == settings.claim_seconds
+    assert agent.claim_interval(clock.now(), claimed=False) == 300  # nothing seen: quiet
+    for _ in range(3):
+        task_id = store.enqueue("skill", ["work"], clock.now())
+        clock.advance(settings.claim_seconds)
+        tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.DONE)
+    busy = agent.claim_interval(clock.now(), claimed=False)
+    assert 30 <= busy < 300

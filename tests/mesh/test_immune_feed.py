@@ -117,3 +117,15 @@ def test_a_rate_limited_failure_is_not_held_against_anyone(any_store):
         run_one(store, "m0", T0, ok=False, error="Claude usage limit reached|1772370000")
     cycle = run_cycle(store, T0 + timedelta(seconds=1), P)
     assert cycle.quarantined() == []
+
+
+def test_the_watchdog_reports_the_mesh_metabolism_and_its_pace(any_store):
+    store = any_store
+    join(store, "m0", now=T0)
+    for i in range(6):
+        store.enqueue("hydra", ["claude", "-p", f"/meta:hydra app-{i}"], T0, task_id=f"h{i}")
+        run_one(store, "m0", T0, ok=True)
+    report = watchdog_cycle(store, T0, FleetSettings(), None)
+    assert 0 < report.metabolism["metabolism"] <= 1 and report.metabolism["fitness"] == 1.0
+    assert 30 <= report.metabolism["pace_seconds"] < 300
+    assert report.summary()["pace_seconds"] == report.metabolism["pace_seconds"]

@@ -108,8 +108,9 @@ def test_one_cycle_reports_every_part_and_hands_off_over_budget_tasks(tmp_path):
 def test_a_broken_store_is_reported_not_raised():
     broken = PgMeshStore("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout_seconds=1)
     report = watchdog_cycle(broken, T0, S, LivenessProbe.from_settings(broken, S))
-    # Heartbeats, panes, queue, the shared breaker states and the immune system: each reported.
-    assert len(report.errors) == 5
+    # Heartbeats, panes, queue, the shared breaker states, the immune system and the
+    # metabolism: each reported.
+    assert len(report.errors) == 6
     assert all("127.0.0.1:1/nowhere" in e for e in report.errors)
     assert report.liveness is None and report.handoffs == []
 
