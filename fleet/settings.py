@@ -81,6 +81,8 @@ class FleetSettings(BaseSettings):
     immune_max_exclusion_heartbeats: int = 200
     immune_recalibrate_ejections: int = 3    # ejections → tier 3 (recalibrate + alert)
     immune_min_failures: int = 2             # recalibration never lowers a threshold below this
+    # …and those failures must be at least this share of the subject's outcomes in the window.
+    immune_min_failure_ratio: float = 0.2
     # Safety brakes: at most this share of a kind hard-quarantined at once (at least one when
     # there are two or more; never the only one), and no quarantine at all while this share
     # looks unhealthy (then it is our network, not them).

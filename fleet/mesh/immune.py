@@ -1,13 +1,18 @@
 """The mesh's immune system as pure rules: four tiers over machines, panes, task types, accounts.
 
-Failures of a subject are counted in a sliding window (`window_heartbeats` × heartbeat);
-a success cancels the oldest one (decay). Tiers, as DESIGN §5 and §9 give them:
+Outcomes of a subject are kept in a sliding window (`window_heartbeats` × heartbeat); a
+subject escalates on `soft_failures` / `hard_failures` failures in the window that are also at
+least `min_failure_ratio` of its outcomes there (a task type that fails once on a flaky
+machine and succeeds everywhere else is not to blame). Decay: failures leave the window as
+it slides; a success releases tier 1 once the window's evidence is below the threshold.
+Tiers, as DESIGN §5 and §9 give them:
 
 - tier 0 innate: apply the corrective (respawn the pane, requeue elsewhere, back off the
   account) and resume; correctives that worked are remembered per failure signature
   (antibodies) and tried first next time, mesh-wide.
 - tier 1 soft quarantine: `soft_failures` in the window → routing weight × `soft_weight`
-  (−50 %) for `soft_heartbeats`.
+  (−50 %) for `soft_heartbeats`; still failing at its end (new failures during it, evidence
+  still above the threshold) → tier 2.
 - tier 2 hard quarantine: `hard_failures` in the window → excluded for `hard_heartbeats` ×
   the ejection count (Envoy multiplies its base ejection time the same way), then one probe
   task decides: success releases, failure quarantines again, longer.
@@ -217,6 +222,7 @@ class ImmunePolicy:
     max_exclusion_heartbeats: int = 200
     recalibrate_ejections: int = 3
     min_failures: int = 2
+    min_failure_ratio: float = 0.2
     max_quarantined_share: float = 0.10
     panic_unhealthy_share: float = 0.55
     account_backoff_seconds: float = 900
@@ -234,6 +240,7 @@ class ImmunePolicy:
             max_exclusion_heartbeats=settings.immune_max_exclusion_heartbeats,
             recalibrate_ejections=settings.immune_recalibrate_ejections,
             min_failures=settings.immune_min_failures,
+            min_failure_ratio=settings.immune_min_failure_ratio,
             max_quarantined_share=settings.immune_max_quarantined_share,
             panic_unhealthy_share=settings.immune_panic_unhealthy_share,
             account_backoff_seconds=settings.account_backoff_seconds,
@@ -258,6 +265,7 @@ class SubjectState:
     subject: Subject
     tier: Tier = Tier.INNATE
     failures: tuple[datetime, ...] = ()   # failure times inside the window, oldest first
+    successes: tuple[datetime, ...] = ()  # success times inside the window, oldest first
     ejections: int = 0                    # hard quarantines so far (multiplies the exclusion)
     until: datetime | None = None         # end of the soft weight, or of the exclusion
     probe_task: str | None = None         # the one task let through after an exclusion
@@ -271,6 +279,14 @@ class SubjectState:
 
     def hard_threshold(self, policy: ImmunePolicy) -> int:
         return max(self.soft_threshold(policy) + 1, policy.hard_failures - self.sensitivity)
+
+    def failure_ratio(self) -> float:
+        total = len(self.failures) + len(self.successes)
+        return len(self.failures) / total if total else 0.0
+
+    def failing(self, threshold: int, policy: ImmunePolicy) -> bool:
+        """Enough failures in the window, and enough of its outcomes."""
+        return len(self.failures) >= threshold and self.failure_ratio() >= policy.min_failure_ratio
 
     def quarantined(self, now: datetime) -> bool:
         """In tier 1 (until its end) or tier 2/3 (until the probe decides)."""
@@ -324,8 +340,11 @@ def in_window(times: Iterable[datetime], now: datetime, window: timedelta) -> tu
 
 
 def looks_unhealthy(state: SubjectState, now: datetime, policy: ImmunePolicy) -> bool:
-    return (state.tier >= Tier.HARD
-            or len(in_window(state.failures, now, policy.window)) >= state.soft_threshold(policy))
+    if state.tier >= Tier.HARD:
+        return True
+    windowed = replace(state, failures=in_window(state.failures, now, policy.window),
+                       successes=in_window(state.successes, now, policy.window))
+    return windowed.failing(state.soft_threshold(policy), policy)
 
 
 @dataclass(frozen=True)
@@ -387,10 +406,16 @@ def _eject(state: SubjectState, at: datetime, policy: ImmunePolicy, why: str) ->
 
 def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
             brake_for: Any = None) -> tuple[SubjectState, list[Action]]:
-    """One observation of `state.subject`. `brake_for(tier) -> Brake` (None: always allowed)
-    is asked before any new quarantine."""
+    """One observation of `state.subject` (time passes to it first). `brake_for(tier) -> Brake`
+    (None: always allowed) is asked before any new quarantine."""
+    state, passed = tick(state, obs.at, policy, brake_for)
+    state, decided = _observe(state, obs, policy, brake_for)
+    return state, passed + decided
+
+
+def _observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
+             brake_for: Any) -> tuple[SubjectState, list[Action]]:
     at = obs.at
-    state = tick(state, at, policy)[0]
     if obs.outcome == "rate_limited":
         # Not a failure: the account waits for its reset, the task is not charged.
         reset = rate_limit_reset(obs.reason, at) or at + timedelta(seconds=policy.account_backoff_seconds)
@@ -400,15 +425,14 @@ def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
     if obs.outcome == "success":
         if state.probing(at) or (state.tier >= Tier.HARD and obs.task_id is not None
                                  and obs.task_id == state.probe_task):
-            return (replace(state, tier=Tier.INNATE, failures=(), until=None, probe_task=None,
-                            reason="probe succeeded", changed_at=at),
+            return (replace(state, tier=Tier.INNATE, failures=(), successes=(at,), until=None,
+                            probe_task=None, reason="probe succeeded", changed_at=at),
                     [Action("release", state.subject, Tier.INNATE, {"reason": "probe succeeded"})])
-        failures = state.failures[1:]
-        if state.tier == Tier.SOFT and len(failures) < state.soft_threshold(policy):
-            return (replace(state, tier=Tier.INNATE, failures=failures, until=None,
-                            reason="recovered", changed_at=at),
+        state = replace(state, successes=in_window((*state.successes, at), at, policy.window))
+        if state.tier == Tier.SOFT and not state.failing(state.soft_threshold(policy), policy):
+            return (replace(state, tier=Tier.INNATE, until=None, reason="recovered", changed_at=at),
                     [Action("release", state.subject, Tier.INNATE, {"reason": "recovered"})])
-        return replace(state, failures=failures), []
+        return state, []
 
     failures = in_window((*state.failures, at), at, policy.window)
     state = replace(state, failures=failures)
@@ -422,12 +446,12 @@ def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
         return brake_for(tier) if brake_for is not None else Brake(True)
 
     braked: list[Action] = []
-    if len(failures) >= state.hard_threshold(policy):
+    if state.failing(state.hard_threshold(policy), policy):
         b = allowed(Tier.HARD)
         if b.allowed:
             return _eject(state, at, policy, why)
         braked.append(Action("braked", state.subject, Tier.HARD, {"reason": b.reason}))
-    if len(failures) >= state.soft_threshold(policy) and state.tier < Tier.SOFT:
+    if state.failing(state.soft_threshold(policy), policy) and state.tier < Tier.SOFT:
         b = allowed(Tier.SOFT)
         if b.allowed:
             until = at + policy.heartbeats(policy.soft_heartbeats)
@@ -439,13 +463,23 @@ def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
     return state, braked + [Action("corrective", state.subject, Tier.INNATE, {"reason": why})]
 
 
-def tick(state: SubjectState, now: datetime, policy: ImmunePolicy) -> tuple[SubjectState, list[Action]]:
-    """Time passing: the window slides, tier 1 runs out, a due exclusion opens for its probe,
-    an account's backoff ends, and a clean window forgives one ejection."""
+def tick(state: SubjectState, now: datetime, policy: ImmunePolicy,
+         brake_for: Any = None) -> tuple[SubjectState, list[Action]]:
+    """Time passing: the window slides, tier 1 runs out (or escalates to tier 2 if the subject
+    kept failing under it), an account's backoff ends, and a clean period forgives one ejection."""
     actions: list[Action] = []
     failures = in_window(state.failures, now, policy.window)
-    new = replace(state, failures=failures) if failures != state.failures else state
+    successes = in_window(state.successes, now, policy.window)
+    new = state
+    if failures != state.failures or successes != state.successes:
+        new = replace(state, failures=failures, successes=successes)
     if new.tier == Tier.SOFT and new.until is not None and now >= new.until:
+        began = new.until - policy.heartbeats(policy.soft_heartbeats)
+        if any(t > began for t in failures) and new.failing(new.soft_threshold(policy), policy):
+            brake_result = brake_for(Tier.HARD) if brake_for is not None else Brake(True)
+            if brake_result.allowed:
+                return _eject(new, new.until, policy, "still failing under soft quarantine")
+            actions.append(Action("braked", new.subject, Tier.HARD, {"reason": brake_result.reason}))
         new = replace(new, tier=Tier.INNATE, until=None, reason="soft quarantine over",
                       changed_at=now)
         actions.append(Action("decay", new.subject, Tier.INNATE, {"reason": "soft quarantine over"}))

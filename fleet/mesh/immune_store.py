@@ -44,12 +44,14 @@ def _dt(value: Any) -> datetime | None:
 
 
 def state_from_row(row: Any) -> SubjectState:
-    failures = row["failures"]
-    if isinstance(failures, str):
-        failures = json.loads(failures)
+    def times(value: Any) -> tuple[datetime, ...]:
+        if isinstance(value, str):
+            value = json.loads(value)
+        return tuple(sorted(_dt(t) for t in value))  # type: ignore[misc]
+
     return SubjectState(
         subject=Subject.parse(row["subject"]), tier=Tier(row["tier"]),
-        failures=tuple(sorted(_dt(t) for t in failures)),  # type: ignore[misc]
+        failures=times(row["failures"]), successes=times(row["successes"]),
         ejections=row["ejections"], until=_dt(row["until_at"]), probe_task=row["probe_task"],
         backoff_until=_dt(row["backoff_until"]), sensitivity=row["sensitivity"],
         reason=row["reason"], changed_at=_dt(row["changed_at"]),
@@ -61,6 +63,7 @@ def state_params(state: SubjectState, policy: ImmunePolicy, now: datetime) -> di
     return {
         "subject": str(state.subject), "kind": state.subject.kind, "tier": int(state.tier),
         "weight": weight, "failures": json.dumps([_ts(t) for t in state.failures]),
+        "successes": json.dumps([_ts(t) for t in state.successes]),
         "ejections": state.ejections, "until_at": state.until, "probe_task": state.probe_task,
         "backoff_until": state.backoff_until, "sensitivity": state.sensitivity,
         "reason": state.reason[:500], "changed_at": state.changed_at, "updated_at": now,
@@ -189,12 +192,14 @@ class SQLiteImmuneOps:
                 r[key] = _ts(r[key])
         with self._tx() as db:
             db.executemany(
-                "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, ejections, "
-                "until_at, probe_task, backoff_until, sensitivity, reason, changed_at, updated_at) "
-                "VALUES (:subject, :kind, :tier, :weight, :failures, :ejections, :until_at, "
-                ":probe_task, :backoff_until, :sensitivity, :reason, :changed_at, :updated_at) "
+                "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, successes, "
+                "ejections, until_at, probe_task, backoff_until, sensitivity, reason, changed_at, "
+                "updated_at) VALUES (:subject, :kind, :tier, :weight, :failures, :successes, "
+                ":ejections, :until_at, :probe_task, :backoff_until, :sensitivity, :reason, "
+                ":changed_at, :updated_at) "
                 "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
-                "failures = excluded.failures, ejections = excluded.ejections, "
+                "failures = excluded.failures, successes = excluded.successes, "
+                "ejections = excluded.ejections, "
                 "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                 "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
                 "reason = excluded.reason, changed_at = excluded.changed_at, "
@@ -219,7 +224,8 @@ class SQLiteImmuneOps:
     def lift(self, subject: Subject, now: datetime, by: str = "operator") -> bool:
         with self._tx() as db:
             row = db.execute(
-                "UPDATE mesh_immune_state SET tier = 0, weight = 1, failures = '[]', until_at = NULL, "
+                "UPDATE mesh_immune_state SET tier = 0, weight = 1, failures = '[]', successes = '[]', "
+                "until_at = NULL, "
                 "probe_task = NULL, backoff_until = NULL, claim_credit = 0, reason = ?, "
                 "changed_at = ?, updated_at = ? WHERE subject = ? "
                 "AND (tier > 0 OR backoff_until IS NOT NULL) RETURNING subject",
@@ -332,12 +338,14 @@ class PgImmuneOps:
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, "
-                    "ejections, until_at, probe_task, backoff_until, sensitivity, reason, changed_at, "
-                    "updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, %(weight)s, "
-                    "%(failures)s::jsonb, %(ejections)s, %(until_at)s, %(probe_task)s, "
-                    "%(backoff_until)s, %(sensitivity)s, %(reason)s, %(changed_at)s, %(updated_at)s) "
+                    "successes, ejections, until_at, probe_task, backoff_until, sensitivity, reason, "
+                    "changed_at, updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, %(weight)s, "
+                    "%(failures)s::jsonb, %(successes)s::jsonb, %(ejections)s, %(until_at)s, "
+                    "%(probe_task)s, %(backoff_until)s, %(sensitivity)s, %(reason)s, %(changed_at)s, "
+                    "%(updated_at)s) "
                     "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
-                    "failures = excluded.failures, ejections = excluded.ejections, "
+                    "failures = excluded.failures, successes = excluded.successes, "
+                    "ejections = excluded.ejections, "
                     "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                     "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
                     "reason = excluded.reason, changed_at = excluded.changed_at, "
@@ -365,6 +373,7 @@ class PgImmuneOps:
         with self._tx() as conn:
             row = conn.execute(
                 "UPDATE mesh_immune_state SET tier = 0, weight = 1, failures = '[]'::jsonb, "
+                "successes = '[]'::jsonb, "
                 "until_at = NULL, probe_task = NULL, backoff_until = NULL, claim_credit = 0, "
                 "reason = %(r)s, changed_at = %(now)s, updated_at = %(now)s WHERE subject = %(s)s "
                 "AND (tier > 0 OR backoff_until IS NOT NULL) RETURNING subject",

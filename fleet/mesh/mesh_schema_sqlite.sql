@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS mesh_immune_state (
     tier          INTEGER NOT NULL DEFAULT 0 CHECK (tier BETWEEN 0 AND 3),
     weight        REAL NOT NULL DEFAULT 1,
     failures      TEXT NOT NULL DEFAULT '[]',
+    successes     TEXT NOT NULL DEFAULT '[]',
     ejections     INTEGER NOT NULL DEFAULT 0,
     until_at      TEXT,
     probe_task    TEXT,

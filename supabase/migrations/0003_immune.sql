@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS mesh_immune_state (
     tier          integer NOT NULL DEFAULT 0 CHECK (tier BETWEEN 0 AND 3),
     weight        double precision NOT NULL DEFAULT 1,   -- tier 1's routing weight
     failures      jsonb NOT NULL DEFAULT '[]'::jsonb,    -- failure times inside the window
+    successes     jsonb NOT NULL DEFAULT '[]'::jsonb,    -- success times inside the window
     ejections     integer NOT NULL DEFAULT 0,
     until_at      timestamptz,                           -- end of the soft weight / exclusion
     probe_task    text,                                  -- the one task let through after it

@@ -64,14 +64,38 @@ def test_tier_1_halves_the_weight_for_five_heartbeats_then_decays():
     assert state.weight(clock.now(), P) == 1.0
 
 
-def test_successes_decay_failures_and_release_a_soft_quarantine():
+def test_successes_dilute_the_evidence_and_release_a_soft_quarantine():
     clock = ManualClock(T0)
     state = SubjectState(MAC)
     for _ in range(3):
         state, _ = fail(state, clock.advance(5))
-    state, actions = ok(state, clock.advance(5))
+    for _ in range(12):  # 3 of 15 outcomes failed: still 20 %
+        state, actions = ok(state, clock.advance(1))
+    assert state.tier == Tier.SOFT and actions == []
+    state, actions = ok(state, clock.advance(1))
     assert state.tier == Tier.INNATE and kinds(actions) == ["release"]
-    assert len(state.failures) == 2
+    assert len(state.failures) == 3  # they leave as the window slides
+
+
+def test_failures_that_are_a_small_share_of_outcomes_do_not_escalate():
+    tt = SubjectState(Subject.task_type("skill:ab"))
+    for i in range(50):
+        tt, _ = ok(tt, T0 + timedelta(seconds=i))
+    for i in range(5):  # a flaky machine's five failures among everyone's successes
+        tt, actions = fail(tt, T0 + timedelta(seconds=60 + i))
+    assert tt.tier == Tier.INNATE and kinds(actions) == ["corrective"]
+
+
+def test_still_failing_at_the_end_of_a_soft_quarantine_escalates_to_hard():
+    clock = ManualClock(T0)
+    state = SubjectState(MAC)
+    for _ in range(3):
+        state, _ = fail(state, clock.advance(5))
+    assert state.tier == Tier.SOFT
+    state, _ = fail(state, clock.advance(60))      # failing again under the reduced weight
+    state, actions = immune.tick(state, state.until, P)
+    assert state.tier == Tier.HARD and kinds(actions) == ["quarantine"]
+    assert actions[0].detail["reason"] == "still failing under soft quarantine"
 
 
 def test_tier_2_excludes_for_twenty_heartbeats_then_one_probe_decides():
