@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -113,6 +114,10 @@ class FleetSettings(BaseSettings):
     aura_block: str = ""
     hydra_block: str = ""
     gemini_block: str = ""
+
+    # Where the pipeline's agent work runs: "" = AuraGateway when configured, else local
+    # subprocesses; "mesh" = our own node agents through the mesh queue (MeshDispatcher).
+    dispatcher: Literal["", "mesh"] = ""
 
     # External systems. Empty URL = the embedded local default is used.
     aura_url: str = ""

@@ -82,6 +82,10 @@ def hydra_gate(url: str, token: SecretStr | None, settings: FleetSettings,
 
 
 def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = None) -> Dispatcher:
+    if settings.dispatcher == "mesh":
+        from fleet.mesh.dispatcher import MeshDispatcher
+
+        return MeshDispatcher.from_settings(settings, load_block)
     if settings.aura_block:
         return _from_block(settings.aura_block, load_block)
     if settings.aura_url:

@@ -11,8 +11,8 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.events import emit_event
 
 from fleet.clock import SystemClock
-from fleet.errors import ConfigError
 from fleet.mesh.liveness import LivenessProbe
+from fleet.mesh.open import mesh_store_url as open_mesh_url
 from fleet.mesh.open import open_mesh_store
 from fleet.mesh.rules import Thresholds
 from fleet.mesh.store import ReconcileCounts
@@ -23,19 +23,10 @@ RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet
 
 
 async def mesh_store_url(settings) -> str:
-    """The mesh's store: FLEET_STORE_BLOCK's database when a Block is configured (the mesh
-    needs PostgreSQL itself, so a REST-only Block is refused), else FLEET_STORE_URL/SQLite."""
-    if not settings.store_block:
-        return settings.resolved_store_url()
+    """The store the mesh flows work on: the store Block's database when one is configured."""
     from flows.config import _load_block
 
-    block = await anyio.to_thread.run_sync(_load_block, settings.store_block)
-    conninfo = getattr(block, "conninfo", None)
-    if conninfo is None:
-        raise ConfigError(
-            f"store block {settings.store_block!r} has no database connection string; the mesh "
-            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL")
-    return conninfo.get_secret_value()
+    return await anyio.to_thread.run_sync(open_mesh_url, settings, _load_block)
 
 
 @flow(name="mesh-reconciler", persist_result=False)
