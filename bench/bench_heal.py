@@ -26,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fleet.clock import ManualClock  # noqa: E402
-from fleet.mesh.immune import Subject  # noqa: E402
 from fleet.mesh.liveness import LivenessProbe, Reach  # noqa: E402
 from fleet.mesh.rules import Thresholds  # noqa: E402
 from fleet.mesh.store import MachineIdentity, TaskStatus  # noqa: E402
@@ -42,8 +41,8 @@ S = FleetSettings()
 class SimMachine:
     machine_id: str
     fail_rate: float = 0.0
-    slow: float = 1.0          # task duration multiplier
-    late: float = 0.0          # seconds a heartbeat may come late (jitter, < one period)
+    slow: float = 1.0  # task duration multiplier
+    late: float = 0.0  # seconds a heartbeat may come late (jitter, < one period)
     slots: int = 2
     alive: bool = True
     running: dict[str, tuple[datetime, int, bool, str]] = field(default_factory=dict)
@@ -55,14 +54,24 @@ class SimMachine:
         if not self.alive:
             return
         if now >= self.next_hb:
-            store.heartbeat(MachineIdentity(machine_id=self.machine_id, mesh_id="bench"), now,
-                            f"sim://{self.machine_id}", sorted(self.running))
+            store.heartbeat(
+                MachineIdentity(machine_id=self.machine_id, mesh_id="bench"),
+                now,
+                f"sim://{self.machine_id}",
+                sorted(self.running),
+            )
             self.next_hb = now + timedelta(seconds=S.heartbeat_seconds + rng.uniform(0, self.late))
-        for task_id, (finish, seq, ok, pane) in list(self.running.items()):
+        for task_id, (finish, seq, ok, _pane) in list(self.running.items()):
             if now >= finish:
                 store.transition(task_id, self.machine_id, TaskStatus.RUNNING, now, claim_seq=seq)
-                store.transition(task_id, self.machine_id, TaskStatus.DONE if ok else TaskStatus.FAILED,
-                                 now, claim_seq=seq, **({"output": "ok"} if ok else {"error": "exit 1"}))
+                store.transition(
+                    task_id,
+                    self.machine_id,
+                    TaskStatus.DONE if ok else TaskStatus.FAILED,
+                    now,
+                    claim_seq=seq,
+                    **({"output": "ok"} if ok else {"error": "exit 1"}),
+                )
                 del self.running[task_id]
         if now >= self.next_claim:
             used = {p for *_, p in self.running.values()}
@@ -70,9 +79,20 @@ class SimMachine:
             for task, pane in zip(store.claim(self.machine_id, now, len(free)), free, strict=False):
                 duration = 60 * self.slow * rng.uniform(0.8, 1.2)
                 ok = rng.random() >= self.fail_rate
-                store.transition(task.task_id, self.machine_id, TaskStatus.INJECTED, now,
-                                 pane_id=pane, claim_seq=task.claim_seq)
-                self.running[task.task_id] = (now + timedelta(seconds=duration), task.claim_seq, ok, pane)
+                store.transition(
+                    task.task_id,
+                    self.machine_id,
+                    TaskStatus.INJECTED,
+                    now,
+                    pane_id=pane,
+                    claim_seq=task.claim_seq,
+                )
+                self.running[task.task_id] = (
+                    now + timedelta(seconds=duration),
+                    task.claim_seq,
+                    ok,
+                    pane,
+                )
                 self.claims.append(now)
             self.next_claim = now + timedelta(seconds=S.claim_seconds)
 
@@ -97,8 +117,12 @@ class Sim:
         want = 2 * sum(m.slots for m in self.machines.values())
         for _ in range(max(0, want - depth)):
             self.n += 1
-            self.store.enqueue("skill", ["claude", "-p", f"/evolve app-{self.n % 13}"], now,
-                               task_id=f"t{self.n:06d}")
+            self.store.enqueue(
+                "skill",
+                ["claude", "-p", f"/evolve app-{self.n % 13}"],
+                now,
+                task_id=f"t{self.n:06d}",
+            )
 
     def run(self, seconds: float, on_step=None) -> None:
         end = self.clock.now() + timedelta(seconds=seconds)
@@ -126,9 +150,11 @@ def open_store(pg: str | None, tmp: Path):
 
         apply_migrations(pg)
         with psycopg.connect(pg, autocommit=True) as conn:
-            conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state, "
-                         "mesh_immune_state, mesh_antibodies, mesh_immune_events, mesh_event_cursor, "
-                         "mesh_breaker_state RESTART IDENTITY")
+            conn.execute(
+                "TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state, "
+                "mesh_immune_state, mesh_antibodies, mesh_immune_events, mesh_event_cursor, "
+                "mesh_breaker_state RESTART IDENTITY"
+            )
         return PgMeshStore(pg)
     from fleet.mesh.sqlite_store import SQLiteMeshStore
 
@@ -155,13 +181,21 @@ def dead_machine(pg, tmp, seed: int) -> dict:
             marks["suspect"] = now
         if "down" not in marks and status == "down":
             marks["down"] = now
-        if "down" in marks and "requeued" not in marks and all(
+        if (
+            "down" in marks
+            and "requeued" not in marks
+            and all(
                 store.get_task(t).status is not TaskStatus.CLAIMED
-                or store.get_task(t).claimed_by != "m3" for t in held):
+                or store.get_task(t).claimed_by != "m3"
+                for t in held
+            )
+        ):
             marks["requeued"] = now
-        if "requeued" in marks and all(store.get_task(t).claimed_by not in (None, "m3")
-                                       or store.get_task(t).status is TaskStatus.DONE
-                                       for t in held):
+        if "requeued" in marks and all(
+            store.get_task(t).claimed_by not in (None, "m3")
+            or store.get_task(t).status is TaskStatus.DONE
+            for t in held
+        ):
             marks["running_elsewhere"] = now
             return True
         return False
@@ -169,10 +203,13 @@ def dead_machine(pg, tmp, seed: int) -> dict:
     sim.run(1800, watch)
     store.close()
     hb = S.heartbeat_seconds
-    return {"suspect_heartbeats": (marks["suspect"] - died).total_seconds() / hb,
-            "detect_heartbeats": (marks["down"] - died).total_seconds() / hb,
-            "requeue_after_confirm_s": (marks["requeued"] - marks["down"]).total_seconds(),
-            "mttr_s": (marks["running_elsewhere"] - died).total_seconds(), "tasks": len(held)}
+    return {
+        "suspect_heartbeats": (marks["suspect"] - died).total_seconds() / hb,
+        "detect_heartbeats": (marks["down"] - died).total_seconds() / hb,
+        "requeue_after_confirm_s": (marks["requeued"] - marks["down"]).total_seconds(),
+        "mttr_s": (marks["running_elsewhere"] - died).total_seconds(),
+        "tasks": len(held),
+    }
 
 
 def flaky_machine(pg, tmp, seed: int) -> dict:
@@ -201,13 +238,22 @@ def flaky_machine(pg, tmp, seed: int) -> dict:
 
     end = sim.clock.now()
     tiers = sorted({e["tier"] for e in quarantines(store) if e["subject"] == "machine:m0"})
-    others = [e for e in quarantines(store) if e["subject"].startswith("machine:")
-              and e["subject"] != "machine:m0"]
+    others = [
+        e
+        for e in quarantines(store)
+        if e["subject"].startswith("machine:") and e["subject"] != "machine:m0"
+    ]
     store.close()
-    return {"to_tier1_heartbeats": (q_at - start).total_seconds() / S.heartbeat_seconds if q_at else None,
-            "window_heartbeats": S.immune_window_heartbeats,
-            "share_before": share(start, q_at or end), "share_after": share(q_at or end, end),
-            "tiers_reached": tiers, "healthy_machines_quarantined": len(others)}
+    return {
+        "to_tier1_heartbeats": (q_at - start).total_seconds() / S.heartbeat_seconds
+        if q_at
+        else None,
+        "window_heartbeats": S.immune_window_heartbeats,
+        "share_before": share(start, q_at or end),
+        "share_after": share(q_at or end, end),
+        "tiers_reached": tiers,
+        "healthy_machines_quarantined": len(others),
+    }
 
 
 def slow_healthy(pg, tmp, seed: int) -> dict:
@@ -235,10 +281,15 @@ def dead_pane(tmp: Path, rounds: int = 5) -> dict:
     socket = f"fleet-bench-{uuid.uuid4().hex[:8]}"
     server = libtmux.Server(socket_name=socket)
     store = SQLiteMeshStore(tmp / "pane.db")
-    agent = NodeAgent(MachineIdentity(machine_id="bench", mesh_id="bench"), store,
-                      PaneControl(server), clock=SystemClock(), settings=FleetSettings(agent_panes=1),
-                      agent_command=[sys.executable, "-m", "fleet.mesh.scripted_agent"],
-                      state_path=tmp / "agent.json")
+    agent = NodeAgent(
+        MachineIdentity(machine_id="bench", mesh_id="bench"),
+        store,
+        PaneControl(server),
+        clock=SystemClock(),
+        settings=FleetSettings(agent_panes=1),
+        agent_command=[sys.executable, "-m", "fleet.mesh.scripted_agent"],
+        state_path=tmp / "agent.json",
+    )
     times = []
     try:
         agent.tick()
@@ -252,8 +303,12 @@ def dead_pane(tmp: Path, rounds: int = 5) -> dict:
             while True:
                 agent.tick()
                 pane = agent.panes.pane(agent.pane_ids[0]) if agent.pane_ids else None
-                if pane is not None and pane.pid != old_pid and agent.panes.is_alive(pane.pane_id) \
-                        and agent.panes.read_pane(pane.pane_id, 20).strip():
+                if (
+                    pane is not None
+                    and pane.pid != old_pid
+                    and agent.panes.is_alive(pane.pane_id)
+                    and agent.panes.read_pane(pane.pane_id, 20).strip()
+                ):
                     break
                 if time.monotonic() - t0 > 30:
                     raise RuntimeError("pane did not come back in 30 s")
@@ -280,27 +335,35 @@ def main() -> None:
         tmp = Path(d)
         print(f"bench_heal on {backend}, heartbeat {S.heartbeat_seconds:g} s, repeat {args.repeat}")
         dm = [dead_machine(args.pg, tmp, args.seed + i) for i in range(args.repeat)]
-        print(f"dead machine: suspected after {max(r['suspect_heartbeats'] for r in dm):.1f} heartbeats, "
-              f"confirmed down after {max(r['detect_heartbeats'] for r in dm):.1f} "
-              f"(target ≤ 2, worst of {len(dm)}); requeued {max(r['requeue_after_confirm_s'] for r in dm):.0f} s "
-              f"after confirmation (target ≤ 60 s = 1 reconciler cycle); MTTR (running elsewhere) "
-              f"{statistics.mean(r['mttr_s'] for r in dm):.0f} s mean")
+        print(
+            f"dead machine: suspected after {max(r['suspect_heartbeats'] for r in dm):.1f} heartbeats, "
+            f"confirmed down after {max(r['detect_heartbeats'] for r in dm):.1f} "
+            f"(target ≤ 2, worst of {len(dm)}); requeued {max(r['requeue_after_confirm_s'] for r in dm):.0f} s "
+            f"after confirmation (target ≤ 60 s = 1 reconciler cycle); MTTR (running elsewhere) "
+            f"{statistics.mean(r['mttr_s'] for r in dm):.0f} s mean"
+        )
         fl = [flaky_machine(args.pg, tmp, args.seed + i) for i in range(args.repeat)]
         for r in fl:
             ratio = r["share_after"] / r["share_before"] if r["share_before"] else float("nan")
-            print(f"flaky machine (30 % failures, 1 of 10): tier ≥ 1 after {r['to_tier1_heartbeats']:.1f} "
-                  f"heartbeats (window {r['window_heartbeats']}); share of work {r['share_before']:.1%} → "
-                  f"{r['share_after']:.1%} (×{ratio:.2f}, target ≤ 0.50); tiers {r['tiers_reached']}; "
-                  f"healthy machines quarantined {r['healthy_machines_quarantined']}")
+            print(
+                f"flaky machine (30 % failures, 1 of 10): tier ≥ 1 after {r['to_tier1_heartbeats']:.1f} "
+                f"heartbeats (window {r['window_heartbeats']}); share of work {r['share_before']:.1%} → "
+                f"{r['share_after']:.1%} (×{ratio:.2f}, target ≤ 0.50); tiers {r['tiers_reached']}; "
+                f"healthy machines quarantined {r['healthy_machines_quarantined']}"
+            )
         sh = [slow_healthy(args.pg, tmp, args.seed + i) for i in range(args.repeat)]
-        print(f"slow-but-healthy mesh (8 machines, tasks 5× slower, heartbeats up to 25 s late, 2 h): "
-              f"false quarantines {sum(r['false_quarantines'] for r in sh)} (target 0), "
-              f"false machine-downs {sum(r['false_downs'] for r in sh)}, "
-              f"tasks done {sum(r['tasks_done'] for r in sh)}")
+        print(
+            f"slow-but-healthy mesh (8 machines, tasks 5× slower, heartbeats up to 25 s late, 2 h): "
+            f"false quarantines {sum(r['false_quarantines'] for r in sh)} (target 0), "
+            f"false machine-downs {sum(r['false_downs'] for r in sh)}, "
+            f"tasks done {sum(r['tasks_done'] for r in sh)}"
+        )
         if not args.no_tmux and shutil.which("tmux"):
             dp = dead_pane(tmp)
-            print(f"dead pane (real tmux, kill-pane): back in {dp['mttr_s_median']:.2f} s median, "
-                  f"{dp['mttr_s_max']:.2f} s max over {dp['rounds']} (target < 5 s)")
+            print(
+                f"dead pane (real tmux, kill-pane): back in {dp['mttr_s_median']:.2f} s median, "
+                f"{dp['mttr_s_max']:.2f} s max over {dp['rounds']} (target < 5 s)"
+            )
 
 
 if __name__ == "__main__":

@@ -21,10 +21,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # The orchestrator's own counters: observed where stages run, exported with the mesh's.
 PIPELINE = CollectorRegistry()
-STAGE_SECONDS = Histogram("fleet_stage_duration_seconds", "Pipeline stage durations", ["stage"],
-                          registry=PIPELINE, buckets=(1, 10, 60, 300, 900, 1800, 3600, 14400))
-STAGE_RETRIES = Counter("fleet_stage_retries_total", "Pipeline stage retries", ["stage"],
-                        registry=PIPELINE)
+STAGE_SECONDS = Histogram(
+    "fleet_stage_duration_seconds",
+    "Pipeline stage durations",
+    ["stage"],
+    registry=PIPELINE,
+    buckets=(1, 10, 60, 300, 900, 1800, 3600, 14400),
+)
+STAGE_RETRIES = Counter(
+    "fleet_stage_retries_total", "Pipeline stage retries", ["stage"], registry=PIPELINE
+)
 
 
 def recovery_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -43,9 +49,11 @@ def recovery_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
             repairs.setdefault(kind, []).append((e["at"] - start).total_seconds())
             if action == "lift":
                 false_positive += 1
-    return {"mttr_seconds": {k: sum(v) / len(v) for k, v in repairs.items()},
-            "repairs": {k: len(v) for k, v in repairs.items()},
-            "false_positive_quarantines": false_positive}
+    return {
+        "mttr_seconds": {k: sum(v) / len(v) for k, v in repairs.items()},
+        "repairs": {k: len(v) for k, v in repairs.items()},
+        "false_positive_quarantines": false_positive,
+    }
 
 
 def mesh_metrics(store: Any, now: datetime, *, since: timedelta | None = None) -> CollectorRegistry:
@@ -60,8 +68,12 @@ def mesh_metrics(store: Any, now: datetime, *, since: timedelta | None = None) -
     for m in store.machines():
         machines.labels(m.status).inc()
     if hasattr(store, "immune_states"):
-        quarantines = Gauge("fleet_mesh_quarantines", "Subjects in quarantine by kind and tier",
-                            ["kind", "tier"], registry=reg)
+        quarantines = Gauge(
+            "fleet_mesh_quarantines",
+            "Subjects in quarantine by kind and tier",
+            ["kind", "tier"],
+            registry=reg,
+        )
         for s in store.immune_states():
             if s.quarantined(now):
                 quarantines.labels(s.subject.kind, str(int(s.tier))).inc()
@@ -69,21 +81,31 @@ def mesh_metrics(store: Any, now: datetime, *, since: timedelta | None = None) -
         if since is not None:
             events = [e for e in events if e["at"] >= now - since]
         figures = recovery_figures(events)
-        mttr = Gauge("fleet_mesh_mttr_seconds", "Mean time from quarantine to release",
-                     ["kind"], registry=reg)
+        mttr = Gauge(
+            "fleet_mesh_mttr_seconds",
+            "Mean time from quarantine to release",
+            ["kind"],
+            registry=reg,
+        )
         for kind, seconds in figures["mttr_seconds"].items():
             mttr.labels(kind).set(seconds)
-        Gauge("fleet_mesh_false_positive_quarantines", "Quarantines an operator lifted",
-              registry=reg).set(figures["false_positive_quarantines"])
-        actions = Gauge("fleet_mesh_immune_actions", "Immune decisions in the window",
-                        ["action"], registry=reg)
+        Gauge(
+            "fleet_mesh_false_positive_quarantines", "Quarantines an operator lifted", registry=reg
+        ).set(figures["false_positive_quarantines"])
+        actions = Gauge(
+            "fleet_mesh_immune_actions", "Immune decisions in the window", ["action"], registry=reg
+        )
         for e in events:
             actions.labels(e["action"]).inc()
     if hasattr(store, "breaker_rows"):
         from fleet.mesh.watchdog import breaker_snapshot
 
-        open_ = Gauge("fleet_breaker_open", "1 when the breaker is open in some process",
-                      ["name", "state"], registry=reg)
+        open_ = Gauge(
+            "fleet_breaker_open",
+            "1 when the breaker is open in some process",
+            ["name", "state"],
+            registry=reg,
+        )
         for name, b in breaker_snapshot(store, now).items():
             open_.labels(name, b["state"]).set(1 if b["state"] != "closed" else 0)
     return reg
@@ -93,15 +115,19 @@ def render(*registries: CollectorRegistry) -> bytes:
     return b"".join(generate_latest(r) for r in registries)
 
 
-def metrics_endpoint(open_store: Callable[[], Any], clock: Callable[[], datetime]) -> Callable[[], bytes]:
+def metrics_endpoint(
+    open_store: Callable[[], Any], clock: Callable[[], datetime]
+) -> Callable[[], bytes]:
     """A function a server calls per GET /metrics (the supervisor's status server mounts it):
     opens the store, renders the mesh and this process's pipeline metrics, closes it."""
+
     def body() -> bytes:
         store = open_store()
         try:
             return render(mesh_metrics(store, clock()), PIPELINE)
         finally:
             store.close()
+
     return body
 
 
@@ -114,5 +140,8 @@ def push(gateway: str, job: str, registry: CollectorRegistry) -> None:
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     """(name, labels, value) of every sample in a Prometheus text exposition."""
-    return [(s.name, dict(s.labels), s.value)
-            for family in text_string_to_metric_families(text) for s in family.samples]
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]

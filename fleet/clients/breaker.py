@@ -9,9 +9,9 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any, Callable, TypeVar
 
-from fleet.settings import get_settings
 from fleet.clock import Clock, SystemClock
 from fleet.errors import CircuitOpen
+from fleet.settings import get_settings
 
 log = logging.getLogger("fleet.breaker")
 

@@ -65,7 +65,10 @@ def _spin() -> None:  # pragma: no cover - runs in the child processes
 
 
 def cpu_spike(cores: int | None = None) -> Fault:
-    procs = [multiprocessing.Process(target=_spin, daemon=True) for _ in range(cores or os.cpu_count() or 1)]
+    procs = [
+        multiprocessing.Process(target=_spin, daemon=True)
+        for _ in range(cores or os.cpu_count() or 1)
+    ]
     for p in procs:
         p.start()
 
@@ -116,10 +119,16 @@ def gateway_errors(url: str, token: str | None = None) -> Fault:
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     admin = url.rstrip("/") + "/_admin/faults"
-    httpx.post(admin, json={"fail_next": 10**9, "fail_status": 503}, headers=headers,
-               timeout=5).raise_for_status()
-    return Fault("gateway-errors", url, lambda: httpx.post(
-        admin, json={"fail_next": 0}, headers=headers, timeout=5).raise_for_status())
+    httpx.post(
+        admin, json={"fail_next": 10**9, "fail_status": 503}, headers=headers, timeout=5
+    ).raise_for_status()
+    return Fault(
+        "gateway-errors",
+        url,
+        lambda: httpx.post(
+            admin, json={"fail_next": 0}, headers=headers, timeout=5
+        ).raise_for_status(),
+    )
 
 
 def store_outage(url: str) -> Fault:
@@ -144,11 +153,19 @@ def store_outage(url: str) -> Fault:
             pg.close()
 
         return Fault("store-outage", "postgresql", revert_pg)
-    raise ConfigError(f"store-outage needs a sqlite:/// or postgresql:// store URL, not {url.split(':')[0]!r}")
+    raise ConfigError(
+        f"store-outage needs a sqlite:/// or postgresql:// store URL, not {url.split(':')[0]!r}"
+    )
 
 
-def inject(kind: str, *, target: str = "", store_url: str = "", gateway_url: str = "",
-           tmux_socket: str = "fleet") -> Fault:
+def inject(
+    kind: str,
+    *,
+    target: str = "",
+    store_url: str = "",
+    gateway_url: str = "",
+    tmux_socket: str = "fleet",
+) -> Fault:
     """Start one fault; `revert()` undoes it."""
     if kind == "cpu-spike":
         return cpu_spike(int(target) if target else None)
@@ -162,7 +179,9 @@ def inject(kind: str, *, target: str = "", store_url: str = "", gateway_url: str
         return kill_pane(target, tmux_socket)
     if kind == "gateway-errors":
         if not gateway_url:
-            raise ConfigError("gateway-errors needs the dev gateway URL (--gateway-url or FLEET_AURA_URL)")
+            raise ConfigError(
+                "gateway-errors needs the dev gateway URL (--gateway-url or FLEET_AURA_URL)"
+            )
         return gateway_errors(gateway_url)
     if kind == "store-outage":
         return store_outage(store_url)

@@ -94,14 +94,14 @@ _VARIABLE = re.compile(r"[0-9]|[A-Za-z0-9]+[._-][A-Za-z0-9._-]*")
 
 def _shape(token: str, first: bool) -> str:
     if first:
-        return token.rsplit("/", 1)[-1]            # the program, wherever it is installed
+        return token.rsplit("/", 1)[-1]  # the program, wherever it is installed
     if token.startswith("-"):
-        return token.split("=", 1)[0]              # flags, without their values
+        return token.split("=", 1)[0]  # flags, without their values
     words = token.split()
     if not words:
         return ""
     if words[0].startswith("/"):
-        return words[0]                            # a slash command names its family
+        return words[0]  # a slash command names its family
     # A prompt's family: its first two words, with app ids, numbers and paths blanked.
     return " ".join("*" if _VARIABLE.search(w) else w.lower() for w in words[:2])
 
@@ -123,10 +123,14 @@ RATE_LIMITED = re.compile(
     re.IGNORECASE,
 )
 _EPOCH = re.compile(r"\|\s*(\d{10})\b")
-_ISO = re.compile(r"\b(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)")
+_ISO = re.compile(
+    r"\b(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)"
+)
 _AFTER = re.compile(r"retry[- ]after:?\s*(\d+)\s*(?:s|sec|seconds)?\b", re.IGNORECASE)
-_IN = re.compile(r"\bin\s+(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hours?)\b",
-                 re.IGNORECASE)
+_IN = re.compile(
+    r"\bin\s+(\d+(?:\.\d+)?)\s*(s|sec|secs|seconds?|m|min|mins|minutes?|h|hr|hours?)\b",
+    re.IGNORECASE,
+)
 _CLOCK = re.compile(r"\bresets?\s+(?:at\s+)?(\d{1,2})(?::(\d{2}))?\s*(am|pm)?", re.IGNORECASE)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 
@@ -200,7 +204,9 @@ def choose_corrective(kind: SubjectKind, signature: str, antibodies: Iterable[An
     known = [a for a in antibodies if a.signature == signature and a.successes > a.failures]
     if not known:
         return INNATE_CORRECTIVE[kind]
-    return max(known, key=lambda a: (a.successes - a.failures, a.successes, a.corrective)).corrective
+    return max(
+        known, key=lambda a: (a.successes - a.failures, a.successes, a.corrective)
+    ).corrective
 
 
 def learn(antibody: Antibody, worked: bool) -> Antibody:
@@ -254,8 +260,9 @@ class ImmunePolicy:
         return timedelta(seconds=n * self.heartbeat_seconds)
 
     def exclusion(self, ejections: int) -> timedelta:
-        return self.heartbeats(min(self.hard_heartbeats * max(1, ejections),
-                                   self.max_exclusion_heartbeats))
+        return self.heartbeats(
+            min(self.hard_heartbeats * max(1, ejections), self.max_exclusion_heartbeats)
+        )
 
 
 @dataclass(frozen=True)
@@ -264,13 +271,13 @@ class SubjectState:
 
     subject: Subject
     tier: Tier = Tier.INNATE
-    failures: tuple[datetime, ...] = ()   # failure times inside the window, oldest first
+    failures: tuple[datetime, ...] = ()  # failure times inside the window, oldest first
     successes: tuple[datetime, ...] = ()  # success times inside the window, oldest first
-    ejections: int = 0                    # hard quarantines so far (multiplies the exclusion)
-    until: datetime | None = None         # end of the soft weight, or of the exclusion
-    probe_task: str | None = None         # the one task let through after an exclusion
+    ejections: int = 0  # hard quarantines so far (multiplies the exclusion)
+    until: datetime | None = None  # end of the soft weight, or of the exclusion
+    probe_task: str | None = None  # the one task let through after an exclusion
     backoff_until: datetime | None = None  # accounts: rate-limited until then
-    sensitivity: int = 0                  # tier 3 steps: thresholds lowered by this much
+    sensitivity: int = 0  # tier 3 steps: thresholds lowered by this much
     reason: str = ""
     changed_at: datetime | None = None
 
@@ -297,7 +304,8 @@ class SubjectState:
     def excluded(self, now: datetime) -> bool:
         """Gets no work: hard-quarantined and not yet due (or its probe is out)."""
         return self.tier >= Tier.HARD and (
-            self.probe_task is not None or self.until is None or now < self.until)
+            self.probe_task is not None or self.until is None or now < self.until
+        )
 
     def probing(self, now: datetime) -> bool:
         return self.tier >= Tier.HARD and not self.excluded(now)
@@ -326,8 +334,9 @@ class Observation:
 class Action:
     """What a step decided, for the caller to apply, record and announce."""
 
-    kind: Literal["corrective", "quarantine", "release", "probe", "alert", "backoff",
-                  "braked", "decay"]
+    kind: Literal[
+        "corrective", "quarantine", "release", "probe", "alert", "backoff", "braked", "decay"
+    ]
     subject: Subject
     tier: Tier = Tier.INNATE
     detail: dict[str, Any] = field(default_factory=dict)
@@ -342,8 +351,11 @@ def in_window(times: Iterable[datetime], now: datetime, window: timedelta) -> tu
 def looks_unhealthy(state: SubjectState, now: datetime, policy: ImmunePolicy) -> bool:
     if state.tier >= Tier.HARD:
         return True
-    windowed = replace(state, failures=in_window(state.failures, now, policy.window),
-                       successes=in_window(state.successes, now, policy.window))
+    windowed = replace(
+        state,
+        failures=in_window(state.failures, now, policy.window),
+        successes=in_window(state.successes, now, policy.window),
+    )
     return windowed.failing(state.soft_threshold(policy), policy)
 
 
@@ -361,27 +373,41 @@ def hard_quarantine_cap(population: int, share: float) -> int:
     return max(1, math.floor(population * share + 1e-9))
 
 
-def brake(subject: Subject, tier: Tier, states: Mapping[Subject, SubjectState], population: int,
-          now: datetime, policy: ImmunePolicy) -> Brake:
+def brake(
+    subject: Subject,
+    tier: Tier,
+    states: Mapping[Subject, SubjectState],
+    population: int,
+    now: datetime,
+    policy: ImmunePolicy,
+) -> Brake:
     """May `subject` go to `tier` now, given the others of its kind?"""
     peers = [s for s in states.values() if s.subject.kind == subject.kind]
     population = max(population, len(peers), 1)
     unhealthy = sum(1 for s in peers if looks_unhealthy(s, now, policy))
     if unhealthy / population >= policy.panic_unhealthy_share:
-        return Brake(False, f"{unhealthy} of {population} {subject.kind}s look unhealthy "
-                            f"(≥ {policy.panic_unhealthy_share:.0%}): likely our own network; "
-                            "not quarantining")
+        return Brake(
+            False,
+            f"{unhealthy} of {population} {subject.kind}s look unhealthy "
+            f"(≥ {policy.panic_unhealthy_share:.0%}): likely our own network; "
+            "not quarantining",
+        )
     if tier >= Tier.HARD:
         cap = hard_quarantine_cap(population, policy.max_quarantined_share)
         held = sum(1 for s in peers if s.tier >= Tier.HARD and s.subject != subject)
         if held >= cap:
-            return Brake(False, f"{held} of {population} {subject.kind}s already hard-quarantined "
-                                f"(cap {cap}, {policy.max_quarantined_share:.0%})")
+            return Brake(
+                False,
+                f"{held} of {population} {subject.kind}s already hard-quarantined "
+                f"(cap {cap}, {policy.max_quarantined_share:.0%})",
+            )
     return Brake(True)
 
 
 # Steps -------------------------------------------------------------------------------
-def _eject(state: SubjectState, at: datetime, policy: ImmunePolicy, why: str) -> tuple[SubjectState, list[Action]]:
+def _eject(
+    state: SubjectState, at: datetime, policy: ImmunePolicy, why: str
+) -> tuple[SubjectState, list[Action]]:
     ejections = state.ejections + 1
     recalibrate = ejections >= policy.recalibrate_ejections
     tier = Tier.RECALIBRATE if recalibrate else Tier.HARD
@@ -392,20 +418,43 @@ def _eject(state: SubjectState, at: datetime, policy: ImmunePolicy, why: str) ->
         floor_step = max(0, policy.soft_failures - policy.min_failures)
         sensitivity = min(sensitivity + 1, floor_step)
     until = at + policy.exclusion(ejections)
-    new = replace(state, tier=tier, ejections=ejections, until=until, probe_task=None,
-                  sensitivity=sensitivity, reason=why, changed_at=at)
-    actions.append(Action("quarantine", state.subject, tier,
-                          {"until": until.isoformat(), "ejections": ejections, "reason": why}))
+    new = replace(
+        state,
+        tier=tier,
+        ejections=ejections,
+        until=until,
+        probe_task=None,
+        sensitivity=sensitivity,
+        reason=why,
+        changed_at=at,
+    )
+    actions.append(
+        Action(
+            "quarantine",
+            state.subject,
+            tier,
+            {"until": until.isoformat(), "ejections": ejections, "reason": why},
+        )
+    )
     if recalibrate:
-        actions.append(Action("alert", state.subject, tier, {
-            "reason": f"{state.subject} ejected {ejections} times: {why}",
-            "soft_failures": new.soft_threshold(policy),
-            "hard_failures": new.hard_threshold(policy)}))
+        actions.append(
+            Action(
+                "alert",
+                state.subject,
+                tier,
+                {
+                    "reason": f"{state.subject} ejected {ejections} times: {why}",
+                    "soft_failures": new.soft_threshold(policy),
+                    "hard_failures": new.hard_threshold(policy),
+                },
+            )
+        )
     return new, actions
 
 
-def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
-            brake_for: Any = None) -> tuple[SubjectState, list[Action]]:
+def observe(
+    state: SubjectState, obs: Observation, policy: ImmunePolicy, brake_for: Any = None
+) -> tuple[SubjectState, list[Action]]:
     """One observation of `state.subject` (time passes to it first). `brake_for(tier) -> Brake`
     (None: always allowed) is asked before any new quarantine."""
     state, passed = tick(state, obs.at, policy, brake_for)
@@ -413,25 +462,43 @@ def observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
     return state, passed + decided
 
 
-def _observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
-             brake_for: Any) -> tuple[SubjectState, list[Action]]:
+def _observe(
+    state: SubjectState, obs: Observation, policy: ImmunePolicy, brake_for: Any
+) -> tuple[SubjectState, list[Action]]:
     at = obs.at
     if obs.outcome == "rate_limited":
         # Not a failure: the account waits for its reset, the task is not charged.
-        reset = rate_limit_reset(obs.reason, at) or at + timedelta(seconds=policy.account_backoff_seconds)
+        reset = rate_limit_reset(obs.reason, at) or at + timedelta(
+            seconds=policy.account_backoff_seconds
+        )
         until = max(reset, state.backoff_until or reset)
-        return (replace(state, backoff_until=until, changed_at=at),
-                [Action("backoff", state.subject, state.tier, {"until": until.isoformat()})])
+        return (
+            replace(state, backoff_until=until, changed_at=at),
+            [Action("backoff", state.subject, state.tier, {"until": until.isoformat()})],
+        )
     if obs.outcome == "success":
-        if state.probing(at) or (state.tier >= Tier.HARD and obs.task_id is not None
-                                 and obs.task_id == state.probe_task):
-            return (replace(state, tier=Tier.INNATE, failures=(), successes=(at,), until=None,
-                            probe_task=None, reason="probe succeeded", changed_at=at),
-                    [Action("release", state.subject, Tier.INNATE, {"reason": "probe succeeded"})])
+        if state.probing(at) or (
+            state.tier >= Tier.HARD and obs.task_id is not None and obs.task_id == state.probe_task
+        ):
+            return (
+                replace(
+                    state,
+                    tier=Tier.INNATE,
+                    failures=(),
+                    successes=(at,),
+                    until=None,
+                    probe_task=None,
+                    reason="probe succeeded",
+                    changed_at=at,
+                ),
+                [Action("release", state.subject, Tier.INNATE, {"reason": "probe succeeded"})],
+            )
         state = replace(state, successes=in_window((*state.successes, at), at, policy.window))
         if state.tier == Tier.SOFT and not state.failing(state.soft_threshold(policy), policy):
-            return (replace(state, tier=Tier.INNATE, until=None, reason="recovered", changed_at=at),
-                    [Action("release", state.subject, Tier.INNATE, {"reason": "recovered"})])
+            return (
+                replace(state, tier=Tier.INNATE, until=None, reason="recovered", changed_at=at),
+                [Action("release", state.subject, Tier.INNATE, {"reason": "recovered"})],
+            )
         return state, []
 
     failures = in_window((*state.failures, at), at, policy.window)
@@ -455,16 +522,25 @@ def _observe(state: SubjectState, obs: Observation, policy: ImmunePolicy,
         b = allowed(Tier.SOFT)
         if b.allowed:
             until = at + policy.heartbeats(policy.soft_heartbeats)
-            return (replace(state, tier=Tier.SOFT, until=until, reason=why, changed_at=at),
-                    braked + [Action("quarantine", state.subject, Tier.SOFT,
-                                     {"until": until.isoformat(), "weight": policy.soft_weight,
-                                      "reason": why})])
+            return (
+                replace(state, tier=Tier.SOFT, until=until, reason=why, changed_at=at),
+                braked
+                + [
+                    Action(
+                        "quarantine",
+                        state.subject,
+                        Tier.SOFT,
+                        {"until": until.isoformat(), "weight": policy.soft_weight, "reason": why},
+                    )
+                ],
+            )
         braked.append(Action("braked", state.subject, Tier.SOFT, {"reason": b.reason}))
     return state, braked + [Action("corrective", state.subject, Tier.INNATE, {"reason": why})]
 
 
-def tick(state: SubjectState, now: datetime, policy: ImmunePolicy,
-         brake_for: Any = None) -> tuple[SubjectState, list[Action]]:
+def tick(
+    state: SubjectState, now: datetime, policy: ImmunePolicy, brake_for: Any = None
+) -> tuple[SubjectState, list[Action]]:
     """Time passing: the window slides, tier 1 runs out (or escalates to tier 2 if the subject
     kept failing under it), an account's backoff ends, and a clean period forgives one ejection."""
     actions: list[Action] = []
@@ -479,14 +555,24 @@ def tick(state: SubjectState, now: datetime, policy: ImmunePolicy,
             brake_result = brake_for(Tier.HARD) if brake_for is not None else Brake(True)
             if brake_result.allowed:
                 return _eject(new, new.until, policy, "still failing under soft quarantine")
-            actions.append(Action("braked", new.subject, Tier.HARD, {"reason": brake_result.reason}))
-        new = replace(new, tier=Tier.INNATE, until=None, reason="soft quarantine over",
-                      changed_at=now)
-        actions.append(Action("decay", new.subject, Tier.INNATE, {"reason": "soft quarantine over"}))
+            actions.append(
+                Action("braked", new.subject, Tier.HARD, {"reason": brake_result.reason})
+            )
+        new = replace(
+            new, tier=Tier.INNATE, until=None, reason="soft quarantine over", changed_at=now
+        )
+        actions.append(
+            Action("decay", new.subject, Tier.INNATE, {"reason": "soft quarantine over"})
+        )
     if new.backoff_until is not None and now >= new.backoff_until:
         new = replace(new, backoff_until=None)
-    if (new.tier == Tier.INNATE and new.ejections > 0 and not failures and new.changed_at is not None
-            and now - new.changed_at >= policy.exclusion(new.ejections)):
+    if (
+        new.tier == Tier.INNATE
+        and new.ejections > 0
+        and not failures
+        and new.changed_at is not None
+        and now - new.changed_at >= policy.exclusion(new.ejections)
+    ):
         new = replace(new, ejections=new.ejections - 1, changed_at=now)
     return new, actions
 

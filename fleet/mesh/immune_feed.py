@@ -75,35 +75,46 @@ class ImmuneCycle:
     states: dict[Subject, SubjectState] = field(default_factory=dict)
 
     def quarantined(self) -> list[SubjectState]:
-        return sorted((s for s in self.states.values() if s.quarantined(self.at)),
-                      key=lambda s: str(s.subject))
+        return sorted(
+            (s for s in self.states.values() if s.quarantined(self.at)),
+            key=lambda s: str(s.subject),
+        )
 
     def summary(self) -> dict[str, Any]:
         by_tier = {t.name.lower(): 0 for t in Tier if t > Tier.INNATE}
         for s in self.quarantined():
             by_tier[s.tier.name.lower()] += 1
-        return {"observed": self.observed, "quarantined": by_tier,
-                "actions": sorted({a.kind for a in self.actions})}
+        return {
+            "observed": self.observed,
+            "quarantined": by_tier,
+            "actions": sorted({a.kind for a in self.actions}),
+        }
 
 
-def step(states: dict[Subject, SubjectState], obs: Iterable[Observation], now: datetime,
-         policy: ImmunePolicy, population: Mapping[str, int]) -> tuple[dict[Subject, SubjectState],
-                                                                        list[Action]]:
+def step(
+    states: dict[Subject, SubjectState],
+    obs: Iterable[Observation],
+    now: datetime,
+    policy: ImmunePolicy,
+    population: Mapping[str, int],
+) -> tuple[dict[Subject, SubjectState], list[Action]]:
     """Apply observations in order, then let time pass to `now` (pure)."""
     states = dict(states)
     actions: list[Action] = []
+
+    def brake_for(subject: Subject, at: datetime):  # asked before any new quarantine
+        def ask(tier: Tier) -> immune.Brake:
+            return immune.brake(subject, tier, states, population.get(subject.kind, 0), at, policy)
+
+        return ask
+
     for o in obs:
         state = states.get(o.subject) or SubjectState(o.subject)
-        kind = o.subject.kind
-
-        def brake_for(tier: Tier, subject: Subject = o.subject, at: datetime = o.at) -> immune.Brake:
-            return immune.brake(subject, tier, states, population.get(kind, 0), at, policy)
-
-        state, done = immune.observe(state, o, policy, brake_for)
+        state, done = immune.observe(state, o, policy, brake_for(o.subject, o.at))
         states[o.subject] = state
         actions += done
     for subject, state in list(states.items()):
-        state, done = immune.tick(state, now, policy)
+        state, done = immune.tick(state, now, policy, brake_for(subject, now))
         states[subject] = state
         actions += done
     return states, actions
@@ -114,7 +125,9 @@ def run_cycle(store: Any, now: datetime, policy: ImmunePolicy, *, batch: int = 5
     cursor = store.event_cursor(CURSOR)
     rows = store.task_events_after(cursor, batch)
     before = {s.subject: s for s in store.immune_states()}
-    machines = [m for m in store.machines() if m.role != "viewer" and m.status in ("alive", "suspect")]
+    machines = [
+        m for m in store.machines() if m.role != "viewer" and m.status in ("alive", "suspect")
+    ]
     population = {"machine": len(machines), "pane": len(store.pane_states())}
     for kind in ("pane", "task_type", "account"):
         population[kind] = max(population.get(kind, 0), sum(1 for s in before if s.kind == kind))

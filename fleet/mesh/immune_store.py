@@ -20,9 +20,11 @@ from fleet.mesh.store import QueuedTask
 _ACTIVE = "('claimed', 'injected', 'running')"
 # A claim may have picked the probe since the state was read: a save that does not know of
 # it (same exclusion, no probe) keeps it, so a second probe is never let through.
-_KEEP_PROBE = ("CASE WHEN excluded.tier >= 2 AND excluded.probe_task IS NULL "
-               "AND excluded.until_at = mesh_immune_state.until_at "
-               "THEN mesh_immune_state.probe_task ELSE excluded.probe_task END")
+_KEEP_PROBE = (
+    "CASE WHEN excluded.tier >= 2 AND excluded.probe_task IS NULL "
+    "AND excluded.until_at = mesh_immune_state.until_at "
+    "THEN mesh_immune_state.probe_task ELSE excluded.probe_task END"
+)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -50,31 +52,51 @@ def state_from_row(row: Any) -> SubjectState:
         return tuple(sorted(_dt(t) for t in value))  # type: ignore[misc]
 
     return SubjectState(
-        subject=Subject.parse(row["subject"]), tier=Tier(row["tier"]),
-        failures=times(row["failures"]), successes=times(row["successes"]),
-        ejections=row["ejections"], until=_dt(row["until_at"]), probe_task=row["probe_task"],
-        backoff_until=_dt(row["backoff_until"]), sensitivity=row["sensitivity"],
-        reason=row["reason"], changed_at=_dt(row["changed_at"]),
+        subject=Subject.parse(row["subject"]),
+        tier=Tier(row["tier"]),
+        failures=times(row["failures"]),
+        successes=times(row["successes"]),
+        ejections=row["ejections"],
+        until=_dt(row["until_at"]),
+        probe_task=row["probe_task"],
+        backoff_until=_dt(row["backoff_until"]),
+        sensitivity=row["sensitivity"],
+        reason=row["reason"],
+        changed_at=_dt(row["changed_at"]),
     )
 
 
 def state_params(state: SubjectState, policy: ImmunePolicy, now: datetime) -> dict[str, Any]:
     weight = policy.soft_weight if state.tier == Tier.SOFT else 1.0
     return {
-        "subject": str(state.subject), "kind": state.subject.kind, "tier": int(state.tier),
-        "weight": weight, "failures": json.dumps([_ts(t) for t in state.failures]),
+        "subject": str(state.subject),
+        "kind": state.subject.kind,
+        "tier": int(state.tier),
+        "weight": weight,
+        "failures": json.dumps([_ts(t) for t in state.failures]),
         "successes": json.dumps([_ts(t) for t in state.successes]),
-        "ejections": state.ejections, "until_at": state.until, "probe_task": state.probe_task,
-        "backoff_until": state.backoff_until, "sensitivity": state.sensitivity,
-        "reason": state.reason[:500], "changed_at": state.changed_at, "updated_at": now,
+        "ejections": state.ejections,
+        "until_at": state.until,
+        "probe_task": state.probe_task,
+        "backoff_until": state.backoff_until,
+        "sensitivity": state.sensitivity,
+        "reason": state.reason[:500],
+        "changed_at": state.changed_at,
+        "updated_at": now,
     }
 
 
 def breaker_row(name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> dict[str, Any]:
-    return {"name": name, "holder": holder, "state": snapshot["state"],
-            "failures": int(snapshot.get("failures") or 0),
-            "opened_at": _dt(snapshot.get("opened_at")), "retry_at": _dt(snapshot.get("retry_at")),
-            "last_error": snapshot.get("last_error"), "updated_at": now}
+    return {
+        "name": name,
+        "holder": holder,
+        "state": snapshot["state"],
+        "failures": int(snapshot.get("failures") or 0),
+        "opened_at": _dt(snapshot.get("opened_at")),
+        "retry_at": _dt(snapshot.get("retry_at")),
+        "last_error": snapshot.get("last_error"),
+        "updated_at": now,
+    }
 
 
 @runtime_checkable
@@ -82,26 +104,54 @@ class ImmuneStore(Protocol):
     """What the immune system, the breakers and the operators need from a mesh store."""
 
     def immune_states(self, kind: str | None = None) -> list[SubjectState]: ...
-    def save_immune(self, states: Iterable[SubjectState], actions: Iterable[Action],
-                    policy: ImmunePolicy, now: datetime, *,
-                    cursor: tuple[str, int] | None = None) -> None:
+    def save_immune(
+        self,
+        states: Iterable[SubjectState],
+        actions: Iterable[Action],
+        policy: ImmunePolicy,
+        now: datetime,
+        *,
+        cursor: tuple[str, int] | None = None,
+    ) -> None:
         """Upsert states, append one event per action and move a feed cursor, atomically."""
+
     def lift(self, subject: Subject, now: datetime, by: str = "operator") -> bool:
         """Release a subject at once (operator); False when it was not quarantined."""
+
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]: ...
     def antibodies(self) -> list[Antibody]: ...
-    def record_antibody(self, signature: str, corrective: str, worked: bool, now: datetime) -> None: ...
+    def record_antibody(
+        self, signature: str, corrective: str, worked: bool, now: datetime
+    ) -> None: ...
     def task_events_after(self, after_id: int, limit: int = 1000) -> list[dict[str, Any]]:
         """mesh_task_events rows with id > after_id (id order), each with its task's task_type."""
+
     def event_cursor(self, name: str) -> int: ...
-    def requeue_unattempted(self, task_id: str, machine_id: str, now: datetime, reason: str,
-                            *, claim_seq: int | None = None) -> bool:
+    def requeue_unattempted(
+        self,
+        task_id: str,
+        machine_id: str,
+        now: datetime,
+        reason: str,
+        *,
+        claim_seq: int | None = None,
+    ) -> bool:
         """Back to the queue without counting a failed attempt (a rate limit); conditional like
         transition."""
-    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
-                     detail: dict[str, Any] | None = None) -> None:
+
+    def record_event(
+        self,
+        task_id: str | None,
+        event: str,
+        machine_id: str | None,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         """Append an agent-observed event (e.g. PaneRespawned) to mesh_task_events."""
-    def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None: ...
+
+    def record_breaker(
+        self, name: str, holder: str, snapshot: dict[str, Any], now: datetime
+    ) -> None: ...
     def breaker_rows(self) -> list[dict[str, Any]]: ...
 
 
@@ -116,24 +166,34 @@ class SQLiteImmuneOps:
         from fleet.mesh.sqlite_store import _task
 
         with self._tx() as db:
-            h = db.execute("SELECT mesh_id, generation, role, status FROM mesh_health "
-                           "WHERE machine_id = ?", (machine_id,)).fetchone()
+            h = db.execute(
+                "SELECT mesh_id, generation, role, status FROM mesh_health WHERE machine_id = ?",
+                (machine_id,),
+            ).fetchone()
             if h is None or h["status"] in ("down", "left") or h["role"] == "viewer" or limit <= 0:
                 return []
-            s = db.execute("SELECT * FROM mesh_immune_state WHERE subject = ?",
-                           (f"machine:{machine_id}",)).fetchone()
+            s = db.execute(
+                "SELECT * FROM mesh_immune_state WHERE subject = ?", (f"machine:{machine_id}",)
+            ).fetchone()
             probe, credit = False, None
             if s is not None and s["tier"] >= 2:
                 if s["probe_task"] is not None or s["until_at"] is None or s["until_at"] > _ts(now):
                     return []
                 probe, limit = True, 1
-            elif (s is not None and s["tier"] == 1 and s["until_at"] is not None
-                  and s["until_at"] > _ts(now) and s["weight"] < 1):
+            elif (
+                s is not None
+                and s["tier"] == 1
+                and s["until_at"] is not None
+                and s["until_at"] > _ts(now)
+                and s["weight"] < 1
+            ):
                 credit = min(s["claim_credit"] + s["weight"] * limit, float(limit))
                 limit = math.floor(credit)
                 if limit == 0:
-                    db.execute("UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
-                               (credit, f"machine:{machine_id}"))
+                    db.execute(
+                        "UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
+                        (credit, f"machine:{machine_id}"),
+                    )
                     return []
             rows = db.execute(
                 "UPDATE mesh_task_queue SET status = 'claimed', claimed_by = ?, claimed_at = ?, "
@@ -158,22 +218,35 @@ class SQLiteImmuneOps:
             db.executemany(
                 "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
                 "VALUES (?, 'claimed', ?, ?, ?)",
-                [(t.task_id, machine_id, _ts(now),
-                  json.dumps({"attempts": t.attempts, "claim_seq": t.claim_seq})) for t in tasks],
+                [
+                    (
+                        t.task_id,
+                        machine_id,
+                        _ts(now),
+                        json.dumps({"attempts": t.attempts, "claim_seq": t.claim_seq}),
+                    )
+                    for t in tasks
+                ],
             )
             seen: set[str] = set()
             for t in tasks:  # a due, hard-quarantined task type: this row is its probe
                 if t.task_type and t.task_type not in seen:
                     seen.add(t.task_type)
-                    db.execute("UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? "
-                               "WHERE subject = ? AND tier >= 2 AND probe_task IS NULL",
-                               (t.task_id, _ts(now), f"task_type:{t.task_type}"))
+                    db.execute(
+                        "UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? "
+                        "WHERE subject = ? AND tier >= 2 AND probe_task IS NULL",
+                        (t.task_id, _ts(now), f"task_type:{t.task_type}"),
+                    )
             if probe and tasks:
-                db.execute("UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? "
-                           "WHERE subject = ?", (tasks[0].task_id, _ts(now), f"machine:{machine_id}"))
+                db.execute(
+                    "UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? WHERE subject = ?",
+                    (tasks[0].task_id, _ts(now), f"machine:{machine_id}"),
+                )
             elif credit is not None:
-                db.execute("UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
-                           (credit - len(tasks), f"machine:{machine_id}"))
+                db.execute(
+                    "UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
+                    (credit - len(tasks), f"machine:{machine_id}"),
+                )
         return tasks
 
     # States --------------------------------------------------------------------------
@@ -183,9 +256,15 @@ class SQLiteImmuneOps:
             sql, params = sql + " WHERE kind = ?", (kind,)
         return [state_from_row(r) for r in self._query(sql + " ORDER BY subject", params)]
 
-    def save_immune(self, states: Iterable[SubjectState], actions: Iterable[Action],
-                    policy: ImmunePolicy, now: datetime, *,
-                    cursor: tuple[str, int] | None = None) -> None:
+    def save_immune(
+        self,
+        states: Iterable[SubjectState],
+        actions: Iterable[Action],
+        policy: ImmunePolicy,
+        now: datetime,
+        *,
+        cursor: tuple[str, int] | None = None,
+    ) -> None:
         rows = [state_params(s, policy, now) for s in states]
         for r in rows:
             for key in ("until_at", "backoff_until", "changed_at", "updated_at"):
@@ -209,8 +288,10 @@ class SQLiteImmuneOps:
             )
             db.executemany(
                 "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) VALUES (?, ?, ?, ?, ?)",
-                [(str(a.subject), a.kind, int(a.tier), _ts(now), json.dumps(a.detail))
-                 for a in actions],
+                [
+                    (str(a.subject), a.kind, int(a.tier), _ts(now), json.dumps(a.detail))
+                    for a in actions
+                ],
             )
             if cursor is not None:
                 db.execute(
@@ -232,22 +313,35 @@ class SQLiteImmuneOps:
                 (f"lifted by {by}", _ts(now), _ts(now), str(subject)),
             ).fetchone()
             if row is not None:
-                db.execute("INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
-                           "VALUES (?, 'lift', 0, ?, ?)", (str(subject), _ts(now), json.dumps({"by": by})))
+                db.execute(
+                    "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
+                    "VALUES (?, 'lift', 0, ?, ?)",
+                    (str(subject), _ts(now), json.dumps({"by": by})),
+                )
         return row is not None
 
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]:
         sql, params = "SELECT * FROM mesh_immune_events", ()
         if subject is not None:
             sql, params = sql + " WHERE subject = ?", (subject,)
-        return [{"id": r["id"], "subject": r["subject"], "action": r["action"], "tier": r["tier"],
-                 "at": _dt(r["at"]), "detail": json.loads(r["detail"])}
-                for r in self._query(sql + " ORDER BY id", params)]
+        return [
+            {
+                "id": r["id"],
+                "subject": r["subject"],
+                "action": r["action"],
+                "tier": r["tier"],
+                "at": _dt(r["at"]),
+                "detail": json.loads(r["detail"]),
+            }
+            for r in self._query(sql + " ORDER BY id", params)
+        ]
 
     # Antibodies ----------------------------------------------------------------------
     def antibodies(self) -> list[Antibody]:
-        return [Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
-                for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")]
+        return [
+            Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
+            for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")
+        ]
 
     def record_antibody(self, signature: str, corrective: str, worked: bool, now: datetime) -> None:
         with self._tx() as db:
@@ -264,15 +358,24 @@ class SQLiteImmuneOps:
         rows = self._query(
             "SELECT e.id, e.task_id, e.event, e.machine_id, e.at, e.detail, q.task_type, q.error "
             "FROM mesh_task_events e LEFT JOIN mesh_task_queue q ON q.task_id = e.task_id "
-            "WHERE e.id > ? ORDER BY e.id LIMIT ?", (after_id, limit))
+            "WHERE e.id > ? ORDER BY e.id LIMIT ?",
+            (after_id, limit),
+        )
         return [{**dict(r), "at": _dt(r["at"]), "detail": json.loads(r["detail"])} for r in rows]
 
     def event_cursor(self, name: str) -> int:
         rows = self._query("SELECT last_event_id FROM mesh_event_cursor WHERE name = ?", (name,))
         return rows[0]["last_event_id"] if rows else 0
 
-    def requeue_unattempted(self, task_id: str, machine_id: str, now: datetime, reason: str,
-                            *, claim_seq: int | None = None) -> bool:
+    def requeue_unattempted(
+        self,
+        task_id: str,
+        machine_id: str,
+        now: datetime,
+        reason: str,
+        *,
+        claim_seq: int | None = None,
+    ) -> bool:
         with self._tx() as db:
             row = db.execute(
                 "UPDATE mesh_task_queue SET status = 'queued', claimed_by = NULL, claimed_at = NULL, "
@@ -283,22 +386,43 @@ class SQLiteImmuneOps:
             ).fetchone()
             if row is None:
                 return False
-            db.execute("INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                       "VALUES (?, 'queued', ?, ?, ?)",
-                       (task_id, machine_id, _ts(now),
-                        json.dumps({"reason": "rate_limited", "attempts": row["attempts"],
-                                    "message": reason[:500]})))
+            db.execute(
+                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
+                "VALUES (?, 'queued', ?, ?, ?)",
+                (
+                    task_id,
+                    machine_id,
+                    _ts(now),
+                    json.dumps(
+                        {
+                            "reason": "rate_limited",
+                            "attempts": row["attempts"],
+                            "message": reason[:500],
+                        }
+                    ),
+                ),
+            )
         return True
 
-    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
-                     detail: dict[str, Any] | None = None) -> None:
+    def record_event(
+        self,
+        task_id: str | None,
+        event: str,
+        machine_id: str | None,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                       "VALUES (?, ?, ?, ?, ?)",
-                       (task_id, event, machine_id, _ts(now), json.dumps(detail or {})))
+            db.execute(
+                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (task_id, event, machine_id, _ts(now), json.dumps(detail or {})),
+            )
 
     # Breakers ------------------------------------------------------------------------
-    def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None:
+    def record_breaker(
+        self, name: str, holder: str, snapshot: dict[str, Any], now: datetime
+    ) -> None:
         row = breaker_row(name, holder, snapshot, now)
         for key in ("opened_at", "retry_at", "updated_at"):
             row[key] = _ts(row[key])
@@ -309,12 +433,20 @@ class SQLiteImmuneOps:
                 ":retry_at, :last_error, :updated_at) ON CONFLICT (name, holder) DO UPDATE SET "
                 "state = excluded.state, failures = excluded.failures, opened_at = excluded.opened_at, "
                 "retry_at = excluded.retry_at, last_error = excluded.last_error, "
-                "updated_at = excluded.updated_at", row)
+                "updated_at = excluded.updated_at",
+                row,
+            )
 
     def breaker_rows(self) -> list[dict[str, Any]]:
-        return [{**dict(r), "opened_at": _dt(r["opened_at"]), "retry_at": _dt(r["retry_at"]),
-                 "updated_at": _dt(r["updated_at"])}
-                for r in self._query("SELECT * FROM mesh_breaker_state ORDER BY name, holder")]
+        return [
+            {
+                **dict(r),
+                "opened_at": _dt(r["opened_at"]),
+                "retry_at": _dt(r["retry_at"]),
+                "updated_at": _dt(r["updated_at"]),
+            }
+            for r in self._query("SELECT * FROM mesh_breaker_state ORDER BY name, holder")
+        ]
 
 
 class PgImmuneOps:
@@ -324,13 +456,22 @@ class PgImmuneOps:
     _query: Any
 
     def immune_states(self, kind: str | None = None) -> list[SubjectState]:
-        rows = self._query("SELECT * FROM mesh_immune_state WHERE (%(k)s::text IS NULL OR kind = %(k)s) "
-                           "ORDER BY subject", {"k": kind})
+        rows = self._query(
+            "SELECT * FROM mesh_immune_state WHERE (%(k)s::text IS NULL OR kind = %(k)s) "
+            "ORDER BY subject",
+            {"k": kind},
+        )
         return [state_from_row(r) for r in rows]
 
-    def save_immune(self, states: Iterable[SubjectState], actions: Iterable[Action],
-                    policy: ImmunePolicy, now: datetime, *,
-                    cursor: tuple[str, int] | None = None) -> None:
+    def save_immune(
+        self,
+        states: Iterable[SubjectState],
+        actions: Iterable[Action],
+        policy: ImmunePolicy,
+        now: datetime,
+        *,
+        cursor: tuple[str, int] | None = None,
+    ) -> None:
         from psycopg.types.json import Jsonb
 
         rows = [state_params(s, policy, now) for s in states]
@@ -380,17 +521,25 @@ class PgImmuneOps:
                 {"r": f"lifted by {by}", "now": now, "s": str(subject)},
             ).fetchone()
             if row is not None:
-                conn.execute("INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
-                             "VALUES (%s, 'lift', 0, %s, %s)", (str(subject), now, Jsonb({"by": by})))
+                conn.execute(
+                    "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
+                    "VALUES (%s, 'lift', 0, %s, %s)",
+                    (str(subject), now, Jsonb({"by": by})),
+                )
         return row is not None
 
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]:
-        return self._query("SELECT id, subject, action, tier, at, detail FROM mesh_immune_events "
-                           "WHERE (%(s)s::text IS NULL OR subject = %(s)s) ORDER BY id", {"s": subject})
+        return self._query(
+            "SELECT id, subject, action, tier, at, detail FROM mesh_immune_events "
+            "WHERE (%(s)s::text IS NULL OR subject = %(s)s) ORDER BY id",
+            {"s": subject},
+        )
 
     def antibodies(self) -> list[Antibody]:
-        return [Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
-                for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")]
+        return [
+            Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
+            for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")
+        ]
 
     def record_antibody(self, signature: str, corrective: str, worked: bool, now: datetime) -> None:
         with self._tx() as conn:
@@ -406,14 +555,23 @@ class PgImmuneOps:
         return self._query(
             "SELECT e.id, e.task_id, e.event, e.machine_id, e.at, e.detail, q.task_type, q.error "
             "FROM mesh_task_events e LEFT JOIN mesh_task_queue q ON q.task_id = e.task_id "
-            "WHERE e.id > %s ORDER BY e.id LIMIT %s", (after_id, limit))
+            "WHERE e.id > %s ORDER BY e.id LIMIT %s",
+            (after_id, limit),
+        )
 
     def event_cursor(self, name: str) -> int:
         rows = self._query("SELECT last_event_id FROM mesh_event_cursor WHERE name = %s", (name,))
         return rows[0]["last_event_id"] if rows else 0
 
-    def requeue_unattempted(self, task_id: str, machine_id: str, now: datetime, reason: str,
-                            *, claim_seq: int | None = None) -> bool:
+    def requeue_unattempted(
+        self,
+        task_id: str,
+        machine_id: str,
+        now: datetime,
+        reason: str,
+        *,
+        claim_seq: int | None = None,
+    ) -> bool:
         rows = self._query(
             "WITH moved AS (UPDATE mesh_task_queue SET status = 'queued', claimed_by = NULL, "
             "  claimed_at = NULL, progress_at = NULL, pane_id = NULL "
@@ -427,15 +585,26 @@ class PgImmuneOps:
         )
         return rows[0]["n"] == 1
 
-    def record_event(self, task_id: str | None, event: str, machine_id: str | None, now: datetime,
-                     detail: dict[str, Any] | None = None) -> None:
+    def record_event(
+        self,
+        task_id: str | None,
+        event: str,
+        machine_id: str | None,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
         from psycopg.types.json import Jsonb
 
         with self._tx() as conn:
-            conn.execute("INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                         "VALUES (%s, %s, %s, %s, %s)", (task_id, event, machine_id, now, Jsonb(detail or {})))
+            conn.execute(
+                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (task_id, event, machine_id, now, Jsonb(detail or {})),
+            )
 
-    def record_breaker(self, name: str, holder: str, snapshot: dict[str, Any], now: datetime) -> None:
+    def record_breaker(
+        self, name: str, holder: str, snapshot: dict[str, Any], now: datetime
+    ) -> None:
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO mesh_breaker_state (name, holder, state, failures, opened_at, retry_at, "

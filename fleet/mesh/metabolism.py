@@ -74,7 +74,9 @@ def grounded_fitness(signals: Iterable[Signal], now: datetime) -> float:
         ws = [decay(ch, (now - s.at).total_seconds()) for s in items]
         if sum(ws) <= 0:
             continue
-        mean = sum(w * min(max(s.value, 0.0), 1.0) for w, s in zip(ws, items, strict=True)) / sum(ws)
+        mean = sum(w * min(max(s.value, 0.0), 1.0) for w, s in zip(ws, items, strict=True)) / sum(
+            ws
+        )
         total += ch.weight * mean
         weight += ch.weight
     return total / weight if weight else 0.5
@@ -93,8 +95,9 @@ def metabolism(signals: Iterable[Signal], now: datetime, volume_target: float = 
         diverse += 1.0 if newest <= ch.half_life_seconds else 0.0
         volume += sum(decay(ch, (now - s.at).total_seconds()) for s in items)
     n = len(CHANNELS)
-    value = (FRESHNESS * fresh / n + DIVERSITY * diverse / n
-             + VOLUME * min(volume / volume_target, 1.0))
+    value = (
+        FRESHNESS * fresh / n + DIVERSITY * diverse / n + VOLUME * min(volume / volume_target, 1.0)
+    )
     return min(max(value, 0.0), 1.0)
 
 

@@ -736,6 +736,6 @@ def test_metabolism_paces_empty_claims_between_30_and_300_seconds(make_agent, st
     for _ in range(3):
         task_id = store.enqueue("skill", ["work"], clock.now())
         clock.advance(settings.claim_seconds)
-        tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.DONE)
+        tick_until(agent, lambda t=task_id: status_of(store, t) is TaskStatus.DONE)
     busy = agent.claim_interval(clock.now(), claimed=False)
     assert 30 <= busy < 300

@@ -13,13 +13,13 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from fleet import metrics
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.mesh import chaos
 from fleet.mesh.health import HealthServer
 from fleet.mesh.immune import Action, ImmunePolicy, Subject, SubjectState, Tier
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity
-from fleet import metrics
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -106,10 +106,17 @@ def _quarantined_store(path) -> SQLiteMeshStore:
     store.heartbeat(MachineIdentity(machine_id="m1", mesh_id="x"), T0, None, [])
     store.enqueue("skill", ["x"], T0, task_id="t")
     now = datetime.now(timezone.utc)
-    s = SubjectState(Subject.machine("m1"), tier=Tier.HARD, ejections=1,
-                     until=now + timedelta(minutes=10), reason="5 failures", changed_at=now)
-    store.save_immune([s], [Action("quarantine", s.subject, s.tier, {"ejections": 1})],
-                      ImmunePolicy(), now)
+    s = SubjectState(
+        Subject.machine("m1"),
+        tier=Tier.HARD,
+        ejections=1,
+        until=now + timedelta(minutes=10),
+        reason="5 failures",
+        changed_at=now,
+    )
+    store.save_immune(
+        [s], [Action("quarantine", s.subject, s.tier, {"ejections": 1})], ImmunePolicy(), now
+    )
     return store
 
 
@@ -131,9 +138,12 @@ def test_metrics_render_queue_quarantines_and_mttr_from_the_store(tmp_path):
 def test_the_health_server_serves_metrics(tmp_path):
     db = tmp_path / "m.db"
     _quarantined_store(db).close()
-    endpoint = metrics.metrics_endpoint(lambda: SQLiteMeshStore(db),
-                                        lambda: datetime.now(timezone.utc))
-    server = HealthServer(lambda: {"status": "ok"}, host="127.0.0.1", port=0, metrics=endpoint).start()
+    endpoint = metrics.metrics_endpoint(
+        lambda: SQLiteMeshStore(db), lambda: datetime.now(timezone.utc)
+    )
+    server = HealthServer(
+        lambda: {"status": "ok"}, host="127.0.0.1", port=0, metrics=endpoint
+    ).start()
     try:
         response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
         assert response.status_code == 200
@@ -156,7 +166,9 @@ def test_quarantine_cli_lists_and_lifts(tmp_path):
     assert lifted.exit_code == 0 and "lifted" in lifted.output
     again = runner.invoke(app, ["mesh", "quarantine", "lift", "machine:m1", "--store-url", url])
     assert again.exit_code == 1 and "not in quarantine" in again.output
-    assert runner.invoke(app, ["mesh", "quarantine", "list", "--store-url", url]).output.strip() \
+    assert (
+        runner.invoke(app, ["mesh", "quarantine", "list", "--store-url", url]).output.strip()
         == "no quarantines"
+    )
     pulled = runner.invoke(app, ["metrics", "pull", "--since", "5m", "--store-url", url])
     assert pulled.exit_code == 0 and "fleet_mesh_queue_depth" in pulled.output

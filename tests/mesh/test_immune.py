@@ -26,7 +26,9 @@ P = ImmunePolicy()  # heartbeat 30 s, window 10 heartbeats, soft 3, hard 5
 MAC = Subject.machine("mac1")
 
 
-def fail(state: SubjectState, at: datetime, reason: str = "boom", **kw) -> tuple[SubjectState, list]:
+def fail(
+    state: SubjectState, at: datetime, reason: str = "boom", **kw
+) -> tuple[SubjectState, list]:
     return immune.observe(state, Observation(state.subject, at, "failure", reason, **kw), P)
 
 
@@ -92,7 +94,7 @@ def test_still_failing_at_the_end_of_a_soft_quarantine_escalates_to_hard():
     for _ in range(3):
         state, _ = fail(state, clock.advance(5))
     assert state.tier == Tier.SOFT
-    state, _ = fail(state, clock.advance(60))      # failing again under the reduced weight
+    state, _ = fail(state, clock.advance(60))  # failing again under the reduced weight
     state, actions = immune.tick(state, state.until, P)
     assert state.tier == Tier.HARD and kinds(actions) == ["quarantine"]
     assert actions[0].detail["reason"] == "still failing under soft quarantine"
@@ -168,11 +170,16 @@ def test_rate_limit_messages_and_their_reset_times():
     assert immune.is_rate_limit("Error: 429 Too Many Requests")
     assert immune.is_rate_limit("Claude AI usage limit reached|1772370000")
     assert not immune.is_rate_limit("AssertionError: 2 != 3")
-    assert immune.rate_limit_reset("usage limit reached|1772370000", now) == \
-        datetime.fromtimestamp(1772370000, tz=timezone.utc)
-    assert immune.rate_limit_reset("rate limited, try again in 5 minutes", now) == now + timedelta(minutes=5)
+    assert immune.rate_limit_reset("usage limit reached|1772370000", now) == datetime.fromtimestamp(
+        1772370000, tz=timezone.utc
+    )
+    assert immune.rate_limit_reset("rate limited, try again in 5 minutes", now) == now + timedelta(
+        minutes=5
+    )
     assert immune.rate_limit_reset("429; Retry-After: 30", now) == now + timedelta(seconds=30)
-    assert immune.rate_limit_reset("resets at 11am", now) == now.replace(hour=11) + timedelta(days=1)
+    assert immune.rate_limit_reset("resets at 11am", now) == now.replace(hour=11) + timedelta(
+        days=1
+    )
     assert immune.rate_limit_reset("limit resets 2026-03-01T13:00:00Z", now) == now.replace(hour=13)
     assert immune.rate_limit_reset("rate limit exceeded", now) is None
 
@@ -202,8 +209,11 @@ def test_failure_signatures_ignore_particulars():
 def test_antibodies_pick_the_corrective_that_worked():
     sig = immune.failure_signature("pane exited")
     assert immune.choose_corrective("pane", sig, []) == "respawn_pane"
-    bodies = [Antibody(sig, "respawn_pane", 1, 3), Antibody(sig, "requeue_elsewhere", 4, 0),
-              Antibody("other", "retry", 9, 0)]
+    bodies = [
+        Antibody(sig, "respawn_pane", 1, 3),
+        Antibody(sig, "requeue_elsewhere", 4, 0),
+        Antibody("other", "retry", 9, 0),
+    ]
     assert immune.choose_corrective("pane", sig, bodies) == "requeue_elsewhere"
     assert immune.learn(bodies[0], True).successes == 2
 
@@ -222,7 +232,9 @@ def test_subjects_parse_and_print():
 
 # Safety brakes -------------------------------------------------------------------------
 def _hard(name: str) -> SubjectState:
-    return SubjectState(Subject.machine(name), tier=Tier.HARD, ejections=1, until=T0 + timedelta(hours=1))
+    return SubjectState(
+        Subject.machine(name), tier=Tier.HARD, ejections=1, until=T0 + timedelta(hours=1)
+    )
 
 
 def _flaky(name: str) -> SubjectState:
@@ -245,9 +257,16 @@ def test_brake_refuses_a_second_hard_quarantine_in_a_small_mesh():
 
 
 def test_brake_stops_quarantining_when_most_of_the_mesh_looks_unhealthy():
-    states = {s.subject: s for s in [_flaky("a"), _flaky("b"), _flaky("c"),
-                                     SubjectState(Subject.machine("d")),
-                                     SubjectState(Subject.machine("e"))]}
+    states = {
+        s.subject: s
+        for s in [
+            _flaky("a"),
+            _flaky("b"),
+            _flaky("c"),
+            SubjectState(Subject.machine("d")),
+            SubjectState(Subject.machine("e")),
+        ]
+    }
     b = immune.brake(Subject.machine("a"), Tier.SOFT, states, 5, T0, P)
     assert not b.allowed and "our own network" in b.reason
 
@@ -257,7 +276,8 @@ def test_a_braked_escalation_stays_at_tier_0_and_says_why():
     refuse = lambda tier: Brake(False, "cap reached")  # noqa: E731
     for i in range(5):
         state, actions = immune.observe(
-            state, Observation(MAC, T0 + timedelta(seconds=i), "failure", "x"), P, refuse)
+            state, Observation(MAC, T0 + timedelta(seconds=i), "failure", "x"), P, refuse
+        )
     assert state.tier == Tier.INNATE
     assert kinds(actions) == ["braked", "braked", "corrective"]
 
@@ -274,17 +294,19 @@ def test_window_keeps_exactly_the_times_inside_it(secs, window_seconds):
     kept = immune.in_window(times, T0, window)
     assert list(kept) == sorted(kept)
     assert len(kept) == sum(1 for t in times if T0 - window < t <= T0)
-    assert immune.in_window(kept, T0, window) == kept          # idempotent
+    assert immune.in_window(kept, T0, window) == kept  # idempotent
     later = immune.in_window(kept, T0 + timedelta(seconds=1), window)
-    assert set(later) <= set(kept)                             # sliding only drops
+    assert set(later) <= set(kept)  # sliding only drops
 
 
 @hsettings(max_examples=100, deadline=None)
-@given(st.lists(st.sampled_from(["failure", "success"]), max_size=60),
-       st.lists(st.integers(min_value=1, max_value=120), min_size=60, max_size=60))
+@given(
+    st.lists(st.sampled_from(["failure", "success"]), max_size=60),
+    st.lists(st.integers(min_value=1, max_value=120), min_size=60, max_size=60),
+)
 def test_any_outcome_sequence_keeps_the_state_consistent(outcomes, gaps):
     state, now = SubjectState(MAC), T0
-    for outcome, gap in zip(outcomes, gaps):
+    for outcome, gap in zip(outcomes, gaps, strict=False):
         now += timedelta(seconds=gap)
         state, _ = immune.observe(state, Observation(MAC, now, outcome, "x"), P)  # type: ignore[arg-type]
         assert len(state.failures) <= P.window_heartbeats * P.heartbeat_seconds

@@ -26,29 +26,68 @@ def run_one(store, machine: str, now: datetime, ok: bool, error: str = "exit 1")
         return None
     t = tasks[0]
     store.transition(t.task_id, machine, TaskStatus.INJECTED, now, pane_id="%1")
-    store.transition(t.task_id, machine, TaskStatus.DONE if ok else TaskStatus.FAILED, now,
-                     **({"output": "ok"} if ok else {"error": error}))
+    store.transition(
+        t.task_id,
+        machine,
+        TaskStatus.DONE if ok else TaskStatus.FAILED,
+        now,
+        **({"output": "ok"} if ok else {"error": error}),
+    )
     return t.task_id
 
 
 def test_events_become_observations_of_each_subject():
     rows = [
-        {"event": "done", "at": T0, "machine_id": "m1", "task_id": "a", "task_type": "skill:1",
-         "detail": {"pane_id": "%1"}},
-        {"event": "failed", "at": T0, "machine_id": "m1", "task_id": "b", "task_type": "skill:1",
-         "detail": {"pane_id": "%2", "error": "Too Many Requests (429)"}},
-        {"event": "queued", "at": T0, "machine_id": "m2", "task_id": "c", "task_type": "skill:1",
-         "detail": {"reason": "orphaned"}},
-        {"event": "queued", "at": T0, "machine_id": None, "task_id": "d", "task_type": "x",
-         "detail": {"kind": "skill"}},
-        {"event": "PaneRespawned", "at": T0, "machine_id": "m1", "task_id": None, "task_type": None,
-         "detail": {"pane_id": "%3"}},
+        {
+            "event": "done",
+            "at": T0,
+            "machine_id": "m1",
+            "task_id": "a",
+            "task_type": "skill:1",
+            "detail": {"pane_id": "%1"},
+        },
+        {
+            "event": "failed",
+            "at": T0,
+            "machine_id": "m1",
+            "task_id": "b",
+            "task_type": "skill:1",
+            "detail": {"pane_id": "%2", "error": "Too Many Requests (429)"},
+        },
+        {
+            "event": "queued",
+            "at": T0,
+            "machine_id": "m2",
+            "task_id": "c",
+            "task_type": "skill:1",
+            "detail": {"reason": "orphaned"},
+        },
+        {
+            "event": "queued",
+            "at": T0,
+            "machine_id": None,
+            "task_id": "d",
+            "task_type": "x",
+            "detail": {"kind": "skill"},
+        },
+        {
+            "event": "PaneRespawned",
+            "at": T0,
+            "machine_id": "m1",
+            "task_id": None,
+            "task_type": None,
+            "detail": {"pane_id": "%3"},
+        },
     ]
     got = [(str(o.subject), o.outcome) for o in observations(rows)]
-    assert got == [("machine:m1", "success"), ("pane:m1/%1", "success"),
-                   ("task_type:skill:1", "success"),
-                   ("machine:m2", "failure"), ("task_type:skill:1", "failure"),
-                   ("pane:m1/%3", "failure")]
+    assert got == [
+        ("machine:m1", "success"),
+        ("pane:m1/%1", "success"),
+        ("task_type:skill:1", "success"),
+        ("machine:m2", "failure"),
+        ("task_type:skill:1", "failure"),
+        ("pane:m1/%3", "failure"),
+    ]
 
 
 def test_a_flaky_machine_is_quarantined_and_gets_less_work(any_store):
@@ -57,7 +96,9 @@ def test_a_flaky_machine_is_quarantined_and_gets_less_work(any_store):
     machines = [f"m{i}" for i in range(10)]
     join(store, *machines, now=clock.now())
     for i in range(200):
-        store.enqueue("skill", ["claude", "-p", f"/evolve app-{i % 7}"], clock.now(), task_id=f"t{i:03d}")
+        store.enqueue(
+            "skill", ["claude", "-p", f"/evolve app-{i % 7}"], clock.now(), task_id=f"t{i:03d}"
+        )
     for _ in range(5):  # m0 fails everything; the others succeed
         for m in machines:
             run_one(store, m, clock.now(), ok=(m != "m0"))
@@ -65,8 +106,11 @@ def test_a_flaky_machine_is_quarantined_and_gets_less_work(any_store):
     cycle = run_cycle(store, clock.now(), P)
     state = cycle.states[Subject.machine("m0")]
     assert state.tier == Tier.HARD
-    assert all(cycle.states[Subject.machine(m)].tier == Tier.INNATE
-               for m in machines[1:] if Subject.machine(m) in cycle.states)
+    assert all(
+        cycle.states[Subject.machine(m)].tier == Tier.INNATE
+        for m in machines[1:]
+        if Subject.machine(m) in cycle.states
+    )
     assert store.claim("m0", clock.now()) == []
     # The cursor moved: the same events are not counted twice.
     again = run_cycle(store, clock.now(), P)
@@ -89,7 +133,10 @@ def test_the_probe_releases_a_machine_that_recovered(any_store):
     cycle = run_cycle(store, clock.now(), P)
     assert cycle.states[Subject.machine("m0")].tier == Tier.INNATE
     assert [(e["action"], e["tier"]) for e in store.immune_events("machine:m0")] == [
-        ("quarantine", 1), ("quarantine", 2), ("release", 0)]
+        ("quarantine", 1),
+        ("quarantine", 2),
+        ("release", 0),
+    ]
 
 
 def test_the_watchdog_reports_quarantines(any_store):
@@ -105,7 +152,8 @@ def test_the_watchdog_reports_quarantines(any_store):
     assert [q["subject"] for q in report.quarantines][:2] == ["machine:m0", "pane:m0/%1"]
     assert report.summary()["quarantined"] == 3
     assert {"subject": "machine:m0", "action": "quarantine", "tier": 1} in [
-        {k: a[k] for k in ("subject", "action", "tier")} for a in report.immune_actions]
+        {k: a[k] for k in ("subject", "action", "tier")} for a in report.immune_actions
+    ]
 
 
 def test_a_rate_limited_failure_is_not_held_against_anyone(any_store):

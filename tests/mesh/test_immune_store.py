@@ -21,16 +21,34 @@ def store(any_store):
     return any_store
 
 
-def join(store, machine_id: str, now: datetime, mesh_id: str = "mesh-a", generation: int = 1) -> None:
-    store.heartbeat(MachineIdentity(machine_id=machine_id, mesh_id=mesh_id, generation=generation),
-                    now, None, [])
+def join(
+    store, machine_id: str, now: datetime, mesh_id: str = "mesh-a", generation: int = 1
+) -> None:
+    store.heartbeat(
+        MachineIdentity(machine_id=machine_id, mesh_id=mesh_id, generation=generation),
+        now,
+        None,
+        [],
+    )
 
 
-def fill(store, n: int, now: datetime, prefix: str = "t", kind: str = "skill",
-         command: list[str] | None = None, **kw) -> None:
+def fill(
+    store,
+    n: int,
+    now: datetime,
+    prefix: str = "t",
+    kind: str = "skill",
+    command: list[str] | None = None,
+    **kw,
+) -> None:
     for i in range(n):
-        store.enqueue(kind, command or ["claude", "-p", f"evolve app-{i}"],
-                      now + timedelta(microseconds=i), task_id=f"{prefix}{i:03d}", **kw)
+        store.enqueue(
+            kind,
+            command or ["claude", "-p", f"evolve app-{i}"],
+            now + timedelta(microseconds=i),
+            task_id=f"{prefix}{i:03d}",
+            **kw,
+        )
 
 
 def quarantine(store, state: SubjectState, now: datetime) -> None:
@@ -71,8 +89,11 @@ def test_a_hard_quarantined_machine_gets_nothing_then_exactly_one_probe(store):
     join(store, "flaky", clock.now())
     fill(store, 5, clock.now())
     until = clock.now() + timedelta(minutes=10)
-    quarantine(store, SubjectState(Subject.machine("flaky"), tier=Tier.HARD, ejections=1,
-                                   until=until), clock.now())
+    quarantine(
+        store,
+        SubjectState(Subject.machine("flaky"), tier=Tier.HARD, ejections=1, until=until),
+        clock.now(),
+    )
     assert store.claim("flaky", clock.now(), limit=3) == []
     clock.advance(600)
     [probe] = store.claim("flaky", clock.now(), limit=3)
@@ -86,8 +107,13 @@ def test_a_soft_quarantined_machine_claims_at_half_weight(store):
     for m in ("soft", "healthy"):
         join(store, m, clock.now())
     fill(store, 40, clock.now())
-    quarantine(store, SubjectState(Subject.machine("soft"), tier=Tier.SOFT,
-                                   until=clock.now() + timedelta(hours=1)), clock.now())
+    quarantine(
+        store,
+        SubjectState(
+            Subject.machine("soft"), tier=Tier.SOFT, until=clock.now() + timedelta(hours=1)
+        ),
+        clock.now(),
+    )
     got = {"soft": 0, "healthy": 0}
     for _ in range(10):
         for m in got:
@@ -99,8 +125,11 @@ def test_a_soft_quarantined_machine_claims_at_half_weight(store):
 def test_an_expired_soft_quarantine_claims_at_full_weight(store):
     join(store, "m", T0)
     fill(store, 4, T0)
-    quarantine(store, SubjectState(Subject.machine("m"), tier=Tier.SOFT,
-                                   until=T0 + timedelta(seconds=150)), T0)
+    quarantine(
+        store,
+        SubjectState(Subject.machine("m"), tier=Tier.SOFT, until=T0 + timedelta(seconds=150)),
+        T0,
+    )
     assert len(store.claim("m", T0 + timedelta(seconds=150), limit=2)) == 2
 
 
@@ -109,10 +138,20 @@ def test_a_quarantined_task_type_is_skipped_until_its_probe(store):
     join(store, "m", clock.now())
     bad = ["claude", "-p", "/broken app"]
     fill(store, 3, clock.now(), prefix="bad", kind="skill", command=bad)
-    fill(store, 2, clock.now() + timedelta(seconds=1), prefix="ok", kind="review", command=["codex"])
+    fill(
+        store, 2, clock.now() + timedelta(seconds=1), prefix="ok", kind="review", command=["codex"]
+    )
     kind_key = task_type("skill", bad)
-    quarantine(store, SubjectState(Subject.task_type(kind_key), tier=Tier.HARD, ejections=1,
-                                   until=clock.now() + timedelta(minutes=10)), clock.now())
+    quarantine(
+        store,
+        SubjectState(
+            Subject.task_type(kind_key),
+            tier=Tier.HARD,
+            ejections=1,
+            until=clock.now() + timedelta(minutes=10),
+        ),
+        clock.now(),
+    )
     assert [t.task_id for t in store.claim("m", clock.now(), limit=5)] == ["ok000", "ok001"]
     [probe] = store.claim("m", clock.advance(600), limit=5)
     assert probe.task_id == "bad000"
@@ -122,11 +161,19 @@ def test_a_quarantined_task_type_is_skipped_until_its_probe(store):
 
 
 def test_immune_state_round_trips_and_lift_releases(store):
-    s = SubjectState(Subject.pane("mac1", "%3"), tier=Tier.RECALIBRATE, failures=(T0, T0 + timedelta(1)),
-                     ejections=3, until=T0 + timedelta(hours=1), sensitivity=1, reason="crash loop",
-                     changed_at=T0)
-    store.save_immune([s], [Action("quarantine", s.subject, s.tier, {"why": "x"})], P, T0,
-                      cursor=("immune", 7))
+    s = SubjectState(
+        Subject.pane("mac1", "%3"),
+        tier=Tier.RECALIBRATE,
+        failures=(T0, T0 + timedelta(1)),
+        ejections=3,
+        until=T0 + timedelta(hours=1),
+        sensitivity=1,
+        reason="crash loop",
+        changed_at=T0,
+    )
+    store.save_immune(
+        [s], [Action("quarantine", s.subject, s.tier, {"why": "x"})], P, T0, cursor=("immune", 7)
+    )
     assert store.immune_states() == [s]
     assert store.event_cursor("immune") == 7
     store.save_immune([], [], P, T0, cursor=("immune", 3))  # a cursor never moves back
@@ -151,8 +198,9 @@ def test_a_rate_limited_task_is_requeued_without_spending_an_attempt(store):
     fill(store, 1, T0)
     [t] = store.claim("m", T0)
     assert not store.requeue_unattempted(t.task_id, "other", T0, "429")
-    assert store.requeue_unattempted(t.task_id, "m", T0, "usage limit reached|1772370000",
-                                     claim_seq=t.claim_seq)
+    assert store.requeue_unattempted(
+        t.task_id, "m", T0, "usage limit reached|1772370000", claim_seq=t.claim_seq
+    )
     task = store.get_task(t.task_id)
     assert (task.status, task.attempts, task.claimed_by) == (TaskStatus.QUEUED, 0, None)
     assert store.events(t.task_id)[-1].detail["reason"] == "rate_limited"
@@ -169,8 +217,13 @@ def test_task_events_after_a_cursor_carry_the_task_type(store):
 
 
 def test_breaker_states_of_every_process_are_kept(store):
-    snap = {"state": "open", "failures": 5, "opened_at": T0.isoformat(),
-            "retry_at": (T0 + timedelta(seconds=60)).isoformat(), "last_error": "503"}
+    snap = {
+        "state": "open",
+        "failures": 5,
+        "opened_at": T0.isoformat(),
+        "retry_at": (T0 + timedelta(seconds=60)).isoformat(),
+        "last_error": "503",
+    }
     store.record_breaker("aura", "host-a:1", snap, T0)
     store.record_breaker("aura", "host-b:2", {**snap, "state": "closed", "failures": 0}, T0)
     store.record_breaker("aura", "host-a:1", {**snap, "failures": 6}, T0)

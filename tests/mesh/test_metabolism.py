@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from fleet.mesh import metabolism as mb
 from fleet.mesh.metabolism import Signal
@@ -16,8 +18,12 @@ H = timedelta(hours=1)
 
 def test_channels_carry_the_design_numbers():
     assert {c.name: (c.weight, c.half_life_seconds / 3600) for c in mb.CHANNELS} == {
-        "build_health": (0.25, 1), "crash_rate": (0.20, 72), "engagement": (0.25, 6),
-        "store_presence": (0.15, 168), "design_health": (0.15, 4)}
+        "build_health": (0.25, 1),
+        "crash_rate": (0.20, 72),
+        "engagement": (0.25, 6),
+        "store_presence": (0.15, 168),
+        "design_health": (0.15, 4),
+    }
     assert sum(c.weight for c in mb.CHANNELS) == pytest.approx(1.0)
 
 
@@ -59,14 +65,22 @@ def test_pace_runs_from_300_s_when_idle_to_30_s_when_busy():
 
 
 def test_events_map_to_channels():
-    rows = [{"event": "done", "at": T0, "task_type": "hydra:ab"},
-            {"event": "failed", "at": T0, "task_type": "ship:cd"},
-            {"event": "PaneRespawned", "at": T0, "task_type": None},
-            {"event": "claimed", "at": T0, "task_type": "skill:x"}]
+    rows = [
+        {"event": "done", "at": T0, "task_type": "hydra:ab"},
+        {"event": "failed", "at": T0, "task_type": "ship:cd"},
+        {"event": "PaneRespawned", "at": T0, "task_type": None},
+        {"event": "claimed", "at": T0, "task_type": "skill:x"},
+    ]
     got = [(s.channel, s.value) for s in mb.signals_from_events(rows)]
-    assert got == [("engagement", 1.0), ("crash_rate", 1.0), ("build_health", 1.0),
-                   ("engagement", 0.0), ("crash_rate", 0.0), ("store_presence", 0.0),
-                   ("crash_rate", 0.0)]
+    assert got == [
+        ("engagement", 1.0),
+        ("crash_rate", 1.0),
+        ("build_health", 1.0),
+        ("engagement", 0.0),
+        ("crash_rate", 0.0),
+        ("store_presence", 0.0),
+        ("crash_rate", 0.0),
+    ]
 
 
 def test_an_unknown_channel_is_refused():
@@ -74,9 +88,14 @@ def test_an_unknown_channel_is_refused():
         mb.metabolism([Signal("vibes", T0, 1.0)], T0)
 
 
-signals = st.lists(st.tuples(st.sampled_from([c.name for c in mb.CHANNELS]),
-                             st.integers(min_value=0, max_value=30 * 86400),
-                             st.floats(min_value=0, max_value=1)), max_size=50)
+signals = st.lists(
+    st.tuples(
+        st.sampled_from([c.name for c in mb.CHANNELS]),
+        st.integers(min_value=0, max_value=30 * 86400),
+        st.floats(min_value=0, max_value=1),
+    ),
+    max_size=50,
+)
 
 
 @hsettings(max_examples=150, deadline=None)

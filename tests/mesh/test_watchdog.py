@@ -12,7 +12,10 @@ from fleet.mesh.pg_store import PgMeshStore
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, TaskStatus
 from fleet.mesh.watchdog import (
-    panes_over_budget, panes_to_respawn, stale_machines, watchdog_cycle,
+    panes_over_budget,
+    panes_to_respawn,
+    stale_machines,
+    watchdog_cycle,
 )
 from fleet.settings import FleetSettings
 
