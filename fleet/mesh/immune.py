@@ -280,6 +280,7 @@ class SubjectState:
     sensitivity: int = 0  # tier 3 steps: thresholds lowered by this much
     reason: str = ""
     changed_at: datetime | None = None
+    antibody: str = ""  # "signature/corrective" applied at tier 0, awaiting its verdict
 
     def soft_threshold(self, policy: ImmunePolicy) -> int:
         return max(policy.min_failures, policy.soft_failures - self.sensitivity)
@@ -335,7 +336,8 @@ class Action:
     """What a step decided, for the caller to apply, record and announce."""
 
     kind: Literal[
-        "corrective", "quarantine", "release", "probe", "alert", "backoff", "braked", "decay"
+        "corrective", "quarantine", "release", "probe", "alert", "backoff", "braked", "decay",
+        "antibody"
     ]
     subject: Subject
     tier: Tier = Tier.INNATE
@@ -453,13 +455,39 @@ def _eject(
 
 
 def observe(
-    state: SubjectState, obs: Observation, policy: ImmunePolicy, brake_for: Any = None
+    state: SubjectState,
+    obs: Observation,
+    policy: ImmunePolicy,
+    brake_for: Any = None,
+    antibodies: Iterable[Antibody] = (),
 ) -> tuple[SubjectState, list[Action]]:
     """One observation of `state.subject` (time passes to it first). `brake_for(tier) -> Brake`
-    (None: always allowed) is asked before any new quarantine."""
+    (None: always allowed) is asked before any new quarantine.
+
+    Antibodies: a tier-0 failure names the corrective (the best known for its signature) and
+    remembers it; the subject's next success says it worked, the same failure again says it
+    did not — an "antibody" action carries the verdict for the store (`record_antibody`)."""
     state, passed = tick(state, obs.at, policy, brake_for)
+    verdict: list[Action] = []
+    if state.antibody and obs.outcome in ("success", "failure"):
+        signature, _, corrective = state.antibody.partition("/")
+        if obs.outcome == "success" or failure_signature(obs.reason) == signature:
+            worked = obs.outcome == "success"
+            verdict.append(Action("antibody", state.subject, state.tier,
+                                  {"signature": signature, "corrective": corrective,
+                                   "worked": worked}))
+            state = replace(state, antibody="")
     state, decided = _observe(state, obs, policy, brake_for)
-    return state, passed + decided
+    if any(a.kind == "corrective" for a in decided):
+        signature = failure_signature(obs.reason)
+        corrective = choose_corrective(state.subject.kind, signature, antibodies)
+        state = replace(state, antibody=f"{signature}/{corrective}")
+        decided = [
+            replace(a, detail={**a.detail, "signature": signature, "corrective": corrective})
+            if a.kind == "corrective" else a
+            for a in decided
+        ]
+    return state, passed + verdict + decided
 
 
 def _observe(

@@ -97,6 +97,7 @@ def step(
     now: datetime,
     policy: ImmunePolicy,
     population: Mapping[str, int],
+    antibodies: Iterable[immune.Antibody] = (),
 ) -> tuple[dict[Subject, SubjectState], list[Action]]:
     """Apply observations in order, then let time pass to `now` (pure)."""
     states = dict(states)
@@ -110,7 +111,7 @@ def step(
 
     for o in obs:
         state = states.get(o.subject) or SubjectState(o.subject)
-        state, done = immune.observe(state, o, policy, brake_for(o.subject, o.at))
+        state, done = immune.observe(state, o, policy, brake_for(o.subject, o.at), antibodies)
         states[o.subject] = state
         actions += done
     for subject, state in list(states.items()):
@@ -135,11 +136,16 @@ def run_cycle(store: Any, now: datetime, policy: ImmunePolicy, *, batch: int = 5
     for o in obs:  # subjects seen now count towards their kind's population
         if o.subject.kind != "machine" and o.subject not in before:
             population[o.subject.kind] = population.get(o.subject.kind, 0) + 1
-    after, actions = step(before, obs, now, policy, population)
+    after, actions = step(before, obs, now, policy, population, store.antibodies())
+    for a in actions:  # correctives that worked (or did not), remembered mesh-wide
+        if a.kind == "antibody":
+            store.record_antibody(a.detail["signature"], a.detail["corrective"],
+                                  a.detail["worked"], now)
     changed = [s for subject, s in after.items() if before.get(subject) != s]
     last = rows[-1]["id"] if rows else cursor
-    # Correctives are the failures themselves (in mesh_task_events already): not logged twice.
-    logged = [a for a in actions if a.kind != "corrective"]
+    # Correctives are the failures themselves (in mesh_task_events already) and antibody
+    # verdicts are counted in mesh_antibodies: neither is logged again.
+    logged = [a for a in actions if a.kind not in ("corrective", "antibody")]
     if changed or logged or last != cursor:
         store.save_immune(changed, logged, policy, now, cursor=(CURSOR, last))
     return ImmuneCycle(at=now, observed=len(obs), actions=actions, states=after)

@@ -62,6 +62,7 @@ def state_from_row(row: Any) -> SubjectState:
         backoff_until=_dt(row["backoff_until"]),
         sensitivity=row["sensitivity"],
         reason=row["reason"],
+        antibody=row["antibody"],
         changed_at=_dt(row["changed_at"]),
     )
 
@@ -81,6 +82,7 @@ def state_params(state: SubjectState, policy: ImmunePolicy, now: datetime) -> di
         "backoff_until": state.backoff_until,
         "sensitivity": state.sensitivity,
         "reason": state.reason[:500],
+        "antibody": state.antibody,
         "changed_at": state.changed_at,
         "updated_at": now,
     }
@@ -272,16 +274,16 @@ class SQLiteImmuneOps:
         with self._tx() as db:
             db.executemany(
                 "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, successes, "
-                "ejections, until_at, probe_task, backoff_until, sensitivity, reason, changed_at, "
-                "updated_at) VALUES (:subject, :kind, :tier, :weight, :failures, :successes, "
-                ":ejections, :until_at, :probe_task, :backoff_until, :sensitivity, :reason, "
-                ":changed_at, :updated_at) "
+                "ejections, until_at, probe_task, backoff_until, sensitivity, reason, antibody, "
+                "changed_at, updated_at) VALUES (:subject, :kind, :tier, :weight, :failures, "
+                ":successes, :ejections, :until_at, :probe_task, :backoff_until, :sensitivity, "
+                ":reason, :antibody, :changed_at, :updated_at) "
                 "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
                 "failures = excluded.failures, successes = excluded.successes, "
                 "ejections = excluded.ejections, "
                 "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                 "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
-                "reason = excluded.reason, changed_at = excluded.changed_at, "
+                "reason = excluded.reason, antibody = excluded.antibody, changed_at = excluded.changed_at, "
                 "updated_at = excluded.updated_at, "
                 "claim_credit = CASE WHEN excluded.tier = 1 THEN claim_credit ELSE 0 END",
                 rows,
@@ -480,16 +482,16 @@ class PgImmuneOps:
                 cur.executemany(
                     "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, "
                     "successes, ejections, until_at, probe_task, backoff_until, sensitivity, reason, "
-                    "changed_at, updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, %(weight)s, "
-                    "%(failures)s::jsonb, %(successes)s::jsonb, %(ejections)s, %(until_at)s, "
-                    "%(probe_task)s, %(backoff_until)s, %(sensitivity)s, %(reason)s, %(changed_at)s, "
-                    "%(updated_at)s) "
+                    "antibody, changed_at, updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, "
+                    "%(weight)s, %(failures)s::jsonb, %(successes)s::jsonb, %(ejections)s, "
+                    "%(until_at)s, %(probe_task)s, %(backoff_until)s, %(sensitivity)s, %(reason)s, "
+                    "%(antibody)s, %(changed_at)s, %(updated_at)s) "
                     "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
                     "failures = excluded.failures, successes = excluded.successes, "
                     "ejections = excluded.ejections, "
                     "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
                     "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
-                    "reason = excluded.reason, changed_at = excluded.changed_at, "
+                    "reason = excluded.reason, antibody = excluded.antibody, changed_at = excluded.changed_at, "
                     "updated_at = excluded.updated_at, "
                     "claim_credit = CASE WHEN excluded.tier = 1 THEN mesh_immune_state.claim_credit "
                     "ELSE 0 END",

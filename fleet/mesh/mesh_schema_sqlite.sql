@@ -103,6 +103,7 @@ CREATE TABLE IF NOT EXISTS mesh_immune_state (
     sensitivity   INTEGER NOT NULL DEFAULT 0,
     claim_credit  REAL NOT NULL DEFAULT 0,
     reason        TEXT NOT NULL DEFAULT '',
+    antibody      TEXT NOT NULL DEFAULT '',
     changed_at    TEXT,
     updated_at    TEXT NOT NULL
 );

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS mesh_immune_state (
     sensitivity   integer NOT NULL DEFAULT 0,            -- tier 3 recalibration steps
     claim_credit  double precision NOT NULL DEFAULT 0,   -- weighted claim pacing (tier 1)
     reason        text NOT NULL DEFAULT '',
+    antibody      text NOT NULL DEFAULT '',              -- signature/corrective awaiting a verdict
     changed_at    timestamptz,
     updated_at    timestamptz NOT NULL
 );

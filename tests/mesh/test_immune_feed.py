@@ -177,3 +177,15 @@ def test_the_watchdog_reports_the_mesh_metabolism_and_its_pace(any_store):
     assert 0 < report.metabolism["metabolism"] <= 1 and report.metabolism["fitness"] == 1.0
     assert 30 <= report.metabolism["pace_seconds"] < 300
     assert report.summary()["pace_seconds"] == report.metabolism["pace_seconds"]
+
+
+def test_correctives_that_worked_are_remembered_mesh_wide(any_store):
+    store = any_store
+    join(store, "m0", "m1", "m2", now=T0)
+    for i in range(4):
+        store.enqueue("skill", ["x", str(i)], T0, task_id=f"t{i}")
+    run_one(store, "m0", T0, ok=False, error="exit 1")
+    run_one(store, "m0", T0 + timedelta(seconds=5), ok=True)
+    run_cycle(store, T0 + timedelta(seconds=10), P)
+    learned = {(a.corrective, a.successes) for a in store.antibodies()}
+    assert ("requeue_elsewhere", 1) in learned and ("respawn_pane", 1) in learned
