@@ -54,6 +54,8 @@ class FleetSettings(BaseSettings):
     max_task_attempts: int = 3
     liveness_confirmations: int = 2
     agent_health_port: int = 9300
+    # Optional bearer token the agent's health endpoint (and /metrics) requires; empty = open.
+    agent_health_token: SecretStr | None = None
     # The host other machines reach an agent's health endpoint at (the watchdog probes it);
     # empty: this machine's FQDN when the endpoint binds every interface.
     agent_advertise_host: str = ""

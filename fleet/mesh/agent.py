@@ -175,7 +175,9 @@ class NodeAgent:
         self._backoff_until: datetime | None = None
         self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
                                      advertise_host=advertise_host or self.settings.agent_advertise_host,
-                                     metrics=self.metrics_text)
+                                     metrics=self.metrics_text,
+                                     token=(settings.agent_health_token.get_secret_value()
+                                            if settings.agent_health_token else None))
                         if health_port is not None else None)
 
     # -- identity ------------------------------------------------------------------------

@@ -119,14 +119,18 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
     timeout: float = typer.Option(5.0, "--timeout"),
 ) -> None:
-    """Show a running node agent's health."""
+    """Show a running node agent's health (FLEET_AGENT_HEALTH_TOKEN is sent when set)."""
+    from fleet.settings import get_settings
+
+    secret = get_settings().agent_health_token
+    headers = {"Authorization": f"Bearer {secret.get_secret_value()}"} if secret else {}
     target = url.rstrip("/")
     if not target.startswith(("http://", "https://")):
         _fail(f"--url {url!r} must start with http:// or https://")
     if not target.endswith("/health"):
         target += "/health"
     try:
-        response = httpx.get(target, timeout=timeout)
+        response = httpx.get(target, timeout=timeout, headers=headers)
         body = response.json()
     except httpx.HTTPError as exc:
         _fail(f"no node agent answered at {target}: {exc} — is `fleet agent start` running there?", 1)

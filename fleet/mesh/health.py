@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import socket
@@ -23,8 +24,12 @@ class HealthServer:
     """
 
     def __init__(self, snapshot: HealthSnapshot, *, host: str = "0.0.0.0", port: int = 9300,
-                 advertise_host: str | None = None, metrics: Callable[[], bytes] | None = None):
+                 advertise_host: str | None = None, metrics: Callable[[], bytes] | None = None,
+                 token: str | None = None):
         self._snapshot = snapshot
+        # Optional bearer token (seed 001 WAN discipline): the endpoint shows identity and tasks.
+        # A 401 is still an answer, so the watchdog's reachability probe needs no token.
+        self._token = token or None
         self._metrics = metrics  # GET /metrics (Prometheus text), when given
         self._host = host
         self._port = port
@@ -50,9 +55,14 @@ class HealthServer:
     def start(self) -> HealthServer:
         snapshot = self._snapshot
         metrics = self._metrics
+        token = self._token
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+                if token is not None and not hmac.compare_digest(
+                        self.headers.get("Authorization", ""), f"Bearer {token}"):
+                    self._reply(401, {"error": "a bearer token is required (Authorization: Bearer …)"})
+                    return
                 if metrics is not None and self.path.split("?", 1)[0] == "/metrics":
                     try:
                         data = metrics()

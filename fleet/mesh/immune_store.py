@@ -253,7 +253,7 @@ class SQLiteImmuneOps:
 
     # States --------------------------------------------------------------------------
     def immune_states(self, kind: str | None = None) -> list[SubjectState]:
-        sql, params = "SELECT * FROM mesh_immune_state", ()
+        sql, params = "SELECT * FROM mesh_immune_state", tuple[str, ...]()
         if kind is not None:
             sql, params = sql + " WHERE kind = ?", (kind,)
         return [state_from_row(r) for r in self._query(sql + " ORDER BY subject", params)]
@@ -323,7 +323,7 @@ class SQLiteImmuneOps:
         return row is not None
 
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM mesh_immune_events", ()
+        sql, params = "SELECT * FROM mesh_immune_events", tuple[str, ...]()
         if subject is not None:
             sql, params = sql + " WHERE subject = ?", (subject,)
         return [
