@@ -155,6 +155,9 @@ def components(settings: FleetSettings, fleet_file: str | Path | None = None,
                 extractor=build_extractor(settings, load_block), clock=SystemClock(),
             )
             log.info("components: %s", _cache[key].describe())
+            from fleet.mesh.open import share_breaker_states
+
+            share_breaker_states(settings, load_block)  # the watchdog sees this process's breakers
         return _cache[key]
 
 

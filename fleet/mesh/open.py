@@ -40,3 +40,20 @@ def mesh_store_url(settings, load_block=None) -> str:
             f"store block {settings.store_block!r} has no database connection string; the mesh "
             "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL")
     return conninfo.get_secret_value()
+
+
+def share_breaker_states(settings, load_block=None) -> bool:
+    """Have this process write its circuit breakers' state changes to the mesh store, so the
+    watchdog sees them (fleet.clients.breaker.share_states); False, with a warning, when the
+    mesh store cannot be opened — sharing is a report, never a reason to fail a run."""
+    import logging
+
+    from fleet.clients.breaker import share_states
+    from fleet.errors import FleetError
+
+    try:
+        share_states(open_mesh_store(mesh_store_url(settings, load_block)))
+    except FleetError as exc:
+        logging.getLogger(__name__).warning("breaker states stay local to this process: %s", exc)
+        return False
+    return True

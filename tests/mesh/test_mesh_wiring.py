@@ -41,3 +41,24 @@ def test_the_mesh_store_follows_the_store_block():
         mesh_store_url(settings, lambda name: object())
     with pytest.raises(ConfigError, match="inside a flow run"):
         mesh_store_url(settings)
+
+
+def test_a_process_shares_its_breaker_states_through_the_mesh_store(tmp_path):
+    from fleet.clients import breaker as breaker_module
+    from fleet.clients.breaker import CircuitBreaker, stop_sharing_states
+    from fleet.mesh.open import share_breaker_states
+    from fleet.mesh.sqlite_store import SQLiteMeshStore
+
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    assert share_breaker_states(FleetSettings(store_url=url))
+    try:
+        b = CircuitBreaker("shared-gateway", failure_threshold=1)
+        b.record_failure("503")
+    finally:
+        stop_sharing_states()
+        with breaker_module._REGISTRY_LOCK:
+            breaker_module._REGISTRY.pop("shared-gateway", None)
+    store = SQLiteMeshStore(tmp_path / "f.db")
+    assert [(r["name"], r["state"]) for r in store.breaker_rows()] == [("shared-gateway", "open")]
+    store.close()
+    assert not share_breaker_states(FleetSettings(store_block="fleet-postgres-store/x"))
