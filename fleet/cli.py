@@ -274,6 +274,11 @@ def _mount_subcommands() -> None:
 
     app.add_typer(supervise_app, name="supervise", help="Guard agent changes; manage helper processes.")
     app.add_typer(agent_app, name="agent", help="Run a mesh node agent on this machine.")
+    from fleet.mesh.cli import chaos_app, mesh_app, metrics_app
+
+    app.add_typer(mesh_app, name="mesh", help="The mesh as a whole: quarantines.")
+    app.add_typer(chaos_app, name="chaos", help="Inject a fault for a while, then revert it.")
+    app.add_typer(metrics_app, name="metrics", help="Prometheus metrics of the mesh and the fleet.")
 
 
 _mount_subcommands()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,8 @@ class FleetSettings(BaseSettings):
     max_task_attempts: int = 3
     liveness_confirmations: int = 2
     agent_health_port: int = 9300
+    # Optional bearer token the agent's health endpoint (and /metrics) requires; empty = open.
+    agent_health_token: SecretStr | None = None
     # The host other machines reach an agent's health endpoint at (the watchdog probes it);
     # empty: this machine's FQDN when the endpoint binds every interface.
     agent_advertise_host: str = ""
@@ -78,6 +81,38 @@ class FleetSettings(BaseSettings):
     agent_tick_seconds: float = 1
     agent_capture_lines: int = 2000
 
+    # Immune system (DESIGN §5, §9; fleet/mesh/immune.py). Failures of a subject (machine, pane,
+    # task type, account) are counted in a sliding window of heartbeats; tier lengths are in
+    # heartbeats too. Repeated hard quarantines multiply the exclusion (as Envoy does).
+    immune_window_heartbeats: int = 10
+    immune_soft_failures: int = 3            # failures in the window → tier 1 (soft)
+    immune_hard_failures: int = 5            # failures in the window → tier 2 (hard)
+    immune_soft_weight: float = 0.5          # tier 1: routing weight −50 %
+    immune_soft_heartbeats: int = 5
+    immune_hard_heartbeats: int = 20         # × the ejection count
+    immune_max_exclusion_heartbeats: int = 200
+    immune_recalibrate_ejections: int = 3    # ejections → tier 3 (recalibrate + alert)
+    immune_min_failures: int = 2             # recalibration never lowers a threshold below this
+    # …and those failures must be at least this share of the subject's outcomes in the window.
+    immune_min_failure_ratio: float = 0.2
+    # Safety brakes: at most this share of a kind hard-quarantined at once (at least one when
+    # there are two or more; never the only one), and no quarantine at all while this share
+    # looks unhealthy (then it is our network, not them).
+    immune_max_quarantined_share: float = 0.10
+    immune_panic_unhealthy_share: float = 0.55
+    # A rate-limited account backs off until the reset time the limit message gives, else this.
+    account_backoff_seconds: float = 900
+    # The account (agent login or API key name, never the key) this machine's panes run under.
+    agent_account: str = ""
+
+    # Feedback metabolism (DESIGN §5; fleet/mesh/metabolism.py): the pace it sets.
+    metabolism_min_interval_seconds: float = 30
+    metabolism_max_interval_seconds: float = 300
+    metabolism_momentum_days: float = 14
+    # When on, a node agent whose claim came back empty waits the metabolism's pace (30–300 s)
+    # instead of claim_seconds: a quiet mesh polls less, at the cost of slower pick-up.
+    agent_metabolism_pacing: bool = False
+
     # Supervisor (DESIGN §7).
     supervisor_min_runtime_seconds: float = 10
     supervisor_max_failures: int = 5
@@ -90,6 +125,10 @@ class FleetSettings(BaseSettings):
     aura_block: str = ""
     hydra_block: str = ""
     gemini_block: str = ""
+
+    # Where the pipeline's agent work runs: "" = AuraGateway when configured, else local
+    # subprocesses; "mesh" = our own node agents through the mesh queue (MeshDispatcher).
+    dispatcher: Literal["", "mesh"] = ""
 
     # External systems. Empty URL = the embedded local default is used.
     aura_url: str = ""

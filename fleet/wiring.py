@@ -82,6 +82,10 @@ def hydra_gate(url: str, token: SecretStr | None, settings: FleetSettings,
 
 
 def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = None) -> Dispatcher:
+    if settings.dispatcher == "mesh":
+        from fleet.mesh.dispatcher import MeshDispatcher
+
+        return MeshDispatcher.from_settings(settings, load_block)
     if settings.aura_block:
         return _from_block(settings.aura_block, load_block)
     if settings.aura_url:
@@ -151,6 +155,9 @@ def components(settings: FleetSettings, fleet_file: str | Path | None = None,
                 extractor=build_extractor(settings, load_block), clock=SystemClock(),
             )
             log.info("components: %s", _cache[key].describe())
+            from fleet.mesh.open import share_breaker_states
+
+            share_breaker_states(settings, load_block)  # the watchdog sees this process's breakers
         return _cache[key]
 
 

@@ -12,6 +12,7 @@ from prefect.events import emit_event
 
 from fleet.clock import SystemClock
 from fleet.mesh.liveness import LivenessProbe
+from fleet.mesh.open import mesh_store_url as open_mesh_url
 from fleet.mesh.open import open_mesh_store
 from fleet.mesh.rules import Thresholds
 from fleet.mesh.store import ReconcileCounts
@@ -21,11 +22,18 @@ from fleet.settings import get_settings
 RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
 
 
+async def mesh_store_url(settings) -> str:
+    """The store the mesh flows work on: the store Block's database when one is configured."""
+    from flows.config import _load_block
+
+    return await anyio.to_thread.run_sync(open_mesh_url, settings, _load_block)
+
+
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     """One reconciler cycle: orphaned claims, stuck panes (injected or running), expiry, dead letters."""
     settings = get_settings()
-    store = open_mesh_store(store_url or settings.resolved_store_url())
+    store = open_mesh_store(store_url or await mesh_store_url(settings))
     try:
         thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
@@ -34,6 +42,9 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
         store.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
+    if counts.dead_lettered:
+        emit_event(event="fleet.mesh.dead-letter", resource=RESOURCE,
+                   payload={"dead_lettered": counts.dead_lettered})
     await acreate_table_artifact(
         key="mesh-reconciler",
         table=[{"rule": rule, "tasks": n} for rule, n in counts.model_dump().items()],
@@ -47,7 +58,7 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
     """One watchdog cycle: heartbeat pulse and liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
-    store = open_mesh_store(store_url or settings.resolved_store_url())
+    store = open_mesh_store(store_url or await mesh_store_url(settings))
     probe = LivenessProbe.from_settings(store, settings)
     try:
         report = await anyio.to_thread.run_sync(
@@ -66,6 +77,17 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
                              "prefect.resource.name": machine_id},
                    payload={"requeued": next(v.requeued for v in report.liveness.checked
                                              if v.machine_id == machine_id)})
+    for action in report.immune_actions:
+        if action["action"] in ("quarantine", "release", "alert", "braked"):
+            emit_event(event=f"fleet.mesh.{action['action']}",
+                       resource={"prefect.resource.id": f"fleet.mesh.{action['subject']}",
+                                 "prefect.resource.name": action["subject"]},
+                       payload={"tier": action["tier"], **action["detail"]})
+    for name in summary["open_breakers"]:
+        emit_event(event="fleet.mesh.breaker-open",
+                   resource={"prefect.resource.id": f"fleet.breaker.{name}",
+                             "prefect.resource.name": name},
+                   payload=report.breakers[name])
     await acreate_markdown_artifact(key="mesh-watchdog", markdown=_markdown(report, summary),
                                     description="Mesh health at the last watchdog cycle")
     return report
@@ -87,6 +109,15 @@ def _markdown(report: WatchdogReport, summary: dict[str, Any]) -> str:
         lines += [f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
                   f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
                   for h in report.handoffs]
+    if report.metabolism:
+        m = report.metabolism
+        lines += ["", f"Metabolism {m['metabolism']:.2f} · fitness {m['fitness']:.2f} · "
+                      f"next watchdog pace {m['pace_seconds']:.0f} s"]
+    if report.quarantines:
+        lines += ["", "## Quarantines", "", "| subject | tier | until | probe | reason |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {q['subject']} | {q['tier']} | {q['until'] or '—'} | {q['probe_task'] or '—'} "
+                  f"| {q['reason']} |" for q in report.quarantines]
     if report.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(lines)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from datetime import datetime, timedelta
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
-from fleet.settings import get_settings
 from fleet.clock import Clock, SystemClock
 from fleet.errors import CircuitOpen
+from fleet.settings import get_settings
 
 log = logging.getLogger("fleet.breaker")
 
@@ -22,6 +24,9 @@ HALF_OPEN = "half_open"
 # Every breaker by name, so the CLI and the metrics can show the state of each endpoint.
 _REGISTRY: dict[str, "CircuitBreaker"] = {}
 _REGISTRY_LOCK = threading.RLock()
+# Where state changes go besides the log (share_states): (name, snapshot, at) → None.
+StateSink = Callable[[str, dict, datetime], None]
+_SINK: StateSink | None = None
 
 
 class CircuitBreaker:
@@ -77,6 +82,7 @@ class CircuitBreaker:
         old, self._state = self._state, new
         if old == new:
             return
+        self._publish()
         if new == OPEN:
             log.warning(
                 "circuit breaker %s: %s -> open after %d consecutive failure(s) (last: %s); "
@@ -92,23 +98,35 @@ class CircuitBreaker:
                 return self._opened_at + timedelta(seconds=self.reset_seconds)
             return None
 
+    def _publish(self) -> None:
+        """Hand the state to the sink (the mesh store); a failing sink never fails a call."""
+        sink = _SINK
+        if sink is None:
+            return
+        try:
+            sink(self.name, self._snapshot_unlocked(self._state), self.clock.now())
+        except Exception as exc:
+            log.warning("circuit breaker %s: could not share its state (%s)", self.name, exc)
+
     def snapshot(self) -> dict:
         with self._lock:
-            state = self._current_state()
-            retry_at = (
-                self._opened_at + timedelta(seconds=self.reset_seconds)
-                if state == OPEN and self._opened_at is not None
-                else None
-            )
-            return {
-                "state": state,
-                "failures": self._failures,
-                "failure_threshold": self.failure_threshold,
-                "reset_seconds": self.reset_seconds,
-                "opened_at": self._opened_at.isoformat() if self._opened_at else None,
-                "retry_at": retry_at.isoformat() if retry_at else None,
-                "last_error": self._last_error,
-            }
+            return self._snapshot_unlocked(self._current_state())
+
+    def _snapshot_unlocked(self, state: str) -> dict:
+        retry_at = (
+            self._opened_at + timedelta(seconds=self.reset_seconds)
+            if state == OPEN and self._opened_at is not None
+            else None
+        )
+        return {
+            "state": state,
+            "failures": self._failures,
+            "failure_threshold": self.failure_threshold,
+            "reset_seconds": self.reset_seconds,
+            "opened_at": self._opened_at.isoformat() if self._opened_at else None,
+            "retry_at": retry_at.isoformat() if retry_at else None,
+            "last_error": self._last_error,
+        }
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -194,3 +212,25 @@ def breaker_states() -> dict[str, dict]:
     with _REGISTRY_LOCK:
         breakers = list(_REGISTRY.values())
     return {b.name: b.snapshot() for b in breakers}
+
+
+def share_states(store: Any, holder: str | None = None) -> None:
+    """Write every breaker's state changes, from now on and as they are now, to the mesh store
+    (`record_breaker`), so the watchdog sees the breakers of every process, not its own."""
+    global _SINK
+    holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+
+    def sink(name: str, snapshot: dict, at: datetime) -> None:
+        store.record_breaker(name, holder, snapshot, at)
+
+    _SINK = sink
+    with _REGISTRY_LOCK:
+        breakers = list(_REGISTRY.values())
+    for b in breakers:
+        with b._lock:
+            b._publish()
+
+
+def stop_sharing_states() -> None:
+    global _SINK
+    _SINK = None

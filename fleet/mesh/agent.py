@@ -25,6 +25,7 @@ import re
 import signal
 import tempfile
 import threading
+from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,8 +33,9 @@ from typing import Any
 
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError
-from fleet.mesh import END_PROTOCOL
+from fleet.mesh import END_PROTOCOL, immune, metabolism
 from fleet.mesh.health import HealthServer
+from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
 from fleet.mesh.store import (
     SUPPORTED_GENERATIONS,
     MachineIdentity,
@@ -138,6 +140,7 @@ class NodeAgent:
         health_port: int | None = None,
         health_host: str = "0.0.0.0",
         advertise_host: str | None = None,
+        account: str | None = None,
     ):
         check_identity(identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id)
         if not agent_command and identity.role != "viewer":
@@ -163,8 +166,18 @@ class NodeAgent:
         self._lock = threading.RLock()
         self._pane_view: list[dict[str, Any]] = []
         self._status = "starting"
+        # The account the panes run under (a rate limit backs it off, not the task or machine).
+        self.account = account or settings.agent_account or identity.machine_id
+        self.policy = ImmunePolicy.from_settings(settings)
+        self._excluded_panes: set[str] = set()
+        # What this machine saw lately (feedback metabolism: it paces idle claims).
+        self._signals: deque[metabolism.Signal] = deque(maxlen=500)
+        self._backoff_until: datetime | None = None
         self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
-                                     advertise_host=advertise_host or self.settings.agent_advertise_host)
+                                     advertise_host=advertise_host or self.settings.agent_advertise_host,
+                                     metrics=self.metrics_text,
+                                     token=(settings.agent_health_token.get_secret_value()
+                                            if settings.agent_health_token else None))
                         if health_port is not None else None)
 
     # -- identity ------------------------------------------------------------------------
@@ -264,8 +277,25 @@ class NodeAgent:
 
     # -- claim ---------------------------------------------------------------------------
     def free_panes(self) -> list[str]:
+        """Live panes without a task, except those the immune system excludes (a crash-looping
+        pane gets work again when its exclusion ends: that task is its probe)."""
         busy = {t.pane_id for t in self.tasks.values() if t.pane_id}
-        return [p for p in self.pane_ids if p not in busy and self.panes.is_alive(p)]
+        return [p for p in self.pane_ids
+                if p not in busy and p not in self._excluded_panes and self.panes.is_alive(p)]
+
+    def _read_immunity(self, now: datetime) -> None:
+        """This machine's pane exclusions and its account's rate-limit backoff, from the store."""
+        if not hasattr(self.store, "immune_states"):
+            return
+        prefix = f"{self.machine_id}/"
+        excluded, backoff = set(), None
+        for state in self.store.immune_states():
+            if state.subject.kind == "pane" and state.subject.key.startswith(prefix):
+                if state.excluded(now):
+                    excluded.add(state.subject.key[len(prefix):])
+            elif state.subject == Subject.account(self.account) and state.backing_off(now):
+                backoff = state.backoff_until
+        self._excluded_panes, self._backoff_until = excluded, backoff
 
     def claim_work(self, limit: int) -> list[QueuedTask]:
         """Claim up to `limit` tasks for this machine (viewers never claim)."""
@@ -309,12 +339,30 @@ class NodeAgent:
     def _claim(self, now: datetime) -> None:
         try:
             self._verify_claims()
+            self._read_immunity(now)
+            if self._backoff_until is not None:
+                log.info("account %s is rate-limited until %s; %s claims nothing until then",
+                         self.account, self._backoff_until.isoformat(), self.machine_id)
+                self._next_claim = min(self._backoff_until,
+                                       now + _seconds(self.settings.claim_seconds))
+                return
             free = len(self.free_panes()) - sum(1 for t in self.tasks.values() if t.pane_id is None)
-            self.claim_work(free)
+            claimed = self.claim_work(free)
         except FleetError as exc:
             log.warning("claim failed on %s: %s; retrying next tick", self.machine_id, exc)
             return
-        self._next_claim = now + _seconds(self.settings.claim_seconds)
+        self._next_claim = now + _seconds(self.claim_interval(now, bool(claimed)))
+
+    def metabolism(self, now: datetime) -> float:
+        return metabolism.metabolism(self._signals, now)
+
+    def claim_interval(self, now: datetime, claimed: bool) -> float:
+        """claim_seconds while work flows; with pacing on, an empty round waits the metabolism's
+        pace (30 s busy … 300 s quiet)."""
+        if claimed or not self.settings.agent_metabolism_pacing:
+            return self.settings.claim_seconds
+        return metabolism.pace(self.metabolism(now), self.settings.metabolism_min_interval_seconds,
+                               self.settings.metabolism_max_interval_seconds)
 
     def _ready(self, pane_id: str) -> bool:
         """The pane's agent has drawn something (typing before that may be echoed or lost) and
@@ -384,8 +432,13 @@ class NodeAgent:
         if section is None:
             return
         end = finished(section, task.task_id)
+        if end is not None and end[0] is TaskStatus.FAILED and immune.is_rate_limit(end[1]):
+            self._rate_limited(task, end[1], now)
+            return
         if end is not None:
             status, detail = end
+            self._signals.extend(metabolism.signals_from_events(
+                [{"event": status.value, "at": now, "task_type": None}]))
             kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
             if task.status == TaskStatus.INJECTED.value:
                 self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
@@ -409,6 +462,25 @@ class NodeAgent:
         ratio = self.panes.context_ratio(text)
         if ratio is not None and ratio >= self.settings.context_handoff_ratio:
             self._handoff(task, section, ratio, now)
+
+    def _rate_limited(self, task: ActiveTask, message: str, now: datetime) -> None:
+        """A rate limit is not the task's failure: requeue it without spending an attempt and
+        back the account off until the reset the message names (DESIGN §9)."""
+        if hasattr(self.store, "requeue_unattempted"):
+            self.store.requeue_unattempted(task.task_id, self.machine_id, now, message,
+                                           claim_seq=task.claim_seq)
+            subject = Subject.account(self.account)
+            state = next((s for s in self.store.immune_states("account") if s.subject == subject),
+                         SubjectState(subject))
+            state, actions = immune.observe(state, Observation(subject, now, "rate_limited", message),
+                                            self.policy)
+            self.store.save_immune([state], actions, self.policy, now)
+            self._backoff_until = state.backoff_until
+            self._next_claim = state.backoff_until
+        log.warning("task %s hit a rate limit on account %s (%s); requeued, claims paused until %s",
+                    task.task_id, self.account, message[:200],
+                    self._backoff_until.isoformat() if self._backoff_until else "the next round")
+        del self.tasks[task.task_id]
 
     def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
         lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
@@ -453,6 +525,13 @@ class NodeAgent:
                 self._fresh.add(pane_id)
                 note = f"agent in pane {pane_id} exited; respawned"
             log.warning("%s on %s", note, self.machine_id)
+            self._signals.append(metabolism.Signal("crash_rate", now, 0.0))
+            if hasattr(self.store, "record_event"):  # the immune system counts pane deaths
+                try:
+                    self.store.record_event(task.task_id if task else None, "PaneRespawned",
+                                            self.machine_id, now, {"pane_id": pane_id, "note": note})
+                except FleetError as exc:
+                    log.warning("could not record the respawn of pane %s: %s", pane_id, exc)
             if task is None:
                 continue
             task.respawns += 1
@@ -579,6 +658,13 @@ class NodeAgent:
             view.append({"pane_id": pane_id, "alive": alive, "task_id": task and task.task_id,
                          "claim_seq": task and task.claim_seq, "context_ratio": ratio})
         self._pane_view = view
+
+    def metrics_text(self) -> bytes:
+        """GET /metrics: the mesh's Prometheus metrics as this agent's store has them."""
+        from fleet.metrics import mesh_metrics, render
+
+        with self._lock:
+            return render(mesh_metrics(self.store, self.clock.now()))
 
     def health_snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -96,6 +96,9 @@ def start(
             health_port=settings.agent_health_port if health_port is None else health_port,
             health_host=health_host, advertise_host=advertise_host,
         )
+        from fleet.clients.breaker import share_states
+
+        share_states(store)  # this process's breakers, seen by the watchdog
         agent.install_signal_handlers()  # before start(): a SIGTERM while starting still leaves cleanly
         agent.start()
     except ConfigError as exc:
@@ -117,14 +120,18 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="print the raw JSON"),
     timeout: float = typer.Option(5.0, "--timeout"),
 ) -> None:
-    """Show a running node agent's health."""
+    """Show a running node agent's health (FLEET_AGENT_HEALTH_TOKEN is sent when set)."""
+    from fleet.settings import get_settings
+
+    secret = get_settings().agent_health_token
+    headers = {"Authorization": f"Bearer {secret.get_secret_value()}"} if secret else {}
     target = url.rstrip("/")
     if not target.startswith(("http://", "https://")):
         _fail(f"--url {url!r} must start with http:// or https://")
     if not target.endswith("/health"):
         target += "/health"
     try:
-        response = httpx.get(target, timeout=timeout)
+        response = httpx.get(target, timeout=timeout, headers=headers)
         body = response.json()
     except httpx.HTTPError as exc:
         _fail(f"no node agent answered at {target}: {exc} — is `fleet agent start` running there?", 1)
@@ -171,6 +178,7 @@ def mesh(
         try:
             now = datetime.now(timezone.utc)
             machines, stats = store.machines(), store.queue_stats(now)
+            quarantined = [s for s in store.immune_states() if s.quarantined(now) or s.backing_off(now)]
         finally:
             store.close()
     except ConfigError as exc:
@@ -190,7 +198,179 @@ def mesh(
     oldest = stats["oldest_queued_age_seconds"]
     console.print(f"queue: {depth}", soft_wrap=True)
     console.print("oldest queued " + (f"{oldest / 60:.0f} min ago" if oldest is not None else "—"))
+    if quarantined:
+        console.print(_quarantine_table(quarantined, now))
+
+
+def _quarantine_table(states, now) -> Table:
+    from fleet.mesh.immune import ImmunePolicy
+    from fleet.settings import get_settings
+
+    policy = ImmunePolicy.from_settings(get_settings())
+    table = Table(title="quarantines")
+    for col in ("subject", "tier", "weight", "until", "probe", "ejections", "reason"):
+        table.add_column(col)
+    for s in states:
+        until = s.until if s.tier else s.backoff_until
+        left = f"{(until - now).total_seconds():.0f} s" if until and until > now else "due"
+        table.add_row(str(s.subject), str(int(s.tier)), f"{s.weight(now, policy):.2f}", left,
+                      s.probe_task or "—", str(s.ejections), s.reason or "—")
+    return table
+
+
+mesh_app = typer.Typer(help="The mesh as a whole: quarantines of the immune system.",
+                       no_args_is_help=True)
+quarantine_app = typer.Typer(help="Subjects (machines, panes, task types, accounts) in quarantine.",
+                             no_args_is_help=True)
+mesh_app.add_typer(quarantine_app, name="quarantine")
+
+
+def _open(store_url: str):
+    from fleet.settings import get_settings
+
+    try:
+        return open_mesh_store(store_url or get_settings().resolved_store_url())
+    except ConfigError as exc:
+        _fail(exc)
+    except FleetError as exc:
+        _fail(exc, 1)
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"),
+    show_all: bool = typer.Option(False, "--all", help="also subjects with failures but no quarantine"),
+) -> None:
+    """Every subject in quarantine (or backing off), with its tier, weight and end."""
+    from datetime import datetime, timezone
+
+    store = _open(store_url)
+    try:
+        now = datetime.now(timezone.utc)
+        states = [s for s in store.immune_states()
+                  if show_all or s.quarantined(now) or s.backing_off(now)]
+    except FleetError as exc:
+        _fail(exc, 1)
+    finally:
+        store.close()
+    if not states:
+        console.print("no quarantines")
+        return
+    console.print(_quarantine_table(states, now))
+
+
+@quarantine_app.command("lift")
+def quarantine_lift(
+    subject: str = typer.Argument(..., help="kind:key, e.g. machine:mac3, pane:mac3/%2, account:claude-a"),
+    store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"),
+) -> None:
+    """Release a subject now (its failures are forgotten; the claim gives it work again)."""
+    import getpass
+    from datetime import datetime, timezone
+
+    from fleet.mesh.immune import Subject
+
+    try:
+        parsed = Subject.parse(subject)
+    except ValueError as exc:
+        _fail(exc)
+    store = _open(store_url)
+    try:
+        lifted = store.lift(parsed, datetime.now(timezone.utc), by=getpass.getuser())
+    except FleetError as exc:
+        _fail(exc, 1)
+    finally:
+        store.close()
+    if not lifted:
+        _fail(f"{parsed} is not in quarantine — see `fleet mesh quarantine list`", 1)
+    console.print(f"[green]lifted[/] {parsed}")
 
 
 if __name__ == "__main__":
     agent_app()
+
+
+chaos_app = typer.Typer(help="Inject a fault into the running local system; reverted when its time is up.",
+                        no_args_is_help=True)
+metrics_app = typer.Typer(help="Prometheus metrics of the mesh.", no_args_is_help=True)
+
+
+@chaos_app.command("inject")
+def chaos_inject(
+    kind: str = typer.Argument(..., help="kill-pane | kill-agent | drop-machine | gateway-errors | "
+                                         "store-outage | cpu-spike"),
+    duration: str = typer.Option("60s", "--for", help="how long the fault lasts (60s, 5m)"),
+    target: str = typer.Option("", "--target",
+                               help="pane id (kill-pane), agent pid (kill-agent, drop-machine), cores (cpu-spike)"),
+    store_url: str = typer.Option("", "--store-url", help="store-outage: default FLEET_STORE_URL"),
+    gateway_url: str = typer.Option("", "--gateway-url", help="gateway-errors: default FLEET_AURA_URL"),
+    tmux_socket: str = typer.Option("fleet", "--tmux-socket"),
+) -> None:
+    """Start a fault, keep it for --for, revert it (Ctrl-C reverts at once)."""
+    import time
+
+    from fleet.mesh import chaos
+    from fleet.settings import get_settings
+
+    settings = get_settings()
+    try:
+        seconds = chaos.parse_duration(duration)
+        fault = chaos.inject(kind, target=target, store_url=store_url or settings.resolved_store_url(),
+                             gateway_url=gateway_url or settings.aura_url, tmux_socket=tmux_socket)
+    except ConfigError as exc:
+        _fail(exc)
+    except Exception as exc:  # the system to break is not there: say so, no traceback
+        _fail(f"{kind} could not start: {type(exc).__name__}: {exc}", 1)
+    console.print(f"[yellow]{kind}[/] on {fault.target} for {seconds:g} s …")
+    started = time.monotonic()
+    try:
+        chaos.run(fault, seconds)
+    except KeyboardInterrupt:
+        pass
+    console.print(f"[green]reverted[/] {kind} after {time.monotonic() - started:.1f} s")
+
+
+@metrics_app.command("pull")
+def metrics_pull(
+    since: str = typer.Option("5m", "--since", help="window of the event-based figures (5m, 1h)"),
+    url: list[str] = typer.Option([], "--url", help="a /metrics endpoint to read (repeatable); "
+                                                    "default: computed from the mesh store"),
+    store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL"),
+) -> None:
+    """Fetch Prometheus metrics and print them as a table."""
+    from datetime import datetime, timedelta, timezone
+
+    from fleet import metrics
+    from fleet.mesh.chaos import parse_duration
+
+    try:
+        window = timedelta(seconds=parse_duration(since))
+    except ConfigError as exc:
+        _fail(exc)
+    texts: list[tuple[str, str]] = []
+    for u in url:
+        try:
+            response = httpx.get(u, timeout=5)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            _fail(f"no metrics at {u}: {exc}", 1)
+        texts.append((u, response.text))
+    if not url:
+        store = _open(store_url)
+        try:
+            reg = metrics.mesh_metrics(store, datetime.now(timezone.utc), since=window)
+            texts.append(("store", metrics.render(reg).decode()))
+        except FleetError as exc:
+            _fail(exc, 1)
+        finally:
+            store.close()
+    table = Table(title=f"metrics (events of the last {since})")
+    for col in ("source", "metric", "labels", "value"):
+        table.add_column(col)
+    for source, text in texts:
+        for name, labels, value in metrics.samples(text):
+            if name.endswith(("_created", "_bucket")):
+                continue
+            shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            table.add_row(source, name, shown or "—", f"{value:g}")
+    console.print(table)

@@ -15,22 +15,33 @@ _FAILED = (TaskStatus.FAILED, TaskStatus.DEAD_LETTER, TaskStatus.EXPIRED)
 class MeshDispatcher:
     """spawn → any worker; dispatch → one machine; poll_and_retrieve waits on the injected clock."""
 
-    def __init__(self, store: MeshStore, clock: Clock, poll_seconds: float = 5.0, *, kind: str = "agent"):
+    def __init__(self, store: MeshStore, clock: Clock, poll_seconds: float = 5.0, *, kind: str = "agent",
+                 mesh_id: str | None = None):
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.store = store
         self.clock = clock
         self.poll_seconds = poll_seconds
         self.kind = kind
+        self.mesh_id = mesh_id or None  # only this mesh's machines claim its tasks (None = any)
+
+    @classmethod
+    def from_settings(cls, settings, load_block=None) -> MeshDispatcher:
+        """FLEET_DISPATCHER=mesh: the pipeline's work goes to our node agents via the mesh store."""
+        from fleet.clock import SystemClock
+        from fleet.mesh.open import mesh_store_url, open_mesh_store
+
+        return cls(open_mesh_store(mesh_store_url(settings, load_block)), SystemClock(),
+                   mesh_id=settings.mesh_id or None)
 
     def spawn(self, command: Command) -> str:
-        return self.store.enqueue(self.kind, _argv(command), self.clock.now())
+        return self.store.enqueue(self.kind, _argv(command), self.clock.now(), mesh_id=self.mesh_id)
 
     def dispatch(self, command: Command, target: str, model: str) -> str:
         if not target:
             raise DispatchError("dispatch needs a target machine id; use spawn() for any worker")
         return self.store.enqueue(self.kind, _argv(command), self.clock.now(), target=target,
-                                  model=model or None)
+                                  model=model or None, mesh_id=self.mesh_id)
 
     def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         deadline = self.clock.now() + timedelta(seconds=timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import socket
 from typing import Any, Callable
@@ -10,6 +11,8 @@ from fleet.clients.transport import is_loopback
 from fleet.jsonhttp import JsonServer, Request, Response
 
 log = logging.getLogger(__name__)
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 HealthSnapshot = Callable[[], dict[str, Any]]
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -45,8 +48,13 @@ class HealthServer:
     """
 
     def __init__(self, snapshot: HealthSnapshot, *, host: str = "0.0.0.0", port: int = 9300,
-                 advertise_host: str | None = None):
+                 advertise_host: str | None = None, metrics: Callable[[], bytes] | None = None,
+                 token: str | None = None):
         self._snapshot = snapshot
+        # Optional bearer token (seed 001 WAN discipline): the endpoint shows identity and tasks.
+        # A 401 is still an answer, so the watchdog's reachability probe needs no token.
+        self._token = token or None
+        self._metrics = metrics  # GET /metrics (Prometheus text), when given
         self._host = host
         self._advertise_host = advertise_host or None
         self._server = JsonServer(self._respond, host=host, port=port, name="fleet-agent-health")
@@ -69,6 +77,15 @@ class HealthServer:
     def _respond(self, request: Request) -> Response:
         if request.method != "GET":
             return Response(405, {"error": f"{request.method} not allowed; try GET /health"})
+        if self._token is not None and not hmac.compare_digest(
+            request.headers.get("Authorization", ""), f"Bearer {self._token}"
+        ):
+            return Response(401, {"error": "a bearer token is required (Authorization: Bearer …)"})
+        if self._metrics is not None and request.path == "/metrics":
+            try:
+                return Response(200, raw=self._metrics(), content_type=PROMETHEUS_TEXT)
+            except Exception as exc:
+                return Response(503, {"error": f"metrics unavailable: {exc}"})
         if request.path not in ("/health", "/"):
             return Response(404, {"error": f"no such path {request.path!r}; try GET /health"})
         try:

@@ -85,3 +85,71 @@ CREATE TABLE IF NOT EXISTS mesh_pane_state (
     updated_at    TEXT NOT NULL,
     PRIMARY KEY (machine_id, pane_id)
 );
+
+-- The immune system, event cursors and shared breaker states; mirrors
+-- supabase/migrations/0003_immune.sql (the queue's mesh_id, generation and task_type
+-- columns are added on open: see _ADDED_COLUMNS in sqlite_store.py).
+CREATE TABLE IF NOT EXISTS mesh_immune_state (
+    subject       TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL CHECK (kind IN ('machine', 'pane', 'task_type', 'account')),
+    tier          INTEGER NOT NULL DEFAULT 0 CHECK (tier BETWEEN 0 AND 3),
+    weight        REAL NOT NULL DEFAULT 1,
+    failures      TEXT NOT NULL DEFAULT '[]',
+    successes     TEXT NOT NULL DEFAULT '[]',
+    ejections     INTEGER NOT NULL DEFAULT 0,
+    until_at      TEXT,
+    probe_task    TEXT,
+    backoff_until TEXT,
+    sensitivity   INTEGER NOT NULL DEFAULT 0,
+    claim_credit  REAL NOT NULL DEFAULT 0,
+    reason        TEXT NOT NULL DEFAULT '',
+    antibody      TEXT NOT NULL DEFAULT '',
+    changed_at    TEXT,
+    updated_at    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mesh_immune_state_kind ON mesh_immune_state (kind, tier);
+
+CREATE TABLE IF NOT EXISTS mesh_antibodies (
+    signature  TEXT NOT NULL,
+    corrective TEXT NOT NULL,
+    successes  INTEGER NOT NULL DEFAULT 0,
+    failures   INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (signature, corrective)
+);
+
+CREATE TABLE IF NOT EXISTS mesh_immune_events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    action  TEXT NOT NULL,
+    tier    INTEGER NOT NULL,
+    at      TEXT NOT NULL,
+    detail  TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS mesh_immune_events_subject ON mesh_immune_events (subject, id);
+CREATE TRIGGER IF NOT EXISTS mesh_immune_events_no_update BEFORE UPDATE ON mesh_immune_events
+BEGIN
+    SELECT RAISE(ABORT, 'mesh_immune_events is append-only: UPDATE refused');
+END;
+CREATE TRIGGER IF NOT EXISTS mesh_immune_events_no_delete BEFORE DELETE ON mesh_immune_events
+BEGIN
+    SELECT RAISE(ABORT, 'mesh_immune_events is append-only: DELETE refused');
+END;
+
+CREATE TABLE IF NOT EXISTS mesh_event_cursor (
+    name          TEXT PRIMARY KEY,
+    last_event_id INTEGER NOT NULL,
+    updated_at    TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS mesh_breaker_state (
+    name       TEXT NOT NULL,
+    holder     TEXT NOT NULL,
+    state      TEXT NOT NULL CHECK (state IN ('closed', 'open', 'half_open')),
+    failures   INTEGER NOT NULL,
+    opened_at  TEXT,
+    retry_at   TEXT,
+    last_error TEXT,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (name, holder)
+);

@@ -13,7 +13,10 @@ from typing import Any
 from pydantic import SecretStr
 
 from fleet.mesh import rules
+from fleet.mesh.immune import task_type
+from fleet.mesh.immune_store import PgImmuneOps
 from fleet.mesh.store import (
+    PROTOCOL_GENERATION,
     MachineHealth,
     MachineIdentity,
     QueuedTask,
@@ -76,7 +79,7 @@ class _Tx:
         })
 
 
-class PgMeshStore:
+class PgMeshStore(PgImmuneOps):
     """MeshStore on PostgreSQL (or Supabase's database) through the shared connector.
 
     The connection is opened lazily and reopened after a drop; reads are repeated once on a
@@ -103,6 +106,13 @@ class PgMeshStore:
 
     def _read(self, query: str, /, **params: Any) -> list[dict[str, Any]]:
         return self._db.fetch(QUERIES[query], params)
+
+    # The immune mixin (fleet/mesh/immune_store.py) works on the connection itself.
+    def _tx(self) -> Any:
+        return self._db.transaction()
+
+    def _query(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
+        return self._db.fetch(sql, params)
 
     def _write(self, work: Any) -> Any:
         """`work(tx)` in one transaction; not repeated after a drop (it may have committed)."""
@@ -173,11 +183,16 @@ class PgMeshStore:
 
     # Queue -----------------------------------------------------------------------
     def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None) -> str:
+                model: str | None = None, task_id: str | None = None, *,
+                mesh_id: str | None = None, generation: int | None = None) -> str:
         task_id = task_id or uuid.uuid4().hex
+        if mesh_id and generation is None:
+            generation = PROTOCOL_GENERATION
         self._db.execute(QUERIES["enqueue"], {
             "task_id": task_id, "kind": kind, "command": _jsonb(list(command)),
             "target": target, "model": model, "now": utc(now),
+            "task_type": task_type(kind, command), "mesh_id": mesh_id or None,
+            "generation": generation,
         }, retry_safe=True)  # idempotent on task_id: repeating it cannot add a second row
         return task_id
 

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fleet.mesh import rules
+from fleet.mesh.immune import task_type
+from fleet.mesh.immune_store import SQLiteImmuneOps
 from fleet.mesh.store import (
+    PROTOCOL_GENERATION,
     MachineHealth,
     MachineIdentity,
     QueuedTask,
@@ -36,6 +39,9 @@ QUERIES = queries.load("fleet.mesh", "queries_sqlite.sql")
 _ADDED_COLUMNS = (
     ("mesh_task_queue", "claim_seq", "add_task_claim_seq"),
     ("mesh_pane_state", "claim_seq", "add_pane_claim_seq"),
+    ("mesh_task_queue", "mesh_id", "add_task_mesh_id"),
+    ("mesh_task_queue", "generation", "add_task_generation"),
+    ("mesh_task_queue", "task_type", "add_task_type"),
 )
 
 
@@ -61,6 +67,7 @@ def _task(row: sqlite3.Row) -> QueuedTask:
         created_at=_at(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
         progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
         output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
+        task_type=row["task_type"], mesh_id=row["mesh_id"], generation=row["generation"],
     )
 
 
@@ -78,7 +85,7 @@ def _ids(db: sqlite3.Connection, query: str, /, **params: Any) -> str:
     return json.dumps([r["task_id"] for r in db.execute(QUERIES[query], params)])
 
 
-class SQLiteMeshStore(SQLiteFile):
+class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
     """MeshStore on a SQLite file (WAL). Every write is one BEGIN IMMEDIATE transaction, so
     claims are atomic across connections; open one store per thread or process."""
 
@@ -167,32 +174,25 @@ class SQLiteMeshStore(SQLiteFile):
 
     # Queue -----------------------------------------------------------------------
     def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None) -> str:
+                model: str | None = None, task_id: str | None = None, *,
+                mesh_id: str | None = None, generation: int | None = None) -> str:
         task_id = task_id or uuid.uuid4().hex
+        if mesh_id and generation is None:
+            generation = PROTOCOL_GENERATION
         with self._tx() as db:
             row = db.execute(QUERIES["enqueue"], {
                 "task_id": task_id, "kind": kind, "command": json.dumps(list(command)),
                 "target": target, "model": model, "now": _ts(now),
+                "task_type": task_type(kind, command), "mesh_id": mesh_id or None,
+                "generation": generation,
             }).fetchone()
             if row is not None:
                 self._event(db, task_id, "queued", None, now, {"kind": kind, "target": target})
         return task_id
 
     def claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
-        with self._tx() as db:
-            refused = db.execute(QUERIES["claim_refused"], {"machine_id": machine_id}).fetchone()
-            if refused or limit <= 0:
-                return []
-            rows = db.execute(
-                QUERIES["claim"], {"machine_id": machine_id, "now": _ts(now), "limit": limit}
-            ).fetchall()
-            db.executemany(QUERIES["claim_event"], [
-                {"task_id": r["task_id"], "machine_id": machine_id, "now": _ts(now),
-                 "detail": json.dumps({"attempts": r["attempts"], "claim_seq": r["claim_seq"]})}
-                for r in rows
-            ])
-        tasks = [_task(r) for r in rows]
-        return sorted(tasks, key=lambda t: (t.created_at, t.task_id))
+        # The twin of 0003's mesh_claim: quarantines, probes, weights and mesh identity.
+        return self.immune_claim(machine_id, now, limit)
 
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,

@@ -75,6 +75,11 @@ class QueuedTask(BaseModel):
     output: str | None = None
     error: str | None = None
     checkpoint: str | None = None   # context hand-off notes when requeued at the context budget
+    # Immune system and mesh identity (0003_immune.sql): the command family, and the mesh and
+    # protocol generation the row belongs to (None = any).
+    task_type: str | None = None
+    mesh_id: str | None = None
+    generation: int | None = None
 
 
 class TaskEvent(BaseModel):
@@ -129,11 +134,16 @@ class MeshStore(Protocol):
 
     # Queue -----------------------------------------------------------------------
     def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None) -> str:
-        """Idempotent on task_id when given."""
+                model: str | None = None, task_id: str | None = None, *,
+                mesh_id: str | None = None, generation: int | None = None) -> str:
+        """Idempotent on task_id when given. With `mesh_id`, only that mesh's machines (of
+        `generation`, default this protocol's) claim it."""
     def claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
-        """Atomic: two claimers never get the same task; skips tasks targeted elsewhere; a
-        machine whose row says down/left or role viewer gets nothing (until it heartbeats)."""
+        """Atomic: two claimers never get the same task; skips tasks targeted elsewhere or of
+        another mesh/generation; a machine that never heartbeated, whose row says down/left or
+        role viewer gets nothing (until it heartbeats). Honours the immune system: no work
+        while hard-quarantined (then one probe), weighted pacing while soft-quarantined,
+        quarantined task types skipped (fleet/mesh/immune_store.py)."""
     def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
                    *, pane_id: str | None = None, output: str | None = None,
                    error: str | None = None, claim_seq: int | None = None) -> bool:

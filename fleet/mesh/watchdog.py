@@ -14,8 +14,12 @@ from typing import Any, Iterable
 from pydantic import BaseModel
 
 from fleet.mesh import rules
+from fleet.mesh.immune import ImmunePolicy
+from fleet.mesh.immune_feed import run_cycle
 from fleet.mesh.liveness import LivenessProbe, LivenessReport
 from fleet.mesh.store import MachineHealth, MeshStore
+
+_SEVERITY = {"open": 2, "half_open": 1, "closed": 0}
 
 
 class PaneRef(BaseModel):
@@ -41,6 +45,13 @@ class WatchdogReport(BaseModel):
     handoffs: list[Handoff] = []
     queue: dict[str, Any] = {}
     breakers: dict[str, Any] = {}
+    # Immune system: subjects in quarantine ({subject, tier, until, probe_task, reason}) and
+    # what this cycle decided ({subject, action, tier, detail}).
+    # Feedback metabolism of the mesh: {metabolism, fitness, pace_seconds} (pace = when the
+    # watchdog should run next, 30 s busy … 300 s quiet).
+    metabolism: dict[str, float] = {}
+    quarantines: list[dict[str, Any]] = []
+    immune_actions: list[dict[str, Any]] = []
     errors: list[str] = []
 
     def summary(self) -> dict[str, Any]:
@@ -58,6 +69,9 @@ class WatchdogReport(BaseModel):
                 name for name, b in self.breakers.items()
                 if isinstance(b, dict) and b.get("state") not in (None, "closed")
             ),
+            "quarantined": len(self.quarantines),
+            "metabolism": self.metabolism.get("metabolism"),
+            "pace_seconds": self.metabolism.get("pace_seconds"),
             "errors": len(self.errors),
         }
 
@@ -95,13 +109,44 @@ def handoff_checkpoint(pane: PaneRef, ratio: float, now: datetime, last_note: st
     return "\n".join(lines)
 
 
-def breaker_snapshot() -> dict[str, Any]:
-    """States of the circuit breakers of this process ({} when the breaker module is absent)."""
-    try:
-        from fleet.clients.breaker import breaker_states
-    except ImportError:
-        return {}
-    return dict(breaker_states())
+def breaker_snapshot(store: Any = None, now: datetime | None = None) -> dict[str, Any]:
+    """Every breaker as the processes that share their states (the store's mesh_breaker_state)
+    and this process see it: per name the worst state of any process (an open breaker whose
+    retry time has passed counts as half-open), with the holders that reported it."""
+    from fleet.clients.breaker import breaker_states
+
+    merged: dict[str, Any] = {name: {**snap, "holders": ["this process"]}
+                              for name, snap in breaker_states().items()}
+    rows = store.breaker_rows() if store is not None and hasattr(store, "breaker_rows") else []
+    for row in rows:
+        state = row["state"]
+        if state == "open" and now is not None and row["retry_at"] is not None and row["retry_at"] <= now:
+            state = "half_open"
+        seen = merged.get(row["name"])
+        holders = (seen["holders"] if seen else []) + [row["holder"]]
+        if seen is None or _SEVERITY[state] > _SEVERITY.get(seen["state"], 0):
+            merged[row["name"]] = {
+                "state": state, "failures": row["failures"], "last_error": row["last_error"],
+                "opened_at": row["opened_at"].isoformat() if row["opened_at"] else None,
+                "retry_at": row["retry_at"].isoformat() if row["retry_at"] else None,
+                "holders": holders}
+        else:
+            seen["holders"] = holders
+    return merged
+
+
+def mesh_metabolism(store: Any, now: datetime, settings, recent: int = 2000) -> dict[str, float]:
+    """Metabolism, fitness and pace from the latest `recent` task events."""
+    from fleet.mesh import metabolism
+
+    last = store.event_cursor("immune")
+    rows = store.task_events_after(max(0, last - recent), recent)
+    signals = metabolism.signals_from_events(rows)
+    value = metabolism.metabolism(signals, now)
+    return {"metabolism": round(value, 4),
+            "fitness": round(metabolism.grounded_fitness(signals, now), 4),
+            "pace_seconds": metabolism.pace(value, settings.metabolism_min_interval_seconds,
+                                            settings.metabolism_max_interval_seconds)}
 
 
 # One cycle --------------------------------------------------------------------------
@@ -136,7 +181,25 @@ def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessPro
         report.errors.append(f"queue stats: {exc}")
 
     try:
-        report.breakers = breaker_snapshot()
+        report.breakers = breaker_snapshot(store, now)
     except Exception as exc:
+        report.breakers = breaker_snapshot()  # at least this process's own
         report.errors.append(f"breaker states: {exc}")
+
+    if hasattr(store, "save_immune"):
+        try:  # immune system: outcomes since the last cycle → tiers
+            cycle = run_cycle(store, now, ImmunePolicy.from_settings(settings))
+            report.quarantines = [
+                {"subject": str(s.subject), "tier": int(s.tier),
+                 "until": s.until.isoformat() if s.until else None, "probe_task": s.probe_task,
+                 "reason": s.reason} for s in cycle.quarantined()]
+            report.immune_actions = [
+                {"subject": str(a.subject), "action": a.kind, "tier": int(a.tier), "detail": a.detail}
+                for a in cycle.actions if a.kind != "corrective"]
+        except Exception as exc:
+            report.errors.append(f"immune system: {exc}")
+        try:  # feedback metabolism over the latest events
+            report.metabolism = mesh_metabolism(store, now, settings)
+        except Exception as exc:
+            report.errors.append(f"metabolism: {exc}")
     return report

@@ -682,3 +682,59 @@ def test_typed_task_tells_the_agent_how_to_end_without_ending_itself():
     section = task_section(line + "\n", "t42")
     assert finished(section, "t42") is None  # the echo of the instruction is not an end marker
     assert finished(section + "result\nDONE t42\n", "t42") == (TaskStatus.DONE, "result")
+
+
+def test_a_crash_looping_pane_is_quarantined_and_released_by_its_probe(make_agent, store, clock):
+    from fleet.mesh.immune import ImmunePolicy, Subject, Tier
+    from fleet.mesh.immune_feed import run_cycle
+
+    settings = FleetSettings(agent_panes=2, mesh_id="")
+    policy = ImmunePolicy.from_settings(settings)
+    agent = make_agent(settings=settings)
+    crash = store.enqueue("skill", ["exit", "now"], clock.now())  # the pane's agent dies on it
+    tick_until(agent, lambda: status_of(store, crash) is TaskStatus.FAILED, timeout=20)
+    crashed = store.get_task(crash).pane_id
+    pane = Subject.pane("mac3", crashed)
+    assert run_cycle(store, clock.now(), policy).states[pane].tier == Tier.HARD
+
+    # Excluded: new work goes to the other pane.
+    busy = store.enqueue("skill", ["hang", "busy"], clock.now())
+    clock.advance(settings.claim_seconds)
+    tick_until(agent, lambda: status_of(store, busy) is TaskStatus.RUNNING)
+    assert store.get_task(busy).pane_id != crashed
+
+    # The exclusion ends: the next task is the crashed pane's probe, and it succeeds.
+    clock.advance(policy.exclusion(1).total_seconds())
+    probe = store.enqueue("skill", ["probe"], clock.now())
+    tick_until(agent, lambda: status_of(store, probe) is TaskStatus.DONE, timeout=15)
+    assert store.get_task(probe).pane_id == crashed
+    assert run_cycle(store, clock.now(), policy).states[pane].tier == Tier.INNATE
+    assert [e["action"] for e in store.immune_events(str(pane))][-1] == "release"
+
+
+def test_a_rate_limit_requeues_without_an_attempt_and_backs_the_account_off(make_agent, store, clock):
+    agent = make_agent(account="claude-a")
+    task_id = store.enqueue("skill", ["fail", "Claude", "usage", "limit", "reached|1893456000"],
+                            clock.now())
+    tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.QUEUED and not agent.tasks)
+    task = store.get_task(task_id)
+    assert task.attempts == 0 and store.events(task_id)[-1].detail["reason"] == "rate_limited"
+    [account] = store.immune_states("account")
+    assert str(account.subject) == "account:claude-a" and account.backing_off(clock.now())
+    clock.advance(SETTINGS.claim_seconds * 3)
+    for _ in range(5):
+        agent.tick()
+    assert status_of(store, task_id) is TaskStatus.QUEUED  # backing off: not claimed again
+
+
+def test_metabolism_paces_empty_claims_between_30_and_300_seconds(make_agent, store, clock):
+    settings = FleetSettings(agent_panes=1, mesh_id="", agent_metabolism_pacing=True)
+    agent = make_agent(settings=settings)
+    assert agent.claim_interval(clock.now(), claimed=True) == settings.claim_seconds
+    assert agent.claim_interval(clock.now(), claimed=False) == 300  # nothing seen: quiet
+    for _ in range(3):
+        task_id = store.enqueue("skill", ["work"], clock.now())
+        clock.advance(settings.claim_seconds)
+        tick_until(agent, lambda t=task_id: status_of(store, t) is TaskStatus.DONE)
+    busy = agent.claim_interval(clock.now(), claimed=False)
+    assert 30 <= busy < 300

@@ -58,6 +58,8 @@ async def test_reconciler_flow_runs_one_cycle_and_reports_it(store_url, events, 
     now = utcnow()
     store = SQLiteMeshStore(tmp_path / "fleet.db")
     store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id="orphan")
+    store.heartbeat(MachineIdentity(machine_id="gone-machine", mesh_id="m"),
+                    now - timedelta(minutes=20), None, [])
     store.claim("gone-machine", now - timedelta(minutes=20))
     store.enqueue("skill", ["y"], now - timedelta(days=2), task_id="ancient")
 
@@ -98,3 +100,28 @@ async def test_watchdog_flow_confirms_liveness_and_publishes_a_report(store_url,
     artifact = await _artifact("mesh-watchdog")
     assert artifact is not None and "| mac1 | declared_down | 2 |" in artifact["data"]
     store.close()
+
+
+async def test_the_mesh_flows_honour_the_store_block(mesh_pg_url, tmp_path, monkeypatch, events):
+    """With only FLEET_STORE_BLOCK set, the reconciler and the watchdog work on the Block's
+    database, not on a local SQLite file they would create under FLEET_HOME."""
+    from blocks.store import PostgresStoreBlock
+    from fleet.mesh.pg_store import PgMeshStore
+    from flows.mesh import reconciler, watchdog
+    from tests.mesh.conftest import truncate_mesh
+
+    truncate_mesh(mesh_pg_url)
+    await PostgresStoreBlock(conninfo=mesh_pg_url, apply_schema=False).save("mesh-flows", overwrite=True)
+    monkeypatch.delenv("FLEET_STORE_URL", raising=False)
+    monkeypatch.setenv("FLEET_STORE_BLOCK", "fleet-postgres-store/mesh-flows")
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        await reconciler()
+        await watchdog()
+    finally:
+        get_settings.cache_clear()
+    pg = PgMeshStore(mesh_pg_url)
+    assert len(pg.events(event="ReconcilerRun")) == 1
+    pg.close()
+    assert not (tmp_path / "home" / "fleet.db").exists()

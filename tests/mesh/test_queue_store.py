@@ -49,6 +49,12 @@ def ident(machine_id: str, role: str = "worker") -> MachineIdentity:
     return MachineIdentity(machine_id=machine_id, mesh_id="mesh-test", role=role)
 
 
+def register(store, *machine_ids: str, now) -> None:
+    """A machine that never heartbeated cannot claim: register the claimers first."""
+    for machine_id in machine_ids:
+        store.heartbeat(ident(machine_id), now, None, [])
+
+
 def test_both_backends_satisfy_the_protocol(store):
     assert isinstance(store, MeshStore)
 
@@ -88,6 +94,7 @@ def test_lifecycle_records_every_transition_as_an_event(store):
 
 def test_transitions_are_conditional_on_the_claimer(store):
     clock = ManualClock(T0)
+    register(store, "mac1", "mac3", now=clock.now())
     store.enqueue("review", ["codex"], clock.now(), task_id="t-2")
     store.claim("mac1", clock.now())
     assert not store.transition("t-2", "mac3", TaskStatus.RUNNING, clock.now())
@@ -100,6 +107,7 @@ def test_transitions_are_conditional_on_the_claimer(store):
 
 def test_handoff_requeues_with_the_checkpoint_without_counting_a_failure(store):
     clock = ManualClock(T0)
+    register(store, "mac1", "mac3", now=clock.now())
     store.enqueue("hydra", ["hydra", "app-b"], clock.now(), task_id="t-3")
     store.claim("mac1", clock.now())
     store.transition("t-3", "mac1", TaskStatus.RUNNING, clock.advance(10), pane_id="%1")
@@ -118,6 +126,8 @@ def test_claim_routes_targets_and_refuses_viewers_and_down_machines(store):
     store.enqueue("skill", ["claude"], clock.advance(1), task_id="anyone")
     store.heartbeat(ident("viewer1", role="viewer"), clock.now(), None, [])
     assert store.claim("viewer1", clock.now(), limit=5) == []
+    assert store.claim("mac3", clock.now(), limit=5) == []  # never registered: nothing
+    register(store, "mac3", now=clock.now())
     assert [t.task_id for t in store.claim("mac3", clock.now(), limit=5)] == ["anyone"]
     store.heartbeat(ident("mac1"), clock.now(), None, [])
     store.mark_down("mac1", clock.now(), max_attempts=3)
@@ -129,6 +139,7 @@ def test_claim_routes_targets_and_refuses_viewers_and_down_machines(store):
 
 def test_claims_come_oldest_first_up_to_the_limit(store):
     clock = ManualClock(T0)
+    register(store, "mac1", "mac3", now=clock.now())
     for i in range(5):
         store.enqueue("skill", ["x", str(i)], clock.advance(1), task_id=f"t{i}")
     assert [t.task_id for t in store.claim("mac1", clock.now(), limit=3)] == ["t0", "t1", "t2"]
@@ -139,6 +150,7 @@ def test_two_claimers_racing_claim_each_task_exactly_once(backend):
     seed = backend()
     now = T0
     n = 1000
+    register(seed, "mac1", "mac3", now=now)
     for i in range(n):
         seed.enqueue("skill", ["x"], now + timedelta(microseconds=i), task_id=f"r{i:04d}")
     got: dict[str, list[str]] = {"mac1": [], "mac3": []}
@@ -170,6 +182,7 @@ def test_two_claimers_racing_claim_each_task_exactly_once(backend):
 
 def test_queue_stats_reports_depth_oldest_age_and_dead_letters(store):
     clock = ManualClock(T0)
+    register(store, "mac1", now=clock.now())
     store.enqueue("skill", ["a"], clock.now(), task_id="a")
     store.enqueue("skill", ["b"], clock.advance(60), task_id="b")
     store.claim("mac1", clock.now())
@@ -281,6 +294,7 @@ def test_a_sqlite_file_of_the_first_schema_gains_the_claim_columns_on_open(tmp_p
         conn.execute("CREATE INDEX mesh_task_queue_claimed ON mesh_task_queue (claimed_at) "
                      "WHERE status = 'claimed'")
     store = SQLiteMeshStore(path)
+    register(store, "mac1", now=T0)
     store.enqueue("skill", ["x"], T0, task_id="t")
     [task] = store.claim("mac1", T0)
     assert task.claim_seq == 1
@@ -324,6 +338,7 @@ def test_a_database_of_the_first_schema_gains_the_claim_columns(mesh_pg_url):
         conn.execute("ALTER TABLE mesh_pane_state DROP COLUMN claim_seq")
     assert "0002_mesh.sql" in apply_migrations(mesh_pg_url, force=True)
     store = PgMeshStore(mesh_pg_url)
+    register(store, "mac1", now=T0)
     store.enqueue("skill", ["x"], T0, task_id="t")
     assert [t.claim_seq for t in store.claim("mac1", T0)] == [1]
     store.set_pane_state("mac1", "%1", T0, task_id="t", alive=True)

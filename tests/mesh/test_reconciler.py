@@ -37,6 +37,8 @@ def ident(machine_id: str) -> MachineIdentity:
 
 
 def claimed_task(store, clock: ManualClock, task_id: str, machine: str = "mac1") -> None:
+    if machine not in {m.machine_id for m in store.machines()}:
+        store.heartbeat(ident(machine), clock.now(), None, [])  # only registered machines claim
     store.enqueue("skill", ["x"], clock.now(), task_id=task_id)
     [t] = store.claim(machine, clock.now())
     assert t.task_id == task_id
@@ -63,7 +65,7 @@ def test_a_claim_with_a_live_claimer_or_recent_progress_is_not_orphaned(store):
     clock = ManualClock(T0)
     store.heartbeat(ident("mac1"), clock.now(), None, [])
     claimed_task(store, clock, "beating", "mac1")
-    claimed_task(store, clock, "progressing", "mac3")  # mac3 never heartbeats
+    claimed_task(store, clock, "progressing", "mac3")  # mac3 heartbeats at T0 only
     late = T0 + timedelta(seconds=S.orphan_claim_seconds) + timedelta(minutes=1)
     store.heartbeat(ident("mac1"), late - timedelta(minutes=1), None, ["beating"])
     store.progress("progressing", "mac3", late - timedelta(minutes=1))
@@ -144,6 +146,7 @@ def test_unfinished_tasks_expire_after_exactly_a_day(store):
     store.enqueue("skill", ["q"], clock.now(), task_id="queued-old")
     claimed_task(store, clock, "claimed-old")
     store.enqueue("skill", ["d"], clock.now(), task_id="done-old")
+    store.heartbeat(ident("mac3"), clock.now(), None, [])
     [d] = store.claim("mac3", clock.now())
     store.transition(d.task_id, "mac3", TaskStatus.DONE, clock.now())
     edge = T0 + timedelta(seconds=S.task_expiry_seconds)
@@ -161,9 +164,10 @@ def test_unfinished_tasks_expire_after_exactly_a_day(store):
 def test_a_task_failing_more_than_max_attempts_is_dead_lettered(store):
     clock = ManualClock(T0)
     store.enqueue("skill", ["poison"], clock.now(), task_id="p")
+    store.heartbeat(ident("mac1"), clock.now(), None, [])
     outcomes = []
     for _ in range(S.max_task_attempts + 1):
-        [t] = store.claim("mac1", clock.now())  # mac1 never heartbeats: every claim orphans
+        [t] = store.claim("mac1", clock.now())  # mac1 heartbeats once only: every claim orphans
         counts = reconcile(store, clock.advance(S.orphan_claim_seconds + 1))
         outcomes.append((counts.orphaned_requeued, counts.dead_lettered))
     assert outcomes == [(1, 0)] * S.max_task_attempts + [(0, 1)]
@@ -319,6 +323,7 @@ def test_concurrent_reconcilers_never_move_a_row_twice(store, tmp_path):
     clock = ManualClock(T0)
     for i in range(200):
         store.enqueue("skill", ["x"], clock.now(), task_id=f"c{i:03d}")
+    store.heartbeat(ident("mac1"), clock.now(), None, [])
     assert len(store.claim("mac1", clock.now(), limit=200)) == 200
     later = clock.advance(S.orphan_claim_seconds + 1)
     if isinstance(store, SQLiteMeshStore):
@@ -356,6 +361,7 @@ def test_a_row_held_by_another_session_is_skipped_not_waited_for(mesh_pg_url):
     clock = ManualClock(T0)
     for t in ("held", "free"):
         store.enqueue("skill", ["x"], clock.now(), task_id=t)
+    store.heartbeat(ident("mac1"), clock.now(), None, [])
     store.claim("mac1", clock.now(), limit=2)
     later = clock.advance(S.orphan_claim_seconds + 1)
     agent = psycopg.connect(mesh_pg_url)  # an agent in the middle of a write to "held"

@@ -12,7 +12,10 @@ from fleet.mesh.pg_store import PgMeshStore
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, TaskStatus
 from fleet.mesh.watchdog import (
-    panes_over_budget, panes_to_respawn, stale_machines, watchdog_cycle,
+    panes_over_budget,
+    panes_to_respawn,
+    stale_machines,
+    watchdog_cycle,
 )
 from fleet.settings import FleetSettings
 
@@ -108,7 +111,9 @@ def test_one_cycle_reports_every_part_and_hands_off_over_budget_tasks(tmp_path):
 def test_a_broken_store_is_reported_not_raised():
     broken = PgMeshStore("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout_seconds=1)
     report = watchdog_cycle(broken, T0, S, LivenessProbe.from_settings(broken, S))
-    assert len(report.errors) == 3
+    # Heartbeats, panes, queue, the shared breaker states, the immune system and the
+    # metabolism: each reported.
+    assert len(report.errors) == 6
     assert all("127.0.0.1:1/nowhere" in e for e in report.errors)
     assert report.liveness is None and report.handoffs == []
 
@@ -152,3 +157,28 @@ def test_a_pane_row_of_the_current_claim_is_handed_off(any_store):
     report = watchdog_cycle(store, clock.advance(5), S, None)
     assert [(h.pane.task_id, h.requeued) for h in report.handoffs] == [("t", True)]
     assert store.get_task("t").status is TaskStatus.QUEUED
+
+
+def test_the_watchdog_reports_breakers_opened_in_another_process(tmp_path):
+    """A breaker opened by another process (the cohort flow's gateway client) is in the report:
+    every process writes its breaker changes to the store."""
+    import subprocess
+    import sys
+
+    from fleet.mesh.watchdog import watchdog_cycle
+
+    db = tmp_path / "mesh.db"
+    script = (
+        "from fleet.clients.breaker import breaker_for, share_states\n"
+        "from fleet.mesh.sqlite_store import SQLiteMeshStore\n"
+        f"share_states(SQLiteMeshStore({str(db)!r}))\n"
+        "b = breaker_for('aura-elsewhere', failure_threshold=2)\n"
+        "b.record_failure('503'); b.record_failure('503')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    store = SQLiteMeshStore(db)
+
+    report = watchdog_cycle(store, datetime.now(timezone.utc), FleetSettings(), None)
+    assert report.breakers["aura-elsewhere"]["state"] == "open"
+    assert "aura-elsewhere" in report.summary()["open_breakers"]
+    store.close()
