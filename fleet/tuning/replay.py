@@ -102,6 +102,18 @@ class Prepared:
         self.stuck_segments = self._segments(lambda i, t: (t.claimed_at, *t.progress), _MIN_STUCK)
         self.orphan_segments = self._segments(self._signs_of_life, _MIN_ORPHAN)
         self.observations = self._observations()
+        self.subjects = sorted({o[2] for o in self.observations})
+        index = {sub: i for i, sub in enumerate(self.subjects)}
+        self.subject_index = np.array([index[o[2]] for o in self.observations], dtype=int)
+        # Seconds since the subject's previous failure (inf: none yet), per observation.
+        last: dict[Subject, float] = {}
+        since = np.full(len(self.observations), INF)
+        for i, (t, _, sub, outcome, _, _) in enumerate(self.observations):
+            if sub in last:
+                since[i] = t - last[sub]
+            if outcome == "failure":
+                last[sub] = t
+        self.since_failure = since
         self.cache: dict[tuple[Any, ...], Any] = {}   # per-part results by the genes they read
         self.population = {
             "machine": len(history.machines),
@@ -302,38 +314,56 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
         work_lost=sum(d.lost for d in decisions), decisions=tuple(decisions))
 
 
-def _pristine(state: SubjectState, t_at: Any, policy: ImmunePolicy) -> bool:
-    return (state.tier == Tier.INNATE and state.ejections == 0 and state.backoff_until is None
-            and state.probe_task is None
-            and (not state.failures or state.failures[-1] <= t_at - policy.window))
-
-
 def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
-    """Feed the recorded outcomes through the immune rules; quarantines of tier ≥ 1."""
+    """Feed the recorded outcomes through the immune rules; quarantines of tier ≥ 1.
+
+    A success of a subject never quarantined whose last failure left the window is a no-op for
+    `observe`, so it is skipped; a subject that gets quarantined is replayed again with all its
+    observations, until the set of such subjects is stable (then the result is exact).
+    """
+    obs = p.observations
+    window = ip.window.total_seconds()
+    n = len(obs)
+    success = np.fromiter((o[3] == "success" for o in obs), bool, n)
+    since_fail = p.since_failure
+    subject_ix = p.subject_index
+    dirty = np.zeros(max(1, len(p.subjects)), bool)
+    while True:
+        keep = ~success | (since_fail <= window) | dirty[subject_ix] if not exact else np.ones(n, bool)
+        out, quarantined = _feed(p, ip, np.flatnonzero(keep))
+        fresh = [i for i in quarantined if not dirty[i]]
+        if exact or not fresh:
+            return out
+        dirty[fresh] = True
+
+
+def _feed(p: Prepared, ip: ImmunePolicy, rows: np.ndarray) -> tuple[list[Decision], set[int]]:
     by_kind: dict[str, dict[Subject, SubjectState]] = {"machine": {}, "pane": {}}
     out: list[Decision] = []
-    for t, at, subject, outcome, reason, task_id in p.observations:
+    quarantined: set[int] = set()
+    obs = p.observations
+    for r in rows:
+        t, at, subject, outcome, reason, task_id = obs[r]
         states = by_kind[subject.kind]
         state = states.get(subject) or SubjectState(subject)
         if state.excluded(at):
             continue   # the candidate would have given it no work
-        if not exact and outcome == "success" and _pristine(state, at, ip):
-            if state.failures:
-                states[subject] = replace(state, failures=())
-            continue
         if state.probing(at):
             state = probe_claimed(state, task_id)
         population = p.population.get(subject.kind, 1)
 
-        def brake_for(tier: Tier, subject: Subject = subject, states: dict = states) -> Any:
+        def brake_for(tier: Tier, subject: Subject = subject, states: dict = states,
+                      at: Any = at, population: int = population) -> Any:
             return brake(subject, tier, states, population, at, ip)
 
         new, actions = observe(state, Observation(subject, at, outcome, reason, task_id),  # type: ignore[arg-type]
                                ip, brake_for)
         states[subject] = new
-        out.extend(Decision("quarantine", str(subject), t, str(int(a.tier)), False)
-                   for a in actions if a.kind == "quarantine" and a.tier >= Tier.SOFT)
-    return out
+        for a in actions:
+            if a.kind == "quarantine" and a.tier >= Tier.SOFT:
+                quarantined.add(int(p.subject_index[r]))
+                out.append(Decision("quarantine", str(subject), t, str(int(a.tier)), False))
+    return out, quarantined
 
 
 def evaluate(prepared: Sequence[Prepared], policy: Mapping[str, float], settings: Any) -> Score:
