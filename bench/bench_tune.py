@@ -55,7 +55,8 @@ def main() -> None:
     print(f"  history: 4 labelled (1 day, 4 machines each) + 10 machines × 7 days "
           f"({sum(len(h.tasks) for h in train)} task runs); generated in {generated:.1f} s")
     print(f"  wall time {wall:.1f} s (of which preparing the histories {prepared:.1f} s; "
-          f"target ≤ 60 s); CPU time {cpu:.1f} s; load average before {load_before[0]:.1f}, after {load_after[0]:.1f} "
+          f"target ≤ 60 s); CPU time {cpu:.1f} s; load average before {load_before[0]:.1f}, "
+          f"after {load_after[0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     print(f"  converged at generation {evo.converged_at} of {args.steps}")
     for g in evo.generations:
@@ -86,8 +87,10 @@ def main() -> None:
     print(_row("defaults (DESIGN.md)", hb.score, hb.score))
     for name, c in picks:
         hc = judge(c.policy)
-        per = ", ".join(f"{h.name} {x.false_positives}" for h, x in zip(held, hc.per_history))
-        print(_row(name, hc.score, hb.score) + f"   guard {'ok' if hc.offerable else 'FAILED'} ({per})")
+        per = ", ".join(f"{h.name} {x.false_positives}"
+                        for h, x in zip(held, hc.per_history, strict=True))
+        guard = "ok" if hc.offerable else "FAILED"
+        print(_row(name, hc.score, hb.score) + f"   guard {guard} ({per})")
     for name, c in picks:
         moved = {n: (defaults[n], c.policy[n]) for n in GENE_NAMES if c.policy[n] != defaults[n]}
         print(f"\n{name}: " + ", ".join(f"{n} {a:g}→{b:g}" for n, (a, b) in moved.items()))

@@ -88,7 +88,8 @@ def evolve_cmd(
     console.print(f"replayed {len(histories)} histories ({names}); {evo.evaluations} policies "
                   f"evaluated in {evo.seconds:.1f} s, seed {seed}")
     table = Table(title="Pareto front (offerable: no false positive added on any labelled history)")
-    for col in ("version", "MTTR s", "vs current", "false pos.", "misses", "work lost h", "changes"):
+    columns = ("version", "MTTR s", "vs current", "false pos.", "misses", "work lost h", "changes")
+    for col in columns:
         table.add_column(col)
     cur = base.score
     table.add_row("current", f"{cur.penalized_mttr:.0f}", "", str(cur.false_positives),
@@ -110,10 +111,12 @@ def evolve_cmd(
     console.print(conv)
     best = evo.best()
     if best is None or best.score.penalized_mttr >= cur.penalized_mttr:
-        console.print("no candidate heals faster without more false positives than the current policy")
+        console.print("no candidate heals faster without more false positives than the "
+                      "current policy")
     elif record:
         version = by_key.get(id(best))
-        console.print(f"best: version {version} — try it with `fleet ga apply {version} --canary 20%`")
+        console.print(f"best: version {version} — try it with "
+                      f"`fleet ga apply {version} --canary 20%`")
 
 
 @ga_app.command("apply")
@@ -122,7 +125,7 @@ def apply_cmd(
     canary: str = typer.Option(..., "--canary", help="share of the machines that run it, e.g. 20%"),
     store_url: str = StoreUrl,
 ) -> None:
-    """Run a candidate on a share of the machines (never everywhere at once) and record the trial."""
+    """Run a candidate on a share of the machines (never all at once) and record the trial."""
     from fleet.tuning.policies import parse_share
     from fleet.tuning.tuner import workers
 
@@ -192,7 +195,8 @@ def rollback_cmd(
 
 
 @ga_app.command("policies")
-def policies_cmd(store_url: str = StoreUrl, limit: Optional[int] = typer.Option(20, "--limit")) -> None:
+def policies_cmd(store_url: str = StoreUrl,
+                 limit: Optional[int] = typer.Option(20, "--limit")) -> None:
     """The recorded policy versions, newest last."""
     try:
         _, _, policies = _stores(store_url)

@@ -63,7 +63,8 @@ def repair(policy: Mapping[str, float]) -> Policy:
     unknown = sorted(set(policy) - set(GENE_NAMES))
     missing = sorted(set(GENE_NAMES) - set(policy))
     if unknown or missing:
-        raise InvalidPolicy(f"policy genes do not match the genome: unknown {unknown}, missing {missing}")
+        raise InvalidPolicy(f"policy genes do not match the genome: unknown {unknown}, "
+                            f"missing {missing}")
     out = {g.name: g.clip(policy[g.name]) for g in GENES}
     out["immune_hard_failures"] = max(out["immune_hard_failures"], out["immune_soft_failures"] + 1)
     return out
@@ -74,7 +75,7 @@ def to_vector(policy: Mapping[str, float]) -> np.ndarray:
 
 
 def from_vector(x: Any) -> Policy:
-    return repair(dict(zip(GENE_NAMES, (float(v) for v in x))))
+    return repair(dict(zip(GENE_NAMES, (float(v) for v in x), strict=True)))
 
 
 def key(policy: Mapping[str, float]) -> tuple[float, ...]:

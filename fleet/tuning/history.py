@@ -104,7 +104,8 @@ DAY = 86400.0
 
 def _heartbeats(rng: np.random.Generator, horizon: float, label: Label,
                 blips: Iterable[tuple[float, float]]) -> np.ndarray:
-    beats = np.arange(0.0, horizon, HEARTBEAT) + rng.uniform(0, 2, size=int(math.ceil(horizon / HEARTBEAT)))
+    n = int(math.ceil(horizon / HEARTBEAT))
+    beats = np.arange(0.0, horizon, HEARTBEAT)[:n] + rng.uniform(0, 2, size=n)
     if label == "slow":
         # A loaded machine: one beat in ten is late by up to 40 s (never two periods).
         late = rng.random(beats.size) < 0.10
@@ -114,7 +115,8 @@ def _heartbeats(rng: np.random.Generator, horizon: float, label: Label,
     return np.sort(beats[beats < horizon])
 
 
-def _progress(rng: np.random.Generator, start: float, end: float, label: Label) -> tuple[float, ...]:
+def _progress(rng: np.random.Generator, start: float, end: float,
+              label: Label) -> tuple[float, ...]:
     """Pane output times in [start, end]: chatty agents, and on slow machines long silent steps
     (an iOS build or a test suite) of 3–8 minutes."""
     out: list[float] = []
@@ -151,7 +153,8 @@ def _pane_runs(rng: np.random.Generator, machine_id: str, pane_id: str, label: L
             if stop >= end_of_life:
                 break
             runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, stop, label),
-                                stop, "rate_limited", "usage limit reached, retry after 1800 seconds",
+                                stop, "rate_limited",
+                                "usage limit reached, retry after 1800 seconds",
                                 account=account))
             t = stop + float(rng.uniform(1500, 2100))
             continue
@@ -172,8 +175,8 @@ def _pane_runs(rng: np.random.Generator, machine_id: str, pane_id: str, label: L
                                 account=account))
             break
         failed = rng.random() < (0.6 if in_flaky else 0.04)
-        runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, finish, label), finish,
-                            "failure" if failed else "success",
+        runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, finish, label),
+                            finish, "failure" if failed else "success",
                             "xcodebuild exited 65" if failed else "", account=account))
         t = finish + float(rng.uniform(5, 60))
     return runs
@@ -191,7 +194,6 @@ def synthetic(labels: Iterable[Label], *, days: float = 1.0, panes: int = 2, see
     """
     labels = list(labels)
     horizon = days * DAY
-    rng = np.random.default_rng(seed)
     machines: list[MachineTrack] = []
     tasks: list[TaskRun] = []
     episodes: list[Episode] = []
@@ -242,7 +244,7 @@ def labelled_histories(seed: int = 0, days: float = 1.0) -> list[History]:
 
 
 def mesh_week(seed: int = 0, machines: int = 10, days: float = 7.0) -> History:
-    """A 10-machine mesh over a week: mostly healthy, with slow, flaky, dead and rate-limited ones."""
+    """A 10-machine mesh over a week: mostly healthy; slow, flaky, dead and rate-limited ones."""
     mix: list[Label] = ["slow", "flaky", "dead", "rate_limited", "slow"]
     labels = [mix[i] if i < len(mix) else "healthy" for i in range(machines)]
     return synthetic(labels, days=days, seed=seed, name=f"mesh-{machines}x{days:g}d")

@@ -56,7 +56,8 @@ class Evolution:
         """The fastest healer with no more false positives than the current policy."""
         cur = self.current.score.false_positives
         ok = [c for c in self.front if c.score.false_positives <= cur]
-        return min(ok, key=lambda c: (c.score.penalized_mttr, c.score.false_positives), default=None)
+        return min(ok, key=lambda c: (c.score.penalized_mttr, c.score.false_positives),
+                   default=None)
 
 
 def guard(candidate: Sequence[Score], current: Sequence[Score],
@@ -64,7 +65,7 @@ def guard(candidate: Sequence[Score], current: Sequence[Score],
     """(excess, why): the most false positives the candidate adds over the current policy on one
     labelled history (> 0: never offered), and which history."""
     worst, why = -np.inf, ""
-    for c, base, is_labelled in zip(candidate, current, labelled):
+    for c, base, is_labelled in zip(candidate, current, labelled, strict=True):
         if not is_labelled:
             continue
         excess = c.false_positives - base.false_positives
@@ -105,7 +106,8 @@ def _better(a: Candidate, b: Candidate) -> bool:
     if a.offerable != b.offerable:
         return a.offerable
     fa, fb = a.score.objectives(), b.score.objectives()
-    return all(x <= y for x, y in zip(fa, fb)) and any(x < y for x, y in zip(fa, fb))
+    pairs = list(zip(fa, fb, strict=True))
+    return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 
 
 def local_search(start: Candidate, evaluate: Callable[[Mapping[str, float]], Candidate],

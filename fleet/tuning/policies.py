@@ -151,7 +151,8 @@ def decide(canary: LiveFigures, control: LiveFigures, age_seconds: float,
         return "rollback", (f"false positives regressed: {canary.fp_rate:.2f} vs "
                             f"{control.fp_rate:.2f} per machine-day on the control")
     if age_seconds < min_seconds:
-        return "wait", f"trial {age_seconds / 3600:.1f} h old; decides after {min_seconds / 3600:.0f} h"
+        return "wait", (f"trial {age_seconds / 3600:.1f} h old; decides after "
+                        f"{min_seconds / 3600:.0f} h")
     if canary.requeues and control.requeues and canary.mttr > control.mttr:
         return "rollback", f"MTTR regressed: {canary.mttr:.0f} s vs {control.mttr:.0f} s"
     return "promote", (f"no false-positive regression ({canary.fp_rate:.2f} vs "
@@ -172,17 +173,17 @@ Run = Callable[[str, tuple], list[dict[str, Any]]]
 class PolicyStore:
     """The policy tables on one backend (SQLite or PostgreSQL); SQL written with `?`."""
 
-    def _tx(self) -> Any: ...        # context manager yielding a Run
+    def _session(self) -> Any: ...    # a context manager yielding a Run, in one transaction
     def _json(self, value: Any) -> Any: return json.dumps(value)
     def _time(self, value: datetime) -> Any: return value
 
     # Reading --------------------------------------------------------------------------
     def versions(self) -> list[PolicyVersion]:
-        with self._tx() as run:
+        with self._session() as run:
             return [_version(r) for r in run("SELECT * FROM mesh_policies ORDER BY version", ())]
 
     def get(self, version: int) -> PolicyVersion:
-        with self._tx() as run:
+        with self._session() as run:
             rows = run("SELECT * FROM mesh_policies WHERE version = ?", (version,))
         if not rows:
             raise PolicyError(f"no policy version {version} — `fleet ga evolve` proposes them, "
@@ -190,24 +191,24 @@ class PolicyStore:
         return _version(rows[0])
 
     def active(self) -> PolicyVersion | None:
-        with self._tx() as run:
+        with self._session() as run:
             rows = run("SELECT * FROM mesh_policies WHERE status = 'active'", ())
         return _version(rows[0]) if rows else None
 
     def trials(self) -> list[Trial]:
-        with self._tx() as run:
+        with self._session() as run:
             return [_trial(r) for r in run("SELECT * FROM mesh_policy_trials ORDER BY id", ())]
 
     def running_trial(self) -> Trial | None:
         return next((t for t in self.trials() if t.status == "running"), None)
 
     def assignments(self) -> dict[str, int]:
-        with self._tx() as run:
+        with self._session() as run:
             return {r["machine_id"]: int(r["version"])
                     for r in run("SELECT machine_id, version FROM mesh_policy_assignments", ())}
 
     def log(self) -> list[dict[str, Any]]:
-        with self._tx() as run:
+        with self._session() as run:
             return [{**r, "detail": _loads(r["detail"])}
                     for r in run("SELECT * FROM mesh_policy_log ORDER BY id", ())]
 
@@ -215,7 +216,7 @@ class PolicyStore:
     def propose(self, genes: Mapping[str, float], *, offerable: bool, figures: Mapping[str, Any],
                 by: str, now: datetime) -> int:
         """Record a candidate the optimizer found; returns its version."""
-        with self._tx() as run:
+        with self._session() as run:
             return self._insert(run, genes, "candidate", offerable, figures, by, now)
 
     def _insert(self, run: Run, genes: Mapping[str, float], status: str, offerable: bool,
@@ -229,7 +230,8 @@ class PolicyStore:
     def _log(self, run: Run, version: int, action: str, by: str, now: datetime,
              detail: Mapping[str, Any]) -> None:
         run("INSERT INTO mesh_policy_log (version, action, by_whom, at, detail) "
-            "VALUES (?, ?, ?, ?, ?)", (version, action, by, self._time(now), self._json(dict(detail))))
+            "VALUES (?, ?, ?, ?, ?)",
+            (version, action, by, self._time(now), self._json(dict(detail))))
 
     def start_trial(self, candidate: int, machines: Sequence[str], share: float, *,
                     baseline: Mapping[str, float], by: str, now: datetime) -> Trial:
@@ -240,11 +242,12 @@ class PolicyStore:
             raise PolicyError(f"policy {candidate} failed the guard rail (it adds false positives "
                               "on a labelled history) and is never applied")
         if cand.status != "candidate":
-            raise PolicyError(f"policy {candidate} is {cand.status}; only a candidate can go to canary")
+            raise PolicyError(f"policy {candidate} is {cand.status}; only a candidate can go "
+                              "to canary")
         if self.running_trial() is not None:
             raise PolicyError("a canary trial is already running — `fleet ga trials` decides it, "
                               "`fleet ga rollback` ends it")
-        with self._tx() as run:
+        with self._session() as run:
             rows = run("SELECT version FROM mesh_policies WHERE status = 'active'", ())
             if rows:
                 control = int(rows[0]["version"])
@@ -267,9 +270,10 @@ class PolicyStore:
         assert trial is not None
         return trial
 
-    def promote(self, trial_id: int, *, by: str, now: datetime, decision: Mapping[str, Any]) -> None:
+    def promote(self, trial_id: int, *, by: str, now: datetime,
+                decision: Mapping[str, Any]) -> None:
         trial = self._trial(trial_id)
-        with self._tx() as run:
+        with self._session() as run:
             run("UPDATE mesh_policies SET status = 'retired' WHERE status = 'active'", ())
             run("UPDATE mesh_policies SET status = 'active' WHERE version = ?", (trial.candidate,))
             self._end_trial(run, trial, "promoted", now, decision)
@@ -279,7 +283,7 @@ class PolicyStore:
         """End the running trial (its machines go back to the control), else return to the
         policy active before the current one. Returns the version now in force everywhere."""
         trial = self.running_trial()
-        with self._tx() as run:
+        with self._session() as run:
             if trial is not None:
                 run("UPDATE mesh_policies SET status = 'rolled_back' WHERE version = ?",
                     (trial.candidate,))
@@ -349,8 +353,8 @@ class SQLitePolicyStore(SQLiteFile, PolicyStore):
         return value.astimezone(timezone.utc).isoformat()
 
     @contextmanager
-    def _tx(self) -> Iterator[Run]:
-        with SQLiteFile._tx(self) as conn:
+    def _session(self) -> Iterator[Run]:
+        with self._tx() as conn:
             def run(sql: str, params: tuple) -> list[dict[str, Any]]:
                 return [dict(r) for r in conn.execute(sql, params).fetchall()]
             try:
@@ -384,7 +388,7 @@ class PgPolicyStore(PolicyStore):
         return self._conn
 
     @contextmanager
-    def _tx(self) -> Iterator[Run]:
+    def _session(self) -> Iterator[Run]:
         import psycopg
 
         try:
@@ -410,4 +414,5 @@ def open_policy_store(url: str) -> PolicyStore:
         return SQLitePolicyStore(Path(url.removeprefix("sqlite:///")))
     if url.startswith(("postgresql://", "postgres://")):
         return PgPolicyStore(url)
-    raise ConfigError(f"the policy store needs sqlite:///… or postgresql://…, not {url.split(':')[0]!r}")
+    scheme = url.split(":")[0]
+    raise ConfigError(f"the policy store needs sqlite:///… or postgresql://…, not {scheme!r}")

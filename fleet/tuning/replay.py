@@ -21,7 +21,6 @@ what came after (a requeued task's recorded outcome is still fed to the immune s
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -30,14 +29,22 @@ import numpy as np
 
 from fleet.mesh import rules
 from fleet.mesh.immune import (
-    ImmunePolicy, Observation, Subject, SubjectState, Tier, brake, observe, probe_claimed,
+    ImmunePolicy,
+    Observation,
+    Subject,
+    SubjectState,
+    Tier,
+    brake,
+    observe,
+    probe_claimed,
 )
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
 from fleet.tuning.genome import GENES, immune_policy, thresholds
 from fleet.tuning.history import INF, History, TaskRun
 
-RECONCILE_SECONDS = 60.0
-IMMUNE_GENES = ("heartbeat_seconds", *(g.name for g in GENES if g.name.startswith("immune_")))   # DESIGN §5: the reconciler (and the liveness check) every 60 s
+RECONCILE_SECONDS = 60.0   # DESIGN §5: the reconciler (and the liveness check) every 60 s
+# The genes the immune replay reads (its results are cached on them).
+IMMUNE_GENES = ("heartbeat_seconds", *(g.name for g in GENES if g.name.startswith("immune_")))
 _MIN_STUCK = min(g.low for g in GENES if g.name == "stuck_injection_seconds")
 _MIN_ORPHAN = min(g.low for g in GENES if g.name == "orphan_claim_seconds")
 
@@ -165,7 +172,7 @@ def machine_downs(history: History, machine_id: str, heartbeat_seconds: float,
     nxt = np.append(beats[1:], INF)
     stale = 2 * heartbeat_seconds
     downs: list[tuple[float, float]] = []
-    for a, b in zip(beats[(nxt - beats) > stale], nxt[(nxt - beats) > stale]):
+    for a, b in zip(beats[(nxt - beats) > stale], nxt[(nxt - beats) > stale], strict=True):
         last_hb = history.at(float(a))
         status, count = "alive", 0
         last_tick: float | None = None
@@ -181,7 +188,8 @@ def machine_downs(history: History, machine_id: str, heartbeat_seconds: float,
             while t < hi:
                 now = history.at(t)
                 status, count = rules.confirmation_update(
-                    status, count, last_hb, True, rules.heartbeat_stale_before(now, heartbeat_seconds))
+                    status, count, last_hb, True,
+                    rules.heartbeat_stale_before(now, heartbeat_seconds))
                 last_tick = t
                 if rules.confirmed_down(count, confirmations):
                     down = t
@@ -212,7 +220,8 @@ def _last_before(values: Sequence[float] | np.ndarray, t: float) -> float | None
     return float(arr[i - 1]) if i else None
 
 
-def _verdict(p: Prepared, i: int, t: float, down: bool, th: rules.Thresholds) -> rules.Verdict | None:
+def _verdict(p: Prepared, i: int, t: float, down: bool,
+             th: rules.Thresholds) -> rules.Verdict | None:
     """Ask the reconcile rule about task i at tick t, as the store would show it then."""
     h, task = p.history, p.tasks[i]
     progress = _last_before(task.progress, t)
@@ -240,7 +249,7 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
     ip = immune_policy(policy, settings)
     decisions: list[Decision] = []
     faults: dict[str, _Fault] = {}
-    for i, task in enumerate(prepared.tasks):
+    for task in prepared.tasks:
         if task.hung_at is not None:
             faults[f"task:{task.task_id}"] = _Fault(task.hung_at, INF)
     for ep in h.episodes:
@@ -265,11 +274,12 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
     down_at = np.full(n, INF)
     downs_of: dict[str, list[tuple[float, float]]] = {}
     for m in h.machines:
-        key = ("down", m.machine_id, policy["heartbeat_seconds"], policy["liveness_confirmations"])
-        if key not in prepared.cache:
-            prepared.cache[key] = machine_downs(h, m.machine_id, policy["heartbeat_seconds"],
-                                                int(policy["liveness_confirmations"]))
-        downs = prepared.cache[key]
+        down_key = ("down", m.machine_id, policy["heartbeat_seconds"],
+                    policy["liveness_confirmations"])
+        if down_key not in prepared.cache:
+            prepared.cache[down_key] = machine_downs(h, m.machine_id, policy["heartbeat_seconds"],
+                                                     int(policy["liveness_confirmations"]))
+        downs = prepared.cache[down_key]
         downs_of[m.machine_id] = downs
         for t, _ in downs:
             fp = not heal(f"machine:{m.machine_id}", t)
@@ -294,12 +304,12 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
         lost = 0.0 if real else t - task.claimed_at
         decisions.append(Decision("requeue", task.task_id, t, verdict.value, not real, lost))
 
-    key = ("immune", exact_immune, *(policy[g] for g in IMMUNE_GENES))
-    if key not in prepared.cache:
+    immune_key: tuple[Any, ...] = ("immune", exact_immune, *(policy[g] for g in IMMUNE_GENES))
+    if immune_key not in prepared.cache:
         if len(prepared.cache) > 4096:
             prepared.cache.clear()
-        prepared.cache[key] = _immune(prepared, ip, exact_immune)
-    for d in prepared.cache[key]:
+        prepared.cache[immune_key] = _immune(prepared, ip, exact_immune)
+    for d in prepared.cache[immune_key]:
         fp = not heal(d.subject, d.at)
         decisions.append(replace(d, false_positive=fp))
 
@@ -329,7 +339,8 @@ def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
     subject_ix = p.subject_index
     dirty = np.zeros(max(1, len(p.subjects)), bool)
     while True:
-        keep = ~success | (since_fail <= window) | dirty[subject_ix] if not exact else np.ones(n, bool)
+        keep = (np.ones(n, bool) if exact
+                else ~success | (since_fail <= window) | dirty[subject_ix])
         out, quarantined = _feed(p, ip, np.flatnonzero(keep))
         fresh = [i for i in quarantined if not dirty[i]]
         if exact or not fresh:

@@ -35,11 +35,13 @@ def gather(mode: str, *, mesh_store: Any, since: timedelta, now: datetime, seed:
     if mode not in HISTORY_MODES:
         raise ConfigError(f"--history {mode!r} is not one of {', '.join(HISTORY_MODES)}")
     histories = hist.labelled_histories(seed)
+    labelled = len(histories)
     if mode in ("both", "recorded") and mesh_store is not None:
-        recorded = hist.from_store(mesh_store, now - since, now, heartbeat_seconds=heartbeat_seconds)
+        recorded = hist.from_store(mesh_store, now - since, now,
+                                   heartbeat_seconds=heartbeat_seconds)
         if recorded.tasks:
             histories.append(recorded)
-    if mode == "synthetic" or (mode == "both" and len(histories) == len(hist.labelled_histories(seed))):
+    if mode == "synthetic" or (mode == "both" and len(histories) == labelled):
         histories.append(hist.mesh_week(seed, days=min(7.0, since.total_seconds() / 86400)))
     return histories
 
@@ -66,7 +68,8 @@ def run_evolve(histories: Sequence[hist.History], settings: Any, *, steps: int, 
     if policies is not None:
         for c in evo.front:
             v = policies.propose(c.policy, offerable=c.offerable,
-                                 figures={**figures(c), "seed": seed, "steps": steps}, by=by, now=now)
+                                 figures={**figures(c), "seed": seed, "steps": steps},
+                                 by=by, now=now)
             versions[v] = c
     return Proposal(evo, versions)
 

@@ -43,7 +43,8 @@ def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(tmp_pat
     assert not h.labelled and h.horizon == 3600
     runs = {r.task_id: r for r in h.tasks}
     assert runs[fine].outcome == "success" and runs[fine].ended_at == 300
-    assert runs[stuck].hung_at == 120 and runs[stuck].ended_at is None and runs[stuck].reason == "stuck"
+    assert runs[stuck].hung_at == 120 and runs[stuck].ended_at is None
+    assert runs[stuck].reason == "stuck"
     assert {m.machine_id for m in h.machines} == {"mac1", "mac2"}
     s = score(Prepared(h), current_policy(FleetSettings()), FleetSettings())
     # The recorded policy's own verdict is found again: 120 + 900 → tick 1080, healed 960 s after.

@@ -46,7 +46,8 @@ def test_no_offered_candidate_adds_a_false_positive_on_any_labelled_history(hist
     assert evo.front
     for c in evo.front:
         assert c.offerable
-        assert all(x.false_positives <= y.false_positives for x, y in zip(c.per_history, base))
+        pairs = zip(c.per_history, base, strict=True)
+        assert all(x.false_positives <= y.false_positives for x, y in pairs)
 
 
 def _s(fp: int) -> Score:

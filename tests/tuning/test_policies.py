@@ -8,7 +8,13 @@ import pytest
 
 from fleet.errors import ConfigError
 from fleet.tuning.policies import (
-    LiveFigures, PolicyError, decide, live_figures, open_policy_store, parse_share, pick_canary,
+    LiveFigures,
+    PolicyError,
+    decide,
+    live_figures,
+    open_policy_store,
+    parse_share,
+    pick_canary,
     policy_for,
 )
 
@@ -85,7 +91,7 @@ def test_the_policy_log_is_append_only(policies):
     v = policies.propose({"x": 1}, offerable=True, figures={}, by="t", now=NOW)
     policies.start_trial(v, MACHINES, 0.1, baseline={"x": 0}, by="t", now=NOW)
     with pytest.raises(Exception, match="append-only"):
-        with policies._tx() as run:
+        with policies._session() as run:
             run("DELETE FROM mesh_policy_log", ())
 
 

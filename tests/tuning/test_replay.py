@@ -33,7 +33,8 @@ def one_machine(tasks: list[TaskRun], *, horizon: float = 7200.0, died_at: float
     label: hist.Label = "dead" if died_at is not None else "healthy"
     b = beats(died_at if died_at is not None else horizon, gap=gap)
     episodes = (Episode("machine:m1", died_at),) if died_at is not None else ()
-    return History("tiny", hist.START, horizon, (MachineTrack("m1", label, b, unreachable, died_at),),
+    machine = MachineTrack("m1", label, b, unreachable, died_at)
+    return History("tiny", hist.START, horizon, (machine,),
                    tuple(tasks), episodes)
 
 
@@ -145,8 +146,10 @@ def test_the_immune_shortcut_matches_feeding_every_observation(small):
 
 
 def test_synthetic_histories_are_deterministic_under_a_seed():
-    a, b = hist.synthetic(["slow", "flaky"], seed=7, days=0.2), hist.synthetic(["slow", "flaky"], seed=7, days=0.2)
+    a = hist.synthetic(["slow", "flaky"], seed=7, days=0.2)
+    b = hist.synthetic(["slow", "flaky"], seed=7, days=0.2)
     assert [t.progress for t in a.tasks] == [t.progress for t in b.tasks]
-    assert all(np.array_equal(x.heartbeats, y.heartbeats) for x, y in zip(a.machines, b.machines))
+    assert all(np.array_equal(x.heartbeats, y.heartbeats) for x, y in zip(a.machines, b.machines,
+                                                                   strict=True))
     c = hist.synthetic(["slow", "flaky"], seed=8, days=0.2)
     assert [t.progress for t in a.tasks] != [t.progress for t in c.tasks]
