@@ -121,6 +121,16 @@ class Prepared:
             if outcome == "failure":
                 last[sub] = t
         self.since_failure = since
+        # Seconds to the subject's next failure (inf: none after), per observation.
+        following: dict[Subject, float] = {}
+        until = np.full(len(self.observations), INF)
+        for i in range(len(self.observations) - 1, -1, -1):
+            t, _, sub, outcome, _, _ = self.observations[i]
+            if sub in following:
+                until[i] = following[sub] - t
+            if outcome == "failure":
+                following[sub] = t
+        self.until_failure = until
         self.cache: dict[tuple[Any, ...], Any] = {}   # per-part results by the genes they read
         self.population = {
             "machine": len(history.machines),
@@ -327,8 +337,9 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
 def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
     """Feed the recorded outcomes through the immune rules; quarantines of tier ≥ 1.
 
-    A success of a subject never quarantined whose last failure left the window is a no-op for
-    `observe`, so it is skipped; a subject that gets quarantined is replayed again with all its
+    A success of a subject never quarantined, with no failure within a window before or after
+    it, cannot change what `observe` decides (it would only count in a window of no failure),
+    so it is skipped; a subject that gets quarantined is replayed again with all its
     observations, until the set of such subjects is stable (then the result is exact).
     """
     obs = p.observations
@@ -340,7 +351,8 @@ def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
     dirty = np.zeros(max(1, len(p.subjects)), bool)
     while True:
         keep = (np.ones(n, bool) if exact
-                else ~success | (since_fail <= window) | dirty[subject_ix])
+                else ~success | (since_fail <= window) | (p.until_failure <= window)
+                | dirty[subject_ix])
         out, quarantined = _feed(p, ip, np.flatnonzero(keep))
         fresh = [i for i in quarantined if not dirty[i]]
         if exact or not fresh:
