@@ -100,7 +100,7 @@ def evolve_cmd(
         change = (s.penalized_mttr / cur.penalized_mttr - 1) if cur.penalized_mttr else 0.0
         table.add_row(str(by_key.get(id(c), "-")), f"{s.penalized_mttr:.0f}", f"{change:+.0%}",
                       str(s.false_positives), str(s.misses), f"{s.work_lost / 3600:.1f}",
-                      escape(_changes(c.policy, current_policy(settings))))
+                      escape(_changes(c.policy, base.policy)))
     console.print(table)
     conv = Table(title=f"convergence (converged at generation {evo.converged_at})")
     for col in ("generation", "evaluations", "best MTTR s", "its false pos.", "front"):

@@ -53,6 +53,15 @@ def figures(c: Candidate) -> dict[str, Any]:
             "work_lost_seconds": round(s.work_lost, 1), "guard": c.why_not or "passed"}
 
 
+def in_force(policies: PolicyStore | None, settings: Any) -> dict[str, float]:
+    """The thresholds the mesh runs: the active policy version's, else the settings model's."""
+    base = current_policy(settings)
+    active = policies.active() if policies is not None else None
+    if active is None:
+        return base
+    return {name: float(active.genes.get(name, value)) for name, value in base.items()}
+
+
 @dataclass(frozen=True)
 class Proposal:
     evolution: Evolution
@@ -61,8 +70,9 @@ class Proposal:
 
 def run_evolve(histories: Sequence[hist.History], settings: Any, *, steps: int, seed: int,
                pop_size: int, policies: PolicyStore | None, by: str, now: datetime) -> Proposal:
-    """Evolve from the settings in force; record the offerable front as candidate versions."""
-    evo = evolve(histories, settings, current_policy(settings), steps=steps, seed=seed,
+    """Evolve from the policy in force (the active version, else the settings); record the
+    offerable front as candidate versions."""
+    evo = evolve(histories, settings, in_force(policies, settings), steps=steps, seed=seed,
                  pop_size=pop_size)
     versions: dict[int, Candidate] = {}
     if policies is not None:

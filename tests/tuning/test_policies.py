@@ -133,3 +133,19 @@ def test_a_trial_waits_its_day_then_promotes_unless_it_regressed():
     assert decide(good, ctl, 3600)[0] == "wait"
     assert decide(good, ctl, 86400)[0] == "promote"
     assert decide(LiveFigures(2, 1, 3, 0, 900), ctl, 86400)[0] == "rollback"
+
+
+def test_the_policy_in_force_is_the_active_version_else_the_settings(tmp_path):
+    from fleet.settings import FleetSettings
+    from fleet.tuning.genome import current_policy
+    from fleet.tuning.tuner import in_force
+
+    settings = FleetSettings()
+    store = open_policy_store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    assert in_force(store, settings) == current_policy(settings)
+    genes = {**current_policy(settings), "stuck_injection_seconds": 600.0}
+    v = store.propose(genes, offerable=True, figures={}, by="t", now=NOW)
+    trial = store.start_trial(v, MACHINES, 0.2, baseline=current_policy(settings), by="t", now=NOW)
+    assert in_force(store, settings) == current_policy(settings)   # a canary is not in force
+    store.promote(trial.id, by="t", now=NOW, decision={})
+    assert in_force(store, settings) == genes
