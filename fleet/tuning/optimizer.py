@@ -28,10 +28,6 @@ class Candidate:
     offerable: bool                     # passes the guard rail
     why_not: str = ""
 
-    @property
-    def excess_false_positives(self) -> int:
-        return 0
-
 
 @dataclass(frozen=True)
 class Generation:
