@@ -1,0 +1,418 @@
+"""Versioned healing policies in the store: candidates, the active one, canary trials, rollback.
+
+What is recorded here vs what changes behaviour: `apply` records a trial and which machines
+run the candidate (mesh_policy_assignments); `policy_for(machine, …)` is the pure answer to
+"which thresholds does this machine run". Until the node agent and the reconciler read their
+thresholds through `policy_for`, a trial changes records, not healing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from fleet.errors import ConfigError, FleetError, StoreUnavailable
+from fleet.sqlitedb import SQLiteFile
+from fleet.tuning.history import REQUEUE_REASONS
+
+SQLITE_SCHEMA = Path(__file__).with_name("policies_sqlite.sql")
+MAX_CANARY_SHARE = 0.5
+MIN_TRIAL_SECONDS = 24 * 3600.0    # a canary runs a day before it is promoted
+QUICK_RETURN_SECONDS = 600.0       # a machine back within this after "down" was not dead
+
+
+class PolicyError(FleetError):
+    """A policy operation the state of the store refuses (one clear line for the operator)."""
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    version: int
+    genes: dict[str, float]
+    status: str
+    offerable: bool
+    figures: dict[str, Any]
+    created_by: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Trial:
+    id: int
+    candidate: int
+    control: int | None
+    share: float
+    machines: tuple[str, ...]
+    status: str
+    started_by: str
+    started_at: datetime
+    decided_at: datetime | None = None
+    decision: dict[str, Any] = field(default_factory=dict)
+
+
+# Pure rules -----------------------------------------------------------------------------
+def policy_for(machine_id: str, assignments: Mapping[str, int], active: int | None) -> int | None:
+    """The policy version a machine runs: its canary assignment, else the active one
+    (None: no policy applied yet — the settings model's values)."""
+    return assignments.get(machine_id, active)
+
+
+def parse_share(text: str) -> float:
+    """`20%`, `20` or `0.2` → 0.2; one clear error otherwise."""
+    raw = text.strip().rstrip("%").strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"--canary {text!r} is not a share — write e.g. 20%") from None
+    share = value / 100 if text.strip().endswith("%") or value > 1 else value
+    if not 0 < share <= MAX_CANARY_SHARE:
+        raise ConfigError(f"--canary {text!r} must be more than 0% and at most "
+                          f"{MAX_CANARY_SHARE:.0%} of the machines (the rest are the control)")
+    return share
+
+
+def pick_canary(machines: Sequence[str], share: float, salt: str) -> tuple[str, ...]:
+    """ceil(share × machines) machines (at least one, never all), chosen by a stable hash, so
+    the same trial picks the same machines wherever it is computed."""
+    pool = sorted(set(machines))
+    if len(pool) < 2:
+        raise PolicyError(f"a canary needs at least two machines (one control); the mesh has "
+                          f"{len(pool)}")
+    n = min(len(pool) - 1, max(1, math.ceil(share * len(pool))))
+    ranked = sorted(pool, key=lambda m: hashlib.sha1(f"{salt}:{m}".encode()).hexdigest())
+    return tuple(sorted(ranked[:n]))
+
+
+@dataclass(frozen=True)
+class LiveFigures:
+    machines: int
+    days: float
+    requeues: int
+    false_positives: int       # requeued work that showed progress after, machines back quickly
+    mttr: float                # mean seconds from the last sign of life to the requeue
+
+    @property
+    def fp_rate(self) -> float:
+        return self.false_positives / max(self.machines * self.days, 1e-9)
+
+
+def live_figures(events: Iterable[Mapping[str, Any]], machines: Iterable[str], since: datetime,
+                 now: datetime) -> LiveFigures:
+    """Healing figures of a group of machines from mesh_task_events since `since`.
+
+    Live there are no labels, so a false positive is what proves itself one: a requeued task
+    whose pane reported progress afterwards, or a machine declared down that heartbeated again
+    within QUICK_RETURN_SECONDS.
+    """
+    group = set(machines)
+    last_life: dict[str, datetime] = {}
+    requeued: dict[str, tuple[str, datetime]] = {}
+    downs: dict[str, datetime] = {}
+    detect: list[float] = []
+    fps = requeues = 0
+    for e in events:
+        at = _aware(e["at"])
+        machine, task, event = e.get("machine_id"), e.get("task_id"), e["event"]
+        if at < since or machine not in group:
+            continue
+        reason = str((e.get("detail") or {}).get("reason") or "")
+        if task and event in ("claimed", "injected", "running", "Progress"):
+            if event == "Progress" and task in requeued and requeued[task][0] == machine:
+                fps += 1
+                requeued.pop(task)
+            last_life[task] = at
+        elif task and event in ("queued", "dead_letter") and reason in REQUEUE_REASONS:
+            requeues += 1
+            requeued[task] = (machine or "", at)
+            if task in last_life:
+                detect.append((at - last_life[task]).total_seconds())
+        elif event == "MachineDown" and machine:
+            downs[machine] = at
+        elif event == "MachineUp" and machine and machine in downs:
+            if (at - downs.pop(machine)).total_seconds() <= QUICK_RETURN_SECONDS:
+                fps += 1
+    days = max((now - since).total_seconds() / 86400, 0.0)
+    return LiveFigures(len(group), days, requeues, fps,
+                       sum(detect) / len(detect) if detect else 0.0)
+
+
+def decide(canary: LiveFigures, control: LiveFigures, age_seconds: float,
+           min_seconds: float = MIN_TRIAL_SECONDS) -> tuple[str, str]:
+    """("rollback" | "promote" | "wait", why). A false-positive regression rolls back at once."""
+    if canary.false_positives and canary.fp_rate > control.fp_rate:
+        return "rollback", (f"false positives regressed: {canary.fp_rate:.2f} vs "
+                            f"{control.fp_rate:.2f} per machine-day on the control")
+    if age_seconds < min_seconds:
+        return "wait", (f"trial {age_seconds / 3600:.1f} h old; decides after "
+                        f"{min_seconds / 3600:.0f} h")
+    if canary.requeues and control.requeues and canary.mttr > control.mttr:
+        return "rollback", f"MTTR regressed: {canary.mttr:.0f} s vs {control.mttr:.0f} s"
+    return "promote", (f"no false-positive regression ({canary.fp_rate:.2f} vs "
+                       f"{control.fp_rate:.2f}/machine-day), MTTR {canary.mttr:.0f} s vs "
+                       f"{control.mttr:.0f} s")
+
+
+def _aware(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+# The store ------------------------------------------------------------------------------
+Run = Callable[[str, tuple], list[dict[str, Any]]]
+
+
+class PolicyStore:
+    """The policy tables on one backend (SQLite or PostgreSQL); SQL written with `?`."""
+
+    def _session(self) -> Any: ...    # a context manager yielding a Run, in one transaction
+    def _json(self, value: Any) -> Any: return json.dumps(value)
+    def _time(self, value: datetime) -> Any: return value
+
+    # Reading --------------------------------------------------------------------------
+    def versions(self) -> list[PolicyVersion]:
+        with self._session() as run:
+            return [_version(r) for r in run("SELECT * FROM mesh_policies ORDER BY version", ())]
+
+    def get(self, version: int) -> PolicyVersion:
+        with self._session() as run:
+            rows = run("SELECT * FROM mesh_policies WHERE version = ?", (version,))
+        if not rows:
+            raise PolicyError(f"no policy version {version} — `fleet ga evolve` proposes them, "
+                              "`fleet ga policies` lists them")
+        return _version(rows[0])
+
+    def active(self) -> PolicyVersion | None:
+        with self._session() as run:
+            rows = run("SELECT * FROM mesh_policies WHERE status = 'active'", ())
+        return _version(rows[0]) if rows else None
+
+    def trials(self) -> list[Trial]:
+        with self._session() as run:
+            return [_trial(r) for r in run("SELECT * FROM mesh_policy_trials ORDER BY id", ())]
+
+    def running_trial(self) -> Trial | None:
+        return next((t for t in self.trials() if t.status == "running"), None)
+
+    def assignments(self) -> dict[str, int]:
+        with self._session() as run:
+            return {r["machine_id"]: int(r["version"])
+                    for r in run("SELECT machine_id, version FROM mesh_policy_assignments", ())}
+
+    def log(self) -> list[dict[str, Any]]:
+        with self._session() as run:
+            return [{**r, "detail": _loads(r["detail"])}
+                    for r in run("SELECT * FROM mesh_policy_log ORDER BY id", ())]
+
+    # Writing --------------------------------------------------------------------------
+    def propose(self, genes: Mapping[str, float], *, offerable: bool, figures: Mapping[str, Any],
+                by: str, now: datetime) -> int:
+        """Record a candidate the optimizer found; returns its version."""
+        with self._session() as run:
+            return self._insert(run, genes, "candidate", offerable, figures, by, now)
+
+    def _insert(self, run: Run, genes: Mapping[str, float], status: str, offerable: bool,
+                figures: Mapping[str, Any], by: str, now: datetime) -> int:
+        rows = run("INSERT INTO mesh_policies (genes, status, offerable, figures, created_by, "
+                   "created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING version",
+                   (self._json(dict(genes)), status, offerable, self._json(dict(figures)), by,
+                    self._time(now)))
+        return int(rows[0]["version"])
+
+    def _log(self, run: Run, version: int, action: str, by: str, now: datetime,
+             detail: Mapping[str, Any]) -> None:
+        run("INSERT INTO mesh_policy_log (version, action, by_whom, at, detail) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (version, action, by, self._time(now), self._json(dict(detail))))
+
+    def start_trial(self, candidate: int, machines: Sequence[str], share: float, *,
+                    baseline: Mapping[str, float], by: str, now: datetime) -> Trial:
+        """Run `candidate` on a share of `machines`; the rest stay on the active policy (the
+        settings' values, recorded as the baseline version, when none was applied yet)."""
+        cand = self.get(candidate)
+        if not cand.offerable:
+            raise PolicyError(f"policy {candidate} failed the guard rail (it adds false positives "
+                              "on a labelled history) and is never applied")
+        if cand.status != "candidate":
+            raise PolicyError(f"policy {candidate} is {cand.status}; only a candidate can go "
+                              "to canary")
+        if self.running_trial() is not None:
+            raise PolicyError("a canary trial is already running — `fleet ga trials` decides it, "
+                              "`fleet ga rollback` ends it")
+        with self._session() as run:
+            rows = run("SELECT version FROM mesh_policies WHERE status = 'active'", ())
+            if rows:
+                control = int(rows[0]["version"])
+            else:
+                control = self._insert(run, baseline, "active", True, {"source": "settings"},
+                                       by, now)
+                self._log(run, control, "baseline", by, now, {"reason": "settings in force"})
+            chosen = pick_canary(machines, share, salt=f"policy-{candidate}")
+            rows = run("INSERT INTO mesh_policy_trials (candidate, control, share, machines, "
+                       "started_by, started_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                       (candidate, control, share, self._json(list(chosen)), by, self._time(now)))
+            trial_id = int(rows[0]["id"])
+            for m in chosen:
+                run("INSERT INTO mesh_policy_assignments (machine_id, version, trial_id, "
+                    "assigned_at) VALUES (?, ?, ?, ?)", (m, candidate, trial_id, self._time(now)))
+            run("UPDATE mesh_policies SET status = 'canary' WHERE version = ?", (candidate,))
+            self._log(run, candidate, "canary", by, now,
+                      {"trial": trial_id, "share": share, "machines": list(chosen)})
+        trial = self.running_trial()
+        assert trial is not None
+        return trial
+
+    def promote(self, trial_id: int, *, by: str, now: datetime,
+                decision: Mapping[str, Any]) -> None:
+        trial = self._trial(trial_id)
+        with self._session() as run:
+            run("UPDATE mesh_policies SET status = 'retired' WHERE status = 'active'", ())
+            run("UPDATE mesh_policies SET status = 'active' WHERE version = ?", (trial.candidate,))
+            self._end_trial(run, trial, "promoted", now, decision)
+            self._log(run, trial.candidate, "promote", by, now, {"trial": trial.id, **decision})
+
+    def rollback(self, *, by: str, now: datetime, reason: str = "operator") -> int:
+        """End the running trial (its machines go back to the control), else return to the
+        policy active before the current one. Returns the version now in force everywhere."""
+        trial = self.running_trial()
+        with self._session() as run:
+            if trial is not None:
+                run("UPDATE mesh_policies SET status = 'rolled_back' WHERE version = ?",
+                    (trial.candidate,))
+                self._end_trial(run, trial, "rolled_back", now, {"reason": reason})
+                self._log(run, trial.candidate, "rollback", by, now,
+                          {"trial": trial.id, "reason": reason})
+                return int(trial.control) if trial.control is not None else 0
+            entries = run("SELECT version, action FROM mesh_policy_log "
+                          "WHERE action IN ('baseline', 'promote') ORDER BY id", ())
+            rows = run("SELECT version FROM mesh_policies WHERE status = 'active'", ())
+            if not rows:
+                raise PolicyError("no policy has been applied: nothing to roll back")
+            current = int(rows[0]["version"])
+            gone = {int(r["version"]) for r in run(
+                "SELECT version FROM mesh_policies WHERE status = 'rolled_back'", ())}
+            # The last policy activated before this one that was not itself rolled back.
+            previous = [int(e["version"]) for e in entries
+                        if int(e["version"]) != current and int(e["version"]) not in gone]
+            if not previous:
+                raise PolicyError(f"policy {current} is the first applied (the settings baseline): "
+                                  "nothing before it to roll back to")
+            back = previous[-1]
+            run("UPDATE mesh_policies SET status = 'rolled_back' WHERE version = ?", (current,))
+            run("UPDATE mesh_policies SET status = 'active' WHERE version = ?", (back,))
+            self._log(run, back, "rollback", by, now, {"from": current, "reason": reason})
+            return back
+
+    def _trial(self, trial_id: int) -> Trial:
+        trial = next((t for t in self.trials() if t.id == trial_id), None)
+        if trial is None or trial.status != "running":
+            raise PolicyError(f"trial {trial_id} is not running")
+        return trial
+
+    def _end_trial(self, run: Run, trial: Trial, status: str, now: datetime,
+                   decision: Mapping[str, Any]) -> None:
+        run("DELETE FROM mesh_policy_assignments WHERE trial_id = ?", (trial.id,))
+        run("UPDATE mesh_policy_trials SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
+            (status, self._time(now), self._json(dict(decision)), trial.id))
+
+
+def _loads(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _version(r: Mapping[str, Any]) -> PolicyVersion:
+    return PolicyVersion(int(r["version"]), {k: float(v) for k, v in _loads(r["genes"]).items()},
+                         r["status"], bool(r["offerable"]), _loads(r["figures"]), r["created_by"],
+                         _aware(r["created_at"]))
+
+
+def _trial(r: Mapping[str, Any]) -> Trial:
+    return Trial(int(r["id"]), int(r["candidate"]),
+                 int(r["control"]) if r["control"] is not None else None, float(r["share"]),
+                 tuple(_loads(r["machines"])), r["status"], r["started_by"],
+                 _aware(r["started_at"]),
+                 _aware(r["decided_at"]) if r["decided_at"] is not None else None,
+                 _loads(r["decision"]))
+
+
+class SQLitePolicyStore(SQLiteFile, PolicyStore):
+    what = "SQLite policy store"
+
+    def __init__(self, path: str | Path):
+        SQLiteFile.__init__(self, path, SQLITE_SCHEMA.read_text())
+
+    def _time(self, value: datetime) -> Any:
+        return value.astimezone(timezone.utc).isoformat()
+
+    @contextmanager
+    def _session(self) -> Iterator[Run]:
+        with self._tx() as conn:
+            def run(sql: str, params: tuple) -> list[dict[str, Any]]:
+                return [dict(r) for r in conn.execute(sql, params).fetchall()]
+            try:
+                yield run
+            except sqlite3.IntegrityError as exc:
+                raise PolicyError(f"policy store refused the change: {exc}") from exc
+
+
+class PgPolicyStore(PolicyStore):
+    """On PostgreSQL: applies the migrations (0005_policies.sql among them) on first use."""
+
+    def __init__(self, conninfo: str):
+        self._conninfo = conninfo
+        self._conn: Any = None
+
+    def _json(self, value: Any) -> Any:
+        from psycopg.types.json import Jsonb
+
+        return Jsonb(value)
+
+    def _connection(self) -> Any:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            from fleet.store.migrations import apply_migrations
+
+            apply_migrations(self._conninfo)
+            self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5,
+                                         row_factory=dict_row)
+        return self._conn
+
+    @contextmanager
+    def _session(self) -> Iterator[Run]:
+        import psycopg
+
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                def run(sql: str, params: tuple) -> list[dict[str, Any]]:
+                    cur = conn.execute(sql.replace("?", "%s"), params)
+                    return cur.fetchall() if cur.description else []
+                yield run
+        except psycopg.errors.IntegrityError as exc:
+            raise PolicyError(f"policy store refused the change: {exc}".splitlines()[0]) from exc
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"PostgreSQL policy store: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def open_policy_store(url: str) -> PolicyStore:
+    """The policy tables beside the mesh store named by `url` (sqlite:///… or postgresql://…)."""
+    if url.startswith("sqlite:///"):
+        return SQLitePolicyStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PgPolicyStore(url)
+    scheme = url.split(":")[0]
+    raise ConfigError(f"the policy store needs sqlite:///… or postgresql://…, not {scheme!r}")
