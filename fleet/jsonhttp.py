@@ -34,6 +34,7 @@ class Response:
     status: int
     body: Any = None
     raw: bytes | None = None  # sent as is instead of the JSON of `body` (a malformed answer)
+    content_type: str = "application/json"
 
 
 Respond = Callable[[Request], "Response | None"]
@@ -116,7 +117,7 @@ def send(req: BaseHTTPRequestHandler, response: Response) -> None:
         payload = json.dumps(response.body, default=str).encode("utf-8")
     try:
         req.send_response(response.status)
-        req.send_header("Content-Type", "application/json")
+        req.send_header("Content-Type", response.content_type)
         req.send_header("Content-Length", str(len(payload)))
         req.end_headers()
         req.wfile.write(payload)

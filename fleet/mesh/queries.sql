@@ -76,8 +76,10 @@ SELECT * FROM mesh_health ORDER BY machine_id
 
 -- name: enqueue
 WITH added AS (
-    INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at)
-    VALUES (%(task_id)s, %(kind)s, %(command)s, %(target)s, %(model)s, 'queued', %(now)s)
+    INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at,
+                                 task_type, mesh_id, generation)
+    VALUES (%(task_id)s, %(kind)s, %(command)s, %(target)s, %(model)s, 'queued', %(now)s,
+            %(task_type)s, %(mesh_id)s, %(generation)s)
     ON CONFLICT (task_id) DO NOTHING
     RETURNING task_id
 )

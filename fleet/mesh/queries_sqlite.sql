@@ -14,6 +14,15 @@ ALTER TABLE mesh_task_queue ADD COLUMN claim_seq INTEGER NOT NULL DEFAULT 0
 -- name: add_pane_claim_seq
 ALTER TABLE mesh_pane_state ADD COLUMN claim_seq INTEGER
 
+-- name: add_task_mesh_id
+ALTER TABLE mesh_task_queue ADD COLUMN mesh_id TEXT
+
+-- name: add_task_generation
+ALTER TABLE mesh_task_queue ADD COLUMN generation INTEGER
+
+-- name: add_task_type
+ALTER TABLE mesh_task_queue ADD COLUMN task_type TEXT
+
 -- name: append_event
 INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail)
 VALUES (:task_id, :event, :machine_id, :now, :detail)
@@ -93,8 +102,10 @@ RETURNING status
 SELECT * FROM mesh_health ORDER BY machine_id
 
 -- name: enqueue
-INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at)
-VALUES (:task_id, :kind, :command, :target, :model, 'queued', :now)
+INSERT INTO mesh_task_queue (task_id, kind, command, target, model, status, created_at,
+                             task_type, mesh_id, generation)
+VALUES (:task_id, :kind, :command, :target, :model, 'queued', :now,
+        :task_type, :mesh_id, :generation)
 ON CONFLICT (task_id) DO NOTHING
 RETURNING task_id
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -191,6 +193,23 @@ class PgConnector:
                     # `from None`: the chained driver error may quote the connection string.
                     raise self._mapped(exc, lost=lost) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """The shared connection inside one transaction, under the lock; never repeated
+        after a drop (it may have committed)."""
+        import psycopg
+
+        with self._lock:
+            conn = self._connection()
+            try:
+                with conn.transaction():
+                    yield conn
+            except psycopg.Error as exc:
+                lost = conn.closed or conn.broken
+                if lost:
+                    self._drop()
+                raise self._mapped(exc, lost=lost) from None
 
     def fetch(
         self, sql: str, params: Any = None, *, retry_safe: bool = True
