@@ -43,6 +43,10 @@ class FleetSettings(BaseSettings):
     retry_delay_seconds: float = 10
     # A run's claim on an app; renewed at every stage write and Hydra poll.
     app_lease_seconds: float = 3600 + 600
+    # A fanned-out cohort reads its app runs' states this often (one API call for all of them).
+    cohort_poll_seconds: float = 10
+    # The deployment a fanned-out cohort submits each app to (prefect.yaml).
+    app_deployment: str = "app-evolution/per-app"
 
     # Mesh (DESIGN §5).
     heartbeat_seconds: float = 30
