@@ -24,7 +24,13 @@ async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | N
                      fresh: bool = False) -> AppRow:
     """Run one app from its persisted stage to `complete` or `failed`; resumable after a crash."""
     comp = await app_components(app_id, fleet_file)
-    run = await asyncio.to_thread(take, comp, app_id, run_id or this_run_id(), fresh)
+    return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
+
+
+async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> AppRow:
+    """The seven stages of one app: the app flow's body, and each app's in an in-process
+    cohort (there its stages are tasks of the cohort run: no flow run per app to create)."""
+    run = await asyncio.to_thread(take, comp, app_id, run_id, fresh)
     if isinstance(run, NotClaimed):
         return await skipped(comp, app_id, run.note)
     async with holding(run) as outcome:
@@ -54,7 +60,7 @@ class Outcome:
 
 @asynccontextmanager
 async def holding(run: AppRun) -> AsyncIterator[Outcome]:
-    """Hold the app for the stages: any failure marks it `failed`, and the claim is always let go."""
+    """Hold the app for the stages: a failure marks it `failed`; the claim is always let go."""
     outcome = Outcome()
     logger = get_run_logger()
     try:
@@ -89,7 +95,8 @@ async def app_components(app_id: str, fleet_file: str | None) -> Components:
     validate_app_id(app_id)
     comp = await flow_components(fleet_file)
     if app_id not in comp.fleet.app_ids:
-        raise ConfigError(f"app {app_id!r} is not in the fleet file; known apps: {', '.join(comp.fleet.app_ids)}")
+        raise ConfigError(f"app {app_id!r} is not in the fleet file; "
+                          f"known apps: {', '.join(comp.fleet.app_ids)}")
     return comp
 
 

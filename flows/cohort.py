@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -15,6 +14,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
@@ -23,7 +23,7 @@ from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
 from fleet.wiring import Components
-from flows.app_evolution import evolve_app, this_run_id
+from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
 from flows.config import flow_components
 
 
@@ -96,7 +96,7 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     """
     logger = get_run_logger()
     comp = await flow_components(fleet_file)
-    plan = await discover_cohort(comp, size, fresh, retry_failed)
+    plan = await discover_cohort(quote(comp), size, fresh, retry_failed)
     run_id = this_run_id("local-cohort")
     logger.info(
         "cohort of %d: starting %s (max_concurrent=%d); skipped: %s", len(plan.cohort),
@@ -113,7 +113,8 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     if all(comp.store.get_state(a).stage.terminal for a in plan.cohort):
         comp.store.finish_cohort(run_id, comp.clock.now())
 
-    rows = [finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort]
+    rows = [finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a))
+            for a in plan.cohort]
     await acreate_table_artifact(
         table=[r.record() for r in rows], key="fleet-cohort",
         description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})",
@@ -152,17 +153,23 @@ class Progress:
 
 async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
                      retry_failed: bool, progress: Progress) -> dict[str, AppRow]:
-    """Every app as a subflow on this event loop: a waiting app costs a coroutine."""
+    """Every app as a coroutine on this event loop, its stages tasks of this cohort run.
+
+    A waiting app costs a coroutine; no flow run per app is created, which keeps the
+    Prefect API calls per app to its task runs and its summary artifact.
+    """
     logger = get_run_logger()
+    run_id = this_run_id("local-cohort")
 
     async def one(app_id: str) -> tuple[str, AppRow | None]:
         reset = reset_requested(comp, app_id, fresh, retry_failed)
-        state = await evolve_app(app_id, run_id=None, fleet_file=fleet_file, fresh=reset, return_state=True)
-        outcome = await state.aresult(raise_on_failure=False)
-        row = outcome if isinstance(outcome, AppRow) else getattr(outcome, "row", None)
-        if row is None:  # the app flow itself crashed before it could report
-            logger.error("%s: app flow ended %s: %s", app_id, state.type.value, outcome)
-        return app_id, row
+        try:
+            return app_id, await evolve_one(comp, app_id, run_id, reset)
+        except FleetRunFailed as failed:  # recorded as failed; the row says why
+            return app_id, failed.row
+        except Exception as exc:  # the app's bookkeeping itself broke: its row comes from the store
+            logger.error("%s: app run ended with %s: %s", app_id, type(exc).__name__, exc)
+            return app_id, None
 
     rows: dict[str, AppRow] = {}
     for finished in asyncio.as_completed([one(a) for a in plan.start]):
@@ -201,7 +208,8 @@ async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None,
                 if flow_run.state is not None and flow_run.state.is_final():
                     app_id = pending.pop(flow_run.id)
                     if not flow_run.state.is_completed():
-                        logger.error("%s: app run %s ended %s", app_id, flow_run.name, flow_run.state.name)
+                        logger.error("%s: app run %s ended %s", app_id, flow_run.name,
+                                     flow_run.state.name)
                     await progress.tick(app_id)
     return {}
 

@@ -15,6 +15,7 @@ from prefect import Task as PrefectTask
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from fleet import pipeline
 from fleet.clients.base import GateStatus
@@ -31,16 +32,23 @@ def transient(task_, task_run, state) -> bool:
 
 
 def stage_task(name: str):
+    # No tags: each tag costs a concurrency-limit call to the API per task run.
     return task(
-        name=name, retry_jitter_factor=0.5, retry_condition_fn=transient, cache_policy=NO_CACHE,
-        persist_result=False, tags=["fleet-stage"],
+        name=name, task_run_name=name + "-{run.app_id}", retry_jitter_factor=0.5,
+        retry_condition_fn=transient, cache_policy=NO_CACHE, persist_result=False,
     )
 
 
 def live(stage: PrefectTask, run: AppRun, timeout: float, retries: bool = True) -> PrefectTask:
-    """The stage task with this run's timeout and retry budget."""
+    """The stage task with this run's timeout and retry budget.
+
+    Callers pass the run as `quote(run)`: Prefect then does not walk the AppRun (its fleet
+    file, store, clients) looking for upstream results on every task call.
+    """
     s = run.settings
-    options: dict[str, Any] = {"timeout_seconds": timeout, "retries": s.stage_retries if retries else 0}
+    options: dict[str, Any] = {
+        "timeout_seconds": timeout, "retries": s.stage_retries if retries else 0,
+    }
     if retries:
         options["retry_delay_seconds"] = exponential_backoff(s.retry_delay_seconds)
     return stage.with_options(**options)
@@ -86,17 +94,19 @@ async def _learn(run: AppRun, outcome: str, error: str | None) -> Trajectory:
 
 async def dispatch(run: AppRun, explicit: bool = False) -> str:
     """DISPATCH the skill; its output."""
-    return await live(_dispatch, run, run.settings.skill_timeout_seconds + SLACK_SECONDS)(run, explicit)
+    timeout = run.settings.skill_timeout_seconds + SLACK_SECONDS
+    return await live(_dispatch, run, timeout)(quote(run), explicit)
 
 
 async def parse(run: AppRun, output: str, last_try: bool = False) -> list[Task] | None:
     """PARSE the skill's output into tasks; None when too few came and one retry is left."""
-    return await live(_parse, run, SLACK_SECONDS)(run, output, last_try)
+    return await live(_parse, run, SLACK_SECONDS)(quote(run), output, last_try)
 
 
 async def review(run: AppRun, prior: list[Task]) -> list[Task]:
     """REVIEW: the adversarial issues."""
-    return await live(_review, run, run.settings.review_timeout_seconds + SLACK_SECONDS)(run, prior)
+    timeout = run.settings.review_timeout_seconds + SLACK_SECONDS
+    return await live(_review, run, timeout)(quote(run), quote(prior))
 
 
 async def evolve(run: AppRun) -> GateStatus:
@@ -104,14 +114,15 @@ async def evolve(run: AppRun) -> GateStatus:
     injected clock; this timeout is a backstop. Not retried: a retry would start Hydra again."""
     s = run.settings
     backstop = s.hydra_hard_stop_seconds + s.evolve_attempts * s.skill_timeout_seconds
-    return await live(_evolve, run, backstop, retries=False)(run)
+    return await live(_evolve, run, backstop, retries=False)(quote(run))
 
 
 async def ship(run: AppRun) -> None:
     """SHIP: the TestFlight upload; not retried, an upload must not be sent twice."""
-    await live(_ship, run, run.settings.ship_timeout_seconds + SLACK_SECONDS, retries=False)(run)
+    timeout = run.settings.ship_timeout_seconds + SLACK_SECONDS
+    await live(_ship, run, timeout, retries=False)(quote(run))
 
 
 async def learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
     """LEARN: the trajectory KARL ranks by."""
-    return await live(_learn, run, SLACK_SECONDS)(run, outcome, error)
+    return await live(_learn, run, SLACK_SECONDS)(quote(run), outcome, error)

@@ -314,3 +314,31 @@ async def test_block_builds_the_client_and_keeps_the_token_secret(server):
         task_id = await aura.spawn([PY, "-c", "print('via block')"])
         server.wait(task_id)
         assert await aura.poll_and_retrieve(task_id, timeout=60) == "via block\n"
+
+
+async def test_a_start_with_an_idempotency_key_sends_it_and_is_retried_after_a_5xx(server, make, clock):
+    aura = make()
+    server.set_faults(fail_next=1)
+    task_id = await aura.spawn([PY, "-c", "print('once')"], idempotency_key="app1:skill:epoch-3")
+    server.wait(task_id)
+    assert await aura.poll_and_retrieve(task_id, timeout=60) == "once\n"
+    assert [r for r in server.requests if r[0] == "POST"] == [("POST", "/spawn")] * 2
+    assert len(server.tasks()) == 1 and len(clock.sleeps) == 1  # the 503 started nothing
+
+
+async def test_the_idempotency_key_travels_as_a_header():
+    import httpx
+
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"task_id": "t-1"})
+
+    aura = AuraGatewayDispatcher(
+        "http://127.0.0.1:1", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        clock=ManualClock(), breaker=CircuitBreaker(f"aura-test-{uuid.uuid4().hex[:8]}", 3, 60, ManualClock()),
+    )
+    assert await aura.dispatch(["true"], target="mac4", model="codex", idempotency_key="k-42") == "t-1"
+    assert await aura.spawn(["true"]) == "t-1"
+    assert seen[0].headers["Idempotency-Key"] == "k-42" and "Idempotency-Key" not in seen[1].headers

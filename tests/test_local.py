@@ -150,3 +150,16 @@ async def test_gate_check_timeout_fails_the_check(tmp_path):
 async def test_gate_without_check_command_says_how_to_fix():
     with pytest.raises(ConfigError, match="add `check: \\[...\\]`"):
         await LocalQualityGate({}).status("app")
+
+
+async def test_waiting_on_many_agents_holds_no_thread_per_agent(executor):
+    import asyncio
+    import threading
+
+    tasks = [await executor.spawn([PY, "-c", "import time; time.sleep(1.5)"]) for _ in range(30)]
+    before = threading.active_count()
+    waits = asyncio.gather(*(executor.poll_and_retrieve(t, 30) for t in tasks))
+    await asyncio.sleep(0.5)
+    during = threading.active_count()
+    assert await waits == [""] * 30
+    assert during <= before + 1, f"{during - before} threads for 30 waiting agents"

@@ -218,3 +218,25 @@ async def test_resume_starts_hydra_only_when_it_has_no_status_for_the_app(tmp_pa
             run.dispatcher.stop_all()
     assert spawned == (0 if known else 1)
     assert any("started it again" in n for n in run.notes) is not known
+
+
+class NeverPassing:
+    async def status(self, app_id: str) -> GateStatus:
+        return GateStatus(phase="evolving", cycle=1)
+
+
+async def test_many_apps_waiting_on_the_gate_hold_no_thread_each():
+    import asyncio
+    import threading
+
+    from fleet.clock import SystemClock
+
+    clock = SystemClock()
+    before = threading.active_count()
+    deadline = clock.now() + timedelta(seconds=0.5)
+    waits = asyncio.gather(*(wait_for_quality(NeverPassing(), f"app{i}", clock, 0.01, deadline)
+                             for i in range(500)))
+    await asyncio.sleep(0.2)
+    during = threading.active_count()
+    assert await waits == [None] * 500  # the deadline came first for every one
+    assert during == before

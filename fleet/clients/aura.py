@@ -14,7 +14,13 @@ from fleet.clients.base import Command
 from fleet.clients.breaker import CircuitBreaker
 from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
 from fleet.clock import Clock, SystemClock
-from fleet.errors import AgentFailed, DispatchError, DispatchTimeout, GatewayUnavailable, UnknownTask
+from fleet.errors import (
+    AgentFailed,
+    DispatchError,
+    DispatchTimeout,
+    GatewayUnavailable,
+    UnknownTask,
+)
 
 log = logging.getLogger("fleet.aura")
 
@@ -110,12 +116,14 @@ class AuraGatewayDispatcher:
 
     # -- Dispatcher ------------------------------------------------------------------------
 
-    async def spawn(self, command: Command) -> str:
-        return await self._start("/spawn", {"command": _command_string(command)})
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
+        return await self._start("/spawn", {"command": _command_string(command)}, idempotency_key)
 
-    async def dispatch(self, command: Command, target: str, model: str) -> str:
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         return await self._start(
-            "/dispatch", {"command": _command_string(command), "target": target, "model": model}
+            "/dispatch", {"command": _command_string(command), "target": target, "model": model},
+            idempotency_key,
         )
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
@@ -154,9 +162,14 @@ class AuraGatewayDispatcher:
 
     # -- wire ------------------------------------------------------------------------------
 
-    async def _start(self, path: str, body: dict) -> str:
-        # Not idempotent: retried by the transport only when the request never left.
-        status, answer = await self._http.acall("POST", path, body=body, idempotent=False)
+    async def _start(self, path: str, body: dict, idempotency_key: str | None) -> str:
+        # Without a key a start is not idempotent: retried by the transport only when the
+        # request never left. With one, the gateway answers a repeat with the task the key
+        # first started, so 5xx and timeouts are retried like any idempotent call.
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        status, answer = await self._http.acall(
+            "POST", path, body=body, idempotent=idempotency_key is not None, headers=headers
+        )
         if status == 404:
             raise DispatchError(
                 f"AuraGateway at {self._http.shown_url} has no POST {path} (404); check the URL "

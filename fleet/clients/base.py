@@ -18,10 +18,15 @@ Command = Sequence[str]
 class Dispatcher(Protocol):
     """Sends agent commands to machines and collects their output (AuraGateway contract)."""
 
-    async def spawn(self, command: Command) -> str:
-        """Start `command` wherever the dispatcher sees fit; returns a task id."""
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
+        """Start `command` wherever the dispatcher sees fit; returns a task id.
 
-    async def dispatch(self, command: Command, target: str, model: str) -> str:
+        With an `idempotency_key`, sending the same start again (a retry after a timeout)
+        starts nothing new: the dispatcher answers with the task the key first started.
+        """
+
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         """Start `command` on machine `target` with agent `model`; returns a task id."""
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:

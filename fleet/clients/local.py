@@ -14,7 +14,14 @@ from pathlib import Path
 
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
-from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, QualityGateError, UnknownTask
+from fleet.errors import (
+    AgentFailed,
+    ConfigError,
+    DispatchError,
+    DispatchTimeout,
+    QualityGateError,
+    UnknownTask,
+)
 from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
@@ -56,10 +63,12 @@ class LocalExecutor:
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
 
-    async def spawn(self, command: Command) -> str:
+    # The idempotency key is accepted and not needed: a local start is never sent twice.
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return await self.dispatch(command, target="local", model="")
 
-    async def dispatch(self, command: Command, target: str, model: str) -> str:
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         argv = [str(a) for a in command]
         if not argv:
             raise DispatchError("empty command: the fleet file must give a program to run")

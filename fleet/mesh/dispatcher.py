@@ -26,10 +26,12 @@ class MeshDispatcher:
         self.poll_seconds = poll_seconds
         self.kind = kind
 
-    async def spawn(self, command: Command) -> str:
+    # The key is accepted for the protocol; the enqueue is one local transaction, never resent.
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return self.store.enqueue(self.kind, _argv(command), self.clock.now())
 
-    async def dispatch(self, command: Command, target: str, model: str) -> str:
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         if not target:
             raise DispatchError("dispatch needs a target machine id; use spawn() for any worker")
         return self.store.enqueue(self.kind, _argv(command), self.clock.now(), target=target,
