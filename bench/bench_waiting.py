@@ -106,7 +106,12 @@ def child(n: int, hydra_url: str, poll: float, settle: float) -> None:
         path = prepare(directory, n)
         result = asyncio.run(orchestrate(n, path, settle))
         print(json.dumps(result), flush=True)
-        os._exit(0)  # the apps would wait 4 h for Hydra: stop here, the temp dir goes with us
+        # The apps would wait 4 h for Hydra: stop here. Prefect's temporary server is a child
+        # of ours that atexit would stop; os._exit skips atexit, so stop it first.
+        from prefect.server.api.server import SubprocessASGIServer
+
+        SubprocessASGIServer().stop()
+        os._exit(0)
 
 
 def main() -> None:
@@ -126,7 +131,8 @@ def main() -> None:
         for n in args.sizes:
             out = subprocess.run(
                 [sys.executable, __file__, "--child", str(n), "--hydra", url, "--poll", str(args.poll),
-                 "--settle", str(args.settle)], cwd=ROOT, capture_output=True, text=True)
+                 "--settle", str(args.settle)], cwd=ROOT, capture_output=True, text=True,
+                timeout=1800)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if not lines:
                 sys.exit(f"N={n} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
