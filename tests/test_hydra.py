@@ -172,3 +172,12 @@ async def test_block_builds_the_gate_and_keeps_the_token_secret(server):
 def test_a_cycle_json_makes_infinite_is_an_error():
     with pytest.raises(QualityGateError, match="cycle should be a number"):
         gate_status({"phase": "x", "cycle": float("inf")}, "app1")
+
+
+async def test_a_thousand_apps_polling_at_once_queue_instead_of_timing_out(server, make):
+    import asyncio
+
+    gate = make()
+    statuses = await asyncio.gather(*(gate.status(f"app{i}") for i in range(1000)))
+    assert {s.phase for s in statuses} == {"unknown"}  # every poll answered; none timed out
+    assert gate.breaker.state == "closed"

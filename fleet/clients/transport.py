@@ -57,6 +57,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 EXCERPT_CHARS = 200
+# Requests one endpoint has in flight from one process at once. A thousand apps polling
+# Hydra together queue here, at no cost, instead of timing out in the connection pool.
+MAX_IN_FLIGHT = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -212,9 +215,9 @@ class JsonEndpoint:
         self._client = client
         self._owns_client = client is None
         self._given_async_client = async_client
-        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._async_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
+        ] = weakref.WeakKeyDictionary()
         self._timeout = timeout
         # One shared breaker per endpoint unless the caller brings its own.
         self.breaker = breaker or breaker_for(f"{service.key} {self.shown_url}", clock=clock)
@@ -230,9 +233,9 @@ class JsonEndpoint:
 
     async def aclose(self) -> None:
         self.close()
-        client = self._async_clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        held = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if held is not None and held[0] is not self._given_async_client:
+            await held[0].aclose()
 
     def _sync_client(self) -> httpx.Client:
         if self._client is None:
@@ -241,16 +244,17 @@ class JsonEndpoint:
             )
         return self._client
 
-    def _async_client(self) -> httpx.AsyncClient:
-        if self._given_async_client is not None:
-            return self._given_async_client
+    def _async_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """This loop's client and the bound on its requests in flight."""
         loop = asyncio.get_running_loop()
-        client = self._async_clients.get(loop)
-        if client is None:
-            client = self._async_clients[loop] = httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False, trust_env=self._trust_env
+        held = self._async_clients.get(loop)
+        if held is None:
+            client = self._given_async_client or httpx.AsyncClient(
+                timeout=self._timeout, follow_redirects=False, trust_env=self._trust_env,
+                limits=httpx.Limits(max_connections=MAX_IN_FLIGHT),
             )
-        return client
+            held = self._async_clients[loop] = (client, asyncio.Semaphore(MAX_IN_FLIGHT))
+        return held
 
     @staticmethod
     def segment(value: str) -> str:
@@ -310,11 +314,13 @@ class JsonEndpoint:
 
         async def send() -> httpx.Response:
             nonlocal attempts
-            attempts += 1
-            response = await self._async_client().request(
-                method, self.base_url + path, json=body, headers=self._headers(headers),
-                timeout=self._timeout,
-            )
+            client, in_flight = self._async_client()
+            async with in_flight:  # the wait for a turn is not part of the request's timeout
+                attempts += 1
+                response = await client.request(
+                    method, self.base_url + path, json=body, headers=self._headers(headers),
+                    timeout=self._timeout,
+                )
             return _raise_transient(response)
 
         try:
