@@ -239,4 +239,4 @@ async def test_many_apps_waiting_on_the_gate_hold_no_thread_each():
     await asyncio.sleep(0.2)
     during = threading.active_count()
     assert await waits == [None] * 500  # the deadline came first for every one
-    assert during == before
+    assert during <= before  # threads other tests left may end meanwhile; none is added
