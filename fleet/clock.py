@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
@@ -12,6 +13,9 @@ class Clock(Protocol):
 
     def sleep(self, seconds: float) -> None: ...
 
+    async def asleep(self, seconds: float) -> None:
+        """Wait without holding a thread: what every wait of the app pipeline uses."""
+
 
 class SystemClock:
     def now(self) -> datetime:
@@ -20,9 +24,12 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    async def asleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
 
 class ManualClock:
-    """A clock that only moves when told to; `sleep` advances it instantly."""
+    """A clock that only moves when told to; `sleep` and `asleep` advance it instantly."""
 
     def __init__(self, start: datetime | None = None):
         self._now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -34,6 +41,10 @@ class ManualClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self._now += timedelta(seconds=seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        self.sleep(seconds)
+        await asyncio.sleep(0)  # let other coroutines run, as a real wait would
 
     def advance(self, seconds: float = 0, **delta: float) -> datetime:
         self._now += timedelta(seconds=seconds, **delta)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+from fleet.claim import AppRun
 from fleet.errors import StageFailed
-from fleet.models import Stage
 from fleet.supervisor.guard import ChangeGuard
 
 log = logging.getLogger("fleet.evolve")
 
 
-def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily to avoid a cycle)
+async def guarded_evolve(run: AppRun) -> None:
     """Run the evolve command until the guard accepts a change, at most `evolve_attempts` times.
 
     A rejected attempt is rolled back (its diff kept as a patch) and the next attempt is
     told why, so an agent that touched a protected path gets one clear chance to redo it.
     An attempt whose dispatch fails or times out is rolled back too, then the error propagates.
+    The guard's git steps are short and run on a worker thread; the agent is awaited, so a
+    long evolve holds no thread.
     """
+    assert run.app.repo is not None, "a guarded evolve needs the app's local repo"
     app, s = run.app, run.settings
     guard = ChangeGuard(
         app.repo,
@@ -29,20 +33,21 @@ def guarded_evolve(run) -> None:  # run: fleet.pipeline.AppRun (imported lazily 
     )
     feedback = ""
     for attempt in range(1, s.evolve_attempts + 1):
-        # Each fenced write renews the claim: the attempts together may outlast one lease.
-        run.set_stage(Stage.HYDRA_BUILD)
-        snapshot = guard.snapshot()
+        await run.renew()  # the attempts together may outlast one lease
+        snapshot = await asyncio.to_thread(guard.snapshot)
         try:
-            task_id = run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
-            run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
-            run.set_stage(Stage.HYDRA_BUILD)  # a run that lost the app meanwhile commits nothing
+            task_id = await run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
+            await run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+            await run.renew()  # a run that lost the app meanwhile commits nothing
         except BaseException as exc:
             # A failed or stopped agent may have left half an edit, protected paths included:
-            # undo all of it so it never becomes the next snapshot's baseline.
-            patch = guard.rollback(snapshot, f"evolve attempt {attempt} did not finish: {exc}")
+            # undo all of it so it never becomes the next snapshot's baseline. Shielded: a
+            # cancelled run still rolls back before it goes.
+            reason = f"evolve attempt {attempt} did not finish: {exc}"
+            patch = await asyncio.shield(asyncio.to_thread(guard.rollback, snapshot, reason))
             log.warning("%s: evolve attempt %d did not finish, rolled back (patch kept: %s)", app.id, attempt, patch)
             raise
-        verdict = guard.validate(snapshot)
+        verdict = await asyncio.to_thread(guard.validate, snapshot)
         if verdict.accepted:
             return
         note = f"change guard rejected attempt {attempt}: {verdict.reason}"

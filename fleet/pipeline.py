@@ -1,88 +1,50 @@
-"""The seven stages as plain functions of an AppRun: the flows wire them to Prefect.
+"""The seven stages as plain coroutines of an AppRun: the flows wire them to Prefect.
 
 Each stage reads what it needs from the store, does its I/O through the protocols, and
 writes its result back before moving the stage, so a rerun after a crash resumes from
 the persisted stage and re-does only the unfinished one (tasks upsert, never duplicate).
+Waits (agents, Hydra, checks) are awaited: a waiting app holds a coroutine, not a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
-from fleet.clients.base import UNKNOWN_PHASE, Dispatcher, Extractor, GateStatus, QualityGate
+from fleet.claim import AppRun
+from fleet.clients.base import UNKNOWN_PHASE, GateStatus, QualityGate
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError, QualityGateError, StageFailed
-from fleet.fleetfile import AppSpec, FleetFile, render
+from fleet.evolve import guarded_evolve
 from fleet.models import EvolutionState, Stage, Task, Trajectory
-from fleet.parsing import insufficient, parse_review_output, parse_skill_output
+from fleet.parsing import (
+    NO_EXTRACTOR,
+    ParseResult,
+    insufficient,
+    parse_review_output,
+    parse_skill_output,
+)
 from fleet.prompts import EXPLICIT_SKILL_PROMPT, build_review_prompt
 from fleet.ranking import reward_for
 from fleet.settings import FleetSettings
-from fleet.store.base import Store
+
+__all__ = ["AppRun"]  # the claim's AppRun, re-exported: the stages are functions of it
 
 log = logging.getLogger("fleet.pipeline")
 R = TypeVar("R")
 
 
-@dataclass
-class AppRun:
-    """One run's hold on one app: its claim epoch, its collaborators and what it measured."""
-
-    app: AppSpec
-    fleet: FleetFile
-    run_id: str
-    epoch: int
-    store: Store
-    dispatcher: Dispatcher
-    gate: QualityGate
-    extractor: Extractor | None
-    settings: FleetSettings
-    clock: Clock
-    durations: dict[str, float] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    quality: GateStatus | None = None
-    shipped: bool = False
-
-    @property
-    def app_id(self) -> str:
-        return self.app.id
-
-    def state(self) -> EvolutionState:
-        state = self.store.get_state(self.app_id)
-        assert state is not None, "claimed apps always have a state row"
-        return state
-
-    def set_stage(self, stage: Stage, error: str | None = None) -> EvolutionState:
-        """Every stage write carries the claim epoch and renews the claim's lease."""
-        return self.store.set_stage(
-            self.app_id, stage, self.epoch, self.clock.now(), error=error,
-            lease_seconds=self.settings.app_lease_seconds,
-        )
-
-    def command(self, template: list[str], prompt: str = "") -> list[str]:
-        return render(
-            template, app_id=self.app_id, pipeline=self.app.pipeline,
-            repo=str(self.app.repo or ""), prompt=prompt,
-        )
-
-    def add_duration(self, stage: str, started: datetime) -> None:
-        self.durations[stage] = round(
-            self.durations.get(stage, 0.0) + (self.clock.now() - started).total_seconds(), 3
-        )
-
-
-def timed(stage: str) -> Callable[[Callable[..., R]], Callable[..., R]]:
+def timed(stage: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """A stage function's wall time goes to `run.durations[stage]`, whether it succeeds or fails."""
-    def decorate(fn: Callable[..., R]) -> Callable[..., R]:
+    def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(fn)
-        def wrapper(run: AppRun, *args, **kwargs) -> R:
+        async def wrapper(run: AppRun, *args: Any, **kwargs: Any) -> R:
             started = run.clock.now()
             try:
-                return fn(run, *args, **kwargs)
+                return await fn(run, *args, **kwargs)
             finally:
                 run.add_duration(stage, started)
         return wrapper
@@ -103,48 +65,89 @@ def build_review_cmd(run: AppRun, prior: list[Task]) -> list[str]:
     return run.command(run.fleet.commands.review, build_review_prompt(run.app_id, prior))
 
 
-# DISPATCH + PARSE ----------------------------------------------------------------------
+# DISPATCH ------------------------------------------------------------------------------
 @timed("skill")
-def run_skill(run: AppRun) -> list[Task]:
-    """Dispatch the skill, parse its tasks (retrying once with the explicit prompt), upsert."""
-    run.set_stage(Stage.SKILL_RUNNING)
-    timeout = run.settings.skill_timeout_seconds
-    output = run.dispatcher.poll_and_retrieve(run.dispatcher.spawn(build_skill_cmd(run)), timeout)
-    tasks = parse_skill_output(output, run.app_id, run.extractor, max_tasks=run.settings.max_tasks_per_stage)
-    if insufficient(tasks, run.settings.task_floor):
-        run.notes.append(f"skill gave {len(tasks)} tasks; retried with the explicit prompt")
-        run.set_stage(Stage.SKILL_RUNNING, error="insufficient_tasks")
-        task_id = run.dispatcher.spawn(build_skill_cmd(run, EXPLICIT_SKILL_PROMPT))
-        output = run.dispatcher.poll_and_retrieve(task_id, timeout)
-        tasks = parse_skill_output(output, run.app_id, run.extractor, max_tasks=run.settings.max_tasks_per_stage)
-        if insufficient(tasks, run.settings.task_floor):
-            why = "; ".join(tasks.dropped[:3])
-            raise StageFailed(
-                f"insufficient_tasks: {len(tasks)} task(s) after the explicit retry, "
-                f"need {run.settings.task_floor}" + (f" ({why})" if why else "")
-            )
+async def dispatch_skill(run: AppRun, explicit: bool = False) -> str:
+    """Run the skill on any machine and return its output; `explicit` is the one retry with
+    the explicit prompt, after a first answer gave too few tasks."""
+    await run.enter(Stage.SKILL_RUNNING, error="insufficient_tasks" if explicit else None)
+    command = build_skill_cmd(run, EXPLICIT_SKILL_PROMPT if explicit else "")
+    task_id = await run.dispatcher.spawn(command)
+    return await run.dispatcher.poll_and_retrieve(task_id, run.settings.skill_timeout_seconds)
+
+
+# PARSE ---------------------------------------------------------------------------------
+@timed("skill")
+async def parse_skill(run: AppRun, output: str, last_try: bool = False) -> list[Task] | None:
+    """The skill's tasks, upserted; None when too few came back and a retry is still allowed."""
+    floor = run.settings.task_floor
+    tasks = await parse_tasks(run, output)
+    if insufficient(tasks, floor):
+        if not last_try:
+            run.notes.append(f"skill gave {len(tasks)} tasks; retried with the explicit prompt")
+            return None
+        why = "; ".join(tasks.dropped[:3])
+        raise StageFailed(
+            f"insufficient_tasks: {len(tasks)} task(s) after the explicit retry, "
+            f"need {floor}" + (f" ({why})" if why else "")
+        )
     if note := _dropped_note("skill", tasks.dropped):
         run.notes.append(note)
-    run.set_stage(Stage.SKILL_RUNNING)  # fenced: a run that lost the app meanwhile writes no tasks
-    run.store.upsert_tasks(tasks, run.clock.now())
-    run.set_stage(Stage.SKILL_COMPLETE)
+    await run.renew()  # fenced: a run that lost the app meanwhile writes no tasks
+    await run.save_tasks(tasks)
+    await run.enter(Stage.SKILL_COMPLETE)
     return list(tasks)
+
+
+async def parse_tasks(run: AppRun, output: str) -> ParseResult:
+    """Tier 1 (the marker block) first; tier 2, an LLM over the network, is awaited here and
+    its answer handed to the pure parser, which stays free of I/O."""
+    limit = run.settings.max_tasks_per_stage
+    tasks = parse_skill_output(output, run.app_id, None, max_tasks=limit)
+    if run.extractor is None or tasks.tier != "none" or NO_EXTRACTOR not in tasks.dropped:
+        return tasks
+    try:
+        answer = _Answer(await run.extractor.extract(output, run.app_id))
+    except Exception as exc:  # the parser records it as a dropped reason, as before
+        answer = _Answer(error=exc)
+    return parse_skill_output(output, run.app_id, answer, max_tasks=limit)  # type: ignore[arg-type]
+
+
+class _Answer:
+    """The extractor's awaited answer, replayed to the synchronous parser."""
+
+    def __init__(self, items: list[dict] | None = None, error: Exception | None = None):
+        self.items, self.error = items or [], error
+
+    def extract(self, output: str, app_id: str) -> list[dict]:
+        if self.error is not None:
+            raise self.error
+        return self.items
+
+
+async def run_skill(run: AppRun) -> list[Task]:
+    """DISPATCH → PARSE, once more with the explicit prompt when too few tasks came back."""
+    tasks = await parse_skill(run, await dispatch_skill(run))
+    if tasks is None:
+        tasks = await parse_skill(run, await dispatch_skill(run, explicit=True), last_try=True)
+    return tasks
 
 
 # REVIEW ----------------------------------------------------------------------------------
 @timed("review")
-def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
+async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     """Adversarial review on the review target; never skipped."""
-    run.set_stage(Stage.ADVERSARIAL_RUNNING)
+    await run.enter(Stage.ADVERSARIAL_RUNNING)
     s = run.settings
-    task_id = run.dispatcher.dispatch(build_review_cmd(run, prior), target=s.review_target, model=s.review_model)
-    review = run.dispatcher.poll_and_retrieve(task_id, s.review_timeout_seconds)
+    command = build_review_cmd(run, prior)
+    task_id = await run.dispatcher.dispatch(command, target=s.review_target, model=s.review_model)
+    review = await run.dispatcher.poll_and_retrieve(task_id, s.review_timeout_seconds)
     issues = parse_review_output(review, run.app_id, max_tasks=s.max_tasks_per_stage)
     if note := _dropped_note("review", issues.dropped):
         run.notes.append(note)
-    run.set_stage(Stage.ADVERSARIAL_RUNNING)  # fenced, as for the skill tasks
-    run.store.upsert_tasks(issues, run.clock.now())
-    run.set_stage(Stage.ADVERSARIAL_COMPLETE)
+    await run.renew()  # fenced, as for the skill tasks
+    await run.save_tasks(issues)
+    await run.enter(Stage.ADVERSARIAL_COMPLETE)
     return list(issues)
 
 
@@ -160,69 +163,70 @@ def hydra_timeout_message(settings: FleetSettings) -> str:
     return f"Hydra timeout {hours:g}h"
 
 
-def wait_for_quality(
+async def wait_for_quality(
     gate: QualityGate, app_id: str, clock: Clock, poll_seconds: float, deadline: datetime,
-    on_poll: Callable[[GateStatus | None], None] = lambda status: None,
+    on_poll: Callable[[GateStatus | None], Awaitable[object]] | None = None,
 ) -> GateStatus | None:
     """Poll the gate until it passes; None when the deadline came first.
 
     A gate that cannot answer is a missed poll, not a verdict: we keep polling until the
-    deadline. Configuration errors (no check command) surface at once.
+    deadline. Configuration errors (no check command) surface at once. Between polls the
+    wait is the clock's `asleep`: hours of waiting cost a coroutine.
     """
     while True:
         try:
-            status: GateStatus | None = gate.status(app_id)
+            status: GateStatus | None = await gate.status(app_id)
         except ConfigError:
             raise
         except (QualityGateError, FleetError) as exc:
             log.warning("quality gate for %s did not answer: %s", app_id, exc)
             status = None
-        on_poll(status)
+        if on_poll is not None:
+            await on_poll(status)
         if status is not None and status.is_passing:
             return status
         remaining = (deadline - clock.now()).total_seconds()
         if remaining <= 0:
             return None
-        clock.sleep(min(poll_seconds, remaining))
+        await clock.asleep(min(poll_seconds, remaining))
 
 
-def start_hydra(run: AppRun, resumed: bool) -> None:
+async def start_hydra(run: AppRun, resumed: bool) -> None:
     """Start the evolution: a guarded local run for local repos, else Hydra via the dispatcher."""
     if run.app.repo is not None:
-        from fleet.evolve import guarded_evolve
-
-        guarded_evolve(run)
+        await guarded_evolve(run)
     elif not resumed:
-        run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
-    elif _gate_has_no_status(run):
+        await run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
+    elif await _gate_has_no_status(run):
         # The crash came between the hydraBuild write and the spawn: Hydra never heard of it.
         run.notes.append("Hydra had no status for the app after a resume: started it again")
         log.warning("%s: %s", run.app_id, run.notes[-1])
-        run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
+        await run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
     # Otherwise a remote Hydra started before a crash keeps running: only poll.
 
 
-def _gate_has_no_status(run: AppRun) -> bool:
+async def _gate_has_no_status(run: AppRun) -> bool:
     try:
-        return run.gate.status(run.app_id).phase == UNKNOWN_PHASE
+        return (await run.gate.status(run.app_id)).phase == UNKNOWN_PHASE
     except FleetError:  # a gate that cannot answer now is a missed poll, not a verdict
         return False
 
 
 @timed("evolve")
-def run_evolve(run: AppRun) -> GateStatus:
-    before = run.state()
+async def run_evolve(run: AppRun) -> GateStatus:
+    before = await asyncio.to_thread(run.state)
     resumed = before.stage is Stage.HYDRA_BUILD
     deadline = hydra_deadline(run, before)
-    run.set_stage(Stage.HYDRA_BUILD)
+    await run.enter(Stage.HYDRA_BUILD)
     if run.clock.now() >= deadline:  # resumed after the hard stop: a late pass would not count
         raise StageFailed(hydra_timeout_message(run.settings))
-    start_hydra(run, resumed)
-
-    def renew(_: GateStatus | None) -> None:
-        run.set_stage(Stage.HYDRA_BUILD)  # keeps the claim alive and fenced while we poll
-
-    status = wait_for_quality(run.gate, run.app_id, run.clock, run.settings.hydra_poll_seconds, deadline, renew)
+    await start_hydra(run, resumed)
+    # Each poll renews the claim: the wait may outlast many leases, and a run that lost the
+    # app stops at its next poll.
+    status = await wait_for_quality(
+        run.gate, run.app_id, run.clock, run.settings.hydra_poll_seconds, deadline,
+        on_poll=lambda _: run.renew(),
+    )
     if status is None:
         raise StageFailed(hydra_timeout_message(run.settings))
     run.quality = status
@@ -231,18 +235,24 @@ def run_evolve(run: AppRun) -> GateStatus:
 
 # SHIP ------------------------------------------------------------------------------------
 @timed("ship")
-def run_ship(run: AppRun) -> None:
+async def run_ship(run: AppRun) -> None:
     """TestFlight upload dispatched to the machine with Xcode, never run on the orchestrator."""
     s = run.settings
-    run.set_stage(Stage.HYDRA_BUILD)  # fenced: only the run that holds the app uploads a build
-    task_id = run.dispatcher.dispatch(run.command(run.fleet.commands.ship), target=s.ship_target, model="")
-    run.dispatcher.poll_and_retrieve(task_id, s.ship_timeout_seconds)
+    await run.renew()  # fenced: only the run that holds the app uploads a build
+    command = run.command(run.fleet.commands.ship)
+    task_id = await run.dispatcher.dispatch(command, target=s.ship_target, model="")
+    await run.dispatcher.poll_and_retrieve(task_id, s.ship_timeout_seconds)
     run.shipped = True
-    run.set_stage(Stage.COMPLETE)
+    await run.enter(Stage.COMPLETE)
 
 
 # LEARN -----------------------------------------------------------------------------------
-def run_learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+async def run_learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+    return await asyncio.to_thread(record_learning, run, outcome, error)
+
+
+def record_learning(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+    """The run's trajectory: counts, quality, reward and stage durations, for KARL ranking."""
     score = run.quality.score if run.quality else None
     trajectory = Trajectory(
         app_id=run.app_id, run_id=run.run_id, pipeline=run.app.pipeline,

@@ -53,6 +53,10 @@ class FleetSettings(BaseSettings):
     planner_retry_seconds: float = 2
     # How long a store outage is waited out (with backoff) before the call fails cleanly.
     store_outage_budget_seconds: float = 300
+    # A fanned-out cohort reads its app runs' states this often (one API call for all of them).
+    cohort_poll_seconds: float = 10
+    # The deployment a fanned-out cohort submits each app to (prefect.yaml).
+    app_deployment: str = "app-evolution/per-app"
 
     # Mesh (DESIGN §5).
     heartbeat_seconds: float = 30

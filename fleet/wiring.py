@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import psutil
 from pydantic import SecretStr
 
 from fleet.clients.base import Dispatcher, Extractor, QualityGate
@@ -166,26 +163,3 @@ def reset_components() -> None:
         for comp in _cache.values():
             comp.store.close()
         _cache.clear()
-
-
-# Claims ----------------------------------------------------------------------------------
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def dead_local_owner(owner: str | None) -> str | None:
-    """The owner string if it names a process on this host that no longer runs, else None.
-
-    Lets a rerun after a crash take its app back at once instead of waiting out the lease.
-    """
-    if not owner or ":" not in owner:
-        return None
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return None
-    try:
-        proc = psutil.Process(int(pid))
-        alive = proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        alive = False
-    return None if alive else owner

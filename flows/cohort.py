@@ -1,24 +1,30 @@
-"""The cohort flow: DISCOVER ranks the fleet, then up to max_concurrent app flows run at once."""
+"""The cohort flow: DISCOVER, then up to max_concurrent app runs, in process or on the workers."""
 
 from __future__ import annotations
 
 import asyncio
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import (
     acreate_progress_artifact,
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
+from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
 from fleet.wiring import Components
+from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
 from flows.config import flow_components
-from flows.app_evolution import evolve_app, max_concurrent
 
 
 class CohortPlan(BaseModel):
@@ -81,55 +87,131 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
 
 @flow(name="fleet-cohort", persist_result=False)
 async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, fresh: bool = False,
-                       retry_failed: bool = False) -> list[AppRow]:
-    """Run the next cohort of the fleet; returns one row per cohort app."""
-    from prefect.runtime import flow_run
+                       retry_failed: bool = False, fan_out: bool = False) -> list[AppRow]:
+    """Run the next cohort of the fleet; returns one row per cohort app.
 
+    In process (the embedded default, `fleet run`) every app runs as a subflow on this
+    event loop. With `fan_out` each app is submitted to the app-evolution deployment, so
+    the workers polling its pool share the cohort.
+    """
     logger = get_run_logger()
     comp = await flow_components(fleet_file)
-    plan = discover(comp, size, fresh, retry_failed)
-    run_id = str(flow_run.get_id() or "local-cohort")
+    plan = await discover_cohort(quote(comp), size, fresh, retry_failed)
+    run_id = this_run_id("local-cohort")
     logger.info(
         "cohort of %d: starting %s (max_concurrent=%d); skipped: %s", len(plan.cohort),
         ", ".join(plan.start) or "none", plan.max_concurrent, plan.skipped or "none",
     )
-    comp.store.record_cohort(run_id, plan.cohort, comp.clock.now())
-    progress = await acreate_progress_artifact(
+    await asyncio.to_thread(comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
+    progress = Progress(comp, len(plan.start), await acreate_progress_artifact(
         progress=0.0, key="fleet-cohort-progress", description="Apps finished in this cohort run"
-    )
-
-    async def one(app_id: str) -> tuple[str, AppRow | None]:
-        reset = fresh or (retry_failed and comp.store.get_state(app_id).stage is Stage.FAILED)
-        state = await evolve_app(app_id, run_id=None, fleet_file=fleet_file, fresh=reset, return_state=True)
-        outcome = await state.aresult(raise_on_failure=False)
-        row = outcome if isinstance(outcome, AppRow) else getattr(outcome, "row", None)
-        if row is None:  # the app flow itself crashed before it could report
-            logger.error("%s: app flow ended %s: %s", app_id, state.type.value, outcome)
-        return app_id, row
-
-    done = 0
-    finished_rows: dict[str, AppRow] = {}
-    for finished in asyncio.as_completed([one(a) for a in plan.start]):
-        app_id, row = await finished
-        if row is not None:
-            finished_rows[app_id] = row
-        done += 1
-        logger.info("%s finished: %s (%d/%d)", app_id, comp.store.get_state(app_id).stage.value,
-                    done, len(plan.start))
-        await aupdate_progress_artifact(progress, progress=100.0 * done / len(plan.start))
-    if not plan.start:
-        await aupdate_progress_artifact(progress, progress=100.0)
+    ))
+    start = on_workers if fan_out else in_process
+    finished = await start(comp, plan, fleet_file, fresh, retry_failed, progress)
+    await progress.close()
     # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
     if all(comp.store.get_state(a).stage.terminal for a in plan.cohort):
         comp.store.finish_cohort(run_id, comp.clock.now())
 
-    rows = [finished_rows.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort]
+    rows = [finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a))
+            for a in plan.cohort]
     await acreate_table_artifact(
         table=[r.record() for r in rows], key="fleet-cohort",
         description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})",
     )
     await report_breakers(logger)
     return rows
+
+
+@task(name="discover", cache_policy=NO_CACHE, persist_result=False)
+async def discover_cohort(comp: Components, size: int | None, fresh: bool,
+                          retry_failed: bool) -> CohortPlan:
+    """DISCOVER, as a step the UI shows: the ranking and plan are short store reads."""
+    return await asyncio.to_thread(discover, comp, size, fresh, retry_failed)
+
+
+def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:
+    return fresh or (retry_failed and comp.store.get_state(app_id).stage is Stage.FAILED)
+
+
+class Progress:
+    """The cohort's progress artifact and log line, one tick per finished app."""
+
+    def __init__(self, comp: Components, total: int, artifact_id):
+        self.comp, self.total, self.artifact_id, self.done = comp, total, artifact_id, 0
+
+    async def tick(self, app_id: str) -> None:
+        self.done += 1
+        stage = (await asyncio.to_thread(self.comp.store.get_state, app_id)).stage
+        get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
+        await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+
+    async def close(self) -> None:
+        if not self.total:
+            await aupdate_progress_artifact(self.artifact_id, progress=100.0)
+
+
+async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
+                     retry_failed: bool, progress: Progress) -> dict[str, AppRow]:
+    """Every app as a coroutine on this event loop, its stages tasks of this cohort run.
+
+    A waiting app costs a coroutine; no flow run per app is created, which keeps the
+    Prefect API calls per app to its task runs and its summary artifact.
+    """
+    logger = get_run_logger()
+    run_id = this_run_id("local-cohort")
+
+    async def one(app_id: str) -> tuple[str, AppRow | None]:
+        reset = reset_requested(comp, app_id, fresh, retry_failed)
+        try:
+            return app_id, await evolve_one(comp, app_id, run_id, reset)
+        except FleetRunFailed as failed:  # recorded as failed; the row says why
+            return app_id, failed.row
+        except Exception as exc:  # the app's bookkeeping itself broke: its row comes from the store
+            logger.error("%s: app run ended with %s: %s", app_id, type(exc).__name__, exc)
+            return app_id, None
+
+    rows: dict[str, AppRow] = {}
+    for finished in asyncio.as_completed([one(a) for a in plan.start]):
+        app_id, row = await finished
+        if row is not None:
+            rows[app_id] = row
+        await progress.tick(app_id)
+    return rows
+
+
+async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
+                     retry_failed: bool, progress: Progress) -> dict[str, AppRow]:
+    """Every app submitted to the app-evolution deployment; workers on any machine run them.
+
+    Submitting does not wait (`timeout=0`); the cohort then reads all its runs' states in one
+    API call every `cohort_poll_seconds`, so waiting costs the same for 10 apps as for 1 000.
+    The claim in the store still bounds apps in flight by max_concurrent, across workers.
+    Rows come from the store (an app's notes stay in its own run's artifact).
+    """
+    logger = get_run_logger()
+    pending: dict[UUID, str] = {}
+    for app_id in plan.start:
+        submitted = await run_deployment(
+            comp.settings.app_deployment, timeout=0, as_subflow=True,
+            parameters={"app_id": app_id, "fleet_file": fleet_file,
+                        "fresh": reset_requested(comp, app_id, fresh, retry_failed)},
+        )
+        pending[submitted.id] = app_id
+    logger.info("submitted %d app runs to %s", len(pending), comp.settings.app_deployment)
+    async with get_client() as client:
+        while pending:
+            await comp.clock.asleep(comp.settings.cohort_poll_seconds)
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
+            for flow_run in runs:
+                if flow_run.state is not None and flow_run.state.is_final():
+                    app_id = pending.pop(flow_run.id)
+                    if not flow_run.state.is_completed():
+                        logger.error("%s: app run %s ended %s", app_id, flow_run.name,
+                                     flow_run.state.name)
+                    await progress.tick(app_id)
+    return {}
 
 
 async def report_breakers(logger) -> None:

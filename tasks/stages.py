@@ -1,24 +1,28 @@
-"""Prefect tasks: one per app per stage, each wrapping one stage function of fleet.pipeline.
+"""Prefect tasks: one per app per stage, each awaiting one stage coroutine of fleet.pipeline.
 
 Retries are declared here and only here for the agent's work and the store; the HTTP
 clients retry transient transport errors themselves, so `transient` refuses those.
+Timeouts and retry counts are read from the run's live settings at call time (a Fleet
+Config block edit applies to the next run without a redeploy): each public function below
+calls its task `.with_options(...)` built from `run.settings`.
 """
 
 from __future__ import annotations
 
-import asyncio
+from typing import Any
 
-from prefect import task
+from prefect import Task as PrefectTask
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from prefect.utilities.annotations import quote
 
 from fleet import pipeline
 from fleet.clients.base import GateStatus
 from fleet.models import Task, Trajectory
 from fleet.pipeline import AppRun
-from fleet.settings import get_settings
 
-_settings = get_settings()
+SLACK_SECONDS = 300  # beyond the agent's own timeout: the store writes around it
 
 
 def transient(task_, task_run, state) -> bool:
@@ -27,45 +31,98 @@ def transient(task_, task_run, state) -> bool:
     return bool(getattr(exc, "transient", False))
 
 
-def _stage_task(name: str, timeout: float, retries: int | None = None):
+def stage_task(name: str):
+    # No tags: each tag costs a concurrency-limit call to the API per task run.
     return task(
-        name=name,
-        retries=_settings.stage_retries if retries is None else retries,
-        retry_delay_seconds=exponential_backoff(_settings.retry_delay_seconds),
-        retry_jitter_factor=0.5,
-        retry_condition_fn=transient,
-        timeout_seconds=timeout,
-        cache_policy=NO_CACHE,
-        persist_result=False,
-        tags=["fleet-stage"],
+        name=name, task_run_name=name + "-{run.app_id}", retry_jitter_factor=0.5,
+        retry_condition_fn=transient, cache_policy=NO_CACHE, persist_result=False,
     )
 
 
-# The skill may be dispatched twice (insufficient tasks → explicit retry).
-@_stage_task("dispatch-and-parse", 2 * _settings.skill_timeout_seconds + 300)
-async def dispatch_and_parse(run: AppRun) -> list[Task]:
-    return await asyncio.to_thread(pipeline.run_skill, run)
+def live(stage: PrefectTask, run: AppRun, timeout: float, retries: bool = True) -> PrefectTask:
+    """The stage task with this run's timeout and retry budget.
+
+    Callers pass the run as `quote(run)`: Prefect then does not walk the AppRun (its fleet
+    file, store, clients) looking for upstream results on every task call.
+    """
+    s = run.settings
+    options: dict[str, Any] = {
+        "timeout_seconds": timeout, "retries": s.stage_retries if retries else 0,
+    }
+    if retries:
+        options["retry_delay_seconds"] = exponential_backoff(s.retry_delay_seconds)
+    return stage.with_options(**options)
 
 
-@_stage_task("adversarial-review", _settings.review_timeout_seconds + 300)
-async def adversarial_review(run: AppRun, prior: list[Task]) -> list[Task]:
-    return await asyncio.to_thread(pipeline.run_review, run, prior)
+@stage_task("dispatch")
+async def _dispatch(run: AppRun, explicit: bool) -> str:
+    return await pipeline.dispatch_skill(run, explicit)
 
 
-# The 4 h hard stop is enforced inside on the injected clock; this timeout is a backstop.
-@_stage_task(
-    "evolve", _settings.hydra_hard_stop_seconds + _settings.evolve_attempts * _settings.skill_timeout_seconds,
-    retries=0,
-)
+@stage_task("parse")
+async def _parse(run: AppRun, output: str, last_try: bool) -> list[Task] | None:
+    tasks = await pipeline.parse_skill(run, output, last_try)
+    if tasks is not None:
+        get_run_logger().info("%s: PARSE gave %d skill tasks", run.app_id, len(tasks))
+    return tasks
+
+
+@stage_task("adversarial-review")
+async def _review(run: AppRun, prior: list[Task]) -> list[Task]:
+    issues = await pipeline.run_review(run, prior)
+    get_run_logger().info("%s: REVIEW found %d adversarial issues", run.app_id, len(issues))
+    return issues
+
+
+@stage_task("evolve")
+async def _evolve(run: AppRun) -> GateStatus:
+    quality = await pipeline.run_evolve(run)
+    get_run_logger().info("%s: quality gate passing (cycle %d)", run.app_id, quality.cycle)
+    return quality
+
+
+@stage_task("ship")
+async def _ship(run: AppRun) -> None:
+    await pipeline.run_ship(run)
+    get_run_logger().info("%s: shipped to %s", run.app_id, run.settings.ship_target)
+
+
+@stage_task("learn")
+async def _learn(run: AppRun, outcome: str, error: str | None) -> Trajectory:
+    return await pipeline.run_learn(run, outcome, error)
+
+
+async def dispatch(run: AppRun, explicit: bool = False) -> str:
+    """DISPATCH the skill; its output."""
+    timeout = run.settings.skill_timeout_seconds + SLACK_SECONDS
+    return await live(_dispatch, run, timeout)(quote(run), explicit)
+
+
+async def parse(run: AppRun, output: str, last_try: bool = False) -> list[Task] | None:
+    """PARSE the skill's output into tasks; None when too few came and one retry is left."""
+    return await live(_parse, run, SLACK_SECONDS)(quote(run), output, last_try)
+
+
+async def review(run: AppRun, prior: list[Task]) -> list[Task]:
+    """REVIEW: the adversarial issues."""
+    timeout = run.settings.review_timeout_seconds + SLACK_SECONDS
+    return await live(_review, run, timeout)(quote(run), quote(prior))
+
+
 async def evolve(run: AppRun) -> GateStatus:
-    return await asyncio.to_thread(pipeline.run_evolve, run)
+    """EVOLVE until the quality gate passes. The 4 h hard stop is enforced inside on the
+    injected clock; this timeout is a backstop. Not retried: a retry would start Hydra again."""
+    s = run.settings
+    backstop = s.hydra_hard_stop_seconds + s.evolve_attempts * s.skill_timeout_seconds
+    return await live(_evolve, run, backstop, retries=False)(quote(run))
 
 
-@_stage_task("ship", _settings.ship_timeout_seconds + 300, retries=0)
 async def ship(run: AppRun) -> None:
-    await asyncio.to_thread(pipeline.run_ship, run)
+    """SHIP: the TestFlight upload; not retried, an upload must not be sent twice."""
+    timeout = run.settings.ship_timeout_seconds + SLACK_SECONDS
+    await live(_ship, run, timeout, retries=False)(quote(run))
 
 
-@_stage_task("learn", 300)
 async def learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
-    return await asyncio.to_thread(pipeline.run_learn, run, outcome, error)
+    """LEARN: the trajectory KARL ranks by."""
+    return await live(_learn, run, SLACK_SECONDS)(quote(run), outcome, error)

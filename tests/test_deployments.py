@@ -1,4 +1,4 @@
-"""prefect.yaml deploys as README says: the cohort every 5 min, reconciler and watchdog every 60 s."""
+"""prefect.yaml deploys as README says: the cohort every 5 min fanning out per app, mesh every 60 s."""
 
 from __future__ import annotations
 
@@ -35,7 +35,9 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     cohort = deployments["fleet-cohort/every-5-min"]
     assert cohort.work_pool_name == "fleet-process"
     assert [s.schedule.cron for s in cohort.schedules] == ["*/5 * * * *"]
-    assert cohort.parameters == {"fleet_file": ".fleet/demo/fleet.yaml"}
+    assert cohort.parameters == {"fleet_file": ".fleet/demo/fleet.yaml", "fan_out": True}
+    app = deployments["app-evolution/per-app"]
+    assert app.work_pool_name == "fleet-process" and not app.schedules
     for name in ("mesh-reconciler/reconcile-every-60-s", "mesh-watchdog/watchdog-every-60-s"):
         [schedule] = deployments[name].schedules
         assert schedule.schedule.interval.total_seconds() == 60

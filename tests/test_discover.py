@@ -90,7 +90,7 @@ def test_finished_apps_do_not_hold_cohort_places(tmp_path):
 
 def test_an_app_run_claims_only_within_max_concurrent(tmp_path):
     """Two cohort runs planned at the same moment both saw a free place: only one claim gets it."""
-    from flows.app_evolution import claim, not_claimed_note
+    from fleet.claim import claim, not_claimed_note
 
     c = comp(tmp_path, n=3)
     c.store.set_fleet_config(FleetConfig(max_concurrent=1))

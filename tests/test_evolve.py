@@ -12,7 +12,7 @@ from fleet.models import Stage
 from tests.helpers import advance, app_run, demo_fleet, script
 
 
-def test_agent_that_fails_after_editing_a_protected_path_is_rolled_back(tmp_path):
+async def test_agent_that_fails_after_editing_a_protected_path_is_rolled_back(tmp_path):
     agent = script(tmp_path, "evolve_then_fail", (
         "import sys\n"
         "repo = sys.argv[1]\n"
@@ -26,7 +26,7 @@ def test_agent_that_fails_after_editing_a_protected_path_is_rolled_back(tmp_path
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
 
     with pytest.raises(AgentFailed, match="gave up half way"):
-        guarded_evolve(run)
+        await guarded_evolve(run)
 
     status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
     assert status == ""  # neither edit survives to become the next snapshot's baseline
@@ -35,7 +35,7 @@ def test_agent_that_fails_after_editing_a_protected_path_is_rolled_back(tmp_path
     assert len(patches) == 1 and "+checks = off" in patches[0].read_text()
 
 
-def test_a_run_that_lost_the_app_while_its_agent_worked_commits_nothing(tmp_path):
+async def test_a_run_that_lost_the_app_while_its_agent_worked_commits_nothing(tmp_path):
     agent = script(tmp_path, "evolve_while_reset", (
         "import sys\n"
         "from datetime import datetime, timezone\n"
@@ -49,7 +49,7 @@ def test_a_run_that_lost_the_app_while_its_agent_worked_commits_nothing(tmp_path
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
 
     with pytest.raises(StaleLease):
-        guarded_evolve(run)
+        await guarded_evolve(run)
 
     assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout == head
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""

@@ -78,9 +78,9 @@ def test_is_an_extractor(sleeps):
     assert isinstance(extractor(FakeGemini(httpx.Response(200, json=gemini_body("[]"))), sleeps), Extractor)
 
 
-def test_extracts_tasks_and_sends_model_schema_and_key_header(sleeps):
+async def test_extracts_tasks_and_sends_model_schema_and_key_header(sleeps):
     fake = FakeGemini(httpx.Response(200, json=gemini_body(json.dumps(TASKS))))
-    tasks = extractor(fake, sleeps).extract(SKILL_OUTPUT, "habit-tracker")
+    tasks = await extractor(fake, sleeps).extract(SKILL_OUTPUT, "habit-tracker")
     assert tasks == TASKS
 
     (request,) = fake.requests
@@ -103,94 +103,94 @@ def test_extracts_tasks_and_sends_model_schema_and_key_header(sleeps):
     assert "file" in item["properties"]
 
 
-def test_parsed_none_falls_back_to_the_text_and_keeps_valid_items(sleeps, caplog):
+async def test_parsed_none_falls_back_to_the_text_and_keeps_valid_items(sleeps, caplog):
     # One item out of range makes the SDK's `parsed` None for the whole answer.
     text = json.dumps([{"priority": 9, "description": "Out of range."}, TASKS[1]])
     fake = FakeGemini(httpx.Response(200, json=gemini_body(text)))
-    assert extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == [TASKS[1]]
+    assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == [TASKS[1]]
     assert "dropped 1 item" in caplog.text
 
 
-def test_fenced_json_text_is_accepted(sleeps):
+async def test_fenced_json_text_is_accepted(sleeps):
     text = "```json\n" + json.dumps(TASKS[:1]) + "\n```"
     fake = FakeGemini(httpx.Response(200, json=gemini_body(text)))
-    assert extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == TASKS[:1]
+    assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == TASKS[:1]
 
 
-def test_non_json_answer_gives_no_tasks_and_says_why(sleeps, caplog):
+async def test_non_json_answer_gives_no_tasks_and_says_why(sleeps, caplog):
     fake = FakeGemini(httpx.Response(200, json=gemini_body("Sure! Here are the tasks: fix it")))
     with caplog.at_level(logging.INFO, logger="fleet.gemini"):
-        assert extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
+        assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
     assert "not JSON" in caplog.text
 
 
-def test_blocked_prompt_gives_no_tasks_and_says_why(sleeps, caplog):
+async def test_blocked_prompt_gives_no_tasks_and_says_why(sleeps, caplog):
     fake = FakeGemini(httpx.Response(200, json={"promptFeedback": {"blockReason": "SAFETY"}}))
-    assert extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
+    assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
     assert "SAFETY" in caplog.text
 
 
-def test_truncated_answer_gives_no_tasks(sleeps, caplog):
+async def test_truncated_answer_gives_no_tasks(sleeps, caplog):
     fake = FakeGemini(httpx.Response(200, json=gemini_body('[{"priority": 1, "descr', finish="MAX_TOKENS")))
-    assert extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
+    assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
     assert "not JSON" in caplog.text
 
 
-def test_empty_output_is_not_sent(sleeps):
+async def test_empty_output_is_not_sent(sleeps):
     fake = FakeGemini(httpx.Response(200, json=gemini_body("[]")))
-    assert extractor(fake, sleeps).extract("   \n", "app1") == []
+    assert await extractor(fake, sleeps).extract("   \n", "app1") == []
     assert fake.requests == []
 
 
-def test_huge_output_is_cut_in_the_middle(sleeps):
+async def test_huge_output_is_cut_in_the_middle(sleeps):
     fake = FakeGemini(httpx.Response(200, json=gemini_body("[]")))
     output = "HEAD " + "x" * 5000 + " TAIL"
-    extractor(fake, sleeps, max_input_chars=1000).extract(output, "app1")
+    await extractor(fake, sleeps, max_input_chars=1000).extract(output, "app1")
     prompt = fake.bodies[0]["contents"][0]["parts"][0]["text"]
     assert "HEAD" in prompt and "TAIL" in prompt and "omitted" in prompt
     assert len(prompt) < 2000
 
 
-def test_503_then_success_is_retried_once_through_the_injected_sleep(sleeps):
+async def test_503_then_success_is_retried_once_through_the_injected_sleep(sleeps):
     fake = FakeGemini(
         api_error(503, "UNAVAILABLE", "The model is overloaded."),
         httpx.Response(200, json=gemini_body(json.dumps(TASKS))),
     )
-    assert len(extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1")) == 3
+    assert len(await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1")) == 3
     assert len(fake.requests) == 2 and len(sleeps) == 1
 
 
-def test_rate_limit_storm_fails_after_bounded_attempts_and_opens_the_breaker(sleeps):
+async def test_rate_limit_storm_fails_after_bounded_attempts_and_opens_the_breaker(sleeps):
     fake = FakeGemini(api_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded."))
     gem = extractor(fake, sleeps)
     for _ in range(2):
         with pytest.raises(ExtractionError, match="HTTP 429 after 3 attempt"):
-            gem.extract(SKILL_OUTPUT, "app1")
+            await gem.extract(SKILL_OUTPUT, "app1")
     assert len(fake.requests) == 6 and sum(sleeps) <= 5
     with pytest.raises(ExtractionError, match="circuit breaker"):
-        gem.extract(SKILL_OUTPUT, "app1")
+        await gem.extract(SKILL_OUTPUT, "app1")
     assert len(fake.requests) == 6
 
 
-def test_invalid_key_is_clear_and_never_shown(sleeps, caplog):
+async def test_invalid_key_is_clear_and_never_shown(sleeps, caplog):
     fake = FakeGemini(api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."))
     gem = extractor(fake, sleeps)
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(ExtractionError) as err:
-            gem.extract(SKILL_OUTPUT, "app1")
+            await gem.extract(SKILL_OUTPUT, "app1")
     assert str(err.value) == "Gemini refused the API key (400): check the Gemini block / FLEET_GEMINI_API_KEY"
     assert len(fake.requests) == 1  # a refused key is not retried
     for shown in (str(err.value), repr(err.value), repr(gem), caplog.text):
         assert KEY not in shown
 
 
-def test_unknown_model_names_the_setting(sleeps):
+async def test_unknown_model_names_the_setting(sleeps):
     fake = FakeGemini(api_error(404, "NOT_FOUND", f"models/{MODEL} is not found for API version v1"))
     with pytest.raises(ExtractionError, match="FLEET_GEMINI_MODEL"):
-        extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1")
+        await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1")
 
 
-def test_network_timeout_is_retried_then_reported(sleeps):
+async def test_network_timeout_is_retried_then_reported(sleeps):
     calls = []
 
     def handler(request):
@@ -202,7 +202,7 @@ def test_network_timeout_is_retried_then_reported(sleeps):
         breaker=CircuitBreaker(f"gemini-test-{uuid.uuid4().hex[:8]}", 5, 60, ManualClock()),
     )
     with pytest.raises(ExtractionError, match="after 3 attempt.*ReadTimeout"):
-        gem.extract(SKILL_OUTPUT, "app1")
+        await gem.extract(SKILL_OUTPUT, "app1")
     assert len(calls) == 3
 
 

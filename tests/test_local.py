@@ -21,38 +21,38 @@ def executor(tmp_path):
     ex.stop_all()
 
 
-def test_output_is_captured_and_target_model_passed(executor):
-    task = executor.dispatch(
+async def test_output_is_captured_and_target_model_passed(executor):
+    task = await executor.dispatch(
         [PY, "-c", "import os; print(os.environ['FLEET_TARGET'], os.environ['FLEET_MODEL'])"],
         target="mac4", model="codex",
     )
-    assert executor.poll_and_retrieve(task, 10).strip() == "mac4 codex"
+    assert (await executor.poll_and_retrieve(task, 10)).strip() == "mac4 codex"
 
 
-def test_ten_megabytes_of_output_do_not_deadlock(executor):
-    task = executor.spawn([PY, "-c", "import sys; sys.stdout.write('x' * 10_000_000)"])
-    assert len(executor.poll_and_retrieve(task, 30)) == 10_000_000
+async def test_ten_megabytes_of_output_do_not_deadlock(executor):
+    task = await executor.spawn([PY, "-c", "import sys; sys.stdout.write('x' * 10_000_000)"])
+    assert len(await executor.poll_and_retrieve(task, 30)) == 10_000_000
 
 
-def test_arguments_are_never_given_to_a_shell(executor, tmp_path):
+async def test_arguments_are_never_given_to_a_shell(executor, tmp_path):
     hostile = f"$(touch {tmp_path}/pwned); touch {tmp_path}/pwned2"
-    task = executor.spawn([PY, "-c", "import sys; print(sys.argv[1])", hostile])
-    assert executor.poll_and_retrieve(task, 10).strip() == hostile
+    task = await executor.spawn([PY, "-c", "import sys; print(sys.argv[1])", hostile])
+    assert (await executor.poll_and_retrieve(task, 10)).strip() == hostile
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
 
 
-def test_failure_carries_exit_code_and_stderr_tail(executor):
-    task = executor.spawn([PY, "-c", "import sys; sys.stderr.write('agent crashed: no token'); sys.exit(3)"])
+async def test_failure_carries_exit_code_and_stderr_tail(executor):
+    task = await executor.spawn([PY, "-c", "import sys; sys.stderr.write('agent crashed: no token'); sys.exit(3)"])
     with pytest.raises(AgentFailed, match="exited with code 3: agent crashed: no token"):
-        executor.poll_and_retrieve(task, 10)
+        await executor.poll_and_retrieve(task, 10)
 
 
-def test_missing_program_is_a_clear_error(executor):
+async def test_missing_program_is_a_clear_error(executor):
     with pytest.raises(DispatchError, match="cannot start 'no-such-agent-binary'"):
-        executor.spawn(["no-such-agent-binary", "--version"])
+        await executor.spawn(["no-such-agent-binary", "--version"])
 
 
-def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
+async def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
     pidfile = tmp_path / "grandchild.pid"
     script = (
         "import subprocess, sys, time\n"
@@ -60,14 +60,14 @@ def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
         f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
         "time.sleep(60)\n"
     )
-    task = executor.spawn([PY, "-c", script])
+    task = await executor.spawn([PY, "-c", script])
     deadline = time.monotonic() + 10
     while not pidfile.exists() or not pidfile.read_text():
         assert time.monotonic() < deadline
         time.sleep(0.02)
     grandchild = int(pidfile.read_text())
     with pytest.raises(DispatchTimeout, match="still running after 0.5 s"):
-        executor.poll_and_retrieve(task, 0.5)
+        await executor.poll_and_retrieve(task, 0.5)
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
 
 
@@ -97,11 +97,11 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp_path):
+async def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp_path):
     pidfile = tmp_path / "orphan.pid"
     gate = LocalQualityGate({"app": ([PY, "-c", ORPHAN, str(pidfile)], tmp_path)}, timeout=1)
     started = time.monotonic()
-    status = gate.status("app")
+    status = await gate.status("app")
     elapsed = time.monotonic() - started
     assert not status.is_passing and "timed out" in status.detail
     assert gone(wait_for_pid(pidfile))
@@ -117,36 +117,49 @@ ESCAPEE = (  # starts a grandchild in a session of its own: neither in the tree 
 
 
 @pytest.mark.parametrize("program", [ORPHAN, ESCAPEE], ids=["orphan-in-the-group", "left-the-session"])
-def test_timeout_kills_what_the_command_started_wherever_it_went(executor, tmp_path, program):
+async def test_timeout_kills_what_the_command_started_wherever_it_went(executor, tmp_path, program):
     pidfile = tmp_path / "grandchild.pid"
-    task = executor.spawn([PY, "-c", program, str(pidfile)])
+    task = await executor.spawn([PY, "-c", program, str(pidfile)])
     grandchild = wait_for_pid(pidfile)
     with pytest.raises(DispatchTimeout):
-        executor.poll_and_retrieve(task, 0.5)
+        await executor.poll_and_retrieve(task, 0.5)
     assert gone(grandchild)
 
 
-def test_unknown_task(executor):
+async def test_unknown_task(executor):
     with pytest.raises(UnknownTask):
-        executor.poll_and_retrieve("nope", 1)
+        await executor.poll_and_retrieve("nope", 1)
 
 
-def test_gate_reports_phase_cycle_and_passing(tmp_path):
+async def test_gate_reports_phase_cycle_and_passing(tmp_path):
     flag = tmp_path / "ok"
     gate = LocalQualityGate({"app": ([PY, "-c", f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)"], tmp_path)})
-    first = gate.status("app")
+    first = await gate.status("app")
     assert (first.phase, first.cycle, first.is_passing) == ("failing", 1, False)
     flag.touch()
-    second = gate.status("app")
+    second = await gate.status("app")
     assert (second.phase, second.cycle, second.is_passing, second.score) == ("passing", 2, True, 1.0)
 
 
-def test_gate_check_timeout_fails_the_check(tmp_path):
+async def test_gate_check_timeout_fails_the_check(tmp_path):
     gate = LocalQualityGate({"app": ([PY, "-c", "import time; time.sleep(30)"], tmp_path)}, timeout=0.3)
-    status = gate.status("app")
+    status = await gate.status("app")
     assert not status.is_passing and "timed out" in status.detail
 
 
-def test_gate_without_check_command_says_how_to_fix():
+async def test_gate_without_check_command_says_how_to_fix():
     with pytest.raises(ConfigError, match="add `check: \\[...\\]`"):
-        LocalQualityGate({}).status("app")
+        await LocalQualityGate({}).status("app")
+
+
+async def test_waiting_on_many_agents_holds_no_thread_per_agent(executor):
+    import asyncio
+    import threading
+
+    tasks = [await executor.spawn([PY, "-c", "import time; time.sleep(1.5)"]) for _ in range(30)]
+    before = threading.active_count()
+    waits = asyncio.gather(*(executor.poll_and_retrieve(t, 30) for t in tasks))
+    await asyncio.sleep(0.5)
+    during = threading.active_count()
+    assert await waits == [""] * 30
+    assert during <= before + 1, f"{during - before} threads for 30 waiting agents"

@@ -14,7 +14,13 @@ from fleet.clients.base import Command
 from fleet.clients.breaker import CircuitBreaker
 from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
 from fleet.clock import Clock, SystemClock
-from fleet.errors import AgentFailed, DispatchError, DispatchTimeout, GatewayUnavailable, UnknownTask
+from fleet.errors import (
+    AgentFailed,
+    DispatchError,
+    DispatchTimeout,
+    GatewayUnavailable,
+    UnknownTask,
+)
 
 log = logging.getLogger("fleet.aura")
 
@@ -55,7 +61,7 @@ class AuraGatewayDispatcher:
         *,
         allow_insecure: bool = False,
         timeout: float = 30,
-        client: httpx.Client | None = None,
+        client: httpx.AsyncClient | None = None,
         clock: Clock | None = None,
         breaker: CircuitBreaker | None = None,
         poll_initial: float = 2.0,
@@ -74,7 +80,7 @@ class AuraGatewayDispatcher:
             token,
             allow_insecure=allow_insecure,
             timeout=timeout,
-            client=client,
+            async_client=client,
             breaker=breaker,
             clock=self.clock,
             policy=retry,
@@ -93,29 +99,40 @@ class AuraGatewayDispatcher:
     def close(self) -> None:
         self._http.close()
 
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
     def __enter__(self) -> "AuraGatewayDispatcher":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    async def __aenter__(self) -> "AuraGatewayDispatcher":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- Dispatcher ------------------------------------------------------------------------
 
-    def spawn(self, command: Command) -> str:
-        return self._start("/spawn", {"command": _command_string(command)})
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
+        return await self._start("/spawn", {"command": _command_string(command)}, idempotency_key)
 
-    def dispatch(self, command: Command, target: str, model: str) -> str:
-        return self._start(
-            "/dispatch", {"command": _command_string(command), "target": target, "model": model}
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
+        return await self._start(
+            "/dispatch", {"command": _command_string(command), "target": target, "model": model},
+            idempotency_key,
         )
 
-    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+    async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         """Poll `GET /tasks/{id}` with doubling, jittered waits until done, failed or `timeout`."""
         deadline = self.clock.now() + timedelta(seconds=timeout)
         delay = self.poll_initial
         polls = 0
         while True:
-            body = self._task(task_id)
+            body = await self._task(task_id)
             polls += 1
             status = body.get("status")
             if status == "done":
@@ -140,14 +157,19 @@ class AuraGatewayDispatcher:
                 )
             # Doubling with ±20 % jitter, so many runs polling one gateway do not line up.
             wait = min(delay * self._rng.uniform(0.8, 1.2), self.poll_max, remaining)
-            self.clock.sleep(wait)
+            await self.clock.asleep(wait)
             delay = min(delay * 2, self.poll_max)
 
     # -- wire ------------------------------------------------------------------------------
 
-    def _start(self, path: str, body: dict) -> str:
-        # Not idempotent: retried by the transport only when the request never left.
-        status, answer = self._http.call("POST", path, body=body, idempotent=False)
+    async def _start(self, path: str, body: dict, idempotency_key: str | None) -> str:
+        # Without a key a start is not idempotent: retried by the transport only when the
+        # request never left. With one, the gateway answers a repeat with the task the key
+        # first started, so 5xx and timeouts are retried like any idempotent call.
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        status, answer = await self._http.acall(
+            "POST", path, body=body, idempotent=idempotency_key is not None, headers=headers
+        )
         if status == 404:
             raise DispatchError(
                 f"AuraGateway at {self._http.shown_url} has no POST {path} (404); check the URL "
@@ -162,9 +184,9 @@ class AuraGatewayDispatcher:
         log.info("AuraGateway %s started task %s", path, task_id)
         return task_id
 
-    def _task(self, task_id: str) -> dict:
+    async def _task(self, task_id: str) -> dict:
         path = f"/tasks/{JsonEndpoint.segment(task_id)}"
-        status, body = self._http.call("GET", path, idempotent=True)
+        status, body = await self._http.acall("GET", path, idempotent=True)
         if status == 404:
             raise UnknownTask(
                 f"AuraGateway at {self._http.shown_url} does not know task {task_id!r} (404); "

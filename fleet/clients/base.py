@@ -1,4 +1,8 @@
-"""Protocols for the systems the pipeline talks to: Dispatcher, QualityGate, Extractor."""
+"""Protocols for the systems the pipeline talks to: Dispatcher, QualityGate, Extractor.
+
+Their methods are coroutines: a stage waits minutes to hours on an agent or on Hydra, and
+that wait must cost a coroutine, not a thread (see README, concurrency model).
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,18 @@ Command = Sequence[str]
 class Dispatcher(Protocol):
     """Sends agent commands to machines and collects their output (AuraGateway contract)."""
 
-    def spawn(self, command: Command) -> str:
-        """Start `command` wherever the dispatcher sees fit; returns a task id."""
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
+        """Start `command` wherever the dispatcher sees fit; returns a task id.
 
-    def dispatch(self, command: Command, target: str, model: str) -> str:
+        With an `idempotency_key`, sending the same start again (a retry after a timeout)
+        starts nothing new: the dispatcher answers with the task the key first started.
+        """
+
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         """Start `command` on machine `target` with agent `model`; returns a task id."""
 
-    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+    async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         """Wait for the task and return its output.
 
         Raises DispatchTimeout after `timeout` seconds (the work is stopped where the
@@ -44,11 +53,11 @@ class GateStatus(BaseModel):
 
 @runtime_checkable
 class QualityGate(Protocol):
-    def status(self, app_id: str) -> GateStatus: ...
+    async def status(self, app_id: str) -> GateStatus: ...
 
 
 @runtime_checkable
 class Extractor(Protocol):
     """Tier 2 of PARSE: an LLM that turns free text into task dicts (priority, description)."""
 
-    def extract(self, output: str, app_id: str) -> list[dict]: ...
+    async def extract(self, output: str, app_id: str) -> list[dict]: ...

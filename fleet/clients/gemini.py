@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
-import time
-from typing import Any, Callable, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import httpx
 import tenacity
@@ -60,10 +61,10 @@ class GeminiExtractor:
         model: str,
         *,
         http_options: types.HttpOptions | None = None,
-        transport: httpx.BaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 60,
         retry: RetryPolicy | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], Awaitable[None] | None] = asyncio.sleep,
         breaker: CircuitBreaker | None = None,
         max_input_chars: int = 400_000,
     ):
@@ -82,7 +83,7 @@ class GeminiExtractor:
             # Our own httpx client, so tests reach the same code path through a MockTransport
             # (google-genai would otherwise pick its httpx2 backend, which respx cannot see).
             http_options = types.HttpOptions(
-                httpx_client=httpx.Client(transport=transport, timeout=timeout),
+                httpx_async_client=httpx.AsyncClient(transport=transport, timeout=timeout),
                 timeout=int(timeout * 1000),
             )
         # The key is opened here, where the client is built, and lives only inside it.
@@ -96,19 +97,24 @@ class GeminiExtractor:
     def close(self) -> None:
         self._client.close()
 
-    def extract(self, output: str, app_id: str) -> list[dict]:
+    async def extract(self, output: str, app_id: str) -> list[dict]:
         """Tasks found in `output` as dicts {priority, description, source, file?}; [] when
         Gemini answers with nothing usable (the reason is logged). Raises ExtractionError when
         Gemini cannot be called (key refused, unknown model, unavailable after retries)."""
         if not output or not output.strip():
             log.info("gemini extraction for %s skipped: empty output", app_id)
             return []
-        response = self._generate(_prompt(output, app_id, self._max_input_chars))
+        response = await self._generate(_prompt(output, app_id, self._max_input_chars))
         tasks = _tasks_from(response, app_id)
         log.info("gemini extraction for %s: %d task(s) from model %s", app_id, len(tasks), self.model)
         return [t.model_dump(exclude_none=True) for t in tasks]
 
-    def _generate(self, prompt: str) -> types.GenerateContentResponse:
+    async def _sleep_between(self, seconds: float) -> None:
+        slept = self._sleep(seconds)
+        if inspect.isawaitable(slept):
+            await slept
+
+    async def _generate(self, prompt: str) -> types.GenerateContentResponse:
         config = types.GenerateContentConfig(
             response_mime_type="application/json",
             response_schema=list[ExtractedTask],
@@ -135,10 +141,10 @@ class GeminiExtractor:
             raise ExtractionError(f"Gemini not called — {exc}") from None
         attempts = 0
         try:
-            for attempt in self._retry.retrying(transient, self._sleep, before_sleep):
+            async for attempt in self._retry.aretrying(transient, self._sleep_between, before_sleep):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    response = self._client.models.generate_content(
+                    response = await self._client.aio.models.generate_content(
                         model=self.model, contents=prompt, config=config
                     )
         except genai_errors.APIError as exc:

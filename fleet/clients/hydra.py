@@ -37,7 +37,7 @@ class HydraGate:
         *,
         allow_insecure: bool = False,
         timeout: float = 30,
-        client: httpx.Client | None = None,
+        client: httpx.AsyncClient | None = None,
         breaker: CircuitBreaker | None = None,
         clock: Clock | None = None,
         retry: RetryPolicy | None = None,
@@ -49,7 +49,7 @@ class HydraGate:
             token,
             allow_insecure=allow_insecure,
             timeout=timeout,
-            client=client,
+            async_client=client,
             breaker=breaker,
             clock=clock,
             policy=retry,
@@ -65,9 +65,12 @@ class HydraGate:
     def close(self) -> None:
         self._http.close()
 
-    def status(self, app_id: str) -> GateStatus:
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def status(self, app_id: str) -> GateStatus:
         path = f"/status/{JsonEndpoint.segment(app_id)}"
-        code, body = self._http.call("GET", path, idempotent=True)
+        code, body = await self._http.acall("GET", path, idempotent=True)
         if code == 404:
             # Right after `/meta:hydra` is dispatched Hydra may not know the app yet; the
             # pipeline's 4 h hard stop bounds the wait, so this is "not passing", not an error.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -13,7 +14,14 @@ from pathlib import Path
 
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
-from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, QualityGateError, UnknownTask
+from fleet.errors import (
+    AgentFailed,
+    ConfigError,
+    DispatchError,
+    DispatchTimeout,
+    QualityGateError,
+    UnknownTask,
+)
 from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
@@ -55,10 +63,12 @@ class LocalExecutor:
         self._jobs: dict[str, _Job] = {}
         self._lock = threading.Lock()
 
-    def spawn(self, command: Command) -> str:
-        return self.dispatch(command, target="local", model="")
+    # The idempotency key is accepted and not needed: a local start is never sent twice.
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
+        return await self.dispatch(command, target="local", model="")
 
-    def dispatch(self, command: Command, target: str, model: str) -> str:
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         argv = [str(a) for a in command]
         if not argv:
             raise DispatchError("empty command: the fleet file must give a program to run")
@@ -82,19 +92,24 @@ class LocalExecutor:
         log.info("started %s on %s (pid %s): %s", task_id, target, proc.pid, argv[0])
         return task_id
 
-    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+    async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         with self._lock:
             job = self._jobs.get(task_id)
         if job is None:
             raise UnknownTask(f"local executor has no task {task_id!r} (it may have restarted)")
         try:
-            code = job.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(job)
-            raise DispatchTimeout(
-                f"task {task_id} ({job.command[0]}) still running after {timeout:g} s; "
-                "its process tree was stopped"
-            ) from None
+            code = await exit_code(job.proc, timeout)
+            if code is None:
+                await asyncio.to_thread(_stop, job)
+                raise DispatchTimeout(
+                    f"task {task_id} ({job.command[0]}) still running after {timeout:g} s; "
+                    "its process tree was stopped"
+                )
+        except asyncio.CancelledError:
+            # The stage was cancelled (its task timed out, the run was stopped): the agent
+            # must not go on editing behind the run's back.
+            await asyncio.shield(asyncio.to_thread(_stop, job))
+            raise
         finally:
             with self._lock:
                 self._jobs.pop(task_id, None)
@@ -121,29 +136,72 @@ def _stop(job: _Job) -> None:
     kill_marked(job.marker)  # what left the process group (setsid) too
 
 
-def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
+async def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The child's exit code once it exits, or None after `timeout` seconds.
+
+    Waits on a pidfd registered with the event loop: no thread and no poll per waiting
+    child, however many there are and however long they run.
+    """
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # reaped meanwhile (ESRCH), or no pidfd on this kernel
+        return await _polled_exit_code(proc, timeout)
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except asyncio.TimeoutError:
+        return proc.poll()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()  # it has exited: this only reaps it
+
+
+async def _polled_exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.01
+    while proc.poll() is None:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return None
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, 1.0)
+    return proc.returncode
+
+
+def _stop_check(proc: subprocess.Popen, marker: str) -> None:
+    stop_process_tree(proc, KILL_GRACE)
+    kill_marked(marker)  # what left the group would hold its output file open
+
+
+async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
     """Run a check command; returns (passed, tail of its output). Timeouts fail the check."""
     argv = [str(a) for a in command]
     env, marker = marked_env(None)
-    try:
-        proc = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    except OSError as exc:
-        raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process_tree(proc, KILL_GRACE)
-        kill_marked(marker)  # what left the group would hold the pipe open
+    # Output to a file, not a pipe: nothing has to read while the check runs.
+    with tempfile.TemporaryFile() as out:
         try:
-            proc.communicate(timeout=KILL_GRACE)
-        except subprocess.TimeoutExpired:  # it scrubbed its environment: stop reading anyway
-            proc.stdout.close()
-        return False, f"check timed out after {timeout:g} s"
-    text = out.decode(errors="replace").strip()
-    return proc.returncode == 0, text[-TAIL:]
+            proc = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as exc:
+            raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
+        try:
+            code = await exit_code(proc, timeout)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.to_thread(_stop_check, proc, marker))
+            raise
+        if code is None:
+            await asyncio.to_thread(_stop_check, proc, marker)
+            return False, f"check timed out after {timeout:g} s"
+        out.seek(0)
+        text = out.read().decode(errors="replace").strip()
+    return code == 0, text[-TAIL:]
 
 
 class LocalQualityGate:
@@ -156,14 +214,14 @@ class LocalQualityGate:
         self.clock = clock or SystemClock()
         self._cycles: dict[str, int] = {}
 
-    def status(self, app_id: str) -> GateStatus:
+    async def status(self, app_id: str) -> GateStatus:
         if app_id not in self.checks:
             raise ConfigError(
                 f"no check command for app {app_id!r}: add `check: [...]` to it in the fleet file"
             )
         command, cwd = self.checks[app_id]
         cycle = self._cycles[app_id] = self._cycles.get(app_id, 0) + 1
-        passed, tail = run_check(command, cwd, self.timeout)
+        passed, tail = await run_check(command, cwd, self.timeout)
         return GateStatus(
             phase="passing" if passed else "failing", cycle=cycle, is_passing=passed,
             score=1.0 if passed else 0.0, detail=None if passed else tail[-500:],

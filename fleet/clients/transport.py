@@ -10,10 +10,12 @@ its `retry_condition_fn`), or one outage turns into retries × retries requests.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -55,6 +57,9 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 
 EXCERPT_CHARS = 200
+# Requests one endpoint has in flight from one process at once. A thousand apps polling
+# Hydra together queue here, at no cost, instead of timing out in the connection pool.
+MAX_IN_FLIGHT = 16
 
 
 def is_loopback(host: str) -> bool:
@@ -132,14 +137,24 @@ class RetryPolicy:
     max_wait: float = 4.0
     jitter: float = 0.5
 
-    def retrying(self, retry_if: Callable[[BaseException], bool], sleep: Callable[[float], None], before_sleep) -> tenacity.Retrying:
-        return tenacity.Retrying(
+    def retrying(self, retry_if: Callable[[BaseException], bool], sleep: Callable[[float], None],
+                 before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.Retrying:
+        return tenacity.Retrying(sleep=sleep, **self._rules(retry_if, before_sleep))
+
+    def aretrying(self, retry_if: Callable[[BaseException], bool],
+                  sleep: Callable[[float], Awaitable[None]],
+                  before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.AsyncRetrying:
+        """The same budget for awaitable calls: sleeps go through the clock's `asleep`."""
+        return tenacity.AsyncRetrying(sleep=sleep, **self._rules(retry_if, before_sleep))
+
+    def _rules(self, retry_if: Callable[[BaseException], bool],
+               before_sleep: Callable[[tenacity.RetryCallState], None]) -> dict[str, Any]:
+        return dict(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential_jitter(
                 initial=self.initial, max=self.max_wait, jitter=self.jitter
             ),
             retry=tenacity.retry_if_exception(retry_if),
-            sleep=sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -165,7 +180,13 @@ class ServiceInfo:
 
 
 class JsonEndpoint:
-    """One JSON-over-HTTP service: base URL, bearer token, the retry layer and a breaker."""
+    """One JSON-over-HTTP service: base URL, bearer token, the retry layer and a breaker.
+
+    `call` is the blocking path, `acall` the awaitable one the pipeline uses: both share the
+    retry rule, the breaker and the error mapping, so each request is still retried by one
+    layer. The async client is made per event loop (an httpx.AsyncClient's pooled connections
+    belong to the loop that opened them; flows and tests may run on several loops in turn).
+    """
 
     def __init__(
         self,
@@ -175,10 +196,11 @@ class JsonEndpoint:
         *,
         allow_insecure: bool,
         timeout: float,
-        client: httpx.Client | None,
+        client: httpx.Client | None = None,
         breaker: CircuitBreaker | None,
         clock: Clock,
         policy: RetryPolicy | None = None,
+        async_client: httpx.AsyncClient | None = None,
     ):
         check_endpoint(base_url, allow_insecure=allow_insecure)
         if token is not None and not isinstance(token, SecretStr):
@@ -187,23 +209,52 @@ class JsonEndpoint:
         self.base_url = base_url.rstrip("/")
         self.shown_url = display_url(self.base_url)
         self._token = token
-        self._owns_client = client is None
         # Plain http:// is only allowed to loopback (or by the operator's flag): a proxy from the
         # environment would carry the bearer token in the clear, so such requests go direct.
-        direct = urlsplit(base_url).scheme.lower() == "http"
-        self._client = client or httpx.Client(timeout=timeout, follow_redirects=False, trust_env=not direct)
+        self._trust_env = urlsplit(base_url).scheme.lower() != "http"
+        self._client = client
+        self._owns_client = client is None
+        self._given_async_client = async_client
+        self._async_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]
+        ] = weakref.WeakKeyDictionary()
         self._timeout = timeout
         # One shared breaker per endpoint unless the caller brings its own.
         self.breaker = breaker or breaker_for(f"{service.key} {self.shown_url}", clock=clock)
-        self._sleep = clock.sleep
+        self._clock = clock
         self.policy = policy or RetryPolicy()
 
     def __repr__(self) -> str:
         return f"JsonEndpoint({self.service.name}, {self.shown_url!r})"
 
     def close(self) -> None:
-        if self._owns_client:
+        if self._owns_client and self._client is not None:
             self._client.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        held = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if held is not None and held[0] is not self._given_async_client:
+            await held[0].aclose()
+
+    def _sync_client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(
+                timeout=self._timeout, follow_redirects=False, trust_env=self._trust_env
+            )
+        return self._client
+
+    def _async_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """This loop's client and the bound on its requests in flight."""
+        loop = asyncio.get_running_loop()
+        held = self._async_clients.get(loop)
+        if held is None:
+            client = self._given_async_client or httpx.AsyncClient(
+                timeout=self._timeout, follow_redirects=False, trust_env=self._trust_env,
+                limits=httpx.Limits(max_connections=MAX_IN_FLIGHT),
+            )
+            held = self._async_clients[loop] = (client, asyncio.Semaphore(MAX_IN_FLIGHT))
+        return held
 
     @staticmethod
     def segment(value: str) -> str:
@@ -213,15 +264,16 @@ class JsonEndpoint:
             raise ValueError(f"{value!r} cannot be used as an id in a URL path")
         return quote(value, safe="")
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json"}
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = {"Accept": "application/json", **(extra or {})}
         if self._token is not None:
             # The secret is opened here, at the last moment, and only into the request.
             headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
         return headers
 
     def call(
-        self, method: str, path: str, *, body: dict | None = None, idempotent: bool
+        self, method: str, path: str, *, body: dict | None = None, idempotent: bool,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request (retried as allowed) and return (status, parsed JSON body).
 
@@ -230,6 +282,57 @@ class JsonEndpoint:
         error when transient failures outlast the retries or the breaker is open.
         """
         what = f"{method} {path}"
+        self._before_call(what)
+        attempts = 0
+
+        def send() -> httpx.Response:
+            nonlocal attempts
+            attempts += 1
+            response = self._sync_client().request(
+                method, self.base_url + path, json=body, headers=self._headers(headers),
+                timeout=self._timeout,
+            )
+            return _raise_transient(response)
+
+        try:
+            retrying = self.policy.retrying(
+                self._retry_if(idempotent), self._clock.sleep, self._before_sleep(what)
+            )
+            response = retrying(send)
+        except Exception as exc:
+            raise self._failed(exc, what, attempts, idempotent) from None
+        return self._answer(what, response)
+
+    async def acall(
+        self, method: str, path: str, *, body: dict | None = None, idempotent: bool,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """`call` without holding a thread: same retries, breaker and errors."""
+        what = f"{method} {path}"
+        self._before_call(what)
+        attempts = 0
+
+        async def send() -> httpx.Response:
+            nonlocal attempts
+            client, in_flight = self._async_client()
+            async with in_flight:  # the wait for a turn is not part of the request's timeout
+                attempts += 1
+                response = await client.request(
+                    method, self.base_url + path, json=body, headers=self._headers(headers),
+                    timeout=self._timeout,
+                )
+            return _raise_transient(response)
+
+        try:
+            retrying = self.policy.aretrying(
+                self._retry_if(idempotent), self._clock.asleep, self._before_sleep(what)
+            )
+            response = await retrying(send)
+        except Exception as exc:
+            raise self._failed(exc, what, attempts, idempotent) from None
+        return self._answer(what, response)
+
+    def _before_call(self, what: str) -> None:
         try:
             self.breaker.before_call()
         except CircuitOpen as exc:
@@ -237,11 +340,54 @@ class JsonEndpoint:
                 f"{self.service.name} at {self.shown_url}: {what} not sent — {exc}. "
                 f"Check that the {self.service.name} is running and reachable."
             ) from exc
-        try:
-            response = self._send_with_retries(method, path, body, idempotent)
-        except Exception as exc:
-            self.breaker.record_failure(f"{what}: {_short(exc)}")
-            raise
+
+    def _retry_if(self, idempotent: bool) -> Callable[[BaseException], bool]:
+        def retry_if(exc: BaseException) -> bool:
+            if isinstance(exc, NOT_SENT_ERRORS):
+                return True
+            # A POST that may have reached the server is not repeated: /spawn and /dispatch
+            # start work, and a read timeout or 5xx does not tell us whether it started.
+            # Repeating could run the agent command twice; failing lets the stage decide.
+            if not idempotent:
+                return False
+            return isinstance(exc, (_TransientStatus, *TRANSIENT_ERRORS))
+        return retry_if
+
+    def _before_sleep(self, what: str) -> Callable[[tenacity.RetryCallState], None]:
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s %s: %s — retrying in %.1f s (attempt %d of %d)",
+                self.service.name, what, _short(exc), state.upcoming_sleep,
+                state.attempt_number, self.policy.attempts,
+            )
+        return before_sleep
+
+    def _failed(self, exc: Exception, what: str, attempts: int, idempotent: bool) -> Exception:
+        """The error a caller sees once the retries are spent; the breaker counts it."""
+        self.breaker.record_failure(f"{what}: {_short(exc)}")
+        method, _, path = what.partition(" ")
+        if isinstance(exc, _TransientStatus):
+            response = exc.response
+            hint = "the transport already retried" if idempotent else _not_resent(method, path)
+            return self.service.unavailable(
+                f"{self.service.name} at {self.shown_url} answered {response.status_code} to "
+                f"{what} {_times(attempts)}: {excerpt(response.text) or '(empty body)'}; "
+                f"{hint}. Check the {self.service.name}'s health."
+            )
+        if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, NOT_SENT_ERRORS) or idempotent:
+                hint = "the transport already retried"
+            else:
+                hint = _not_resent(method, path)
+            return self.service.unavailable(
+                f"{self.service.name} at {self.shown_url}: {what} failed {_times(attempts)} "
+                f"({_short(exc)}); {hint}. Check that the {self.service.name} is running and "
+                "reachable."
+            )
+        return exc
+
+    def _answer(self, what: str, response: httpx.Response) -> tuple[int, Any]:
         status = response.status_code
         if status >= 500:
             self.breaker.record_failure(f"{what}: HTTP {status}")
@@ -274,60 +420,11 @@ class JsonEndpoint:
         self.breaker.record_success()
         return status, parsed
 
-    def _send_with_retries(
-        self, method: str, path: str, body: dict | None, idempotent: bool
-    ) -> httpx.Response:
-        url = self.base_url + path
-        what = f"{method} {path}"
 
-        def retry_if(exc: BaseException) -> bool:
-            if isinstance(exc, NOT_SENT_ERRORS):
-                return True
-            # A POST that may have reached the server is not repeated: /spawn and /dispatch
-            # start work, and a read timeout or 5xx does not tell us whether it started.
-            # Repeating could run the agent command twice; failing lets the stage decide.
-            if not idempotent:
-                return False
-            return isinstance(exc, (_TransientStatus, *TRANSIENT_ERRORS))
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "%s %s: %s — retrying in %.1f s (attempt %d of %d)",
-                self.service.name, what, _short(exc), state.upcoming_sleep,
-                state.attempt_number, self.policy.attempts,
-            )
-
-        attempts = 0
-        try:
-            for attempt in self.policy.retrying(retry_if, self._sleep, before_sleep):
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    response = self._client.request(
-                        method, url, json=body, headers=self._headers(), timeout=self._timeout
-                    )
-                    if response.status_code in TRANSIENT_STATUS:
-                        raise _TransientStatus(response)
-                    return response
-        except _TransientStatus as exc:
-            response = exc.response
-            hint = "the transport already retried" if idempotent else _not_resent(method, path)
-            raise self.service.unavailable(
-                f"{self.service.name} at {self.shown_url} answered {response.status_code} to "
-                f"{what} {_times(attempts)}: {excerpt(response.text) or '(empty body)'}; "
-                f"{hint}. Check the {self.service.name}'s health."
-            ) from None
-        except httpx.HTTPError as exc:
-            if isinstance(exc, NOT_SENT_ERRORS) or idempotent:
-                hint = "the transport already retried"
-            else:
-                hint = _not_resent(method, path)
-            raise self.service.unavailable(
-                f"{self.service.name} at {self.shown_url}: {what} failed {_times(attempts)} "
-                f"({_short(exc)}); {hint}. Check that the {self.service.name} is running and "
-                "reachable."
-            ) from None
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
+def _raise_transient(response: httpx.Response) -> httpx.Response:
+    if response.status_code in TRANSIENT_STATUS:
+        raise _TransientStatus(response)
+    return response
 
 
 def _not_resent(method: str, path: str) -> str:

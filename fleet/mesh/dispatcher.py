@@ -13,7 +13,10 @@ _FAILED = (TaskStatus.FAILED, TaskStatus.DEAD_LETTER, TaskStatus.EXPIRED)
 
 
 class MeshDispatcher:
-    """spawn → any worker; dispatch → one machine; poll_and_retrieve waits on the injected clock."""
+    """spawn → any worker; dispatch → one machine; poll_and_retrieve waits on the injected clock.
+
+    The queue reads are short store calls; the wait between them is the clock's `asleep`.
+    """
 
     def __init__(self, store: MeshStore, clock: Clock, poll_seconds: float = 5.0, *, kind: str = "agent",
                  mesh_id: str | None = None):
@@ -34,16 +37,18 @@ class MeshDispatcher:
         return cls(open_mesh_store(mesh_store_url(settings, load_block)), SystemClock(),
                    mesh_id=settings.mesh_id or None)
 
-    def spawn(self, command: Command) -> str:
+    # The key is accepted for the protocol; the enqueue is one local transaction, never resent.
+    async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return self.store.enqueue(self.kind, _argv(command), self.clock.now(), mesh_id=self.mesh_id)
 
-    def dispatch(self, command: Command, target: str, model: str) -> str:
+    async def dispatch(self, command: Command, target: str, model: str,
+                       idempotency_key: str | None = None) -> str:
         if not target:
             raise DispatchError("dispatch needs a target machine id; use spawn() for any worker")
         return self.store.enqueue(self.kind, _argv(command), self.clock.now(), target=target,
                                   model=model or None, mesh_id=self.mesh_id)
 
-    def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
+    async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         deadline = self.clock.now() + timedelta(seconds=timeout)
         while True:
             task = self.store.get_task(task_id)
@@ -63,7 +68,7 @@ class MeshDispatcher:
                 raise DispatchTimeout(f"mesh task {task_id} still {task.status.value} after {timeout:g}s"
                                       + (f" (claimed by {task.claimed_by})" if task.claimed_by else
                                          " (no worker claimed it — are node agents running?)"))
-            self.clock.sleep(min(self.poll_seconds, (deadline - now).total_seconds()))
+            await self.clock.asleep(min(self.poll_seconds, (deadline - now).total_seconds()))
 
 
 def _argv(command: Command) -> list[str]:

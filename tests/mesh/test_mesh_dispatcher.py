@@ -66,64 +66,64 @@ def test_it_is_a_dispatcher(store, clock):
 
 
 @pytest.mark.tmux
-def test_dispatch_round_trip_through_a_node_agent(store, clock, agent):
+async def test_dispatch_round_trip_through_a_node_agent(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
-    task_id = dispatcher.dispatch(["evolve", "app-1"], target="mac3", model="claude")
+    task_id = await dispatcher.dispatch(["evolve", "app-1"], target="mac3", model="claude")
     queued = store.get_task(task_id)
     assert (queued.status, queued.target, queued.model, queued.command) == \
         (TaskStatus.QUEUED, "mac3", "claude", ["evolve", "app-1"])
 
-    assert dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} evolve app-1"
+    assert await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} evolve app-1"
     assert store.get_task(task_id).claimed_by == "mac3"
     assert clock.sleeps and sum(clock.sleeps) < 600
 
 
 @pytest.mark.tmux
-def test_spawn_goes_to_any_worker(store, clock, agent):
+async def test_spawn_goes_to_any_worker(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
-    task_id = dispatcher.spawn(["review", "app-2"])
+    task_id = await dispatcher.spawn(["review", "app-2"])
     assert store.get_task(task_id).target is None
-    assert dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} review app-2"
+    assert await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} review app-2"
 
 
 @pytest.mark.tmux
-def test_failed_task_raises_dispatch_error_with_the_reason(store, clock, agent):
+async def test_failed_task_raises_dispatch_error_with_the_reason(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
-    task_id = dispatcher.spawn(["fail", "tests", "red"])
+    task_id = await dispatcher.spawn(["fail", "tests", "red"])
     with pytest.raises(DispatchError, match=r"failed on mac3 .*tests red") as info:
-        dispatcher.poll_and_retrieve(task_id, timeout=600)
+        await dispatcher.poll_and_retrieve(task_id, timeout=600)
     assert not isinstance(info.value, DispatchTimeout)
 
 
 @pytest.mark.tmux
-def test_task_targeted_elsewhere_times_out_on_the_injected_clock(store, clock, agent):
+async def test_task_targeted_elsewhere_times_out_on_the_injected_clock(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=7)
-    task_id = dispatcher.dispatch(["evolve", "app-3"], target="mac4", model="claude")
+    task_id = await dispatcher.dispatch(["evolve", "app-3"], target="mac4", model="claude")
     with pytest.raises(DispatchTimeout, match=r"still queued after 30s \(no worker claimed it"):
-        dispatcher.poll_and_retrieve(task_id, timeout=30)
+        await dispatcher.poll_and_retrieve(task_id, timeout=30)
     assert sum(clock.sleeps) == pytest.approx(30)  # 7+7+7+7+2: never past the deadline
     assert store.get_task(task_id).status is TaskStatus.QUEUED  # mac3 did not take mac4's work
 
 
-def test_dead_lettered_task_raises_dispatch_error(store):
+async def test_dead_lettered_task_raises_dispatch_error(store):
     clock = ManualClock()
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
-    task_id = dispatcher.spawn(["evolve", "app-4"])
+    task_id = await dispatcher.spawn(["evolve", "app-4"])
     store.heartbeat(MachineIdentity(machine_id="mac9", mesh_id="prod"), clock.now(), None, [])
     assert [t.task_id for t in store.claim("mac9", clock.now())] == [task_id]
     store.mark_down("mac9", clock.now(), max_attempts=0)
     with pytest.raises(DispatchError, match="dead_letter"):
-        dispatcher.poll_and_retrieve(task_id, timeout=60)
+        await dispatcher.poll_and_retrieve(task_id, timeout=60)
     assert clock.sleeps == []  # a finished task is answered at once
 
 
-def test_unknown_task_and_bad_commands(store):
+async def test_unknown_task_and_bad_commands(store):
     dispatcher = MeshDispatcher(store, ManualClock(), poll_seconds=1)
     with pytest.raises(UnknownTask, match="not in the queue"):
-        dispatcher.poll_and_retrieve("nope", timeout=5)
+        await dispatcher.poll_and_retrieve("nope", timeout=5)
     with pytest.raises(DispatchError, match="argument list"):
-        dispatcher.spawn("rm -rf /")
+        await dispatcher.spawn("rm -rf /")
     with pytest.raises(DispatchError, match="empty command"):
-        dispatcher.spawn([])
+        await dispatcher.spawn([])
     with pytest.raises(DispatchError, match="target machine"):
-        dispatcher.dispatch(["x"], target="", model="claude")
+        await dispatcher.dispatch(["x"], target="", model="claude")

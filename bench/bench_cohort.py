@@ -1,0 +1,184 @@
+"""Cohort wall time against the agents' own time: `fleet run` vs bare asyncio plus fixed start-up.
+
+    uv run python bench/bench_cohort.py                 # N = 12 and 24, stages sleep 3 s
+    uv run python bench/bench_cohort.py --sleep 10 --with-89
+    uv run python bench/bench_cohort.py --api-calls     # Prefect API calls per app, N = 12 and 24
+
+Each of N apps has skill, review and ship commands that are subprocesses sleeping S seconds
+(evolve and the quality check are `true`), `max_concurrent` = N, on the embedded defaults
+(SQLite store, local executor and gate, Prefect's temporary local server). Printed:
+fleet time / (bare-asyncio time of the same subprocesses + the fixed start-up of a
+`fleet run` that has nothing to do). Target: ≤ 1.25 at N = 24. Figures are printed, never
+asserted. With --api-calls the cohort runs in this process and every HTTP request to the
+Prefect API and every event it emits is counted: the calls per app should not grow with N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fleet.models import FleetConfig  # noqa: E402
+from fleet.store.sqlite import SQLiteStore  # noqa: E402
+
+FLEET_CLI = Path(sys.executable).parent / "fleet"
+
+# skill answers with a marker block of three tasks, review with one issue, ship with nothing.
+STAGE_AGENT = '''import json, sys, time
+mode, seconds = sys.argv[1], float(sys.argv[2])
+time.sleep(seconds)
+if mode == "skill":
+    tasks = [{"priority": p, "description": f"Fix thing {p}.", "file": "a.py"} for p in (1, 2, 3)]
+    print("<!-- EVOLUTION_TASKS_START -->" + json.dumps(tasks) + "<!-- EVOLUTION_TASKS_END -->")
+elif mode == "review":
+    print("ISSUE FILE: a.py SEVERITY: high FIX: Handle the empty input.")
+'''
+
+
+def write_fleet(directory: Path, n: int, sleep: float) -> Path:
+    agent = directory / "stage_agent.py"
+    agent.write_text(STAGE_AGENT)
+    cmd = [sys.executable, str(agent)]
+    fleet = {
+        "name": f"bench-{n}",
+        "commands": {"skill": [*cmd, "skill", str(sleep)], "review": [*cmd, "review", str(sleep)],
+                     "evolve": ["true"], "ship": [*cmd, "ship", str(sleep)]},
+        "apps": [{"id": f"app{i:03d}", "check": ["true"]} for i in range(n)],
+    }
+    path = directory / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet, sort_keys=False))
+    return path
+
+
+def bench_env(directory: Path, n: int) -> dict[str, str]:
+    db = directory / "fleet.db"
+    SQLiteStore(db).set_fleet_config(FleetConfig(max_concurrent=n))
+    env = {**os.environ, "FLEET_HOME": str(directory / "home"), "FLEET_STORE_URL": f"sqlite:///{db}",
+           "FLEET_HYDRA_POLL_SECONDS": "1"}
+    env.pop("PREFECT_API_URL", None)  # the embedded default: Prefect's temporary local server
+    return env
+
+
+def timed_fleet_run(path: Path, n: int, env: dict[str, str]) -> float:
+    started = time.monotonic()
+    result = subprocess.run([str(FLEET_CLI), "run", "--fleet", str(path), "--size", str(n)],
+                            env=env, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"fleet run failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return elapsed
+
+
+async def bare(path: Path, n: int) -> float:
+    """The same subprocesses, N apps at once, each app's stages one after the other."""
+    commands = yaml.safe_load(path.read_text())["commands"]
+    stages = [commands["skill"], commands["review"], commands["evolve"], ["true"], commands["ship"]]
+
+    async def one() -> None:
+        for argv in stages:
+            proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL)
+            await proc.wait()
+
+    started = time.monotonic()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return time.monotonic() - started
+
+
+def wall_ratio(n: int, sleep: float) -> None:
+    with tempfile.TemporaryDirectory(prefix=f"bench-cohort-{n}-") as tmp:
+        directory = Path(tmp)
+        path = write_fleet(directory, n, sleep)
+        env = bench_env(directory, n)
+        fleet = timed_fleet_run(path, n, env)
+        fixed = timed_fleet_run(path, n, env)  # every app complete: nothing to do
+        bare_s = asyncio.run(bare(path, n))
+    print(f"N={n:3d} sleep={sleep:g}s  fleet run {fleet:6.1f} s  bare asyncio {bare_s:5.1f} s  "
+          f"fixed start-up {fixed:5.1f} s  ratio {fleet / (bare_s + fixed):.2f}  (target ≤ 1.25 at N=24)",
+          flush=True)
+
+
+# Prefect API calls per app ---------------------------------------------------------------
+class Counter:
+    """Counts HTTP requests to the Prefect API and events emitted, from this process."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.events = 0
+
+    def install(self) -> None:
+        import httpx
+        from prefect.events.clients import PrefectEventsClient
+
+        send, emit = httpx.AsyncClient.send, PrefectEventsClient.emit
+        counter = self
+
+        async def counted_send(client, request, *args, **kwargs):
+            if "/api/" in str(request.url):
+                counter.requests += 1
+            return await send(client, request, *args, **kwargs)
+
+        async def counted_emit(client, event):
+            counter.events += 1
+            return await emit(client, event)
+
+        httpx.AsyncClient.send = counted_send  # type: ignore[method-assign]
+        PrefectEventsClient.emit = counted_emit  # type: ignore[method-assign]
+
+
+def api_calls(sizes: list[int]) -> None:
+    counter = Counter()
+    counter.install()
+    from fleet.settings import get_settings
+    from fleet.wiring import reset_components
+    from flows.cohort import fleet_cohort
+
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-calls-{n}-") as tmp:
+            directory = Path(tmp)
+            path = write_fleet(directory, n, 0)
+            for key, value in bench_env(directory, n).items():
+                os.environ[key] = value
+            get_settings.cache_clear()
+            reset_components()
+            asyncio.run(fleet_cohort(fleet_file=str(path), size=n))  # warms the server up
+            before = (counter.requests, counter.events)
+            asyncio.run(fleet_cohort(fleet_file=str(path), size=n, fresh=True))
+            requests, events = counter.requests - before[0], counter.events - before[1]
+            before = (counter.requests, counter.events)
+            asyncio.run(fleet_cohort(fleet_file=str(path), size=n))  # nothing to do: the fixed part
+            fixed_requests, fixed_events = counter.requests - before[0], counter.events - before[1]
+            reset_components()
+        print(f"N={n:3d}  per app run: {(requests - fixed_requests) / n:5.1f} HTTP requests, "
+              f"{(events - fixed_events) / n:5.1f} events  (cohort total {requests} requests, "
+              f"{events} events; a cohort with nothing to do: {fixed_requests}, {fixed_events})",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[12, 24])
+    parser.add_argument("--with-89", action="store_true", help="also N = 89")
+    parser.add_argument("--sleep", type=float, default=3.0, help="seconds each agent stage sleeps")
+    parser.add_argument("--api-calls", action="store_true", help="count Prefect API calls per app instead")
+    args = parser.parse_args()
+    sizes = [*args.sizes, *([89] if args.with_89 else [])]
+    if args.api_calls:
+        api_calls(sizes)
+        return
+    for n in sizes:
+        wall_ratio(n, args.sleep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""The claim: one run's hold on one app — taken, renewed, fencing every write, let go."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Iterable
+
+import psutil
+
+from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
+from fleet.clock import Clock
+from fleet.fleetfile import AppSpec, FleetFile, render
+from fleet.models import EvolutionState, Stage, Task
+from fleet.settings import FleetSettings
+from fleet.store.base import Store
+from fleet.wiring import Components
+
+
+@dataclass
+class AppRun:
+    """One run's hold on one app: its claim epoch, its collaborators and what it measured.
+
+    Every stage write carries the epoch (a run that lost the app writes nothing) and renews
+    the lease; `renew` does only the latter, for waits longer than a lease.
+    """
+
+    app: AppSpec
+    fleet: FleetFile
+    run_id: str
+    epoch: int
+    store: Store
+    dispatcher: Dispatcher
+    gate: QualityGate
+    extractor: Extractor | None
+    settings: FleetSettings
+    clock: Clock
+    durations: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    quality: GateStatus | None = None
+    shipped: bool = False
+
+    @property
+    def app_id(self) -> str:
+        return self.app.id
+
+    def state(self) -> EvolutionState:
+        state = self.store.get_state(self.app_id)
+        assert state is not None, "claimed apps always have a state row"
+        return state
+
+    def set_stage(self, stage: Stage, error: str | None = None) -> EvolutionState:
+        """Every stage write carries the claim epoch and renews the claim's lease."""
+        return self.store.set_stage(
+            self.app_id, stage, self.epoch, self.clock.now(), error=error,
+            lease_seconds=self.settings.app_lease_seconds,
+        )
+
+    async def enter(self, stage: Stage, error: str | None = None) -> EvolutionState:
+        """`set_stage` from a coroutine: a short store write, off the event loop."""
+        return await asyncio.to_thread(self.set_stage, stage, error)
+
+    async def renew(self) -> EvolutionState:
+        """Prove this run still holds the app and extend its lease, keeping the stage.
+
+        Raises StaleLease when another run took the app: the caller stops before it acts.
+        """
+        def renew_now() -> EvolutionState:
+            return self.set_stage(self.state().stage)
+        return await asyncio.to_thread(renew_now)
+
+    async def save_tasks(self, tasks: Iterable[Task]) -> None:
+        await asyncio.to_thread(self.store.upsert_tasks, list(tasks), self.clock.now())
+
+    async def release(self) -> None:
+        await asyncio.to_thread(self.store.release_app, self.app_id, self.epoch)
+
+    def command(self, template: list[str], prompt: str = "") -> list[str]:
+        return render(
+            template, app_id=self.app_id, pipeline=self.app.pipeline,
+            repo=str(self.app.repo or ""), prompt=prompt,
+        )
+
+    def add_duration(self, stage: str, started: datetime) -> None:
+        self.durations[stage] = round(
+            self.durations.get(stage, 0.0) + (self.clock.now() - started).total_seconds(), 3
+        )
+
+
+@dataclass(frozen=True)
+class NotClaimed:
+    """Why this run did not take the app ("in flight elsewhere", "already complete", …)."""
+
+    note: str
+
+
+def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> AppRun | NotClaimed:
+    """Claim the app for this run and decide, while holding it, whether there is work.
+
+    A run that just finished the app must not be followed by a second pass over it, so a
+    terminal stage is only started again with `fresh`.
+    """
+    run = claim(comp, app_id, run_id)
+    if run is None:
+        return NotClaimed(not_claimed_note(comp, app_id))
+    stage = run.state().stage
+    if not stage.terminal:
+        return run
+    if not fresh:
+        comp.store.release_app(app_id, run.epoch)
+        return NotClaimed(f"already {stage.value}")
+    comp.store.reset_app(app_id, comp.clock.now())
+    return claim(comp, app_id, run_id) or NotClaimed(not_claimed_note(comp, app_id))
+
+
+def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
+    """Take the app for this run, or None when another live run holds it or `max_concurrent`
+    apps are in flight (checked in the same step, so overlapping cohort runs and workers on
+    other machines cannot exceed it)."""
+    store, now = comp.store, comp.clock.now()
+    store.ensure_apps([app_id], now)
+    held = store.get_state(app_id)
+    epoch = store.claim_app(
+        app_id, owner_id(), run_id, now, comp.settings.app_lease_seconds,
+        steal_from=dead_local_owner(held.owner if held else None),
+        max_in_flight=max_concurrent(comp),
+    )
+    if epoch is None:
+        return None
+    return AppRun(
+        app=comp.fleet.app(app_id), fleet=comp.fleet, run_id=run_id, epoch=epoch, store=store,
+        dispatcher=comp.dispatcher, gate=comp.gate, extractor=comp.extractor,
+        settings=comp.settings, clock=comp.clock,
+    )
+
+
+def max_concurrent(comp: Components) -> int:
+    """The live limit: the store's fleet config (set by `fleet config set`), else settings."""
+    return comp.store.get_fleet_config().max_concurrent or comp.settings.max_concurrent
+
+
+def not_claimed_note(comp: Components, app_id: str) -> str:
+    state = comp.store.get_state(app_id)
+    if state and state.owner and state.lease_until and state.lease_until >= comp.clock.now():
+        return "in flight elsewhere"
+    return f"waiting (max_concurrent={max_concurrent(comp)})"
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_local_owner(owner: str | None) -> str | None:
+    """The owner string if it names a process on this host that no longer runs, else None.
+
+    Lets a rerun after a crash take its app back at once instead of waiting out the lease.
+    """
+    if not owner or ":" not in owner:
+        return None
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    return None if alive else owner

@@ -1,0 +1,19 @@
+"""Stage tasks read their timeouts and retry budgets from the run's live settings."""
+
+from __future__ import annotations
+
+from fleet.settings import FleetSettings
+from tasks.stages import SLACK_SECONDS, _dispatch, _evolve, live
+from tests.helpers import app_run, demo_fleet
+
+
+def test_timeouts_and_retries_come_from_the_runs_settings_at_call_time(tmp_path):
+    settings = FleetSettings(home=tmp_path / "home", skill_timeout_seconds=42, stage_retries=5)
+    run = app_run(tmp_path, demo_fleet(tmp_path), settings=settings)
+    dispatch = live(_dispatch, run, run.settings.skill_timeout_seconds + SLACK_SECONDS)
+    assert (dispatch.timeout_seconds, dispatch.retries) == (42 + SLACK_SECONDS, 5)
+    run.settings = settings.model_copy(update={"stage_retries": 1})  # an edited Fleet Config block
+    assert live(_dispatch, run, 60).retries == 1
+    evolve = live(_evolve, run, 7, retries=False)
+    assert (evolve.timeout_seconds, evolve.retries) == (7, 0)
+    assert _dispatch.timeout_seconds is None  # nothing frozen at import
