@@ -1,9 +1,10 @@
 """The immune system's persistence on both mesh backends: states, antibodies, events, cursors,
 shared breaker states, and the claim that honours quarantines and mesh identity.
 
-Mixed into SQLiteMeshStore and PgMeshStore (their `_tx`/`_query`); PostgreSQL's claim is the
-`mesh_claim` of supabase/migrations/0003_immune.sql, SQLite's is its twin below, and the
-contract tests (tests/mesh/test_immune_store.py) hold them to the same behaviour.
+Mixed into SQLiteMeshStore and PgMeshStore (their `_tx`/`_query`); the statements are the
+named queries of fleet/mesh/immune_queries.sql and immune_queries_sqlite.sql. PostgreSQL's
+claim is the `mesh_claim` of supabase/migrations/0003_immune.sql, SQLite's is its twin below,
+and the contract tests (tests/mesh/test_immune_store.py) hold them to the same behaviour.
 """
 
 from __future__ import annotations
@@ -11,32 +12,30 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from fleet.mesh.immune import Action, Antibody, ImmunePolicy, Subject, SubjectState, Tier
 from fleet.mesh.store import QueuedTask
+from fleet.store import queries
 
-_ACTIVE = "('claimed', 'injected', 'running')"
-# A claim may have picked the probe since the state was read: a save that does not know of
-# it (same exclusion, no probe) keeps it, so a second probe is never let through.
-_KEEP_PROBE = (
-    "CASE WHEN excluded.tier >= 2 AND excluded.probe_task IS NULL "
-    "AND excluded.until_at = mesh_immune_state.until_at "
-    "THEN mesh_immune_state.probe_task ELSE excluded.probe_task END"
-)
+PG = queries.load("fleet.mesh", "immune_queries.sql")
+SQLITE = queries.load("fleet.mesh", "immune_queries_sqlite.sql")
+# A task event is the mesh store's own statement (append_event), not a second copy of it.
+PG_MESH = queries.load("fleet.mesh", "queries.sql")
+SQLITE_MESH = queries.load("fleet.mesh", "queries_sqlite.sql")
 
 
 def _utc(value: datetime | None) -> datetime | None:
     if value is None or value.tzinfo is not None:
         return value
-    return value.replace(tzinfo=timezone.utc)
+    return value.replace(tzinfo=UTC)
 
 
 def _ts(value: datetime | None) -> str | None:
     if value is None:
         return None
-    return _utc(value).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")  # type: ignore[union-attr]
+    return _utc(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")  # type: ignore[union-attr]
 
 
 def _dt(value: Any) -> datetime | None:
@@ -167,16 +166,12 @@ class SQLiteImmuneOps:
     def immune_claim(self, machine_id: str, now: datetime, limit: int = 1) -> list[QueuedTask]:
         from fleet.mesh.sqlite_store import _task
 
+        machine = f"machine:{machine_id}"
         with self._tx() as db:
-            h = db.execute(
-                "SELECT mesh_id, generation, role, status FROM mesh_health WHERE machine_id = ?",
-                (machine_id,),
-            ).fetchone()
+            h = db.execute(SQLITE["claimer"], {"machine_id": machine_id}).fetchone()
             if h is None or h["status"] in ("down", "left") or h["role"] == "viewer" or limit <= 0:
                 return []
-            s = db.execute(
-                "SELECT * FROM mesh_immune_state WHERE subject = ?", (f"machine:{machine_id}",)
-            ).fetchone()
+            s = db.execute(SQLITE["immune_state"], {"subject": machine}).fetchone()
             probe, credit = False, None
             if s is not None and s["tier"] >= 2:
                 if s["probe_task"] is not None or s["until_at"] is None or s["until_at"] > _ts(now):
@@ -192,41 +187,29 @@ class SQLiteImmuneOps:
                 credit = min(s["claim_credit"] + s["weight"] * limit, float(limit))
                 limit = math.floor(credit)
                 if limit == 0:
-                    db.execute(
-                        "UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
-                        (credit, f"machine:{machine_id}"),
-                    )
+                    db.execute(SQLITE["set_claim_credit"], {"credit": credit, "subject": machine})
                     return []
             rows = db.execute(
-                "UPDATE mesh_task_queue SET status = 'claimed', claimed_by = ?, claimed_at = ?, "
-                "claim_seq = claim_seq + 1, progress_at = NULL, pane_id = NULL WHERE task_id IN ("
-                "  SELECT q.task_id FROM mesh_task_queue q WHERE q.status = 'queued' "
-                "  AND (q.target IS NULL OR q.target = ?) "
-                "  AND (q.mesh_id IS NULL OR q.mesh_id = ?) "
-                "  AND (q.generation IS NULL OR q.generation = ?) "
-                "  AND NOT EXISTS (SELECT 1 FROM mesh_immune_state s "
-                "    WHERE s.subject = 'task_type:' || q.task_type AND s.tier >= 2 "
-                "    AND (s.probe_task IS NOT NULL OR s.until_at IS NULL OR s.until_at > ?)) "
-                "  AND (NOT EXISTS (SELECT 1 FROM mesh_immune_state s "
-                "    WHERE s.subject = 'task_type:' || q.task_type AND s.tier >= 2) "
-                "    OR q.task_id = (SELECT q2.task_id FROM mesh_task_queue q2 "
-                "      WHERE q2.status = 'queued' AND q2.task_type = q.task_type "
-                "      ORDER BY q2.created_at, q2.task_id LIMIT 1)) "
-                "  ORDER BY q.created_at, q.task_id LIMIT ?"
-                ") RETURNING *",
-                (machine_id, _ts(now), machine_id, h["mesh_id"], h["generation"], _ts(now), limit),
+                SQLITE["claim"],
+                {
+                    "machine_id": machine_id,
+                    "now": _ts(now),
+                    "mesh_id": h["mesh_id"],
+                    "generation": h["generation"],
+                    "limit": limit,
+                },
             ).fetchall()
             tasks = sorted((_task(r) for r in rows), key=lambda t: (t.created_at, t.task_id))
             db.executemany(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (?, 'claimed', ?, ?, ?)",
+                SQLITE_MESH["append_event"],
                 [
-                    (
-                        t.task_id,
-                        machine_id,
-                        _ts(now),
-                        json.dumps({"attempts": t.attempts, "claim_seq": t.claim_seq}),
-                    )
+                    {
+                        "task_id": t.task_id,
+                        "event": "claimed",
+                        "machine_id": machine_id,
+                        "now": _ts(now),
+                        "detail": json.dumps({"attempts": t.attempts, "claim_seq": t.claim_seq}),
+                    }
                     for t in tasks
                 ],
             )
@@ -235,28 +218,27 @@ class SQLiteImmuneOps:
                 if t.task_type and t.task_type not in seen:
                     seen.add(t.task_type)
                     db.execute(
-                        "UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? "
-                        "WHERE subject = ? AND tier >= 2 AND probe_task IS NULL",
-                        (t.task_id, _ts(now), f"task_type:{t.task_type}"),
+                        SQLITE["set_type_probe"],
+                        {
+                            "task_id": t.task_id,
+                            "now": _ts(now),
+                            "subject": f"task_type:{t.task_type}",
+                        },
                     )
             if probe and tasks:
                 db.execute(
-                    "UPDATE mesh_immune_state SET probe_task = ?, updated_at = ? WHERE subject = ?",
-                    (tasks[0].task_id, _ts(now), f"machine:{machine_id}"),
+                    SQLITE["set_machine_probe"],
+                    {"task_id": tasks[0].task_id, "now": _ts(now), "subject": machine},
                 )
             elif credit is not None:
                 db.execute(
-                    "UPDATE mesh_immune_state SET claim_credit = ? WHERE subject = ?",
-                    (credit - len(tasks), f"machine:{machine_id}"),
+                    SQLITE["set_claim_credit"], {"credit": credit - len(tasks), "subject": machine}
                 )
         return tasks
 
     # States --------------------------------------------------------------------------
     def immune_states(self, kind: str | None = None) -> list[SubjectState]:
-        sql, params = "SELECT * FROM mesh_immune_state", tuple[str, ...]()
-        if kind is not None:
-            sql, params = sql + " WHERE kind = ?", (kind,)
-        return [state_from_row(r) for r in self._query(sql + " ORDER BY subject", params)]
+        return [state_from_row(r) for r in self._query(SQLITE["immune_states"], {"kind": kind})]
 
     def save_immune(
         self,
@@ -272,60 +254,46 @@ class SQLiteImmuneOps:
             for key in ("until_at", "backoff_until", "changed_at", "updated_at"):
                 r[key] = _ts(r[key])
         with self._tx() as db:
+            db.executemany(SQLITE["save_immune_state"], rows)
             db.executemany(
-                "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, successes, "
-                "ejections, until_at, probe_task, backoff_until, sensitivity, reason, antibody, "
-                "changed_at, updated_at) VALUES (:subject, :kind, :tier, :weight, :failures, "
-                ":successes, :ejections, :until_at, :probe_task, :backoff_until, :sensitivity, "
-                ":reason, :antibody, :changed_at, :updated_at) "
-                "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
-                "failures = excluded.failures, successes = excluded.successes, "
-                "ejections = excluded.ejections, "
-                "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
-                "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
-                "reason = excluded.reason, antibody = excluded.antibody, changed_at = excluded.changed_at, "
-                "updated_at = excluded.updated_at, "
-                "claim_credit = CASE WHEN excluded.tier = 1 THEN claim_credit ELSE 0 END",
-                rows,
-            )
-            db.executemany(
-                "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) VALUES (?, ?, ?, ?, ?)",
+                SQLITE["append_immune_event"],
                 [
-                    (str(a.subject), a.kind, int(a.tier), _ts(now), json.dumps(a.detail))
+                    {
+                        "subject": str(a.subject),
+                        "action": a.kind,
+                        "tier": int(a.tier),
+                        "now": _ts(now),
+                        "detail": json.dumps(a.detail),
+                    }
                     for a in actions
                 ],
             )
             if cursor is not None:
                 db.execute(
-                    "INSERT INTO mesh_event_cursor (name, last_event_id, updated_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET last_event_id = "
-                    "max(mesh_event_cursor.last_event_id, excluded.last_event_id), "
-                    "updated_at = excluded.updated_at",
-                    (cursor[0], cursor[1], _ts(now)),
+                    SQLITE["move_cursor"],
+                    {"name": cursor[0], "last_event_id": cursor[1], "now": _ts(now)},
                 )
 
     def lift(self, subject: Subject, now: datetime, by: str = "operator") -> bool:
         with self._tx() as db:
             row = db.execute(
-                "UPDATE mesh_immune_state SET tier = 0, weight = 1, failures = '[]', successes = '[]', "
-                "until_at = NULL, "
-                "probe_task = NULL, backoff_until = NULL, claim_credit = 0, reason = ?, "
-                "changed_at = ?, updated_at = ? WHERE subject = ? "
-                "AND (tier > 0 OR backoff_until IS NOT NULL) RETURNING subject",
-                (f"lifted by {by}", _ts(now), _ts(now), str(subject)),
+                SQLITE["lift"],
+                {"reason": f"lifted by {by}", "now": _ts(now), "subject": str(subject)},
             ).fetchone()
             if row is not None:
                 db.execute(
-                    "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
-                    "VALUES (?, 'lift', 0, ?, ?)",
-                    (str(subject), _ts(now), json.dumps({"by": by})),
+                    SQLITE["append_immune_event"],
+                    {
+                        "subject": str(subject),
+                        "action": "lift",
+                        "tier": 0,
+                        "now": _ts(now),
+                        "detail": json.dumps({"by": by}),
+                    },
                 )
         return row is not None
 
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM mesh_immune_events", tuple[str, ...]()
-        if subject is not None:
-            sql, params = sql + " WHERE subject = ?", (subject,)
         return [
             {
                 "id": r["id"],
@@ -335,38 +303,36 @@ class SQLiteImmuneOps:
                 "at": _dt(r["at"]),
                 "detail": json.loads(r["detail"]),
             }
-            for r in self._query(sql + " ORDER BY id", params)
+            for r in self._query(SQLITE["immune_events"], {"subject": subject})
         ]
 
     # Antibodies ----------------------------------------------------------------------
     def antibodies(self) -> list[Antibody]:
         return [
             Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
-            for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")
+            for r in self._query(SQLITE["antibodies"])
         ]
 
     def record_antibody(self, signature: str, corrective: str, worked: bool, now: datetime) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO mesh_antibodies (signature, corrective, successes, failures, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (signature, corrective) DO UPDATE SET "
-                "successes = successes + excluded.successes, failures = failures + excluded.failures, "
-                "updated_at = excluded.updated_at",
-                (signature, corrective, int(worked), int(not worked), _ts(now)),
+                SQLITE["record_antibody"],
+                {
+                    "signature": signature,
+                    "corrective": corrective,
+                    "successes": int(worked),
+                    "failures": int(not worked),
+                    "now": _ts(now),
+                },
             )
 
     # Feed ----------------------------------------------------------------------------
     def task_events_after(self, after_id: int, limit: int = 1000) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT e.id, e.task_id, e.event, e.machine_id, e.at, e.detail, q.task_type, q.error "
-            "FROM mesh_task_events e LEFT JOIN mesh_task_queue q ON q.task_id = e.task_id "
-            "WHERE e.id > ? ORDER BY e.id LIMIT ?",
-            (after_id, limit),
-        )
+        rows = self._query(SQLITE["task_events_after"], {"after_id": after_id, "limit": limit})
         return [{**dict(r), "at": _dt(r["at"]), "detail": json.loads(r["detail"])} for r in rows]
 
     def event_cursor(self, name: str) -> int:
-        rows = self._query("SELECT last_event_id FROM mesh_event_cursor WHERE name = ?", (name,))
+        rows = self._query(SQLITE["event_cursor"], {"name": name})
         return rows[0]["last_event_id"] if rows else 0
 
     def requeue_unattempted(
@@ -380,29 +346,25 @@ class SQLiteImmuneOps:
     ) -> bool:
         with self._tx() as db:
             row = db.execute(
-                "UPDATE mesh_task_queue SET status = 'queued', claimed_by = NULL, claimed_at = NULL, "
-                "progress_at = NULL, pane_id = NULL "
-                f"WHERE task_id = ? AND claimed_by = ? AND status IN {_ACTIVE} "
-                "AND (? IS NULL OR claim_seq = ?) RETURNING attempts",
-                (task_id, machine_id, claim_seq, claim_seq),
+                SQLITE["requeue_unattempted"],
+                {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq},
             ).fetchone()
             if row is None:
                 return False
+            detail = {
+                "reason": "rate_limited",
+                "attempts": row["attempts"],
+                "message": reason[:500],
+            }
             db.execute(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (?, 'queued', ?, ?, ?)",
-                (
-                    task_id,
-                    machine_id,
-                    _ts(now),
-                    json.dumps(
-                        {
-                            "reason": "rate_limited",
-                            "attempts": row["attempts"],
-                            "message": reason[:500],
-                        }
-                    ),
-                ),
+                SQLITE_MESH["append_event"],
+                {
+                    "task_id": task_id,
+                    "event": "queued",
+                    "machine_id": machine_id,
+                    "now": _ts(now),
+                    "detail": json.dumps(detail),
+                },
             )
         return True
 
@@ -416,9 +378,14 @@ class SQLiteImmuneOps:
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (task_id, event, machine_id, _ts(now), json.dumps(detail or {})),
+                SQLITE_MESH["append_event"],
+                {
+                    "task_id": task_id,
+                    "event": event,
+                    "machine_id": machine_id,
+                    "now": _ts(now),
+                    "detail": json.dumps(detail or {}),
+                },
             )
 
     # Breakers ------------------------------------------------------------------------
@@ -429,15 +396,7 @@ class SQLiteImmuneOps:
         for key in ("opened_at", "retry_at", "updated_at"):
             row[key] = _ts(row[key])
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO mesh_breaker_state (name, holder, state, failures, opened_at, retry_at, "
-                "last_error, updated_at) VALUES (:name, :holder, :state, :failures, :opened_at, "
-                ":retry_at, :last_error, :updated_at) ON CONFLICT (name, holder) DO UPDATE SET "
-                "state = excluded.state, failures = excluded.failures, opened_at = excluded.opened_at, "
-                "retry_at = excluded.retry_at, last_error = excluded.last_error, "
-                "updated_at = excluded.updated_at",
-                row,
-            )
+            db.execute(SQLITE["record_breaker"], row)
 
     def breaker_rows(self) -> list[dict[str, Any]]:
         return [
@@ -447,7 +406,7 @@ class SQLiteImmuneOps:
                 "retry_at": _dt(r["retry_at"]),
                 "updated_at": _dt(r["updated_at"]),
             }
-            for r in self._query("SELECT * FROM mesh_breaker_state ORDER BY name, holder")
+            for r in self._query(SQLITE["breaker_rows"])
         ]
 
 
@@ -458,12 +417,7 @@ class PgImmuneOps:
     _query: Any
 
     def immune_states(self, kind: str | None = None) -> list[SubjectState]:
-        rows = self._query(
-            "SELECT * FROM mesh_immune_state WHERE (%(k)s::text IS NULL OR kind = %(k)s) "
-            "ORDER BY subject",
-            {"k": kind},
-        )
-        return [state_from_row(r) for r in rows]
+        return [state_from_row(r) for r in self._query(PG["immune_states"], {"kind": kind})]
 
     def save_immune(
         self,
@@ -479,35 +433,23 @@ class PgImmuneOps:
         rows = [state_params(s, policy, now) for s in states]
         with self._tx() as conn:
             with conn.cursor() as cur:
+                cur.executemany(PG["save_immune_state"], rows)
                 cur.executemany(
-                    "INSERT INTO mesh_immune_state (subject, kind, tier, weight, failures, "
-                    "successes, ejections, until_at, probe_task, backoff_until, sensitivity, reason, "
-                    "antibody, changed_at, updated_at) VALUES (%(subject)s, %(kind)s, %(tier)s, "
-                    "%(weight)s, %(failures)s::jsonb, %(successes)s::jsonb, %(ejections)s, "
-                    "%(until_at)s, %(probe_task)s, %(backoff_until)s, %(sensitivity)s, %(reason)s, "
-                    "%(antibody)s, %(changed_at)s, %(updated_at)s) "
-                    "ON CONFLICT (subject) DO UPDATE SET tier = excluded.tier, weight = excluded.weight, "
-                    "failures = excluded.failures, successes = excluded.successes, "
-                    "ejections = excluded.ejections, "
-                    "until_at = excluded.until_at, probe_task = " + _KEEP_PROBE + ", "
-                    "backoff_until = excluded.backoff_until, sensitivity = excluded.sensitivity, "
-                    "reason = excluded.reason, antibody = excluded.antibody, changed_at = excluded.changed_at, "
-                    "updated_at = excluded.updated_at, "
-                    "claim_credit = CASE WHEN excluded.tier = 1 THEN mesh_immune_state.claim_credit "
-                    "ELSE 0 END",
-                    rows,
-                )
-                cur.executemany(
-                    "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
-                    "VALUES (%s, %s, %s, %s, %s)",
-                    [(str(a.subject), a.kind, int(a.tier), now, Jsonb(a.detail)) for a in actions],
+                    PG["append_immune_event"],
+                    [
+                        {
+                            "subject": str(a.subject),
+                            "action": a.kind,
+                            "tier": int(a.tier),
+                            "now": now,
+                            "detail": Jsonb(a.detail),
+                        }
+                        for a in actions
+                    ],
                 )
             if cursor is not None:
                 conn.execute(
-                    "INSERT INTO mesh_event_cursor AS c (name, last_event_id, updated_at) "
-                    "VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE SET last_event_id = "
-                    "greatest(c.last_event_id, excluded.last_event_id), updated_at = excluded.updated_at",
-                    (cursor[0], cursor[1], now),
+                    PG["move_cursor"], {"name": cursor[0], "last_event_id": cursor[1], "now": now}
                 )
 
     def lift(self, subject: Subject, now: datetime, by: str = "operator") -> bool:
@@ -515,54 +457,48 @@ class PgImmuneOps:
 
         with self._tx() as conn:
             row = conn.execute(
-                "UPDATE mesh_immune_state SET tier = 0, weight = 1, failures = '[]'::jsonb, "
-                "successes = '[]'::jsonb, "
-                "until_at = NULL, probe_task = NULL, backoff_until = NULL, claim_credit = 0, "
-                "reason = %(r)s, changed_at = %(now)s, updated_at = %(now)s WHERE subject = %(s)s "
-                "AND (tier > 0 OR backoff_until IS NOT NULL) RETURNING subject",
-                {"r": f"lifted by {by}", "now": now, "s": str(subject)},
+                PG["lift"], {"reason": f"lifted by {by}", "now": now, "subject": str(subject)}
             ).fetchone()
             if row is not None:
                 conn.execute(
-                    "INSERT INTO mesh_immune_events (subject, action, tier, at, detail) "
-                    "VALUES (%s, 'lift', 0, %s, %s)",
-                    (str(subject), now, Jsonb({"by": by})),
+                    PG["append_immune_event"],
+                    {
+                        "subject": str(subject),
+                        "action": "lift",
+                        "tier": 0,
+                        "now": now,
+                        "detail": Jsonb({"by": by}),
+                    },
                 )
         return row is not None
 
     def immune_events(self, subject: str | None = None) -> list[dict[str, Any]]:
-        return self._query(
-            "SELECT id, subject, action, tier, at, detail FROM mesh_immune_events "
-            "WHERE (%(s)s::text IS NULL OR subject = %(s)s) ORDER BY id",
-            {"s": subject},
-        )
+        return self._query(PG["immune_events"], {"subject": subject})
 
     def antibodies(self) -> list[Antibody]:
         return [
             Antibody(r["signature"], r["corrective"], r["successes"], r["failures"])
-            for r in self._query("SELECT * FROM mesh_antibodies ORDER BY signature, corrective")
+            for r in self._query(PG["antibodies"])
         ]
 
     def record_antibody(self, signature: str, corrective: str, worked: bool, now: datetime) -> None:
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO mesh_antibodies AS a (signature, corrective, successes, failures, "
-                "updated_at) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (signature, corrective) DO UPDATE "
-                "SET successes = a.successes + excluded.successes, "
-                "failures = a.failures + excluded.failures, updated_at = excluded.updated_at",
-                (signature, corrective, int(worked), int(not worked), now),
+                PG["record_antibody"],
+                {
+                    "signature": signature,
+                    "corrective": corrective,
+                    "successes": int(worked),
+                    "failures": int(not worked),
+                    "now": now,
+                },
             )
 
     def task_events_after(self, after_id: int, limit: int = 1000) -> list[dict[str, Any]]:
-        return self._query(
-            "SELECT e.id, e.task_id, e.event, e.machine_id, e.at, e.detail, q.task_type, q.error "
-            "FROM mesh_task_events e LEFT JOIN mesh_task_queue q ON q.task_id = e.task_id "
-            "WHERE e.id > %s ORDER BY e.id LIMIT %s",
-            (after_id, limit),
-        )
+        return self._query(PG["task_events_after"], {"after_id": after_id, "limit": limit})
 
     def event_cursor(self, name: str) -> int:
-        rows = self._query("SELECT last_event_id FROM mesh_event_cursor WHERE name = %s", (name,))
+        rows = self._query(PG["event_cursor"], {"name": name})
         return rows[0]["last_event_id"] if rows else 0
 
     def requeue_unattempted(
@@ -575,15 +511,14 @@ class PgImmuneOps:
         claim_seq: int | None = None,
     ) -> bool:
         rows = self._query(
-            "WITH moved AS (UPDATE mesh_task_queue SET status = 'queued', claimed_by = NULL, "
-            "  claimed_at = NULL, progress_at = NULL, pane_id = NULL "
-            f"  WHERE task_id = %(id)s AND claimed_by = %(m)s AND status IN {_ACTIVE} "
-            "  AND (%(claim)s::integer IS NULL OR claim_seq = %(claim)s) RETURNING task_id, attempts), "
-            "logged AS (INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-            "  SELECT task_id, 'queued', %(m)s, %(now)s, jsonb_build_object('reason', 'rate_limited', "
-            "  'attempts', attempts, 'message', left(%(msg)s::text, 500)) FROM moved) "
-            "SELECT count(*) AS n FROM moved",
-            {"id": task_id, "m": machine_id, "claim": claim_seq, "now": now, "msg": reason},
+            PG["requeue_unattempted"],
+            {
+                "task_id": task_id,
+                "machine_id": machine_id,
+                "claim": claim_seq,
+                "now": now,
+                "message": reason,
+            },
         )
         return rows[0]["n"] == 1
 
@@ -599,25 +534,21 @@ class PgImmuneOps:
 
         with self._tx() as conn:
             conn.execute(
-                "INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                (task_id, event, machine_id, now, Jsonb(detail or {})),
+                PG_MESH["append_event"],
+                {
+                    "task_id": task_id,
+                    "event": event,
+                    "machine_id": machine_id,
+                    "now": now,
+                    "detail": Jsonb(detail or {}),
+                },
             )
 
     def record_breaker(
         self, name: str, holder: str, snapshot: dict[str, Any], now: datetime
     ) -> None:
         with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO mesh_breaker_state (name, holder, state, failures, opened_at, retry_at, "
-                "last_error, updated_at) VALUES (%(name)s, %(holder)s, %(state)s, %(failures)s, "
-                "%(opened_at)s, %(retry_at)s, %(last_error)s, %(updated_at)s) "
-                "ON CONFLICT (name, holder) DO UPDATE SET state = excluded.state, "
-                "failures = excluded.failures, opened_at = excluded.opened_at, "
-                "retry_at = excluded.retry_at, last_error = excluded.last_error, "
-                "updated_at = excluded.updated_at",
-                breaker_row(name, holder, snapshot, now),
-            )
+            conn.execute(PG["record_breaker"], breaker_row(name, holder, snapshot, now))
 
     def breaker_rows(self) -> list[dict[str, Any]]:
-        return self._query("SELECT * FROM mesh_breaker_state ORDER BY name, holder")
+        return self._query(PG["breaker_rows"])

@@ -12,21 +12,25 @@ import hashlib
 import json
 import math
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fleet.errors import ConfigError, FleetError, StoreUnavailable
+from fleet.errors import ConfigError, FleetError
 from fleet.sqlitedb import SQLiteFile
+from fleet.store import queries
+from fleet.store.pgconn import PgConnector
 from fleet.tuning.history import REQUEUE_REASONS
 
 SQLITE_SCHEMA = Path(__file__).with_name("policies_sqlite.sql")
+PG_QUERIES = queries.load("fleet.tuning", "queries.sql")
+SQLITE_QUERIES = queries.load("fleet.tuning", "queries_sqlite.sql")
 MAX_CANARY_SHARE = 0.5
-MIN_TRIAL_SECONDS = 24 * 3600.0    # a canary runs a day before it is promoted
-QUICK_RETURN_SECONDS = 600.0       # a machine back within this after "down" was not dead
+MIN_TRIAL_SECONDS = 24 * 3600.0  # a canary runs a day before it is promoted
+QUICK_RETURN_SECONDS = 600.0  # a machine back within this after "down" was not dead
 
 
 class PolicyError(FleetError):
@@ -74,8 +78,10 @@ def parse_share(text: str) -> float:
         raise ConfigError(f"--canary {text!r} is not a share — write e.g. 20%") from None
     share = value / 100 if text.strip().endswith("%") or value > 1 else value
     if not 0 < share <= MAX_CANARY_SHARE:
-        raise ConfigError(f"--canary {text!r} must be more than 0% and at most "
-                          f"{MAX_CANARY_SHARE:.0%} of the machines (the rest are the control)")
+        raise ConfigError(
+            f"--canary {text!r} must be more than 0% and at most "
+            f"{MAX_CANARY_SHARE:.0%} of the machines (the rest are the control)"
+        )
     return share
 
 
@@ -84,8 +90,9 @@ def pick_canary(machines: Sequence[str], share: float, salt: str) -> tuple[str, 
     the same trial picks the same machines wherever it is computed."""
     pool = sorted(set(machines))
     if len(pool) < 2:
-        raise PolicyError(f"a canary needs at least two machines (one control); the mesh has "
-                          f"{len(pool)}")
+        raise PolicyError(
+            f"a canary needs at least two machines (one control); the mesh has {len(pool)}"
+        )
     n = min(len(pool) - 1, max(1, math.ceil(share * len(pool))))
     ranked = sorted(pool, key=lambda m: hashlib.sha1(f"{salt}:{m}".encode()).hexdigest())
     return tuple(sorted(ranked[:n]))
@@ -96,16 +103,17 @@ class LiveFigures:
     machines: int
     days: float
     requeues: int
-    false_positives: int       # requeued work that showed progress after, machines back quickly
-    mttr: float                # mean seconds from the last sign of life to the requeue
+    false_positives: int  # requeued work that showed progress after, machines back quickly
+    mttr: float  # mean seconds from the last sign of life to the requeue
 
     @property
     def fp_rate(self) -> float:
         return self.false_positives / max(self.machines * self.days, 1e-9)
 
 
-def live_figures(events: Iterable[Mapping[str, Any]], machines: Iterable[str], since: datetime,
-                 now: datetime) -> LiveFigures:
+def live_figures(
+    events: Iterable[Mapping[str, Any]], machines: Iterable[str], since: datetime, now: datetime
+) -> LiveFigures:
     """Healing figures of a group of machines from mesh_task_events since `since`.
 
     Live there are no labels, so a false positive is what proves itself one: a requeued task
@@ -136,146 +144,222 @@ def live_figures(events: Iterable[Mapping[str, Any]], machines: Iterable[str], s
                 detect.append((at - last_life[task]).total_seconds())
         elif event == "MachineDown" and machine:
             downs[machine] = at
-        elif event == "MachineUp" and machine and machine in downs:
-            if (at - downs.pop(machine)).total_seconds() <= QUICK_RETURN_SECONDS:
-                fps += 1
+        elif (
+            event == "MachineUp"
+            and machine in downs
+            and (at - downs.pop(machine)).total_seconds() <= QUICK_RETURN_SECONDS
+        ):
+            fps += 1
     days = max((now - since).total_seconds() / 86400, 0.0)
-    return LiveFigures(len(group), days, requeues, fps,
-                       sum(detect) / len(detect) if detect else 0.0)
+    return LiveFigures(
+        len(group), days, requeues, fps, sum(detect) / len(detect) if detect else 0.0
+    )
 
 
-def decide(canary: LiveFigures, control: LiveFigures, age_seconds: float,
-           min_seconds: float = MIN_TRIAL_SECONDS) -> tuple[str, str]:
+def decide(
+    canary: LiveFigures,
+    control: LiveFigures,
+    age_seconds: float,
+    min_seconds: float = MIN_TRIAL_SECONDS,
+) -> tuple[str, str]:
     """("rollback" | "promote" | "wait", why). A false-positive regression rolls back at once."""
     if canary.false_positives and canary.fp_rate > control.fp_rate:
-        return "rollback", (f"false positives regressed: {canary.fp_rate:.2f} vs "
-                            f"{control.fp_rate:.2f} per machine-day on the control")
+        return "rollback", (
+            f"false positives regressed: {canary.fp_rate:.2f} vs "
+            f"{control.fp_rate:.2f} per machine-day on the control"
+        )
     if age_seconds < min_seconds:
-        return "wait", (f"trial {age_seconds / 3600:.1f} h old; decides after "
-                        f"{min_seconds / 3600:.0f} h")
+        return "wait", (
+            f"trial {age_seconds / 3600:.1f} h old; decides after {min_seconds / 3600:.0f} h"
+        )
     if canary.requeues and control.requeues and canary.mttr > control.mttr:
         return "rollback", f"MTTR regressed: {canary.mttr:.0f} s vs {control.mttr:.0f} s"
-    return "promote", (f"no false-positive regression ({canary.fp_rate:.2f} vs "
-                       f"{control.fp_rate:.2f}/machine-day), MTTR {canary.mttr:.0f} s vs "
-                       f"{control.mttr:.0f} s")
+    return "promote", (
+        f"no false-positive regression ({canary.fp_rate:.2f} vs "
+        f"{control.fp_rate:.2f}/machine-day), MTTR {canary.mttr:.0f} s vs "
+        f"{control.mttr:.0f} s"
+    )
 
 
 def _aware(value: Any) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 # The store ------------------------------------------------------------------------------
-Run = Callable[[str, tuple], list[dict[str, Any]]]
+# `run("query_name", param=value, …)`: one named query of the backend's file, its rows.
+Run = Callable[..., list[dict[str, Any]]]
 
 
 class PolicyStore:
-    """The policy tables on one backend (SQLite or PostgreSQL); SQL written with `?`."""
+    """The policy tables on one backend (SQLite or PostgreSQL), through the named queries of
+    fleet/tuning/queries.sql and queries_sqlite.sql."""
 
-    def _session(self) -> Any: ...    # a context manager yielding a Run, in one transaction
-    def _json(self, value: Any) -> Any: return json.dumps(value)
-    def _time(self, value: datetime) -> Any: return value
+    def _session(self) -> Any: ...  # a context manager yielding a Run, in one transaction
+    def _json(self, value: Any) -> Any:
+        return json.dumps(value)
+
+    def _time(self, value: datetime) -> Any:
+        return value
 
     # Reading --------------------------------------------------------------------------
     def versions(self) -> list[PolicyVersion]:
         with self._session() as run:
-            return [_version(r) for r in run("SELECT * FROM mesh_policies ORDER BY version", ())]
+            return [_version(r) for r in run("versions")]
 
     def get(self, version: int) -> PolicyVersion:
         with self._session() as run:
-            rows = run("SELECT * FROM mesh_policies WHERE version = ?", (version,))
+            rows = run("policy", version=version)
         if not rows:
-            raise PolicyError(f"no policy version {version} — `fleet ga evolve` proposes them, "
-                              "`fleet ga policies` lists them")
+            raise PolicyError(
+                f"no policy version {version} — `fleet ga evolve` proposes them, "
+                "`fleet ga policies` lists them"
+            )
         return _version(rows[0])
 
     def active(self) -> PolicyVersion | None:
         with self._session() as run:
-            rows = run("SELECT * FROM mesh_policies WHERE status = 'active'", ())
+            rows = run("active")
         return _version(rows[0]) if rows else None
 
     def trials(self) -> list[Trial]:
         with self._session() as run:
-            return [_trial(r) for r in run("SELECT * FROM mesh_policy_trials ORDER BY id", ())]
+            return [_trial(r) for r in run("trials")]
 
     def running_trial(self) -> Trial | None:
         return next((t for t in self.trials() if t.status == "running"), None)
 
     def assignments(self) -> dict[str, int]:
         with self._session() as run:
-            return {r["machine_id"]: int(r["version"])
-                    for r in run("SELECT machine_id, version FROM mesh_policy_assignments", ())}
+            return {r["machine_id"]: int(r["version"]) for r in run("assignments")}
 
     def log(self) -> list[dict[str, Any]]:
         with self._session() as run:
-            return [{**r, "detail": _loads(r["detail"])}
-                    for r in run("SELECT * FROM mesh_policy_log ORDER BY id", ())]
+            return [{**r, "detail": _loads(r["detail"])} for r in run("log")]
 
     # Writing --------------------------------------------------------------------------
-    def propose(self, genes: Mapping[str, float], *, offerable: bool, figures: Mapping[str, Any],
-                by: str, now: datetime) -> int:
+    def propose(
+        self,
+        genes: Mapping[str, float],
+        *,
+        offerable: bool,
+        figures: Mapping[str, Any],
+        by: str,
+        now: datetime,
+    ) -> int:
         """Record a candidate the optimizer found; returns its version."""
         with self._session() as run:
             return self._insert(run, genes, "candidate", offerable, figures, by, now)
 
-    def _insert(self, run: Run, genes: Mapping[str, float], status: str, offerable: bool,
-                figures: Mapping[str, Any], by: str, now: datetime) -> int:
-        rows = run("INSERT INTO mesh_policies (genes, status, offerable, figures, created_by, "
-                   "created_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING version",
-                   (self._json(dict(genes)), status, offerable, self._json(dict(figures)), by,
-                    self._time(now)))
+    def _insert(
+        self,
+        run: Run,
+        genes: Mapping[str, float],
+        status: str,
+        offerable: bool,
+        figures: Mapping[str, Any],
+        by: str,
+        now: datetime,
+    ) -> int:
+        rows = run(
+            "insert_policy",
+            genes=self._json(dict(genes)),
+            status=status,
+            offerable=offerable,
+            figures=self._json(dict(figures)),
+            created_by=by,
+            now=self._time(now),
+        )
         return int(rows[0]["version"])
 
-    def _log(self, run: Run, version: int, action: str, by: str, now: datetime,
-             detail: Mapping[str, Any]) -> None:
-        run("INSERT INTO mesh_policy_log (version, action, by_whom, at, detail) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (version, action, by, self._time(now), self._json(dict(detail))))
+    def _log(
+        self, run: Run, version: int, action: str, by: str, now: datetime, detail: Mapping[str, Any]
+    ) -> None:
+        run(
+            "append_log",
+            version=version,
+            action=action,
+            by_whom=by,
+            now=self._time(now),
+            detail=self._json(dict(detail)),
+        )
 
-    def start_trial(self, candidate: int, machines: Sequence[str], share: float, *,
-                    baseline: Mapping[str, float], by: str, now: datetime) -> Trial:
+    def start_trial(
+        self,
+        candidate: int,
+        machines: Sequence[str],
+        share: float,
+        *,
+        baseline: Mapping[str, float],
+        by: str,
+        now: datetime,
+    ) -> Trial:
         """Run `candidate` on a share of `machines`; the rest stay on the active policy (the
         settings' values, recorded as the baseline version, when none was applied yet)."""
         cand = self.get(candidate)
         if not cand.offerable:
-            raise PolicyError(f"policy {candidate} failed the guard rail (it adds false positives "
-                              "on a labelled history) and is never applied")
+            raise PolicyError(
+                f"policy {candidate} failed the guard rail (it adds false positives "
+                "on a labelled history) and is never applied"
+            )
         if cand.status != "candidate":
-            raise PolicyError(f"policy {candidate} is {cand.status}; only a candidate can go "
-                              "to canary")
+            raise PolicyError(
+                f"policy {candidate} is {cand.status}; only a candidate can go to canary"
+            )
         if self.running_trial() is not None:
-            raise PolicyError("a canary trial is already running — `fleet ga trials` decides it, "
-                              "`fleet ga rollback` ends it")
+            raise PolicyError(
+                "a canary trial is already running — `fleet ga trials` decides it, "
+                "`fleet ga rollback` ends it"
+            )
         with self._session() as run:
-            rows = run("SELECT version FROM mesh_policies WHERE status = 'active'", ())
+            rows = run("active")
             if rows:
                 control = int(rows[0]["version"])
             else:
-                control = self._insert(run, baseline, "active", True, {"source": "settings"},
-                                       by, now)
+                control = self._insert(
+                    run, baseline, "active", True, {"source": "settings"}, by, now
+                )
                 self._log(run, control, "baseline", by, now, {"reason": "settings in force"})
             chosen = pick_canary(machines, share, salt=f"policy-{candidate}")
-            rows = run("INSERT INTO mesh_policy_trials (candidate, control, share, machines, "
-                       "started_by, started_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                       (candidate, control, share, self._json(list(chosen)), by, self._time(now)))
+            rows = run(
+                "insert_trial",
+                candidate=candidate,
+                control=control,
+                share=share,
+                machines=self._json(list(chosen)),
+                started_by=by,
+                now=self._time(now),
+            )
             trial_id = int(rows[0]["id"])
             for m in chosen:
-                run("INSERT INTO mesh_policy_assignments (machine_id, version, trial_id, "
-                    "assigned_at) VALUES (?, ?, ?, ?)", (m, candidate, trial_id, self._time(now)))
-            run("UPDATE mesh_policies SET status = 'canary' WHERE version = ?", (candidate,))
-            self._log(run, candidate, "canary", by, now,
-                      {"trial": trial_id, "share": share, "machines": list(chosen)})
+                run(
+                    "assign",
+                    machine_id=m,
+                    version=candidate,
+                    trial_id=trial_id,
+                    now=self._time(now),
+                )
+            run("set_status", status="canary", version=candidate)
+            self._log(
+                run,
+                candidate,
+                "canary",
+                by,
+                now,
+                {"trial": trial_id, "share": share, "machines": list(chosen)},
+            )
         trial = self.running_trial()
         assert trial is not None
         return trial
 
-    def promote(self, trial_id: int, *, by: str, now: datetime,
-                decision: Mapping[str, Any]) -> None:
+    def promote(
+        self, trial_id: int, *, by: str, now: datetime, decision: Mapping[str, Any]
+    ) -> None:
         trial = self._trial(trial_id)
         with self._session() as run:
-            run("UPDATE mesh_policies SET status = 'retired' WHERE status = 'active'", ())
-            run("UPDATE mesh_policies SET status = 'active' WHERE version = ?", (trial.candidate,))
+            run("retire_active")
+            run("set_status", status="active", version=trial.candidate)
             self._end_trial(run, trial, "promoted", now, decision)
             self._log(run, trial.candidate, "promote", by, now, {"trial": trial.id, **decision})
 
@@ -285,29 +369,32 @@ class PolicyStore:
         trial = self.running_trial()
         with self._session() as run:
             if trial is not None:
-                run("UPDATE mesh_policies SET status = 'rolled_back' WHERE version = ?",
-                    (trial.candidate,))
+                run("set_status", status="rolled_back", version=trial.candidate)
                 self._end_trial(run, trial, "rolled_back", now, {"reason": reason})
-                self._log(run, trial.candidate, "rollback", by, now,
-                          {"trial": trial.id, "reason": reason})
+                self._log(
+                    run, trial.candidate, "rollback", by, now, {"trial": trial.id, "reason": reason}
+                )
                 return int(trial.control) if trial.control is not None else 0
-            entries = run("SELECT version, action FROM mesh_policy_log "
-                          "WHERE action IN ('baseline', 'promote') ORDER BY id", ())
-            rows = run("SELECT version FROM mesh_policies WHERE status = 'active'", ())
+            entries = run("activations")
+            rows = run("active")
             if not rows:
                 raise PolicyError("no policy has been applied: nothing to roll back")
             current = int(rows[0]["version"])
-            gone = {int(r["version"]) for r in run(
-                "SELECT version FROM mesh_policies WHERE status = 'rolled_back'", ())}
+            gone = {int(r["version"]) for r in run("rolled_back_versions")}
             # The last policy activated before this one that was not itself rolled back.
-            previous = [int(e["version"]) for e in entries
-                        if int(e["version"]) != current and int(e["version"]) not in gone]
+            previous = [
+                int(e["version"])
+                for e in entries
+                if int(e["version"]) != current and int(e["version"]) not in gone
+            ]
             if not previous:
-                raise PolicyError(f"policy {current} is the first applied (the settings baseline): "
-                                  "nothing before it to roll back to")
+                raise PolicyError(
+                    f"policy {current} is the first applied (the settings baseline): "
+                    "nothing before it to roll back to"
+                )
             back = previous[-1]
-            run("UPDATE mesh_policies SET status = 'rolled_back' WHERE version = ?", (current,))
-            run("UPDATE mesh_policies SET status = 'active' WHERE version = ?", (back,))
+            run("set_status", status="rolled_back", version=current)
+            run("set_status", status="active", version=back)
             self._log(run, back, "rollback", by, now, {"from": current, "reason": reason})
             return back
 
@@ -317,11 +404,17 @@ class PolicyStore:
             raise PolicyError(f"trial {trial_id} is not running")
         return trial
 
-    def _end_trial(self, run: Run, trial: Trial, status: str, now: datetime,
-                   decision: Mapping[str, Any]) -> None:
-        run("DELETE FROM mesh_policy_assignments WHERE trial_id = ?", (trial.id,))
-        run("UPDATE mesh_policy_trials SET status = ?, decided_at = ?, decision = ? WHERE id = ?",
-            (status, self._time(now), self._json(dict(decision)), trial.id))
+    def _end_trial(
+        self, run: Run, trial: Trial, status: str, now: datetime, decision: Mapping[str, Any]
+    ) -> None:
+        run("unassign_trial", trial_id=trial.id)
+        run(
+            "end_trial",
+            status=status,
+            now=self._time(now),
+            decision=self._json(dict(decision)),
+            trial_id=trial.id,
+        )
 
 
 def _loads(value: Any) -> Any:
@@ -329,18 +422,30 @@ def _loads(value: Any) -> Any:
 
 
 def _version(r: Mapping[str, Any]) -> PolicyVersion:
-    return PolicyVersion(int(r["version"]), {k: float(v) for k, v in _loads(r["genes"]).items()},
-                         r["status"], bool(r["offerable"]), _loads(r["figures"]), r["created_by"],
-                         _aware(r["created_at"]))
+    return PolicyVersion(
+        int(r["version"]),
+        {k: float(v) for k, v in _loads(r["genes"]).items()},
+        r["status"],
+        bool(r["offerable"]),
+        _loads(r["figures"]),
+        r["created_by"],
+        _aware(r["created_at"]),
+    )
 
 
 def _trial(r: Mapping[str, Any]) -> Trial:
-    return Trial(int(r["id"]), int(r["candidate"]),
-                 int(r["control"]) if r["control"] is not None else None, float(r["share"]),
-                 tuple(_loads(r["machines"])), r["status"], r["started_by"],
-                 _aware(r["started_at"]),
-                 _aware(r["decided_at"]) if r["decided_at"] is not None else None,
-                 _loads(r["decision"]))
+    return Trial(
+        int(r["id"]),
+        int(r["candidate"]),
+        int(r["control"]) if r["control"] is not None else None,
+        float(r["share"]),
+        tuple(_loads(r["machines"])),
+        r["status"],
+        r["started_by"],
+        _aware(r["started_at"]),
+        _aware(r["decided_at"]) if r["decided_at"] is not None else None,
+        _loads(r["decision"]),
+    )
 
 
 class SQLitePolicyStore(SQLiteFile, PolicyStore):
@@ -350,13 +455,15 @@ class SQLitePolicyStore(SQLiteFile, PolicyStore):
         SQLiteFile.__init__(self, path, SQLITE_SCHEMA.read_text())
 
     def _time(self, value: datetime) -> Any:
-        return value.astimezone(timezone.utc).isoformat()
+        return value.astimezone(UTC).isoformat()
 
     @contextmanager
     def _session(self) -> Iterator[Run]:
         with self._tx() as conn:
-            def run(sql: str, params: tuple) -> list[dict[str, Any]]:
-                return [dict(r) for r in conn.execute(sql, params).fetchall()]
+
+            def run(query: str, /, **params: Any) -> list[dict[str, Any]]:
+                return [dict(r) for r in conn.execute(SQLITE_QUERIES[query], params).fetchall()]
+
             try:
                 yield run
             except sqlite3.IntegrityError as exc:
@@ -364,48 +471,66 @@ class SQLitePolicyStore(SQLiteFile, PolicyStore):
 
 
 class PgPolicyStore(PolicyStore):
-    """On PostgreSQL: applies the migrations (0005_policies.sql among them) on first use."""
+    """On PostgreSQL through the shared connector: applies the migrations (0005_policies.sql
+    among them) on first use."""
 
     def __init__(self, conninfo: str):
-        self._conninfo = conninfo
-        self._conn: Any = None
+        self._db = PgConnector(
+            conninfo,
+            label="PostgreSQL policy store",
+            advice="check the server is up and FLEET_STORE_URL points at it",
+            application_name="fleet-policies",
+        )
+        self._migrated = False
+
+    def __repr__(self) -> str:
+        return f"PgPolicyStore({self._db.where!r})"
 
     def _json(self, value: Any) -> Any:
         from psycopg.types.json import Jsonb
 
         return Jsonb(value)
 
-    def _connection(self) -> Any:
+    def _migrate(self) -> None:
         import psycopg
-        from psycopg.rows import dict_row
 
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            from fleet.store.migrations import apply_migrations
+        from fleet.store.migrations import apply_migrations
 
-            apply_migrations(self._conninfo)
-            self._conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5,
-                                         row_factory=dict_row)
-        return self._conn
+        if self._migrated:
+            return
+        try:
+            apply_migrations(self._db.conninfo.get_secret_value())
+        except psycopg.Error as exc:
+            # `from None`: the driver's error may quote the connection string.
+            raise self._db.unavailable(
+                "cannot apply the migrations",
+                exc,
+                unreachable=isinstance(exc, psycopg.OperationalError),
+            ) from None
+        self._migrated = True
 
     @contextmanager
     def _session(self) -> Iterator[Run]:
         import psycopg
 
-        try:
-            conn = self._connection()
-            with conn.transaction():
-                def run(sql: str, params: tuple) -> list[dict[str, Any]]:
-                    cur = conn.execute(sql.replace("?", "%s"), params)
-                    return cur.fetchall() if cur.description else []
-                yield run
-        except psycopg.errors.IntegrityError as exc:
-            raise PolicyError(f"policy store refused the change: {exc}".splitlines()[0]) from exc
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"PostgreSQL policy store: {type(exc).__name__}: {exc}") from exc
+        self._migrate()
+        with self._db.transaction() as conn:
+
+            def run(query: str, /, **params: Any) -> list[dict[str, Any]]:
+                try:
+                    cur = conn.execute(PG_QUERIES[query], params)
+                except psycopg.errors.IntegrityError as exc:
+                    # A refusal of the store's rules (one active policy, one running trial),
+                    # not an outage; the transaction rolls back on the way out.
+                    raise PolicyError(
+                        f"policy store refused the change: {exc}".splitlines()[0]
+                    ) from None
+                return cur.fetchall() if cur.description else []
+
+            yield run
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        self._db.close()
 
 
 def open_policy_store(url: str) -> PolicyStore:

@@ -61,3 +61,4 @@ $$;
 CREATE OR REPLACE TRIGGER mesh_policy_log_append_only
     BEFORE UPDATE OR DELETE ON mesh_policy_log
     FOR EACH ROW EXECUTE FUNCTION mesh_policy_log_append_only();
+REVOKE ALL ON FUNCTION mesh_policy_log_append_only() FROM PUBLIC;  -- fires as a trigger only

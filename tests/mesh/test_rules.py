@@ -135,7 +135,8 @@ def _sql_sources() -> dict[str, str]:
 
     mesh = resources.files("fleet.mesh")
     sources = {name: mesh.joinpath(name).read_text()
-               for name in ("queries.sql", "queries_sqlite.sql", "mesh_schema_sqlite.sql")}
+               for name in ("queries.sql", "queries_sqlite.sql", "mesh_schema_sqlite.sql",
+                            "immune_queries.sql", "immune_queries_sqlite.sql")}
     sources |= {p.name: p.read_text() for p in migration_files()
                 if "mesh" in p.name or "immune" in p.name}
     return sources

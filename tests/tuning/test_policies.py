@@ -10,6 +10,7 @@ from fleet.errors import ConfigError
 from fleet.tuning.policies import (
     LiveFigures,
     PolicyError,
+    SQLitePolicyStore,
     decide,
     live_figures,
     open_policy_store,
@@ -90,9 +91,13 @@ def test_promote_then_rollback_returns_to_the_previous_policy_and_logs_who(polic
 def test_the_policy_log_is_append_only(policies):
     v = policies.propose({"x": 1}, offerable=True, figures={}, by="t", now=NOW)
     policies.start_trial(v, MACHINES, 0.1, baseline={"x": 0}, by="t", now=NOW)
+    # Straight at the database, past the store's named queries: the trigger refuses.
     with pytest.raises(Exception, match="append-only"):
-        with policies._session() as run:
-            run("DELETE FROM mesh_policy_log", ())
+        if isinstance(policies, SQLitePolicyStore):
+            with policies._tx() as conn:
+                conn.execute("DELETE FROM mesh_policy_log")
+        else:
+            policies._db.execute("DELETE FROM mesh_policy_log")
 
 
 def test_the_canary_share_and_pick_are_checked_and_stable():
