@@ -12,13 +12,13 @@ from fleet.settings import FleetSettings
 from fleet.wiring import build_dispatcher
 
 
-def test_the_mesh_dispatcher_is_selected_and_scopes_its_tasks_to_the_mesh(tmp_path):
+async def test_the_mesh_dispatcher_is_selected_and_scopes_its_tasks_to_the_mesh(tmp_path):
     settings = FleetSettings(
         dispatcher="mesh", store_url=f"sqlite:///{tmp_path / 'f.db'}", mesh_id="prod"
     )
     dispatcher = build_dispatcher(settings)
     assert isinstance(dispatcher, MeshDispatcher)
-    task_id = dispatcher.spawn(["claude", "-p", "hello"])
+    task_id = await dispatcher.spawn(["claude", "-p", "hello"])
     task = dispatcher.store.get_task(task_id)
     assert (task.mesh_id, task.generation) == ("prod", 1)
     dispatcher.store.close()
