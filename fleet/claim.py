@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable
 
-import psutil
-
 from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
 from fleet.fleetfile import AppSpec, FleetFile, render
+from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState, Stage, Task
 from fleet.settings import FleetSettings
 from fleet.store.base import Store
@@ -125,7 +122,7 @@ def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
     held = store.get_state(app_id)
     epoch = store.claim_app(
         app_id, owner_id(), run_id, now, comp.settings.app_lease_seconds,
-        steal_from=dead_local_owner(held.owner if held else None),
+        steal_from=steal_from(held, now, dead_on_this_host) if held else None,
         max_in_flight=max_concurrent(comp),
     )
     if epoch is None:
@@ -144,28 +141,6 @@ def max_concurrent(comp: Components) -> int:
 
 def not_claimed_note(comp: Components, app_id: str) -> str:
     state = comp.store.get_state(app_id)
-    if state and state.owner and state.lease_until and state.lease_until >= comp.clock.now():
+    if state and in_flight(state, comp.clock.now(), dead_on_this_host):
         return "in flight elsewhere"
     return f"waiting (max_concurrent={max_concurrent(comp)})"
-
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def dead_local_owner(owner: str | None) -> str | None:
-    """The owner string if it names a process on this host that no longer runs, else None.
-
-    Lets a rerun after a crash take its app back at once instead of waiting out the lease.
-    """
-    if not owner or ":" not in owner:
-        return None
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
-        return None
-    try:
-        proc = psutil.Process(int(pid))
-        alive = proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        alive = False
-    return None if alive else owner

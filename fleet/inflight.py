@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from datetime import datetime
 
@@ -35,6 +37,29 @@ def steal_from(state: EvolutionState, now: datetime, dead_owner: DeadOwner) -> s
 
 def dead_on_this_host(owner: str) -> bool:
     """`owner` ("host:pid") names a process on this host that no longer runs."""
-    from fleet.wiring import dead_local_owner  # psutil and the wiring only when asked
-
     return dead_local_owner(owner) is not None
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_local_owner(owner: str | None) -> str | None:
+    """The owner string if it names a process on this host that no longer runs, else None.
+
+    Lets a rerun after a crash take its app back at once instead of waiting out the lease.
+    """
+    if not owner or ":" not in owner:
+        return None
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return None
+    import psutil  # only when asked
+
+    try:
+        proc = psutil.Process(int(pid))
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    return None if alive else owner
+

@@ -14,6 +14,7 @@ from fleet.claim import AppRun, NotClaimed, take
 from fleet.errors import ConfigError, FleetError, StaleLease
 from fleet.models import Stage, Task, validate_app_id
 from fleet.report import AppRow, app_row, markdown_summary
+from fleet.store.heartbeat import ClaimHeartbeat
 from fleet.wiring import Components
 from flows.config import flow_components
 from tasks.stages import dispatch, evolve, learn, parse, review, ship
@@ -63,8 +64,16 @@ async def holding(run: AppRun) -> AsyncIterator[Outcome]:
     """Hold the app for the stages: a failure marks it `failed`; the claim is always let go."""
     outcome = Outcome()
     logger = get_run_logger()
+    s = run.settings
+    # The claim is a short lease (app_lease_seconds) this heartbeat renews while the run
+    # lives: a run that dies stops renewing, and its app is free again within one lease.
+    beat = ClaimHeartbeat(
+        run.store, run.app_id, run.epoch, clock=run.clock, lease_seconds=s.app_lease_seconds,
+        every_seconds=s.app_heartbeat_seconds, outage_budget=s.store_outage_budget_seconds,
+    )
     try:
-        yield outcome
+        async with beat:
+            yield outcome
     except StaleLease as exc:
         logger.warning("%s: %s", run.app_id, exc)
         outcome.lost = str(exc)

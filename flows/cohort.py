@@ -18,6 +18,7 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
+from fleet.inflight import dead_on_this_host, in_flight
 from fleet.clients.breaker import breaker_states
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
@@ -48,12 +49,12 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     size = size or settings.cohort_size(store.completed_cohorts())
     limit = max_concurrent(comp)
     states = {s.app_id: s for s in store.list_states()}
-    in_flight = {a for a, s in states.items() if s.owner and s.lease_until and s.lease_until > now}
-    free = max(0, limit - len(in_flight))
+    held = {a for a, s in states.items() if in_flight(s, now, dead_on_this_host)}
+    free = max(0, limit - len(held))
 
     def finished(app_id: str) -> str | None:
         stage = states[app_id].stage
-        if app_id in in_flight:
+        if app_id in held:
             return None
         if stage is Stage.COMPLETE and not fresh:
             return "already complete"
@@ -76,7 +77,7 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
             continue
         places += 1
         cohort.append(app_id)
-        if app_id in in_flight:
+        if app_id in held:
             skipped[app_id] = "in flight"
         elif len(start) >= free:
             skipped[app_id] = f"waiting (max_concurrent={limit})"

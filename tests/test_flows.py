@@ -122,6 +122,39 @@ async def test_failed_app_records_error_and_trajectory(env, tmp_path):
     assert trajectory.outcome == "failure" and trajectory.reward == 0.0
 
 
+async def test_the_heartbeat_holds_a_short_claim_through_a_stage_longer_than_the_lease(
+    env, tmp_path, monkeypatch
+):
+    from datetime import UTC, datetime
+
+    from flows.app_evolution import evolve_app
+
+    monkeypatch.setenv("FLEET_APP_LEASE_SECONDS", "1")
+    monkeypatch.setenv("FLEET_APP_HEARTBEAT_SECONDS", "0.2")
+    get_settings.cache_clear()
+    reset_components()
+    slow = script(tmp_path, "slow_review", (
+        "import os, sys, time\n"
+        "time.sleep(3)\n"
+        f"os.execv(sys.executable, [sys.executable, {AGENT!r}, 'review', *sys.argv[1:]])\n"
+    ))
+    path = demo_fleet(tmp_path, review=[*slow, "{repo}", "{prompt}"])
+    run = asyncio.create_task(evolve_app("demo-calc", fleet_file=str(path)))
+    store = SQLiteStore(env)
+    refused = 0
+    while not run.done():
+        await asyncio.sleep(0.25)
+        state = store.get_state("demo-calc")
+        if state is not None and state.stage is Stage.ADVERSARIAL_RUNNING:
+            # Three leases into the review, another host's run still cannot take the app.
+            epoch = store.claim_app("demo-calc", "elsewhere:1", "r2", datetime.now(UTC), 1.0)
+            assert epoch is None
+            refused += 1
+    await run
+    assert refused >= 4
+    assert store.get_state("demo-calc").stage is Stage.COMPLETE
+
+
 async def test_killed_mid_review_resumes_without_redoing_or_duplicating(env, tmp_path):
     """A real orchestrator process is kill -9'd during REVIEW; the rerun picks up from there."""
     from prefect.settings import PREFECT_API_URL

@@ -12,7 +12,7 @@ from fleet.clock import ManualClock
 from fleet.inflight import dead_on_this_host, in_flight, steal_from
 from fleet.models import EvolutionState
 from fleet.settings import FleetSettings
-from fleet.wiring import owner_id
+from fleet.inflight import owner_id
 from tests.store_contract import T0
 
 
