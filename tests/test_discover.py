@@ -100,3 +100,20 @@ def test_an_app_run_claims_only_within_max_concurrent(tmp_path):
     assert claim(c, "app01", "run-b") is None  # the other run's pick must wait
     assert not_claimed_note(c, "app01") == "waiting (max_concurrent=1)"
     assert claim(c, "app00", "run-c") is None and not_claimed_note(c, "app00") == "in flight elsewhere"
+
+
+def test_a_killed_run_on_this_host_holds_nothing(tmp_path):
+    """Its lease has not run out, but its pid is gone: DISCOVER starts the app again at once
+    (issue 8: a rerun used to report it `in flight` under the dead pid for the whole lease)."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    c = comp(tmp_path)
+    c.store.set_fleet_config(FleetConfig(max_concurrent=3))
+    c.store.ensure_apps(["app00"], c.clock.now())
+    c.store.claim_app("app00", f"{socket.gethostname()}:{gone}", "r", c.clock.now(), 600)
+    plan = discover(c, 3, False, False)
+    assert "app00" in plan.start and "app00" not in plan.skipped
