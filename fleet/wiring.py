@@ -78,7 +78,8 @@ def hydra_gate(url: str, token: SecretStr | None, settings: FleetSettings,
     )
 
 
-def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = None) -> Dispatcher:
+def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = None,
+                     fleet: FleetFile | None = None) -> Dispatcher:
     if settings.dispatcher == "mesh":
         from fleet.mesh.dispatcher import MeshDispatcher
 
@@ -89,7 +90,8 @@ def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = N
         return aura_dispatcher(settings.aura_url, settings.aura_token, settings)
     from fleet.clients.local import LocalExecutor
 
-    return LocalExecutor(workdir=settings.home / "exec")
+    # Agents get the allowlist environment plus the fleet file's `env:`, never our secrets.
+    return LocalExecutor(workdir=settings.home / "exec", env=fleet.env.resolve() if fleet else None)
 
 
 def build_gate(settings: FleetSettings, fleet: FleetFile, load_block: BlockLoader | None = None) -> QualityGate:
@@ -147,7 +149,7 @@ def components(settings: FleetSettings, fleet_file: str | Path | None = None,
             settings.home.mkdir(parents=True, exist_ok=True)
             _cache[key] = Components(
                 settings=settings, fleet=fleet, store=build_store(settings, load_block),
-                dispatcher=build_dispatcher(settings, load_block),
+                dispatcher=build_dispatcher(settings, load_block, fleet),
                 gate=build_gate(settings, fleet, load_block),
                 extractor=build_extractor(settings, load_block), clock=SystemClock(),
             )

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from fleet.clients.local import LocalExecutor, LocalQualityGate
+from fleet.clients.local import LocalExecutor, LocalQualityGate, run_check
 from fleet.errors import AgentFailed, ConfigError, DispatchError, DispatchTimeout, UnknownTask
 
 PY = sys.executable
@@ -163,3 +163,24 @@ async def test_waiting_on_many_agents_holds_no_thread_per_agent(executor):
     during = threading.active_count()
     assert await waits == [""] * 30
     assert during <= before + 1, f"{during - before} threads for 30 waiting agents"
+
+
+CANARIES = {
+    "GEMINI_API_KEY": "canary-gemini-7c1f",
+    "FLEET_AURA_TOKEN": "canary-aura-7c1f",
+    "FLEET_STORE_URL": "postgresql://fleet:canary-pw-7c1f@db.example:5432/fleet",
+}
+
+
+async def test_agents_and_checks_never_see_the_orchestrators_secrets(tmp_path, monkeypatch):
+    """Issue 8: an `env` agent printed GEMINI_API_KEY, FLEET_AURA_TOKEN and the store URL."""
+    for name, value in CANARIES.items():
+        monkeypatch.setenv(name, value)
+    executor = LocalExecutor(workdir=tmp_path / "exec", env={"APP_MODE": "demo"})
+    dump = [PY, "-c", "import os; print(sorted(os.environ.items()))"]
+    agent = await executor.poll_and_retrieve(await executor.spawn(dump), 30)
+    passed, check = await run_check(dump, None, 30)
+    assert passed
+    for text in (agent, check):
+        assert "canary" not in text
+    assert "'APP_MODE', 'demo'" in agent and "'PATH'," in agent

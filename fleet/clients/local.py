@@ -22,6 +22,7 @@ from fleet.errors import (
     QualityGateError,
     UnknownTask,
 )
+from fleet.agentenv import agent_env
 from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
@@ -74,7 +75,9 @@ class LocalExecutor:
             raise DispatchError("empty command: the fleet file must give a program to run")
         task_id = uuid.uuid4().hex[:12]
         out, err = self.workdir / f"{task_id}.out", self.workdir / f"{task_id}.err"
-        env, marker = marked_env({**os.environ, **self.env, "FLEET_TARGET": target, "FLEET_MODEL": model})
+        # The allowlist (fleet/agentenv.py) plus the fleet file's `env:`: agents are the
+        # untrusted code here, so no FLEET_* secret, token, API key or store URL reaches them.
+        env, marker = marked_env({**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model})
         try:
             with out.open("wb") as fo, err.open("wb") as fe:
                 proc = subprocess.Popen(
@@ -181,7 +184,7 @@ def _stop_check(proc: subprocess.Popen, marker: str) -> None:
 async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
     """Run a check command; returns (passed, tail of its output). Timeouts fail the check."""
     argv = [str(a) for a in command]
-    env, marker = marked_env(None)
+    env, marker = marked_env(agent_env())  # the check runs code the agents changed
     # Output to a file, not a pipe: nothing has to read while the check runs.
     with tempfile.TemporaryFile() as out:
         try:
