@@ -279,6 +279,11 @@ def _mount_subcommands() -> None:
     app.add_typer(mesh_app, name="mesh", help="The mesh as a whole: quarantines.")
     app.add_typer(chaos_app, name="chaos", help="Inject a fault for a while, then revert it.")
     app.add_typer(metrics_app, name="metrics", help="Prometheus metrics of the mesh and the fleet.")
+    from fleet.automations_cli import app as automations_app
+    from fleet.tuning.cli import ga_app
+
+    app.add_typer(automations_app, name="automations", help="Prefect alerts for failures.")
+    app.add_typer(ga_app, name="ga", help="Tune the healing thresholds on recorded history.")
 
 
 _mount_subcommands()

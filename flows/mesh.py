@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.events import emit_event
 
+from fleet import events
 from fleet.clock import SystemClock
 from fleet.mesh.liveness import LivenessProbe
 from fleet.mesh.open import mesh_store_url as open_mesh_url
@@ -38,13 +39,20 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
         thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
             lambda: store.reconcile(SystemClock().now(), **thresholds))
+        dead = []
+        if counts.dead_lettered:  # this cycle's are the newest `dead_letter` events
+            letters = await anyio.to_thread.run_sync(lambda: store.events(event="dead_letter"))
+            dead = letters[-counts.dead_lettered:]
     finally:
         store.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
-    if counts.dead_lettered:
-        emit_event(event="fleet.mesh.dead-letter", resource=RESOURCE,
-                   payload={"dead_lettered": counts.dead_lettered})
+    for letter in dead:  # one event per task: the `task dead-lettered` automation's trigger
+        events.task_dead_lettered(
+            letter.task_id or "?", attempts=int(letter.detail.get("attempts", 0) or 0),
+            reason=str(letter.detail.get("reason") or letter.detail.get("rule") or "dead letter"),
+            machine_id=letter.machine_id,
+        )
     await acreate_table_artifact(
         key="mesh-reconciler",
         table=[{"rule": rule, "tasks": n} for rule, n in counts.model_dump().items()],
@@ -72,11 +80,11 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
         logger.warning("watchdog: %s", error)
     emit_event(event="fleet.mesh.watchdog-run", resource=RESOURCE, payload=summary)
     for machine_id in report.liveness.declared_down if report.liveness else []:
-        emit_event(event="fleet.mesh.machine-down",
-                   resource={"prefect.resource.id": f"fleet.mesh.machine.{machine_id}",
-                             "prefect.resource.name": machine_id},
-                   payload={"requeued": next(v.requeued for v in report.liveness.checked
-                                             if v.machine_id == machine_id)})
+        events.machine_down(
+            machine_id, reason="missed heartbeats and two failed confirmations",
+            requeued=next(v.requeued for v in report.liveness.checked
+                          if v.machine_id == machine_id),
+        )
     for action in report.immune_actions:
         if action["action"] in ("quarantine", "release", "alert", "braked"):
             emit_event(event=f"fleet.mesh.{action['action']}",
@@ -84,10 +92,9 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
                                  "prefect.resource.name": action["subject"]},
                        payload={"tier": action["tier"], **action["detail"]})
     for name in summary["open_breakers"]:
-        emit_event(event="fleet.mesh.breaker-open",
-                   resource={"prefect.resource.id": f"fleet.breaker.{name}",
-                             "prefect.resource.name": name},
-                   payload=report.breakers[name])
+        state = report.breakers[name]
+        events.breaker_opened(name, failures=state.get("failures"),
+                              reason=state.get("last_error") or state.get("reason"))
     await acreate_markdown_artifact(key="mesh-watchdog", markdown=_markdown(report, summary),
                                     description="Mesh health at the last watchdog cycle")
     return report

@@ -38,6 +38,8 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     assert cohort.parameters == {"fleet_file": ".fleet/demo/fleet.yaml", "fan_out": True}
     app = deployments["app-evolution/per-app"]
     assert app.work_pool_name == "fleet-process" and not app.schedules
+    [daily] = deployments["healing-tuner/daily"].schedules
+    assert daily.schedule.cron == "0 4 * * *"
     for name in ("mesh-reconciler/reconcile-every-60-s", "mesh-watchdog/watchdog-every-60-s"):
         [schedule] = deployments[name].schedules
         assert schedule.schedule.interval.total_seconds() == 60

@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from fleet.events import MACHINE_DOWN, TASK_DEAD_LETTERED
 from fleet.clock import utcnow
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, ReconcileCounts, TaskStatus
@@ -76,6 +77,38 @@ async def test_reconciler_flow_runs_one_cycle_and_reports_it(store_url, events, 
     store.close()
 
 
+async def test_each_dead_letter_is_an_event_the_automation_matches(store_url, events, tmp_path):
+    from flows.mesh import reconciler
+
+    now = utcnow()
+    store = SQLiteMeshStore(tmp_path / "fleet.db")
+    store.heartbeat(MachineIdentity(machine_id="gone-machine", mesh_id="m"),
+                    now - timedelta(minutes=20), None, [])
+    for task_id in ("t1", "t2"):
+        store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id=task_id)
+    for _ in range(get_settings().max_task_attempts):  # each orphaned claim spends an attempt
+        store.claim("gone-machine", now - timedelta(minutes=20), limit=2)
+        store.reconcile(now, **_thresholds())
+    store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id="t3")
+    store.claim("gone-machine", now - timedelta(minutes=20), limit=3)
+
+    counts = await reconciler()
+
+    letters = events(TASK_DEAD_LETTERED)
+    assert counts.dead_lettered == len(letters) >= 1
+    assert {e.resource.id for e in letters} <= {"fleet.mesh.task.t1", "fleet.mesh.task.t2",
+                                                "fleet.mesh.task.t3"}
+    store.close()
+
+
+def _thresholds() -> dict:
+    from dataclasses import asdict
+
+    from fleet.mesh.rules import Thresholds
+
+    return asdict(Thresholds.from_settings(get_settings()))
+
+
 async def test_watchdog_flow_confirms_liveness_and_publishes_a_report(store_url, events, tmp_path):
     from flows.mesh import watchdog
 
@@ -96,7 +129,7 @@ async def test_watchdog_flow_confirms_liveness_and_publishes_a_report(store_url,
 
     runs = events("fleet.mesh.watchdog-run")
     assert len(runs) == 2 and runs[0].payload["panes_to_respawn"] == 1
-    assert [e.resource.id for e in events("fleet.mesh.machine-down")] == ["fleet.mesh.machine.mac1"]
+    assert [e.resource.id for e in events(MACHINE_DOWN)] == ["fleet.mesh.machine.mac1"]
     artifact = await _artifact("mesh-watchdog")
     assert artifact is not None and "| mac1 | declared_down | 2 |" in artifact["data"]
     store.close()
