@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable
 
 from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
+from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState, Stage, Task
 from fleet.settings import FleetSettings
-from fleet.store.base import Store
+from fleet.store.base import Effect, EffectKind, Store, effect_key
 from fleet.wiring import Components
+
+log = logging.getLogger("fleet.claim")
 
 
 @dataclass
@@ -72,6 +76,18 @@ class AppRun:
     async def save_tasks(self, tasks: Iterable[Task]) -> None:
         await asyncio.to_thread(self.store.upsert_tasks, list(tasks), self.clock.now())
 
+    async def get_effect(self, key: str) -> Effect | None:
+        return await asyncio.to_thread(self.store.get_effect, self.app_id, key)
+
+    async def record_effect(self, key: str, kind: EffectKind, value: str) -> str:
+        """Record an effect under this claim (fenced); the first value recorded wins."""
+        return await asyncio.to_thread(
+            self.store.record_effect, self.app_id, key, kind, value, self.epoch, self.clock.now()
+        )
+
+    def effect_key(self, stage: str, attempt: int) -> str:
+        return effect_key(self.app_id, stage, attempt)
+
     async def release(self) -> None:
         await asyncio.to_thread(self.store.release_app, self.app_id, self.epoch)
 
@@ -85,6 +101,78 @@ class AppRun:
         self.durations[stage] = round(
             self.durations.get(stage, 0.0) + (self.clock.now() - started).total_seconds(), 3
         )
+
+
+# EFFECTS (exactly once) ------------------------------------------------------------------
+SPENT = "spent:"  # prefix of the marker saying the task under a key ended without an answer
+ACCEPTED = "evolve-accepted"  # the marker of an evolve whose quality gate passed
+
+Start = Callable[[str], Awaitable[str]]  # starts the task under an idempotency key: its id
+
+
+async def live_key(run: AppRun, stage: str, attempt: int) -> tuple[str, Effect | None]:
+    """The key of (stage, attempt)'s live effect and what is recorded under it.
+
+    A task that ended without a usable answer (failed, timed out, forgotten by the
+    dispatcher) is marked spent; the next start of the same attempt is a restart with a
+    key of its own (`skill+1`, …), so a gateway that dedupes keys does not hand back the
+    spent task. Every key stays derived from (app, stage, attempt, restart): no epoch.
+    """
+    restart = 0
+    while True:
+        key = run.effect_key(stage if restart == 0 else f"{stage}+{restart}", attempt)
+        effect = await run.get_effect(key)
+        if effect is None or await run.get_effect(SPENT + key) is None:
+            return key, effect
+        restart += 1
+
+
+async def start_once(run: AppRun, stage: str, attempt: int, kind: EffectKind,
+                     start: Start) -> tuple[str, str, bool]:
+    """(key, task id, whether an earlier run had started it): a task recorded under the
+    key is reused; otherwise it is started with the key as its idempotency key and recorded
+    at once, before anyone waits on it. A crash between the start and the record is absorbed
+    by the gateway (same key, same task)."""
+    key, effect = await live_key(run, stage, attempt)
+    if effect is not None:
+        log.info("%s: %s attempt %d already started as task %s: polling it, not starting again",
+                 run.app_id, stage, attempt, effect.value)
+        return key, effect.value, True
+    task_id = await start(key)
+    return key, await run.record_effect(key, kind, task_id), False
+
+
+async def spend(run: AppRun, key: str, task_id: str) -> None:
+    await run.record_effect(SPENT + key, "marker", task_id)
+
+
+async def run_once(run: AppRun, stage: str, attempt: int, kind: EffectKind, start: Start,
+                   timeout: float) -> str:
+    """Start (at most once) the task of (stage, attempt) and await its output."""
+    while True:
+        key, task_id, resumed = await start_once(run, stage, attempt, kind, start)
+        try:
+            return await run.dispatcher.poll_and_retrieve(task_id, timeout)
+        except UnknownTask:
+            if kind == "ship":  # its upload may have happened: never send a second one
+                raise StageFailed(
+                    f"the ship task {task_id} is unknown to the dispatcher; not uploading again "
+                    "(check TestFlight, then `fleet reset` the app to ship anew)"
+                ) from None
+            await spend(run, key, task_id)
+            if resumed:  # a dead run's task the dispatcher forgot (it restarted): start anew
+                run.notes.append(f"{stage} task {task_id} of a dead run was gone: started again")
+                continue
+            raise
+        except AgentFailed:  # ended without an answer: a retry starts a fresh task
+            await spend(run, key, task_id)
+            raise
+        except DispatchTimeout:
+            # The local executor stopped it; a timed-out upload may have gone through, so
+            # only a timed-out agent (not a ship) is started afresh by the next try.
+            if kind != "ship":
+                await spend(run, key, task_id)
+            raise
 
 
 @dataclass(frozen=True)

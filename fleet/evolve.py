@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fleet.claim import AppRun
+from fleet.claim import AppRun, run_once
 from fleet.errors import StageFailed
 from fleet.supervisor.guard import ChangeGuard
 
@@ -36,8 +36,11 @@ async def guarded_evolve(run: AppRun) -> None:
         await run.renew()  # the attempts together may outlast one lease
         snapshot = await asyncio.to_thread(guard.snapshot)
         try:
-            task_id = await run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
-            await run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+            command = run.command(run.fleet.commands.evolve, feedback)
+
+            async def start(key: str, command: list[str] = command) -> str:
+                return await run.dispatcher.spawn(command, idempotency_key=key)
+            await run_once(run, "evolve", attempt, "spawn", start, s.skill_timeout_seconds)
             await run.renew()  # a run that lost the app meanwhile commits nothing
         except BaseException as exc:
             # A failed or stopped agent may have left half an edit, protected paths included:
