@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
@@ -16,9 +17,11 @@ from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState, Stage, Task
 from fleet.settings import FleetSettings
 from fleet.store.base import Effect, EffectKind, Store, effect_key
+from fleet.store.outage import outage_tolerant
 from fleet.wiring import Components
 
 log = logging.getLogger("fleet.claim")
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,9 +63,21 @@ class AppRun:
             lease_seconds=self.settings.app_lease_seconds,
         )
 
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call off the event loop. A store outage pauses this app (one log line per
+        outage, backoff on the clock) and the call goes on when the store is back; past
+        `store_outage_budget_seconds` it raises StoreOutage, a clean resumable failure."""
+        return await outage_tolerant(
+            functools.partial(fn, *args), budget=self.settings.store_outage_budget_seconds,
+            clock=self.clock, log_key=f"app {self.app_id}", sleep=self.clock.asleep,
+        )
+
+    async def astate(self) -> EvolutionState:
+        return await self.call(self.state)
+
     async def enter(self, stage: Stage, error: str | None = None) -> EvolutionState:
         """`set_stage` from a coroutine: a short store write, off the event loop."""
-        return await asyncio.to_thread(self.set_stage, stage, error)
+        return await self.call(self.set_stage, stage, error)
 
     async def renew(self) -> EvolutionState:
         """Prove this run still holds the app and extend its lease, keeping the stage.
@@ -71,17 +86,17 @@ class AppRun:
         """
         def renew_now() -> EvolutionState:
             return self.set_stage(self.state().stage)
-        return await asyncio.to_thread(renew_now)
+        return await self.call(renew_now)
 
     async def save_tasks(self, tasks: Iterable[Task]) -> None:
-        await asyncio.to_thread(self.store.upsert_tasks, list(tasks), self.clock.now())
+        await self.call(self.store.upsert_tasks, list(tasks), self.clock.now())
 
     async def get_effect(self, key: str) -> Effect | None:
-        return await asyncio.to_thread(self.store.get_effect, self.app_id, key)
+        return await self.call(self.store.get_effect, self.app_id, key)
 
     async def record_effect(self, key: str, kind: EffectKind, value: str) -> str:
         """Record an effect under this claim (fenced); the first value recorded wins."""
-        return await asyncio.to_thread(
+        return await self.call(
             self.store.record_effect, self.app_id, key, kind, value, self.epoch, self.clock.now()
         )
 
@@ -89,7 +104,7 @@ class AppRun:
         return effect_key(self.app_id, stage, attempt)
 
     async def release(self) -> None:
-        await asyncio.to_thread(self.store.release_app, self.app_id, self.epoch)
+        await self.call(self.store.release_app, self.app_id, self.epoch)
 
     def command(self, template: list[str], prompt: str = "") -> list[str]:
         return render(

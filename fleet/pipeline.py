@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 from fleet.claim import ACCEPTED, AppRun, live_key, run_once, spend, start_once
 from fleet.clients.base import UNKNOWN_PHASE, GateStatus, QualityGate
@@ -160,7 +161,8 @@ async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
 # EVOLVE ----------------------------------------------------------------------------------
 def hydra_deadline(run: AppRun, state: EvolutionState) -> datetime:
     """The 4 h hard stop counts from when hydraBuild first began, across resumes."""
-    began = state.stage_started_at if state.stage is Stage.HYDRA_BUILD and state.stage_started_at else run.clock.now()
+    began = state.stage_started_at if state.stage is Stage.HYDRA_BUILD else None
+    began = began or run.clock.now()
     return began + timedelta(seconds=run.settings.hydra_hard_stop_seconds)
 
 
@@ -229,7 +231,7 @@ async def _gate_has_no_status(run: AppRun) -> bool:
 
 @timed("evolve")
 async def run_evolve(run: AppRun) -> GateStatus:
-    before = await asyncio.to_thread(run.state)
+    before = await run.astate()
     resumed = before.stage is Stage.HYDRA_BUILD
     if resumed and (accepted := await run.get_effect(run.effect_key(ACCEPTED, 1))):
         # The gate passed before a crash that came before `complete`: straight to SHIP.

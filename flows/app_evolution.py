@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
@@ -28,10 +28,14 @@ async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | N
     return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
 
 
-async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> AppRow:
+async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False,
+                     on_taken: Callable[[str], object] | None = None) -> AppRow:
     """The seven stages of one app: the app flow's body, and each app's in an in-process
-    cohort (there its stages are tasks of the cohort run: no flow run per app to create)."""
+    cohort (there its stages are tasks of the cohort run: no flow run per app to create).
+    `on_taken` hears when the claim step is over (taken or not): the planner waits for it."""
     run = await asyncio.to_thread(take, comp, app_id, run_id, fresh)
+    if on_taken is not None:
+        on_taken(app_id)
     if isinstance(run, NotClaimed):
         return await skipped(comp, app_id, run.note)
     async with holding(run) as outcome:
@@ -121,7 +125,7 @@ async def skipped(comp: Components, app_id: str, note: str) -> AppRow:
 
 
 async def current_stage(run: AppRun) -> Stage:
-    stage = (await asyncio.to_thread(run.state)).stage
+    stage = (await run.astate()).stage
     get_run_logger().info("%s: starting at stage %s", run.app_id, stage.value)
     return stage
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from fleet.errors import AgentFailed, StageFailed
 from fleet.models import Stage
 from fleet.pipeline import run_evolve, run_review, run_ship, run_skill
 from fleet.store.base import effect_key
+from fleet.store.outage import StoreOutage
+from fleet.store.refusals import StoreUnreachable
 from tests.helpers import advance, app_run, demo_fleet, script
 
 STAGE_WORDS = ("skill", "review", "evolve", "ship")  # the demo agent's first argument
@@ -161,3 +164,47 @@ async def test_a_failed_agent_is_spent_so_the_retry_starts_a_fresh_task(tmp_path
 def test_the_local_executor_accepts_the_idempotency_key():
     for method in (LocalExecutor.spawn, LocalExecutor.dispatch):
         assert "idempotency_key" in inspect.signature(method).parameters
+
+
+class FlakyStore:
+    """The SQLite store behind a link that is cut for the next `down` calls."""
+
+    def __init__(self, store, down: int = 0):
+        self.store, self.down, self.refused = store, down, 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            if self.down > 0:
+                self.down -= 1
+                self.refused += 1
+                raise StoreUnreachable("connection refused")
+            return attr(*args, **kwargs)
+        return call
+
+
+async def test_a_short_store_outage_pauses_the_stage_then_it_goes_on(tmp_path, caplog):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    advance(run, Stage.HYDRA_BUILD)
+    flaky = FlakyStore(run.store)
+    run.store = flaky
+    flaky.down = 4
+    with caplog.at_level(logging.WARNING, logger="fleet.store.outage"):
+        await run_ship(run)
+    assert run.state().stage is Stage.COMPLETE and flaky.refused == 4
+    lines = [r.getMessage() for r in caplog.records if "store unreachable" in r.getMessage()]
+    assert len(lines) == 1 and "app demo-calc" in lines[0]
+    assert any("store back" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_store_outage_past_the_budget_is_a_clean_resumable_failure(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    advance(run, Stage.HYDRA_BUILD)
+    run.store = FlakyStore(run.store, down=10**6)
+    with pytest.raises(StoreOutage, match="past the outage budget of 300 s"):
+        await run_ship(run)
+    assert run.store.store.get_state("demo-calc").stage is Stage.HYDRA_BUILD
+    assert builds(tmp_path) == []  # nothing uploaded while the claim could not be proved
