@@ -15,6 +15,7 @@ from fleet.errors import ConfigError, FleetError, StaleLease
 from fleet.models import Stage, Task, validate_app_id
 from fleet.report import AppRow, app_row, markdown_summary
 from fleet.store.heartbeat import ClaimHeartbeat
+from fleet.store.outage import StoreOutage
 from fleet.wiring import Components
 from flows.config import flow_components
 from tasks.stages import dispatch, evolve, learn, parse, review, ship
@@ -61,6 +62,7 @@ class Outcome:
 
     error: str | None = None
     lost: str | None = None
+    outage: bool = False  # the store stayed down past the budget: nothing more can be written
 
 
 @asynccontextmanager
@@ -81,18 +83,29 @@ async def holding(run: AppRun) -> AsyncIterator[Outcome]:
     except StaleLease as exc:
         logger.warning("%s: %s", run.app_id, exc)
         outcome.lost = str(exc)
+    except StoreOutage as exc:
+        # Resumable as it stands: the stage stays where it was, the claim runs out by itself.
+        outcome.error, outcome.outage = str(exc), True
+        logger.error("%s: %s", run.app_id, exc)
     except Exception as exc:  # any stage failure ends this run of the app as `failed`
         outcome.error = str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
         logger.error("%s failed: %s", run.app_id, outcome.error)
         await run.enter(Stage.FAILED, outcome.error[:2000])
     finally:
-        await run.release()
+        if not outcome.outage:
+            await run.release()
 
 
 async def learn_and_report(run: AppRun, outcome: Outcome) -> AppRow:
     """LEARN, then the app's summary artifact; a failed run raises so Prefect shows it failed."""
     if outcome.lost:
         return await asyncio.to_thread(app_row, run.store, run.app_id, "claim lost to a newer run")
+    if outcome.outage:  # no LEARN, no store read: the store is down
+        raise FleetRunFailed(f"{run.app_id}: {outcome.error}", AppRow(
+            app=run.app_id, stage="unknown (store down)", skill_tasks=0, adversarial_issues=0,
+            quality=None, shipped=False, duration_s=sum(run.durations.values()),
+            error=outcome.error, note="resumable once the store is back", notes=run.notes,
+        ))
     await learn(run, "failure" if outcome.error else "success", outcome.error)
     row = await asyncio.to_thread(app_row, run.store, run.app_id, None, run.notes)
     await acreate_markdown_artifact(

@@ -208,3 +208,32 @@ async def test_a_store_outage_past_the_budget_is_a_clean_resumable_failure(tmp_p
         await run_ship(run)
     assert run.store.store.get_state("demo-calc").stage is Stage.HYDRA_BUILD
     assert builds(tmp_path) == []  # nothing uploaded while the claim could not be proved
+
+
+async def test_a_change_the_guard_accepted_is_not_evolved_again_on_resume(tmp_path):
+    run, gateway = gateway_run(tmp_path)
+    await run_review(run, await run_skill(run))
+    await run_evolve(run)
+    # The crash: after the guard accepted, before the gate's pass was recorded.
+    with run.store._tx() as db:
+        db.execute("DELETE FROM app_effects WHERE key = ?",
+                   (effect_key("demo-calc", "evolve-accepted", 1),))
+    again = resumed(run)
+    await run_evolve(again)
+    assert gateway.starts.count("evolve") == 1
+    assert any("change guard had accepted evolve attempt 1" in n for n in again.notes)
+
+
+async def test_an_outage_past_the_budget_ends_the_app_run_resumable(tmp_path, monkeypatch):
+    from flows import app_evolution
+
+    monkeypatch.setattr(app_evolution, "get_run_logger", lambda: logging.getLogger("test"))
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    advance(run, Stage.HYDRA_BUILD)
+    flaky = FlakyStore(run.store)
+    run.store = flaky
+    async with app_evolution.holding(run) as outcome:
+        flaky.down = 10**6
+        await run.renew()
+    assert outcome.outage and "past the outage budget" in (outcome.error or "")
+    assert flaky.store.get_state("demo-calc").stage is Stage.HYDRA_BUILD  # resumable as is
