@@ -237,3 +237,35 @@ async def test_an_outage_past_the_budget_ends_the_app_run_resumable(tmp_path, mo
         await run.renew()
     assert outcome.outage and "past the outage budget" in (outcome.error or "")
     assert flaky.store.get_state("demo-calc").stage is Stage.HYDRA_BUILD  # resumable as is
+
+
+async def test_a_5xx_on_spawn_is_retried_under_its_key_and_starts_one_task(tmp_path):
+    """Against the real gateway dev server: the keyed spawn is resent after a 503 and the
+    gateway started the skill once (this replaces test_flows_remote's 'fails clearly and is
+    not sent twice', which pinned the unkeyed spawn)."""
+    import uuid
+
+    from pydantic import SecretStr
+
+    from fleet.clients.aura import AuraGatewayDispatcher
+    from fleet.clients.breaker import CircuitBreaker
+    from fleet.devservers.aura import AuraDevServer
+
+    clock = ManualClock()
+    run = app_run(tmp_path, demo_fleet(tmp_path), clock=clock)
+    token = "t0ken-for-tests"
+    with AuraDevServer(token=token, workdir=tmp_path / "gateway") as aura:
+        gateway = AuraGatewayDispatcher(
+            aura.url, token=SecretStr(token), clock=clock, timeout=5,
+            breaker=CircuitBreaker(f"aura-test-{uuid.uuid4().hex[:8]}", 3, 60, clock),
+        )
+        run.dispatcher = gateway
+        aura.set_faults(fail_next=1, fail_status=503)
+        try:
+            tasks = await run_skill(run)
+        finally:
+            gateway.close()
+        started = aura.tasks()
+    assert len(tasks) >= 3 and len(started) == 1
+    recorded = run.store.get_effect("demo-calc", effect_key("demo-calc", "skill", 1))
+    assert recorded is not None and recorded.value == started[0].task_id
