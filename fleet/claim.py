@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterable
+from typing import Any, TypeVar
 
 from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
+from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState, Stage, Task
 from fleet.settings import FleetSettings
-from fleet.store.base import Store
+from fleet.store.base import Effect, EffectKind, Store, effect_key
+from fleet.store.outage import outage_tolerant
 from fleet.wiring import Components
+
+log = logging.getLogger("fleet.claim")
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,9 +63,21 @@ class AppRun:
             lease_seconds=self.settings.app_lease_seconds,
         )
 
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call off the event loop. A store outage pauses this app (one log line per
+        outage, backoff on the clock) and the call goes on when the store is back; past
+        `store_outage_budget_seconds` it raises StoreOutage, a clean resumable failure."""
+        return await outage_tolerant(
+            functools.partial(fn, *args), budget=self.settings.store_outage_budget_seconds,
+            clock=self.clock, log_key=f"app {self.app_id}", sleep=self.clock.asleep,
+        )
+
+    async def astate(self) -> EvolutionState:
+        return await self.call(self.state)
+
     async def enter(self, stage: Stage, error: str | None = None) -> EvolutionState:
         """`set_stage` from a coroutine: a short store write, off the event loop."""
-        return await asyncio.to_thread(self.set_stage, stage, error)
+        return await self.call(self.set_stage, stage, error)
 
     async def renew(self) -> EvolutionState:
         """Prove this run still holds the app and extend its lease, keeping the stage.
@@ -67,13 +86,25 @@ class AppRun:
         """
         def renew_now() -> EvolutionState:
             return self.set_stage(self.state().stage)
-        return await asyncio.to_thread(renew_now)
+        return await self.call(renew_now)
 
     async def save_tasks(self, tasks: Iterable[Task]) -> None:
-        await asyncio.to_thread(self.store.upsert_tasks, list(tasks), self.clock.now())
+        await self.call(self.store.upsert_tasks, list(tasks), self.clock.now())
+
+    async def get_effect(self, key: str) -> Effect | None:
+        return await self.call(self.store.get_effect, self.app_id, key)
+
+    async def record_effect(self, key: str, kind: EffectKind, value: str) -> str:
+        """Record an effect under this claim (fenced); the first value recorded wins."""
+        return await self.call(
+            self.store.record_effect, self.app_id, key, kind, value, self.epoch, self.clock.now()
+        )
+
+    def effect_key(self, stage: str, attempt: int) -> str:
+        return effect_key(self.app_id, stage, attempt)
 
     async def release(self) -> None:
-        await asyncio.to_thread(self.store.release_app, self.app_id, self.epoch)
+        await self.call(self.store.release_app, self.app_id, self.epoch)
 
     def command(self, template: list[str], prompt: str = "") -> list[str]:
         return render(
@@ -85,6 +116,78 @@ class AppRun:
         self.durations[stage] = round(
             self.durations.get(stage, 0.0) + (self.clock.now() - started).total_seconds(), 3
         )
+
+
+# EFFECTS (exactly once) ------------------------------------------------------------------
+SPENT = "spent:"  # prefix of the marker saying the task under a key ended without an answer
+ACCEPTED = "evolve-accepted"  # the marker of an evolve whose quality gate passed
+
+Start = Callable[[str], Awaitable[str]]  # starts the task under an idempotency key: its id
+
+
+async def live_key(run: AppRun, stage: str, attempt: int) -> tuple[str, Effect | None]:
+    """The key of (stage, attempt)'s live effect and what is recorded under it.
+
+    A task that ended without a usable answer (failed, timed out, forgotten by the
+    dispatcher) is marked spent; the next start of the same attempt is a restart with a
+    key of its own (`skill+1`, …), so a gateway that dedupes keys does not hand back the
+    spent task. Every key stays derived from (app, stage, attempt, restart): no epoch.
+    """
+    restart = 0
+    while True:
+        key = run.effect_key(stage if restart == 0 else f"{stage}+{restart}", attempt)
+        effect = await run.get_effect(key)
+        if effect is None or await run.get_effect(SPENT + key) is None:
+            return key, effect
+        restart += 1
+
+
+async def start_once(run: AppRun, stage: str, attempt: int, kind: EffectKind,
+                     start: Start) -> tuple[str, str, bool]:
+    """(key, task id, whether an earlier run had started it): a task recorded under the
+    key is reused; otherwise it is started with the key as its idempotency key and recorded
+    at once, before anyone waits on it. A crash between the start and the record is absorbed
+    by the gateway (same key, same task)."""
+    key, effect = await live_key(run, stage, attempt)
+    if effect is not None:
+        log.info("%s: %s attempt %d already started as task %s: polling it, not starting again",
+                 run.app_id, stage, attempt, effect.value)
+        return key, effect.value, True
+    task_id = await start(key)
+    return key, await run.record_effect(key, kind, task_id), False
+
+
+async def spend(run: AppRun, key: str, task_id: str) -> None:
+    await run.record_effect(SPENT + key, "marker", task_id)
+
+
+async def run_once(run: AppRun, stage: str, attempt: int, kind: EffectKind, start: Start,
+                   timeout: float) -> str:
+    """Start (at most once) the task of (stage, attempt) and await its output."""
+    while True:
+        key, task_id, resumed = await start_once(run, stage, attempt, kind, start)
+        try:
+            return await run.dispatcher.poll_and_retrieve(task_id, timeout)
+        except UnknownTask:
+            if kind == "ship":  # its upload may have happened: never send a second one
+                raise StageFailed(
+                    f"the ship task {task_id} is unknown to the dispatcher; not uploading again "
+                    "(check TestFlight, then `fleet reset` the app to ship anew)"
+                ) from None
+            await spend(run, key, task_id)
+            if resumed:  # a dead run's task the dispatcher forgot (it restarted): start anew
+                run.notes.append(f"{stage} task {task_id} of a dead run was gone: started again")
+                continue
+            raise
+        except AgentFailed:  # ended without an answer: a retry starts a fresh task
+            await spend(run, key, task_id)
+            raise
+        except DispatchTimeout:
+            # The local executor stopped it; a timed-out upload may have gone through, so
+            # only a timed-out agent (not a ship) is started afresh by the next try.
+            if kind != "ship":
+                await spend(run, key, task_id)
+            raise
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fleet.claim import AppRun
+from fleet.claim import AppRun, run_once
 from fleet.errors import StageFailed
 from fleet.supervisor.guard import ChangeGuard
 
 log = logging.getLogger("fleet.evolve")
+GUARDED = "evolve-guarded"  # the marker of a change the guard accepted
 
 
 async def guarded_evolve(run: AppRun) -> None:
@@ -23,6 +24,12 @@ async def guarded_evolve(run: AppRun) -> None:
     """
     assert run.app.repo is not None, "a guarded evolve needs the app's local repo"
     app, s = run.app, run.settings
+    accepted_key = run.effect_key(GUARDED, 1)
+    if (accepted := await run.get_effect(accepted_key)) is not None:
+        # A resume after the guard had accepted a change: that change stands, no new agent.
+        run.notes.append(f"the change guard had accepted evolve attempt {accepted.value}: "
+                         "not evolved again")
+        return
     guard = ChangeGuard(
         app.repo,
         protected=[*run.fleet.protected, *app.protected],
@@ -36,8 +43,11 @@ async def guarded_evolve(run: AppRun) -> None:
         await run.renew()  # the attempts together may outlast one lease
         snapshot = await asyncio.to_thread(guard.snapshot)
         try:
-            task_id = await run.dispatcher.spawn(run.command(run.fleet.commands.evolve, feedback))
-            await run.dispatcher.poll_and_retrieve(task_id, s.skill_timeout_seconds)
+            command = run.command(run.fleet.commands.evolve, feedback)
+
+            async def start(key: str, command: list[str] = command) -> str:
+                return await run.dispatcher.spawn(command, idempotency_key=key)
+            await run_once(run, "evolve", attempt, "spawn", start, s.skill_timeout_seconds)
             await run.renew()  # a run that lost the app meanwhile commits nothing
         except BaseException as exc:
             # A failed or stopped agent may have left half an edit, protected paths included:
@@ -45,10 +55,12 @@ async def guarded_evolve(run: AppRun) -> None:
             # cancelled run still rolls back before it goes.
             reason = f"evolve attempt {attempt} did not finish: {exc}"
             patch = await asyncio.shield(asyncio.to_thread(guard.rollback, snapshot, reason))
-            log.warning("%s: evolve attempt %d did not finish, rolled back (patch kept: %s)", app.id, attempt, patch)
+            log.warning("%s: evolve attempt %d did not finish, rolled back (patch kept: %s)",
+                        app.id, attempt, patch)
             raise
         verdict = await asyncio.to_thread(guard.validate, snapshot)
         if verdict.accepted:
+            await run.record_effect(accepted_key, "marker", str(attempt))
             return
         note = f"change guard rejected attempt {attempt}: {verdict.reason}"
         if verdict.patch_path:
@@ -59,4 +71,5 @@ async def guarded_evolve(run: AppRun) -> None:
             f"Your previous change was rolled back: {verdict.reason}. "
             f"Protected paths must never change: {', '.join(guard.protected.globs)}."
         )
-    raise StageFailed(f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}")
+    raise StageFailed(
+        f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}")

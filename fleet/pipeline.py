@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
-from fleet.claim import AppRun
+from fleet.claim import ACCEPTED, AppRun, live_key, run_once, spend, start_once
 from fleet.clients.base import UNKNOWN_PHASE, GateStatus, QualityGate
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError, QualityGateError, StageFailed
@@ -72,8 +73,11 @@ async def dispatch_skill(run: AppRun, explicit: bool = False) -> str:
     the explicit prompt, after a first answer gave too few tasks."""
     await run.enter(Stage.SKILL_RUNNING, error="insufficient_tasks" if explicit else None)
     command = build_skill_cmd(run, EXPLICIT_SKILL_PROMPT if explicit else "")
-    task_id = await run.dispatcher.spawn(command)
-    return await run.dispatcher.poll_and_retrieve(task_id, run.settings.skill_timeout_seconds)
+
+    async def start(key: str) -> str:
+        return await run.dispatcher.spawn(command, idempotency_key=key)
+    return await run_once(run, "skill", 2 if explicit else 1, "spawn", start,
+                          run.settings.skill_timeout_seconds)
 
 
 # PARSE ---------------------------------------------------------------------------------
@@ -140,8 +144,11 @@ async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     await run.enter(Stage.ADVERSARIAL_RUNNING)
     s = run.settings
     command = build_review_cmd(run, prior)
-    task_id = await run.dispatcher.dispatch(command, target=s.review_target, model=s.review_model)
-    review = await run.dispatcher.poll_and_retrieve(task_id, s.review_timeout_seconds)
+
+    async def start(key: str) -> str:
+        return await run.dispatcher.dispatch(
+            command, target=s.review_target, model=s.review_model, idempotency_key=key)
+    review = await run_once(run, "review", 1, "dispatch", start, s.review_timeout_seconds)
     issues = parse_review_output(review, run.app_id, max_tasks=s.max_tasks_per_stage)
     if note := _dropped_note("review", issues.dropped):
         run.notes.append(note)
@@ -154,7 +161,8 @@ async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
 # EVOLVE ----------------------------------------------------------------------------------
 def hydra_deadline(run: AppRun, state: EvolutionState) -> datetime:
     """The 4 h hard stop counts from when hydraBuild first began, across resumes."""
-    began = state.stage_started_at if state.stage is Stage.HYDRA_BUILD and state.stage_started_at else run.clock.now()
+    began = state.stage_started_at if state.stage is Stage.HYDRA_BUILD else None
+    began = began or run.clock.now()
     return began + timedelta(seconds=run.settings.hydra_hard_stop_seconds)
 
 
@@ -195,13 +203,22 @@ async def start_hydra(run: AppRun, resumed: bool) -> None:
     """Start the evolution: a guarded local run for local repos, else Hydra via the dispatcher."""
     if run.app.repo is not None:
         await guarded_evolve(run)
-    elif not resumed:
-        await run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
+        return
+    command = run.command(run.fleet.commands.evolve)
+
+    async def spawn(key: str) -> str:
+        return await run.dispatcher.spawn(command, idempotency_key=key)
+    if not resumed:
+        await start_once(run, "hydra", 1, "spawn", spawn)
     elif await _gate_has_no_status(run):
-        # The crash came between the hydraBuild write and the spawn: Hydra never heard of it.
+        # The crash came between the hydraBuild write and the spawn (nothing recorded), or
+        # Hydra forgot the app (its recorded start is spent): start it (again).
+        key, effect = await live_key(run, "hydra", 1)
+        if effect is not None:
+            await spend(run, key, effect.value)
         run.notes.append("Hydra had no status for the app after a resume: started it again")
         log.warning("%s: %s", run.app_id, run.notes[-1])
-        await run.dispatcher.spawn(run.command(run.fleet.commands.evolve))
+        await start_once(run, "hydra", 1, "spawn", spawn)
     # Otherwise a remote Hydra started before a crash keeps running: only poll.
 
 
@@ -214,8 +231,13 @@ async def _gate_has_no_status(run: AppRun) -> bool:
 
 @timed("evolve")
 async def run_evolve(run: AppRun) -> GateStatus:
-    before = await asyncio.to_thread(run.state)
+    before = await run.astate()
     resumed = before.stage is Stage.HYDRA_BUILD
+    if resumed and (accepted := await run.get_effect(run.effect_key(ACCEPTED, 1))):
+        # The gate passed before a crash that came before `complete`: straight to SHIP.
+        run.quality = GateStatus.model_validate_json(accepted.value)
+        run.notes.append("evolve had already passed the quality gate: not run again")
+        return run.quality
     deadline = hydra_deadline(run, before)
     await run.enter(Stage.HYDRA_BUILD)
     if run.clock.now() >= deadline:  # resumed after the hard stop: a late pass would not count
@@ -229,6 +251,7 @@ async def run_evolve(run: AppRun) -> GateStatus:
     )
     if status is None:
         raise StageFailed(hydra_timeout_message(run.settings))
+    await run.record_effect(run.effect_key(ACCEPTED, 1), "marker", status.model_dump_json())
     run.quality = status
     return status
 
@@ -240,8 +263,12 @@ async def run_ship(run: AppRun) -> None:
     s = run.settings
     await run.renew()  # fenced: only the run that holds the app uploads a build
     command = run.command(run.fleet.commands.ship)
-    task_id = await run.dispatcher.dispatch(command, target=s.ship_target, model="")
-    await run.dispatcher.poll_and_retrieve(task_id, s.ship_timeout_seconds)
+
+    # Recorded before the wait: a resumed run polls this upload, never sends a second one.
+    async def start(key: str) -> str:
+        return await run.dispatcher.dispatch(
+            command, target=s.ship_target, model="", idempotency_key=key)
+    await run_once(run, "ship", 1, "ship", start, s.ship_timeout_seconds)
     run.shipped = True
     await run.enter(Stage.COMPLETE)
 

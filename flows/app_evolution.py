@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
@@ -15,6 +15,7 @@ from fleet.errors import ConfigError, FleetError, StaleLease
 from fleet.models import Stage, Task, validate_app_id
 from fleet.report import AppRow, app_row, markdown_summary
 from fleet.store.heartbeat import ClaimHeartbeat
+from fleet.store.outage import StoreOutage
 from fleet.wiring import Components
 from flows.config import flow_components
 from tasks.stages import dispatch, evolve, learn, parse, review, ship
@@ -28,10 +29,14 @@ async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | N
     return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
 
 
-async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> AppRow:
+async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False,
+                     on_taken: Callable[[str], object] | None = None) -> AppRow:
     """The seven stages of one app: the app flow's body, and each app's in an in-process
-    cohort (there its stages are tasks of the cohort run: no flow run per app to create)."""
+    cohort (there its stages are tasks of the cohort run: no flow run per app to create).
+    `on_taken` hears when the claim step is over (taken or not): the planner waits for it."""
     run = await asyncio.to_thread(take, comp, app_id, run_id, fresh)
+    if on_taken is not None:
+        on_taken(app_id)
     if isinstance(run, NotClaimed):
         return await skipped(comp, app_id, run.note)
     async with holding(run) as outcome:
@@ -57,6 +62,7 @@ class Outcome:
 
     error: str | None = None
     lost: str | None = None
+    outage: bool = False  # the store stayed down past the budget: nothing more can be written
 
 
 @asynccontextmanager
@@ -77,18 +83,29 @@ async def holding(run: AppRun) -> AsyncIterator[Outcome]:
     except StaleLease as exc:
         logger.warning("%s: %s", run.app_id, exc)
         outcome.lost = str(exc)
+    except StoreOutage as exc:
+        # Resumable as it stands: the stage stays where it was, the claim runs out by itself.
+        outcome.error, outcome.outage = str(exc), True
+        logger.error("%s: %s", run.app_id, exc)
     except Exception as exc:  # any stage failure ends this run of the app as `failed`
         outcome.error = str(exc) if isinstance(exc, FleetError) else f"{type(exc).__name__}: {exc}"
         logger.error("%s failed: %s", run.app_id, outcome.error)
         await run.enter(Stage.FAILED, outcome.error[:2000])
     finally:
-        await run.release()
+        if not outcome.outage:
+            await run.release()
 
 
 async def learn_and_report(run: AppRun, outcome: Outcome) -> AppRow:
     """LEARN, then the app's summary artifact; a failed run raises so Prefect shows it failed."""
     if outcome.lost:
         return await asyncio.to_thread(app_row, run.store, run.app_id, "claim lost to a newer run")
+    if outcome.outage:  # no LEARN, no store read: the store is down
+        raise FleetRunFailed(f"{run.app_id}: {outcome.error}", AppRow(
+            app=run.app_id, stage="unknown (store down)", skill_tasks=0, adversarial_issues=0,
+            quality=None, shipped=False, duration_s=sum(run.durations.values()),
+            error=outcome.error, note="resumable once the store is back", notes=run.notes,
+        ))
     await learn(run, "failure" if outcome.error else "success", outcome.error)
     row = await asyncio.to_thread(app_row, run.store, run.app_id, None, run.notes)
     await acreate_markdown_artifact(
@@ -121,7 +138,7 @@ async def skipped(comp: Components, app_id: str, note: str) -> AppRow:
 
 
 async def current_stage(run: AppRun) -> Stage:
-    stage = (await asyncio.to_thread(run.state)).stage
+    stage = (await run.astate()).stage
     get_run_logger().info("%s: starting at stage %s", run.app_id, stage.value)
     return stage
 

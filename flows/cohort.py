@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -18,11 +22,12 @@ from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
-from fleet.inflight import dead_on_this_host, in_flight
 from fleet.clients.breaker import breaker_states
+from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
+from fleet.store.leadership import PlannerLease
 from fleet.wiring import Components
 from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
 from flows.config import flow_components
@@ -97,18 +102,34 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     """
     logger = get_run_logger()
     comp = await flow_components(fleet_file)
-    plan = await discover_cohort(quote(comp), size, fresh, retry_failed)
     run_id = this_run_id("local-cohort")
-    logger.info(
-        "cohort of %d: starting %s (max_concurrent=%d); skipped: %s", len(plan.cohort),
-        ", ".join(plan.start) or "none", plan.max_concurrent, plan.skipped or "none",
-    )
-    await asyncio.to_thread(comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
-    progress = Progress(comp, len(plan.start), await acreate_progress_artifact(
-        progress=0.0, key="fleet-cohort-progress", description="Apps finished in this cohort run"
-    ))
     start = on_workers if fan_out else in_process
-    finished = await start(comp, plan, fleet_file, fresh, retry_failed, progress)
+    # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.
+    async with planning(comp, f"{owner_id()}/{run_id}", logger) as lead:
+        if lead is None:
+            return []
+        plan = await discover_cohort(quote(comp), size, fresh, retry_failed)
+        logger.info(
+            "cohort of %d: starting %s (max_concurrent=%d); skipped: %s", len(plan.cohort),
+            ", ".join(plan.start) or "none", plan.max_concurrent, plan.skipped or "none",
+        )
+        await asyncio.to_thread(comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
+        progress = Progress(comp, len(plan.start), await acreate_progress_artifact(
+            progress=0.0, key="fleet-cohort-progress",
+            description="Apps finished in this cohort run",
+        ))
+        if not await asyncio.to_thread(lead.renew):
+            logger.warning("planner lease lost before the apps started: this run starts none")
+            return []
+        taken = Taken(plan.start)
+        running = asyncio.create_task(
+            start(comp, plan, fleet_file, fresh, retry_failed, progress, taken))
+        # The lease is let go once every started app is claimed (or found taken): from then
+        # on the store's claims keep runs apart, and the next planner sees them in flight.
+        all_taken = asyncio.create_task(taken.all.wait())
+        await asyncio.wait([running, all_taken], return_when=asyncio.FIRST_COMPLETED)
+        all_taken.cancel()
+    finished = await running
     await progress.close()
     # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
     if all(comp.store.get_state(a).stage.terminal for a in plan.cohort):
@@ -122,6 +143,56 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     )
     await report_breakers(logger)
     return rows
+
+
+# The planner lease -------------------------------------------------------------------------
+@asynccontextmanager
+async def planning(
+    comp: Components, holder: str, logger: logging.Logger | logging.LoggerAdapter,
+) -> AsyncIterator[PlannerLease | None]:
+    """Lead the planning, or None when another planner still leads after one lease of
+    retries (this run then plans nothing: the leader's plan covers the fleet)."""
+    s = comp.settings
+    lease = PlannerLease(
+        comp.store, holder, comp.clock, lease_seconds=s.planner_lease_seconds,
+        renew_seconds=s.planner_renew_seconds, retry_seconds=s.planner_retry_seconds,
+    )
+    if not await lead_within(lease, s.planner_lease_seconds):
+        leader = await asyncio.to_thread(comp.store.get_lease, lease.name)
+        logger.info("another planner leads: %s; this run plans nothing",
+                    leader.holder if leader else "unknown")
+        yield None
+        return
+    try:
+        yield lease
+    finally:
+        await asyncio.shield(asyncio.to_thread(lease.release))
+
+
+async def lead_within(lease: PlannerLease, seconds: float) -> bool:
+    """Try to lead every `retry_seconds`, for at most `seconds` (a standby takes over from a
+    dead leader within one lease; a live leader's plan is left alone)."""
+    deadline = lease.clock.now() + timedelta(seconds=seconds)
+    while not await asyncio.to_thread(lease.try_lead):
+        if lease.clock.now() >= deadline:
+            return False
+        await lease.clock.asleep(lease.retry_seconds)
+    return True
+
+
+class Taken:
+    """The started apps whose claim step is over: the planner holds its lease until all are."""
+
+    def __init__(self, app_ids: list[str]):
+        self.waiting = set(app_ids)
+        self.all = asyncio.Event()
+        if not self.waiting:
+            self.all.set()
+
+    def one(self, app_id: str) -> None:
+        self.waiting.discard(app_id)
+        if not self.waiting:
+            self.all.set()
 
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
@@ -153,7 +224,7 @@ class Progress:
 
 
 async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
-                     retry_failed: bool, progress: Progress) -> dict[str, AppRow]:
+                     retry_failed: bool, progress: Progress, taken: Taken) -> dict[str, AppRow]:
     """Every app as a coroutine on this event loop, its stages tasks of this cohort run.
 
     A waiting app costs a coroutine; no flow run per app is created, which keeps the
@@ -163,14 +234,16 @@ async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None,
     run_id = this_run_id("local-cohort")
 
     async def one(app_id: str) -> tuple[str, AppRow | None]:
-        reset = reset_requested(comp, app_id, fresh, retry_failed)
         try:
-            return app_id, await evolve_one(comp, app_id, run_id, reset)
+            reset = reset_requested(comp, app_id, fresh, retry_failed)
+            return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one)
         except FleetRunFailed as failed:  # recorded as failed; the row says why
             return app_id, failed.row
         except Exception as exc:  # the app's bookkeeping itself broke: its row comes from the store
             logger.error("%s: app run ended with %s: %s", app_id, type(exc).__name__, exc)
             return app_id, None
+        finally:
+            taken.one(app_id)  # a run that broke before its claim step is over with it too
 
     rows: dict[str, AppRow] = {}
     for finished in asyncio.as_completed([one(a) for a in plan.start]):
@@ -182,7 +255,7 @@ async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None,
 
 
 async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
-                     retry_failed: bool, progress: Progress) -> dict[str, AppRow]:
+                     retry_failed: bool, progress: Progress, taken: Taken) -> dict[str, AppRow]:
     """Every app submitted to the app-evolution deployment; workers on any machine run them.
 
     Submitting does not wait (`timeout=0`); the cohort then reads all its runs' states in one
@@ -199,6 +272,7 @@ async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None,
                         "fresh": reset_requested(comp, app_id, fresh, retry_failed)},
         )
         pending[submitted.id] = app_id
+        taken.one(app_id)  # submitted: its run claims it on a worker, the planner is done
     logger.info("submitted %d app runs to %s", len(pending), comp.settings.app_deployment)
     async with get_client() as client:
         while pending:
