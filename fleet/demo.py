@@ -12,7 +12,15 @@ import yaml
 from fleet.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
-GIT = ["git", "-c", "user.name=fleet-demo", "-c", "user.email=demo@fleet.local", "-c", "init.defaultBranch=main"]
+GIT = [
+    "git",
+    "-c",
+    "user.name=fleet-demo",
+    "-c",
+    "user.email=demo@fleet.local",
+    "-c",
+    "init.defaultBranch=main",
+]
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -45,7 +53,9 @@ def create_demo_fleet(directory: Path, fresh: bool = False) -> Path:
     """Lay out the demo under `directory`; returns its fleet file. Existing repos are kept
     (re-running is safe) unless `fresh`, which starts them over from the templates."""
     if not (EXAMPLES / "apps").is_dir():
-        raise ConfigError(f"demo templates not found at {EXAMPLES}: run from a checkout of the repository")
+        raise ConfigError(
+            f"demo templates not found at {EXAMPLES}: run from a checkout of the repository"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     for template in sorted((EXAMPLES / "apps").iterdir()):
         repo = directory / "repos" / template.name

@@ -39,7 +39,9 @@ MAX_OUTPUT_ERROR = 2000
 def _command_string(command: Command) -> str:
     if isinstance(command, (str, bytes)):
         # A bare string would be joined character by character; argv lists only.
-        raise TypeError("command must be an argument list (e.g. ['claude', '-p', prompt]), not a string")
+        raise TypeError(
+            "command must be an argument list (e.g. ['claude', '-p', prompt]), not a string"
+        )
     argv = [str(part) for part in command]
     if not argv:
         raise ValueError("command is empty: nothing to send to AuraGateway")
@@ -119,10 +121,12 @@ class AuraGatewayDispatcher:
     async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return await self._start("/spawn", {"command": _command_string(command)}, idempotency_key)
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         return await self._start(
-            "/dispatch", {"command": _command_string(command), "target": target, "model": model},
+            "/dispatch",
+            {"command": _command_string(command), "target": target, "model": model},
             idempotency_key,
         )
 

@@ -25,8 +25,9 @@ class Dispatcher(Protocol):
         starts nothing new: the dispatcher answers with the task the key first started.
         """
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         """Start `command` on machine `target` with agent `model`; returns a task id."""
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:

@@ -45,7 +45,9 @@ class CircuitBreaker:
         clock: Clock | None = None,
     ):
         if failure_threshold < 1:
-            raise ValueError(f"breaker {name!r}: failure_threshold must be >= 1, got {failure_threshold}")
+            raise ValueError(
+                f"breaker {name!r}: failure_threshold must be >= 1, got {failure_threshold}"
+            )
         if reset_seconds < 0:
             raise ValueError(f"breaker {name!r}: reset_seconds must be >= 0, got {reset_seconds}")
         self.name = name
@@ -87,7 +89,11 @@ class CircuitBreaker:
             log.warning(
                 "circuit breaker %s: %s -> open after %d consecutive failure(s) (last: %s); "
                 "next probe in %g s",
-                self.name, old, self._failures, self._last_error, self.reset_seconds,
+                self.name,
+                old,
+                self._failures,
+                self._last_error,
+                self.reset_seconds,
             )
         else:
             log.info("circuit breaker %s: %s -> %s", self.name, old, new)

@@ -75,7 +75,9 @@ class HydraGate:
             # Right after `/meta:hydra` is dispatched Hydra may not know the app yet; the
             # pipeline's 4 h hard stop bounds the wait, so this is "not passing", not an error.
             return GateStatus(
-                phase=UNKNOWN_PHASE, is_passing=False, detail=f"Hydra has no status for {app_id!r} yet (404)"
+                phase=UNKNOWN_PHASE,
+                is_passing=False,
+                detail=f"Hydra has no status for {app_id!r} yet (404)",
             )
         return gate_status(body, app_id)
 

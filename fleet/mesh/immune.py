@@ -336,8 +336,15 @@ class Action:
     """What a step decided, for the caller to apply, record and announce."""
 
     kind: Literal[
-        "corrective", "quarantine", "release", "probe", "alert", "backoff", "braked", "decay",
-        "antibody"
+        "corrective",
+        "quarantine",
+        "release",
+        "probe",
+        "alert",
+        "backoff",
+        "braked",
+        "decay",
+        "antibody",
     ]
     subject: Subject
     tier: Tier = Tier.INNATE
@@ -473,9 +480,14 @@ def observe(
         signature, _, corrective = state.antibody.partition("/")
         if obs.outcome == "success" or failure_signature(obs.reason) == signature:
             worked = obs.outcome == "success"
-            verdict.append(Action("antibody", state.subject, state.tier,
-                                  {"signature": signature, "corrective": corrective,
-                                   "worked": worked}))
+            verdict.append(
+                Action(
+                    "antibody",
+                    state.subject,
+                    state.tier,
+                    {"signature": signature, "corrective": corrective, "worked": worked},
+                )
+            )
             state = replace(state, antibody="")
     state, decided = _observe(state, obs, policy, brake_for)
     if any(a.kind == "corrective" for a in decided):
@@ -484,7 +496,8 @@ def observe(
         state = replace(state, antibody=f"{signature}/{corrective}")
         decided = [
             replace(a, detail={**a.detail, "signature": signature, "corrective": corrective})
-            if a.kind == "corrective" else a
+            if a.kind == "corrective"
+            else a
             for a in decided
         ]
     return state, passed + verdict + decided

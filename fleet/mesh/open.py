@@ -33,13 +33,16 @@ def mesh_store_url(settings, load_block=None) -> str:
     if not settings.store_block:
         return settings.resolved_store_url()
     if load_block is None:
-        raise ConfigError(f"store block {settings.store_block!r} is configured but blocks can only "
-                          "be loaded inside a flow run — give --store-url or FLEET_STORE_URL")
+        raise ConfigError(
+            f"store block {settings.store_block!r} is configured but blocks can only "
+            "be loaded inside a flow run — give --store-url or FLEET_STORE_URL"
+        )
     conninfo = getattr(load_block(settings.store_block), "conninfo", None)
     if conninfo is None:
         raise ConfigError(
             f"store block {settings.store_block!r} has no database connection string; the mesh "
-            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL")
+            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL"
+        )
     return conninfo.get_secret_value()
 
 

@@ -53,8 +53,7 @@ def apply_migrations(
     import psycopg
 
     wanted = {
-        p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in migration_files(directory)
+        p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest()) for p in migration_files(directory)
     }
     with psycopg.connect(conninfo, autocommit=False) as conn:
         if not force and not _pending(conn, wanted):

@@ -177,13 +177,16 @@ def test_quarantine_cli_lists_and_lifts(tmp_path):
 def test_the_health_endpoint_can_require_a_bearer_token():
     from fleet.mesh.liveness import Reach, ReachabilityCheck
 
-    server = HealthServer(lambda: {"status": "ok"}, host="127.0.0.1", port=0,
-                          metrics=lambda: b"x 1\n", token="s3cret").start()
+    server = HealthServer(
+        lambda: {"status": "ok"}, host="127.0.0.1", port=0, metrics=lambda: b"x 1\n", token="s3cret"
+    ).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
         assert httpx.get(base + "/health").status_code == 401
         assert httpx.get(base + "/metrics").status_code == 401
-        assert httpx.get(base + "/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            httpx.get(base + "/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
         ok = httpx.get(base + "/health", headers={"Authorization": "Bearer s3cret"})
         assert ok.json() == {"status": "ok"}
         check = ReachabilityCheck(1)

@@ -321,19 +321,34 @@ def test_any_outcome_sequence_keeps_the_state_consistent(outcomes, gaps):
 
 def test_a_tier_0_corrective_is_judged_by_what_follows_and_learned():
     pane = SubjectState(Subject.pane("mac1", "%1"))
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0, "failure", "agent exited 3"), P)
+    pane, actions = immune.observe(
+        pane, Observation(pane.subject, T0, "failure", "agent exited 3"), P
+    )
     [corrective] = actions
     sig = immune.failure_signature("agent exited 3")
-    assert corrective.detail["corrective"] == "respawn_pane" and corrective.detail["signature"] == sig
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=5),
-                                                     "success"), P)
+    assert (
+        corrective.detail["corrective"] == "respawn_pane" and corrective.detail["signature"] == sig
+    )
+    pane, actions = immune.observe(
+        pane, Observation(pane.subject, T0 + timedelta(seconds=5), "success"), P
+    )
     assert [(a.kind, a.detail["worked"]) for a in actions] == [("antibody", True)]
     assert pane.antibody == ""
     # What worked is tried first next time (here a remembered reroute beats the innate respawn).
     bodies = [Antibody(sig, "requeue_elsewhere", 3, 0)]
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=9),
-                                                     "failure", "agent exited 7"), P, None, bodies)
+    pane, actions = immune.observe(
+        pane,
+        Observation(pane.subject, T0 + timedelta(seconds=9), "failure", "agent exited 7"),
+        P,
+        None,
+        bodies,
+    )
     assert actions[-1].detail["corrective"] == "requeue_elsewhere"
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=12),
-                                                     "failure", "agent exited 9"), P, None, bodies)
+    pane, actions = immune.observe(
+        pane,
+        Observation(pane.subject, T0 + timedelta(seconds=12), "failure", "agent exited 9"),
+        P,
+        None,
+        bodies,
+    )
     assert ("antibody", False) in [(a.kind, a.detail.get("worked")) for a in actions]

@@ -26,8 +26,24 @@ def url(tmp_path, tmp_home) -> str:
 
 
 def _evolve(url: str):
-    return runner.invoke(ga_app, ["evolve", "--steps", "2", "--population", "4", "--since", "2h",
-                                  "--history", "synthetic", "--seed", "1", "--store-url", url])
+    return runner.invoke(
+        ga_app,
+        [
+            "evolve",
+            "--steps",
+            "2",
+            "--population",
+            "4",
+            "--since",
+            "2h",
+            "--history",
+            "synthetic",
+            "--seed",
+            "1",
+            "--store-url",
+            url,
+        ],
+    )
 
 
 def test_evolve_prints_the_front_beside_the_current_policy_and_the_convergence(url):

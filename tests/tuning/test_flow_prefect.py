@@ -30,8 +30,9 @@ async def test_the_flow_evolves_on_anomaly_and_starts_only_a_canary(store_url, t
     now = datetime.now(timezone.utc)
     for m in ("mac1", "mac2", "mac3"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
-    summary = await tune_healing(steps=1, since="3h", seed=0, population=4,
-                                 reason="recalibrate: machine:mac2")
+    summary = await tune_healing(
+        steps=1, since="3h", seed=0, population=4, reason="recalibrate: machine:mac2"
+    )
     assert summary["reason"] == "recalibrate: machine:mac2" and summary["front"] >= 1
     policies = open_policy_store(store_url)
     active = policies.active()
