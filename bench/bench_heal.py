@@ -20,7 +20,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,7 +32,7 @@ from fleet.mesh.store import MachineIdentity, TaskStatus  # noqa: E402
 from fleet.mesh.watchdog import watchdog_cycle  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 STEP = 5.0
 S = FleetSettings()
 

@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -112,7 +111,7 @@ def _result_table(rows) -> Table:
 
 
 def _run_cohort(
-    fleet_file: Path, size: Optional[int], fresh: bool, retry_failed: bool, verbose: bool
+    fleet_file: Path, size: int | None, fresh: bool, retry_failed: bool, verbose: bool
 ) -> None:
     _prepare_prefect(verbose)
     from fleet.wiring import components
@@ -175,9 +174,7 @@ def _run_cohort(
 
 @app.command()
 def demo(
-    size: Optional[int] = typer.Option(
-        None, help="cohort size (default: progressive 10 → 20 → 40)"
-    ),
+    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
     fresh: bool = typer.Option(
         False, "--fresh", help="recreate the demo repos and rerun every app"
     ),
@@ -211,12 +208,10 @@ def _reset_store_for(fleet_file: Path) -> None:
 
 @app.command()
 def run(
-    fleet: Optional[Path] = typer.Option(
+    fleet: Path | None = typer.Option(
         None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"
     ),
-    size: Optional[int] = typer.Option(
-        None, help="cohort size (default: progressive 10 → 20 → 40)"
-    ),
+    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
     fresh: bool = typer.Option(False, "--fresh", help="rerun apps that are already complete"),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="rerun apps that failed earlier"

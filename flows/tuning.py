@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -33,7 +33,7 @@ def tune_once(
     """One cycle: decide the running trial; if none runs, evolve and put the best candidate
     (if it beats the current policy without more false positives) on a canary."""
     settings = get_settings()
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     mesh, policies = open_mesh_store(store_url), open_policy_store(store_url)
     verdict = judge(policies, mesh, now=now, by=BY, min_seconds=min_trial_hours * 3600)
     summary: dict[str, Any] = {"reason": reason, "trial": None, "verdict": None, "canary": None}

@@ -7,7 +7,7 @@ yields an empty store.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,7 +15,7 @@ from fleet.errors import InvalidTransition, StaleLease
 from fleet.models import FleetConfig, Stage, Task, Trajectory
 from fleet.store.base import effect_key
 
-T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 
 
 def task(app_id: str = "app-a", description: str = "Fix the crash on launch.", **kw) -> Task:

@@ -220,9 +220,8 @@ async def test_failed_half_open_probe_reopens(server, make, clock):
 
 async def test_wrong_token_is_a_clear_error_without_the_token(server, make, caplog):
     aura = make(token=SecretStr("wrong-" + TOKEN))
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(DispatchError) as err:
-            await aura.spawn(["true"])
+    with caplog.at_level(logging.DEBUG), pytest.raises(DispatchError) as err:
+        await aura.spawn(["true"])
     assert str(err.value) == (
         "AuraGateway refused the token (401): check the AuraGateway block / FLEET_AURA_TOKEN"
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fleet.clock import ManualClock
 from fleet.fleetfile import Commands, FleetFile
 from fleet.models import FleetConfig, Stage, Trajectory

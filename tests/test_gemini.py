@@ -198,9 +198,8 @@ async def test_invalid_key_is_clear_and_never_shown(sleeps, caplog):
         api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
     )
     gem = extractor(fake, sleeps)
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(ExtractionError) as err:
-            await gem.extract(SKILL_OUTPUT, "app1")
+    with caplog.at_level(logging.DEBUG), pytest.raises(ExtractionError) as err:
+        await gem.extract(SKILL_OUTPUT, "app1")
     assert (
         str(err.value)
         == "Gemini refused the API key (400): check the Gemini block / FLEET_GEMINI_API_KEY"

@@ -149,9 +149,8 @@ async def test_hang_beyond_timeout_is_retried_then_unavailable(server, make):
 async def test_wrong_token_is_clear_and_secret(server, make, caplog):
     server.set_status("app1")
     wrong = "wrong-" + TOKEN
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(QualityGateError) as err:
-            await make(token=SecretStr(wrong)).status("app1")
+    with caplog.at_level(logging.DEBUG), pytest.raises(QualityGateError) as err:
+        await make(token=SecretStr(wrong)).status("app1")
     assert (
         str(err.value) == "Hydra refused the token (401): check the Hydra block / FLEET_HYDRA_TOKEN"
     )

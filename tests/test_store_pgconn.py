@@ -5,7 +5,7 @@ Connector tests run on the real PostgreSQL (the session's throwaway database).""
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -18,16 +18,16 @@ from fleet.store.postgres import PostgresStore
 from fleet.store.refusals import REFUSALS, refusal
 from fleet.store.timestamps import iso, utc
 
-T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 
 
 # Timestamps -------------------------------------------------------------------------
 def test_a_naive_time_is_utc_and_an_aware_one_keeps_its_instant():
     assert utc(datetime(2026, 3, 25, 12, 0)) == T0
-    assert utc(datetime(2026, 3, 25, 12, 0)).tzinfo is timezone.utc
+    assert utc(datetime(2026, 3, 25, 12, 0)).tzinfo is UTC
     ist = timezone(timedelta(hours=5, minutes=30))
     assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)) == T0
-    assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)).tzinfo is timezone.utc
+    assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)).tzinfo is UTC
 
 
 def test_iso_is_fixed_width_so_strings_sort_in_time_order():

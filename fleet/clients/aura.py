@@ -104,13 +104,13 @@ class AuraGatewayDispatcher:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def __enter__(self) -> "AuraGatewayDispatcher":
+    def __enter__(self) -> AuraGatewayDispatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> "AuraGatewayDispatcher":
+    async def __aenter__(self) -> AuraGatewayDispatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

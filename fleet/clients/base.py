@@ -6,7 +6,8 @@ that wait must cost a coroutine, not a thread (see README, concurrency model).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel
 

@@ -6,8 +6,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import CircuitOpen
@@ -22,7 +23,7 @@ OPEN = "open"
 HALF_OPEN = "half_open"
 
 # Every breaker by name, so the CLI and the metrics can show the state of each endpoint.
-_REGISTRY: dict[str, "CircuitBreaker"] = {}
+_REGISTRY: dict[str, CircuitBreaker] = {}
 _REGISTRY_LOCK = threading.RLock()
 # Where state changes go besides the log (share_states): (name, snapshot, at) → None.
 StateSink = Callable[[str, dict, datetime], None]

@@ -6,7 +6,8 @@ import asyncio
 import inspect
 import json
 import logging
-from typing import Any, Awaitable, Callable, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import httpx
 import tenacity

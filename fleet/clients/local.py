@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.agentenv import agent_env
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
 from fleet.errors import (
@@ -22,7 +23,6 @@ from fleet.errors import (
     QualityGateError,
     UnknownTask,
 )
-from fleet.agentenv import agent_env
 from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
@@ -169,7 +169,7 @@ async def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
     loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
     try:
         await asyncio.wait_for(exited, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return proc.poll()
     finally:
         loop.remove_reader(pidfd)

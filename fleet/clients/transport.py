@@ -14,8 +14,9 @@ import asyncio
 import ipaddress
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx

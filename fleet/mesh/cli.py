@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+from datetime import UTC
 from pathlib import Path
-from typing import Optional
 
 import httpx
 import typer
@@ -50,7 +50,7 @@ def start(
     store_url: str = typer.Option(
         "", "--store-url", help="mesh store; default FLEET_STORE_URL or <home>/fleet.db"
     ),
-    health_port: Optional[int] = typer.Option(
+    health_port: int | None = typer.Option(
         None, "--health-port", help="default FLEET_AGENT_HEALTH_PORT (9300)"
     ),
     health_host: str = typer.Option(
@@ -58,20 +58,20 @@ def start(
         "--health-host",
         help="address the health endpoint binds (all interfaces by default)",
     ),
-    advertise_host: Optional[str] = typer.Option(
+    advertise_host: str | None = typer.Option(
         None,
         "--advertise-host",
         help="host name or address other machines reach this agent at (the watchdog probes it); "
         "default FLEET_AGENT_ADVERTISE_HOST, else this machine's FQDN when binding all interfaces",
     ),
     tmux_socket: str = typer.Option("fleet", "--tmux-socket", help="tmux socket name (tmux -L)"),
-    panes: Optional[int] = typer.Option(
+    panes: int | None = typer.Option(
         None, "--panes", help="panes (parallel tasks); default FLEET_AGENT_PANES"
     ),
-    state_path: Optional[Path] = typer.Option(
+    state_path: Path | None = typer.Option(
         None, "--state-path", help="default <home>/agent-<machine>.json"
     ),
-    expect_mesh: Optional[str] = typer.Option(
+    expect_mesh: str | None = typer.Option(
         None,
         "--expect-mesh",
         help="refuse to start unless --mesh-id is this (default FLEET_MESH_ID)",
@@ -223,7 +223,7 @@ def mesh(
     ),
 ) -> None:
     """Show every machine and the task queue, as the mesh store has them."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from fleet.settings import get_settings
 
@@ -231,7 +231,7 @@ def mesh(
     try:
         store = open_mesh_store(store_url or settings.resolved_store_url())
         try:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             machines, stats = store.machines(), store.queue_stats(now)
             quarantined = [
                 s for s in store.immune_states() if s.quarantined(now) or s.backing_off(now)
@@ -318,11 +318,11 @@ def quarantine_list(
     ),
 ) -> None:
     """Every subject in quarantine (or backing off), with its tier, weight and end."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     store = _open(store_url)
     try:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         states = [
             s for s in store.immune_states() if show_all or s.quarantined(now) or s.backing_off(now)
         ]
@@ -347,7 +347,7 @@ def quarantine_lift(
 ) -> None:
     """Release a subject now (its failures are forgotten; the claim gives it work again)."""
     import getpass
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from fleet.mesh.immune import Subject
 
@@ -357,7 +357,7 @@ def quarantine_lift(
         _fail(exc)
     store = _open(store_url)
     try:
-        lifted = store.lift(parsed, datetime.now(timezone.utc), by=getpass.getuser())
+        lifted = store.lift(parsed, datetime.now(UTC), by=getpass.getuser())
     except FleetError as exc:
         _fail(exc, 1)
     finally:
@@ -436,7 +436,7 @@ def metrics_pull(
     store_url: str = typer.Option("", "--store-url", help="mesh store; default FLEET_STORE_URL"),
 ) -> None:
     """Fetch Prometheus metrics and print them as a table."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from fleet import metrics
     from fleet.mesh.chaos import parse_duration
@@ -456,7 +456,7 @@ def metrics_pull(
     if not url:
         store = _open(store_url)
         try:
-            reg = metrics.mesh_metrics(store, datetime.now(timezone.utc), since=window)
+            reg = metrics.mesh_metrics(store, datetime.now(UTC), since=window)
             texts.append(("store", metrics.render(reg).decode()))
         except FleetError as exc:
             _fail(exc, 1)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fleet.clients.transport import is_loopback
 from fleet.jsonhttp import JsonServer, Request, Response

@@ -36,7 +36,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any, Literal
 
@@ -143,14 +143,14 @@ def rate_limit_reset(text: str, now: datetime) -> datetime | None:
     """The reset time a rate-limit message names (epoch after `|`, an ISO time, `retry after N`,
     `in N minutes`, `resets 3pm` — clock times are UTC), or None when it names none."""
     if m := _EPOCH.search(text):
-        return datetime.fromtimestamp(int(m.group(1)), tz=timezone.utc)
+        return datetime.fromtimestamp(int(m.group(1)), tz=UTC)
     if m := _ISO.search(text):
         try:
             at = datetime.fromisoformat(m.group(1).replace("Z", "+00:00").replace(" ", "T"))
         except ValueError:
             at = None
         if at is not None:
-            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+            return at if at.tzinfo else at.replace(tzinfo=UTC)
     if m := _AFTER.search(text):
         return now + timedelta(seconds=int(m.group(1)))
     if m := _IN.search(text):
@@ -163,7 +163,7 @@ def rate_limit_reset(text: str, now: datetime) -> datetime | None:
             hour = 0
         if hour > 23 or minute > 59:
             return None
-        at = now.astimezone(timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        at = now.astimezone(UTC).replace(hour=hour, minute=minute, second=0, microsecond=0)
         return at if at > now else at + timedelta(days=1)
     return None
 

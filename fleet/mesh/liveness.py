@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 from datetime import datetime
 from enum import Enum
-from typing import Callable
 
 import httpx
 from pydantic import BaseModel

@@ -6,8 +6,8 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import libtmux
 import libtmux.exc

@@ -8,8 +8,9 @@ runs on its own, so one failing part (the store down, say) is reported, not fata
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel
 

@@ -9,8 +9,9 @@ fleet/store/queries.sql.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -213,7 +214,7 @@ class PostgresStore:
             reward=t.reward,
             durations=Jsonb(t.durations),
             error=t.error,
-            created_at=utc(t.created_at or datetime.now(timezone.utc)),
+            created_at=utc(t.created_at or datetime.now(UTC)),
         )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fleet.errors import StaleLease
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory, check_transition
@@ -260,7 +261,7 @@ class SQLiteStore(SQLiteFile):
                     "reward": t.reward,
                     "durations": json.dumps(t.durations),
                     "error": t.error,
-                    "created_at": _ts(t.created_at or datetime.now(timezone.utc)),
+                    "created_at": _ts(t.created_at or datetime.now(UTC)),
                 },
             )
 

@@ -10,8 +10,9 @@ are conditional PATCHes (`epoch=eq.N`, `finished_at=is.null`).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -360,7 +361,7 @@ class SupabaseStore:
         from postgrest.types import ReturnMethod
 
         row = trajectory.model_dump(mode="json")
-        row["created_at"] = _iso(trajectory.created_at or datetime.now(timezone.utc))
+        row["created_at"] = _iso(trajectory.created_at or datetime.now(UTC))
         self._call(
             "record_trajectory",
             lambda: (

@@ -4,8 +4,8 @@ trials, roll back."""
 from __future__ import annotations
 
 import getpass
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import UTC, datetime
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -79,7 +79,7 @@ def evolve_cmd(
     convergence per generation."""
     from fleet.tuning.tuner import gather, parse_since, run_evolve
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         window = parse_since(since)
         settings, mesh, policies = _stores(store_url)
@@ -181,7 +181,7 @@ def apply_cmd(
             share,
             baseline=current_policy(settings),
             by=_who(),
-            now=datetime.now(timezone.utc),
+            now=datetime.now(UTC),
         )
     except FleetError as exc:
         _fail(exc)
@@ -213,7 +213,7 @@ def trials_cmd(
         verdict = judge(
             policies,
             mesh,
-            now=datetime.now(timezone.utc),
+            now=datetime.now(UTC),
             by=_who(),
             min_seconds=min_hours * 3600,
             act=decide_now,
@@ -256,7 +256,7 @@ def rollback_cmd(
     """End the running trial, else return to the policy active before the current one."""
     try:
         _, _, policies = _stores(store_url)
-        version = policies.rollback(by=_who(), now=datetime.now(timezone.utc), reason=reason)
+        version = policies.rollback(by=_who(), now=datetime.now(UTC), reason=reason)
     except FleetError as exc:
         _fail(exc)
     console.print(f"policy {version} is in force on every machine")
@@ -264,7 +264,7 @@ def rollback_cmd(
 
 @ga_app.command("policies")
 def policies_cmd(
-    store_url: str = StoreUrl, limit: Optional[int] = typer.Option(20, "--limit")
+    store_url: str = StoreUrl, limit: int | None = typer.Option(20, "--limit")
 ) -> None:
     """The recorded policy versions, newest last."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from datetime import UTC
 
 import httpx
 import typer
@@ -150,12 +151,12 @@ def test_advertised_host_comes_from_the_settings(tmp_path, monkeypatch):
 
 
 def test_mesh_command_shows_machines_and_the_queue_as_the_store_has_them(tmp_path):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from typer.testing import CliRunner
 
     db = tmp_path / "mesh.db"
-    store, now = SQLiteMeshStore(db), datetime.now(timezone.utc)
+    store, now = SQLiteMeshStore(db), datetime.now(UTC)
     store.heartbeat(
         MachineIdentity(machine_id="mac1", mesh_id="prod"), now, "http://mac1:9300/health", []
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given
 from hypothesis import settings as hsettings
@@ -21,7 +21,7 @@ from fleet.mesh.immune import (
 )
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 P = ImmunePolicy()  # heartbeat 30 s, window 10 heartbeats, soft 3, hard 5
 MAC = Subject.machine("mac1")
 
@@ -172,7 +172,7 @@ def test_rate_limit_messages_and_their_reset_times():
     assert immune.is_rate_limit("Claude AI usage limit reached|1772370000")
     assert not immune.is_rate_limit("AssertionError: 2 != 3")
     assert immune.rate_limit_reset("usage limit reached|1772370000", now) == datetime.fromtimestamp(
-        1772370000, tz=timezone.utc
+        1772370000, tz=UTC
     )
     assert immune.rate_limit_reset("rate limited, try again in 5 minutes", now) == now + timedelta(
         minutes=5

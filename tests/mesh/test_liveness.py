@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -24,7 +24,7 @@ from fleet.mesh.store import MachineIdentity
 from fleet.settings import FleetSettings
 from tests.mesh.conftest import truncate_mesh
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = FleetSettings()
 MISSED = 2 * S.heartbeat_seconds + 1  # just past two heartbeat periods
 

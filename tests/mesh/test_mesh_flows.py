@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from fleet.events import MACHINE_DOWN, TASK_DEAD_LETTERED
 from fleet.clock import utcnow
+from fleet.events import MACHINE_DOWN, TASK_DEAD_LETTERED
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, ReconcileCounts, TaskStatus
 from fleet.settings import get_settings

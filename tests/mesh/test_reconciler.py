@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ from fleet.mesh.sqlite_store import SQLiteMeshStore, _ts
 from fleet.mesh.store import MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskStatus
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 S = FleetSettings()
 TH = rules.Thresholds.from_settings(S)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -12,7 +12,7 @@ from fleet.mesh.rules import Verdict
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
 from fleet.settings import FleetSettings
 
-NOW = datetime(2026, 3, 2, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 TH = rules.Thresholds.from_settings(FleetSettings())
 
@@ -228,10 +228,10 @@ def test_every_status_list_in_the_sql_is_one_of_the_sets_defined_in_rules():
 
 
 def test_agent_target_statuses_are_the_active_and_finished_moves_of_a_claim():
-    assert rules.AGENT_TARGET_STATUSES == {
+    assert {
         TaskStatus.INJECTED,
         TaskStatus.RUNNING,
         TaskStatus.DONE,
         TaskStatus.FAILED,
-    }
+    } == rules.AGENT_TARGET_STATUSES
     assert not rules.AGENT_TARGET_STATUSES & {TaskStatus.QUEUED, TaskStatus.CLAIMED}

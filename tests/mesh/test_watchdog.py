@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fleet.clock import ManualClock
 from fleet.mesh.liveness import LivenessProbe
@@ -19,7 +19,7 @@ from fleet.mesh.watchdog import (
 )
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = FleetSettings()
 
 
@@ -215,7 +215,7 @@ def test_the_watchdog_reports_breakers_opened_in_another_process(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     store = SQLiteMeshStore(db)
 
-    report = watchdog_cycle(store, datetime.now(timezone.utc), FleetSettings(), None)
+    report = watchdog_cycle(store, datetime.now(UTC), FleetSettings(), None)
     assert report.breakers["aura-elsewhere"]["state"] == "open"
     assert "aura-elsewhere" in report.summary()["open_breakers"]
     store.close()

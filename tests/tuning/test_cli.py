@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -19,7 +19,7 @@ runner = CliRunner()
 def url(tmp_path, tmp_home) -> str:
     path = tmp_path / "fleet.db"
     mesh = SQLiteMeshStore(path)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for m in ("mac1", "mac2", "mac3", "mac4", "mac5"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
     return f"sqlite:///{path}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -27,7 +27,7 @@ async def test_the_flow_evolves_on_anomaly_and_starts_only_a_canary(store_url, t
     from flows.tuning import tune_healing
 
     mesh = SQLiteMeshStore(tmp_path / "fleet.db")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for m in ("mac1", "mac2", "mac3"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
     summary = await tune_healing(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -31,7 +31,7 @@ def store(request, tmp_path):
 
 def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     # A window of its own (the PostgreSQL database is shared by the session's tests).
-    clock = ManualClock(datetime(2031, 6, 1, tzinfo=timezone.utc))
+    clock = ManualClock(datetime(2031, 6, 1, tzinfo=UTC))
     start = clock.now()
     tag = uuid.uuid4().hex[:6]
     mac1, mac2 = f"tune1-{tag}", f"tune2-{tag}"
