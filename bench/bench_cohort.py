@@ -89,7 +89,8 @@ def timed_fleet_run(path: Path, n: int, env: dict[str, str]) -> float:
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         sys.exit(
-            f"fleet run failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}"
+            f"fleet run failed ({result.returncode}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
         )
     return elapsed
 
@@ -119,7 +120,8 @@ def wall_ratio(n: int, sleep: float) -> None:
         bare_s = asyncio.run(bare(path, n))
     print(
         f"N={n:3d} sleep={sleep:g}s  fleet run {fleet:6.1f} s  bare asyncio {bare_s:5.1f} s  "
-        f"fixed start-up {fixed:5.1f} s  ratio {fleet / (bare_s + fixed):.2f}  (target ≤ 1.25 at N=24)",
+        f"fixed start-up {fixed:5.1f} s  ratio {fleet / (bare_s + fixed):.2f}  "
+        "(target ≤ 1.25 at N=24)",
         flush=True,
     )
 

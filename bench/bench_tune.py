@@ -87,7 +87,7 @@ def main() -> None:
         default=None,
     )
     best = evo.best()
-    print("\ntrained on (seed %d):" % args.seed)
+    print(f"\ntrained on (seed {args.seed}):")
     print(_row("defaults (DESIGN.md)", base.score, base.score))
     picks: list[tuple[str, Candidate]] = []
     if best is not None:
@@ -107,7 +107,7 @@ def main() -> None:
     held = hist.labelled_histories(args.seed + 1) + [hist.mesh_week(args.seed + 1)]
     judge = Evaluator(held, settings)
     hb = judge(defaults)
-    print("\nheld out (seed %d):" % (args.seed + 1))
+    print(f"\nheld out (seed {args.seed + 1}):")
     print(_row("defaults (DESIGN.md)", hb.score, hb.score))
     for name, c in picks:
         hc = judge(c.policy)

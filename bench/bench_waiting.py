@@ -51,7 +51,7 @@ def start_hydra() -> tuple[subprocess.Popen, str]:
 
 
 def prepare(directory: Path, n: int) -> Path:
-    """A fleet of N apps (no local repo: EVOLVE spawns Hydra and polls), all at adversarialComplete."""
+    """A fleet of N apps (no local repo: EVOLVE spawns Hydra and polls), all adversarialComplete."""
     from fleet.clock import utcnow
     from fleet.models import FleetConfig, Stage
     from fleet.store.sqlite import SQLiteStore
@@ -188,7 +188,8 @@ def main() -> None:
     if len(results) > 1:
         first, last = results[0], results[-1]
         print(
-            f"RSS({last['n']}) / RSS({first['n']}) = {last['rss_mb'] / first['rss_mb']:.2f}  (target ≤ 1.5); "
+            f"RSS({last['n']}) / RSS({first['n']}) = {last['rss_mb'] / first['rss_mb']:.2f}  "
+            "(target ≤ 1.5); "
             f"threads {[r['threads'] for r in results]} (target: independent of N)"
         )
 

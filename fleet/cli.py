@@ -42,7 +42,7 @@ def _prepare_prefect(verbose: bool) -> None:
 
 
 def _check_prefect_api() -> None:
-    """Reach Prefect's API (starting the temporary local server if none is configured) or say why not."""
+    """Reach Prefect's API (starting the temporary local server if none is set) or say why not."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
@@ -59,13 +59,15 @@ def _check_prefect_api() -> None:
         _fail(
             FleetError(
                 f"cannot reach the Prefect API at {url}: {cause}. Start it with "
-                "`uv run prefect server start`, or unset PREFECT_API_URL to use a temporary local server."
+                "`uv run prefect server start`, or unset PREFECT_API_URL to use a temporary local "
+                "server."
             )
         )
     _fail(
         FleetError(
             f"the temporary Prefect API server did not start: {cause}. On a busy machine raise "
-            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s), "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+            f"(now {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s), "
             "or run `uv run prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
     )

@@ -45,7 +45,7 @@ class AppRow(BaseModel):
 
     def record(self) -> dict[str, object]:
         """A row for Prefect's table artifact."""
-        return dict(zip(COLUMNS, self.cells())) | {"error": self.error or ""}
+        return dict(zip(COLUMNS, self.cells(), strict=True)) | {"error": self.error or ""}
 
 
 def app_row(

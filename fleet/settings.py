@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class FleetSettings(BaseSettings):
-    """Defaults come from DESIGN.md; set `FLEET_<NAME>` (e.g. FLEET_MAX_CONCURRENT=8) to override."""
+    """Defaults come from DESIGN.md; `FLEET_<NAME>` (e.g. FLEET_MAX_CONCURRENT=8) overrides one."""
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 

@@ -32,7 +32,7 @@ async def mesh_store_url(settings) -> str:
 
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
-    """One reconciler cycle: orphaned claims, stuck panes (injected or running), expiry, dead letters."""
+    """One reconciler cycle: orphaned claims, stuck panes, expiry, dead letters."""
     settings = get_settings()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
     try:
@@ -65,7 +65,7 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
 
 @flow(name="mesh-watchdog", persist_result=False)
 async def watchdog(store_url: str | None = None) -> WatchdogReport:
-    """One watchdog cycle: heartbeat pulse and liveness, dead panes, context budget, queue, breakers."""
+    """One watchdog cycle: heartbeats, liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
     store = open_mesh_store(store_url or await mesh_store_url(settings))

@@ -1,4 +1,4 @@
-"""AuraGatewayDispatcher against the real AuraGateway dev server on 127.0.0.1 (real subprocesses)."""
+"""AuraGatewayDispatcher against the real AuraGateway dev server on 127.0.0.1 (real processes)."""
 
 from __future__ import annotations
 

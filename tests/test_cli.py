@@ -30,7 +30,8 @@ def isolated(tmp_path, monkeypatch):
 def test_check_config_reports_file_and_line(tmp_path):
     bad = tmp_path / "fleet.yaml"
     bad.write_text(
-        "commands:\n  skill: [a]\n  review: [b]\n  evolve: [c]\n  ship: [d]\napps:\n  - id: 'Bad App'\n"
+        "commands:\n  skill: [a]\n  review: [b]\n  evolve: [c]\n  ship: [d]\n"
+        "apps:\n  - id: 'Bad App'\n"
     )
     result = runner.invoke(app, ["check-config", str(bad)])
     assert result.exit_code == 2
@@ -140,7 +141,7 @@ def test_run_against_an_unreachable_prefect_api_says_so(tmp_path):
 
 
 def test_ctrl_c_while_waiting_for_prefect_says_nothing_ran(tmp_path):
-    """SIGINT while the API check hangs (a server that accepts and never answers): a clear line, 130."""
+    """SIGINT while the API check hangs (a server accepts and never answers): a clear line, 130."""
     import signal
     import socket
 

@@ -1,4 +1,4 @@
-"""EVOLVE on a local repo: every agent attempt ends under the change guard, whatever the agent did."""
+"""EVOLVE on a local repo: every agent attempt ends under the change guard, whatever it did."""
 
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ async def test_a_run_that_lost_the_app_while_its_agent_worked_commits_nothing(tm
             "from datetime import datetime, timezone\n"
             "from fleet.store.sqlite import SQLiteStore\n"
             "open(sys.argv[1] + '/app/calc.py', 'a').write('# a fine change\\n')\n"
-            f"SQLiteStore({str(tmp_path / 'fleet.db')!r}).reset_app('demo-calc', datetime.now(timezone.utc))\n"
+            f"SQLiteStore({str(tmp_path / 'fleet.db')!r})"
+            ".reset_app('demo-calc', datetime.now(timezone.utc))\n"
         ),
     )
     run = app_run(tmp_path, demo_fleet(tmp_path, evolve=[*agent, "{repo}"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -219,10 +220,8 @@ async def test_killed_mid_review_resumes_without_redoing_or_duplicating(env, tmp
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         if marker.exists() and marker.read_text():
-            try:
-                os.kill(int(marker.read_text()), signal.SIGKILL)  # the orphaned remote "agent"
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):  # the orphaned remote "agent"
+                os.kill(int(marker.read_text()), signal.SIGKILL)
 
     demo_fleet(tmp_path, skill=skill)  # the agent is healthy again for the rerun
     held = store.get_state("demo-calc")
@@ -267,7 +266,8 @@ async def test_demo_cohort_on_the_real_postgresql(pg_url, tmp_path, monkeypatch)
     store = PostgresStore(pg_url)  # applies the migrations
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(
-            "TRUNCATE app_evolution_states, app_evolution_tasks, trajectories, cohorts, fleet_config"
+            "TRUNCATE app_evolution_states, app_evolution_tasks, trajectories, cohorts, "
+            "fleet_config"
         )
     monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLEET_STORE_URL", pg_url)

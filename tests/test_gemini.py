@@ -1,4 +1,4 @@
-"""GeminiExtractor at the HTTP layer: google-genai talks to an httpx.MockTransport with REST bodies."""
+"""GeminiExtractor at the HTTP layer: google-genai talks to an httpx.MockTransport, REST bodies."""
 
 from __future__ import annotations
 

@@ -77,10 +77,12 @@ async def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
     )
 
 
-ORPHAN = (  # starts a grandchild whose parent exits at once: it is no longer in the tree, only in the group
+# Starts a grandchild whose parent exits at once: it is no longer in the tree, only in the group.
+ORPHAN = (
     "import subprocess, sys, time\n"
     "mid = subprocess.Popen([sys.executable, '-c', "
-    '\'import subprocess, sys; p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
+    "'import subprocess, sys; "
+    'p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
     "print(p.pid, flush=True)'], stdout=subprocess.PIPE, text=True)\n"
     "open(sys.argv[1], 'w').write(mid.stdout.readline().strip())\n"
     "mid.wait()\n"
@@ -116,7 +118,8 @@ async def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp
 
 ESCAPEE = (  # starts a grandchild in a session of its own: neither in the tree nor in the group
     "import subprocess, sys, time\n"
-    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "start_new_session=True)\n"
     "open(sys.argv[1], 'w').write(str(p.pid))\n"
     "time.sleep(60)\n"
 )

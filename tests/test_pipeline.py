@@ -185,13 +185,13 @@ async def test_a_newer_claim_fences_the_old_run(tmp_path):
 
 
 def losing_agent(tmp_path, name: str, body: str) -> list[str]:
-    """An agent during whose work the run loses the app: an operator's `fleet reset` lands mid-stage."""
+    """An agent in whose work the run loses the app: an operator's `fleet reset` lands mid-stage."""
     return script(
         tmp_path,
         name,
         "from datetime import datetime, timezone\nfrom fleet.store.sqlite import SQLiteStore\n"
-        f"SQLiteStore({str(tmp_path / 'fleet.db')!r}).reset_app('demo-calc', datetime.now(timezone.utc))\n"
-        + body,
+        f"SQLiteStore({str(tmp_path / 'fleet.db')!r})"
+        ".reset_app('demo-calc', datetime.now(timezone.utc))\n" + body,
     )
 
 

@@ -162,7 +162,8 @@ def test_malformed_conninfo_is_a_config_error_without_the_password():
     from fleet.errors import ConfigError
 
     secret = "T0P-SECRET"
-    conninfo = f"host=127.0.0.1 password={secret} bogus_opt=1"  # (a variable: tracebacks quote source lines)
+    # (a variable: tracebacks quote source lines)
+    conninfo = f"host=127.0.0.1 password={secret} bogus_opt=1"
     with pytest.raises(ConfigError, match='invalid connection option "bogus_opt"') as err:
         PostgresStore(conninfo)
     assert secret not in "".join(traceback.format_exception(err.value))

@@ -73,7 +73,8 @@ class AuraGatewayDispatcher:
     ):
         if poll_initial <= 0 or poll_max < poll_initial:
             raise ValueError(
-                f"poll_initial must be > 0 and poll_max >= poll_initial (got {poll_initial}, {poll_max})"
+                "poll_initial must be > 0 and poll_max >= poll_initial "
+                f"(got {poll_initial}, {poll_max})"
             )
         self.clock = clock or SystemClock()
         self._http = JsonEndpoint(

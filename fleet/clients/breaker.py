@@ -1,4 +1,4 @@
-"""Circuit breaker per external endpoint: consecutive failures open it, one half-open probe closes it."""
+"""Circuit breaker per endpoint: consecutive failures open it, one half-open probe closes it."""
 
 from __future__ import annotations
 
@@ -76,9 +76,12 @@ class CircuitBreaker:
 
     def _current_state(self) -> str:
         # Open turns half-open by itself once the reset time has passed (read lazily).
-        if self._state == OPEN and self._opened_at is not None:
-            if self.clock.now() >= self._opened_at + timedelta(seconds=self.reset_seconds):
-                self._transition(HALF_OPEN)
+        if (
+            self._state == OPEN
+            and self._opened_at is not None
+            and self.clock.now() >= self._opened_at + timedelta(seconds=self.reset_seconds)
+        ):
+            self._transition(HALF_OPEN)
         return self._state
 
     def _transition(self, new: str) -> None:
@@ -138,7 +141,7 @@ class CircuitBreaker:
     # -- hooks -----------------------------------------------------------------------------
 
     def before_call(self) -> None:
-        """Raise CircuitOpen unless a call may go through now (closed, or the one half-open probe)."""
+        """Raise CircuitOpen unless a call may go now (closed, or the one half-open probe)."""
         with self._lock:
             state = self._current_state()
             if state == CLOSED:

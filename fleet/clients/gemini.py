@@ -194,7 +194,10 @@ def _describe(exc: BaseException | None) -> str:
 def _api_error_message(exc: genai_errors.APIError, model: str, attempts: int) -> str:
     said = excerpt(str(exc.message or exc.status or ""), 160)
     if exc.code in (401, 403) or "API_KEY" in str(exc.details) or "API key" in said:
-        return f"Gemini refused the API key ({exc.code}): check the Gemini block / FLEET_GEMINI_API_KEY"
+        return (
+            f"Gemini refused the API key ({exc.code}): "
+            "check the Gemini block / FLEET_GEMINI_API_KEY"
+        )
     if exc.code == 404:
         return (
             f"Gemini has no model {model!r} (404: {said}); set FLEET_GEMINI_MODEL or the Gemini "

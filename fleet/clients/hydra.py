@@ -91,12 +91,14 @@ def gate_status(body: object, app_id: str) -> GateStatus:
     if not isinstance(body, dict) or not isinstance(body.get("phase"), str):
         raise QualityGateError(
             f"Hydra status for {app_id!r} has no phase; expected "
-            f'{{"phase": ..., "cycle": ..., "quality": {{"isPassing": ...}}}}, got {excerpt(repr(body))}'
+            '{"phase": ..., "cycle": ..., "quality": {"isPassing": ...}}, '
+            f"got {excerpt(repr(body))}"
         )
     quality = body.get("quality") or {}
     if not isinstance(quality, dict):
         raise QualityGateError(
-            f"Hydra status for {app_id!r}: quality should be an object, got {excerpt(repr(quality))}"
+            f"Hydra status for {app_id!r}: quality should be an object, "
+            f"got {excerpt(repr(quality))}"
         )
     cycle = body.get("cycle", 0)
     try:

@@ -1,4 +1,4 @@
-"""HTTP plumbing of the AuraGateway and Hydra clients: endpoint checks, one retry layer, clear errors.
+"""HTTP plumbing of the AuraGateway and Hydra clients: endpoint checks, one retry layer, errors.
 
 Retry layers. Each call here is retried by exactly one layer, this one: tenacity, 3 attempts
 with exponential backoff and jitter (sleeps ≤ ~2.5 s in all, through an injectable sleep),

@@ -1,4 +1,4 @@
-"""The node agent: heartbeats, claims mesh work, runs it in tmux panes and reports what the panes do.
+"""The node agent: heartbeats, claims mesh work, runs it in tmux panes, reports what panes do.
 
 One agent per machine. `tick()` does whatever is due on the injected clock:
 heartbeat (every heartbeat_seconds), claim (every claim_seconds, workers and planners with a
@@ -473,7 +473,7 @@ class NodeAgent:
             self._watch(task, now)
 
     def _watch(self, task: ActiveTask, now: datetime) -> None:
-        """Read the task's pane: finish it, report progress, or hand it off at the context budget."""
+        """Read the task's pane: finish it, report progress, or hand off at the context budget."""
         if task.task_id not in self.tasks or not task.injected or task.pane_id is None:
             return
         try:

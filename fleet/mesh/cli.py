@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shlex
@@ -138,7 +139,8 @@ def start(
         from fleet.clients.breaker import share_states
 
         share_states(store)  # this process's breakers, seen by the watchdog
-        agent.install_signal_handlers()  # before start(): a SIGTERM while starting still leaves cleanly
+        # Before start(): a SIGTERM while starting still leaves cleanly.
+        agent.install_signal_handlers()
         agent.start()
     except ConfigError as exc:
         _fail(exc)
@@ -192,7 +194,8 @@ def status(
     ident = body.get("identity", {})
     style = {"ok": "green", "degraded": "yellow"}.get(body.get("status"), "red")
     console.print(
-        f"[bold]{ident.get('machine_id')}[/] · mesh {ident.get('mesh_id')} · role {ident.get('role')} · "
+        f"[bold]{ident.get('machine_id')}[/] · mesh {ident.get('mesh_id')} · "
+        f"role {ident.get('role')} · "
         f"gen {ident.get('generation')} · [{style}]{body.get('status')}[/] · "
         f"last heartbeat {body.get('last_heartbeat') or '—'}"
     )
@@ -418,10 +421,8 @@ def chaos_inject(
         _fail(f"{kind} could not start: {type(exc).__name__}: {exc}", 1)
     console.print(f"[yellow]{kind}[/] on {fault.target} for {seconds:g} s …")
     started = time.monotonic()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         chaos.run(fault, seconds)
-    except KeyboardInterrupt:
-        pass
     console.print(f"[green]reverted[/] {kind} after {time.monotonic() - started:.1f} s")
 
 

@@ -137,7 +137,7 @@ class LivenessReport(BaseModel):
 
 
 class LivenessProbe:
-    """One call of `confirm(now)` = one confirmation round over the machines with missed heartbeats."""
+    """One call of `confirm(now)` = one confirmation round over machines with missed heartbeats."""
 
     def __init__(
         self,
@@ -190,16 +190,15 @@ class LivenessProbe:
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
         references = self._references(machines, stale_before)
-        if references:
-            if not any(self.check(url) is Reach.REACHABLE for url in references):
-                return LivenessReport(
-                    at=now,
-                    self_check="reference_unreachable",
-                    errors=[
-                        f"no known-good reference answered ({', '.join(references)}): our own "
-                        "network is in doubt, no confirmation recorded this cycle"
-                    ],
-                )
+        if references and not any(self.check(url) is Reach.REACHABLE for url in references):
+            return LivenessReport(
+                at=now,
+                self_check="reference_unreachable",
+                errors=[
+                    f"no known-good reference answered ({', '.join(references)}): our own "
+                    "network is in doubt, no confirmation recorded this cycle"
+                ],
+            )
         report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         for machine in suspects:
             verdict = self._confirm_one(machine, now, stale_before, report)

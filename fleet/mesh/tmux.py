@@ -1,4 +1,4 @@
-"""Pane control for the node agent: list, read, inject into and respawn tmux panes (libtmux 0.62)."""
+"""Pane control for the node agent: list, read, inject into, respawn tmux panes (libtmux 0.62)."""
 
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ class PaneControl:
         if proc.returncode != 0:
             detail = "; ".join(proc.stderr) or f"exit {proc.returncode}"
             raise TmuxError(
-                f"tmux {args[0]} failed on socket {self.server.socket_name or self.server.socket_path}: "
+                f"tmux {args[0]} failed on socket "
+                f"{self.server.socket_name or self.server.socket_path}: "
                 f"{detail} — check that the tmux server is running and the pane exists"
             )
         return proc.stdout

@@ -17,6 +17,7 @@ It owns the connection and its policy, so both stores behave alike:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -171,10 +172,8 @@ class PgConnector:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already gone: nothing left to release
                 self._conn.close()
-            except Exception:  # already gone: nothing left to release
-                pass
             self._conn = None
 
     def run(

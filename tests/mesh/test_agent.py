@@ -555,7 +555,7 @@ def test_a_task_reclaimed_by_the_same_machine_never_runs_twice(make_agent, any_s
     assert any_store.get_task(task_id).status is TaskStatus.RUNNING
 
 
-# -- health endpoint and CLI -------------------------------------------------------------------------
+# -- health endpoint and CLI -----------------------------------------------------------------------
 
 
 def test_health_endpoint_reports_identity_tasks_and_panes(make_agent, store, clock):
@@ -605,7 +605,7 @@ def test_start_rejects_bad_input_with_exit_2(args, message, tmp_path):
         "--health-port": "0",
         "--state-path": str(tmp_path / "state.json"),
     }
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     argv = ["start", *[x for pair in base.items() for x in pair]]
     result = CliRunner().invoke(agent_app, argv)
@@ -622,7 +622,7 @@ def test_status_of_an_absent_agent_says_so():
     assert "no node agent answered" in result.output
 
 
-# -- kill -9 ------------------------------------------------------------------------------------------
+# -- kill -9 ---------------------------------------------------------------------------------------
 
 
 def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db, clock, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -113,10 +114,8 @@ def servers():
 
     yield start
     for s in started:
-        try:
+        with contextlib.suppress(Exception):
             s.stop()
-        except Exception:
-            pass
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

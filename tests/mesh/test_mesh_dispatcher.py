@@ -1,4 +1,4 @@
-"""MeshDispatcher: the pipeline's Dispatcher on the mesh queue, with a real node agent doing the work."""
+"""MeshDispatcher: the pipeline's Dispatcher on the mesh queue, a real node agent doing the work."""
 
 from __future__ import annotations
 

@@ -303,8 +303,9 @@ def _load(store, machines: list[MachineHealth], tasks: list[QueuedTask]) -> None
                 ],
             )
             conn.executemany(
-                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, claimed_by, "
-                "created_at, claimed_at, progress_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
+                "claimed_by, created_at, claimed_at, progress_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         t.task_id,
@@ -324,43 +325,45 @@ def _load(store, machines: list[MachineHealth], tasks: list[QueuedTask]) -> None
         import psycopg
         from psycopg.types.json import Jsonb
 
-        with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
-                    "status, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            m.machine_id,
-                            m.mesh_id,
-                            m.role,
-                            1,
-                            m.last_heartbeat,
-                            m.status,
-                            m.last_heartbeat,
-                        )
-                        for m in machines
-                    ],
-                )
-                cur.executemany(
-                    "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
-                    "claimed_by, created_at, claimed_at, progress_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            t.task_id,
-                            t.kind,
-                            Jsonb(t.command),
-                            t.status.value,
-                            t.attempts,
-                            t.claimed_by,
-                            t.created_at,
-                            t.claimed_at,
-                            t.progress_at,
-                        )
-                        for t in tasks
-                    ],
-                )
+        with (
+            psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.executemany(
+                "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
+                "status, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        m.machine_id,
+                        m.mesh_id,
+                        m.role,
+                        1,
+                        m.last_heartbeat,
+                        m.status,
+                        m.last_heartbeat,
+                    )
+                    for m in machines
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
+                "claimed_by, created_at, claimed_at, progress_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        t.task_id,
+                        t.kind,
+                        Jsonb(t.command),
+                        t.status.value,
+                        t.attempts,
+                        t.claimed_by,
+                        t.created_at,
+                        t.claimed_at,
+                        t.progress_at,
+                    )
+                    for t in tasks
+                ],
+            )
 
 
 @pytest.mark.parametrize("seed", [1, 2])
