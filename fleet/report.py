@@ -45,7 +45,8 @@ class AppRow(BaseModel):
 
     def record(self) -> dict[str, object]:
         """A row for Prefect's table artifact."""
-        return dict(zip(COLUMNS, self.cells(), strict=True)) | {"error": self.error or ""}
+        row: dict[str, object] = dict(zip(COLUMNS, self.cells(), strict=True))
+        return row | {"error": self.error or ""}
 
 
 def app_row(

@@ -82,13 +82,12 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
     for error in report.errors:
         logger.warning("watchdog: %s", error)
     emit_event(event="fleet.mesh.watchdog-run", resource=RESOURCE, payload=summary)
+    checked = report.liveness.checked if report.liveness else []
     for machine_id in report.liveness.declared_down if report.liveness else []:
         events.machine_down(
             machine_id,
             reason="missed heartbeats and two failed confirmations",
-            requeued=next(
-                v.requeued for v in report.liveness.checked if v.machine_id == machine_id
-            ),
+            requeued=next(v.requeued for v in checked if v.machine_id == machine_id),
         )
     for action in report.immune_actions:
         if action["action"] in ("quarantine", "release", "alert", "braked"):

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,12 @@ async def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
         return await _polled_exit_code(proc, timeout)
     loop = asyncio.get_running_loop()
     exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await asyncio.wait_for(exited, timeout)
     except TimeoutError:
@@ -230,7 +236,7 @@ class LocalQualityGate:
 
     def __init__(
         self,
-        checks: dict[str, tuple[Command, Path | None]],
+        checks: Mapping[str, tuple[Command, Path | None]],
         timeout: float = 600,
         clock: Clock | None = None,
     ):

@@ -366,7 +366,7 @@ class JsonEndpoint:
             retrying = self.policy.aretrying(
                 self._retry_if(idempotent), self._clock.asleep, self._before_sleep(what)
             )
-            response = await retrying(send)
+            response: httpx.Response = await retrying(send)
         except Exception as exc:
             raise self._failed(exc, what, attempts, idempotent) from None
         return self._answer(what, response)

@@ -36,6 +36,7 @@ from fleet.errors import ConfigError, FleetError
 from fleet.mesh import END_PROTOCOL, immune, metabolism
 from fleet.mesh.health import HealthServer
 from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
+from fleet.mesh.immune_store import ImmuneStore
 from fleet.mesh.store import (
     SUPPORTED_GENERATIONS,
     MachineIdentity,
@@ -355,15 +356,15 @@ class NodeAgent:
                     "the store requeued it: this machine was declared down, or the "
                     "reconciler found the claim orphaned or stuck",
                 )
-        for task in ours.values():
-            if task.task_id not in self.tasks:
+        for claimed in ours.values():
+            if claimed.task_id not in self.tasks:
                 log.warning(
                     "adopting task %s: the store lists it as claimed by %s, this agent "
                     "did not know (a claim whose answer was lost)",
-                    task.task_id,
+                    claimed.task_id,
                     self.machine_id,
                 )
-            self._adopt(task)
+            self._adopt(claimed)
 
     def _claim(self, now: datetime) -> None:
         try:
@@ -439,11 +440,11 @@ class NodeAgent:
                 task.pane_id = free.pop(0)
             elif not self._ready(task.pane_id):
                 continue  # respawned for this task; type it once the agent is up
-            self._inject(task, now)
+            self._inject(task, task.pane_id, now)
 
-    def _inject(self, task: ActiveTask, now: datetime) -> None:
-        self.panes.inject(task.pane_id, task.text)
-        self._fresh.discard(task.pane_id)
+    def _inject(self, task: ActiveTask, pane_id: str, now: datetime) -> None:
+        self.panes.inject(pane_id, task.text)
+        self._fresh.discard(pane_id)
         task.injected = True
         task.digest = None
         if task.status == TaskStatus.CLAIMED.value:
@@ -452,7 +453,7 @@ class NodeAgent:
                 self.machine_id,
                 TaskStatus.INJECTED,
                 now,
-                pane_id=task.pane_id,
+                pane_id=pane_id,
                 claim_seq=task.claim_seq,
             )
             task.status = TaskStatus.INJECTED.value
@@ -461,7 +462,7 @@ class NodeAgent:
                 task.task_id,
                 self.machine_id,
                 now,
-                note=f"re-injected into pane {task.pane_id}",
+                note=f"re-injected into pane {pane_id}",
                 claim_seq=task.claim_seq,
             )
         if not ok:
@@ -527,7 +528,7 @@ class NodeAgent:
     def _rate_limited(self, task: ActiveTask, message: str, now: datetime) -> None:
         """A rate limit is not the task's failure: requeue it without spending an attempt and
         back the account off until the reset the message names (DESIGN §9)."""
-        if hasattr(self.store, "requeue_unattempted"):
+        if isinstance(self.store, ImmuneStore):
             self.store.requeue_unattempted(
                 task.task_id, self.machine_id, now, message, claim_seq=task.claim_seq
             )

@@ -47,7 +47,7 @@ class Fault:
 
     kind: str
     target: str
-    revert_fn: Callable[[], None] | None = None
+    revert_fn: Callable[[], object] | None = None  # what it returns is ignored
     detail: dict[str, Any] = field(default_factory=dict)
     reverted: bool = False
 

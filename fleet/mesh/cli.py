@@ -108,8 +108,9 @@ def start(
     if health_port is not None and not 0 <= health_port <= 65535:
         _fail(f"--health-port {health_port} is not a TCP port (0–65535)")
     try:
-        identity = MachineIdentity(
-            machine_id=machine_id, mesh_id=mesh_id, role=role, generation=generation
+        # Validated from a dict: `role` is checked against the allowed roles here, not typed.
+        identity = MachineIdentity.model_validate(
+            {"machine_id": machine_id, "mesh_id": mesh_id, "role": role, "generation": generation}
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

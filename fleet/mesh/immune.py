@@ -69,7 +69,7 @@ class Subject:
                 f"invalid subject {text!r} — write kind:key with kind one of "
                 f"{', '.join(SUBJECT_KINDS)}, e.g. machine:mac1"
             )
-        return cls(kind, key)  # type: ignore[arg-type]
+        return cls(kind, key)
 
     @classmethod
     def machine(cls, machine_id: str) -> Subject:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from enum import Enum
 
@@ -58,7 +58,7 @@ _REMOTE_ERRNOS = {
 }
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -155,8 +155,10 @@ class LivenessProbe:
         self.confirmations = confirmations
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
-        self._owned = None if check else ReachabilityCheck(timeout_seconds)
-        self.check = check or self._owned
+        self._owned: ReachabilityCheck | None = None
+        if check is None:
+            self._owned = check = ReachabilityCheck(timeout_seconds)
+        self.check: Callable[[str], Reach] = check
 
     def close(self) -> None:
         if self._owned is not None:

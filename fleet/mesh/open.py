@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.errors import ConfigError
-from fleet.mesh.store import MeshStore
+
+if TYPE_CHECKING:
+    from fleet.mesh.pg_store import PgMeshStore
+    from fleet.mesh.sqlite_store import SQLiteMeshStore
 
 
-def open_mesh_store(url: str) -> MeshStore:
+# The concrete stores, not the MeshStore protocol: callers also use their ImmuneStore half.
+def open_mesh_store(url: str) -> SQLiteMeshStore | PgMeshStore:
     """`sqlite:///path/fleet.db` → SQLiteMeshStore; `postgresql://…`, `postgres://…` →
     PgMeshStore."""
     if url.startswith("sqlite:///"):

@@ -204,6 +204,8 @@ def watchdog_cycle(
         panes = store.pane_states()
         report.respawn = panes_to_respawn(panes)
         for pane in panes_over_budget(panes, settings.context_handoff_ratio):
+            if pane.task_id is None:  # panes_over_budget keeps only panes with a task
+                continue
             notes = [e.detail.get("note") for e in store.events(pane.task_id, event="Progress")]
             checkpoint = handoff_checkpoint(
                 pane, settings.context_handoff_ratio, now, notes[-1] if notes else None

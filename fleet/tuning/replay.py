@@ -339,7 +339,7 @@ def score(
     stuck = _first_fire(prepared.stuck_segments, th.stuck_seconds, n)
     orphan = _first_fire(prepared.orphan_segments, th.orphan_seconds, n)
     first = np.minimum(np.minimum(stuck, orphan), down_at)
-    for i in np.flatnonzero(first < prepared.end):
+    for i in np.flatnonzero(first < prepared.end).tolist():
         t = float(first[i])
         task = prepared.tasks[i]
         verdict = _verdict(prepared, i, t, down=t >= down_at[i], th=th)
@@ -429,7 +429,7 @@ def _feed(p: Prepared, ip: ImmunePolicy, rows: np.ndarray) -> tuple[list[Decisio
 
         new, actions = observe(
             state,
-            Observation(subject, at, outcome, reason, task_id),  # type: ignore[arg-type]
+            Observation(subject, at, outcome, reason, task_id),
             ip,
             brake_for,
         )
