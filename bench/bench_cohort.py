@@ -35,7 +35,7 @@ from fleet.store.sqlite import SQLiteStore  # noqa: E402
 FLEET_CLI = Path(sys.executable).parent / "fleet"
 
 # skill answers with a marker block of three tasks, review with one issue, ship with nothing.
-STAGE_AGENT = '''import json, sys, time
+STAGE_AGENT = """import json, sys, time
 mode, seconds = sys.argv[1], float(sys.argv[2])
 time.sleep(seconds)
 if mode == "skill":
@@ -43,7 +43,7 @@ if mode == "skill":
     print("<!-- EVOLUTION_TASKS_START -->" + json.dumps(tasks) + "<!-- EVOLUTION_TASKS_END -->")
 elif mode == "review":
     print("ISSUE FILE: a.py SEVERITY: high FIX: Handle the empty input.")
-'''
+"""
 
 
 def write_fleet(directory: Path, n: int, sleep: float) -> Path:
@@ -52,8 +52,12 @@ def write_fleet(directory: Path, n: int, sleep: float) -> Path:
     cmd = [sys.executable, str(agent)]
     fleet = {
         "name": f"bench-{n}",
-        "commands": {"skill": [*cmd, "skill", str(sleep)], "review": [*cmd, "review", str(sleep)],
-                     "evolve": ["true"], "ship": [*cmd, "ship", str(sleep)]},
+        "commands": {
+            "skill": [*cmd, "skill", str(sleep)],
+            "review": [*cmd, "review", str(sleep)],
+            "evolve": ["true"],
+            "ship": [*cmd, "ship", str(sleep)],
+        },
         "apps": [{"id": f"app{i:03d}", "check": ["true"]} for i in range(n)],
     }
     path = directory / "fleet.yaml"
@@ -64,19 +68,30 @@ def write_fleet(directory: Path, n: int, sleep: float) -> Path:
 def bench_env(directory: Path, n: int) -> dict[str, str]:
     db = directory / "fleet.db"
     SQLiteStore(db).set_fleet_config(FleetConfig(max_concurrent=n))
-    env = {**os.environ, "FLEET_HOME": str(directory / "home"), "FLEET_STORE_URL": f"sqlite:///{db}",
-           "FLEET_HYDRA_POLL_SECONDS": "1"}
+    env = {
+        **os.environ,
+        "FLEET_HOME": str(directory / "home"),
+        "FLEET_STORE_URL": f"sqlite:///{db}",
+        "FLEET_HYDRA_POLL_SECONDS": "1",
+    }
     env.pop("PREFECT_API_URL", None)  # the embedded default: Prefect's temporary local server
     return env
 
 
 def timed_fleet_run(path: Path, n: int, env: dict[str, str]) -> float:
     started = time.monotonic()
-    result = subprocess.run([str(FLEET_CLI), "run", "--fleet", str(path), "--size", str(n)],
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(FLEET_CLI), "run", "--fleet", str(path), "--size", str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     elapsed = time.monotonic() - started
     if result.returncode != 0:
-        sys.exit(f"fleet run failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        sys.exit(
+            f"fleet run failed ({result.returncode}):\n"
+            f"{result.stdout[-2000:]}{result.stderr[-2000:]}"
+        )
     return elapsed
 
 
@@ -103,9 +118,12 @@ def wall_ratio(n: int, sleep: float) -> None:
         fleet = timed_fleet_run(path, n, env)
         fixed = timed_fleet_run(path, n, env)  # every app complete: nothing to do
         bare_s = asyncio.run(bare(path, n))
-    print(f"N={n:3d} sleep={sleep:g}s  fleet run {fleet:6.1f} s  bare asyncio {bare_s:5.1f} s  "
-          f"fixed start-up {fixed:5.1f} s  ratio {fleet / (bare_s + fixed):.2f}  (target ≤ 1.25 at N=24)",
-          flush=True)
+    print(
+        f"N={n:3d} sleep={sleep:g}s  fleet run {fleet:6.1f} s  bare asyncio {bare_s:5.1f} s  "
+        f"fixed start-up {fixed:5.1f} s  ratio {fleet / (bare_s + fixed):.2f}  "
+        "(target ≤ 1.25 at N=24)",
+        flush=True,
+    )
 
 
 # Prefect API calls per app ---------------------------------------------------------------
@@ -159,18 +177,24 @@ def api_calls(sizes: list[int]) -> None:
             asyncio.run(fleet_cohort(fleet_file=str(path), size=n))  # nothing to do: the fixed part
             fixed_requests, fixed_events = counter.requests - before[0], counter.events - before[1]
             reset_components()
-        print(f"N={n:3d}  per app run: {(requests - fixed_requests) / n:5.1f} HTTP requests, "
-              f"{(events - fixed_events) / n:5.1f} events  (cohort total {requests} requests, "
-              f"{events} events; a cohort with nothing to do: {fixed_requests}, {fixed_events})",
-              flush=True)
+        print(
+            f"N={n:3d}  per app run: {(requests - fixed_requests) / n:5.1f} HTTP requests, "
+            f"{(events - fixed_events) / n:5.1f} events  (cohort total {requests} requests, "
+            f"{events} events; a cohort with nothing to do: {fixed_requests}, {fixed_events})",
+            flush=True,
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[12, 24])
     parser.add_argument("--with-89", action="store_true", help="also N = 89")
     parser.add_argument("--sleep", type=float, default=3.0, help="seconds each agent stage sleeps")
-    parser.add_argument("--api-calls", action="store_true", help="count Prefect API calls per app instead")
+    parser.add_argument(
+        "--api-calls", action="store_true", help="count Prefect API calls per app instead"
+    )
     args = parser.parse_args()
     sizes = [*args.sizes, *([89] if args.with_89 else [])]
     if args.api_calls:

@@ -20,10 +20,12 @@ import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
 
 from fleet.clock import ManualClock  # noqa: E402
 from fleet.mesh.liveness import LivenessProbe, Reach  # noqa: E402
@@ -32,7 +34,7 @@ from fleet.mesh.store import MachineIdentity, TaskStatus  # noqa: E402
 from fleet.mesh.watchdog import watchdog_cycle  # noqa: E402
 from fleet.settings import FleetSettings  # noqa: E402
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 STEP = 5.0
 S = FleetSettings()
 
@@ -315,10 +317,8 @@ def dead_pane(tmp: Path, rounds: int = 5) -> dict:
                 time.sleep(0.05)
             times.append(time.monotonic() - t0)
     finally:
-        try:
+        with contextlib.suppress(Exception):
             server.kill()
-        except Exception:
-            pass
         store.close()
     return {"mttr_s_median": statistics.median(times), "mttr_s_max": max(times), "rounds": rounds}
 
@@ -336,9 +336,11 @@ def main() -> None:
         print(f"bench_heal on {backend}, heartbeat {S.heartbeat_seconds:g} s, repeat {args.repeat}")
         dm = [dead_machine(args.pg, tmp, args.seed + i) for i in range(args.repeat)]
         print(
-            f"dead machine: suspected after {max(r['suspect_heartbeats'] for r in dm):.1f} heartbeats, "
+            "dead machine: suspected after "
+            f"{max(r['suspect_heartbeats'] for r in dm):.1f} heartbeats, "
             f"confirmed down after {max(r['detect_heartbeats'] for r in dm):.1f} "
-            f"(target ≤ 2, worst of {len(dm)}); requeued {max(r['requeue_after_confirm_s'] for r in dm):.0f} s "
+            f"(target ≤ 2, worst of {len(dm)}); requeued "
+            f"{max(r['requeue_after_confirm_s'] for r in dm):.0f} s "
             f"after confirmation (target ≤ 60 s = 1 reconciler cycle); MTTR (running elsewhere) "
             f"{statistics.mean(r['mttr_s'] for r in dm):.0f} s mean"
         )
@@ -346,14 +348,16 @@ def main() -> None:
         for r in fl:
             ratio = r["share_after"] / r["share_before"] if r["share_before"] else float("nan")
             print(
-                f"flaky machine (30 % failures, 1 of 10): tier ≥ 1 after {r['to_tier1_heartbeats']:.1f} "
-                f"heartbeats (window {r['window_heartbeats']}); share of work {r['share_before']:.1%} → "
-                f"{r['share_after']:.1%} (×{ratio:.2f}, target ≤ 0.50); tiers {r['tiers_reached']}; "
+                "flaky machine (30 % failures, 1 of 10): tier ≥ 1 after "
+                f"{r['to_tier1_heartbeats']:.1f} heartbeats (window {r['window_heartbeats']}); "
+                f"share of work {r['share_before']:.1%} → {r['share_after']:.1%} "
+                f"(×{ratio:.2f}, target ≤ 0.50); tiers {r['tiers_reached']}; "
                 f"healthy machines quarantined {r['healthy_machines_quarantined']}"
             )
         sh = [slow_healthy(args.pg, tmp, args.seed + i) for i in range(args.repeat)]
         print(
-            f"slow-but-healthy mesh (8 machines, tasks 5× slower, heartbeats up to 25 s late, 2 h): "
+            "slow-but-healthy mesh (8 machines, tasks 5× slower, heartbeats up to 25 s late, "
+            "2 h): "
             f"false quarantines {sum(r['false_quarantines'] for r in sh)} (target 0), "
             f"false machine-downs {sum(r['false_downs'] for r in sh)}, "
             f"tasks done {sum(r['tasks_done'] for r in sh)}"

@@ -22,9 +22,11 @@ from fleet.tuning.replay import Score
 
 def _row(name: str, s: Score, base: Score) -> str:
     change = s.penalized_mttr / base.penalized_mttr - 1 if base.penalized_mttr else 0.0
-    return (f"  {name:<22} MTTR {s.penalized_mttr:7.0f} s ({change:+5.0%})  healed-only "
-            f"{s.mttr:6.0f} s  false pos. {s.false_positives:3d}  misses {s.misses:3d}/"
-            f"{s.faults:<3d}  work lost {s.work_lost / 3600:5.1f} h")
+    return (
+        f"  {name:<22} MTTR {s.penalized_mttr:7.0f} s ({change:+5.0%})  healed-only "
+        f"{s.mttr:6.0f} s  false pos. {s.false_positives:3d}  misses {s.misses:3d}/"
+        f"{s.faults:<3d}  work lost {s.work_lost / 3600:5.1f} h"
+    )
 
 
 def main() -> None:
@@ -44,30 +46,48 @@ def main() -> None:
     cpu = time.process_time()
     evaluator = Evaluator(train, settings)
     prepared = time.perf_counter() - t1
-    evo = evolve(train, settings, defaults, steps=args.steps, pop_size=args.population,
-                 seed=args.seed, evaluator=evaluator)
+    evo = evolve(
+        train,
+        settings,
+        defaults,
+        steps=args.steps,
+        pop_size=args.population,
+        seed=args.seed,
+        evaluator=evaluator,
+    )
     wall = time.perf_counter() - t1
     cpu = time.process_time() - cpu
     load_after = os.getloadavg()
 
-    print(f"evolve: {args.steps} generations × {args.population}, seed {args.seed}, "
-          f"{evo.evaluations} policies replayed")
-    print(f"  history: 4 labelled (1 day, 4 machines each) + 10 machines × 7 days "
-          f"({sum(len(h.tasks) for h in train)} task runs); generated in {generated:.1f} s")
-    print(f"  wall time {wall:.1f} s (of which preparing the histories {prepared:.1f} s; "
-          f"target ≤ 60 s); CPU time {cpu:.1f} s; load average before {load_before[0]:.1f}, "
-          f"after {load_after[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
+    print(
+        f"evolve: {args.steps} generations × {args.population}, seed {args.seed}, "
+        f"{evo.evaluations} policies replayed"
+    )
+    print(
+        f"  history: 4 labelled (1 day, 4 machines each) + 10 machines × 7 days "
+        f"({sum(len(h.tasks) for h in train)} task runs); generated in {generated:.1f} s"
+    )
+    print(
+        f"  wall time {wall:.1f} s (of which preparing the histories {prepared:.1f} s; "
+        f"target ≤ 60 s); CPU time {cpu:.1f} s; load average before {load_before[0]:.1f}, "
+        f"after {load_after[0]:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
     print(f"  converged at generation {evo.converged_at} of {args.steps}")
     for g in evo.generations:
-        print(f"    gen {g.n:2d}: {g.evaluations:4d} evaluations, best MTTR {g.best_mttr:6.0f} s "
-              f"({g.best_false_positives} false pos.), front {g.front}")
+        print(
+            f"    gen {g.n:2d}: {g.evaluations:4d} evaluations, best MTTR {g.best_mttr:6.0f} s "
+            f"({g.best_false_positives} false pos.), front {g.front}"
+        )
 
     base = evo.current
-    zero = min((c for c in evo.front if c.score.false_positives == 0),
-               key=lambda c: c.score.penalized_mttr, default=None)
+    zero = min(
+        (c for c in evo.front if c.score.false_positives == 0),
+        key=lambda c: c.score.penalized_mttr,
+        default=None,
+    )
     best = evo.best()
-    print("\ntrained on (seed %d):" % args.seed)
+    print(f"\ntrained on (seed {args.seed}):")
     print(_row("defaults (DESIGN.md)", base.score, base.score))
     picks: list[tuple[str, Candidate]] = []
     if best is not None:
@@ -76,19 +96,24 @@ def main() -> None:
         picks.append(("tuned at 0 false pos.", zero))
     for name, c in picks:
         print(_row(name, c.score, base.score))
-    print("  Pareto front (MTTR s, false pos., misses):",
-          ", ".join(f"({c.score.penalized_mttr:.0f}, {c.score.false_positives}, {c.score.misses})"
-                    for c in evo.front))
+    print(
+        "  Pareto front (MTTR s, false pos., misses):",
+        ", ".join(
+            f"({c.score.penalized_mttr:.0f}, {c.score.false_positives}, {c.score.misses})"
+            for c in evo.front
+        ),
+    )
 
     held = hist.labelled_histories(args.seed + 1) + [hist.mesh_week(args.seed + 1)]
     judge = Evaluator(held, settings)
     hb = judge(defaults)
-    print("\nheld out (seed %d):" % (args.seed + 1))
+    print(f"\nheld out (seed {args.seed + 1}):")
     print(_row("defaults (DESIGN.md)", hb.score, hb.score))
     for name, c in picks:
         hc = judge(c.policy)
-        per = ", ".join(f"{h.name} {x.false_positives}"
-                        for h, x in zip(held, hc.per_history, strict=True))
+        per = ", ".join(
+            f"{h.name} {x.false_positives}" for h, x in zip(held, hc.per_history, strict=True)
+        )
         guard = "ok" if hc.offerable else "FAILED"
         print(_row(name, hc.score, hb.score) + f"   guard {guard} ({per})")
     for name, c in picks:

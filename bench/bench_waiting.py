@@ -38,22 +38,29 @@ def free_port() -> int:
 
 def start_hydra() -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleet.devservers", "hydra", "--port", str(port)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleet.devservers", "hydra", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert proc.stdout is not None
     proc.stdout.readline()  # "Hydra dev server on …": it listens
     return proc, f"http://127.0.0.1:{port}"
 
 
 def prepare(directory: Path, n: int) -> Path:
-    """A fleet of N apps (no local repo: EVOLVE spawns Hydra and polls), all at adversarialComplete."""
+    """A fleet of N apps (no local repo: EVOLVE spawns Hydra and polls), all adversarialComplete."""
     from fleet.clock import utcnow
     from fleet.models import FleetConfig, Stage
     from fleet.store.sqlite import SQLiteStore
 
-    fleet = {"name": f"waiting-{n}",
-             "commands": {"skill": ["true"], "review": ["true"], "evolve": ["true"], "ship": ["true"]},
-             "apps": [{"id": f"app{i:04d}"} for i in range(n)]}
+    fleet = {
+        "name": f"waiting-{n}",
+        "commands": {"skill": ["true"], "review": ["true"], "evolve": ["true"], "ship": ["true"]},
+        "apps": [{"id": f"app{i:04d}"} for i in range(n)],
+    }
     path = directory / "fleet.yaml"
     path.write_text(yaml.safe_dump(fleet, sort_keys=False))
     store = SQLiteStore(directory / "fleet.db")
@@ -63,8 +70,12 @@ def prepare(directory: Path, n: int) -> Path:
     store.ensure_apps(ids, now)
     for app_id in ids:
         epoch = store.claim_app(app_id, "bench:1", "prepare", now, 60)
-        for stage in (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-                      Stage.ADVERSARIAL_COMPLETE):
+        for stage in (
+            Stage.SKILL_RUNNING,
+            Stage.SKILL_COMPLETE,
+            Stage.ADVERSARIAL_RUNNING,
+            Stage.ADVERSARIAL_COMPLETE,
+        ):
             store.set_stage(app_id, stage, epoch, now)
         store.release_app(app_id, epoch)
     store.close()
@@ -82,7 +93,9 @@ async def orchestrate(n: int, path: Path, settle: float) -> dict[str, float]:
     store = SQLiteStore(path.parent / "fleet.db")
     cohort = asyncio.create_task(fleet_cohort(fleet_file=str(path), size=n))
     started = time.monotonic()
-    while sum(s.stage is Stage.HYDRA_BUILD and s.owner is not None for s in store.list_states()) < n:
+    while (
+        sum(s.stage is Stage.HYDRA_BUILD and s.owner is not None for s in store.list_states()) < n
+    ):
         if cohort.done():
             raise SystemExit(f"the cohort ended before all apps waited: {cohort.result()}")
         await asyncio.sleep(1)
@@ -91,17 +104,25 @@ async def orchestrate(n: int, path: Path, settle: float) -> dict[str, float]:
     for _ in range(3):
         await asyncio.sleep(settle / 3)
         samples.append((me.memory_info().rss, me.num_threads()))
-    return {"n": n, "rss_mb": max(r for r, _ in samples) / 2**20,
-            "threads": max(t for _, t in samples), "seconds_to_all_waiting": all_waiting}
+    return {
+        "n": n,
+        "rss_mb": max(r for r, _ in samples) / 2**20,
+        "threads": max(t for _, t in samples),
+        "seconds_to_all_waiting": all_waiting,
+    }
 
 
 def child(n: int, hydra_url: str, poll: float, settle: float) -> None:
     with tempfile.TemporaryDirectory(prefix=f"bench-waiting-{n}-") as tmp:
         directory = Path(tmp)
-        os.environ.update({
-            "FLEET_HOME": str(directory / "home"), "FLEET_STORE_URL": f"sqlite:///{directory / 'fleet.db'}",
-            "FLEET_HYDRA_URL": hydra_url, "FLEET_HYDRA_POLL_SECONDS": str(poll),
-        })
+        os.environ.update(
+            {
+                "FLEET_HOME": str(directory / "home"),
+                "FLEET_STORE_URL": f"sqlite:///{directory / 'fleet.db'}",
+                "FLEET_HYDRA_URL": hydra_url,
+                "FLEET_HYDRA_POLL_SECONDS": str(poll),
+            }
+        )
         os.environ.pop("PREFECT_API_URL", None)
         path = prepare(directory, n)
         result = asyncio.run(orchestrate(n, path, settle))
@@ -115,10 +136,14 @@ def child(n: int, hydra_url: str, poll: float, settle: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--poll", type=float, default=5.0, help="Hydra poll interval, seconds")
-    parser.add_argument("--settle", type=float, default=15.0, help="seconds sampled once all apps wait")
+    parser.add_argument(
+        "--settle", type=float, default=15.0, help="seconds sampled once all apps wait"
+    )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--hydra", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,23 +155,43 @@ def main() -> None:
     try:
         for n in args.sizes:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(n), "--hydra", url, "--poll", str(args.poll),
-                 "--settle", str(args.settle)], cwd=ROOT, capture_output=True, text=True,
-                timeout=1800)
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(n),
+                    "--hydra",
+                    url,
+                    "--poll",
+                    str(args.poll),
+                    "--settle",
+                    str(args.settle),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=1800,
+            )
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if not lines:
                 sys.exit(f"N={n} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
             result = json.loads(lines[-1])
             results.append(result)
-            print(f"N={n:5d}  RSS {result['rss_mb']:7.1f} MB  threads {result['threads']:3d}  "
-                  f"(all waiting after {result['seconds_to_all_waiting']:.0f} s)", flush=True)
+            print(
+                f"N={n:5d}  RSS {result['rss_mb']:7.1f} MB  threads {result['threads']:3d}  "
+                f"(all waiting after {result['seconds_to_all_waiting']:.0f} s)",
+                flush=True,
+            )
     finally:
         hydra.terminate()
         hydra.wait()
     if len(results) > 1:
         first, last = results[0], results[-1]
-        print(f"RSS({last['n']}) / RSS({first['n']}) = {last['rss_mb'] / first['rss_mb']:.2f}  (target ≤ 1.5); "
-              f"threads {[r['threads'] for r in results]} (target: independent of N)")
+        print(
+            f"RSS({last['n']}) / RSS({first['n']}) = {last['rss_mb'] / first['rss_mb']:.2f}  "
+            "(target ≤ 1.5); "
+            f"threads {[r['threads'] for r in results]} (target: independent of N)"
+        )
 
 
 if __name__ == "__main__":

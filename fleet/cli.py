@@ -7,7 +7,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -18,7 +17,9 @@ from rich.table import Table
 from fleet.errors import FleetError
 from fleet.settings import get_settings
 
-app = typer.Typer(help="Fleet Evolution Engine: evolve a fleet of apps with AI agents.", no_args_is_help=True)
+app = typer.Typer(
+    help="Fleet Evolution Engine: evolve a fleet of apps with AI agents.", no_args_is_help=True
+)
 config_app = typer.Typer(help="Live fleet config kept in the store (what the cohort flow reads).")
 app.add_typer(config_app, name="config")
 console = Console()
@@ -41,7 +42,7 @@ def _prepare_prefect(verbose: bool) -> None:
 
 
 def _check_prefect_api() -> None:
-    """Reach Prefect's API (starting the temporary local server if none is configured) or say why not."""
+    """Reach Prefect's API (starting the temporary local server if none is set) or say why not."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
@@ -55,12 +56,21 @@ def _check_prefect_api() -> None:
         return
     cause = (str(problem).splitlines() or [type(problem).__name__])[0].rstrip(".")
     if url:
-        _fail(FleetError(f"cannot reach the Prefect API at {url}: {cause}. Start it with "
-                         "`uv run prefect server start`, or unset PREFECT_API_URL to use a temporary local server."))
-    _fail(FleetError(
-        f"the temporary Prefect API server did not start: {cause}. On a busy machine raise "
-        f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s), "
-        "or run `uv run prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."))
+        _fail(
+            FleetError(
+                f"cannot reach the Prefect API at {url}: {cause}. Start it with "
+                "`uv run prefect server start`, or unset PREFECT_API_URL to use a temporary local "
+                "server."
+            )
+        )
+    _fail(
+        FleetError(
+            f"the temporary Prefect API server did not start: {cause}. On a busy machine raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+            f"(now {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s), "
+            "or run `uv run prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    )
 
 
 STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
@@ -71,15 +81,19 @@ def _progress_table(store, app_ids: list[str], started: float | None = None) -> 
     if started is not None:
         states = [store.get_state(a) for a in app_ids]
         finished = sum(1 for st in states if st and st.stage.terminal)
-        table.caption = f"{finished}/{len(app_ids)} finished · {time.monotonic() - started:.0f}s elapsed"
+        table.caption = (
+            f"{finished}/{len(app_ids)} finished · {time.monotonic() - started:.0f}s elapsed"
+        )
     for col in ("app", "stage", "skill tasks", "adversarial issues", "error"):
         table.add_column(col)
     for app_id in app_ids:
         state = store.get_state(app_id)
         stage = state.stage.value if state else "waiting"
         table.add_row(
-            app_id, f"[{STAGE_STYLE.get(stage, 'yellow')}]{stage}[/]",
-            str(len(store.list_tasks(app_id, "skill"))), str(len(store.list_tasks(app_id, "adversarial"))),
+            app_id,
+            f"[{STAGE_STYLE.get(stage, 'yellow')}]{stage}[/]",
+            str(len(store.list_tasks(app_id, "skill"))),
+            str(len(store.list_tasks(app_id, "adversarial"))),
             (state.error or "")[:60] if state else "",
         )
     return table
@@ -98,7 +112,9 @@ def _result_table(rows) -> Table:
     return table
 
 
-def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed: bool, verbose: bool) -> None:
+def _run_cohort(
+    fleet_file: Path, size: int | None, fresh: bool, retry_failed: bool, verbose: bool
+) -> None:
     _prepare_prefect(verbose)
     from fleet.wiring import components
     from flows.cohort import fleet_cohort
@@ -108,8 +124,10 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
         comp = components(settings, fleet_file)
     except FleetError as exc:
         _fail(exc)
-    console.print(f"[bold]fleet[/] {comp.fleet.name}: {len(comp.fleet.apps)} apps · "
-                  + " · ".join(f"{k}={v}" for k, v in comp.describe().items()))
+    console.print(
+        f"[bold]fleet[/] {comp.fleet.name}: {len(comp.fleet.apps)} apps · "
+        + " · ".join(f"{k}={v}" for k, v in comp.describe().items())
+    )
     try:
         _check_prefect_api()
     except KeyboardInterrupt:
@@ -117,8 +135,13 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
         raise typer.Exit(130) from None
     stop = threading.Event()
     started = time.monotonic()
-    with Live(_progress_table(comp.store, comp.fleet.app_ids, started), console=console,
-              refresh_per_second=4, transient=True) as live:
+    with Live(
+        _progress_table(comp.store, comp.fleet.app_ids, started),
+        console=console,
+        refresh_per_second=4,
+        transient=True,
+    ) as live:
+
         def refresh() -> None:
             while not stop.wait(0.5):
                 live.update(_progress_table(comp.store, comp.fleet.app_ids, started))
@@ -126,15 +149,20 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
         watcher = threading.Thread(target=refresh, daemon=True)
         watcher.start()
         try:
-            rows = asyncio.run(fleet_cohort(size=size, fleet_file=str(fleet_file), fresh=fresh,
-                                            retry_failed=retry_failed))
+            rows = asyncio.run(
+                fleet_cohort(
+                    size=size, fleet_file=str(fleet_file), fresh=fresh, retry_failed=retry_failed
+                )
+            )
         except KeyboardInterrupt:
             rows = None
         finally:
             stop.set()
             watcher.join()
     if rows is None:
-        err.print("interrupted: apps in flight keep their persisted stage and resume on the next run")
+        err.print(
+            "interrupted: apps in flight keep their persisted stage and resume on the next run"
+        )
         raise typer.Exit(130)
     console.print(_result_table(rows))
     for row in rows:
@@ -148,8 +176,10 @@ def _run_cohort(fleet_file: Path, size: Optional[int], fresh: bool, retry_failed
 
 @app.command()
 def demo(
-    size: Optional[int] = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
-    fresh: bool = typer.Option(False, "--fresh", help="recreate the demo repos and rerun every app"),
+    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="recreate the demo repos and rerun every app"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's logs too"),
 ) -> None:
     """Run the bundled demo fleet through all seven stages on the embedded defaults."""
@@ -180,10 +210,14 @@ def _reset_store_for(fleet_file: Path) -> None:
 
 @app.command()
 def run(
-    fleet: Optional[Path] = typer.Option(None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"),
-    size: Optional[int] = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    fleet: Path | None = typer.Option(
+        None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"
+    ),
+    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
     fresh: bool = typer.Option(False, "--fresh", help="rerun apps that are already complete"),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="rerun apps that failed earlier"),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="rerun apps that failed earlier"
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run the next cohort of a fleet file on the configured store, dispatcher and gate."""
@@ -213,8 +247,14 @@ def status() -> None:
     for col in ("app", "stage", "owner", "lease until", "updated", "error"):
         table.add_column(col)
     for s in store.list_states():
-        table.add_row(s.app_id, f"[{STAGE_STYLE.get(s.stage.value, 'yellow')}]{s.stage.value}[/]",
-                      s.owner or "", str(s.lease_until or ""), str(s.updated_at or ""), (s.error or "")[:80])
+        table.add_row(
+            s.app_id,
+            f"[{STAGE_STYLE.get(s.stage.value, 'yellow')}]{s.stage.value}[/]",
+            s.owner or "",
+            str(s.lease_until or ""),
+            str(s.updated_at or ""),
+            (s.error or "")[:80],
+        )
     console.print(table)
     from fleet.clock import utcnow
     from fleet.store.leadership import PLANNER, describe_leader
@@ -256,7 +296,9 @@ def config_show() -> None:
     """The live config; unset values fall back to the settings (FLEET_* env vars)."""
     config = _store().get_fleet_config()
     settings = get_settings()
-    console.print_json(data={k: getattr(settings, k) if v is None else v for k, v in config.model_dump().items()})
+    console.print_json(
+        data={k: getattr(settings, k) if v is None else v for k, v in config.model_dump().items()}
+    )
 
 
 @config_app.command("set-max-concurrent")
@@ -272,7 +314,9 @@ def _mount_subcommands() -> None:
     from fleet.mesh.cli import agent_app
     from fleet.supervisor.cli import supervise_app
 
-    app.add_typer(supervise_app, name="supervise", help="Guard agent changes; manage helper processes.")
+    app.add_typer(
+        supervise_app, name="supervise", help="Guard agent changes; manage helper processes."
+    )
     app.add_typer(agent_app, name="agent", help="Run a mesh node agent on this machine.")
     from fleet.mesh.cli import chaos_app, mesh_app, metrics_app
 

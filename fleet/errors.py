@@ -85,11 +85,11 @@ class StageFailed(FleetError):
 
 
 class GuardError(FleetError):
-    """The supervisor could not snapshot or restore a repository (git failed); an operator must look."""
+    """The supervisor could not snapshot or restore a repository (git failed): an operator looks."""
 
 
 class SupervisorStopped(FleetError):
-    """The supervisor is in emergency stop and refuses further changes until an operator resumes it."""
+    """The supervisor is in emergency stop: it refuses changes until an operator resumes it."""
 
 
 class TmuxError(FleetError):

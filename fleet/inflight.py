@@ -62,4 +62,3 @@ def dead_local_owner(owner: str | None) -> str | None:
     except psutil.NoSuchProcess:
         alive = False
     return None if alive else owner
-

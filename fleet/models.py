@@ -97,7 +97,9 @@ class Task(BaseModel):
 
     app_id: AppId
     source: Source = "skill"
-    priority: int = Field(default=3, ge=1, le=5, description="1 = critical blocker, 5 = nice-to-have")
+    priority: int = Field(
+        default=3, ge=1, le=5, description="1 = critical blocker, 5 = nice-to-have"
+    )
     description: str = Field(min_length=1, max_length=MAX_DESCRIPTION)
     severity: Severity | None = None
     file: str | None = Field(default=None, max_length=MAX_FILE)

@@ -7,7 +7,15 @@ from pydantic import BaseModel
 from fleet.models import Stage
 from fleet.store.base import Store
 
-COLUMNS = ("app", "final stage", "skill tasks", "adversarial issues", "quality", "shipped", "duration")
+COLUMNS = (
+    "app",
+    "final stage",
+    "skill tasks",
+    "adversarial issues",
+    "quality",
+    "shipped",
+    "duration",
+)
 
 
 class AppRow(BaseModel):
@@ -25,15 +33,25 @@ class AppRow(BaseModel):
     def cells(self) -> list[str]:
         quality = "—" if self.quality is None else f"{self.quality:.2f}"
         stage = self.stage + (f" ({self.note})" if self.note else "")
-        return [self.app, stage, str(self.skill_tasks), str(self.adversarial_issues), quality,
-                "yes" if self.shipped else "no", f"{self.duration_s:.1f}s"]
+        return [
+            self.app,
+            stage,
+            str(self.skill_tasks),
+            str(self.adversarial_issues),
+            quality,
+            "yes" if self.shipped else "no",
+            f"{self.duration_s:.1f}s",
+        ]
 
     def record(self) -> dict[str, object]:
         """A row for Prefect's table artifact."""
-        return dict(zip(COLUMNS, self.cells())) | {"error": self.error or ""}
+        row: dict[str, object] = dict(zip(COLUMNS, self.cells(), strict=True))
+        return row | {"error": self.error or ""}
 
 
-def app_row(store: Store, app_id: str, note: str | None = None, notes: list[str] | None = None) -> AppRow:
+def app_row(
+    store: Store, app_id: str, note: str | None = None, notes: list[str] | None = None
+) -> AppRow:
     state = store.get_state(app_id)
     stage = state.stage if state else Stage.QUEUED
     trajectories = store.list_trajectories(app_id)

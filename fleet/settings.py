@@ -11,13 +11,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class FleetSettings(BaseSettings):
-    """Defaults come from DESIGN.md; set `FLEET_<NAME>` (e.g. FLEET_MAX_CONCURRENT=8) to override."""
+    """Defaults come from DESIGN.md; `FLEET_<NAME>` (e.g. FLEET_MAX_CONCURRENT=8) overrides one."""
 
     model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore")
 
     # Where the embedded defaults keep their files.
-    home: Path = Field(default=Path(".fleet"), description="state directory of the embedded defaults")
-    fleet_file: Path | None = Field(default=None, description="the fleet file (apps, repos, commands)")
+    home: Path = Field(
+        default=Path(".fleet"), description="state directory of the embedded defaults"
+    )
+    fleet_file: Path | None = Field(
+        default=None, description="the fleet file (apps, repos, commands)"
+    )
     store_url: str = Field(
         default="",
         description="sqlite:///path.db, postgresql://… or supabase; empty = <home>/fleet.db",
@@ -89,14 +93,14 @@ class FleetSettings(BaseSettings):
     # task type, account) are counted in a sliding window of heartbeats; tier lengths are in
     # heartbeats too. Repeated hard quarantines multiply the exclusion (as Envoy does).
     immune_window_heartbeats: int = 10
-    immune_soft_failures: int = 3            # failures in the window → tier 1 (soft)
-    immune_hard_failures: int = 5            # failures in the window → tier 2 (hard)
-    immune_soft_weight: float = 0.5          # tier 1: routing weight −50 %
+    immune_soft_failures: int = 3  # failures in the window → tier 1 (soft)
+    immune_hard_failures: int = 5  # failures in the window → tier 2 (hard)
+    immune_soft_weight: float = 0.5  # tier 1: routing weight −50 %
     immune_soft_heartbeats: int = 5
-    immune_hard_heartbeats: int = 20         # × the ejection count
+    immune_hard_heartbeats: int = 20  # × the ejection count
     immune_max_exclusion_heartbeats: int = 200
-    immune_recalibrate_ejections: int = 3    # ejections → tier 3 (recalibrate + alert)
-    immune_min_failures: int = 2             # recalibration never lowers a threshold below this
+    immune_recalibrate_ejections: int = 3  # ejections → tier 3 (recalibrate + alert)
+    immune_min_failures: int = 2  # recalibration never lowers a threshold below this
     # …and those failures must be at least this share of the subject's outcomes in the window.
     immune_min_failure_ratio: float = 0.2
     # Safety brakes: at most this share of a kind hard-quarantined at once (at least one when

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -45,7 +46,9 @@ BlockLoader = Callable[[str], Any]
 
 def _from_block(name: str, load_block: BlockLoader | None) -> Any:
     if load_block is None:
-        raise ConfigError(f"block {name!r} is configured but blocks can only be loaded inside a flow run")
+        raise ConfigError(
+            f"block {name!r} is configured but blocks can only be loaded inside a flow run"
+        )
     return load_block(name).get_client()
 
 
@@ -55,31 +58,39 @@ def build_store(settings: FleetSettings, load_block: BlockLoader | None = None) 
     return open_store(settings.resolved_store_url(), settings=settings)
 
 
-def aura_dispatcher(url: str, token: SecretStr | None, settings: FleetSettings,
-                    allow_insecure: bool = False) -> Dispatcher:
+def aura_dispatcher(
+    url: str, token: SecretStr | None, settings: FleetSettings, allow_insecure: bool = False
+) -> Dispatcher:
     """The AuraGateway client as configured, whether from env vars or a Block."""
     from fleet.clients.aura import AuraGatewayDispatcher
 
     return AuraGatewayDispatcher(
-        url, token, allow_insecure=allow_insecure or settings.allow_insecure_transport,
+        url,
+        token,
+        allow_insecure=allow_insecure or settings.allow_insecure_transport,
         timeout=settings.http_timeout_seconds,
-        poll_initial=settings.gateway_poll_initial_seconds, poll_max=settings.gateway_poll_max_seconds,
+        poll_initial=settings.gateway_poll_initial_seconds,
+        poll_max=settings.gateway_poll_max_seconds,
     )
 
 
-def hydra_gate(url: str, token: SecretStr | None, settings: FleetSettings,
-               allow_insecure: bool = False) -> QualityGate:
+def hydra_gate(
+    url: str, token: SecretStr | None, settings: FleetSettings, allow_insecure: bool = False
+) -> QualityGate:
     """The Hydra client as configured, whether from env vars or a Block."""
     from fleet.clients.hydra import HydraGate
 
     return HydraGate(
-        url, token, allow_insecure=allow_insecure or settings.allow_insecure_transport,
+        url,
+        token,
+        allow_insecure=allow_insecure or settings.allow_insecure_transport,
         timeout=settings.http_timeout_seconds,
     )
 
 
-def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = None,
-                     fleet: FleetFile | None = None) -> Dispatcher:
+def build_dispatcher(
+    settings: FleetSettings, load_block: BlockLoader | None = None, fleet: FleetFile | None = None
+) -> Dispatcher:
     if settings.dispatcher == "mesh":
         from fleet.mesh.dispatcher import MeshDispatcher
 
@@ -94,7 +105,9 @@ def build_dispatcher(settings: FleetSettings, load_block: BlockLoader | None = N
     return LocalExecutor(workdir=settings.home / "exec", env=fleet.env.resolve() if fleet else None)
 
 
-def build_gate(settings: FleetSettings, fleet: FleetFile, load_block: BlockLoader | None = None) -> QualityGate:
+def build_gate(
+    settings: FleetSettings, fleet: FleetFile, load_block: BlockLoader | None = None
+) -> QualityGate:
     if settings.hydra_block:
         return _from_block(settings.hydra_block, load_block)
     if settings.hydra_url:
@@ -105,7 +118,9 @@ def build_gate(settings: FleetSettings, fleet: FleetFile, load_block: BlockLoade
     return LocalQualityGate(checks, timeout=settings.check_timeout_seconds)
 
 
-def build_extractor(settings: FleetSettings, load_block: BlockLoader | None = None) -> Extractor | None:
+def build_extractor(
+    settings: FleetSettings, load_block: BlockLoader | None = None
+) -> Extractor | None:
     if settings.gemini_block:
         return _from_block(settings.gemini_block, load_block)
     if settings.gemini_api_key is None:
@@ -134,8 +149,11 @@ _cache: dict[tuple, Components] = {}
 _cache_lock = threading.Lock()
 
 
-def components(settings: FleetSettings, fleet_file: str | Path | None = None,
-               load_block: BlockLoader | None = None) -> Components:
+def components(
+    settings: FleetSettings,
+    fleet_file: str | Path | None = None,
+    load_block: BlockLoader | None = None,
+) -> Components:
     """One set of components per process and configuration, shared by every app run.
 
     `load_block(name)` returns a saved Prefect Block; the flows pass it, the core never
@@ -148,10 +166,13 @@ def components(settings: FleetSettings, fleet_file: str | Path | None = None,
             fleet = load_fleet(path)
             settings.home.mkdir(parents=True, exist_ok=True)
             _cache[key] = Components(
-                settings=settings, fleet=fleet, store=build_store(settings, load_block),
+                settings=settings,
+                fleet=fleet,
+                store=build_store(settings, load_block),
                 dispatcher=build_dispatcher(settings, load_block, fleet),
                 gate=build_gate(settings, fleet, load_block),
-                extractor=build_extractor(settings, load_block), clock=SystemClock(),
+                extractor=build_extractor(settings, load_block),
+                clock=SystemClock(),
             )
             log.info("components: %s", _cache[key].describe())
             from fleet.mesh.open import share_breaker_states

@@ -32,24 +32,26 @@ async def mesh_store_url(settings) -> str:
 
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
-    """One reconciler cycle: orphaned claims, stuck panes (injected or running), expiry, dead letters."""
+    """One reconciler cycle: orphaned claims, stuck panes, expiry, dead letters."""
     settings = get_settings()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
     try:
         thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
-            lambda: store.reconcile(SystemClock().now(), **thresholds))
+            lambda: store.reconcile(SystemClock().now(), **thresholds)
+        )
         dead = []
         if counts.dead_lettered:  # this cycle's are the newest `dead_letter` events
             letters = await anyio.to_thread.run_sync(lambda: store.events(event="dead_letter"))
-            dead = letters[-counts.dead_lettered:]
+            dead = letters[-counts.dead_lettered :]
     finally:
         store.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
     for letter in dead:  # one event per task: the `task dead-lettered` automation's trigger
         events.task_dead_lettered(
-            letter.task_id or "?", attempts=int(letter.detail.get("attempts", 0) or 0),
+            letter.task_id or "?",
+            attempts=int(letter.detail.get("attempts", 0) or 0),
             reason=str(letter.detail.get("reason") or letter.detail.get("rule") or "dead letter"),
             machine_id=letter.machine_id,
         )
@@ -63,14 +65,15 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
 
 @flow(name="mesh-watchdog", persist_result=False)
 async def watchdog(store_url: str | None = None) -> WatchdogReport:
-    """One watchdog cycle: heartbeat pulse and liveness, dead panes, context budget, queue, breakers."""
+    """One watchdog cycle: heartbeats, liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
     probe = LivenessProbe.from_settings(store, settings)
     try:
         report = await anyio.to_thread.run_sync(
-            lambda: watchdog_cycle(store, SystemClock().now(), settings, probe))
+            lambda: watchdog_cycle(store, SystemClock().now(), settings, probe)
+        )
     finally:
         probe.close()
         store.close()
@@ -79,52 +82,88 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
     for error in report.errors:
         logger.warning("watchdog: %s", error)
     emit_event(event="fleet.mesh.watchdog-run", resource=RESOURCE, payload=summary)
+    checked = report.liveness.checked if report.liveness else []
     for machine_id in report.liveness.declared_down if report.liveness else []:
         events.machine_down(
-            machine_id, reason="missed heartbeats and two failed confirmations",
-            requeued=next(v.requeued for v in report.liveness.checked
-                          if v.machine_id == machine_id),
+            machine_id,
+            reason="missed heartbeats and two failed confirmations",
+            requeued=next(v.requeued for v in checked if v.machine_id == machine_id),
         )
     for action in report.immune_actions:
         if action["action"] in ("quarantine", "release", "alert", "braked"):
-            emit_event(event=f"fleet.mesh.{action['action']}",
-                       resource={"prefect.resource.id": f"fleet.mesh.{action['subject']}",
-                                 "prefect.resource.name": action["subject"]},
-                       payload={"tier": action["tier"], **action["detail"]})
+            emit_event(
+                event=f"fleet.mesh.{action['action']}",
+                resource={
+                    "prefect.resource.id": f"fleet.mesh.{action['subject']}",
+                    "prefect.resource.name": action["subject"],
+                },
+                payload={"tier": action["tier"], **action["detail"]},
+            )
     for name in summary["open_breakers"]:
         state = report.breakers[name]
-        events.breaker_opened(name, failures=state.get("failures"),
-                              reason=state.get("last_error") or state.get("reason"))
-    await acreate_markdown_artifact(key="mesh-watchdog", markdown=_markdown(report, summary),
-                                    description="Mesh health at the last watchdog cycle")
+        events.breaker_opened(
+            name,
+            failures=state.get("failures"),
+            reason=state.get("last_error") or state.get("reason"),
+        )
+    await acreate_markdown_artifact(
+        key="mesh-watchdog",
+        markdown=_markdown(report, summary),
+        description="Mesh health at the last watchdog cycle",
+    )
     return report
 
 
 def _markdown(report: WatchdogReport, summary: dict[str, Any]) -> str:
-    lines = [f"# Mesh watchdog — {report.at:%Y-%m-%d %H:%M:%S} UTC", "",
-             "| check | value |", "|---|---|"]
+    lines = [
+        f"# Mesh watchdog — {report.at:%Y-%m-%d %H:%M:%S} UTC",
+        "",
+        "| check | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
     if report.liveness and report.liveness.checked:
-        lines += ["", "## Liveness", "", "| machine | outcome | failed confirmations |", "|---|---|---|"]
-        lines += [f"| {v.machine_id} | {v.outcome} | {v.failed_confirmations} |"
-                  for v in report.liveness.checked]
+        lines += [
+            "",
+            "## Liveness",
+            "",
+            "| machine | outcome | failed confirmations |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {v.machine_id} | {v.outcome} | {v.failed_confirmations} |"
+            for v in report.liveness.checked
+        ]
     if report.respawn:
         lines += ["", "## Panes to respawn", ""]
         lines += [f"- {p.machine_id}:{p.pane_id} (task {p.task_id or '—'})" for p in report.respawn]
     if report.handoffs:
         lines += ["", "## Context hand-offs", ""]
-        lines += [f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
-                  f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
-                  for h in report.handoffs]
+        lines += [
+            f"- {h.pane.task_id} from {h.pane.machine_id}:{h.pane.pane_id} at "
+            f"{h.pane.context_ratio:.0%} — {'requeued' if h.requeued else 'no longer claimed'}"
+            for h in report.handoffs
+        ]
     if report.metabolism:
         m = report.metabolism
-        lines += ["", f"Metabolism {m['metabolism']:.2f} · fitness {m['fitness']:.2f} · "
-                      f"next watchdog pace {m['pace_seconds']:.0f} s"]
+        lines += [
+            "",
+            f"Metabolism {m['metabolism']:.2f} · fitness {m['fitness']:.2f} · "
+            f"next watchdog pace {m['pace_seconds']:.0f} s",
+        ]
     if report.quarantines:
-        lines += ["", "## Quarantines", "", "| subject | tier | until | probe | reason |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {q['subject']} | {q['tier']} | {q['until'] or '—'} | {q['probe_task'] or '—'} "
-                  f"| {q['reason']} |" for q in report.quarantines]
+        lines += [
+            "",
+            "## Quarantines",
+            "",
+            "| subject | tier | until | probe | reason |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {q['subject']} | {q['tier']} | {q['until'] or '—'} | {q['probe_task'] or '—'} "
+            f"| {q['reason']} |"
+            for q in report.quarantines
+        ]
     if report.errors:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
     return "\n".join(lines)

@@ -36,8 +36,14 @@ def script(tmp: Path, name: str, body: str) -> list[str]:
     return [PY, str(path)]
 
 
-def app_run(tmp: Path, fleet_path: Path, app_id: str = "demo-calc", clock: Clock | None = None,
-            settings: FleetSettings | None = None, store: SQLiteStore | None = None) -> AppRun:
+def app_run(
+    tmp: Path,
+    fleet_path: Path,
+    app_id: str = "demo-calc",
+    clock: Clock | None = None,
+    settings: FleetSettings | None = None,
+    store: SQLiteStore | None = None,
+) -> AppRun:
     settings = settings or FleetSettings(home=tmp / "home", hydra_poll_seconds=300)
     fleet = load_fleet(fleet_path)
     clock = clock or ManualClock()
@@ -46,14 +52,27 @@ def app_run(tmp: Path, fleet_path: Path, app_id: str = "demo-calc", clock: Clock
     epoch = store.claim_app(app_id, "test:1", "run-1", clock.now(), settings.app_lease_seconds)
     checks = {a.id: (a.check, a.repo) for a in fleet.apps if a.check}
     return AppRun(
-        app=fleet.app(app_id), fleet=fleet, run_id="run-1", epoch=epoch, store=store,
-        dispatcher=LocalExecutor(workdir=tmp / "exec"), gate=LocalQualityGate(checks),
-        extractor=None, settings=settings, clock=clock,
+        app=fleet.app(app_id),
+        fleet=fleet,
+        run_id="run-1",
+        epoch=epoch,
+        store=store,
+        dispatcher=LocalExecutor(workdir=tmp / "exec"),
+        gate=LocalQualityGate(checks),
+        extractor=None,
+        settings=settings,
+        clock=clock,
     )
 
 
-HAPPY_PATH = (Stage.SKILL_RUNNING, Stage.SKILL_COMPLETE, Stage.ADVERSARIAL_RUNNING,
-              Stage.ADVERSARIAL_COMPLETE, Stage.HYDRA_BUILD, Stage.COMPLETE)
+HAPPY_PATH = (
+    Stage.SKILL_RUNNING,
+    Stage.SKILL_COMPLETE,
+    Stage.ADVERSARIAL_RUNNING,
+    Stage.ADVERSARIAL_COMPLETE,
+    Stage.HYDRA_BUILD,
+    Stage.COMPLETE,
+)
 
 
 def advance(run: AppRun, until: Stage) -> None:

@@ -32,11 +32,13 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
-def _answer(status: int, payload: Any = None, *, headers: dict[str, str] | None = None,
-            empty: bool = False) -> httpx.Response:
+def _answer(
+    status: int, payload: Any = None, *, headers: dict[str, str] | None = None, empty: bool = False
+) -> httpx.Response:
     content = b"" if empty else json.dumps(payload, default=_json_default).encode()
-    return httpx.Response(status, content=content,
-                          headers={"Content-Type": "application/json", **(headers or {})})
+    return httpx.Response(
+        status, content=content, headers={"Content-Type": "application/json", **(headers or {})}
+    )
 
 
 class PostgrestOverPostgres:
@@ -65,8 +67,15 @@ class PostgrestOverPostgres:
                 if request.method == "PATCH":
                     return self._update(conn, path, params, prefer, body)
         except psycopg.Error as exc:
-            return _answer(400, {"code": exc.sqlstate, "message": exc.diag.message_primary,
-                                 "details": exc.diag.message_detail, "hint": exc.diag.message_hint})
+            return _answer(
+                400,
+                {
+                    "code": exc.sqlstate,
+                    "message": exc.diag.message_primary,
+                    "details": exc.diag.message_detail,
+                    "hint": exc.diag.message_hint,
+                },
+            )
         return _answer(405, {"code": "PGRST000", "message": f"{request.method} not faked"})
 
     # Pieces of SQL from the query string ---------------------------------------------
@@ -99,18 +108,31 @@ class PostgrestOverPostgres:
             return sql.SQL("*")
         return sql.SQL(", ").join(sql.Identifier(c) for c in spec.split(","))
 
-    def _select(self, conn: psycopg.Connection, table: str, params: list[tuple[str, str]],
-                prefer: set[str], *, head: bool) -> httpx.Response:
+    def _select(
+        self,
+        conn: psycopg.Connection,
+        table: str,
+        params: list[tuple[str, str]],
+        prefer: set[str],
+        *,
+        head: bool,
+    ) -> httpx.Response:
         query = dict(params)
         where, values = self._filters(params)
-        statement = sql.SQL("SELECT {} FROM {}").format(
-            self._columns(query.get("select")), sql.Identifier(table)) + where
+        statement = (
+            sql.SQL("SELECT {} FROM {}").format(
+                self._columns(query.get("select")), sql.Identifier(table)
+            )
+            + where
+        )
         if "order" in query:
             terms = []
             for term in query["order"].split(","):
                 column, _, direction = term.partition(".")
-                terms.append(sql.Identifier(column) + sql.SQL(
-                    " DESC" if direction.startswith("desc") else " ASC"))
+                terms.append(
+                    sql.Identifier(column)
+                    + sql.SQL(" DESC" if direction.startswith("desc") else " ASC")
+                )
             statement += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(terms)
         if "limit" in query:
             statement += sql.SQL(" LIMIT {}").format(sql.Literal(int(query["limit"])))
@@ -122,8 +144,14 @@ class PostgrestOverPostgres:
             headers["Content-Range"] = f"*/{len(rows)}"
         return _answer(200, rows, headers=headers, empty=head)
 
-    def _upsert(self, conn: psycopg.Connection, table: str, params: list[tuple[str, str]],
-                prefer: set[str], body: Any) -> httpx.Response:
+    def _upsert(
+        self,
+        conn: psycopg.Connection,
+        table: str,
+        params: list[tuple[str, str]],
+        prefer: set[str],
+        body: Any,
+    ) -> httpx.Response:
         query = dict(params)
         rows = body if isinstance(body, list) else [body]
         columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -138,7 +166,8 @@ class PostgrestOverPostgres:
                 statement += sql.SQL(" ON CONFLICT ({}) DO NOTHING").format(target)
             else:
                 updates = sql.SQL(", ").join(
-                    sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in columns)
+                    sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in columns
+                )
                 statement += sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(target, updates)
         statement += sql.SQL(" RETURNING {}").format(self._columns(query.get("select")))
         written = conn.execute(statement, [json.dumps(rows)]).fetchall()
@@ -146,13 +175,21 @@ class PostgrestOverPostgres:
             return _answer(201, empty=True)
         return _answer(201, written)
 
-    def _update(self, conn: psycopg.Connection, table: str, params: list[tuple[str, str]],
-                prefer: set[str], body: dict[str, Any]) -> httpx.Response:
+    def _update(
+        self,
+        conn: psycopg.Connection,
+        table: str,
+        params: list[tuple[str, str]],
+        prefer: set[str],
+        body: dict[str, Any],
+    ) -> httpx.Response:
         where, values = self._filters(params)
         sets = sql.SQL(", ").join(
             sql.SQL("{c} = (jsonb_populate_record(NULL::{t}, %s)).{c}").format(
-                c=sql.Identifier(c), t=sql.Identifier(table))
-            for c in body)
+                c=sql.Identifier(c), t=sql.Identifier(table)
+            )
+            for c in body
+        )
         statement = sql.SQL("UPDATE {} SET ").format(sql.Identifier(table)) + sets + where
         statement += sql.SQL(" RETURNING *")
         written = conn.execute(statement, [json.dumps(body)] * len(body) + values).fetchall()
@@ -164,17 +201,27 @@ class PostgrestOverPostgres:
     def _rpc(conn: psycopg.Connection, function: str, args: dict[str, Any]) -> httpx.Response:
         shape = conn.execute(
             "SELECT p.proretset AS many, t.typtype AS kind FROM pg_proc p "
-            "JOIN pg_type t ON t.oid = p.prorettype WHERE p.proname = %s", (function,)
+            "JOIN pg_type t ON t.oid = p.prorettype WHERE p.proname = %s",
+            (function,),
         ).fetchone()
         if shape is None:
-            return _answer(404, {"code": "PGRST202", "message": f"no function {function}",
-                                 "details": None, "hint": None})
+            return _answer(
+                404,
+                {
+                    "code": "PGRST202",
+                    "message": f"no function {function}",
+                    "details": None,
+                    "hint": None,
+                },
+            )
         named = sql.SQL(", ").join(
-            sql.SQL("{} => %s").format(sql.Identifier(name)) for name in args)
+            sql.SQL("{} => %s").format(sql.Identifier(name)) for name in args
+        )
         call = sql.SQL("{}({})").format(sql.Identifier(function), named)
         if shape["many"] or shape["kind"] == "c":
             rows = conn.execute(sql.SQL("SELECT * FROM ") + call, list(args.values())).fetchall()
             return _answer(200, rows if shape["many"] else (rows[0] if rows else None))
-        value = conn.execute(sql.SQL("SELECT ") + call + sql.SQL(" AS v"),
-                             list(args.values())).fetchone()["v"]
+        value = conn.execute(
+            sql.SQL("SELECT ") + call + sql.SQL(" AS v"), list(args.values())
+        ).fetchone()["v"]
         return _answer(200, value)

@@ -7,7 +7,7 @@ yields an empty store.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -15,7 +15,7 @@ from fleet.errors import InvalidTransition, StaleLease
 from fleet.models import FleetConfig, Stage, Task, Trajectory
 from fleet.store.base import effect_key
 
-T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 
 
 def task(app_id: str = "app-a", description: str = "Fix the crash on launch.", **kw) -> Task:
@@ -30,7 +30,9 @@ def claim_all_at_once(store_for, apps: list[str], max_in_flight: int) -> list[in
     def claim(i: int) -> None:
         store = store_for(i)
         barrier.wait()
-        results.append(store.claim_app(apps[i], f"host:{i}", f"run-{i}", T0, 600, max_in_flight=max_in_flight))
+        results.append(
+            store.claim_app(apps[i], f"host:{i}", f"run-{i}", T0, 600, max_in_flight=max_in_flight)
+        )
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(apps))]
     for t in threads:
@@ -46,15 +48,27 @@ def write_state_to_survive(store) -> dict:
     epoch = store.claim_app("app-a", "host:1", "run-1", T0, 600)
     store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(seconds=1))
     store.upsert_tasks([task(priority=1), task(description="Add offline mode.", priority=2)], T0)
-    store.record_trajectory(Trajectory(app_id="app-a", run_id="run-0", pipeline="default",
-                                       outcome="success", reward=0.75, created_at=T0))
+    store.record_trajectory(
+        Trajectory(
+            app_id="app-a",
+            run_id="run-0",
+            pipeline="default",
+            outcome="success",
+            reward=0.75,
+            created_at=T0,
+        )
+    )
     return {"epoch": epoch, "tasks": [t.key for t in store.list_tasks("app-a")]}
 
 
 def assert_state_survived(store, written: dict) -> None:
     state = store.get_state("app-a")
     assert state is not None
-    assert (state.stage, state.epoch, state.owner) == (Stage.SKILL_RUNNING, written["epoch"], "host:1")
+    assert (state.stage, state.epoch, state.owner) == (
+        Stage.SKILL_RUNNING,
+        written["epoch"],
+        "host:1",
+    )
     assert state.stage_started_at == T0 + timedelta(seconds=1)
     assert store.get_state("app-b").stage is Stage.QUEUED
     tasks = store.list_tasks("app-a")
@@ -114,7 +128,10 @@ class StoreContract:
         store.ensure_apps(["app-a"], T0)
         store.claim_app("app-a", "host:1", "run-1", T0, 600)
         assert store.claim_app("app-a", "host:2", "run-2", T0 + timedelta(seconds=599), 600) is None
-        assert store.claim_app("app-a", "host:2", "run-2", T0 + timedelta(seconds=601), 600) is not None
+        assert (
+            store.claim_app("app-a", "host:2", "run-2", T0 + timedelta(seconds=601), 600)
+            is not None
+        )
         assert store.get_state("app-a").owner == "host:2"
 
     def test_claim_of_vouched_dead_owner_can_be_taken(self, store):
@@ -142,7 +159,9 @@ class StoreContract:
         store.ensure_apps(["app-a", "app-b", "app-c"], T0)
         assert store.claim_app("app-a", "h:1", "r1", T0, 600, max_in_flight=2) is not None
         assert store.claim_app("app-b", "h:2", "r2", T0, 600, max_in_flight=2) is not None
-        assert store.claim_app("app-c", "h:3", "r3", T0, 600, max_in_flight=2) is None  # two in flight
+        assert (
+            store.claim_app("app-c", "h:3", "r3", T0, 600, max_in_flight=2) is None
+        )  # two in flight
         assert store.get_state("app-c").owner is None
         # an expired lease is not in flight; an app's own stale claim does not count against it
         later = T0 + timedelta(seconds=601)
@@ -196,7 +215,9 @@ class StoreContract:
     def test_set_stage_renews_lease(self, store):
         store.ensure_apps(["app-a"], T0)
         epoch = store.claim_app("app-a", "h1", "r1", T0, 60)
-        store.set_stage("app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(seconds=50), lease_seconds=60)
+        store.set_stage(
+            "app-a", Stage.SKILL_RUNNING, epoch, T0 + timedelta(seconds=50), lease_seconds=60
+        )
         assert store.claim_app("app-a", "h2", "r2", T0 + timedelta(seconds=90), 60) is None
 
     def test_reset_returns_app_to_queue_and_fences_old_claim(self, store):
@@ -236,14 +257,22 @@ class StoreContract:
     # Trajectories ----------------------------------------------------------------
     def test_trajectories_are_idempotent_and_averaged(self, store):
         def traj(run: str, reward: float, app: str = "app-a") -> Trajectory:
-            return Trajectory(app_id=app, run_id=run, outcome="success", reward=reward,
-                              durations={"skill": 1.5}, created_at=T0)
+            return Trajectory(
+                app_id=app,
+                run_id=run,
+                outcome="success",
+                reward=reward,
+                durations={"skill": 1.5},
+                created_at=T0,
+            )
 
         store.record_trajectory(traj("r1", 1.0))
         store.record_trajectory(traj("r1", 1.0))
         store.record_trajectory(traj("r2", 0.0))
         store.record_trajectory(traj("r1", 0.8, app="app-b"))
-        assert store.reward_means(["app-a", "app-b", "app-c"]) == pytest.approx({"app-a": 0.5, "app-b": 0.8})
+        assert store.reward_means(["app-a", "app-b", "app-c"]) == pytest.approx(
+            {"app-a": 0.5, "app-b": 0.8}
+        )
         [first, _] = store.list_trajectories("app-a")
         assert first.durations == {"skill": 1.5}
 
@@ -307,8 +336,12 @@ class StoreContract:
         key = effect_key("app-a", "ship", 1)
         store.record_effect("app-a", key, "ship", "ship-task-9", dead, T0)
         resumed = store.claim_app("app-a", "host:2", "r2", T0 + timedelta(seconds=61), 60)
-        assert store.record_effect("app-a", key, "ship", "ship-task-10", resumed,
-                                   T0 + timedelta(seconds=62)) == "ship-task-9"
+        assert (
+            store.record_effect(
+                "app-a", key, "ship", "ship-task-10", resumed, T0 + timedelta(seconds=62)
+            )
+            == "ship-task-9"
+        )
         assert store.get_effect("app-a", key).epoch == dead
 
     def test_record_effect_is_fenced(self, store):
@@ -329,12 +362,21 @@ class StoreContract:
         for i, (stage, kind, value) in enumerate(
             [("guard", "snapshot", snapshot), ("skill", "spawn", "t-1"), ("run", "marker", "m-1")]
         ):
-            store.record_effect("app-a", effect_key("app-a", stage, 1), kind, value, epoch,
-                                T0 + timedelta(seconds=i))
+            store.record_effect(
+                "app-a",
+                effect_key("app-a", stage, 1),
+                kind,
+                value,
+                epoch,
+                T0 + timedelta(seconds=i),
+            )
         store.record_effect("app-b", effect_key("app-b", "skill", 1), "spawn", "t-b", other, T0)
         effects = store.list_effects("app-a")
         assert [(e.kind, e.value) for e in effects] == [
-            ("snapshot", snapshot), ("spawn", "t-1"), ("marker", "m-1")]
+            ("snapshot", snapshot),
+            ("spawn", "t-1"),
+            ("marker", "m-1"),
+        ]
         store.reset_app("app-a", T0 + timedelta(seconds=5))
         assert store.list_effects("app-a") == []
         assert [e.value for e in store.list_effects("app-b")] == ["t-b"]

@@ -1,4 +1,4 @@
-"""AuraGatewayDispatcher against the real AuraGateway dev server on 127.0.0.1 (real subprocesses)."""
+"""AuraGatewayDispatcher against the real AuraGateway dev server on 127.0.0.1 (real processes)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ async def test_spawn_runs_the_command_and_returns_its_output(server, make):
 async def test_dispatch_sends_target_and_model_and_argv_survives_without_a_shell(server, make):
     aura = make()
     tricky = "it's a b; touch /tmp/pwned-$USER && echo $HOME"
-    task_id = await aura.dispatch([PY, "-c", "import sys; print(sys.argv[1])", tricky], "mac4", "codex")
+    task_id = await aura.dispatch(
+        [PY, "-c", "import sys; print(sys.argv[1])", tricky], "mac4", "codex"
+    )
     task = server.wait(task_id)
     assert (task.target, task.model) == ("mac4", "codex")
     assert await aura.poll_and_retrieve(task_id, timeout=1800) == tricky + "\n"
@@ -130,7 +132,9 @@ async def test_never_finishing_task_times_out_on_the_clock_with_backoff(server, 
     server.set_faults(stall_next_tasks=1)
     task_id = await aura.spawn([PY, "-c", "pass"])
     start = clock.now()
-    with pytest.raises(DispatchTimeout, match=rf"gateway task {task_id} still running after 3600 s"):
+    with pytest.raises(
+        DispatchTimeout, match=rf"gateway task {task_id} still running after 3600 s"
+    ):
         await aura.poll_and_retrieve(task_id, timeout=3600)
     assert (clock.now() - start).total_seconds() == pytest.approx(3600)
     sleeps = clock.sleeps
@@ -183,7 +187,9 @@ async def test_5xx_storm_fails_clearly_opens_the_breaker_and_a_probe_closes_it(s
     server.wait(task_id)
     server.set_faults(fail_next=1000)
     for _ in range(3):
-        with pytest.raises(GatewayUnavailable, match=r"answered 503 to GET /tasks/\S+ after 3 attempts"):
+        with pytest.raises(
+            GatewayUnavailable, match=r"answered 503 to GET /tasks/\S+ after 3 attempts"
+        ):
             await aura.poll_and_retrieve(task_id, timeout=60)
     assert aura.breaker.state == "open"
     sent = len(server.requests)
@@ -214,9 +220,8 @@ async def test_failed_half_open_probe_reopens(server, make, clock):
 
 async def test_wrong_token_is_a_clear_error_without_the_token(server, make, caplog):
     aura = make(token=SecretStr("wrong-" + TOKEN))
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(DispatchError) as err:
-            await aura.spawn(["true"])
+    with caplog.at_level(logging.DEBUG), pytest.raises(DispatchError) as err:
+        await aura.spawn(["true"])
     assert str(err.value) == (
         "AuraGateway refused the token (401): check the AuraGateway block / FLEET_AURA_TOKEN"
     )
@@ -252,7 +257,9 @@ async def test_hang_beyond_the_http_timeout_is_retried_then_fails(server, make):
     task_id = await aura.spawn(["true"])
     server.wait(task_id)
     server.set_faults(hang_next=3, hang_seconds=5)
-    with pytest.raises(GatewayUnavailable, match=r"ReadTimeout.*after 3 attempts|after 3 attempts.*ReadTimeout"):
+    with pytest.raises(
+        GatewayUnavailable, match=r"ReadTimeout.*after 3 attempts|after 3 attempts.*ReadTimeout"
+    ):
         await aura.poll_and_retrieve(task_id, timeout=60)
     assert len(_gets(server, task_id)) == 3
 
@@ -316,7 +323,9 @@ async def test_block_builds_the_client_and_keeps_the_token_secret(server):
         assert await aura.poll_and_retrieve(task_id, timeout=60) == "via block\n"
 
 
-async def test_a_start_with_an_idempotency_key_sends_it_and_is_retried_after_a_5xx(server, make, clock):
+async def test_a_start_with_an_idempotency_key_sends_it_and_is_retried_after_a_5xx(
+    server, make, clock
+):
     aura = make()
     server.set_faults(fail_next=1)
     task_id = await aura.spawn([PY, "-c", "print('once')"], idempotency_key="app1:skill:epoch-3")
@@ -336,9 +345,13 @@ async def test_the_idempotency_key_travels_as_a_header():
         return httpx.Response(200, json={"task_id": "t-1"})
 
     aura = AuraGatewayDispatcher(
-        "http://127.0.0.1:1", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
-        clock=ManualClock(), breaker=CircuitBreaker(f"aura-test-{uuid.uuid4().hex[:8]}", 3, 60, ManualClock()),
+        "http://127.0.0.1:1",
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        clock=ManualClock(),
+        breaker=CircuitBreaker(f"aura-test-{uuid.uuid4().hex[:8]}", 3, 60, ManualClock()),
     )
-    assert await aura.dispatch(["true"], target="mac4", model="codex", idempotency_key="k-42") == "t-1"
+    assert (
+        await aura.dispatch(["true"], target="mac4", model="codex", idempotency_key="k-42") == "t-1"
+    )
     assert await aura.spawn(["true"]) == "t-1"
     assert seen[0].headers["Idempotency-Key"] == "k-42" and "Idempotency-Key" not in seen[1].headers

@@ -29,7 +29,10 @@ def isolated(tmp_path, monkeypatch):
 
 def test_check_config_reports_file_and_line(tmp_path):
     bad = tmp_path / "fleet.yaml"
-    bad.write_text("commands:\n  skill: [a]\n  review: [b]\n  evolve: [c]\n  ship: [d]\napps:\n  - id: 'Bad App'\n")
+    bad.write_text(
+        "commands:\n  skill: [a]\n  review: [b]\n  evolve: [c]\n  ship: [d]\n"
+        "apps:\n  - id: 'Bad App'\n"
+    )
     result = runner.invoke(app, ["check-config", str(bad)])
     assert result.exit_code == 2
     assert f"{bad}:7: apps[0].id" in result.output and "Traceback" not in result.output
@@ -66,28 +69,58 @@ def test_demo_command_end_to_end(tmp_path):
     """README's main command, as a real process (sharing the session's Prefect API for speed)."""
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "FLEET_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "COLUMNS": "200",
+    }
     env.pop("FLEET_STORE_URL", None)
-    first = subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     assert "protected path changed: ci/protected.cfg" in first.stdout
     for app_id in ("demo-calc", "demo-notes", "demo-weather"):
-        assert any(app_id in line and "complete" in line and "yes" in line for line in first.stdout.splitlines())
-    again = subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=300)
+        assert any(
+            app_id in line and "complete" in line and "yes" in line
+            for line in first.stdout.splitlines()
+        )
+    again = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and again.stdout.count("already complete") == 3
 
 
 def _demo_process(tmp_path, **env_overrides) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "COLUMNS": "200", **env_overrides}
+    env = {
+        **os.environ,
+        "FLEET_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "COLUMNS": "200",
+        **env_overrides,
+    }
     for name in ("FLEET_STORE_URL", "PREFECT_API_URL"):
         if name not in env_overrides:
             env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "demo"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_demo_when_the_temporary_prefect_server_cannot_start_says_how_to_fix(tmp_path):
@@ -108,17 +141,27 @@ def test_run_against_an_unreachable_prefect_api_says_so(tmp_path):
 
 
 def test_ctrl_c_while_waiting_for_prefect_says_nothing_ran(tmp_path):
-    """SIGINT while the API check hangs (a server that accepts and never answers): a clear line, 130."""
+    """SIGINT while the API check hangs (a server accepts and never answers): a clear line, 130."""
     import signal
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as silent:
-        env = {**os.environ, "FLEET_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect"),
-               "PREFECT_API_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/api"}
+        env = {
+            **os.environ,
+            "FLEET_HOME": str(tmp_path / "home"),
+            "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/api",
+        }
         env.pop("FLEET_STORE_URL", None)
-        proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "demo"], cwd=tmp_path, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fleet.cli", "demo"],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             silent.settimeout(60)
             conn, _ = silent.accept()  # the check is now waiting on us

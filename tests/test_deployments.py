@@ -1,7 +1,8 @@
-"""prefect.yaml deploys as README says: the cohort every 5 min fanning out per app, mesh every 60 s."""
+"""prefect.yaml deploys as README says: cohort every 5 min fanning out per app, mesh every 60 s."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,19 +19,28 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
 
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PWD": str(ROOT)}  # as a shell sets it
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PWD": str(ROOT),
+    }  # as a shell sets it
     async with get_client() as client:
-        try:
+        with contextlib.suppress(Exception):  # already there from an earlier run in this session
             await client.create_work_pool(WorkPoolCreate(name="fleet-process", type="process"))
-        except Exception:  # already there from an earlier run in this session
-            pass
-    result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     async with get_client() as client:
         deployments = {
-            (await client.read_flow(d.flow_id)).name + "/" + d.name: d for d in await client.read_deployments()
+            (await client.read_flow(d.flow_id)).name + "/" + d.name: d
+            for d in await client.read_deployments()
         }
     cohort = deployments["fleet-cohort/every-5-min"]
     assert cohort.work_pool_name == "fleet-process"
@@ -43,7 +53,9 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     for name in ("mesh-reconciler/reconcile-every-60-s", "mesh-watchdog/watchdog-every-60-s"):
         [schedule] = deployments[name].schedules
         assert schedule.schedule.interval.total_seconds() == 60
-    assert cohort.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+    assert cohort.pull_steps[0]["prefect.deployments.steps.set_working_directory"][
+        "directory"
+    ] == str(ROOT)
 
     # What Prefect's scheduler service does every minute: create the next runs of each
     # schedule. (With SQLAlchemy 2.1 this raised, so no scheduled run was ever created.)

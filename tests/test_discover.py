@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from fleet.clock import ManualClock
 from fleet.fleetfile import Commands, FleetFile
 from fleet.models import FleetConfig, Stage, Trajectory
@@ -17,8 +16,15 @@ CMD = Commands(skill=["s"], review=["r"], evolve=["e"], ship=["x"])
 
 def comp(tmp_path, n: int = 30, **settings) -> Components:
     fleet = FleetFile(commands=CMD, apps=[{"id": f"app{i:02d}"} for i in range(n)])
-    return Components(settings=FleetSettings(**settings), fleet=fleet, store=SQLiteStore(tmp_path / "f.db"),
-                      dispatcher=None, gate=None, extractor=None, clock=ManualClock())
+    return Components(
+        settings=FleetSettings(**settings),
+        fleet=fleet,
+        store=SQLiteStore(tmp_path / "f.db"),
+        dispatcher=None,
+        gate=None,
+        extractor=None,
+        clock=ManualClock(),
+    )
 
 
 def test_first_cohort_is_top_ten_by_reward(tmp_path):
@@ -48,8 +54,11 @@ def test_max_concurrent_counts_apps_in_flight_anywhere(tmp_path):
     c.store.claim_app("app00", "h:1", "r", c.clock.now(), 600)
     plan = discover(c, 5, False, False)
     assert plan.start == ["app01", "app02"]
-    assert plan.skipped == {"app00": "in flight", "app03": "waiting (max_concurrent=3)",
-                            "app04": "waiting (max_concurrent=3)"}
+    assert plan.skipped == {
+        "app00": "in flight",
+        "app03": "waiting (max_concurrent=3)",
+        "app04": "waiting (max_concurrent=3)",
+    }
     c.clock.advance(seconds=601)  # the claim expired: no longer in flight
     assert discover(c, 5, False, False).start == ["app00", "app01", "app02"]
 
@@ -81,7 +90,9 @@ def test_finished_apps_do_not_hold_cohort_places(tmp_path):
     c.store.set_fleet_config(FleetConfig(max_concurrent=100))
     for i in range(10):
         finish(c, f"app{i:02d}")
-        c.store.record_trajectory(Trajectory(app_id=f"app{i:02d}", run_id="r", outcome="success", reward=1.0))
+        c.store.record_trajectory(
+            Trajectory(app_id=f"app{i:02d}", run_id="r", outcome="success", reward=1.0)
+        )
     plan = discover(c, 10, False, False)
     assert plan.start == [f"app{i:02d}" for i in range(10, 20)]
     # the finished apps ranked within the top 10 are still reported as such
@@ -99,7 +110,9 @@ def test_an_app_run_claims_only_within_max_concurrent(tmp_path):
     assert claim(c, "app00", "run-a") is not None
     assert claim(c, "app01", "run-b") is None  # the other run's pick must wait
     assert not_claimed_note(c, "app01") == "waiting (max_concurrent=1)"
-    assert claim(c, "app00", "run-c") is None and not_claimed_note(c, "app00") == "in flight elsewhere"
+    assert (
+        claim(c, "app00", "run-c") is None and not_claimed_note(c, "app00") == "in flight elsewhere"
+    )
 
 
 def test_a_killed_run_on_this_host_holds_nothing(tmp_path):
@@ -109,8 +122,12 @@ def test_a_killed_run_on_this_host_holds_nothing(tmp_path):
     import subprocess
     import sys
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     c = comp(tmp_path)
     c.store.set_fleet_config(FleetConfig(max_concurrent=3))
     c.store.ensure_apps(["app00"], c.clock.now())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -24,9 +25,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_worker(pool: str, name: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--name", name,
-         "--limit", "1"],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--name",
+            name,
+            "--limit",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -42,15 +58,14 @@ def stop(worker: subprocess.Popen) -> None:
         os.killpg(worker.pid, signal.SIGTERM)
         worker.wait(timeout=20)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         worker.wait(timeout=10)
 
 
 async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_once(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -63,8 +78,10 @@ async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_
     pool, deployment = f"fanout-{suffix}", f"fanout-{suffix}"
     db = tmp_path / "fleet.db"
     fleet_env = {
-        "FLEET_HOME": str(tmp_path / "home"), "FLEET_STORE_URL": f"sqlite:///{db}",
-        "FLEET_APP_DEPLOYMENT": f"app-evolution/{deployment}", "FLEET_COHORT_POLL_SECONDS": "1",
+        "FLEET_HOME": str(tmp_path / "home"),
+        "FLEET_STORE_URL": f"sqlite:///{db}",
+        "FLEET_APP_DEPLOYMENT": f"app-evolution/{deployment}",
+        "FLEET_COHORT_POLL_SECONDS": "1",
     }
     for key, value in fleet_env.items():
         monkeypatch.setenv(key, value)
@@ -73,14 +90,21 @@ async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     app_deployment = await evolve_app.to_deployment(
-        name=deployment, work_pool_name=pool, job_variables={"working_dir": str(ROOT)})
+        name=deployment, work_pool_name=pool, job_variables={"working_dir": str(ROOT)}
+    )
     deployment_id = await app_deployment.apply()
 
-    env = {**os.environ, **fleet_env, "PREFECT_API_URL": PREFECT_API_URL.value(),
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}
+    env = {
+        **os.environ,
+        **fleet_env,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+    }
     logs = [tmp_path / "worker-a.log", tmp_path / "worker-b.log"]
-    workers = [start_worker(pool, f"worker-{w}", env, log)
-               for w, log in zip("ab", logs, strict=True)]
+    workers = [
+        start_worker(pool, f"worker-{w}", env, log) for w, log in zip("ab", logs, strict=True)
+    ]
     try:
         rows = await fleet_cohort(fleet_file=str(demo_fleet(tmp_path)), fan_out=True)
     finally:
@@ -96,7 +120,8 @@ async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_
         assert len(store.list_trajectories(app)) == 1  # LEARN once: the app ran once
     async with get_client() as client:
         runs = await client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
     apps = sorted(r.parameters["app_id"] for r in runs)
     assert apps == ["demo-calc", "demo-notes", "demo-weather"]  # one run per app, none twice
     assert all(r.state.is_completed() for r in runs)

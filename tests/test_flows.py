@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -37,11 +38,15 @@ def env(tmp_path, monkeypatch):
 
 def counting(tmp_path: Path, mode: str) -> list[str]:
     """The demo agent's `mode`, logging each invocation to <tmp>/<mode>.calls."""
-    return script(tmp_path, f"count_{mode}", (
-        "import os, sys\n"
-        f"open({str(tmp_path / (mode + '.calls'))!r}, 'a').write(sys.argv[1] + '\\n')\n"
-        f"os.execv(sys.executable, [sys.executable, {AGENT!r}, {mode!r}, *sys.argv[1:]])\n"
-    ))
+    return script(
+        tmp_path,
+        f"count_{mode}",
+        (
+            "import os, sys\n"
+            f"open({str(tmp_path / (mode + '.calls'))!r}, 'a').write(sys.argv[1] + '\\n')\n"
+            f"os.execv(sys.executable, [sys.executable, {AGENT!r}, {mode!r}, *sys.argv[1:]])\n"
+        ),
+    )
 
 
 def calls(tmp_path: Path, mode: str) -> list[str]:
@@ -58,7 +63,9 @@ async def test_demo_cohort_completes_every_app_and_publishes_artifacts(env, tmp_
 
     path = demo_fleet(tmp_path)
     rows = await fleet_cohort(fleet_file=str(path))
-    assert {r.app: r.stage for r in rows} == {a: "complete" for a in ("demo-calc", "demo-notes", "demo-weather")}
+    assert {r.app: r.stage for r in rows} == {
+        a: "complete" for a in ("demo-calc", "demo-notes", "demo-weather")
+    }
     assert all(r.skill_tasks >= 3 and r.adversarial_issues >= 1 and r.shipped for r in rows)
     notes = {r.app: r.notes for r in rows}
     assert any("protected path changed: ci/protected.cfg" in n for n in notes["demo-notes"])
@@ -69,7 +76,9 @@ async def test_demo_cohort_completes_every_app_and_publishes_artifacts(env, tmp_
     keys = ["fleet-cohort", "fleet-cohort-progress", "app-demo-notes"]
     async with get_client() as client:
         found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)), sort=ArtifactSort.CREATED_DESC)
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            sort=ArtifactSort.CREATED_DESC,
+        )
     artifacts: dict = {}
     for artifact in found:  # newest first: earlier tests' cohort runs published these keys too
         artifacts.setdefault(artifact.key, artifact)
@@ -98,20 +107,29 @@ async def test_two_cohort_runs_at_once_process_each_app_once(env, tmp_path):
     from flows.cohort import fleet_cohort
 
     path = demo_fleet(tmp_path, skill=[*counting(tmp_path, "skill"), "{repo}", "{prompt}"])
-    first, second = await asyncio.gather(fleet_cohort(fleet_file=str(path)), fleet_cohort(fleet_file=str(path)))
+    first, second = await asyncio.gather(
+        fleet_cohort(fleet_file=str(path)), fleet_cohort(fleet_file=str(path))
+    )
     store = SQLiteStore(env)
     for app in ("demo-calc", "demo-notes", "demo-weather"):
         assert store.get_state(app).stage is Stage.COMPLETE
         assert len(store.list_trajectories(app)) == 1
     repos = [Path(line) for line in calls(tmp_path, "skill")]
     # demo-weather's skill runs twice by design (prose, then the explicit retry).
-    assert sorted(r.name for r in repos) == ["demo-calc", "demo-notes", "demo-weather", "demo-weather"]
+    assert sorted(r.name for r in repos) == [
+        "demo-calc",
+        "demo-notes",
+        "demo-weather",
+        "demo-weather",
+    ]
 
 
 async def test_failed_app_records_error_and_trajectory(env, tmp_path):
     from flows.app_evolution import evolve_app
 
-    broken = script(tmp_path, "broken", "import sys; sys.stderr.write('model quota exhausted'); sys.exit(4)\n")
+    broken = script(
+        tmp_path, "broken", "import sys; sys.stderr.write('model quota exhausted'); sys.exit(4)\n"
+    )
     path = demo_fleet(tmp_path, review=[*broken, "{prompt}"])
     state = await evolve_app("demo-calc", fleet_file=str(path), return_state=True)
     assert state.is_failed()
@@ -133,11 +151,15 @@ async def test_the_heartbeat_holds_a_short_claim_through_a_stage_longer_than_the
     monkeypatch.setenv("FLEET_APP_HEARTBEAT_SECONDS", "0.2")
     get_settings.cache_clear()
     reset_components()
-    slow = script(tmp_path, "slow_review", (
-        "import os, sys, time\n"
-        "time.sleep(3)\n"
-        f"os.execv(sys.executable, [sys.executable, {AGENT!r}, 'review', *sys.argv[1:]])\n"
-    ))
+    slow = script(
+        tmp_path,
+        "slow_review",
+        (
+            "import os, sys, time\n"
+            "time.sleep(3)\n"
+            f"os.execv(sys.executable, [sys.executable, {AGENT!r}, 'review', *sys.argv[1:]])\n"
+        ),
+    )
     path = demo_fleet(tmp_path, review=[*slow, "{repo}", "{prompt}"])
     run = asyncio.create_task(evolve_app("demo-calc", fleet_file=str(path)))
     store = SQLiteStore(env)
@@ -162,18 +184,26 @@ async def test_killed_mid_review_resumes_without_redoing_or_duplicating(env, tmp
     from flows.app_evolution import evolve_app
 
     marker = tmp_path / "review-started"
-    slow_review = script(tmp_path, "slow_review", (
-        "import os, time\n"
-        f"open({str(marker)!r}, 'w').write(str(os.getpid()))\n"
-        "time.sleep(120)\n"
-    ))
+    slow_review = script(
+        tmp_path,
+        "slow_review",
+        (f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n"),
+    )
     skill = [*counting(tmp_path, "skill"), "{repo}", "{prompt}"]
     path = demo_fleet(tmp_path, skill=skill, review=[*slow_review, "{prompt}"])
     child = subprocess.Popen(
-        [PY, "-c", "import asyncio, sys; from flows.app_evolution import evolve_app; "
-                   "asyncio.run(evolve_app('demo-calc', fleet_file=sys.argv[1]))", str(path)],
-        cwd=ROOT, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            PY,
+            "-c",
+            "import asyncio, sys; from flows.app_evolution import evolve_app; "
+            "asyncio.run(evolve_app('demo-calc', fleet_file=sys.argv[1]))",
+            str(path),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -190,10 +220,8 @@ async def test_killed_mid_review_resumes_without_redoing_or_duplicating(env, tmp
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         if marker.exists() and marker.read_text():
-            try:
-                os.kill(int(marker.read_text()), signal.SIGKILL)  # the orphaned remote "agent"
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):  # the orphaned remote "agent"
+                os.kill(int(marker.read_text()), signal.SIGKILL)
 
     demo_fleet(tmp_path, skill=skill)  # the agent is healthy again for the rerun
     held = store.get_state("demo-calc")
@@ -210,12 +238,17 @@ async def test_fleet_config_block_edits_apply_to_the_next_run(env, tmp_path, mon
     from flows.cohort import fleet_cohort
 
     seen = tmp_path / "review-target"
-    review = script(tmp_path, "review_target", "import os, sys\n"
-                    f"open({str(seen)!r}, 'a').write(os.environ['FLEET_TARGET'] + '\\n')\n"
-                    f"os.execv(sys.executable, [sys.executable, {AGENT!r}, 'review', *sys.argv[1:]])\n")
+    review = script(
+        tmp_path,
+        "review_target",
+        "import os, sys\n"
+        f"open({str(seen)!r}, 'a').write(os.environ['FLEET_TARGET'] + '\\n')\n"
+        f"os.execv(sys.executable, [sys.executable, {AGENT!r}, 'review', *sys.argv[1:]])\n",
+    )
     path = demo_fleet(tmp_path, review=[*review, "{repo}", "{prompt}"])
     await FleetConfigBlock(fleet_file=str(path), max_concurrent=1, review_target="mac9").asave(
-        "flow-test", overwrite=True)
+        "flow-test", overwrite=True
+    )
     monkeypatch.setenv("FLEET_CONFIG_BLOCK", "fleet-config/flow-test")
     get_settings.cache_clear()
     rows = await fleet_cohort()  # the fleet file comes from the block too
@@ -232,7 +265,10 @@ async def test_demo_cohort_on_the_real_postgresql(pg_url, tmp_path, monkeypatch)
 
     store = PostgresStore(pg_url)  # applies the migrations
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE app_evolution_states, app_evolution_tasks, trajectories, cohorts, fleet_config")
+        conn.execute(
+            "TRUNCATE app_evolution_states, app_evolution_tasks, trajectories, cohorts, "
+            "fleet_config"
+        )
     monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLEET_STORE_URL", pg_url)
     get_settings.cache_clear()

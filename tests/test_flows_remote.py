@@ -40,9 +40,12 @@ def remote(tmp_path, monkeypatch):
         hydra.set_check(app["id"], CHECK, cwd=repos / app["id"])
     db = tmp_path / "fleet.db"
     for name, value in {
-        "FLEET_STORE_URL": f"sqlite:///{db}", "FLEET_HOME": str(tmp_path / "home"),
-        "FLEET_AURA_URL": aura.url, "FLEET_AURA_TOKEN": TOKEN,
-        "FLEET_HYDRA_URL": hydra.url, "FLEET_HYDRA_TOKEN": TOKEN,
+        "FLEET_STORE_URL": f"sqlite:///{db}",
+        "FLEET_HOME": str(tmp_path / "home"),
+        "FLEET_AURA_URL": aura.url,
+        "FLEET_AURA_TOKEN": TOKEN,
+        "FLEET_HYDRA_URL": hydra.url,
+        "FLEET_HYDRA_TOKEN": TOKEN,
     }.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
@@ -101,7 +104,9 @@ async def test_cohort_publishes_the_breaker_of_each_endpoint(remote):
     async with get_client() as client:
         [table] = await client.read_artifacts(  # the newest: other cohort runs publish one too
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fleet-breakers"])),
-            sort=ArtifactSort.CREATED_DESC, limit=1)
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
     assert f"aura {aura.url}" in str(table.data) and f"hydra {hydra.url}" in str(table.data)
 
 

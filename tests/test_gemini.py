@@ -1,4 +1,4 @@
-"""GeminiExtractor at the HTTP layer: google-genai talks to an httpx.MockTransport with REST bodies."""
+"""GeminiExtractor at the HTTP layer: google-genai talks to an httpx.MockTransport, REST bodies."""
 
 from __future__ import annotations
 
@@ -23,8 +23,17 @@ SKILL_OUTPUT = """Reviewed the app. The login screen crashes on iPad rotation (L
 Also the settings toggle does not persist, and the onboarding copy has typos."""
 
 TASKS = [
-    {"priority": 1, "description": "Fix the iPad rotation crash on the login screen.", "source": "skill", "file": "LoginView.swift"},
-    {"priority": 2, "description": "Persist the settings toggle across launches.", "source": "skill"},
+    {
+        "priority": 1,
+        "description": "Fix the iPad rotation crash on the login screen.",
+        "source": "skill",
+        "file": "LoginView.swift",
+    },
+    {
+        "priority": 2,
+        "description": "Persist the settings toggle across launches.",
+        "source": "skill",
+    },
     {"priority": 5, "description": "Fix typos in the onboarding copy.", "source": "skill"},
 ]
 
@@ -36,14 +45,20 @@ def gemini_body(text: str | None, finish: str = "STOP") -> dict:
         candidate["content"] = {"parts": [{"text": text}], "role": "model"}
     return {
         "candidates": [candidate],
-        "usageMetadata": {"promptTokenCount": 412, "candidatesTokenCount": 96, "totalTokenCount": 508},
+        "usageMetadata": {
+            "promptTokenCount": 412,
+            "candidatesTokenCount": 96,
+            "totalTokenCount": 508,
+        },
         "modelVersion": MODEL,
         "responseId": "resp-" + uuid.uuid4().hex[:8],
     }
 
 
 def api_error(code: int, status: str, message: str) -> httpx.Response:
-    return httpx.Response(code, json={"error": {"code": code, "message": message, "status": status}})
+    return httpx.Response(
+        code, json={"error": {"code": code, "message": message, "status": status}}
+    )
 
 
 class FakeGemini:
@@ -68,14 +83,18 @@ def sleeps():
 
 
 def extractor(fake: FakeGemini, sleeps: list, **kw) -> GeminiExtractor:
-    kw.setdefault("breaker", CircuitBreaker(f"gemini-test-{uuid.uuid4().hex[:8]}", 2, 60, ManualClock()))
+    kw.setdefault(
+        "breaker", CircuitBreaker(f"gemini-test-{uuid.uuid4().hex[:8]}", 2, 60, ManualClock())
+    )
     return GeminiExtractor(
         SecretStr(KEY), MODEL, transport=httpx.MockTransport(fake), sleep=sleeps.append, **kw
     )
 
 
 def test_is_an_extractor(sleeps):
-    assert isinstance(extractor(FakeGemini(httpx.Response(200, json=gemini_body("[]"))), sleeps), Extractor)
+    assert isinstance(
+        extractor(FakeGemini(httpx.Response(200, json=gemini_body("[]"))), sleeps), Extractor
+    )
 
 
 async def test_extracts_tasks_and_sends_model_schema_and_key_header(sleeps):
@@ -131,7 +150,9 @@ async def test_blocked_prompt_gives_no_tasks_and_says_why(sleeps, caplog):
 
 
 async def test_truncated_answer_gives_no_tasks(sleeps, caplog):
-    fake = FakeGemini(httpx.Response(200, json=gemini_body('[{"priority": 1, "descr', finish="MAX_TOKENS")))
+    fake = FakeGemini(
+        httpx.Response(200, json=gemini_body('[{"priority": 1, "descr', finish="MAX_TOKENS"))
+    )
     assert await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1") == []
     assert "not JSON" in caplog.text
 
@@ -173,19 +194,25 @@ async def test_rate_limit_storm_fails_after_bounded_attempts_and_opens_the_break
 
 
 async def test_invalid_key_is_clear_and_never_shown(sleeps, caplog):
-    fake = FakeGemini(api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key."))
+    fake = FakeGemini(
+        api_error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.")
+    )
     gem = extractor(fake, sleeps)
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(ExtractionError) as err:
-            await gem.extract(SKILL_OUTPUT, "app1")
-    assert str(err.value) == "Gemini refused the API key (400): check the Gemini block / FLEET_GEMINI_API_KEY"
+    with caplog.at_level(logging.DEBUG), pytest.raises(ExtractionError) as err:
+        await gem.extract(SKILL_OUTPUT, "app1")
+    assert (
+        str(err.value)
+        == "Gemini refused the API key (400): check the Gemini block / FLEET_GEMINI_API_KEY"
+    )
     assert len(fake.requests) == 1  # a refused key is not retried
     for shown in (str(err.value), repr(err.value), repr(gem), caplog.text):
         assert KEY not in shown
 
 
 async def test_unknown_model_names_the_setting(sleeps):
-    fake = FakeGemini(api_error(404, "NOT_FOUND", f"models/{MODEL} is not found for API version v1"))
+    fake = FakeGemini(
+        api_error(404, "NOT_FOUND", f"models/{MODEL} is not found for API version v1")
+    )
     with pytest.raises(ExtractionError, match="FLEET_GEMINI_MODEL"):
         await extractor(fake, sleeps).extract(SKILL_OUTPUT, "app1")
 
@@ -198,7 +225,10 @@ async def test_network_timeout_is_retried_then_reported(sleeps):
         raise httpx.ReadTimeout("timed out", request=request)
 
     gem = GeminiExtractor(
-        SecretStr(KEY), MODEL, transport=httpx.MockTransport(handler), sleep=sleeps.append,
+        SecretStr(KEY),
+        MODEL,
+        transport=httpx.MockTransport(handler),
+        sleep=sleeps.append,
         breaker=CircuitBreaker(f"gemini-test-{uuid.uuid4().hex[:8]}", 5, 60, ManualClock()),
     )
     with pytest.raises(ExtractionError, match="after 3 attempt.*ReadTimeout"):

@@ -54,7 +54,9 @@ def test_is_a_quality_gate(make):
 
 
 async def test_passing_status_maps_to_gate_status(server, make):
-    server.set_status("habit-tracker", phase="complete", cycle=7, is_passing=True, score=0.93, tests="41/41")
+    server.set_status(
+        "habit-tracker", phase="complete", cycle=7, is_passing=True, score=0.93, tests="41/41"
+    )
     status = await make().status("habit-tracker")
     assert status == GateStatus(
         phase="complete", cycle=7, is_passing=True, score=0.93, detail='{"tests": "41/41"}'
@@ -62,7 +64,9 @@ async def test_passing_status_maps_to_gate_status(server, make):
 
 
 async def test_never_passing_app_stays_not_passing(server, make):
-    server.set_check("stubborn", [sys.executable, "-c", "import sys; print('2 failures'); sys.exit(1)"])
+    server.set_check(
+        "stubborn", [sys.executable, "-c", "import sys; print('2 failures'); sys.exit(1)"]
+    )
     gate = make()
     seen = [await gate.status("stubborn") for _ in range(4)]
     assert [s.is_passing for s in seen] == [False] * 4
@@ -145,10 +149,11 @@ async def test_hang_beyond_timeout_is_retried_then_unavailable(server, make):
 async def test_wrong_token_is_clear_and_secret(server, make, caplog):
     server.set_status("app1")
     wrong = "wrong-" + TOKEN
-    with caplog.at_level(logging.DEBUG):
-        with pytest.raises(QualityGateError) as err:
-            await make(token=SecretStr(wrong)).status("app1")
-    assert str(err.value) == "Hydra refused the token (401): check the Hydra block / FLEET_HYDRA_TOKEN"
+    with caplog.at_level(logging.DEBUG), pytest.raises(QualityGateError) as err:
+        await make(token=SecretStr(wrong)).status("app1")
+    assert (
+        str(err.value) == "Hydra refused the token (401): check the Hydra block / FLEET_HYDRA_TOKEN"
+    )
     assert wrong not in caplog.text and TOKEN not in caplog.text
 
 

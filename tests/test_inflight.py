@@ -9,10 +9,9 @@ import sys
 from datetime import timedelta
 
 from fleet.clock import ManualClock
-from fleet.inflight import dead_on_this_host, in_flight, steal_from
+from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState
 from fleet.settings import FleetSettings
-from fleet.inflight import owner_id
 from tests.store_contract import T0
 
 

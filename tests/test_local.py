@@ -24,7 +24,8 @@ def executor(tmp_path):
 async def test_output_is_captured_and_target_model_passed(executor):
     task = await executor.dispatch(
         [PY, "-c", "import os; print(os.environ['FLEET_TARGET'], os.environ['FLEET_MODEL'])"],
-        target="mac4", model="codex",
+        target="mac4",
+        model="codex",
     )
     assert (await executor.poll_and_retrieve(task, 10)).strip() == "mac4 codex"
 
@@ -42,7 +43,9 @@ async def test_arguments_are_never_given_to_a_shell(executor, tmp_path):
 
 
 async def test_failure_carries_exit_code_and_stderr_tail(executor):
-    task = await executor.spawn([PY, "-c", "import sys; sys.stderr.write('agent crashed: no token'); sys.exit(3)"])
+    task = await executor.spawn(
+        [PY, "-c", "import sys; sys.stderr.write('agent crashed: no token'); sys.exit(3)"]
+    )
     with pytest.raises(AgentFailed, match="exited with code 3: agent crashed: no token"):
         await executor.poll_and_retrieve(task, 10)
 
@@ -68,13 +71,18 @@ async def test_timeout_kills_the_whole_process_tree(executor, tmp_path):
     grandchild = int(pidfile.read_text())
     with pytest.raises(DispatchTimeout, match="still running after 0.5 s"):
         await executor.poll_and_retrieve(task, 0.5)
-    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(grandchild)
+        or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+    )
 
 
-ORPHAN = (  # starts a grandchild whose parent exits at once: it is no longer in the tree, only in the group
+# Starts a grandchild whose parent exits at once: it is no longer in the tree, only in the group.
+ORPHAN = (
     "import subprocess, sys, time\n"
     "mid = subprocess.Popen([sys.executable, '-c', "
-    "'import subprocess, sys; p = subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\"]); "
+    "'import subprocess, sys; "
+    'p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
     "print(p.pid, flush=True)'], stdout=subprocess.PIPE, text=True)\n"
     "open(sys.argv[1], 'w').write(mid.stdout.readline().strip())\n"
     "mid.wait()\n"
@@ -110,13 +118,16 @@ async def test_gate_check_timeout_kills_an_orphan_that_holds_the_output_pipe(tmp
 
 ESCAPEE = (  # starts a grandchild in a session of its own: neither in the tree nor in the group
     "import subprocess, sys, time\n"
-    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "start_new_session=True)\n"
     "open(sys.argv[1], 'w').write(str(p.pid))\n"
     "time.sleep(60)\n"
 )
 
 
-@pytest.mark.parametrize("program", [ORPHAN, ESCAPEE], ids=["orphan-in-the-group", "left-the-session"])
+@pytest.mark.parametrize(
+    "program", [ORPHAN, ESCAPEE], ids=["orphan-in-the-group", "left-the-session"]
+)
 async def test_timeout_kills_what_the_command_started_wherever_it_went(executor, tmp_path, program):
     pidfile = tmp_path / "grandchild.pid"
     task = await executor.spawn([PY, "-c", program, str(pidfile)])
@@ -133,16 +144,30 @@ async def test_unknown_task(executor):
 
 async def test_gate_reports_phase_cycle_and_passing(tmp_path):
     flag = tmp_path / "ok"
-    gate = LocalQualityGate({"app": ([PY, "-c", f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)"], tmp_path)})
+    gate = LocalQualityGate(
+        {
+            "app": (
+                [PY, "-c", f"import os, sys; sys.exit(0 if os.path.exists({str(flag)!r}) else 1)"],
+                tmp_path,
+            )
+        }
+    )
     first = await gate.status("app")
     assert (first.phase, first.cycle, first.is_passing) == ("failing", 1, False)
     flag.touch()
     second = await gate.status("app")
-    assert (second.phase, second.cycle, second.is_passing, second.score) == ("passing", 2, True, 1.0)
+    assert (second.phase, second.cycle, second.is_passing, second.score) == (
+        "passing",
+        2,
+        True,
+        1.0,
+    )
 
 
 async def test_gate_check_timeout_fails_the_check(tmp_path):
-    gate = LocalQualityGate({"app": ([PY, "-c", "import time; time.sleep(30)"], tmp_path)}, timeout=0.3)
+    gate = LocalQualityGate(
+        {"app": ([PY, "-c", "import time; time.sleep(30)"], tmp_path)}, timeout=0.3
+    )
     status = await gate.status("app")
     assert not status.is_passing and "timed out" in status.detail
 

@@ -34,7 +34,12 @@ async def test_demo_app_goes_through_every_stage(tmp_path):
     assert run.state().stage is Stage.COMPLETE and run.shipped
     trajectory = await run_learn(run, "success")
     assert (trajectory.skill_tasks, trajectory.adversarial_issues) == (len(tasks), len(issues))
-    assert trajectory.reward == 1.0 and set(trajectory.durations) == {"skill", "review", "evolve", "ship"}
+    assert trajectory.reward == 1.0 and set(trajectory.durations) == {
+        "skill",
+        "review",
+        "evolve",
+        "ship",
+    }
     assert run.store.list_trajectories("demo-calc") == [trajectory]
     builds = list((tmp_path / "demo" / "repos" / "dist").glob("demo-calc-*.tar.gz"))
     assert len(builds) == 1
@@ -60,8 +65,12 @@ async def test_too_few_tasks_retries_once_with_the_explicit_prompt(tmp_path):
 
 async def test_still_too_few_tasks_fails_with_insufficient_tasks(tmp_path):
     calls = tmp_path / "calls"
-    skill = script(tmp_path, "skill", f"import sys\nopen({str(calls)!r}, 'a').write(repr(sys.argv[2:]) + '\\n')\n"
-                   "print('Looked around; the app seems fine.')\n")
+    skill = script(
+        tmp_path,
+        "skill",
+        f"import sys\nopen({str(calls)!r}, 'a').write(repr(sys.argv[2:]) + '\\n')\n"
+        "print('Looked around; the app seems fine.')\n",
+    )
     run = app_run(tmp_path, demo_fleet(tmp_path, skill=[*skill, "{repo}", "{prompt}"]))
     with pytest.raises(StageFailed, match="insufficient_tasks: 0 task"):
         await run_skill(run)
@@ -72,10 +81,14 @@ async def test_still_too_few_tasks_fails_with_insufficient_tasks(tmp_path):
 
 async def test_review_goes_to_review_target_with_prior_tasks(tmp_path):
     seen = tmp_path / "seen.json"
-    review = script(tmp_path, "review", "import json, os, sys\n"
-                    f"json.dump({{'target': os.environ['FLEET_TARGET'], 'model': os.environ['FLEET_MODEL'], "
-                    f"'prompt': sys.argv[1]}}, open({str(seen)!r}, 'w'))\n"
-                    "print('ISSUE FILE: a.py SEVERITY: critical FIX: Stop the crash.')\n")
+    review = script(
+        tmp_path,
+        "review",
+        "import json, os, sys\n"
+        f"json.dump({{'target': os.environ['FLEET_TARGET'], 'model': os.environ['FLEET_MODEL'], "
+        f"'prompt': sys.argv[1]}}, open({str(seen)!r}, 'w'))\n"
+        "print('ISSUE FILE: a.py SEVERITY: critical FIX: Stop the crash.')\n",
+    )
     run = app_run(tmp_path, demo_fleet(tmp_path, review=[*review, "{prompt}"]))
     tasks = await run_skill(run)
     issues = await run_review(run, tasks)
@@ -87,7 +100,9 @@ async def test_review_goes_to_review_target_with_prior_tasks(tmp_path):
 
 async def test_ship_is_dispatched_to_the_ship_target(tmp_path):
     seen = tmp_path / "target"
-    ship = script(tmp_path, "ship", f"import os\nopen({str(seen)!r}, 'w').write(os.environ['FLEET_TARGET'])\n")
+    ship = script(
+        tmp_path, "ship", f"import os\nopen({str(seen)!r}, 'w').write(os.environ['FLEET_TARGET'])\n"
+    )
     run = app_run(tmp_path, demo_fleet(tmp_path, ship=ship))
     advance(run, Stage.HYDRA_BUILD)
     await run_ship(run)
@@ -136,7 +151,9 @@ async def test_resumed_past_the_hard_stop_fails_without_evolving_again(tmp_path)
     clock.advance(hours=4, minutes=30)  # the orchestrator came back after the hard stop
     with pytest.raises(StageFailed, match="^Hydra timeout 4h$"):
         await run_evolve(run)
-    assert not evolved.exists() and "demo-calc" not in run.gate._cycles  # a late pass would not count
+    assert (
+        not evolved.exists() and "demo-calc" not in run.gate._cycles
+    )  # a late pass would not count
 
 
 class FlakyGate:
@@ -168,17 +185,25 @@ async def test_a_newer_claim_fences_the_old_run(tmp_path):
 
 
 def losing_agent(tmp_path, name: str, body: str) -> list[str]:
-    """An agent during whose work the run loses the app: an operator's `fleet reset` lands mid-stage."""
-    return script(tmp_path, name, "from datetime import datetime, timezone\nfrom fleet.store.sqlite import SQLiteStore\n"
-                  f"SQLiteStore({str(tmp_path / 'fleet.db')!r}).reset_app('demo-calc', datetime.now(timezone.utc))\n"
-                  + body)
+    """An agent in whose work the run loses the app: an operator's `fleet reset` lands mid-stage."""
+    return script(
+        tmp_path,
+        name,
+        "from datetime import datetime, timezone\nfrom fleet.store.sqlite import SQLiteStore\n"
+        f"SQLiteStore({str(tmp_path / 'fleet.db')!r})"
+        ".reset_app('demo-calc', datetime.now(timezone.utc))\n" + body,
+    )
 
 
 async def test_a_run_that_lost_the_app_mid_stage_writes_none_of_its_tasks(tmp_path):
     from fleet.parsing import TASKS_END, TASKS_START
 
-    tasks = [{"priority": p, "description": f"Fix thing {p}.", "file": "calc.py"} for p in (1, 2, 3)]
-    skill = losing_agent(tmp_path, "skill", f"print({TASKS_START + json.dumps(tasks) + TASKS_END!r})\n")
+    tasks = [
+        {"priority": p, "description": f"Fix thing {p}.", "file": "calc.py"} for p in (1, 2, 3)
+    ]
+    skill = losing_agent(
+        tmp_path, "skill", f"print({TASKS_START + json.dumps(tasks) + TASKS_END!r})\n"
+    )
     run = app_run(tmp_path, demo_fleet(tmp_path, skill=skill))
     with pytest.raises(StaleLease):
         await run_skill(run)
@@ -187,7 +212,10 @@ async def test_a_run_that_lost_the_app_mid_stage_writes_none_of_its_tasks(tmp_pa
 
 async def test_a_run_that_lost_the_app_does_not_ship(tmp_path):
     shipped = tmp_path / "shipped"
-    run = app_run(tmp_path, demo_fleet(tmp_path, ship=script(tmp_path, "ship", f"open({str(shipped)!r}, 'w')\n")))
+    run = app_run(
+        tmp_path,
+        demo_fleet(tmp_path, ship=script(tmp_path, "ship", f"open({str(shipped)!r}, 'w')\n")),
+    )
     advance(run, Stage.HYDRA_BUILD)
     run.store.reset_app("demo-calc", run.clock.now())  # the app was taken back before SHIP
     with pytest.raises(StaleLease):
@@ -234,8 +262,9 @@ async def test_many_apps_waiting_on_the_gate_hold_no_thread_each():
     clock = SystemClock()
     before = threading.active_count()
     deadline = clock.now() + timedelta(seconds=0.5)
-    waits = asyncio.gather(*(wait_for_quality(NeverPassing(), f"app{i}", clock, 0.01, deadline)
-                             for i in range(500)))
+    waits = asyncio.gather(
+        *(wait_for_quality(NeverPassing(), f"app{i}", clock, 0.01, deadline) for i in range(500))
+    )
     await asyncio.sleep(0.2)
     during = threading.active_count()
     assert await waits == [None] * 500  # the deadline came first for every one

@@ -26,8 +26,15 @@ def store(tmp_path):
 
 
 def heartbeat(store, epoch: int) -> ClaimHeartbeat:
-    return ClaimHeartbeat(store, "app-a", epoch, clock=SystemClock(), lease_seconds=LEASE,
-                          every_seconds=EVERY, outage_budget=5)
+    return ClaimHeartbeat(
+        store,
+        "app-a",
+        epoch,
+        clock=SystemClock(),
+        lease_seconds=LEASE,
+        every_seconds=EVERY,
+        outage_budget=5,
+    )
 
 
 def test_settings_are_the_issues_figures():
@@ -50,8 +57,10 @@ def test_the_claim_lives_as_long_as_the_run_and_one_lease_after(store):
     assert beat.beats >= 20 and not beat.lost.is_set()
     state = store.get_state("app-a")
     assert state.lease_until - clock.now() <= timedelta(seconds=LEASE)
-    assert store.claim_app("app-a", "host:2", "run-2", clock.now() + timedelta(seconds=LEASE),
-                           LEASE) == epoch + 1
+    assert (
+        store.claim_app("app-a", "host:2", "run-2", clock.now() + timedelta(seconds=LEASE), LEASE)
+        == epoch + 1
+    )
 
 
 def test_a_run_whose_app_was_taken_learns_it_at_the_next_beat(store):
@@ -70,5 +79,12 @@ def test_a_run_whose_app_was_taken_learns_it_at_the_next_beat(store):
 
 def test_the_heartbeat_must_beat_inside_the_lease(store):
     with pytest.raises(ValueError, match="app_heartbeat_seconds must be below app_lease_seconds"):
-        ClaimHeartbeat(store, "app-a", 1, clock=SystemClock(), lease_seconds=20,
-                       every_seconds=20, outage_budget=5)
+        ClaimHeartbeat(
+            store,
+            "app-a",
+            1,
+            clock=SystemClock(),
+            lease_seconds=20,
+            every_seconds=20,
+            outage_budget=5,
+        )

@@ -21,9 +21,14 @@ def store(tmp_path):
 
 def planner(store, holder: str, clock: ManualClock) -> PlannerLease:
     s = FleetSettings()
-    return PlannerLease(store, holder, clock, lease_seconds=s.planner_lease_seconds,
-                        renew_seconds=s.planner_renew_seconds,
-                        retry_seconds=s.planner_retry_seconds)
+    return PlannerLease(
+        store,
+        holder,
+        clock,
+        lease_seconds=s.planner_lease_seconds,
+        renew_seconds=s.planner_renew_seconds,
+        retry_seconds=s.planner_retry_seconds,
+    )
 
 
 def test_settings_are_the_issues_figures():
@@ -104,7 +109,14 @@ def test_describe_an_expired_leader():
     from fleet.store.base import Lease
     from fleet.store.leadership import describe_leader
 
-    lease = Lease(name="planner", holder="vm-a", epoch=3, acquired_at=T0, renewed_at=T0,
-                  expires_at=T0 + timedelta(seconds=15))
+    lease = Lease(
+        name="planner",
+        holder="vm-a",
+        epoch=3,
+        acquired_at=T0,
+        renewed_at=T0,
+        expires_at=T0 + timedelta(seconds=15),
+    )
     assert describe_leader(lease, T0 + timedelta(seconds=45)) == (
-        "planner: none live — last vm-a (epoch 3), expired 30 s ago")
+        "planner: none live — last vm-a (epoch 3), expired 30 s ago"
+    )

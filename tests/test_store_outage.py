@@ -29,8 +29,10 @@ class Flaky:
     def __call__(self) -> str:
         self.calls += 1
         if (self.clock.now() - T0).total_seconds() < self.back_at:
-            raise StoreUnreachable("PostgreSQL store at db:5432/fleet: cannot connect: "
-                                   "OperationalError: connection refused\nsecond line")
+            raise StoreUnreachable(
+                "PostgreSQL store at db:5432/fleet: cannot connect: "
+                "OperationalError: connection refused\nsecond line"
+            )
         return self.value
 
 
@@ -100,10 +102,12 @@ def test_async_calls_of_one_key_log_one_line_per_outage(caplog):
         return call()
 
     async def both() -> list[str]:
-        return list(await asyncio.gather(
-            outage_tolerant(read, budget=300, clock=clock, log_key="cohort", sleep=sleep),
-            outage_tolerant(call, budget=300, clock=clock, log_key="cohort", sleep=sleep),
-        ))
+        return list(
+            await asyncio.gather(
+                outage_tolerant(read, budget=300, clock=clock, log_key="cohort", sleep=sleep),
+                outage_tolerant(call, budget=300, clock=clock, log_key="cohort", sleep=sleep),
+            )
+        )
 
     assert asyncio.run(both()) == ["state", "state"]
     lines = outage_lines(caplog)
@@ -117,8 +121,11 @@ def test_async_past_the_budget():
         clock.advance(seconds)
 
     with pytest.raises(StoreOutage, match="past the outage budget of 5 s"):
-        asyncio.run(outage_tolerant(Flaky(clock, back_at=60), budget=5, clock=clock,
-                                    log_key="app-b", sleep=sleep))
+        asyncio.run(
+            outage_tolerant(
+                Flaky(clock, back_at=60), budget=5, clock=clock, log_key="app-b", sleep=sleep
+            )
+        )
 
 
 def test_a_query_the_store_refused_is_not_an_outage():
@@ -127,8 +134,9 @@ def test_a_query_the_store_refused_is_not_an_outage():
 
     def missing_migration() -> None:
         calls.append(1)
-        raise StoreUnavailable("Supabase at x: rpc fleet_renew_claim failed: PGRST202 … — "
-                               "apply supabase/migrations")
+        raise StoreUnavailable(
+            "Supabase at x: rpc fleet_renew_claim failed: PGRST202 … — apply supabase/migrations"
+        )
 
     with pytest.raises(StoreUnavailable, match="PGRST202"):
         outage_tolerant_sync(missing_migration, budget=300, clock=clock, log_key="app-a")
@@ -147,7 +155,11 @@ def test_which_codes_mean_out_of_reach():
 @pytest.mark.parametrize("outage", [3, 30, 100, 299])
 def test_a_call_notices_the_store_is_back_within_the_cap(outage):
     clock = ManualClock(T0)
-    assert outage_tolerant_sync(Flaky(clock, back_at=outage), budget=300, clock=clock,
-                                log_key=f"late-{outage}") == "state"
+    assert (
+        outage_tolerant_sync(
+            Flaky(clock, back_at=outage), budget=300, clock=clock, log_key=f"late-{outage}"
+        )
+        == "state"
+    )
     late = (clock.now() - T0).total_seconds() - outage
     assert 0 <= late <= 10

@@ -5,7 +5,7 @@ Connector tests run on the real PostgreSQL (the session's throwaway database).""
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -18,16 +18,16 @@ from fleet.store.postgres import PostgresStore
 from fleet.store.refusals import REFUSALS, refusal
 from fleet.store.timestamps import iso, utc
 
-T0 = datetime(2026, 3, 25, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 
 
 # Timestamps -------------------------------------------------------------------------
 def test_a_naive_time_is_utc_and_an_aware_one_keeps_its_instant():
     assert utc(datetime(2026, 3, 25, 12, 0)) == T0
-    assert utc(datetime(2026, 3, 25, 12, 0)).tzinfo is timezone.utc
+    assert utc(datetime(2026, 3, 25, 12, 0)).tzinfo is UTC
     ist = timezone(timedelta(hours=5, minutes=30))
     assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)) == T0
-    assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)).tzinfo is timezone.utc
+    assert utc(datetime(2026, 3, 25, 17, 30, tzinfo=ist)).tzinfo is UTC
 
 
 def test_iso_is_fixed_width_so_strings_sort_in_time_order():
@@ -51,10 +51,13 @@ def test_named_queries_are_split_on_their_name_lines():
     assert queries.parse(text) == {"first": "SELECT 1", "second": "-- why\nSELECT 2;"}
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("-- name: twice\nSELECT 1\n-- name: twice\nSELECT 2\n", "defined twice"),
-    ("-- name: empty\n\n-- name: other\nSELECT 1\n", "has no SQL"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("-- name: twice\nSELECT 1\n-- name: twice\nSELECT 2\n", "defined twice"),
+        ("-- name: empty\n\n-- name: other\nSELECT 1\n", "has no SQL"),
+    ],
+)
 def test_a_malformed_query_file_is_refused(text, problem):
     with pytest.raises(ValueError, match=problem):
         queries.parse(text)
@@ -68,10 +71,15 @@ def test_query_files_are_read_once_and_cannot_be_changed():
         first["claim"] = "DROP TABLE mesh_task_queue"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("package, filename", [
-    ("fleet.store", "queries.sql"), ("fleet.store", "queries_sqlite.sql"),
-    ("fleet.mesh", "queries.sql"), ("fleet.mesh", "queries_sqlite.sql"),
-])
+@pytest.mark.parametrize(
+    "package, filename",
+    [
+        ("fleet.store", "queries.sql"),
+        ("fleet.store", "queries_sqlite.sql"),
+        ("fleet.mesh", "queries.sql"),
+        ("fleet.mesh", "queries_sqlite.sql"),
+    ],
+)
 def test_every_query_file_parses_and_has_no_python_format_pieces(package, filename):
     named = queries.load(package, filename)
     assert named
@@ -82,8 +90,11 @@ def test_every_query_file_parses_and_has_no_python_format_pieces(package, filena
 # The connector on the real PostgreSQL -----------------------------------------------
 @pytest.fixture
 def db(pg_url):
-    connector = PgConnector(pg_url, timeouts=Timeouts(connect=5, statement=1, lock=0.5),
-                            application_name="fleet-conn-test")
+    connector = PgConnector(
+        pg_url,
+        timeouts=Timeouts(connect=5, statement=1, lock=0.5),
+        application_name="fleet-conn-test",
+    )
     yield connector
     connector.close()
 
@@ -114,9 +125,11 @@ def test_a_held_lock_is_an_error_after_the_lock_timeout_not_a_hang(db, pg_url):
 
 def _kill(pg_url: str, application_name: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as admin:
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE application_name = %s AND datname = current_database()",
-                      (application_name,))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND datname = current_database()",
+            (application_name,),
+        )
 
 
 def test_a_dropped_connection_is_reopened_and_only_safe_work_repeated(db, pg_url):
@@ -139,7 +152,8 @@ def test_a_dropped_connection_is_reopened_and_only_safe_work_repeated(db, pg_url
 def test_a_refusal_raised_in_sql_comes_back_as_the_domain_error(db):
     with pytest.raises(StaleLease, match="epoch 1 no longer owns app-a"):
         db.execute(
-            "DO $$ BEGIN RAISE EXCEPTION 'stale_lease: epoch 1 no longer owns app-a'; END $$")
+            "DO $$ BEGIN RAISE EXCEPTION 'stale_lease: epoch 1 no longer owns app-a'; END $$"
+        )
     with pytest.raises(StoreUnavailable, match="boom"):
         db.execute("DO $$ BEGIN RAISE EXCEPTION 'boom'; END $$")
 

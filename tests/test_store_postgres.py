@@ -88,7 +88,10 @@ def test_sql_function_refusals_map_to_domain_errors(store):
     with pytest.raises(StaleLease, match=r"epoch 99 no longer owns it \(current epoch 1\)") as err:
         store.set_stage("app-a", Stage.SKILL_RUNNING, 99, T0)
     assert not str(err.value).startswith("stale_lease")
-    with pytest.raises(InvalidTransition, match="stage queued cannot move to complete; allowed: failed, queued, skillRunning"):
+    with pytest.raises(
+        InvalidTransition,
+        match="stage queued cannot move to complete; allowed: failed, queued, skillRunning",
+    ):
         store.set_stage("app-a", Stage.COMPLETE, epoch, T0)
     with pytest.raises(StaleLease):
         store.set_stage("missing-app", Stage.SKILL_RUNNING, epoch, T0)
@@ -141,8 +144,9 @@ def test_block_opens_the_conninfo_only_in_get_client(pg_url, store):
     from blocks.store import PostgresStoreBlock
 
     secret = "bl0ck-secret"
-    block = PostgresStoreBlock(conninfo=pg_url.replace("postgres@", f"postgres:{secret}@", 1),
-                               apply_schema=False)
+    block = PostgresStoreBlock(
+        conninfo=pg_url.replace("postgres@", f"postgres:{secret}@", 1), apply_schema=False
+    )
     assert isinstance(block.conninfo, SecretStr)
     assert secret not in repr(block) and secret not in str(block.model_dump())
     client = block.get_client()
@@ -158,7 +162,8 @@ def test_malformed_conninfo_is_a_config_error_without_the_password():
     from fleet.errors import ConfigError
 
     secret = "T0P-SECRET"
-    conninfo = f"host=127.0.0.1 password={secret} bogus_opt=1"  # (a variable: tracebacks quote source lines)
+    # (a variable: tracebacks quote source lines)
+    conninfo = f"host=127.0.0.1 password={secret} bogus_opt=1"
     with pytest.raises(ConfigError, match='invalid connection option "bogus_opt"') as err:
         PostgresStore(conninfo)
     assert secret not in "".join(traceback.format_exception(err.value))

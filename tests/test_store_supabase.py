@@ -58,14 +58,24 @@ def null() -> httpx.Response:
 
 
 def state_row(**kw) -> dict:
-    row = {"app_id": "app-a", "stage": "queued", "error": None, "epoch": 0, "owner": None,
-           "run_id": None, "lease_until": None, "stage_started_at": None,
-           "updated_at": "2026-03-25T12:00:00+00:00"}
+    row = {
+        "app_id": "app-a",
+        "stage": "queued",
+        "error": None,
+        "epoch": 0,
+        "owner": None,
+        "run_id": None,
+        "lease_until": None,
+        "stage_started_at": None,
+        "updated_at": "2026-03-25T12:00:00+00:00",
+    }
     return {**row, **kw}
 
 
 def api_error(code: str, message: str, status: int = 400) -> httpx.Response:
-    return httpx.Response(status, json={"code": code, "message": message, "details": None, "hint": None})
+    return httpx.Response(
+        status, json={"code": code, "message": message, "details": None, "hint": None}
+    )
 
 
 # App states and claims ---------------------------------------------------------------
@@ -87,8 +97,17 @@ def test_ensure_apps_upserts_ignoring_duplicates(store, api):
 def test_get_state_filters_by_app_id(store, api):
     route = api.get("/app_evolution_states", params={"app_id": "eq.app-a", "select": "*"}).mock(
         side_effect=[
-            httpx.Response(200, json=[state_row(stage="hydraBuild", epoch=4, owner="h",
-                                                lease_until="2026-03-25T13:00:00+00:00")]),
+            httpx.Response(
+                200,
+                json=[
+                    state_row(
+                        stage="hydraBuild",
+                        epoch=4,
+                        owner="h",
+                        lease_until="2026-03-25T13:00:00+00:00",
+                    )
+                ],
+            ),
             httpx.Response(200, json=[]),
         ]
     )
@@ -101,10 +120,12 @@ def test_get_state_filters_by_app_id(store, api):
 
 def test_list_states_pages_through_every_row(api):
     store = SupabaseStore(URL, KEY, page_size=2)
-    route = api.get("/app_evolution_states").mock(side_effect=[
-        httpx.Response(200, json=[state_row(app_id="a1"), state_row(app_id="a2")]),
-        httpx.Response(200, json=[state_row(app_id="a3")]),
-    ])
+    route = api.get("/app_evolution_states").mock(
+        side_effect=[
+            httpx.Response(200, json=[state_row(app_id="a1"), state_row(app_id="a2")]),
+            httpx.Response(200, json=[state_row(app_id="a3")]),
+        ]
+    )
     assert [s.app_id for s in store.list_states()] == ["a1", "a2", "a3"]
     first, second = (c.request.url.params for c in route.calls)
     assert (first["order"], first["limit"], first["offset"]) == ("app_id.asc", "2", "0")
@@ -112,13 +133,15 @@ def test_list_states_pages_through_every_row(api):
 
 
 def test_claim_goes_through_the_claim_function(store, api):
-    route = api.post("/rpc/fleet_claim_app").mock(
-        side_effect=[httpx.Response(200, json=3), null()]
-    )
+    route = api.post("/rpc/fleet_claim_app").mock(side_effect=[httpx.Response(200, json=3), null()])
     assert store.claim_app("app-a", "host:1", "run-1", T0, 600, steal_from="host:0") == 3
     assert body(route.calls[0].request) == {
-        "p_app_id": "app-a", "p_owner": "host:1", "p_run_id": "run-1",
-        "p_now": "2026-03-25T12:00:00+00:00", "p_lease_seconds": 600.0, "p_steal_from": "host:0",
+        "p_app_id": "app-a",
+        "p_owner": "host:1",
+        "p_run_id": "run-1",
+        "p_now": "2026-03-25T12:00:00+00:00",
+        "p_lease_seconds": 600.0,
+        "p_steal_from": "host:0",
         "p_max_in_flight": None,
     }
     assert store.claim_app("app-a", "host:2", "run-2", T0, 600) is None
@@ -126,7 +149,9 @@ def test_claim_goes_through_the_claim_function(store, api):
 
 
 def test_release_is_a_patch_conditional_on_the_epoch(store, api):
-    route = api.patch("/app_evolution_states", params={"app_id": "eq.app-a", "epoch": "eq.3"}).respond(204)
+    route = api.patch(
+        "/app_evolution_states", params={"app_id": "eq.app-a", "epoch": "eq.3"}
+    ).respond(204)
     store.release_app("app-a", 3)
     req = sent(route)
     assert body(req) == {"owner": None, "lease_until": None}
@@ -134,25 +159,43 @@ def test_release_is_a_patch_conditional_on_the_epoch(store, api):
 
 
 def test_set_stage_returns_the_row_written_by_the_function(store, api):
-    route = api.post("/rpc/fleet_set_stage").respond(200, json=state_row(
-        stage="skillRunning", epoch=2, stage_started_at="2026-03-25T12:00:00+00:00",
-        lease_until="2026-03-25T12:10:00+00:00"))
+    route = api.post("/rpc/fleet_set_stage").respond(
+        200,
+        json=state_row(
+            stage="skillRunning",
+            epoch=2,
+            stage_started_at="2026-03-25T12:00:00+00:00",
+            lease_until="2026-03-25T12:10:00+00:00",
+        ),
+    )
     state = store.set_stage("app-a", Stage.SKILL_RUNNING, 2, T0, lease_seconds=600)
     assert (state.stage, state.stage_started_at) == (Stage.SKILL_RUNNING, T0)
     assert body(sent(route)) == {
-        "p_app_id": "app-a", "p_stage": "skillRunning", "p_epoch": 2,
-        "p_now": "2026-03-25T12:00:00+00:00", "p_error": None, "p_lease_seconds": 600.0,
+        "p_app_id": "app-a",
+        "p_stage": "skillRunning",
+        "p_epoch": 2,
+        "p_now": "2026-03-25T12:00:00+00:00",
+        "p_error": None,
+        "p_lease_seconds": 600.0,
     }
 
 
 def test_function_refusals_map_to_domain_errors(store, api):
-    api.post("/rpc/fleet_set_stage").mock(side_effect=[
-        api_error("P0001", "stale_lease: stage write for app-a refused: epoch 1 no longer owns it "
-                           "(current epoch 2); another run has taken the app"),
-        api_error("P0001", "invalid_transition: stage queued cannot move to complete; "
-                           "allowed: failed, queued, skillRunning"),
-        api_error("P0001", "some other raise"),
-    ])
+    api.post("/rpc/fleet_set_stage").mock(
+        side_effect=[
+            api_error(
+                "P0001",
+                "stale_lease: stage write for app-a refused: epoch 1 no longer owns it "
+                "(current epoch 2); another run has taken the app",
+            ),
+            api_error(
+                "P0001",
+                "invalid_transition: stage queued cannot move to complete; "
+                "allowed: failed, queued, skillRunning",
+            ),
+            api_error("P0001", "some other raise"),
+        ]
+    )
     with pytest.raises(StaleLease, match=r"^stage write for app-a refused: epoch 1"):
         store.set_stage("app-a", Stage.SKILL_RUNNING, 1, T0)
     with pytest.raises(InvalidTransition, match="^stage queued cannot move to complete"):
@@ -170,12 +213,20 @@ def test_reset_goes_through_the_reset_function(store, api):
 # Tasks -------------------------------------------------------------------------------
 def test_upsert_tasks_inserts_new_keys_then_refreshes_known_ones(store, api):
     old = Task(app_id="app-a", description="Fix the crash on launch.", priority=1)
-    new = Task(app_id="app-a", source="adversarial", description="Validate input.",
-               severity="high", priority=2, file="App/Main.swift")
-    route = api.post("/app_evolution_tasks").mock(side_effect=[
-        httpx.Response(201, json=[{"task_key": new.key}]),  # only `new` was inserted
-        httpx.Response(201),
-    ])
+    new = Task(
+        app_id="app-a",
+        source="adversarial",
+        description="Validate input.",
+        severity="high",
+        priority=2,
+        file="App/Main.swift",
+    )
+    route = api.post("/app_evolution_tasks").mock(
+        side_effect=[
+            httpx.Response(201, json=[{"task_key": new.key}]),  # only `new` was inserted
+            httpx.Response(201),
+        ]
+    )
     assert store.upsert_tasks([old, new, old], T0) == 1
     insert, refresh = (c.request for c in route.calls)
     assert insert.url.params["on_conflict"] == "task_key"
@@ -183,9 +234,15 @@ def test_upsert_tasks_inserts_new_keys_then_refreshes_known_ones(store, api):
     assert prefer(insert) == {"return=representation", "resolution=ignore-duplicates"}
     assert [r["task_key"] for r in body(insert)] == [old.key, new.key]
     assert body(insert)[1] == {
-        "task_key": new.key, "app_id": "app-a", "source": "adversarial", "priority": 2,
-        "description": "Validate input.", "severity": "high", "file": "App/Main.swift",
-        "updated_at": "2026-03-25T12:00:00+00:00", "created_at": "2026-03-25T12:00:00+00:00",
+        "task_key": new.key,
+        "app_id": "app-a",
+        "source": "adversarial",
+        "priority": 2,
+        "description": "Validate input.",
+        "severity": "high",
+        "file": "App/Main.swift",
+        "updated_at": "2026-03-25T12:00:00+00:00",
+        "created_at": "2026-03-25T12:00:00+00:00",
     }
     assert refresh.url.params["on_conflict"] == "task_key"
     assert prefer(refresh) == {"return=minimal", "resolution=merge-duplicates"}
@@ -202,13 +259,29 @@ def test_upsert_tasks_skips_the_refresh_when_all_keys_are_new(store, api):
 
 
 def test_list_tasks_filters_and_orders(store, api):
-    route = api.get("/app_evolution_tasks").respond(200, json=[
-        {"task_key": "k", "app_id": "app-a", "source": "adversarial", "priority": 2,
-         "description": "Validate input.", "severity": "high", "file": "App/Main.swift",
-         "created_at": "2026-03-25T12:00:00+00:00", "updated_at": "2026-03-25T12:00:00+00:00"},
-    ])
+    route = api.get("/app_evolution_tasks").respond(
+        200,
+        json=[
+            {
+                "task_key": "k",
+                "app_id": "app-a",
+                "source": "adversarial",
+                "priority": 2,
+                "description": "Validate input.",
+                "severity": "high",
+                "file": "App/Main.swift",
+                "created_at": "2026-03-25T12:00:00+00:00",
+                "updated_at": "2026-03-25T12:00:00+00:00",
+            },
+        ],
+    )
     [t] = store.list_tasks("app-a", source="adversarial")
-    assert (t.source, t.severity, t.file, t.priority) == ("adversarial", "high", "App/Main.swift", 2)
+    assert (t.source, t.severity, t.file, t.priority) == (
+        "adversarial",
+        "high",
+        "App/Main.swift",
+        2,
+    )
     params = sent(route).url.params
     assert params["app_id"] == "eq.app-a" and params["source"] == "eq.adversarial"
     assert params["order"] == "priority.asc,created_at.asc,task_key.asc"
@@ -217,26 +290,53 @@ def test_list_tasks_filters_and_orders(store, api):
 # Trajectories ------------------------------------------------------------------------
 def test_record_trajectory_is_idempotent_on_app_and_run(store, api):
     route = api.post("/trajectories").respond(201)
-    store.record_trajectory(Trajectory(app_id="app-a", run_id="r1", outcome="success", reward=1.0,
-                                       durations={"skill": 1.5}, created_at=T0))
+    store.record_trajectory(
+        Trajectory(
+            app_id="app-a",
+            run_id="r1",
+            outcome="success",
+            reward=1.0,
+            durations={"skill": 1.5},
+            created_at=T0,
+        )
+    )
     req = sent(route)
     assert req.url.params["on_conflict"] == "app_id,run_id"
     assert prefer(req) == {"return=minimal", "resolution=ignore-duplicates"}
     sent_row = body(req)
-    assert sent_row["durations"] == {"skill": 1.5} and sent_row["created_at"] == "2026-03-25T12:00:00+00:00"
+    assert (
+        sent_row["durations"] == {"skill": 1.5}
+        and sent_row["created_at"] == "2026-03-25T12:00:00+00:00"
+    )
     assert (sent_row["outcome"], sent_row["reward"]) == ("success", 1.0)
 
 
 def test_list_trajectories_and_reward_means(store, api):
-    api.get("/trajectories", params={"app_id": "eq.app-a", "order": "created_at.asc,run_id.asc"}).respond(
-        200, json=[{"app_id": "app-a", "run_id": "r1", "pipeline": "default", "skill_tasks": 3,
-                    "adversarial_issues": 1, "quality_score": None, "outcome": "success",
-                    "reward": 1.0, "durations": {"skill": 1.5}, "error": None,
-                    "created_at": "2026-03-25T12:00:00+00:00"}])
+    api.get(
+        "/trajectories", params={"app_id": "eq.app-a", "order": "created_at.asc,run_id.asc"}
+    ).respond(
+        200,
+        json=[
+            {
+                "app_id": "app-a",
+                "run_id": "r1",
+                "pipeline": "default",
+                "skill_tasks": 3,
+                "adversarial_issues": 1,
+                "quality_score": None,
+                "outcome": "success",
+                "reward": 1.0,
+                "durations": {"skill": 1.5},
+                "error": None,
+                "created_at": "2026-03-25T12:00:00+00:00",
+            }
+        ],
+    )
     [t] = store.list_trajectories("app-a")
     assert t.durations == {"skill": 1.5} and t.created_at == T0
     means = api.post("/rpc/fleet_reward_means").respond(
-        200, json=[{"app_id": "app-a", "reward_mean": 0.5}])
+        200, json=[{"app_id": "app-a", "reward_mean": 0.5}]
+    )
     assert store.reward_means(["app-a", "app-c"]) == {"app-a": 0.5}
     assert body(sent(means)) == {"p_app_ids": ["app-a", "app-c"]}
     assert store.reward_means([]) == {}  # no request for nothing
@@ -245,10 +345,12 @@ def test_list_trajectories_and_reward_means(store, api):
 
 # Config and cohorts ------------------------------------------------------------------
 def test_fleet_config_roundtrip(store, api):
-    api.get("/fleet_config").mock(side_effect=[
-        httpx.Response(200, json=[]),
-        httpx.Response(200, json=[{"key": "max_concurrent", "value": 7}]),
-    ])
+    api.get("/fleet_config").mock(
+        side_effect=[
+            httpx.Response(200, json=[]),
+            httpx.Response(200, json=[{"key": "max_concurrent", "value": 7}]),
+        ]
+    )
     assert store.get_fleet_config() == FleetConfig()
     assert store.get_fleet_config().max_concurrent == 7
     route = api.post("/fleet_config").respond(201)
@@ -265,9 +367,15 @@ def test_cohorts_record_finish_and_count(store, api):
     req = sent(record)
     assert req.url.params["on_conflict"] == "run_id"
     assert "resolution=ignore-duplicates" in prefer(req)
-    assert body(req) == {"run_id": "c1", "app_ids": ["app-a"], "started_at": "2026-03-25T12:00:00+00:00"}
+    assert body(req) == {
+        "run_id": "c1",
+        "app_ids": ["app-a"],
+        "started_at": "2026-03-25T12:00:00+00:00",
+    }
 
-    finish = api.patch("/cohorts", params={"run_id": "eq.c1", "finished_at": "is.null"}).respond(204)
+    finish = api.patch("/cohorts", params={"run_id": "eq.c1", "finished_at": "is.null"}).respond(
+        204
+    )
     store.finish_cohort("c1", T0)
     assert body(sent(finish)) == {"finished_at": "2026-03-25T12:00:00+00:00"}
 
@@ -280,12 +388,16 @@ def test_cohorts_record_finish_and_count(store, api):
 
 def test_leases_go_through_the_lease_functions(store, api):
     acquire = api.post("/rpc/fleet_acquire_lease").mock(
-        side_effect=[httpx.Response(200, json=2), null()])
+        side_effect=[httpx.Response(200, json=2), null()]
+    )
     assert store.acquire_lease("leader", "cloud-vm", T0, 15) == 2
     assert store.acquire_lease("leader", "mac1", T0, 15) is None
     assert body(acquire.calls[0].request) == {
-        "p_name": "leader", "p_holder": "cloud-vm", "p_now": "2026-03-25T12:00:00+00:00",
-        "p_lease_seconds": 15.0}
+        "p_name": "leader",
+        "p_holder": "cloud-vm",
+        "p_now": "2026-03-25T12:00:00+00:00",
+        "p_lease_seconds": 15.0,
+    }
     api.post("/rpc/fleet_release_lease").respond(200, json=True)
     assert store.release_lease("leader", "cloud-vm", 2, T0) is True
 
@@ -307,10 +419,16 @@ def test_server_errors_and_outages_become_store_unavailable(store, api):
 
 
 def test_wrong_key_and_missing_schema_say_what_to_do(store, api):
-    api.get("/fleet_config").mock(side_effect=[
-        api_error("42501", "permission denied for table fleet_config", 401),
-        api_error("PGRST205", "Could not find the table 'public.fleet_config' in the schema cache", 404),
-    ])
+    api.get("/fleet_config").mock(
+        side_effect=[
+            api_error("42501", "permission denied for table fleet_config", 401),
+            api_error(
+                "PGRST205",
+                "Could not find the table 'public.fleet_config' in the schema cache",
+                404,
+            ),
+        ]
+    )
     with pytest.raises(StoreUnavailable, match="service_role key"):
         store.get_fleet_config()
     with pytest.raises(StoreUnavailable, match="apply supabase/migrations"):
@@ -323,13 +441,16 @@ def test_the_service_key_never_leaks(api, caplog):
     assert KEY not in repr(store) and "proj.supabase.co" in repr(store)
     # Even a server that echoes the key back has it masked in our exception.
     api.post("/rpc/fleet_claim_app").respond(
-        400, json={"code": "P0001", "message": f"bad token {KEY}", "details": KEY})
+        400, json={"code": "P0001", "message": f"bad token {KEY}", "details": KEY}
+    )
     with pytest.raises(StoreUnavailable) as err:
         store.claim_app("app-a", "h", "r", T0, 600)
     api.get("/app_evolution_states").mock(side_effect=httpx.ReadTimeout("timed out"))
     with pytest.raises(StoreUnavailable) as timeout:
         store.get_state("app-a")
-    shown = "".join(traceback.format_exception(err.value) + traceback.format_exception(timeout.value))
+    shown = "".join(
+        traceback.format_exception(err.value) + traceback.format_exception(timeout.value)
+    )
     assert "***" in shown and KEY not in shown
     assert caplog.records and KEY not in caplog.text
 

@@ -68,7 +68,10 @@ def test_malformed_urls_are_config_errors(url):
 
 
 def test_display_url_drops_credentials_and_query():
-    assert display_url("https://u:p@host.example:8443/base/?token=abc") == "https://host.example:8443/base"
+    assert (
+        display_url("https://u:p@host.example:8443/base/?token=abc")
+        == "https://host.example:8443/base"
+    )
 
 
 def test_retry_sleeps_stay_within_the_budget():
@@ -88,7 +91,9 @@ def test_retry_sleeps_stay_within_the_budget():
 
 
 def _endpoint(handler, *, breaker=None, sleeps=None) -> JsonEndpoint:
-    service = ServiceInfo("Svc", "svc", "the Svc block / FLEET_SVC_TOKEN", DispatchError, GatewayUnavailable)
+    service = ServiceInfo(
+        "Svc", "svc", "the Svc block / FLEET_SVC_TOKEN", DispatchError, GatewayUnavailable
+    )
     return JsonEndpoint(
         service,
         "http://127.0.0.1:1",
@@ -163,8 +168,11 @@ def test_retried_by_transport_marks_errors_prefect_must_not_retry():
     assert GatewayUnavailable.transient is False  # the engine's task retries skip it too
 
 
-@pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000, '{"n": ' + "9" * 5000 + "}"],
-                         ids=["nested-too-deep", "int-too-long"])
+@pytest.mark.parametrize(
+    "body",
+    ["[" * 100_000 + "]" * 100_000, '{"n": ' + "9" * 5000 + "}"],
+    ids=["nested-too-deep", "int-too-long"],
+)
 def test_json_python_cannot_parse_is_malformed_and_counts_against_the_breaker(body):
     breaker = CircuitBreaker("transport-bomb", 5, 60, ManualClock())
     endpoint = _endpoint(lambda r: httpx.Response(200, text=body), breaker=breaker)
@@ -175,8 +183,16 @@ def test_json_python_cannot_parse_is_malformed_and_counts_against_the_breaker(bo
 
 def test_credentials_in_the_url_never_name_the_breaker():
     service = ServiceInfo("Svc", "svc", "the Svc block", DispatchError, GatewayUnavailable)
-    endpoint = JsonEndpoint(service, "http://ops:hunter2@127.0.0.1:1", None, allow_insecure=False, timeout=1,
-                            client=None, breaker=None, clock=ManualClock())
+    endpoint = JsonEndpoint(
+        service,
+        "http://ops:hunter2@127.0.0.1:1",
+        None,
+        allow_insecure=False,
+        timeout=1,
+        client=None,
+        breaker=None,
+        clock=ManualClock(),
+    )
     try:
         assert "hunter2" not in endpoint.breaker.name and "127.0.0.1:1" in endpoint.breaker.name
     finally:
@@ -192,8 +208,16 @@ def test_plain_http_never_goes_through_a_proxy_from_the_environment(monkeypatch)
     monkeypatch.delenv("NO_PROXY", raising=False)
     service = ServiceInfo("Svc", "svc", "the Svc block", DispatchError, GatewayUnavailable)
     with HydraDevServer() as server:
-        endpoint = JsonEndpoint(service, server.url, None, allow_insecure=False, timeout=5, client=None,
-                                breaker=CircuitBreaker("transport-proxy", 5, 60, ManualClock()), clock=ManualClock())
+        endpoint = JsonEndpoint(
+            service,
+            server.url,
+            None,
+            allow_insecure=False,
+            timeout=5,
+            client=None,
+            breaker=CircuitBreaker("transport-proxy", 5, 60, ManualClock()),
+            clock=ManualClock(),
+        )
         try:
             status, _ = endpoint.call("GET", "/status/app1", idempotent=True)
         finally:

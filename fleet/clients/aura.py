@@ -39,7 +39,9 @@ MAX_OUTPUT_ERROR = 2000
 def _command_string(command: Command) -> str:
     if isinstance(command, (str, bytes)):
         # A bare string would be joined character by character; argv lists only.
-        raise TypeError("command must be an argument list (e.g. ['claude', '-p', prompt]), not a string")
+        raise TypeError(
+            "command must be an argument list (e.g. ['claude', '-p', prompt]), not a string"
+        )
     argv = [str(part) for part in command]
     if not argv:
         raise ValueError("command is empty: nothing to send to AuraGateway")
@@ -71,7 +73,8 @@ class AuraGatewayDispatcher:
     ):
         if poll_initial <= 0 or poll_max < poll_initial:
             raise ValueError(
-                f"poll_initial must be > 0 and poll_max >= poll_initial (got {poll_initial}, {poll_max})"
+                "poll_initial must be > 0 and poll_max >= poll_initial "
+                f"(got {poll_initial}, {poll_max})"
             )
         self.clock = clock or SystemClock()
         self._http = JsonEndpoint(
@@ -102,13 +105,13 @@ class AuraGatewayDispatcher:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    def __enter__(self) -> "AuraGatewayDispatcher":
+    def __enter__(self) -> AuraGatewayDispatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> "AuraGatewayDispatcher":
+    async def __aenter__(self) -> AuraGatewayDispatcher:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,10 +122,12 @@ class AuraGatewayDispatcher:
     async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return await self._start("/spawn", {"command": _command_string(command)}, idempotency_key)
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         return await self._start(
-            "/dispatch", {"command": _command_string(command), "target": target, "model": model},
+            "/dispatch",
+            {"command": _command_string(command), "target": target, "model": model},
             idempotency_key,
         )
 

@@ -6,7 +6,8 @@ that wait must cost a coroutine, not a thread (see README, concurrency model).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -25,8 +26,9 @@ class Dispatcher(Protocol):
         starts nothing new: the dispatcher answers with the task the key first started.
         """
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         """Start `command` on machine `target` with agent `model`; returns a task id."""
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:

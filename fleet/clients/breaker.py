@@ -1,4 +1,4 @@
-"""Circuit breaker per external endpoint: consecutive failures open it, one half-open probe closes it."""
+"""Circuit breaker per endpoint: consecutive failures open it, one half-open probe closes it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from fleet.clock import Clock, SystemClock
 from fleet.errors import CircuitOpen
@@ -22,7 +23,7 @@ OPEN = "open"
 HALF_OPEN = "half_open"
 
 # Every breaker by name, so the CLI and the metrics can show the state of each endpoint.
-_REGISTRY: dict[str, "CircuitBreaker"] = {}
+_REGISTRY: dict[str, CircuitBreaker] = {}
 _REGISTRY_LOCK = threading.RLock()
 # Where state changes go besides the log (share_states): (name, snapshot, at) → None.
 StateSink = Callable[[str, dict, datetime], None]
@@ -45,7 +46,9 @@ class CircuitBreaker:
         clock: Clock | None = None,
     ):
         if failure_threshold < 1:
-            raise ValueError(f"breaker {name!r}: failure_threshold must be >= 1, got {failure_threshold}")
+            raise ValueError(
+                f"breaker {name!r}: failure_threshold must be >= 1, got {failure_threshold}"
+            )
         if reset_seconds < 0:
             raise ValueError(f"breaker {name!r}: reset_seconds must be >= 0, got {reset_seconds}")
         self.name = name
@@ -73,9 +76,12 @@ class CircuitBreaker:
 
     def _current_state(self) -> str:
         # Open turns half-open by itself once the reset time has passed (read lazily).
-        if self._state == OPEN and self._opened_at is not None:
-            if self.clock.now() >= self._opened_at + timedelta(seconds=self.reset_seconds):
-                self._transition(HALF_OPEN)
+        if (
+            self._state == OPEN
+            and self._opened_at is not None
+            and self.clock.now() >= self._opened_at + timedelta(seconds=self.reset_seconds)
+        ):
+            self._transition(HALF_OPEN)
         return self._state
 
     def _transition(self, new: str) -> None:
@@ -87,7 +93,11 @@ class CircuitBreaker:
             log.warning(
                 "circuit breaker %s: %s -> open after %d consecutive failure(s) (last: %s); "
                 "next probe in %g s",
-                self.name, old, self._failures, self._last_error, self.reset_seconds,
+                self.name,
+                old,
+                self._failures,
+                self._last_error,
+                self.reset_seconds,
             )
         else:
             log.info("circuit breaker %s: %s -> %s", self.name, old, new)
@@ -131,7 +141,7 @@ class CircuitBreaker:
     # -- hooks -----------------------------------------------------------------------------
 
     def before_call(self) -> None:
-        """Raise CircuitOpen unless a call may go through now (closed, or the one half-open probe)."""
+        """Raise CircuitOpen unless a call may go now (closed, or the one half-open probe)."""
         with self._lock:
             state = self._current_state()
             if state == CLOSED:

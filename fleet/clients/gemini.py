@@ -6,7 +6,8 @@ import asyncio
 import inspect
 import json
 import logging
-from typing import Any, Awaitable, Callable, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import httpx
 import tenacity
@@ -71,9 +72,13 @@ class GeminiExtractor:
         if not isinstance(api_key, SecretStr):
             raise TypeError("api_key must be a pydantic SecretStr, not " + type(api_key).__name__)
         if not api_key.get_secret_value().strip():
-            raise ConfigError("Gemini API key is empty: set FLEET_GEMINI_API_KEY or the Gemini block's api_key")
+            raise ConfigError(
+                "Gemini API key is empty: set FLEET_GEMINI_API_KEY or the Gemini block's api_key"
+            )
         if not model or not model.strip():
-            raise ConfigError("no Gemini model configured: set FLEET_GEMINI_MODEL or the Gemini block's model")
+            raise ConfigError(
+                "no Gemini model configured: set FLEET_GEMINI_MODEL or the Gemini block's model"
+            )
         self.model = model.strip()
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
@@ -106,7 +111,9 @@ class GeminiExtractor:
             return []
         response = await self._generate(_prompt(output, app_id, self._max_input_chars))
         tasks = _tasks_from(response, app_id)
-        log.info("gemini extraction for %s: %d task(s) from model %s", app_id, len(tasks), self.model)
+        log.info(
+            "gemini extraction for %s: %d task(s) from model %s", app_id, len(tasks), self.model
+        )
         return [t.model_dump(exclude_none=True) for t in tasks]
 
     async def _sleep_between(self, seconds: float) -> None:
@@ -132,7 +139,10 @@ class GeminiExtractor:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "Gemini generate_content: %s — retrying in %.1f s (attempt %d of %d)",
-                _describe(exc), state.upcoming_sleep, state.attempt_number, self._retry.attempts,
+                _describe(exc),
+                state.upcoming_sleep,
+                state.attempt_number,
+                self._retry.attempts,
             )
 
         try:
@@ -141,7 +151,9 @@ class GeminiExtractor:
             raise ExtractionError(f"Gemini not called — {exc}") from None
         attempts = 0
         try:
-            async for attempt in self._retry.aretrying(transient, self._sleep_between, before_sleep):
+            async for attempt in self._retry.aretrying(
+                transient, self._sleep_between, before_sleep
+            ):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     response = await self._client.aio.models.generate_content(
@@ -182,14 +194,19 @@ def _describe(exc: BaseException | None) -> str:
 def _api_error_message(exc: genai_errors.APIError, model: str, attempts: int) -> str:
     said = excerpt(str(exc.message or exc.status or ""), 160)
     if exc.code in (401, 403) or "API_KEY" in str(exc.details) or "API key" in said:
-        return f"Gemini refused the API key ({exc.code}): check the Gemini block / FLEET_GEMINI_API_KEY"
+        return (
+            f"Gemini refused the API key ({exc.code}): "
+            "check the Gemini block / FLEET_GEMINI_API_KEY"
+        )
     if exc.code == 404:
         return (
             f"Gemini has no model {model!r} (404: {said}); set FLEET_GEMINI_MODEL or the Gemini "
             "block's model to an available model"
         )
     if exc.code in TRANSIENT_CODES:
-        return f"Gemini unavailable: HTTP {exc.code} after {attempts} attempt(s) ({said}); try later"
+        return (
+            f"Gemini unavailable: HTTP {exc.code} after {attempts} attempt(s) ({said}); try later"
+        )
     return f"Gemini rejected the request: HTTP {exc.code} ({said})"
 
 
@@ -207,13 +224,18 @@ def _tasks_from(response: types.GenerateContentResponse, app_id: str) -> list[Ex
         data = json.loads(_strip_fence(text))
     except json.JSONDecodeError as exc:
         log.warning(
-            "gemini extraction for %s: answer is not JSON (%s): %r", app_id, exc.msg, excerpt(text, 120)
+            "gemini extraction for %s: answer is not JSON (%s): %r",
+            app_id,
+            exc.msg,
+            excerpt(text, 120),
         )
         return []
     if isinstance(data, dict):
         data = data.get("tasks", data.get("items"))
     if not isinstance(data, list):
-        log.warning("gemini extraction for %s: answer is not a JSON array: %r", app_id, excerpt(text, 120))
+        log.warning(
+            "gemini extraction for %s: answer is not a JSON array: %r", app_id, excerpt(text, 120)
+        )
         return []
     tasks: list[ExtractedTask] = []
     dropped = 0
@@ -226,7 +248,11 @@ def _tasks_from(response: types.GenerateContentResponse, app_id: str) -> list[Ex
         if task.description.strip():
             tasks.append(task)
     if dropped:
-        log.warning("gemini extraction for %s: dropped %d item(s) that do not fit the schema", app_id, dropped)
+        log.warning(
+            "gemini extraction for %s: dropped %d item(s) that do not fit the schema",
+            app_id,
+            dropped,
+        )
     return tasks
 
 

@@ -75,7 +75,9 @@ class HydraGate:
             # Right after `/meta:hydra` is dispatched Hydra may not know the app yet; the
             # pipeline's 4 h hard stop bounds the wait, so this is "not passing", not an error.
             return GateStatus(
-                phase=UNKNOWN_PHASE, is_passing=False, detail=f"Hydra has no status for {app_id!r} yet (404)"
+                phase=UNKNOWN_PHASE,
+                is_passing=False,
+                detail=f"Hydra has no status for {app_id!r} yet (404)",
             )
         return gate_status(body, app_id)
 
@@ -89,12 +91,14 @@ def gate_status(body: object, app_id: str) -> GateStatus:
     if not isinstance(body, dict) or not isinstance(body.get("phase"), str):
         raise QualityGateError(
             f"Hydra status for {app_id!r} has no phase; expected "
-            f'{{"phase": ..., "cycle": ..., "quality": {{"isPassing": ...}}}}, got {excerpt(repr(body))}'
+            '{"phase": ..., "cycle": ..., "quality": {"isPassing": ...}}, '
+            f"got {excerpt(repr(body))}"
         )
     quality = body.get("quality") or {}
     if not isinstance(quality, dict):
         raise QualityGateError(
-            f"Hydra status for {app_id!r}: quality should be an object, got {excerpt(repr(quality))}"
+            f"Hydra status for {app_id!r}: quality should be an object, "
+            f"got {excerpt(repr(quality))}"
         )
     cycle = body.get("cycle", 0)
     try:

@@ -9,9 +9,11 @@ import subprocess
 import tempfile
 import threading
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.agentenv import agent_env
 from fleet.clients.base import Command, GateStatus
 from fleet.clock import Clock, SystemClock
 from fleet.errors import (
@@ -22,7 +24,6 @@ from fleet.errors import (
     QualityGateError,
     UnknownTask,
 )
-from fleet.agentenv import agent_env
 from fleet.procs import kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
@@ -56,7 +57,12 @@ class LocalExecutor:
     `target` and `model` are passed to the command as FLEET_TARGET / FLEET_MODEL.
     """
 
-    def __init__(self, workdir: Path | None = None, cwd: Path | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fleet-exec-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cwd = cwd
@@ -68,8 +74,9 @@ class LocalExecutor:
     async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return await self.dispatch(command, target="local", model="")
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         argv = [str(a) for a in command]
         if not argv:
             raise DispatchError("empty command: the fleet file must give a program to run")
@@ -77,11 +84,18 @@ class LocalExecutor:
         out, err = self.workdir / f"{task_id}.out", self.workdir / f"{task_id}.err"
         # The allowlist (fleet/agentenv.py) plus the fleet file's `env:`: agents are the
         # untrusted code here, so no FLEET_* secret, token, API key or store URL reaches them.
-        env, marker = marked_env({**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model})
+        env, marker = marked_env(
+            {**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model}
+        )
         try:
             with out.open("wb") as fo, err.open("wb") as fe:
                 proc = subprocess.Popen(
-                    argv, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=self.cwd, env=env,
+                    argv,
+                    stdout=fo,
+                    stderr=fe,
+                    stdin=subprocess.DEVNULL,
+                    cwd=self.cwd,
+                    env=env,
                     start_new_session=True,
                 )
         except OSError as exc:
@@ -153,10 +167,15 @@ async def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
         return await _polled_exit_code(proc, timeout)
     loop = asyncio.get_running_loop()
     exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
     try:
         await asyncio.wait_for(exited, timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return proc.poll()
     finally:
         loop.remove_reader(pidfd)
@@ -189,8 +208,13 @@ async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple
     with tempfile.TemporaryFile() as out:
         try:
             proc = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                argv,
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except OSError as exc:
             raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
@@ -210,8 +234,12 @@ async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple
 class LocalQualityGate:
     """Hydra's local stand-in: an app passes when its configured check command exits 0."""
 
-    def __init__(self, checks: dict[str, tuple[Command, Path | None]], timeout: float = 600,
-                 clock: Clock | None = None):
+    def __init__(
+        self,
+        checks: Mapping[str, tuple[Command, Path | None]],
+        timeout: float = 600,
+        clock: Clock | None = None,
+    ):
         self.checks = checks
         self.timeout = timeout
         self.clock = clock or SystemClock()
@@ -226,6 +254,9 @@ class LocalQualityGate:
         cycle = self._cycles[app_id] = self._cycles.get(app_id, 0) + 1
         passed, tail = await run_check(command, cwd, self.timeout)
         return GateStatus(
-            phase="passing" if passed else "failing", cycle=cycle, is_passing=passed,
-            score=1.0 if passed else 0.0, detail=None if passed else tail[-500:],
+            phase="passing" if passed else "failing",
+            cycle=cycle,
+            is_passing=passed,
+            score=1.0 if passed else 0.0,
+            detail=None if passed else tail[-500:],
         )

@@ -1,4 +1,4 @@
-"""HTTP plumbing of the AuraGateway and Hydra clients: endpoint checks, one retry layer, clear errors.
+"""HTTP plumbing of the AuraGateway and Hydra clients: endpoint checks, one retry layer, errors.
 
 Retry layers. Each call here is retried by exactly one layer, this one: tenacity, 3 attempts
 with exponential backoff and jitter (sleeps ≤ ~2.5 s in all, through an injectable sleep),
@@ -14,8 +14,9 @@ import asyncio
 import ipaddress
 import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -64,7 +65,9 @@ MAX_IN_FLIGHT = 16
 
 def is_loopback(host: str) -> bool:
     """True for localhost names and loopback IPs (127.0.0.0/8, ::1)."""
-    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+        ".localhost"
+    ):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -96,7 +99,9 @@ def check_endpoint(url: str, *, allow_insecure: bool, verify: bool = True) -> No
             "loopback address)"
         )
     if not parts.hostname:
-        raise ConfigError(f"endpoint URL {url!r} has no host; expected e.g. https://mac1.example:8001")
+        raise ConfigError(
+            f"endpoint URL {url!r} has no host; expected e.g. https://mac1.example:8001"
+        )
     host = parts.hostname
     if parts.scheme == "http" and not is_loopback(host):
         if not allow_insecure:
@@ -106,7 +111,9 @@ def check_endpoint(url: str, *, allow_insecure: bool, verify: bool = True) -> No
                 f"https://, or set {INSECURE_FLAG} (allow_insecure=True on the block) if "
                 "this network is trusted."
             )
-        log.warning("plain http:// to non-loopback %s allowed by %s", display_url(url), INSECURE_FLAG)
+        log.warning(
+            "plain http:// to non-loopback %s allowed by %s", display_url(url), INSECURE_FLAG
+        )
     if not verify:
         if not allow_insecure:
             raise ConfigError(
@@ -124,7 +131,9 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 def retried_by_transport(exc: BaseException) -> bool:
     """True for errors this layer already retried (or refused via the breaker): a Prefect
     `retry_condition_fn` should return False for them, so no call is retried by two layers."""
-    return isinstance(exc, (GatewayUnavailable, QualityGateUnavailable, CircuitOpen, ExtractionError))
+    return isinstance(
+        exc, (GatewayUnavailable, QualityGateUnavailable, CircuitOpen, ExtractionError)
+    )
 
 
 @dataclass(frozen=True)
@@ -137,18 +146,28 @@ class RetryPolicy:
     max_wait: float = 4.0
     jitter: float = 0.5
 
-    def retrying(self, retry_if: Callable[[BaseException], bool], sleep: Callable[[float], None],
-                 before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.Retrying:
+    def retrying(
+        self,
+        retry_if: Callable[[BaseException], bool],
+        sleep: Callable[[float], None],
+        before_sleep: Callable[[tenacity.RetryCallState], None],
+    ) -> tenacity.Retrying:
         return tenacity.Retrying(sleep=sleep, **self._rules(retry_if, before_sleep))
 
-    def aretrying(self, retry_if: Callable[[BaseException], bool],
-                  sleep: Callable[[float], Awaitable[None]],
-                  before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.AsyncRetrying:
+    def aretrying(
+        self,
+        retry_if: Callable[[BaseException], bool],
+        sleep: Callable[[float], Awaitable[None]],
+        before_sleep: Callable[[tenacity.RetryCallState], None],
+    ) -> tenacity.AsyncRetrying:
         """The same budget for awaitable calls: sleeps go through the clock's `asleep`."""
         return tenacity.AsyncRetrying(sleep=sleep, **self._rules(retry_if, before_sleep))
 
-    def _rules(self, retry_if: Callable[[BaseException], bool],
-               before_sleep: Callable[[tenacity.RetryCallState], None]) -> dict[str, Any]:
+    def _rules(
+        self,
+        retry_if: Callable[[BaseException], bool],
+        before_sleep: Callable[[tenacity.RetryCallState], None],
+    ) -> dict[str, Any]:
         return dict(
             stop=tenacity.stop_after_attempt(self.attempts),
             wait=tenacity.wait_exponential_jitter(
@@ -172,10 +191,10 @@ class _TransientStatus(Exception):
 class ServiceInfo:
     """How one service is named in errors, and which errors it raises."""
 
-    name: str                      # "AuraGateway"
-    key: str                       # "aura": names its breakers, "aura <base url>"
-    token_hint: str                # "the AuraGateway block / FLEET_AURA_TOKEN"
-    error: type[FleetError]        # DispatchError
+    name: str  # "AuraGateway"
+    key: str  # "aura": names its breakers, "aura <base url>"
+    token_hint: str  # "the AuraGateway block / FLEET_AURA_TOKEN"
+    error: type[FleetError]  # DispatchError
     unavailable: type[FleetError]  # GatewayUnavailable
 
 
@@ -204,7 +223,9 @@ class JsonEndpoint:
     ):
         check_endpoint(base_url, allow_insecure=allow_insecure)
         if token is not None and not isinstance(token, SecretStr):
-            raise TypeError(f"{service.name} token must be a pydantic SecretStr, not {type(token).__name__}")
+            raise TypeError(
+                f"{service.name} token must be a pydantic SecretStr, not {type(token).__name__}"
+            )
         self.service = service
         self.base_url = base_url.rstrip("/")
         self.shown_url = display_url(self.base_url)
@@ -250,7 +271,9 @@ class JsonEndpoint:
         held = self._async_clients.get(loop)
         if held is None:
             client = self._given_async_client or httpx.AsyncClient(
-                timeout=self._timeout, follow_redirects=False, trust_env=self._trust_env,
+                timeout=self._timeout,
+                follow_redirects=False,
+                trust_env=self._trust_env,
                 limits=httpx.Limits(max_connections=MAX_IN_FLIGHT),
             )
             held = self._async_clients[loop] = (client, asyncio.Semaphore(MAX_IN_FLIGHT))
@@ -272,7 +295,12 @@ class JsonEndpoint:
         return headers
 
     def call(
-        self, method: str, path: str, *, body: dict | None = None, idempotent: bool,
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict | None = None,
+        idempotent: bool,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         """Send one request (retried as allowed) and return (status, parsed JSON body).
@@ -289,7 +317,10 @@ class JsonEndpoint:
             nonlocal attempts
             attempts += 1
             response = self._sync_client().request(
-                method, self.base_url + path, json=body, headers=self._headers(headers),
+                method,
+                self.base_url + path,
+                json=body,
+                headers=self._headers(headers),
                 timeout=self._timeout,
             )
             return _raise_transient(response)
@@ -304,7 +335,12 @@ class JsonEndpoint:
         return self._answer(what, response)
 
     async def acall(
-        self, method: str, path: str, *, body: dict | None = None, idempotent: bool,
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict | None = None,
+        idempotent: bool,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         """`call` without holding a thread: same retries, breaker and errors."""
@@ -318,7 +354,10 @@ class JsonEndpoint:
             async with in_flight:  # the wait for a turn is not part of the request's timeout
                 attempts += 1
                 response = await client.request(
-                    method, self.base_url + path, json=body, headers=self._headers(headers),
+                    method,
+                    self.base_url + path,
+                    json=body,
+                    headers=self._headers(headers),
                     timeout=self._timeout,
                 )
             return _raise_transient(response)
@@ -327,7 +366,7 @@ class JsonEndpoint:
             retrying = self.policy.aretrying(
                 self._retry_if(idempotent), self._clock.asleep, self._before_sleep(what)
             )
-            response = await retrying(send)
+            response: httpx.Response = await retrying(send)
         except Exception as exc:
             raise self._failed(exc, what, attempts, idempotent) from None
         return self._answer(what, response)
@@ -351,6 +390,7 @@ class JsonEndpoint:
             if not idempotent:
                 return False
             return isinstance(exc, (_TransientStatus, *TRANSIENT_ERRORS))
+
         return retry_if
 
     def _before_sleep(self, what: str) -> Callable[[tenacity.RetryCallState], None]:
@@ -358,9 +398,14 @@ class JsonEndpoint:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "%s %s: %s — retrying in %.1f s (attempt %d of %d)",
-                self.service.name, what, _short(exc), state.upcoming_sleep,
-                state.attempt_number, self.policy.attempts,
+                self.service.name,
+                what,
+                _short(exc),
+                state.upcoming_sleep,
+                state.attempt_number,
+                self.policy.attempts,
             )
+
         return before_sleep
 
     def _failed(self, exc: Exception, what: str, attempts: int, idempotent: bool) -> Exception:

@@ -1,4 +1,4 @@
-"""The node agent: heartbeats, claims mesh work, runs it in tmux panes and reports what the panes do.
+"""The node agent: heartbeats, claims mesh work, runs it in tmux panes, reports what panes do.
 
 One agent per machine. `tick()` does whatever is due on the injected clock:
 heartbeat (every heartbeat_seconds), claim (every claim_seconds, workers and planners with a
@@ -36,6 +36,7 @@ from fleet.errors import ConfigError, FleetError
 from fleet.mesh import END_PROTOCOL, immune, metabolism
 from fleet.mesh.health import HealthServer
 from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
+from fleet.mesh.immune_store import ImmuneStore
 from fleet.mesh.store import (
     SUPPORTED_GENERATIONS,
     MachineIdentity,
@@ -60,18 +61,22 @@ class ActiveTask:
     """What the agent remembers about a task it holds (persisted across restarts)."""
 
     task_id: str
-    text: str                       # what is typed into the pane
+    text: str  # what is typed into the pane
     status: str = TaskStatus.CLAIMED.value
     pane_id: str | None = None
-    injected: bool = False          # typed into `pane_id` (False → inject when a pane is free)
-    digest: str | None = None       # hash of the pane output last reported as progress
-    respawns: int = 0               # times the pane's agent died while running this task
-    claim_seq: int | None = None    # the store's claim we hold; our writes name it (fencing)
+    injected: bool = False  # typed into `pane_id` (False → inject when a pane is free)
+    digest: str | None = None  # hash of the pane output last reported as progress
+    respawns: int = 0  # times the pane's agent died while running this task
+    claim_seq: int | None = None  # the store's claim we hold; our writes name it (fencing)
 
     @classmethod
     def of(cls, task: QueuedTask) -> ActiveTask:
-        return cls(task_id=task.task_id, text=task_text(task), status=task.status.value,
-                   claim_seq=task.claim_seq)
+        return cls(
+            task_id=task.task_id,
+            text=task_text(task),
+            status=task.status.value,
+            claim_seq=task.claim_seq,
+        )
 
 
 def task_text(task: QueuedTask) -> str:
@@ -91,7 +96,7 @@ def task_section(pane_text: str, task_id: str) -> str | None:
     if start < 0:
         return None
     end_of_line = pane_text.find("\n", start)
-    return "" if end_of_line < 0 else pane_text[end_of_line + 1:]
+    return "" if end_of_line < 0 else pane_text[end_of_line + 1 :]
 
 
 def finished(section: str, task_id: str) -> tuple[TaskStatus, str] | None:
@@ -103,7 +108,7 @@ def finished(section: str, task_id: str) -> tuple[TaskStatus, str] | None:
             output = "\n".join(x for x in lines[:index] if not _NOISE.match(x)).strip()
             return TaskStatus.DONE, output
         if stripped.startswith(f"FAILED {task_id}"):
-            reason = stripped[len(f"FAILED {task_id}"):].strip() or "the agent reported failure"
+            reason = stripped[len(f"FAILED {task_id}") :].strip() or "the agent reported failure"
             return TaskStatus.FAILED, reason
     return None
 
@@ -142,10 +147,14 @@ class NodeAgent:
         advertise_host: str | None = None,
         account: str | None = None,
     ):
-        check_identity(identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id)
+        check_identity(
+            identity, expected_mesh_id if expected_mesh_id is not None else settings.mesh_id
+        )
         if not agent_command and identity.role != "viewer":
-            raise ConfigError(f"machine {identity.machine_id} has no agent command — "
-                              "give --agent-command, e.g. \"claude\"")
+            raise ConfigError(
+                f"machine {identity.machine_id} has no agent command — "
+                'give --agent-command, e.g. "claude"'
+            )
         self.identity = identity
         self.store = store
         self.panes = panes
@@ -157,7 +166,7 @@ class NodeAgent:
         self.pane_count = settings.agent_panes if pane_count is None else pane_count
         self.tasks: dict[str, ActiveTask] = {}
         self.pane_ids: list[str] = []
-        self._fresh: set[str] = set()   # (re)started panes that have not been given work yet
+        self._fresh: set[str] = set()  # (re)started panes that have not been given work yet
         self.last_heartbeat: datetime | None = None
         self._next_heartbeat: datetime | None = None
         self._next_claim: datetime | None = None
@@ -173,12 +182,22 @@ class NodeAgent:
         # What this machine saw lately (feedback metabolism: it paces idle claims).
         self._signals: deque[metabolism.Signal] = deque(maxlen=500)
         self._backoff_until: datetime | None = None
-        self._health = (HealthServer(self.health_snapshot, host=health_host, port=health_port,
-                                     advertise_host=advertise_host or self.settings.agent_advertise_host,
-                                     metrics=self.metrics_text,
-                                     token=(settings.agent_health_token.get_secret_value()
-                                            if settings.agent_health_token else None))
-                        if health_port is not None else None)
+        self._health = (
+            HealthServer(
+                self.health_snapshot,
+                host=health_host,
+                port=health_port,
+                advertise_host=advertise_host or self.settings.agent_advertise_host,
+                metrics=self.metrics_text,
+                token=(
+                    settings.agent_health_token.get_secret_value()
+                    if settings.agent_health_token
+                    else None
+                ),
+            )
+            if health_port is not None
+            else None
+        )
 
     # -- identity ------------------------------------------------------------------------
     @property
@@ -233,8 +252,10 @@ class NodeAgent:
             try:
                 requeued = self.store.leave(self.machine_id, self.clock.now())
             except Exception:
-                log.exception("could not announce leaving for %s; the reconciler will requeue its claims",
-                              self.machine_id)
+                log.exception(
+                    "could not announce leaving for %s; the reconciler will requeue its claims",
+                    self.machine_id,
+                )
             # Our claims are someone else's work now: stop it here so it never runs twice.
             for task in list(self.tasks.values()):
                 if task.pane_id and task.injected:
@@ -280,8 +301,11 @@ class NodeAgent:
         """Live panes without a task, except those the immune system excludes (a crash-looping
         pane gets work again when its exclusion ends: that task is its probe)."""
         busy = {t.pane_id for t in self.tasks.values() if t.pane_id}
-        return [p for p in self.pane_ids
-                if p not in busy and p not in self._excluded_panes and self.panes.is_alive(p)]
+        return [
+            p
+            for p in self.pane_ids
+            if p not in busy and p not in self._excluded_panes and self.panes.is_alive(p)
+        ]
 
     def _read_immunity(self, now: datetime) -> None:
         """This machine's pane exclusions and its account's rate-limit backoff, from the store."""
@@ -292,7 +316,7 @@ class NodeAgent:
         for state in self.store.immune_states():
             if state.subject.kind == "pane" and state.subject.key.startswith(prefix):
                 if state.excluded(now):
-                    excluded.add(state.subject.key[len(prefix):])
+                    excluded.add(state.subject.key[len(prefix) :])
             elif state.subject == Subject.account(self.account) and state.backing_off(now):
                 backoff = state.backoff_until
         self._excluded_panes, self._backoff_until = excluded, backoff
@@ -327,24 +351,35 @@ class NodeAgent:
         ours = {t.task_id: t for t in self.store.tasks_of(self.machine_id)}
         for task in list(self.tasks.values()):
             if task.task_id not in ours:
-                self._lost(task, "the store requeued it: this machine was declared down, or the "
-                                 "reconciler found the claim orphaned or stuck")
-        for task in ours.values():
-            if task.task_id not in self.tasks:
-                log.warning("adopting task %s: the store lists it as claimed by %s, this agent "
-                            "did not know (a claim whose answer was lost)", task.task_id,
-                            self.machine_id)
-            self._adopt(task)
+                self._lost(
+                    task,
+                    "the store requeued it: this machine was declared down, or the "
+                    "reconciler found the claim orphaned or stuck",
+                )
+        for claimed in ours.values():
+            if claimed.task_id not in self.tasks:
+                log.warning(
+                    "adopting task %s: the store lists it as claimed by %s, this agent "
+                    "did not know (a claim whose answer was lost)",
+                    claimed.task_id,
+                    self.machine_id,
+                )
+            self._adopt(claimed)
 
     def _claim(self, now: datetime) -> None:
         try:
             self._verify_claims()
             self._read_immunity(now)
             if self._backoff_until is not None:
-                log.info("account %s is rate-limited until %s; %s claims nothing until then",
-                         self.account, self._backoff_until.isoformat(), self.machine_id)
-                self._next_claim = min(self._backoff_until,
-                                       now + _seconds(self.settings.claim_seconds))
+                log.info(
+                    "account %s is rate-limited until %s; %s claims nothing until then",
+                    self.account,
+                    self._backoff_until.isoformat(),
+                    self.machine_id,
+                )
+                self._next_claim = min(
+                    self._backoff_until, now + _seconds(self.settings.claim_seconds)
+                )
                 return
             free = len(self.free_panes()) - sum(1 for t in self.tasks.values() if t.pane_id is None)
             claimed = self.claim_work(free)
@@ -361,8 +396,11 @@ class NodeAgent:
         pace (30 s busy … 300 s quiet)."""
         if claimed or not self.settings.agent_metabolism_pacing:
             return self.settings.claim_seconds
-        return metabolism.pace(self.metabolism(now), self.settings.metabolism_min_interval_seconds,
-                               self.settings.metabolism_max_interval_seconds)
+        return metabolism.pace(
+            self.metabolism(now),
+            self.settings.metabolism_min_interval_seconds,
+            self.settings.metabolism_max_interval_seconds,
+        )
 
     def _ready(self, pane_id: str) -> bool:
         """The pane's agent has drawn something (typing before that may be echoed or lost) and
@@ -375,10 +413,16 @@ class NodeAgent:
             return False
         ratio = self.panes.context_ratio(text)
         # A freshly started agent is as fresh as it gets: restarting it again would loop.
-        if (pane_id not in self._fresh and ratio is not None
-                and ratio >= self.settings.context_handoff_ratio):
-            log.info("pane %s is at context %.0f%%; restarting it before giving it work", pane_id,
-                     ratio * 100)
+        if (
+            pane_id not in self._fresh
+            and ratio is not None
+            and ratio >= self.settings.context_handoff_ratio
+        ):
+            log.info(
+                "pane %s is at context %.0f%%; restarting it before giving it work",
+                pane_id,
+                ratio * 100,
+            )
             self._restart_pane(pane_id)
             return False
         return True
@@ -396,21 +440,31 @@ class NodeAgent:
                 task.pane_id = free.pop(0)
             elif not self._ready(task.pane_id):
                 continue  # respawned for this task; type it once the agent is up
-            self._inject(task, now)
+            self._inject(task, task.pane_id, now)
 
-    def _inject(self, task: ActiveTask, now: datetime) -> None:
-        self.panes.inject(task.pane_id, task.text)
-        self._fresh.discard(task.pane_id)
+    def _inject(self, task: ActiveTask, pane_id: str, now: datetime) -> None:
+        self.panes.inject(pane_id, task.text)
+        self._fresh.discard(pane_id)
         task.injected = True
         task.digest = None
         if task.status == TaskStatus.CLAIMED.value:
-            ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.INJECTED, now,
-                                       pane_id=task.pane_id, claim_seq=task.claim_seq)
+            ok = self.store.transition(
+                task.task_id,
+                self.machine_id,
+                TaskStatus.INJECTED,
+                now,
+                pane_id=pane_id,
+                claim_seq=task.claim_seq,
+            )
             task.status = TaskStatus.INJECTED.value
         else:
-            ok = self.store.progress(task.task_id, self.machine_id, now,
-                                     note=f"re-injected into pane {task.pane_id}",
-                                     claim_seq=task.claim_seq)
+            ok = self.store.progress(
+                task.task_id,
+                self.machine_id,
+                now,
+                note=f"re-injected into pane {pane_id}",
+                claim_seq=task.claim_seq,
+            )
         if not ok:
             self._lost(task, "the store no longer lists it as ours")
 
@@ -420,7 +474,7 @@ class NodeAgent:
             self._watch(task, now)
 
     def _watch(self, task: ActiveTask, now: datetime) -> None:
-        """Read the task's pane: finish it, report progress, or hand it off at the context budget."""
+        """Read the task's pane: finish it, report progress, or hand off at the context budget."""
         if task.task_id not in self.tasks or not task.injected or task.pane_id is None:
             return
         try:
@@ -437,25 +491,33 @@ class NodeAgent:
             return
         if end is not None:
             status, detail = end
-            self._signals.extend(metabolism.signals_from_events(
-                [{"event": status.value, "at": now, "task_type": None}]))
+            self._signals.extend(
+                metabolism.signals_from_events(
+                    [{"event": status.value, "at": now, "task_type": None}]
+                )
+            )
             kwargs = {"output": detail} if status is TaskStatus.DONE else {"error": detail}
             if task.status == TaskStatus.INJECTED.value:
-                self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
-                                      claim_seq=task.claim_seq)
-            self.store.transition(task.task_id, self.machine_id, status, now,
-                                  claim_seq=task.claim_seq, **kwargs)
+                self.store.transition(
+                    task.task_id, self.machine_id, TaskStatus.RUNNING, now, claim_seq=task.claim_seq
+                )
+            self.store.transition(
+                task.task_id, self.machine_id, status, now, claim_seq=task.claim_seq, **kwargs
+            )
             del self.tasks[task.task_id]
             return
         digest = hashlib.sha1(section.encode("utf-8")).hexdigest() if section.strip() else None
         if digest is not None and digest != task.digest:
             task.digest = digest
             if task.status == TaskStatus.INJECTED.value:
-                ok = self.store.transition(task.task_id, self.machine_id, TaskStatus.RUNNING, now,
-                                           claim_seq=task.claim_seq)
+                ok = self.store.transition(
+                    task.task_id, self.machine_id, TaskStatus.RUNNING, now, claim_seq=task.claim_seq
+                )
                 task.status = TaskStatus.RUNNING.value
             else:
-                ok = self.store.progress(task.task_id, self.machine_id, now, claim_seq=task.claim_seq)
+                ok = self.store.progress(
+                    task.task_id, self.machine_id, now, claim_seq=task.claim_seq
+                )
             if not ok:
                 self._lost(task, "the store no longer lists it as ours")
                 return
@@ -466,35 +528,51 @@ class NodeAgent:
     def _rate_limited(self, task: ActiveTask, message: str, now: datetime) -> None:
         """A rate limit is not the task's failure: requeue it without spending an attempt and
         back the account off until the reset the message names (DESIGN §9)."""
-        if hasattr(self.store, "requeue_unattempted"):
-            self.store.requeue_unattempted(task.task_id, self.machine_id, now, message,
-                                           claim_seq=task.claim_seq)
+        if isinstance(self.store, ImmuneStore):
+            self.store.requeue_unattempted(
+                task.task_id, self.machine_id, now, message, claim_seq=task.claim_seq
+            )
             subject = Subject.account(self.account)
-            state = next((s for s in self.store.immune_states("account") if s.subject == subject),
-                         SubjectState(subject))
-            state, actions = immune.observe(state, Observation(subject, now, "rate_limited", message),
-                                            self.policy)
+            state = next(
+                (s for s in self.store.immune_states("account") if s.subject == subject),
+                SubjectState(subject),
+            )
+            state, actions = immune.observe(
+                state, Observation(subject, now, "rate_limited", message), self.policy
+            )
             self.store.save_immune([state], actions, self.policy, now)
             self._backoff_until = state.backoff_until
             self._next_claim = state.backoff_until
-        log.warning("task %s hit a rate limit on account %s (%s); requeued, claims paused until %s",
-                    task.task_id, self.account, message[:200],
-                    self._backoff_until.isoformat() if self._backoff_until else "the next round")
+        log.warning(
+            "task %s hit a rate limit on account %s (%s); requeued, claims paused until %s",
+            task.task_id,
+            self.account,
+            message[:200],
+            self._backoff_until.isoformat() if self._backoff_until else "the next round",
+        )
         del self.tasks[task.task_id]
 
     def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
         lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
         checkpoint = "\n".join(lines[-20:]) or f"context budget reached at {ratio:.0%}"
         self.store.handoff(task.task_id, self.machine_id, now, checkpoint, claim_seq=task.claim_seq)
-        log.info("task %s handed off at context %.0f%%; pane %s restarted", task.task_id,
-                 ratio * 100, task.pane_id)
+        log.info(
+            "task %s handed off at context %.0f%%; pane %s restarted",
+            task.task_id,
+            ratio * 100,
+            task.pane_id,
+        )
         del self.tasks[task.task_id]
         self._restart_pane(task.pane_id)
 
     def _lost(self, task: ActiveTask, why: str) -> None:
         """The store gave the task to someone else: forget it and stop its work here."""
-        log.warning("task %s is no longer ours (%s); stopping it in pane %s", task.task_id, why,
-                    task.pane_id)
+        log.warning(
+            "task %s is no longer ours (%s); stopping it in pane %s",
+            task.task_id,
+            why,
+            task.pane_id,
+        )
         self.tasks.pop(task.task_id, None)
         if task.pane_id and task.injected:
             self._restart_pane(task.pane_id)
@@ -528,8 +606,13 @@ class NodeAgent:
             self._signals.append(metabolism.Signal("crash_rate", now, 0.0))
             if hasattr(self.store, "record_event"):  # the immune system counts pane deaths
                 try:
-                    self.store.record_event(task.task_id if task else None, "PaneRespawned",
-                                            self.machine_id, now, {"pane_id": pane_id, "note": note})
+                    self.store.record_event(
+                        task.task_id if task else None,
+                        "PaneRespawned",
+                        self.machine_id,
+                        now,
+                        {"pane_id": pane_id, "note": note},
+                    )
                 except FleetError as exc:
                     log.warning("could not record the respawn of pane %s: %s", pane_id, exc)
             if task is None:
@@ -537,12 +620,18 @@ class NodeAgent:
             task.respawns += 1
             task.injected = False  # typed again on this tick, into the fresh agent
             if task.respawns > self.settings.max_task_attempts:
-                self.store.transition(task.task_id, self.machine_id, TaskStatus.FAILED, now,
-                                      error=f"{note} {task.respawns} times while running this task",
-                                      claim_seq=task.claim_seq)
+                self.store.transition(
+                    task.task_id,
+                    self.machine_id,
+                    TaskStatus.FAILED,
+                    now,
+                    error=f"{note} {task.respawns} times while running this task",
+                    claim_seq=task.claim_seq,
+                )
                 del self.tasks[task.task_id]
-            elif not self.store.progress(task.task_id, self.machine_id, now, note=note,
-                                         claim_seq=task.claim_seq):
+            elif not self.store.progress(
+                task.task_id, self.machine_id, now, note=note, claim_seq=task.claim_seq
+            ):
                 self._lost(task, "the store no longer lists it as ours")
         while len(self.pane_ids) < self.pane_count:
             self.pane_ids.append(self._spawn_pane())
@@ -566,9 +655,15 @@ class NodeAgent:
         try:
             self.store.heartbeat(self.identity, now, self.health_url, sorted(self.tasks))
             for view in self._pane_view:
-                self.store.set_pane_state(self.machine_id, view["pane_id"], now, task_id=view["task_id"],
-                                          alive=view["alive"], context_ratio=view["context_ratio"],
-                                          claim_seq=view["claim_seq"])
+                self.store.set_pane_state(
+                    self.machine_id,
+                    view["pane_id"],
+                    now,
+                    task_id=view["task_id"],
+                    alive=view["alive"],
+                    context_ratio=view["context_ratio"],
+                    claim_seq=view["claim_seq"],
+                )
         except FleetError as exc:
             # A failed write is not a reason to stop: the next tick tries again.
             log.warning("heartbeat failed on %s: %s", self.machine_id, exc)
@@ -598,12 +693,20 @@ class NodeAgent:
         for task_id, local in saved_tasks.items():
             if task_id not in ours and local.pane_id in existing and local.injected:
                 # Requeued while we were away: whatever still runs it here must stop.
-                log.warning("task %s was requeued while %s was away; stopping it in pane %s",
-                            task_id, self.machine_id, local.pane_id)
+                log.warning(
+                    "task %s was requeued while %s was away; stopping it in pane %s",
+                    task_id,
+                    self.machine_id,
+                    local.pane_id,
+                )
                 self._restart_pane(local.pane_id)
         if self.tasks:
-            log.info("re-adopted %d task(s) on %s: %s", len(self.tasks), self.machine_id,
-                     ", ".join(sorted(self.tasks)))
+            log.info(
+                "re-adopted %d task(s) on %s: %s",
+                len(self.tasks),
+                self.machine_id,
+                ", ".join(sorted(self.tasks)),
+            )
         if self.claims:
             self._supervise_panes(self.clock.now())
 
@@ -613,12 +716,19 @@ class NodeAgent:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable agent state %s (%s); the store's claims are used",
-                        self.state_path, exc)
+            log.warning(
+                "ignoring unreadable agent state %s (%s); the store's claims are used",
+                self.state_path,
+                exc,
+            )
             return {}
         if data.get("machine_id") != self.machine_id:
-            log.warning("agent state %s belongs to machine %r, not %r; ignored", self.state_path,
-                        data.get("machine_id"), self.machine_id)
+            log.warning(
+                "agent state %s belongs to machine %r, not %r; ignored",
+                self.state_path,
+                data.get("machine_id"),
+                self.machine_id,
+            )
             return {}
         return data
 
@@ -655,8 +765,15 @@ class NodeAgent:
                 except FleetError:
                     alive = False
             task = by_pane.get(pane_id)
-            view.append({"pane_id": pane_id, "alive": alive, "task_id": task and task.task_id,
-                         "claim_seq": task and task.claim_seq, "context_ratio": ratio})
+            view.append(
+                {
+                    "pane_id": pane_id,
+                    "alive": alive,
+                    "task_id": task and task.task_id,
+                    "claim_seq": task and task.claim_seq,
+                    "context_ratio": ratio,
+                }
+            )
         self._pane_view = view
 
     def metrics_text(self) -> bytes:

@@ -12,6 +12,7 @@ time, and is reverted — even when the wait is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -32,10 +33,7 @@ def parse_duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     raw = text.strip().lower()
     try:
-        if raw and raw[-1] in units:
-            value = float(raw[:-1]) * units[raw[-1]]
-        else:
-            value = float(raw)
+        value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
     except ValueError:
         value = -1
     if value < 0:
@@ -49,7 +47,7 @@ class Fault:
 
     kind: str
     target: str
-    revert_fn: Callable[[], None] | None = None
+    revert_fn: Callable[[], object] | None = None  # what it returns is ignored
     detail: dict[str, Any] = field(default_factory=dict)
     reverted: bool = False
 
@@ -100,10 +98,8 @@ def kill_agent(pid: str) -> Fault:
 
 
 def _signal(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile: nothing left to revert
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass  # gone meanwhile: nothing left to revert
 
 
 def kill_pane(pane: str, socket_name: str = "fleet") -> Fault:
@@ -114,7 +110,7 @@ def kill_pane(pane: str, socket_name: str = "fleet") -> Fault:
 
 
 def gateway_errors(url: str, token: str | None = None) -> Fault:
-    """The dev gateway's admin faults (fleet/devservers): every request gets a 503 until reverted."""
+    """The dev gateway's admin faults (fleet/devservers): every request gets 503 until reverted."""
     import httpx
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -132,7 +128,7 @@ def gateway_errors(url: str, token: str | None = None) -> Fault:
 
 
 def store_outage(url: str) -> Fault:
-    """Hold the mesh store locked: writers and (on PostgreSQL) readers fail with StoreUnavailable."""
+    """Hold the mesh store locked: writers and (PostgreSQL) readers fail with StoreUnavailable."""
     if url.startswith("sqlite:///"):
         conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
         conn.execute("BEGIN EXCLUSIVE")

@@ -18,8 +18,15 @@ class MeshDispatcher:
     The queue reads are short store calls; the wait between them is the clock's `asleep`.
     """
 
-    def __init__(self, store: MeshStore, clock: Clock, poll_seconds: float = 5.0, *, kind: str = "agent",
-                 mesh_id: str | None = None):
+    def __init__(
+        self,
+        store: MeshStore,
+        clock: Clock,
+        poll_seconds: float = 5.0,
+        *,
+        kind: str = "agent",
+        mesh_id: str | None = None,
+    ):
         if poll_seconds <= 0:
             raise ValueError(f"poll_seconds must be > 0, got {poll_seconds}")
         self.store = store
@@ -34,40 +41,59 @@ class MeshDispatcher:
         from fleet.clock import SystemClock
         from fleet.mesh.open import mesh_store_url, open_mesh_store
 
-        return cls(open_mesh_store(mesh_store_url(settings, load_block)), SystemClock(),
-                   mesh_id=settings.mesh_id or None)
+        return cls(
+            open_mesh_store(mesh_store_url(settings, load_block)),
+            SystemClock(),
+            mesh_id=settings.mesh_id or None,
+        )
 
     # The key is accepted for the protocol; the enqueue is one local transaction, never resent.
     async def spawn(self, command: Command, idempotency_key: str | None = None) -> str:
         return self.store.enqueue(self.kind, _argv(command), self.clock.now(), mesh_id=self.mesh_id)
 
-    async def dispatch(self, command: Command, target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: Command, target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         if not target:
             raise DispatchError("dispatch needs a target machine id; use spawn() for any worker")
-        return self.store.enqueue(self.kind, _argv(command), self.clock.now(), target=target,
-                                  model=model or None, mesh_id=self.mesh_id)
+        return self.store.enqueue(
+            self.kind,
+            _argv(command),
+            self.clock.now(),
+            target=target,
+            model=model or None,
+            mesh_id=self.mesh_id,
+        )
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         deadline = self.clock.now() + timedelta(seconds=timeout)
         while True:
             task = self.store.get_task(task_id)
             if task is None:
-                raise UnknownTask(f"mesh task {task_id} is not in the queue — was it enqueued on "
-                                  "this store (check FLEET_STORE_URL)?")
+                raise UnknownTask(
+                    f"mesh task {task_id} is not in the queue — was it enqueued on "
+                    "this store (check FLEET_STORE_URL)?"
+                )
             if task.status is TaskStatus.DONE:
                 return task.output or ""
             if task.status in _FAILED:
                 where = f" on {task.claimed_by}" if task.claimed_by else ""
-                raise DispatchError(f"mesh task {task_id} {task.status.value}{where} after "
-                                    f"{task.attempts} failed attempt(s): {task.error or 'no reason given'}")
+                raise DispatchError(
+                    f"mesh task {task_id} {task.status.value}{where} after "
+                    f"{task.attempts} failed attempt(s): {task.error or 'no reason given'}"
+                )
             now = self.clock.now()
             if now >= deadline:
                 # The queue has no cancel: the task stays queued/claimed and the reconciler
                 # expires it; the caller decides whether to wait again or give up.
-                raise DispatchTimeout(f"mesh task {task_id} still {task.status.value} after {timeout:g}s"
-                                      + (f" (claimed by {task.claimed_by})" if task.claimed_by else
-                                         " (no worker claimed it — are node agents running?)"))
+                raise DispatchTimeout(
+                    f"mesh task {task_id} still {task.status.value} after {timeout:g}s"
+                    + (
+                        f" (claimed by {task.claimed_by})"
+                        if task.claimed_by
+                        else " (no worker claimed it — are node agents running?)"
+                    )
+                )
             await self.clock.asleep(min(self.poll_seconds, (deadline - now).total_seconds()))
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fleet.clients.transport import is_loopback
 from fleet.jsonhttp import JsonServer, Request, Response
@@ -47,9 +48,16 @@ class HealthServer:
     it must never be loopback in a mesh of several machines.
     """
 
-    def __init__(self, snapshot: HealthSnapshot, *, host: str = "0.0.0.0", port: int = 9300,
-                 advertise_host: str | None = None, metrics: Callable[[], bytes] | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        snapshot: HealthSnapshot,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 9300,
+        advertise_host: str | None = None,
+        metrics: Callable[[], bytes] | None = None,
+        token: str | None = None,
+    ):
         self._snapshot = snapshot
         # Optional bearer token (seed 001 WAN discipline): the endpoint shows identity and tasks.
         # A 401 is still an answer, so the watchdog's reachability probe needs no token.
@@ -69,7 +77,8 @@ class HealthServer:
         """The URL other machines use: the advertised host, else this host's reachable name
         for a wildcard bind, else the bound address."""
         host = self._advertise_host or (
-            reachable_host_name() if self._host in WILDCARD_HOSTS else self._host)
+            reachable_host_name() if self._host in WILDCARD_HOSTS else self._host
+        )
         if ":" in host:
             host = f"[{host}]"  # an IPv6 literal
         return f"http://{host}:{self.port}/health"

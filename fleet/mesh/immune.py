@@ -36,7 +36,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ class Subject:
                 f"invalid subject {text!r} — write kind:key with kind one of "
                 f"{', '.join(SUBJECT_KINDS)}, e.g. machine:mac1"
             )
-        return cls(kind, key)  # type: ignore[arg-type]
+        return cls(kind, key)
 
     @classmethod
     def machine(cls, machine_id: str) -> Subject:
@@ -143,14 +143,14 @@ def rate_limit_reset(text: str, now: datetime) -> datetime | None:
     """The reset time a rate-limit message names (epoch after `|`, an ISO time, `retry after N`,
     `in N minutes`, `resets 3pm` — clock times are UTC), or None when it names none."""
     if m := _EPOCH.search(text):
-        return datetime.fromtimestamp(int(m.group(1)), tz=timezone.utc)
+        return datetime.fromtimestamp(int(m.group(1)), tz=UTC)
     if m := _ISO.search(text):
         try:
             at = datetime.fromisoformat(m.group(1).replace("Z", "+00:00").replace(" ", "T"))
         except ValueError:
             at = None
         if at is not None:
-            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+            return at if at.tzinfo else at.replace(tzinfo=UTC)
     if m := _AFTER.search(text):
         return now + timedelta(seconds=int(m.group(1)))
     if m := _IN.search(text):
@@ -163,7 +163,7 @@ def rate_limit_reset(text: str, now: datetime) -> datetime | None:
             hour = 0
         if hour > 23 or minute > 59:
             return None
-        at = now.astimezone(timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        at = now.astimezone(UTC).replace(hour=hour, minute=minute, second=0, microsecond=0)
         return at if at > now else at + timedelta(days=1)
     return None
 
@@ -336,8 +336,15 @@ class Action:
     """What a step decided, for the caller to apply, record and announce."""
 
     kind: Literal[
-        "corrective", "quarantine", "release", "probe", "alert", "backoff", "braked", "decay",
-        "antibody"
+        "corrective",
+        "quarantine",
+        "release",
+        "probe",
+        "alert",
+        "backoff",
+        "braked",
+        "decay",
+        "antibody",
     ]
     subject: Subject
     tier: Tier = Tier.INNATE
@@ -473,9 +480,14 @@ def observe(
         signature, _, corrective = state.antibody.partition("/")
         if obs.outcome == "success" or failure_signature(obs.reason) == signature:
             worked = obs.outcome == "success"
-            verdict.append(Action("antibody", state.subject, state.tier,
-                                  {"signature": signature, "corrective": corrective,
-                                   "worked": worked}))
+            verdict.append(
+                Action(
+                    "antibody",
+                    state.subject,
+                    state.tier,
+                    {"signature": signature, "corrective": corrective, "worked": worked},
+                )
+            )
             state = replace(state, antibody="")
     state, decided = _observe(state, obs, policy, brake_for)
     if any(a.kind == "corrective" for a in decided):
@@ -484,7 +496,8 @@ def observe(
         state = replace(state, antibody=f"{signature}/{corrective}")
         decided = [
             replace(a, detail={**a.detail, "signature": signature, "corrective": corrective})
-            if a.kind == "corrective" else a
+            if a.kind == "corrective"
+            else a
             for a in decided
         ]
     return state, passed + verdict + decided

@@ -139,8 +139,9 @@ def run_cycle(store: Any, now: datetime, policy: ImmunePolicy, *, batch: int = 5
     after, actions = step(before, obs, now, policy, population, store.antibodies())
     for a in actions:  # correctives that worked (or did not), remembered mesh-wide
         if a.kind == "antibody":
-            store.record_antibody(a.detail["signature"], a.detail["corrective"],
-                                  a.detail["worked"], now)
+            store.record_antibody(
+                a.detail["signature"], a.detail["corrective"], a.detail["worked"], now
+            )
     changed = [s for subject, s in after.items() if before.get(subject) != s]
     last = rows[-1]["id"] if rows else cursor
     # Correctives are the failures themselves (in mesh_task_events already) and antibody

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from enum import Enum
-from typing import Callable
 
 import httpx
 from pydantic import BaseModel
@@ -33,19 +33,32 @@ from fleet.mesh.store import MeshStore
 
 
 class Reach(str, Enum):
-    REACHABLE = "reachable"        # any HTTP response
-    UNREACHABLE = "unreachable"    # evidence: refused, timed out, host unreachable, reset
+    REACHABLE = "reachable"  # any HTTP response
+    UNREACHABLE = "unreachable"  # evidence: refused, timed out, host unreachable, reset
     INCONCLUSIVE = "inconclusive"  # says nothing about the target
 
 
 # Errors of the local side: our network or resolver, not the target.
-_LOCAL_ERRNOS = {errno.ENETUNREACH, errno.ENETDOWN, errno.EADDRNOTAVAIL, errno.EMFILE, errno.ENFILE,
-                 errno.ENOBUFS, errno.EACCES, errno.EPERM}
-_REMOTE_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.EHOSTDOWN, errno.ECONNRESET,
-                  errno.ETIMEDOUT}
+_LOCAL_ERRNOS = {
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EADDRNOTAVAIL,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.ENOBUFS,
+    errno.EACCES,
+    errno.EPERM,
+}
+_REMOTE_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.EHOSTDOWN,
+    errno.ECONNRESET,
+    errno.ETIMEDOUT,
+}
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -67,8 +80,17 @@ def classify_error(exc: BaseException) -> Reach:
             return Reach.UNREACHABLE
     if isinstance(exc, httpx.PoolTimeout):
         return Reach.INCONCLUSIVE  # our connection pool, not the target
-    if isinstance(exc, (httpx.ConnectTimeout, httpx.ReadTimeout, httpx.WriteTimeout,
-                        httpx.RemoteProtocolError, httpx.ConnectError, httpx.ReadError)):
+    if isinstance(
+        exc,
+        (
+            httpx.ConnectTimeout,
+            httpx.ReadTimeout,
+            httpx.WriteTimeout,
+            httpx.RemoteProtocolError,
+            httpx.ConnectError,
+            httpx.ReadError,
+        ),
+    ):
         return Reach.UNREACHABLE
     return Reach.INCONCLUSIVE
 
@@ -77,8 +99,9 @@ class ReachabilityCheck:
     """GET a health URL with a short timeout and say what the outcome is evidence of."""
 
     def __init__(self, timeout_seconds: float = 2.0, client: httpx.Client | None = None):
-        self._client = client or httpx.Client(timeout=timeout_seconds, follow_redirects=False,
-                                              trust_env=False)
+        self._client = client or httpx.Client(
+            timeout=timeout_seconds, follow_redirects=False, trust_env=False
+        )
 
     def __call__(self, url: str) -> Reach:
         try:
@@ -114,18 +137,28 @@ class LivenessReport(BaseModel):
 
 
 class LivenessProbe:
-    """One call of `confirm(now)` = one confirmation round over the machines with missed heartbeats."""
+    """One call of `confirm(now)` = one confirmation round over machines with missed heartbeats."""
 
-    def __init__(self, store: MeshStore, *, heartbeat_seconds: float, confirmations: int,
-                 max_attempts: int, reference_url: str | None = None,
-                 check: Callable[[str], Reach] | None = None, timeout_seconds: float = 2.0):
+    def __init__(
+        self,
+        store: MeshStore,
+        *,
+        heartbeat_seconds: float,
+        confirmations: int,
+        max_attempts: int,
+        reference_url: str | None = None,
+        check: Callable[[str], Reach] | None = None,
+        timeout_seconds: float = 2.0,
+    ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
         self.confirmations = confirmations
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
-        self._owned = None if check else ReachabilityCheck(timeout_seconds)
-        self.check = check or self._owned
+        self._owned: ReachabilityCheck | None = None
+        if check is None:
+            self._owned = check = ReachabilityCheck(timeout_seconds)
+        self.check: Callable[[str], Reach] = check
 
     def close(self) -> None:
         if self._owned is not None:
@@ -147,21 +180,27 @@ class LivenessProbe:
         try:
             machines = self.store.machines()
         except Exception as exc:  # our query failing is never evidence of anyone's death
-            return LivenessReport(at=now, self_check="store_error",
-                                  errors=[f"reading machines: {exc}"])
+            return LivenessReport(
+                at=now, self_check="store_error", errors=[f"reading machines: {exc}"]
+            )
         stale_before = rules.heartbeat_stale_before(now, self.heartbeat_seconds)
-        suspects = [m for m in machines
-                    if m.status in ("alive", "suspect") and m.last_heartbeat < stale_before]
+        suspects = [
+            m
+            for m in machines
+            if m.status in ("alive", "suspect") and m.last_heartbeat < stale_before
+        ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
         references = self._references(machines, stale_before)
-        if references:
-            if not any(self.check(url) is Reach.REACHABLE for url in references):
-                return LivenessReport(
-                    at=now, self_check="reference_unreachable",
-                    errors=[f"no known-good reference answered ({', '.join(references)}): our own "
-                            "network is in doubt, no confirmation recorded this cycle"],
-                )
+        if references and not any(self.check(url) is Reach.REACHABLE for url in references):
+            return LivenessReport(
+                at=now,
+                self_check="reference_unreachable",
+                errors=[
+                    f"no known-good reference answered ({', '.join(references)}): our own "
+                    "network is in doubt, no confirmation recorded this cycle"
+                ],
+            )
         report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         for machine in suspects:
             verdict = self._confirm_one(machine, now, stale_before, report)
@@ -176,38 +215,72 @@ class LivenessProbe:
         heartbeats are fresh (if none of them answers either, the fault is on our side)."""
         if self.reference_url is not None:
             return [self.reference_url]
-        return [m.health_url for m in machines
-                if m.health_url and m.status == "alive" and m.last_heartbeat >= stale_before][:3]
+        return [
+            m.health_url
+            for m in machines
+            if m.health_url and m.status == "alive" and m.last_heartbeat >= stale_before
+        ][:3]
 
-    def _confirm_one(self, machine, now: datetime, stale_before: datetime,
-                     report: LivenessReport) -> MachineVerdict:
+    def _confirm_one(
+        self, machine, now: datetime, stale_before: datetime, report: LivenessReport
+    ) -> MachineVerdict:
         mid = machine.machine_id
         if not machine.health_url:
-            return MachineVerdict(machine_id=mid, outcome="inconclusive",
-                                  failed_confirmations=machine.failed_confirmations)
+            return MachineVerdict(
+                machine_id=mid,
+                outcome="inconclusive",
+                failed_confirmations=machine.failed_confirmations,
+            )
         reach = self.check(machine.health_url)
         if reach is Reach.INCONCLUSIVE:
-            return MachineVerdict(machine_id=mid, outcome="inconclusive", reach=reach,
-                                  failed_confirmations=machine.failed_confirmations)
+            return MachineVerdict(
+                machine_id=mid,
+                outcome="inconclusive",
+                reach=reach,
+                failed_confirmations=machine.failed_confirmations,
+            )
         try:
             health = self.store.record_confirmation(
-                mid, reach is Reach.UNREACHABLE, now, stale_before=stale_before)
+                mid, reach is Reach.UNREACHABLE, now, stale_before=stale_before
+            )
             if reach is Reach.REACHABLE:
-                return MachineVerdict(machine_id=mid, outcome="alive", reach=reach,
-                                      failed_confirmations=health.failed_confirmations)
+                return MachineVerdict(
+                    machine_id=mid,
+                    outcome="alive",
+                    reach=reach,
+                    failed_confirmations=health.failed_confirmations,
+                )
             if health.last_heartbeat >= stale_before:
-                return MachineVerdict(machine_id=mid, outcome="heartbeat_resumed", reach=reach,
-                                      failed_confirmations=health.failed_confirmations)
+                return MachineVerdict(
+                    machine_id=mid,
+                    outcome="heartbeat_resumed",
+                    reach=reach,
+                    failed_confirmations=health.failed_confirmations,
+                )
             if not rules.confirmed_down(health.failed_confirmations, self.confirmations):
-                return MachineVerdict(machine_id=mid, outcome="failed", reach=reach,
-                                      failed_confirmations=health.failed_confirmations)
-            requeued = self.store.mark_down(mid, now, stale_before=stale_before,
-                                            max_attempts=self.max_attempts)
+                return MachineVerdict(
+                    machine_id=mid,
+                    outcome="failed",
+                    reach=reach,
+                    failed_confirmations=health.failed_confirmations,
+                )
+            requeued = self.store.mark_down(
+                mid, now, stale_before=stale_before, max_attempts=self.max_attempts
+            )
         except Exception as exc:  # a failed write leaves the count as it was
             report.errors.append(f"confirming {mid}: {exc}")
             return MachineVerdict(machine_id=mid, outcome="store_error", reach=reach)
         if requeued < 0:
-            return MachineVerdict(machine_id=mid, outcome="heartbeat_resumed", reach=reach,
-                                  failed_confirmations=health.failed_confirmations)
-        return MachineVerdict(machine_id=mid, outcome="declared_down", reach=reach,
-                              failed_confirmations=health.failed_confirmations, requeued=requeued)
+            return MachineVerdict(
+                machine_id=mid,
+                outcome="heartbeat_resumed",
+                reach=reach,
+                failed_confirmations=health.failed_confirmations,
+            )
+        return MachineVerdict(
+            machine_id=mid,
+            outcome="declared_down",
+            reach=reach,
+            failed_confirmations=health.failed_confirmations,
+            requeued=requeued,
+        )

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fleet.errors import ConfigError
-from fleet.mesh.store import MeshStore
+
+if TYPE_CHECKING:
+    from fleet.mesh.pg_store import PgMeshStore
+    from fleet.mesh.sqlite_store import SQLiteMeshStore
 
 
-def open_mesh_store(url: str) -> MeshStore:
+# The concrete stores, not the MeshStore protocol: callers also use their ImmuneStore half.
+def open_mesh_store(url: str) -> SQLiteMeshStore | PgMeshStore:
     """`sqlite:///path/fleet.db` → SQLiteMeshStore; `postgresql://…`, `postgres://…` →
     PgMeshStore."""
     if url.startswith("sqlite:///"):
@@ -33,13 +38,16 @@ def mesh_store_url(settings, load_block=None) -> str:
     if not settings.store_block:
         return settings.resolved_store_url()
     if load_block is None:
-        raise ConfigError(f"store block {settings.store_block!r} is configured but blocks can only "
-                          "be loaded inside a flow run — give --store-url or FLEET_STORE_URL")
+        raise ConfigError(
+            f"store block {settings.store_block!r} is configured but blocks can only "
+            "be loaded inside a flow run — give --store-url or FLEET_STORE_URL"
+        )
     conninfo = getattr(load_block(settings.store_block), "conninfo", None)
     if conninfo is None:
         raise ConfigError(
             f"store block {settings.store_block!r} has no database connection string; the mesh "
-            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL")
+            "runs on PostgreSQL itself — use a fleet-postgres-store block or FLEET_STORE_URL"
+        )
     return conninfo.get_secret_value()
 
 

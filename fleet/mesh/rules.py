@@ -21,11 +21,16 @@ from enum import Enum
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
 
 ACTIVE_STATUSES: tuple[TaskStatus, ...] = (
-    TaskStatus.CLAIMED, TaskStatus.INJECTED, TaskStatus.RUNNING,
+    TaskStatus.CLAIMED,
+    TaskStatus.INJECTED,
+    TaskStatus.RUNNING,
 )
 UNFINISHED_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.QUEUED, *ACTIVE_STATUSES)
 FINISHED_STATUSES: tuple[TaskStatus, ...] = (
-    TaskStatus.DONE, TaskStatus.FAILED, TaskStatus.EXPIRED, TaskStatus.DEAD_LETTER,
+    TaskStatus.DONE,
+    TaskStatus.FAILED,
+    TaskStatus.EXPIRED,
+    TaskStatus.DEAD_LETTER,
 )
 # In a pane: their progress is pane output, so the stuck rule watches them.
 PANE_STATUSES: tuple[TaskStatus, ...] = (TaskStatus.INJECTED, TaskStatus.RUNNING)
@@ -74,10 +79,10 @@ def cutoffs(now: datetime, t: Thresholds) -> Cutoffs:
 class Verdict(str, Enum):
     """Why the reconciler moves a task; checked in this order, the first that applies wins."""
 
-    EXPIRED = "expired"            # created > expiry ago and not finished → expired
+    EXPIRED = "expired"  # created > expiry ago and not finished → expired
     MACHINE_DOWN = "machine_down"  # active, claimer declared down/left → requeue
-    ORPHANED = "orphaned"          # in flight > orphan, claimer silent, no progress → requeue
-    STUCK = "stuck"                # injected or running, no pane progress for > stuck → requeue
+    ORPHANED = "orphaned"  # in flight > orphan, claimer silent, no progress → requeue
+    STUCK = "stuck"  # injected or running, no pane progress for > stuck → requeue
 
 
 def claimer_heartbeat_fresh(
@@ -159,7 +164,10 @@ def confirmed_down(failed_confirmations: int, required: int) -> bool:
 
 
 def confirmation_update(
-    status: str, failed_confirmations: int, last_heartbeat: datetime, failed: bool,
+    status: str,
+    failed_confirmations: int,
+    last_heartbeat: datetime,
+    failed: bool,
     stale_before: datetime | None,
 ) -> tuple[str, int]:
     """New (status, failed_confirmations) after one liveness confirmation.

@@ -32,9 +32,13 @@ def _say(line: str) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripted_agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--exit-after", type=int, default=0, help="exit after N task lines (0 = never)")
+    parser.add_argument(
+        "--exit-after", type=int, default=0, help="exit after N task lines (0 = never)"
+    )
     parser.add_argument("--context-start", type=float, default=42.0)
-    parser.add_argument("--context-step", type=float, default=0.0, help="context percent used per task")
+    parser.add_argument(
+        "--context-step", type=float, default=0.0, help="context percent used per task"
+    )
     parser.add_argument("--hang", action="store_true", help="never finish a task")
     parser.add_argument("--linger", type=float, default=0.3, help="seconds to wait before exiting")
     args = parser.parse_args(argv)

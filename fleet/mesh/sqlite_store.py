@@ -60,23 +60,40 @@ def _at(value: str) -> datetime:
 
 def _task(row: sqlite3.Row) -> QueuedTask:
     return QueuedTask(
-        task_id=row["task_id"], kind=row["kind"], command=json.loads(row["command"]),
-        target=row["target"], model=row["model"], status=TaskStatus(row["status"]),
-        attempts=row["attempts"], claim_seq=row["claim_seq"], claimed_by=row["claimed_by"],
+        task_id=row["task_id"],
+        kind=row["kind"],
+        command=json.loads(row["command"]),
+        target=row["target"],
+        model=row["model"],
+        status=TaskStatus(row["status"]),
+        attempts=row["attempts"],
+        claim_seq=row["claim_seq"],
+        claimed_by=row["claimed_by"],
         pane_id=row["pane_id"],
-        created_at=_at(row["created_at"]), claimed_at=_dt(row["claimed_at"]),
-        progress_at=_dt(row["progress_at"]), finished_at=_dt(row["finished_at"]),
-        output=row["output"], error=row["error"], checkpoint=row["checkpoint"],
-        task_type=row["task_type"], mesh_id=row["mesh_id"], generation=row["generation"],
+        created_at=_at(row["created_at"]),
+        claimed_at=_dt(row["claimed_at"]),
+        progress_at=_dt(row["progress_at"]),
+        finished_at=_dt(row["finished_at"]),
+        output=row["output"],
+        error=row["error"],
+        checkpoint=row["checkpoint"],
+        task_type=row["task_type"],
+        mesh_id=row["mesh_id"],
+        generation=row["generation"],
     )
 
 
 def _machine(row: sqlite3.Row) -> MachineHealth:
     return MachineHealth(
-        machine_id=row["machine_id"], mesh_id=row["mesh_id"], role=row["role"],
-        generation=row["generation"], last_heartbeat=_at(row["last_heartbeat"]),
-        health_url=row["health_url"], active_tasks=json.loads(row["active_tasks"]),
-        status=row["status"], failed_confirmations=row["failed_confirmations"],
+        machine_id=row["machine_id"],
+        mesh_id=row["mesh_id"],
+        role=row["role"],
+        generation=row["generation"],
+        last_heartbeat=_at(row["last_heartbeat"]),
+        health_url=row["health_url"],
+        active_tasks=json.loads(row["active_tasks"]),
+        status=row["status"],
+        failed_confirmations=row["failed_confirmations"],
     )
 
 
@@ -100,35 +117,67 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
                     db.execute(QUERIES[query])
 
     @staticmethod
-    def _event(db: sqlite3.Connection, task_id: str | None, event: str, machine_id: str | None,
-               now: datetime, detail: dict[str, Any] | None = None) -> None:
-        db.execute(QUERIES["append_event"], {
-            "task_id": task_id, "event": event, "machine_id": machine_id, "now": _ts(now),
-            "detail": json.dumps(detail or {}),
-        })
+    def _event(
+        db: sqlite3.Connection,
+        task_id: str | None,
+        event: str,
+        machine_id: str | None,
+        now: datetime,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        db.execute(
+            QUERIES["append_event"],
+            {
+                "task_id": task_id,
+                "event": event,
+                "machine_id": machine_id,
+                "now": _ts(now),
+                "detail": json.dumps(detail or {}),
+            },
+        )
 
     def _rows(self, query: str, /, **params: Any) -> list[sqlite3.Row]:
         return self._query(QUERIES[query], params)
 
     # Machines --------------------------------------------------------------------
-    def heartbeat(self, identity: MachineIdentity, now: datetime, health_url: str | None,
-                  active_tasks: list[str]) -> None:
+    def heartbeat(
+        self,
+        identity: MachineIdentity,
+        now: datetime,
+        health_url: str | None,
+        active_tasks: list[str],
+    ) -> None:
         with self._tx() as db:
             prev = db.execute(QUERIES["machine"], {"machine_id": identity.machine_id}).fetchone()
-            db.execute(QUERIES["heartbeat"], {
-                "machine_id": identity.machine_id, "mesh_id": identity.mesh_id,
-                "role": identity.role, "generation": identity.generation, "now": _ts(now),
-                "health_url": health_url, "active_tasks": json.dumps(list(active_tasks)),
-            })
+            db.execute(
+                QUERIES["heartbeat"],
+                {
+                    "machine_id": identity.machine_id,
+                    "mesh_id": identity.mesh_id,
+                    "role": identity.role,
+                    "generation": identity.generation,
+                    "now": _ts(now),
+                    "health_url": health_url,
+                    "active_tasks": json.dumps(list(active_tasks)),
+                },
+            )
             if prev is not None and prev["status"] in rules.GONE_MACHINE_STATUSES:
-                self._event(db, None, "MachineUp", identity.machine_id, now,
-                            {"previous_status": prev["status"]})
+                self._event(
+                    db,
+                    None,
+                    "MachineUp",
+                    identity.machine_id,
+                    now,
+                    {"previous_status": prev["status"]},
+                )
 
     def leave(self, machine_id: str, now: datetime) -> int:
         with self._tx() as db:
             db.execute(QUERIES["mark_left"], {"machine_id": machine_id, "now": _ts(now)})
-            moving = {"task_ids": _ids(db, "active_of_machine", machine_id=machine_id),
-                      "now": _ts(now)}
+            moving = {
+                "task_ids": _ids(db, "active_of_machine", machine_id=machine_id),
+                "now": _ts(now),
+            }
             db.execute(QUERIES["requeue_left_events"], moving)
             moved = db.execute(QUERIES["requeue_left"], moving).rowcount
             self._event(db, None, "MachineLeft", machine_id, now, {"requeued": moved})
@@ -137,25 +186,40 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
     def machines(self) -> list[MachineHealth]:
         return [_machine(r) for r in self._rows("machines")]
 
-    def record_confirmation(self, machine_id: str, failed: bool, now: datetime, *,
-                            stale_before: datetime | None = None) -> MachineHealth:
+    def record_confirmation(
+        self, machine_id: str, failed: bool, now: datetime, *, stale_before: datetime | None = None
+    ) -> MachineHealth:
         with self._tx() as db:
             row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
             if row is None:
                 raise unknown_machine(machine_id)
             status, count = rules.confirmation_update(
-                row["status"], row["failed_confirmations"], _at(row["last_heartbeat"]),
-                failed, utc(stale_before) if stale_before else None,
+                row["status"],
+                row["failed_confirmations"],
+                _at(row["last_heartbeat"]),
+                failed,
+                utc(stale_before) if stale_before else None,
             )
             if (status, count) != (row["status"], row["failed_confirmations"]):
-                row = db.execute(QUERIES["set_machine_status"], {
-                    "status": status, "failed_confirmations": count, "now": _ts(now),
-                    "machine_id": machine_id,
-                }).fetchone()
+                row = db.execute(
+                    QUERIES["set_machine_status"],
+                    {
+                        "status": status,
+                        "failed_confirmations": count,
+                        "now": _ts(now),
+                        "machine_id": machine_id,
+                    },
+                ).fetchone()
         return _machine(row)
 
-    def mark_down(self, machine_id: str, now: datetime, *, stale_before: datetime | None = None,
-                  max_attempts: int | None = None) -> int:
+    def mark_down(
+        self,
+        machine_id: str,
+        now: datetime,
+        *,
+        stale_before: datetime | None = None,
+        max_attempts: int | None = None,
+    ) -> int:
         max_attempts = default_max_attempts() if max_attempts is None else max_attempts
         with self._tx() as db:
             row = db.execute(QUERIES["machine"], {"machine_id": machine_id}).fetchone()
@@ -165,27 +229,53 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
                 return -1  # it heartbeated while we were confirming: not down
             db.execute(QUERIES["mark_down"], {"machine_id": machine_id, "now": _ts(now)})
             requeued, dead = self._requeue_failed(
-                db, _ids(db, "active_of_machine", machine_id=machine_id), now, max_attempts,
+                db,
+                _ids(db, "active_of_machine", machine_id=machine_id),
+                now,
+                max_attempts,
                 "machine_down",
             )
-            self._event(db, None, "MachineDown", machine_id, now,
-                        {"requeued": requeued, "dead_lettered": dead})
+            self._event(
+                db,
+                None,
+                "MachineDown",
+                machine_id,
+                now,
+                {"requeued": requeued, "dead_lettered": dead},
+            )
         return requeued + dead
 
     # Queue -----------------------------------------------------------------------
-    def enqueue(self, kind: str, command: list[str], now: datetime, target: str | None = None,
-                model: str | None = None, task_id: str | None = None, *,
-                mesh_id: str | None = None, generation: int | None = None) -> str:
+    def enqueue(
+        self,
+        kind: str,
+        command: list[str],
+        now: datetime,
+        target: str | None = None,
+        model: str | None = None,
+        task_id: str | None = None,
+        *,
+        mesh_id: str | None = None,
+        generation: int | None = None,
+    ) -> str:
         task_id = task_id or uuid.uuid4().hex
         if mesh_id and generation is None:
             generation = PROTOCOL_GENERATION
         with self._tx() as db:
-            row = db.execute(QUERIES["enqueue"], {
-                "task_id": task_id, "kind": kind, "command": json.dumps(list(command)),
-                "target": target, "model": model, "now": _ts(now),
-                "task_type": task_type(kind, command), "mesh_id": mesh_id or None,
-                "generation": generation,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["enqueue"],
+                {
+                    "task_id": task_id,
+                    "kind": kind,
+                    "command": json.dumps(list(command)),
+                    "target": target,
+                    "model": model,
+                    "now": _ts(now),
+                    "task_type": task_type(kind, command),
+                    "mesh_id": mesh_id or None,
+                    "generation": generation,
+                },
+            ).fetchone()
             if row is not None:
                 self._event(db, task_id, "queued", None, now, {"kind": kind, "target": target})
         return task_id
@@ -194,17 +284,35 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
         # The twin of 0003's mesh_claim: quarantines, probes, weights and mesh identity.
         return self.immune_claim(machine_id, now, limit)
 
-    def transition(self, task_id: str, machine_id: str, status: TaskStatus, now: datetime,
-                   *, pane_id: str | None = None, output: str | None = None,
-                   error: str | None = None, claim_seq: int | None = None) -> bool:
+    def transition(
+        self,
+        task_id: str,
+        machine_id: str,
+        status: TaskStatus,
+        now: datetime,
+        *,
+        pane_id: str | None = None,
+        output: str | None = None,
+        error: str | None = None,
+        claim_seq: int | None = None,
+    ) -> bool:
         status = rules.agent_target(status)
         finished = _ts(now) if status in (TaskStatus.DONE, TaskStatus.FAILED) else None
         with self._tx() as db:
-            row = db.execute(QUERIES["transition"], {
-                "status": status.value, "now": _ts(now), "pane_id": pane_id, "output": output,
-                "error": error, "finished_at": finished, "task_id": task_id,
-                "machine_id": machine_id, "claim": claim_seq,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["transition"],
+                {
+                    "status": status.value,
+                    "now": _ts(now),
+                    "pane_id": pane_id,
+                    "output": output,
+                    "error": error,
+                    "finished_at": finished,
+                    "task_id": task_id,
+                    "machine_id": machine_id,
+                    "claim": claim_seq,
+                },
+            ).fetchone()
             if row is None:
                 return False
             detail: dict[str, Any] = {"pane_id": row["pane_id"]}
@@ -213,30 +321,64 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
             self._event(db, task_id, status.value, machine_id, now, detail)
         return True
 
-    def progress(self, task_id: str, machine_id: str, now: datetime, note: str | None = None,
-                 *, claim_seq: int | None = None) -> bool:
+    def progress(
+        self,
+        task_id: str,
+        machine_id: str,
+        now: datetime,
+        note: str | None = None,
+        *,
+        claim_seq: int | None = None,
+    ) -> bool:
         with self._tx() as db:
-            row = db.execute(QUERIES["progress"], {
-                "now": _ts(now), "task_id": task_id, "machine_id": machine_id, "claim": claim_seq,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["progress"],
+                {
+                    "now": _ts(now),
+                    "task_id": task_id,
+                    "machine_id": machine_id,
+                    "claim": claim_seq,
+                },
+            ).fetchone()
             if row is None:
                 return False
             if note is not None:
                 self._event(db, task_id, "Progress", machine_id, now, {"note": note[:2000]})
         return True
 
-    def handoff(self, task_id: str, machine_id: str, now: datetime, checkpoint: str,
-                *, claim_seq: int | None = None) -> bool:
+    def handoff(
+        self,
+        task_id: str,
+        machine_id: str,
+        now: datetime,
+        checkpoint: str,
+        *,
+        claim_seq: int | None = None,
+    ) -> bool:
         with self._tx() as db:
-            row = db.execute(QUERIES["handoff"], {
-                "checkpoint": checkpoint, "task_id": task_id, "machine_id": machine_id,
-                "claim": claim_seq,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["handoff"],
+                {
+                    "checkpoint": checkpoint,
+                    "task_id": task_id,
+                    "machine_id": machine_id,
+                    "claim": claim_seq,
+                },
+            ).fetchone()
             if row is None:
                 return False
-            self._event(db, task_id, "Handoff", machine_id, now,
-                        {"status": "queued", "attempts": row["attempts"],
-                         "checkpoint_chars": len(checkpoint)})
+            self._event(
+                db,
+                task_id,
+                "Handoff",
+                machine_id,
+                now,
+                {
+                    "status": "queued",
+                    "attempts": row["attempts"],
+                    "checkpoint_chars": len(checkpoint),
+                },
+            )
         return True
 
     def get_task(self, task_id: str) -> QueuedTask | None:
@@ -248,8 +390,13 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
 
     def events(self, task_id: str | None = None, *, event: str | None = None) -> list[TaskEvent]:
         return [
-            TaskEvent(task_id=r["task_id"], event=r["event"], machine_id=r["machine_id"],
-                      at=_at(r["at"]), detail=json.loads(r["detail"]))
+            TaskEvent(
+                task_id=r["task_id"],
+                event=r["event"],
+                machine_id=r["machine_id"],
+                at=_at(r["at"]),
+                detail=json.loads(r["detail"]),
+            )
             for r in self._rows("events", task_id=task_id, event=event)
         ]
 
@@ -261,65 +408,111 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
         oldest_at = _dt(oldest[0]["t"]) if oldest else None
         return {
             "depth": depth,
-            "oldest_queued_age_seconds":
-                (utc(now) - oldest_at).total_seconds() if oldest_at else None,
+            "oldest_queued_age_seconds": (utc(now) - oldest_at).total_seconds()
+            if oldest_at
+            else None,
             "dead_letter": depth[TaskStatus.DEAD_LETTER.value],
         }
 
     # Reconciler -------------------------------------------------------------------
     @staticmethod
-    def _requeue_failed(db: sqlite3.Connection, task_ids: str, now: datetime,
-                        max_attempts: int, reason: str) -> tuple[int, int]:
+    def _requeue_failed(
+        db: sqlite3.Connection, task_ids: str, now: datetime, max_attempts: int, reason: str
+    ) -> tuple[int, int]:
         """Requeue the tasks `task_ids` (a JSON list) as one failed attempt each; returns
         (requeued, dead-lettered)."""
-        params = {"task_ids": task_ids, "now": _ts(now), "max_attempts": max_attempts,
-                  "reason": reason}
+        params = {
+            "task_ids": task_ids,
+            "now": _ts(now),
+            "max_attempts": max_attempts,
+            "reason": reason,
+        }
         db.execute(QUERIES["requeue_failed_events"], params)
         rows = db.execute(QUERIES["requeue_failed"], params).fetchall()
         dead = sum(1 for r in rows if r["status"] == TaskStatus.DEAD_LETTER.value)
         return len(rows) - dead, dead
 
-    def reconcile(self, now: datetime, *, orphan_seconds: float, stuck_seconds: float,
-                  expiry_seconds: float, max_attempts: int) -> ReconcileCounts:
-        c = rules.cutoffs(now, rules.Thresholds(orphan_seconds, stuck_seconds, expiry_seconds,
-                                                max_attempts))
+    def reconcile(
+        self,
+        now: datetime,
+        *,
+        orphan_seconds: float,
+        stuck_seconds: float,
+        expiry_seconds: float,
+        max_attempts: int,
+    ) -> ReconcileCounts:
+        c = rules.cutoffs(
+            now, rules.Thresholds(orphan_seconds, stuck_seconds, expiry_seconds, max_attempts)
+        )
         with self._tx() as db:
             # The rules in rules.Verdict's order: a row an earlier rule moved is not active
             # any more when the next rule selects its candidates.
-            expiring = {"task_ids": _ids(db, "reconcile_expired", expiry=_ts(c.expiry)),
-                        "now": _ts(now),
-                        "error": f"expired: not finished within {expiry_seconds:g} s of creation"}
+            expiring = {
+                "task_ids": _ids(db, "reconcile_expired", expiry=_ts(c.expiry)),
+                "now": _ts(now),
+                "error": f"expired: not finished within {expiry_seconds:g} s of creation",
+            }
             db.execute(QUERIES["expire_events"], expiring)
             expired = db.execute(QUERIES["expire"], expiring).rowcount
             down_q, down_d = self._requeue_failed(
-                db, _ids(db, "reconcile_machine_down"), now, max_attempts, "machine_down")
+                db, _ids(db, "reconcile_machine_down"), now, max_attempts, "machine_down"
+            )
             orph_q, orph_d = self._requeue_failed(
-                db, _ids(db, "reconcile_orphaned", orphan=_ts(c.orphan)), now, max_attempts,
-                "orphaned")
+                db,
+                _ids(db, "reconcile_orphaned", orphan=_ts(c.orphan)),
+                now,
+                max_attempts,
+                "orphaned",
+            )
             stuck_q, stuck_d = self._requeue_failed(
-                db, _ids(db, "reconcile_stuck", stuck=_ts(c.stuck)), now, max_attempts, "stuck")
+                db, _ids(db, "reconcile_stuck", stuck=_ts(c.stuck)), now, max_attempts, "stuck"
+            )
             counts = ReconcileCounts(
-                orphaned_requeued=orph_q, stuck_requeued=stuck_q, expired=expired,
-                dead_lettered=down_d + orph_d + stuck_d, dead_machine_claims_requeued=down_q,
+                orphaned_requeued=orph_q,
+                stuck_requeued=stuck_q,
+                expired=expired,
+                dead_lettered=down_d + orph_d + stuck_d,
+                dead_machine_claims_requeued=down_q,
             )
             self._event(db, None, "ReconcilerRun", None, now, counts.model_dump())
         return counts
 
     # Panes ------------------------------------------------------------------------
-    def set_pane_state(self, machine_id: str, pane_id: str, now: datetime, *, task_id: str | None,
-                       alive: bool, context_ratio: float | None = None,
-                       claim_seq: int | None = None) -> None:
+    def set_pane_state(
+        self,
+        machine_id: str,
+        pane_id: str,
+        now: datetime,
+        *,
+        task_id: str | None,
+        alive: bool,
+        context_ratio: float | None = None,
+        claim_seq: int | None = None,
+    ) -> None:
         with self._tx() as db:
-            db.execute(QUERIES["set_pane_state"], {
-                "machine_id": machine_id, "pane_id": pane_id, "task_id": task_id,
-                "claim": claim_seq, "alive": int(alive), "context_ratio": context_ratio,
-                "now": _ts(now),
-            })
+            db.execute(
+                QUERIES["set_pane_state"],
+                {
+                    "machine_id": machine_id,
+                    "pane_id": pane_id,
+                    "task_id": task_id,
+                    "claim": claim_seq,
+                    "alive": int(alive),
+                    "context_ratio": context_ratio,
+                    "now": _ts(now),
+                },
+            )
 
     def pane_states(self, machine_id: str | None = None) -> list[dict[str, Any]]:
         return [
-            {"machine_id": r["machine_id"], "pane_id": r["pane_id"], "task_id": r["task_id"],
-             "claim_seq": r["claim_seq"], "alive": bool(r["alive"]),
-             "context_ratio": r["context_ratio"], "updated_at": _dt(r["updated_at"])}
+            {
+                "machine_id": r["machine_id"],
+                "pane_id": r["pane_id"],
+                "task_id": r["task_id"],
+                "claim_seq": r["claim_seq"],
+                "alive": bool(r["alive"]),
+                "context_ratio": r["context_ratio"],
+                "updated_at": _dt(r["updated_at"]),
+            }
             for r in self._rows("pane_states", machine_id=machine_id)
         ]

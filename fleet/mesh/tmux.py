@@ -1,4 +1,4 @@
-"""Pane control for the node agent: list, read, inject into and respawn tmux panes (libtmux 0.62)."""
+"""Pane control for the node agent: list, read, inject into, respawn tmux panes (libtmux 0.62)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 import re
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import libtmux
 import libtmux.exc
@@ -21,16 +21,27 @@ PANE_HEIGHT = 50
 # A pane created before its real command starts: it blocks on the tty until respawned, which
 # lets remain-on-exit be set before the agent can exit (no race with an instantly failing agent).
 _PLACEHOLDER = ["cat"]
-_FIELDS = ("pane_id", "session_name", "window_index", "pane_pid", "pane_current_command", "pane_dead")
+_FIELDS = (
+    "pane_id",
+    "session_name",
+    "window_index",
+    "pane_pid",
+    "pane_current_command",
+    "pane_dead",
+)
 _SEP = "\x1f"
 
 # "context: 42%" (our scripted agent, hook scripts) and Claude Code's
 # "Context left until auto-compact: 12%" (remaining, not used). Anchored at the start of a
 # line (after box-drawing/prompt characters) so the echo of injected text never counts.
 _LEAD = r"^[\s│|>*·•]*"
-_CONTEXT_USED = re.compile(_LEAD + r"context:\s*(\d{1,3}(?:\.\d+)?)\s*%", re.IGNORECASE | re.MULTILINE)
-_CONTEXT_LEFT = re.compile(_LEAD + r"context left until auto-compact:\s*(\d{1,3}(?:\.\d+)?)\s*%",
-                           re.IGNORECASE | re.MULTILINE)
+_CONTEXT_USED = re.compile(
+    _LEAD + r"context:\s*(\d{1,3}(?:\.\d+)?)\s*%", re.IGNORECASE | re.MULTILINE
+)
+_CONTEXT_LEFT = re.compile(
+    _LEAD + r"context left until auto-compact:\s*(\d{1,3}(?:\.\d+)?)\s*%",
+    re.IGNORECASE | re.MULTILINE,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,9 @@ class PaneInfo:
 def chunk_utf8(text: str, max_bytes: int) -> list[str]:
     """Split `text` into pieces of at most `max_bytes` UTF-8 bytes, never inside a character."""
     if max_bytes < 4:
-        raise ValueError(f"max_bytes={max_bytes} cannot hold every UTF-8 character — use at least 4")
+        raise ValueError(
+            f"max_bytes={max_bytes} cannot hold every UTF-8 character — use at least 4"
+        )
     chunks: list[str] = []
     current: list[str] = []
     size = 0
@@ -104,7 +117,8 @@ class PaneControl:
         if proc.returncode != 0:
             detail = "; ".join(proc.stderr) or f"exit {proc.returncode}"
             raise TmuxError(
-                f"tmux {args[0]} failed on socket {self.server.socket_name or self.server.socket_path}: "
+                f"tmux {args[0]} failed on socket "
+                f"{self.server.socket_name or self.server.socket_path}: "
                 f"{detail} — check that the tmux server is running and the pane exists"
             )
         return proc.stdout
@@ -124,9 +138,16 @@ class PaneControl:
             pane_id, sess, window, pid, command, dead = parts
             if session is not None and sess != session_name(session):
                 continue
-            panes.append(PaneInfo(pane_id=pane_id, session=sess, window=window,
-                                  pid=int(pid) if pid.isdigit() else None,
-                                  current_command=command, dead=dead == "1"))
+            panes.append(
+                PaneInfo(
+                    pane_id=pane_id,
+                    session=sess,
+                    window=window,
+                    pid=int(pid) if pid.isdigit() else None,
+                    current_command=command,
+                    dead=dead == "1",
+                )
+            )
         return panes
 
     def pane(self, pane_id: str) -> PaneInfo | None:
@@ -178,14 +199,38 @@ class PaneControl:
     def spawn(self, session: str, command: Sequence[str]) -> str:
         """Start `command` (argv, no shell) in a new window of `session`; returns the pane id."""
         if not command:
-            raise TmuxError("cannot spawn an empty command — give the agent's argv, e.g. ['claude']")
+            raise TmuxError(
+                "cannot spawn an empty command — give the agent's argv, e.g. ['claude']"
+            )
         session = session_name(session)
         if self._cmd("has-session", "-t", f"={session}").returncode == 0:
-            out = self._run("new-window", "-d", "-P", "-F", "#{pane_id}", "-t", f"={session}:",
-                            "--", *_PLACEHOLDER)
+            out = self._run(
+                "new-window",
+                "-d",
+                "-P",
+                "-F",
+                "#{pane_id}",
+                "-t",
+                f"={session}:",
+                "--",
+                *_PLACEHOLDER,
+            )
         else:
-            out = self._run("new-session", "-d", "-P", "-F", "#{pane_id}", "-s", session,
-                            "-x", str(PANE_WIDTH), "-y", str(PANE_HEIGHT), "--", *_PLACEHOLDER)
+            out = self._run(
+                "new-session",
+                "-d",
+                "-P",
+                "-F",
+                "#{pane_id}",
+                "-s",
+                session,
+                "-x",
+                str(PANE_WIDTH),
+                "-y",
+                str(PANE_HEIGHT),
+                "--",
+                *_PLACEHOLDER,
+            )
         pane_id = out[0].strip()
         # Keep the pane when the agent exits, so the node agent can see it dead and respawn it.
         self._run("set-option", "-w", "-t", pane_id, "remain-on-exit", "on")

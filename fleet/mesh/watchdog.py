@@ -8,8 +8,9 @@ runs on its own, so one failing part (the store down, say) is reported, not fata
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -26,7 +27,7 @@ class PaneRef(BaseModel):
     machine_id: str
     pane_id: str
     task_id: str | None = None
-    claim_seq: int | None = None    # the claim of task_id the pane row describes
+    claim_seq: int | None = None  # the claim of task_id the pane row describes
     context_ratio: float | None = None
 
 
@@ -66,7 +67,8 @@ class WatchdogReport(BaseModel):
             "dead_letter": self.queue.get("dead_letter", 0),
             "oldest_queued_age_seconds": self.queue.get("oldest_queued_age_seconds"),
             "open_breakers": sorted(
-                name for name, b in self.breakers.items()
+                name
+                for name, b in self.breakers.items()
                 if isinstance(b, dict) and b.get("state") not in (None, "closed")
             ),
             "quarantined": len(self.quarantines),
@@ -77,25 +79,46 @@ class WatchdogReport(BaseModel):
 
 
 # Pure checks ------------------------------------------------------------------------
-def stale_machines(machines: Iterable[MachineHealth], now: datetime, heartbeat_seconds: float) -> list[str]:
+def stale_machines(
+    machines: Iterable[MachineHealth], now: datetime, heartbeat_seconds: float
+) -> list[str]:
     """Machines still counted as up whose heartbeat is missed (input to liveness confirmation)."""
-    return [m.machine_id for m in machines
-            if m.status in ("alive", "suspect") and rules.heartbeat_missed(m, now, heartbeat_seconds)]
+    return [
+        m.machine_id
+        for m in machines
+        if m.status in ("alive", "suspect") and rules.heartbeat_missed(m, now, heartbeat_seconds)
+    ]
 
 
 def panes_to_respawn(panes: Iterable[dict[str, Any]]) -> list[PaneRef]:
-    return [PaneRef(machine_id=p["machine_id"], pane_id=p["pane_id"], task_id=p.get("task_id"),
-                    context_ratio=p.get("context_ratio"))
-            for p in panes if not p["alive"]]
+    return [
+        PaneRef(
+            machine_id=p["machine_id"],
+            pane_id=p["pane_id"],
+            task_id=p.get("task_id"),
+            context_ratio=p.get("context_ratio"),
+        )
+        for p in panes
+        if not p["alive"]
+    ]
 
 
 def panes_over_budget(panes: Iterable[dict[str, Any]], ratio: float) -> list[PaneRef]:
     """Live panes working on a task whose context window is at or past the hand-off ratio."""
-    return [PaneRef(machine_id=p["machine_id"], pane_id=p["pane_id"], task_id=p["task_id"],
-                    claim_seq=p.get("claim_seq"), context_ratio=p["context_ratio"])
-            for p in panes
-            if p["alive"] and p.get("task_id") and p.get("context_ratio") is not None
-            and p["context_ratio"] >= ratio]
+    return [
+        PaneRef(
+            machine_id=p["machine_id"],
+            pane_id=p["pane_id"],
+            task_id=p["task_id"],
+            claim_seq=p.get("claim_seq"),
+            context_ratio=p["context_ratio"],
+        )
+        for p in panes
+        if p["alive"]
+        and p.get("task_id")
+        and p.get("context_ratio") is not None
+        and p["context_ratio"] >= ratio
+    ]
 
 
 def handoff_checkpoint(pane: PaneRef, ratio: float, now: datetime, last_note: str | None) -> str:
@@ -115,21 +138,30 @@ def breaker_snapshot(store: Any = None, now: datetime | None = None) -> dict[str
     retry time has passed counts as half-open), with the holders that reported it."""
     from fleet.clients.breaker import breaker_states
 
-    merged: dict[str, Any] = {name: {**snap, "holders": ["this process"]}
-                              for name, snap in breaker_states().items()}
+    merged: dict[str, Any] = {
+        name: {**snap, "holders": ["this process"]} for name, snap in breaker_states().items()
+    }
     rows = store.breaker_rows() if store is not None and hasattr(store, "breaker_rows") else []
     for row in rows:
         state = row["state"]
-        if state == "open" and now is not None and row["retry_at"] is not None and row["retry_at"] <= now:
+        if (
+            state == "open"
+            and now is not None
+            and row["retry_at"] is not None
+            and row["retry_at"] <= now
+        ):
             state = "half_open"
         seen = merged.get(row["name"])
         holders = (seen["holders"] if seen else []) + [row["holder"]]
         if seen is None or _SEVERITY[state] > _SEVERITY.get(seen["state"], 0):
             merged[row["name"]] = {
-                "state": state, "failures": row["failures"], "last_error": row["last_error"],
+                "state": state,
+                "failures": row["failures"],
+                "last_error": row["last_error"],
                 "opened_at": row["opened_at"].isoformat() if row["opened_at"] else None,
                 "retry_at": row["retry_at"].isoformat() if row["retry_at"] else None,
-                "holders": holders}
+                "holders": holders,
+            }
         else:
             seen["holders"] = holders
     return merged
@@ -143,14 +175,21 @@ def mesh_metabolism(store: Any, now: datetime, settings, recent: int = 2000) -> 
     rows = store.task_events_after(max(0, last - recent), recent)
     signals = metabolism.signals_from_events(rows)
     value = metabolism.metabolism(signals, now)
-    return {"metabolism": round(value, 4),
-            "fitness": round(metabolism.grounded_fitness(signals, now), 4),
-            "pace_seconds": metabolism.pace(value, settings.metabolism_min_interval_seconds,
-                                            settings.metabolism_max_interval_seconds)}
+    return {
+        "metabolism": round(value, 4),
+        "fitness": round(metabolism.grounded_fitness(signals, now), 4),
+        "pace_seconds": metabolism.pace(
+            value,
+            settings.metabolism_min_interval_seconds,
+            settings.metabolism_max_interval_seconds,
+        ),
+    }
 
 
 # One cycle --------------------------------------------------------------------------
-def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessProbe | None) -> WatchdogReport:
+def watchdog_cycle(
+    store: MeshStore, now: datetime, settings, probe: LivenessProbe | None
+) -> WatchdogReport:
     report = WatchdogReport(at=now)
 
     try:  # heartbeat pulse
@@ -165,12 +204,16 @@ def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessPro
         panes = store.pane_states()
         report.respawn = panes_to_respawn(panes)
         for pane in panes_over_budget(panes, settings.context_handoff_ratio):
+            if pane.task_id is None:  # panes_over_budget keeps only panes with a task
+                continue
             notes = [e.detail.get("note") for e in store.events(pane.task_id, event="Progress")]
-            checkpoint = handoff_checkpoint(pane, settings.context_handoff_ratio, now,
-                                            notes[-1] if notes else None)
+            checkpoint = handoff_checkpoint(
+                pane, settings.context_handoff_ratio, now, notes[-1] if notes else None
+            )
             # Pane rows are up to a heartbeat old: act only on the claim the row describes.
             moved = pane.claim_seq is not None and store.handoff(
-                pane.task_id, pane.machine_id, now, checkpoint, claim_seq=pane.claim_seq)
+                pane.task_id, pane.machine_id, now, checkpoint, claim_seq=pane.claim_seq
+            )
             report.handoffs.append(Handoff(pane=pane, requeued=moved))
     except Exception as exc:
         report.errors.append(f"panes: {exc}")
@@ -190,12 +233,25 @@ def watchdog_cycle(store: MeshStore, now: datetime, settings, probe: LivenessPro
         try:  # immune system: outcomes since the last cycle → tiers
             cycle = run_cycle(store, now, ImmunePolicy.from_settings(settings))
             report.quarantines = [
-                {"subject": str(s.subject), "tier": int(s.tier),
-                 "until": s.until.isoformat() if s.until else None, "probe_task": s.probe_task,
-                 "reason": s.reason} for s in cycle.quarantined()]
+                {
+                    "subject": str(s.subject),
+                    "tier": int(s.tier),
+                    "until": s.until.isoformat() if s.until else None,
+                    "probe_task": s.probe_task,
+                    "reason": s.reason,
+                }
+                for s in cycle.quarantined()
+            ]
             report.immune_actions = [
-                {"subject": str(a.subject), "action": a.kind, "tier": int(a.tier), "detail": a.detail}
-                for a in cycle.actions if a.kind != "corrective"]
+                {
+                    "subject": str(a.subject),
+                    "action": a.kind,
+                    "tier": int(a.tier),
+                    "detail": a.detail,
+                }
+                for a in cycle.actions
+                if a.kind != "corrective"
+            ]
         except Exception as exc:
             report.errors.append(f"immune system: {exc}")
         try:  # feedback metabolism over the latest events

@@ -60,7 +60,9 @@ def _open_supabase(url: str, settings: FleetSettings | None) -> Store:
             "(or use the SupabaseStore block)"
         )
     return SupabaseStore(
-        url, s.supabase_key, timeout_seconds=s.http_timeout_seconds,
+        url,
+        s.supabase_key,
+        timeout_seconds=s.http_timeout_seconds,
         allow_insecure=s.allow_insecure_transport,
     )
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Iterable, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -72,8 +73,14 @@ class Store(Protocol):
     def list_states(self) -> list[EvolutionState]: ...
 
     def claim_app(
-        self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None, max_in_flight: int | None = None,
+        self,
+        app_id: str,
+        owner: str,
+        run_id: str,
+        now: datetime,
+        lease_seconds: float,
+        steal_from: str | None = None,
+        max_in_flight: int | None = None,
     ) -> int | None:
         """Atomically take the app for one run; returns the new epoch, or None if held.
 
@@ -87,8 +94,13 @@ class Store(Protocol):
         """Drop the claim if `epoch` still owns it."""
 
     def set_stage(
-        self, app_id: str, stage: Stage, epoch: int, now: datetime,
-        error: str | None = None, lease_seconds: float | None = None,
+        self,
+        app_id: str,
+        stage: Stage,
+        epoch: int,
+        now: datetime,
+        error: str | None = None,
+        lease_seconds: float | None = None,
     ) -> EvolutionState:
         """Move the app to `stage` if `epoch` owns it (else StaleLease), renewing the lease."""
 

@@ -26,8 +26,15 @@ class ClaimHeartbeat:
     """
 
     def __init__(
-        self, store: Store, app_id: str, epoch: int, *, clock: Clock, lease_seconds: float,
-        every_seconds: float, outage_budget: float,
+        self,
+        store: Store,
+        app_id: str,
+        epoch: int,
+        *,
+        clock: Clock,
+        lease_seconds: float,
+        every_seconds: float,
+        outage_budget: float,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ):
         if not 0 < every_seconds < lease_seconds:
@@ -48,8 +55,11 @@ class ClaimHeartbeat:
         try:
             renewed = await outage_tolerant(
                 lambda: self.store.renew_claim(
-                    self.app_id, self.epoch, self.clock.now(), self.lease_seconds),
-                budget=self.outage_budget, clock=self.clock, log_key=self.app_id,
+                    self.app_id, self.epoch, self.clock.now(), self.lease_seconds
+                ),
+                budget=self.outage_budget,
+                clock=self.clock,
+                log_key=self.app_id,
                 sleep=self._sleep,
             )
         except StoreOutage as exc:
@@ -72,8 +82,9 @@ class ClaimHeartbeat:
         self._task = asyncio.create_task(self.run(), name=f"heartbeat-{self.app_id}")
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

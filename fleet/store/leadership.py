@@ -21,8 +21,15 @@ class PlannerLease:
     """
 
     def __init__(
-        self, store: Store, holder: str, clock: Clock, *, name: str = PLANNER,
-        lease_seconds: float = 15, renew_seconds: float = 10, retry_seconds: float = 2,
+        self,
+        store: Store,
+        holder: str,
+        clock: Clock,
+        *,
+        name: str = PLANNER,
+        lease_seconds: float = 15,
+        renew_seconds: float = 10,
+        retry_seconds: float = 2,
     ):
         if not 0 < renew_seconds < lease_seconds:
             raise ValueError(
@@ -92,6 +99,8 @@ def describe_leader(lease: Lease | None, now: datetime) -> str:
         return "planner: no leader yet (no cohort run has planned against this store)"
     left = (lease.expires_at - now).total_seconds()
     if left < 0:
-        return (f"planner: none live — last {lease.holder} (epoch {lease.epoch}), "
-                f"expired {-left:.0f} s ago")
+        return (
+            f"planner: none live — last {lease.holder} (epoch {lease.epoch}), "
+            f"expired {-left:.0f} s ago"
+        )
     return f"planner: {lease.holder} (epoch {lease.epoch}), lease expires in {left:.0f} s"

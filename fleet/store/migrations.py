@@ -8,8 +8,9 @@ way they are located from the package, never from the working directory.
 Every migration is written to be re-runnable (IF NOT EXISTS, CREATE OR REPLACE), so
 applying the whole directory twice is a no-op. Each applied file is recorded with its
 checksum in `fleet_schema_migrations`, and a store that starts on an up-to-date database
-applies nothing (an edited file is applied again with every file after it): re-running the DDL would take ACCESS EXCLUSIVE locks that queue behind
-(and block) every open read. An advisory lock keeps two appliers apart.
+applies nothing (an edited file is applied again with every file after it): re-running the
+DDL would take ACCESS EXCLUSIVE locks that queue behind (and block) every open read. An
+advisory lock keeps two appliers apart.
 """
 
 from __future__ import annotations
@@ -53,8 +54,7 @@ def apply_migrations(
     import psycopg
 
     wanted = {
-        p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in migration_files(directory)
+        p.name: (p, hashlib.sha256(p.read_bytes()).hexdigest()) for p in migration_files(directory)
     }
     with psycopg.connect(conninfo, autocommit=False) as conn:
         if not force and not _pending(conn, wanted):

@@ -45,8 +45,14 @@ class StoreOutage(FleetError):
     """The store stayed unreachable past the outage budget; the app's work is resumable."""
 
 
-__all__ = ["OUTAGES", "OutageLog", "StoreOutage", "StoreUnreachable", "outage_tolerant",
-           "outage_tolerant_sync"]
+__all__ = [
+    "OUTAGES",
+    "OutageLog",
+    "StoreOutage",
+    "StoreUnreachable",
+    "outage_tolerant",
+    "outage_tolerant_sync",
+]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -68,7 +74,9 @@ class OutageLog:
                 return
             self._since[key] = now
         self._logger.warning(
-            "store unreachable (%s), waiting up to %.0f s for it: %s", key, budget,
+            "store unreachable (%s), waiting up to %.0f s for it: %s",
+            key,
+            budget,
             _first_line(exc),
         )
 
@@ -76,9 +84,7 @@ class OutageLog:
         with self._lock:
             since = self._since.pop(key, None)
         if since is not None:
-            self._logger.warning(
-                "store back (%s) after %.1f s", key, (now - since).total_seconds()
-            )
+            self._logger.warning("store back (%s) after %.1f s", key, (now - since).total_seconds())
 
     def gave_up(self, key: str) -> None:
         with self._lock:
@@ -92,8 +98,15 @@ _UNREACHABLE = tenacity.retry_if_exception_type(StoreUnreachable)
 class _Budget:
     """Tenacity's stop, wait and before_sleep for one call, measured on the injected clock."""
 
-    def __init__(self, budget: float, clock: Clock, log_key: str, outages: OutageLog,
-                 initial: float, cap: float):
+    def __init__(
+        self,
+        budget: float,
+        clock: Clock,
+        log_key: str,
+        outages: OutageLog,
+        initial: float,
+        cap: float,
+    ):
         self.budget, self.clock, self.log_key, self.outages = budget, clock, log_key, outages
         self.started = clock.now()
         self.deadline = self.started + timedelta(seconds=budget)
@@ -125,9 +138,14 @@ class _Budget:
 
 
 async def outage_tolerant(
-    call: Callable[[], T] | Callable[[], Awaitable[T]], *, budget: float, clock: Clock,
-    log_key: str, sleep: Callable[[float], Awaitable[None]] | None = None,
-    outages: OutageLog = OUTAGES, initial: float = BACKOFF_INITIAL_SECONDS,
+    call: Callable[[], T] | Callable[[], Awaitable[T]],
+    *,
+    budget: float,
+    clock: Clock,
+    log_key: str,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    outages: OutageLog = OUTAGES,
+    initial: float = BACKOFF_INITIAL_SECONDS,
     cap: float = BACKOFF_CAP_SECONDS,
 ) -> T:
     """`await call()` (a coroutine function) or `call()` in a worker thread (a blocking store
@@ -140,8 +158,12 @@ async def outage_tolerant(
         return await asyncio.to_thread(cast(Callable[[], T], call))
 
     retrying = tenacity.AsyncRetrying(
-        sleep=sleep or asyncio.sleep, retry=_UNREACHABLE, stop=policy.stop, wait=policy.wait,
-        before_sleep=policy.before_sleep, reraise=True,
+        sleep=sleep or asyncio.sleep,
+        retry=_UNREACHABLE,
+        stop=policy.stop,
+        wait=policy.wait,
+        before_sleep=policy.before_sleep,
+        reraise=True,
     )
     try:
         result: T = await retrying(once)
@@ -152,15 +174,24 @@ async def outage_tolerant(
 
 
 def outage_tolerant_sync(
-    call: Callable[[], T], *, budget: float, clock: Clock, log_key: str,
-    outages: OutageLog = OUTAGES, initial: float = BACKOFF_INITIAL_SECONDS,
+    call: Callable[[], T],
+    *,
+    budget: float,
+    clock: Clock,
+    log_key: str,
+    outages: OutageLog = OUTAGES,
+    initial: float = BACKOFF_INITIAL_SECONDS,
     cap: float = BACKOFF_CAP_SECONDS,
 ) -> T:
     """The blocking twin of `outage_tolerant` (threads, the live table); sleeps on `clock`."""
     policy = _Budget(budget, clock, log_key, outages, initial, cap)
     retrying = tenacity.Retrying(
-        sleep=clock.sleep, retry=_UNREACHABLE, stop=policy.stop, wait=policy.wait,
-        before_sleep=policy.before_sleep, reraise=True,
+        sleep=clock.sleep,
+        retry=_UNREACHABLE,
+        stop=policy.stop,
+        wait=policy.wait,
+        before_sleep=policy.before_sleep,
+        reraise=True,
     )
     try:
         result = retrying(call)

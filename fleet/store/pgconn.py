@@ -17,12 +17,13 @@ It owns the connection and its policy, so both stores behave alike:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import SecretStr
 
@@ -85,9 +86,13 @@ class PgConnector:
     """
 
     def __init__(
-        self, conninfo: str | SecretStr, *, label: str = "PostgreSQL store",
+        self,
+        conninfo: str | SecretStr,
+        *,
+        label: str = "PostgreSQL store",
         advice: str = "check that the server is up and FLEET_STORE_URL points at it",
-        timeouts: Timeouts = Timeouts(), application_name: str = "fleet",
+        timeouts: Timeouts = Timeouts(),
+        application_name: str = "fleet",
     ):
         self._conninfo = conninfo if isinstance(conninfo, SecretStr) else SecretStr(conninfo)
         self.where, password = describe(self._conninfo.get_secret_value())
@@ -127,8 +132,11 @@ class PgConnector:
             refused = refusal(exc.diag.message_primary or str(exc))
             if refused is not None:
                 return refused
-        return self.unavailable("connection lost" if lost else "query failed", exc,
-                                unreachable=lost or unreachable_code(exc.sqlstate))
+        return self.unavailable(
+            "connection lost" if lost else "query failed",
+            exc,
+            unreachable=lost or unreachable_code(exc.sqlstate),
+        )
 
     # Connection --------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[dict[str, Any]]:
@@ -151,8 +159,10 @@ class PgConnector:
                     "SELECT set_config('TimeZone', 'UTC', false), "
                     "set_config('statement_timeout', %s, false), "
                     "set_config('lock_timeout', %s, false)",
-                    (str(round(self._timeouts.statement * 1000)),
-                     str(round(self._timeouts.lock * 1000))),
+                    (
+                        str(round(self._timeouts.statement * 1000)),
+                        str(round(self._timeouts.lock * 1000)),
+                    ),
                 )
             except psycopg.Error as exc:
                 # `from None`: the driver's error may quote the connection string.
@@ -162,15 +172,16 @@ class PgConnector:
 
     def _drop(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already gone: nothing left to release
                 self._conn.close()
-            except Exception:  # already gone: nothing left to release
-                pass
             self._conn = None
 
     def run(
-        self, work: Callable[[psycopg.Connection[dict[str, Any]]], T], *,
-        retry_safe: bool = True, transaction: bool = False,
+        self,
+        work: Callable[[psycopg.Connection[dict[str, Any]]], T],
+        *,
+        retry_safe: bool = True,
+        transaction: bool = False,
     ) -> T:
         """`work(conn)` under the lock (in one transaction with `transaction`); a dropped
         connection is reopened and, when `retry_safe`, the work repeated once."""

@@ -9,8 +9,9 @@ fleet/store/queries.sql.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import SecretStr
 
@@ -32,7 +33,8 @@ class PostgresStore:
         self, conninfo: str | SecretStr, *, apply_schema: bool = True, connect_timeout: int = 10
     ):
         self._db = PgConnector(
-            conninfo, label="PostgreSQL store",
+            conninfo,
+            label="PostgreSQL store",
             advice="check that the server is up and FLEET_STORE_URL (or the PostgresStore "
             "block) points at it",
             timeouts=Timeouts(connect=connect_timeout),
@@ -81,13 +83,25 @@ class PostgresStore:
         return [EvolutionState.model_validate(r) for r in self._rows("list_states")]
 
     def claim_app(
-        self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None, max_in_flight: int | None = None,
+        self,
+        app_id: str,
+        owner: str,
+        run_id: str,
+        now: datetime,
+        lease_seconds: float,
+        steal_from: str | None = None,
+        max_in_flight: int | None = None,
     ) -> int | None:
         # Not retried on a dropped connection: the claim may have committed before the drop.
         row = self._one(
-            "claim_app", retry_safe=False, app_id=app_id, owner=owner, run_id=run_id,
-            now=utc(now), lease_seconds=float(lease_seconds), steal_from=steal_from,
+            "claim_app",
+            retry_safe=False,
+            app_id=app_id,
+            owner=owner,
+            run_id=run_id,
+            now=utc(now),
+            lease_seconds=float(lease_seconds),
+            steal_from=steal_from,
             max_in_flight=max_in_flight,
         )
         return row["epoch"]
@@ -96,19 +110,34 @@ class PostgresStore:
         self._write("release_app", app_id=app_id, epoch=epoch)
 
     def set_stage(
-        self, app_id: str, stage: Stage, epoch: int, now: datetime,
-        error: str | None = None, lease_seconds: float | None = None,
+        self,
+        app_id: str,
+        stage: Stage,
+        epoch: int,
+        now: datetime,
+        error: str | None = None,
+        lease_seconds: float | None = None,
     ) -> EvolutionState:
         row = self._one(
-            "set_stage", app_id=app_id, stage=Stage(stage).value, epoch=epoch, now=utc(now),
-            error=error, lease_seconds=float(lease_seconds) if lease_seconds else None,
+            "set_stage",
+            app_id=app_id,
+            stage=Stage(stage).value,
+            epoch=epoch,
+            now=utc(now),
+            error=error,
+            lease_seconds=float(lease_seconds) if lease_seconds else None,
         )
         return EvolutionState.model_validate(row)
 
     def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
         # Safe to repeat: a second renewal at the same epoch only sets the same expiry.
-        row = self._one("renew_claim", app_id=app_id, epoch=epoch, now=utc(now),
-                        lease_seconds=float(lease_seconds))
+        row = self._one(
+            "renew_claim",
+            app_id=app_id,
+            epoch=epoch,
+            now=utc(now),
+            lease_seconds=float(lease_seconds),
+        )
         return bool(row["renewed"])
 
     def reset_app(self, app_id: str, now: datetime) -> None:
@@ -120,8 +149,15 @@ class PostgresStore:
         self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
     ) -> str:
         # Safe to repeat: the first value under the key wins and is returned again.
-        row = self._one("record_effect", app_id=app_id, key=key, kind=kind, value=value,
-                        epoch=epoch, now=utc(now))
+        row = self._one(
+            "record_effect",
+            app_id=app_id,
+            key=key,
+            kind=kind,
+            value=value,
+            epoch=epoch,
+            now=utc(now),
+        )
         return str(row["value"])
 
     def get_effect(self, app_id: str, key: str) -> Effect | None:
@@ -138,11 +174,20 @@ class PostgresStore:
         rows = {t.key: t for t in tasks}
         if not rows:
             return 0
-        payload = Jsonb([
-            {"task_key": k, "app_id": t.app_id, "source": t.source, "priority": t.priority,
-             "description": t.description, "severity": t.severity, "file": t.file}
-            for k, t in rows.items()
-        ])
+        payload = Jsonb(
+            [
+                {
+                    "task_key": k,
+                    "app_id": t.app_id,
+                    "source": t.source,
+                    "priority": t.priority,
+                    "description": t.description,
+                    "severity": t.severity,
+                    "file": t.file,
+                }
+                for k, t in rows.items()
+            ]
+        )
         inserted = self._rows("upsert_tasks", now=utc(now), rows=payload)
         return sum(1 for r in inserted if r["inserted"])
 
@@ -158,11 +203,18 @@ class PostgresStore:
 
         t = trajectory
         self._write(
-            "record_trajectory", app_id=t.app_id, run_id=t.run_id, pipeline=t.pipeline,
-            skill_tasks=t.skill_tasks, adversarial_issues=t.adversarial_issues,
-            quality_score=t.quality_score, outcome=t.outcome, reward=t.reward,
-            durations=Jsonb(t.durations), error=t.error,
-            created_at=utc(t.created_at or datetime.now(timezone.utc)),
+            "record_trajectory",
+            app_id=t.app_id,
+            run_id=t.run_id,
+            pipeline=t.pipeline,
+            skill_tasks=t.skill_tasks,
+            adversarial_issues=t.adversarial_issues,
+            quality_score=t.quality_score,
+            outcome=t.outcome,
+            reward=t.reward,
+            durations=Jsonb(t.durations),
+            error=t.error,
+            created_at=utc(t.created_at or datetime.now(UTC)),
         )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:
@@ -202,7 +254,11 @@ class PostgresStore:
     ) -> int | None:
         """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
         row = self._one(
-            "acquire_lease", retry_safe=False, name=name, holder=holder, now=utc(now),
+            "acquire_lease",
+            retry_safe=False,
+            name=name,
+            holder=holder,
+            now=utc(now),
             lease_seconds=float(lease_seconds),
         )
         return row["epoch"]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fleet.errors import StaleLease
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory, check_transition
@@ -43,8 +44,9 @@ class SQLiteStore(SQLiteFile):
     # App states and claims -------------------------------------------------------
     def ensure_apps(self, app_ids: Iterable[str], now: datetime) -> None:
         with self._tx() as db:
-            db.executemany(QUERIES["ensure_app"],
-                           [{"app_id": app_id, "now": _ts(now)} for app_id in app_ids])
+            db.executemany(
+                QUERIES["ensure_app"], [{"app_id": app_id, "now": _ts(now)} for app_id in app_ids]
+            )
 
     @staticmethod
     def _state(row: sqlite3.Row) -> EvolutionState:
@@ -58,8 +60,14 @@ class SQLiteStore(SQLiteFile):
         return [self._state(r) for r in self._rows("list_states")]
 
     def claim_app(
-        self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None, max_in_flight: int | None = None,
+        self,
+        app_id: str,
+        owner: str,
+        run_id: str,
+        now: datetime,
+        lease_seconds: float,
+        steal_from: str | None = None,
+        max_in_flight: int | None = None,
     ) -> int | None:
         until = now + timedelta(seconds=lease_seconds)
         with self._tx() as db:  # BEGIN IMMEDIATE: the count and the claim are one step
@@ -69,10 +77,17 @@ class SQLiteStore(SQLiteFile):
                 ).fetchone()["n"]
                 if in_flight >= max_in_flight:
                     return None
-            row = db.execute(QUERIES["claim_app"], {
-                "owner": owner, "run_id": run_id, "until": _ts(until), "now": _ts(now),
-                "app_id": app_id, "steal_from": steal_from,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["claim_app"],
+                {
+                    "owner": owner,
+                    "run_id": run_id,
+                    "until": _ts(until),
+                    "now": _ts(now),
+                    "app_id": app_id,
+                    "steal_from": steal_from,
+                },
+            ).fetchone()
         return row["epoch"] if row else None
 
     def release_app(self, app_id: str, epoch: int) -> None:
@@ -80,8 +95,13 @@ class SQLiteStore(SQLiteFile):
             db.execute(QUERIES["release_app"], {"app_id": app_id, "epoch": epoch})
 
     def set_stage(
-        self, app_id: str, stage: Stage, epoch: int, now: datetime,
-        error: str | None = None, lease_seconds: float | None = None,
+        self,
+        app_id: str,
+        stage: Stage,
+        epoch: int,
+        now: datetime,
+        error: str | None = None,
+        lease_seconds: float | None = None,
     ) -> EvolutionState:
         with self._tx() as db:
             row = db.execute(QUERIES["claim_of"], {"app_id": app_id}).fetchone()
@@ -97,18 +117,26 @@ class SQLiteStore(SQLiteFile):
             current_stage = Stage(row["stage"])
             check_transition(current_stage, stage)
             lease = _ts(now + timedelta(seconds=lease_seconds)) if lease_seconds else None
-            row = db.execute(QUERIES["set_stage"], {
-                "stage": Stage(stage).value, "error": error, "now": _ts(now),
-                "started": _ts(now) if stage != current_stage else None, "lease_until": lease,
-                "app_id": app_id, "epoch": epoch,
-            }).fetchone()
+            row = db.execute(
+                QUERIES["set_stage"],
+                {
+                    "stage": Stage(stage).value,
+                    "error": error,
+                    "now": _ts(now),
+                    "started": _ts(now) if stage != current_stage else None,
+                    "lease_until": lease,
+                    "app_id": app_id,
+                    "epoch": epoch,
+                },
+            ).fetchone()
         return self._state(row)
 
     def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
         until = _ts(now + timedelta(seconds=lease_seconds))
         with self._tx() as db:
-            row = db.execute(QUERIES["renew_claim"],
-                             {"app_id": app_id, "epoch": epoch, "until": until}).fetchone()
+            row = db.execute(
+                QUERIES["renew_claim"], {"app_id": app_id, "epoch": epoch, "until": until}
+            ).fetchone()
         return row is not None
 
     def reset_app(self, app_id: str, now: datetime) -> None:
@@ -129,10 +157,17 @@ class SQLiteStore(SQLiteFile):
                     f"(current epoch {current}); another run has taken the app or the claim "
                     "was released"
                 )
-            db.execute(QUERIES["record_effect"], {
-                "app_id": app_id, "key": key, "kind": kind, "value": value, "epoch": epoch,
-                "now": _ts(now),
-            })
+            db.execute(
+                QUERIES["record_effect"],
+                {
+                    "app_id": app_id,
+                    "key": key,
+                    "kind": kind,
+                    "value": value,
+                    "epoch": epoch,
+                    "now": _ts(now),
+                },
+            )
             stored = db.execute(QUERIES["get_effect"], {"app_id": app_id, "key": key}).fetchone()
         return stored["value"]
 
@@ -148,18 +183,29 @@ class SQLiteStore(SQLiteFile):
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
         with self._tx() as db:
-            row = db.execute(QUERIES["acquire_lease"], {
-                "name": name, "holder": holder, "now": _ts(now),
-                "until": _ts(now + timedelta(seconds=lease_seconds)),
-            }).fetchone()
+            row = db.execute(
+                QUERIES["acquire_lease"],
+                {
+                    "name": name,
+                    "holder": holder,
+                    "now": _ts(now),
+                    "until": _ts(now + timedelta(seconds=lease_seconds)),
+                },
+            ).fetchone()
         return row["epoch"] if row else None
 
     def release_lease(self, name: str, holder: str, epoch: int, now: datetime) -> bool:
         with self._tx() as db:
-            row = db.execute(QUERIES["release_lease"], {
-                "name": name, "holder": holder, "epoch": epoch, "now": _ts(now),
-                "expired": _ts(now - timedelta(microseconds=1)),
-            }).fetchone()
+            row = db.execute(
+                QUERIES["release_lease"],
+                {
+                    "name": name,
+                    "holder": holder,
+                    "epoch": epoch,
+                    "now": _ts(now),
+                    "expired": _ts(now - timedelta(microseconds=1)),
+                },
+            ).fetchone()
         return row is not None
 
     def get_lease(self, name: str) -> Lease | None:
@@ -174,12 +220,22 @@ class SQLiteStore(SQLiteFile):
         with self._tx() as db:
             known = db.execute(QUERIES["known_task_keys"], {"task_keys": json.dumps(list(rows))})
             existing = {r["task_key"] for r in known}
-            db.executemany(QUERIES["upsert_task"], [
-                {"task_key": k, "app_id": t.app_id, "source": t.source, "priority": t.priority,
-                 "description": t.description, "severity": t.severity, "file": t.file,
-                 "now": _ts(now)}
-                for k, t in rows.items()
-            ])
+            db.executemany(
+                QUERIES["upsert_task"],
+                [
+                    {
+                        "task_key": k,
+                        "app_id": t.app_id,
+                        "source": t.source,
+                        "priority": t.priority,
+                        "description": t.description,
+                        "severity": t.severity,
+                        "file": t.file,
+                        "now": _ts(now),
+                    }
+                    for k, t in rows.items()
+                ],
+            )
         return len(rows) - len(existing)
 
     def list_tasks(self, app_id: str, source: str | None = None) -> list[Task]:
@@ -192,13 +248,22 @@ class SQLiteStore(SQLiteFile):
     def record_trajectory(self, trajectory: Trajectory) -> None:
         t = trajectory
         with self._tx() as db:
-            db.execute(QUERIES["record_trajectory"], {
-                "app_id": t.app_id, "run_id": t.run_id, "pipeline": t.pipeline,
-                "skill_tasks": t.skill_tasks, "adversarial_issues": t.adversarial_issues,
-                "quality_score": t.quality_score, "outcome": t.outcome, "reward": t.reward,
-                "durations": json.dumps(t.durations), "error": t.error,
-                "created_at": _ts(t.created_at or datetime.now(timezone.utc)),
-            })
+            db.execute(
+                QUERIES["record_trajectory"],
+                {
+                    "app_id": t.app_id,
+                    "run_id": t.run_id,
+                    "pipeline": t.pipeline,
+                    "skill_tasks": t.skill_tasks,
+                    "adversarial_issues": t.adversarial_issues,
+                    "quality_score": t.quality_score,
+                    "outcome": t.outcome,
+                    "reward": t.reward,
+                    "durations": json.dumps(t.durations),
+                    "error": t.error,
+                    "created_at": _ts(t.created_at or datetime.now(UTC)),
+                },
+            )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:
         return [
@@ -217,14 +282,17 @@ class SQLiteStore(SQLiteFile):
 
     def set_fleet_config(self, config: FleetConfig) -> None:
         with self._tx() as db:
-            db.executemany(QUERIES["set_fleet_config"], [
-                {"key": k, "value": json.dumps(v)} for k, v in config.model_dump().items()
-            ])
+            db.executemany(
+                QUERIES["set_fleet_config"],
+                [{"key": k, "value": json.dumps(v)} for k, v in config.model_dump().items()],
+            )
 
     def record_cohort(self, run_id: str, app_ids: list[str], now: datetime) -> None:
         with self._tx() as db:
-            db.execute(QUERIES["record_cohort"],
-                       {"run_id": run_id, "app_ids": json.dumps(app_ids), "now": _ts(now)})
+            db.execute(
+                QUERIES["record_cohort"],
+                {"run_id": run_id, "app_ids": json.dumps(app_ids), "now": _ts(now)},
+            )
 
     def finish_cohort(self, run_id: str, now: datetime) -> None:
         with self._tx() as db:

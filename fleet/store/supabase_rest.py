@@ -10,8 +10,9 @@ are conditional PATCHes (`epoch=eq.N`, `finished_at=is.null`).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
@@ -43,8 +44,13 @@ class SupabaseStore:
     """Store over Supabase's REST API; needs the project URL and its service_role key."""
 
     def __init__(
-        self, url: str, service_key: str | SecretStr, *, timeout_seconds: float = 30,
-        allow_insecure: bool = False, page_size: int = 1000,
+        self,
+        url: str,
+        service_key: str | SecretStr,
+        *,
+        timeout_seconds: float = 30,
+        allow_insecure: bool = False,
+        page_size: int = 1000,
     ):
         import httpx
         from supabase.lib.client_options import SyncClientOptions
@@ -114,18 +120,18 @@ class SupabaseStore:
             advice = "the store is unavailable or refused the request; retry later"
         details = f" ({self._clean(exc.details)})" if exc.details else ""
         error = StoreUnreachable if unreachable_code(exc.code) else StoreUnavailable
-        return error(
-            f"Supabase at {self.url}: {what} failed: {code} {message}{details} — {advice}"
-        )
+        return error(f"Supabase at {self.url}: {what} failed: {code} {message}{details} — {advice}")
 
     # Request helpers -------------------------------------------------------------
     def _table(self, name: str) -> Any:
         return self._client.table(name)
 
-    def _upsert(self, what: str, table: str, rows: Any, *, select: str | None = None,
-                **options: Any) -> Any:
+    def _upsert(
+        self, what: str, table: str, rows: Any, *, select: str | None = None, **options: Any
+    ) -> Any:
         """One upsert request; with `select`, the response lists those columns of the rows
         it wrote."""
+
         def request() -> Any:
             query = self._table(table).upsert(rows, **options)
             return (query.select(select) if select else query).execute()
@@ -153,55 +159,104 @@ class SupabaseStore:
         rows = [{"app_id": a, "updated_at": _iso(now)} for a in dict.fromkeys(app_ids)]
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
-            self._upsert("ensure_apps", "app_evolution_states", chunk, on_conflict="app_id",
-                         ignore_duplicates=True, returning=ReturnMethod.minimal)
+            self._upsert(
+                "ensure_apps",
+                "app_evolution_states",
+                chunk,
+                on_conflict="app_id",
+                ignore_duplicates=True,
+                returning=ReturnMethod.minimal,
+            )
 
     def get_state(self, app_id: str) -> EvolutionState | None:
-        rows = self._call("get_state", lambda: self._table("app_evolution_states")
-                          .select("*").eq("app_id", app_id).execute()).data
+        rows = self._call(
+            "get_state",
+            lambda: self._table("app_evolution_states").select("*").eq("app_id", app_id).execute(),
+        ).data
         return EvolutionState.model_validate(rows[0]) if rows else None
 
     def list_states(self) -> list[EvolutionState]:
-        rows = self._select_all("list_states", lambda: self._table("app_evolution_states")
-                                .select("*").order("app_id"))
+        rows = self._select_all(
+            "list_states", lambda: self._table("app_evolution_states").select("*").order("app_id")
+        )
         return [EvolutionState.model_validate(r) for r in rows]
 
     def claim_app(
-        self, app_id: str, owner: str, run_id: str, now: datetime, lease_seconds: float,
-        steal_from: str | None = None, max_in_flight: int | None = None,
+        self,
+        app_id: str,
+        owner: str,
+        run_id: str,
+        now: datetime,
+        lease_seconds: float,
+        steal_from: str | None = None,
+        max_in_flight: int | None = None,
     ) -> int | None:
-        epoch = self._rpc("fleet_claim_app", {
-            "p_app_id": app_id, "p_owner": owner, "p_run_id": run_id, "p_now": _iso(now),
-            "p_lease_seconds": float(lease_seconds), "p_steal_from": steal_from,
-            "p_max_in_flight": max_in_flight,
-        })
+        epoch = self._rpc(
+            "fleet_claim_app",
+            {
+                "p_app_id": app_id,
+                "p_owner": owner,
+                "p_run_id": run_id,
+                "p_now": _iso(now),
+                "p_lease_seconds": float(lease_seconds),
+                "p_steal_from": steal_from,
+                "p_max_in_flight": max_in_flight,
+            },
+        )
         return int(epoch) if _scalar(epoch) is not None else None
 
     def release_app(self, app_id: str, epoch: int) -> None:
         from postgrest.types import ReturnMethod
 
-        self._call("release_app", lambda: self._table("app_evolution_states")
-                   .update({"owner": None, "lease_until": None}, returning=ReturnMethod.minimal)
-                   .eq("app_id", app_id).eq("epoch", epoch).execute())
+        self._call(
+            "release_app",
+            lambda: (
+                self._table("app_evolution_states")
+                .update({"owner": None, "lease_until": None}, returning=ReturnMethod.minimal)
+                .eq("app_id", app_id)
+                .eq("epoch", epoch)
+                .execute()
+            ),
+        )
 
     def set_stage(
-        self, app_id: str, stage: Stage, epoch: int, now: datetime,
-        error: str | None = None, lease_seconds: float | None = None,
+        self,
+        app_id: str,
+        stage: Stage,
+        epoch: int,
+        now: datetime,
+        error: str | None = None,
+        lease_seconds: float | None = None,
     ) -> EvolutionState:
-        row = self._rpc("fleet_set_stage", {
-            "p_app_id": app_id, "p_stage": Stage(stage).value, "p_epoch": epoch,
-            "p_now": _iso(now), "p_error": error,
-            "p_lease_seconds": float(lease_seconds) if lease_seconds else None,
-        })
+        row = self._rpc(
+            "fleet_set_stage",
+            {
+                "p_app_id": app_id,
+                "p_stage": Stage(stage).value,
+                "p_epoch": epoch,
+                "p_now": _iso(now),
+                "p_error": error,
+                "p_lease_seconds": float(lease_seconds) if lease_seconds else None,
+            },
+        )
         if isinstance(row, list):  # a proxy or an older PostgREST may wrap the row
             row = row[0]
         return EvolutionState.model_validate(row)
 
     def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
-        return bool(_scalar(self._rpc("fleet_renew_claim", {
-            "p_app_id": app_id, "p_epoch": epoch, "p_now": _iso(now),
-            "p_lease_seconds": float(lease_seconds),
-        })))
+        return bool(
+            _scalar(
+                self._rpc(
+                    "fleet_renew_claim",
+                    {
+                        "p_app_id": app_id,
+                        "p_epoch": epoch,
+                        "p_now": _iso(now),
+                        "p_lease_seconds": float(lease_seconds),
+                    },
+                )
+            )
+        )
 
     def reset_app(self, app_id: str, now: datetime) -> None:
         self._rpc("fleet_reset_app", {"p_app_id": app_id, "p_now": _iso(now)})
@@ -210,21 +265,39 @@ class SupabaseStore:
     def record_effect(
         self, app_id: str, key: str, kind: EffectKind, value: str, epoch: int, now: datetime
     ) -> str:
-        stored = self._rpc("fleet_record_effect", {
-            "p_app_id": app_id, "p_key": key, "p_kind": kind, "p_value": value,
-            "p_epoch": epoch, "p_now": _iso(now),
-        })
+        stored = self._rpc(
+            "fleet_record_effect",
+            {
+                "p_app_id": app_id,
+                "p_key": key,
+                "p_kind": kind,
+                "p_value": value,
+                "p_epoch": epoch,
+                "p_now": _iso(now),
+            },
+        )
         return str(stored)
 
     def get_effect(self, app_id: str, key: str) -> Effect | None:
-        rows = self._call("get_effect", lambda: self._table("app_effects")
-                          .select("*").eq("app_id", app_id).eq("key", key).execute()).data
+        rows = self._call(
+            "get_effect",
+            lambda: (
+                self._table("app_effects").select("*").eq("app_id", app_id).eq("key", key).execute()
+            ),
+        ).data
         return Effect.model_validate(rows[0]) if rows else None
 
     def list_effects(self, app_id: str) -> list[Effect]:
-        rows = self._select_all("list_effects", lambda: self._table("app_effects")
-                                .select("*").eq("app_id", app_id)
-                                .order("created_at").order("key"))
+        rows = self._select_all(
+            "list_effects",
+            lambda: (
+                self._table("app_effects")
+                .select("*")
+                .eq("app_id", app_id)
+                .order("created_at")
+                .order("key")
+            ),
+        )
         return [Effect.model_validate(r) for r in rows]
 
     # Tasks -----------------------------------------------------------------------
@@ -233,9 +306,16 @@ class SupabaseStore:
 
         by_key = {t.key: t for t in tasks}
         rows = [
-            {"task_key": k, "app_id": t.app_id, "source": t.source, "priority": t.priority,
-             "description": t.description, "severity": t.severity, "file": t.file,
-             "updated_at": _iso(now)}
+            {
+                "task_key": k,
+                "app_id": t.app_id,
+                "source": t.source,
+                "priority": t.priority,
+                "description": t.description,
+                "severity": t.severity,
+                "file": t.file,
+                "updated_at": _iso(now),
+            }
             for k, t in by_key.items()
         ]
         new = 0
@@ -243,17 +323,25 @@ class SupabaseStore:
             chunk = rows[i : i + _UPSERT_CHUNK]
             # 1. Insert the keys not stored yet; the response lists exactly those.
             inserted = self._upsert(
-                "upsert_tasks", "app_evolution_tasks",
+                "upsert_tasks",
+                "app_evolution_tasks",
                 [{**r, "created_at": r["updated_at"]} for r in chunk],
-                on_conflict="task_key", ignore_duplicates=True, select="task_key",
+                on_conflict="task_key",
+                ignore_duplicates=True,
+                select="task_key",
             ).data
             fresh = {r["task_key"] for r in inserted}
             new += len(fresh)
             # 2. Refresh priority and severity of the keys that were already there.
             known = [r for r in chunk if r["task_key"] not in fresh]
             if known:
-                self._upsert("upsert_tasks", "app_evolution_tasks", known,
-                             on_conflict="task_key", returning=ReturnMethod.minimal)
+                self._upsert(
+                    "upsert_tasks",
+                    "app_evolution_tasks",
+                    known,
+                    on_conflict="task_key",
+                    returning=ReturnMethod.minimal,
+                )
         return new
 
     def list_tasks(self, app_id: str, source: str | None = None) -> list[Task]:
@@ -273,16 +361,32 @@ class SupabaseStore:
         from postgrest.types import ReturnMethod
 
         row = trajectory.model_dump(mode="json")
-        row["created_at"] = _iso(trajectory.created_at or datetime.now(timezone.utc))
-        self._call("record_trajectory", lambda: self._table("trajectories").upsert(
-            row, on_conflict="app_id,run_id", ignore_duplicates=True,
-            returning=ReturnMethod.minimal,
-        ).execute())
+        row["created_at"] = _iso(trajectory.created_at or datetime.now(UTC))
+        self._call(
+            "record_trajectory",
+            lambda: (
+                self._table("trajectories")
+                .upsert(
+                    row,
+                    on_conflict="app_id,run_id",
+                    ignore_duplicates=True,
+                    returning=ReturnMethod.minimal,
+                )
+                .execute()
+            ),
+        )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:
-        rows = self._select_all("list_trajectories", lambda: self._table("trajectories")
-                                .select("*").eq("app_id", app_id)
-                                .order("created_at").order("run_id"))
+        rows = self._select_all(
+            "list_trajectories",
+            lambda: (
+                self._table("trajectories")
+                .select("*")
+                .eq("app_id", app_id)
+                .order("created_at")
+                .order("run_id")
+            ),
+        )
         return [Trajectory.model_validate(r) for r in rows]
 
     def reward_means(self, app_ids: Iterable[str]) -> dict[str, float]:
@@ -295,39 +399,73 @@ class SupabaseStore:
 
     # Fleet config and cohorts ----------------------------------------------------
     def get_fleet_config(self) -> FleetConfig:
-        rows = self._call("get_fleet_config", lambda: self._table("fleet_config")
-                          .select("key,value").execute()).data
+        rows = self._call(
+            "get_fleet_config", lambda: self._table("fleet_config").select("key,value").execute()
+        ).data
         return FleetConfig.model_validate({r["key"]: r["value"] for r in rows})
 
     def set_fleet_config(self, config: FleetConfig) -> None:
         from postgrest.types import ReturnMethod
 
         rows = [{"key": k, "value": v} for k, v in config.model_dump(mode="json").items()]
-        self._call("set_fleet_config", lambda: self._table("fleet_config").upsert(
-            rows, on_conflict="key", returning=ReturnMethod.minimal,
-        ).execute())
+        self._call(
+            "set_fleet_config",
+            lambda: (
+                self._table("fleet_config")
+                .upsert(
+                    rows,
+                    on_conflict="key",
+                    returning=ReturnMethod.minimal,
+                )
+                .execute()
+            ),
+        )
 
     def record_cohort(self, run_id: str, app_ids: list[str], now: datetime) -> None:
         from postgrest.types import ReturnMethod
 
         row = {"run_id": run_id, "app_ids": list(app_ids), "started_at": _iso(now)}
-        self._call("record_cohort", lambda: self._table("cohorts").upsert(
-            row, on_conflict="run_id", ignore_duplicates=True, returning=ReturnMethod.minimal,
-        ).execute())
+        self._call(
+            "record_cohort",
+            lambda: (
+                self._table("cohorts")
+                .upsert(
+                    row,
+                    on_conflict="run_id",
+                    ignore_duplicates=True,
+                    returning=ReturnMethod.minimal,
+                )
+                .execute()
+            ),
+        )
 
     def finish_cohort(self, run_id: str, now: datetime) -> None:
         from postgrest.types import ReturnMethod
 
-        self._call("finish_cohort", lambda: self._table("cohorts")
-                   .update({"finished_at": _iso(now)}, returning=ReturnMethod.minimal)
-                   .eq("run_id", run_id).is_("finished_at", None).execute())
+        self._call(
+            "finish_cohort",
+            lambda: (
+                self._table("cohorts")
+                .update({"finished_at": _iso(now)}, returning=ReturnMethod.minimal)
+                .eq("run_id", run_id)
+                .is_("finished_at", None)
+                .execute()
+            ),
+        )
 
     def completed_cohorts(self) -> int:
         from postgrest.types import CountMethod
 
-        response = self._call("completed_cohorts", lambda: self._table("cohorts")
-                              .select("run_id", count=CountMethod.exact, head=True)
-                              .not_.is_("finished_at", None).neq("app_ids", "[]").execute())
+        response = self._call(
+            "completed_cohorts",
+            lambda: (
+                self._table("cohorts")
+                .select("run_id", count=CountMethod.exact, head=True)
+                .not_.is_("finished_at", None)
+                .neq("app_ids", "[]")
+                .execute()
+            ),
+        )
         if response.count is None:
             raise StoreUnavailable(
                 f"Supabase at {self.url}: completed_cohorts got no row count (Content-Range) "
@@ -340,21 +478,37 @@ class SupabaseStore:
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
         """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
-        epoch = self._rpc("fleet_acquire_lease", {
-            "p_name": name, "p_holder": holder, "p_now": _iso(now),
-            "p_lease_seconds": float(lease_seconds),
-        })
+        epoch = self._rpc(
+            "fleet_acquire_lease",
+            {
+                "p_name": name,
+                "p_holder": holder,
+                "p_now": _iso(now),
+                "p_lease_seconds": float(lease_seconds),
+            },
+        )
         return int(epoch) if _scalar(epoch) is not None else None
 
     def release_lease(self, name: str, holder: str, epoch: int, now: datetime) -> bool:
         """Give the lease up early; False if `holder` at `epoch` no longer holds it."""
-        return bool(_scalar(self._rpc("fleet_release_lease", {
-            "p_name": name, "p_holder": holder, "p_epoch": epoch, "p_now": _iso(now),
-        })))
+        return bool(
+            _scalar(
+                self._rpc(
+                    "fleet_release_lease",
+                    {
+                        "p_name": name,
+                        "p_holder": holder,
+                        "p_epoch": epoch,
+                        "p_now": _iso(now),
+                    },
+                )
+            )
+        )
 
     def get_lease(self, name: str) -> Lease | None:
-        rows = self._call("get_lease", lambda: self._table("fleet_leases")
-                          .select("*").eq("name", name).execute()).data
+        rows = self._call(
+            "get_lease", lambda: self._table("fleet_leases").select("*").eq("name", name).execute()
+        ).data
         return Lease.model_validate(rows[0]) if rows else None
 
     def close(self) -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def utc(value: datetime) -> datetime:
     """`value` in UTC; a naive datetime is taken to be UTC already (never local time), as
     PostgreSQL's timestamptz reads it in a session whose zone is UTC."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 def iso(value: datetime) -> str:

@@ -22,7 +22,7 @@ class Gene:
     name: str
     low: float
     high: float
-    step: float = 1.0   # values are multiples of this (seconds round to 5 s, counts to 1)
+    step: float = 1.0  # values are multiples of this (seconds round to 5 s, counts to 1)
 
     def clip(self, value: float) -> float:
         snapped = round(float(value) / self.step) * self.step
@@ -63,8 +63,9 @@ def repair(policy: Mapping[str, float]) -> Policy:
     unknown = sorted(set(policy) - set(GENE_NAMES))
     missing = sorted(set(GENE_NAMES) - set(policy))
     if unknown or missing:
-        raise InvalidPolicy(f"policy genes do not match the genome: unknown {unknown}, "
-                            f"missing {missing}")
+        raise InvalidPolicy(
+            f"policy genes do not match the genome: unknown {unknown}, missing {missing}"
+        )
     out = {g.name: g.clip(policy[g.name]) for g in GENES}
     out["immune_hard_failures"] = max(out["immune_hard_failures"], out["immune_soft_failures"] + 1)
     return out

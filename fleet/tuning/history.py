@@ -14,7 +14,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -30,8 +30,8 @@ INF = math.inf
 class MachineTrack:
     machine_id: str
     label: Label
-    heartbeats: np.ndarray                                   # sorted heartbeat times
-    unreachable: tuple[tuple[float, float], ...] = ()        # a reachability probe fails inside
+    heartbeats: np.ndarray  # sorted heartbeat times
+    unreachable: tuple[tuple[float, float], ...] = ()  # a reachability probe fails inside
     died_at: float | None = None
 
 
@@ -43,11 +43,11 @@ class TaskRun:
     machine_id: str
     pane_id: str
     claimed_at: float
-    progress: tuple[float, ...] = ()        # pane progress times, ascending
+    progress: tuple[float, ...] = ()  # pane progress times, ascending
     ended_at: float | None = None
     outcome: Outcome | None = None
     reason: str = ""
-    hung_at: float | None = None            # label: no progress could come after this (a fault)
+    hung_at: float | None = None  # label: no progress could come after this (a fault)
     account: str = ""
 
     @property
@@ -97,13 +97,14 @@ class History:
 
 
 # Synthetic histories ------------------------------------------------------------------
-START = datetime(2026, 1, 5, tzinfo=timezone.utc)
+START = datetime(2026, 1, 5, tzinfo=UTC)
 HEARTBEAT = 30.0
 DAY = 86400.0
 
 
-def _heartbeats(rng: np.random.Generator, horizon: float, label: Label,
-                blips: Iterable[tuple[float, float]]) -> np.ndarray:
+def _heartbeats(
+    rng: np.random.Generator, horizon: float, label: Label, blips: Iterable[tuple[float, float]]
+) -> np.ndarray:
     n = int(math.ceil(horizon / HEARTBEAT))
     beats = np.arange(0.0, horizon, HEARTBEAT)[:n] + rng.uniform(0, 2, size=n)
     if label == "slow":
@@ -115,8 +116,9 @@ def _heartbeats(rng: np.random.Generator, horizon: float, label: Label,
     return np.sort(beats[beats < horizon])
 
 
-def _progress(rng: np.random.Generator, start: float, end: float,
-              label: Label) -> tuple[float, ...]:
+def _progress(
+    rng: np.random.Generator, start: float, end: float, label: Label
+) -> tuple[float, ...]:
     """Pane output times in [start, end]: chatty agents, and on slow machines long silent steps
     (an iOS build or a test suite) of 3–8 minutes."""
     out: list[float] = []
@@ -132,9 +134,17 @@ def _progress(rng: np.random.Generator, start: float, end: float,
         out.append(round(t, 3))
 
 
-def _pane_runs(rng: np.random.Generator, machine_id: str, pane_id: str, label: Label,
-               horizon: float, died_at: float | None, flaky: list[tuple[float, float]],
-               hang_rate: float, account: str) -> list[TaskRun]:
+def _pane_runs(
+    rng: np.random.Generator,
+    machine_id: str,
+    pane_id: str,
+    label: Label,
+    horizon: float,
+    died_at: float | None,
+    flaky: list[tuple[float, float]],
+    hang_rate: float,
+    account: str,
+) -> list[TaskRun]:
     runs: list[TaskRun] = []
     t = float(rng.uniform(0, 60))
     end_of_life = died_at if died_at is not None else horizon
@@ -152,38 +162,90 @@ def _pane_runs(rng: np.random.Generator, machine_id: str, pane_id: str, label: L
             stop = t + float(rng.uniform(60, 600))
             if stop >= end_of_life:
                 break
-            runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, stop, label),
-                                stop, "rate_limited",
-                                "usage limit reached, retry after 1800 seconds",
-                                account=account))
+            runs.append(
+                TaskRun(
+                    task_id,
+                    machine_id,
+                    pane_id,
+                    t,
+                    _progress(rng, t, stop, label),
+                    stop,
+                    "rate_limited",
+                    "usage limit reached, retry after 1800 seconds",
+                    account=account,
+                )
+            )
             t = stop + float(rng.uniform(1500, 2100))
             continue
         if died_at is not None and finish >= died_at:
-            runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, died_at, label),
-                                hung_at=died_at, account=account))
+            runs.append(
+                TaskRun(
+                    task_id,
+                    machine_id,
+                    pane_id,
+                    t,
+                    _progress(rng, t, died_at, label),
+                    hung_at=died_at,
+                    account=account,
+                )
+            )
             break
         if not in_flaky and rng.random() < hang_rate:
             hung = t + float(rng.uniform(60, duration))
             if hung >= horizon:
                 break
-            runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, hung, label),
-                                hung_at=hung, account=account))
-            t = hung + 3600.0   # someone dealt with the pane under the recorded policy
+            runs.append(
+                TaskRun(
+                    task_id,
+                    machine_id,
+                    pane_id,
+                    t,
+                    _progress(rng, t, hung, label),
+                    hung_at=hung,
+                    account=account,
+                )
+            )
+            t = hung + 3600.0  # someone dealt with the pane under the recorded policy
             continue
         if finish >= horizon:
-            runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, horizon, label),
-                                account=account))
+            runs.append(
+                TaskRun(
+                    task_id,
+                    machine_id,
+                    pane_id,
+                    t,
+                    _progress(rng, t, horizon, label),
+                    account=account,
+                )
+            )
             break
         failed = rng.random() < (0.6 if in_flaky else 0.04)
-        runs.append(TaskRun(task_id, machine_id, pane_id, t, _progress(rng, t, finish, label),
-                            finish, "failure" if failed else "success",
-                            "xcodebuild exited 65" if failed else "", account=account))
+        runs.append(
+            TaskRun(
+                task_id,
+                machine_id,
+                pane_id,
+                t,
+                _progress(rng, t, finish, label),
+                finish,
+                "failure" if failed else "success",
+                "xcodebuild exited 65" if failed else "",
+                account=account,
+            )
+        )
         t = finish + float(rng.uniform(5, 60))
     return runs
 
 
-def synthetic(labels: Iterable[Label], *, days: float = 1.0, panes: int = 2, seed: int = 0,
-              hang_rate: float = 0.02, name: str = "") -> History:
+def synthetic(
+    labels: Iterable[Label],
+    *,
+    days: float = 1.0,
+    panes: int = 2,
+    seed: int = 0,
+    hang_rate: float = 0.02,
+    name: str = "",
+) -> History:
     """A labelled history of a mesh with one machine per label given (deterministic in `seed`).
 
     healthy: prompt heartbeats, chatty panes, 4 % of tasks fail. slow: late heartbeats, silent
@@ -224,10 +286,22 @@ def synthetic(labels: Iterable[Label], *, days: float = 1.0, panes: int = 2, see
                     if a + 7200 <= horizon:
                         flaky.append((a, a + 7200))
                 episodes.extend(Episode(f"pane:{mid}/{pane}", a, b) for a, b in flaky)
-            tasks.extend(_pane_runs(mrng, mid, pane, label, horizon, died_at, flaky, hang_rate,
-                                    account=f"acct-{mid}"))
-    return History(name or "+".join(labels), START, horizon, tuple(machines), tuple(tasks),
-                   tuple(episodes))
+            tasks.extend(
+                _pane_runs(
+                    mrng,
+                    mid,
+                    pane,
+                    label,
+                    horizon,
+                    died_at,
+                    flaky,
+                    hang_rate,
+                    account=f"acct-{mid}",
+                )
+            )
+    return History(
+        name or "+".join(labels), START, horizon, tuple(machines), tuple(tasks), tuple(episodes)
+    )
 
 
 def labelled_histories(seed: int = 0, days: float = 1.0) -> list[History]:
@@ -239,8 +313,10 @@ def labelled_histories(seed: int = 0, days: float = 1.0) -> list[History]:
         ("dead", ["healthy", "dead", "healthy", "slow"]),
         ("rate-limited", ["healthy", "rate_limited", "rate_limited", "healthy"]),
     ]
-    return [synthetic(labels, days=days, seed=seed * 100 + i, name=name)
-            for i, (name, labels) in enumerate(kinds)]
+    return [
+        synthetic(labels, days=days, seed=seed * 100 + i, name=name)
+        for i, (name, labels) in enumerate(kinds)
+    ]
 
 
 def mesh_week(seed: int = 0, machines: int = 10, days: float = 7.0) -> History:
@@ -264,11 +340,17 @@ def events(store: Any, page: int = 5000) -> Iterator[dict[str, Any]]:
 def _aware(value: Any) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def from_store(store: Any, since: datetime, now: datetime, *, heartbeat_seconds: float = HEARTBEAT,
-               name: str = "recorded") -> History:
+def from_store(
+    store: Any,
+    since: datetime,
+    now: datetime,
+    *,
+    heartbeat_seconds: float = HEARTBEAT,
+    name: str = "recorded",
+) -> History:
     """The window [since, now] as the store recorded it (mesh_task_events, mesh_health, the
     immune events and breaker rows of 0003).
 
@@ -287,12 +369,24 @@ def from_store(store: Any, since: datetime, now: datetime, *, heartbeat_seconds:
     downs: dict[str, list[list[float]]] = defaultdict(list)
     first_seen: dict[str, float] = {}
 
-    def close(task_id: str, ended: float | None, outcome: Outcome | None, reason: str,
-              hung: float | None) -> None:
+    def close(
+        task_id: str, ended: float | None, outcome: Outcome | None, reason: str, hung: float | None
+    ) -> None:
         run = runs.pop(task_id, None)
         if run is not None:
-            done.append(TaskRun(task_id, run["machine"], run["pane"], run["claimed"],
-                                tuple(run["progress"]), ended, outcome, reason, hung))
+            done.append(
+                TaskRun(
+                    task_id,
+                    run["machine"],
+                    run["pane"],
+                    run["claimed"],
+                    tuple(run["progress"]),
+                    ended,
+                    outcome,
+                    reason,
+                    hung,
+                )
+            )
 
     from fleet.mesh.immune import is_rate_limit
 
@@ -312,14 +406,21 @@ def from_store(store: Any, since: datetime, now: datetime, *, heartbeat_seconds:
             continue
         if event == "claimed" and machine:
             close(task_id, t, None, "reclaimed", None)
-            runs[task_id] = {"machine": machine, "pane": str(detail.get("pane_id") or "main"),
-                             "claimed": t, "progress": []}
+            runs[task_id] = {
+                "machine": machine,
+                "pane": str(detail.get("pane_id") or "main"),
+                "claimed": t,
+                "progress": [],
+            }
         elif event in ("injected", "running", "Progress") and task_id in runs:
             runs[task_id]["progress"].append(t)
         elif event in ("done", "failed") and task_id in runs:
             error = e.get("error") or ""
-            outcome: Outcome = "success" if event == "done" else (
-                "rate_limited" if is_rate_limit(error) else "failure")
+            outcome: Outcome = (
+                "success"
+                if event == "done"
+                else ("rate_limited" if is_rate_limit(error) else "failure")
+            )
             close(task_id, t, outcome, error, None)
         elif event in ("queued", "dead_letter") and task_id in runs:
             reason = str(detail.get("reason") or "")
@@ -347,6 +448,17 @@ def from_store(store: Any, since: datetime, now: datetime, *, heartbeat_seconds:
         machines.append(MachineTrack(m.machine_id, "healthy", beats, tuple(gaps)))
     transitions = tuple(
         Transition(str(ev["subject"]), str(ev["action"]), int(ev["tier"]), rel(ev["at"]))
-        for ev in store.immune_events() if 0 <= rel(ev["at"]) <= horizon)
-    return History(name, since, horizon, tuple(machines), tuple(done), (), labelled=False,
-                   transitions=transitions, breakers=tuple(store.breaker_rows()))
+        for ev in store.immune_events()
+        if 0 <= rel(ev["at"]) <= horizon
+    )
+    return History(
+        name,
+        since,
+        horizon,
+        tuple(machines),
+        tuple(done),
+        (),
+        labelled=False,
+        transitions=transitions,
+        breakers=tuple(store.breaker_rows()),
+    )

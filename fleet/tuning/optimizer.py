@@ -23,9 +23,9 @@ from fleet.tuning.replay import Prepared, Score, combine, score
 @dataclass(frozen=True)
 class Candidate:
     policy: Policy
-    score: Score                        # over every history
+    score: Score  # over every history
     per_history: tuple[Score, ...]
-    offerable: bool                     # passes the guard rail
+    offerable: bool  # passes the guard rail
     why_not: str = ""
 
 
@@ -33,17 +33,17 @@ class Candidate:
 class Generation:
     n: int
     evaluations: int
-    best_mttr: float        # best penalized MTTR among offerable candidates so far
+    best_mttr: float  # best penalized MTTR among offerable candidates so far
     best_false_positives: int
-    front: int              # size of the offerable Pareto front so far
+    front: int  # size of the offerable Pareto front so far
 
 
 @dataclass(frozen=True)
 class Evolution:
     current: Candidate
-    front: tuple[Candidate, ...]        # offerable, non-dominated, by MTTR
+    front: tuple[Candidate, ...]  # offerable, non-dominated, by MTTR
     generations: tuple[Generation, ...]
-    converged_at: int                   # the generation after which the best stopped improving
+    converged_at: int  # the generation after which the best stopped improving
     evaluations: int
     seconds: float
     seed: int
@@ -52,12 +52,14 @@ class Evolution:
         """The fastest healer with no more false positives than the current policy."""
         cur = self.current.score.false_positives
         ok = [c for c in self.front if c.score.false_positives <= cur]
-        return min(ok, key=lambda c: (c.score.penalized_mttr, c.score.false_positives),
-                   default=None)
+        return min(
+            ok, key=lambda c: (c.score.penalized_mttr, c.score.false_positives), default=None
+        )
 
 
-def guard(candidate: Sequence[Score], current: Sequence[Score],
-          labelled: Sequence[bool]) -> tuple[float, str]:
+def guard(
+    candidate: Sequence[Score], current: Sequence[Score], labelled: Sequence[bool]
+) -> tuple[float, str]:
     """(excess, why): the most false positives the candidate adds over the current policy on one
     labelled history (> 0: never offered), and which history."""
     worst, why = -np.inf, ""
@@ -106,8 +108,12 @@ def _better(a: Candidate, b: Candidate) -> bool:
     return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 
 
-def local_search(start: Candidate, evaluate: Callable[[Mapping[str, float]], Candidate],
-                 rng: np.random.Generator, budget: int) -> Candidate:
+def local_search(
+    start: Candidate,
+    evaluate: Callable[[Mapping[str, float]], Candidate],
+    rng: np.random.Generator,
+    budget: int,
+) -> Candidate:
     """The memetic step: coordinate moves (a tenth of each gene's range, then finer) from
     `start`, keeping a move only when it dominates; at most `budget` evaluations."""
     best, spent, scale = start, 0, 0.1
@@ -147,9 +153,18 @@ def _front(cands: Sequence[Candidate]) -> list[Candidate]:
     return sorted(unique.values(), key=lambda c: c.score.objectives())
 
 
-def evolve(histories: Sequence[History], settings: Any, current: Mapping[str, float], *,
-           steps: int = 10, pop_size: int = 20, seed: int = 0, memetic: int = 2,
-           local_budget: int = 6, evaluator: Evaluator | None = None) -> Evolution:
+def evolve(
+    histories: Sequence[History],
+    settings: Any,
+    current: Mapping[str, float],
+    *,
+    steps: int = 10,
+    pop_size: int = 20,
+    seed: int = 0,
+    memetic: int = 2,
+    local_budget: int = 6,
+    evaluator: Evaluator | None = None,
+) -> Evolution:
     """Run NSGA-II for `steps` generations from a population holding the current policy."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator as PymooEvaluator
@@ -158,7 +173,7 @@ def evolve(histories: Sequence[History], settings: Any, current: Mapping[str, fl
 
     started = time.perf_counter()
     ev = evaluator or Evaluator(histories, settings)
-    base = ev(dict(current))   # first: the guard's baseline
+    base = ev(dict(current))  # first: the guard's baseline
     rng = np.random.default_rng(seed)
     X0 = rng.uniform(LOWER, UPPER, size=(pop_size, len(GENES)))
     X0[0] = np.clip(to_vector(current), LOWER, UPPER)
@@ -171,25 +186,43 @@ def evolve(histories: Sequence[History], settings: Any, current: Mapping[str, fl
         X = pop.get("X")
         cands = [ev(from_vector(x)) for x in X]
         # Memetic: refine the best few of this generation and write them back (Lamarckian).
-        order = sorted(range(len(cands)), key=lambda i: (not cands[i].offerable,
-                                                         cands[i].score.objectives()))
+        order = sorted(
+            range(len(cands)), key=lambda i: (not cands[i].offerable, cands[i].score.objectives())
+        )
         for i in order[:memetic]:
             cands[i] = local_search(cands[i], ev, rng, local_budget)
             X[i] = to_vector(cands[i].policy)
         pop.set("X", X)
         F = np.array([c.score.objectives() for c in cands])
-        G = np.array([[0.0 if c.offerable else guard(c.per_history, base.per_history,
-                                                      ev.labelled)[0]] for c in cands])
+        G = np.array(
+            [
+                [0.0 if c.offerable else guard(c.per_history, base.per_history, ev.labelled)[0]]
+                for c in cands
+            ]
+        )
         PymooEvaluator().eval(StaticProblem(problem, F=F, G=G), pop)
         algorithm.tell(infills=pop)
         front = _front(list(ev.archive.values()))
         best = min(front, key=lambda c: c.score.objectives(), default=base)
-        generations.append(Generation(len(generations) + 1, ev.evaluations,
-                                      best.score.penalized_mttr, best.score.false_positives,
-                                      len(front)))
+        generations.append(
+            Generation(
+                len(generations) + 1,
+                ev.evaluations,
+                best.score.penalized_mttr,
+                best.score.false_positives,
+                len(front),
+            )
+        )
     front = _front(list(ev.archive.values()))
-    return Evolution(base, tuple(front), tuple(generations), converged_generation(generations),
-                     ev.evaluations, time.perf_counter() - started, seed)
+    return Evolution(
+        base,
+        tuple(front),
+        tuple(generations),
+        converged_generation(generations),
+        ev.evaluations,
+        time.perf_counter() - started,
+        seed,
+    )
 
 
 def converged_generation(generations: Sequence[Generation], tolerance: float = 0.01) -> int:

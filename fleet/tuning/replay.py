@@ -42,7 +42,7 @@ from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
 from fleet.tuning.genome import GENES, immune_policy, thresholds
 from fleet.tuning.history import INF, History, TaskRun
 
-RECONCILE_SECONDS = 60.0   # DESIGN §5: the reconciler (and the liveness check) every 60 s
+RECONCILE_SECONDS = 60.0  # DESIGN §5: the reconciler (and the liveness check) every 60 s
 # The genes the immune replay reads (its results are cached on them).
 IMMUNE_GENES = ("heartbeat_seconds", *(g.name for g in GENES if g.name.startswith("immune_")))
 _MIN_STUCK = min(g.low for g in GENES if g.name == "stuck_injection_seconds")
@@ -57,22 +57,22 @@ def next_tick(t: Any) -> Any:
 @dataclass(frozen=True)
 class Decision:
     kind: Literal["requeue", "down", "quarantine"]
-    subject: str            # task id, machine id, or immune subject `kind:key`
+    subject: str  # task id, machine id, or immune subject `kind:key`
     at: float
-    verdict: str            # rules.Verdict value, "down", or the quarantine tier
+    verdict: str  # rules.Verdict value, "down", or the quarantine tier
     false_positive: bool
-    lost: float = 0.0       # seconds of healthy work thrown away
+    lost: float = 0.0  # seconds of healthy work thrown away
 
 
 @dataclass(frozen=True)
 class Score:
-    mttr: float                 # mean seconds from fault to healing, over the faults healed
-    penalized_mttr: float       # the same with each miss counted as the time left in its window
+    mttr: float  # mean seconds from fault to healing, over the faults healed
+    penalized_mttr: float  # the same with each miss counted as the time left in its window
     false_positives: int
     misses: int
     detected: int
     faults: int
-    work_lost: float            # seconds
+    work_lost: float  # seconds
     decisions: tuple[Decision, ...] = field(default=(), repr=False, compare=False)
 
     def objectives(self) -> tuple[float, float]:
@@ -84,9 +84,15 @@ def combine(scores: Sequence[Score]) -> Score:
     faults = sum(s.faults for s in scores)
     healed = sum(s.mttr * s.detected for s in scores)
     total = sum(s.penalized_mttr * s.faults for s in scores)
-    return Score(healed / detected if detected else 0.0, total / faults if faults else 0.0,
-                 sum(s.false_positives for s in scores), sum(s.misses for s in scores),
-                 detected, faults, sum(s.work_lost for s in scores))
+    return Score(
+        healed / detected if detected else 0.0,
+        total / faults if faults else 0.0,
+        sum(s.false_positives for s in scores),
+        sum(s.misses for s in scores),
+        detected,
+        faults,
+        sum(s.work_lost for s in scores),
+    )
 
 
 @dataclass
@@ -102,8 +108,9 @@ class Prepared:
     def __init__(self, history: History):
         self.history = history
         self.tasks = history.tasks
-        self.end = np.array([t.ended_at if t.ended_at is not None else history.horizon
-                             for t in history.tasks])
+        self.end = np.array(
+            [t.ended_at if t.ended_at is not None else history.horizon for t in history.tasks]
+        )
         self.claimed = np.array([t.claimed_at for t in history.tasks])
         self.beats = {m.machine_id: m.heartbeats for m in history.machines}
         self.stuck_segments = self._segments(lambda i, t: (t.claimed_at, *t.progress), _MIN_STUCK)
@@ -131,7 +138,7 @@ class Prepared:
             if outcome == "failure":
                 following[sub] = t
         self.until_failure = until
-        self.cache: dict[tuple[Any, ...], Any] = {}   # per-part results by the genes they read
+        self.cache: dict[tuple[Any, ...], Any] = {}  # per-part results by the genes they read
         self.population = {
             "machine": len(history.machines),
             "pane": len({t.pane_subject for t in history.tasks}) or 1,
@@ -171,8 +178,9 @@ class Prepared:
 
 
 # Liveness -----------------------------------------------------------------------------
-def machine_downs(history: History, machine_id: str, heartbeat_seconds: float,
-                  confirmations: int) -> list[tuple[float, float]]:
+def machine_downs(
+    history: History, machine_id: str, heartbeat_seconds: float, confirmations: int
+) -> list[tuple[float, float]]:
     """(declared down, next heartbeat) for each time the liveness rule declares the machine down:
     its heartbeat missed (older than two periods) and `confirmations` consecutive failed probes."""
     track = history.machine(machine_id)
@@ -198,8 +206,12 @@ def machine_downs(history: History, machine_id: str, heartbeat_seconds: float,
             while t < hi:
                 now = history.at(t)
                 status, count = rules.confirmation_update(
-                    status, count, last_hb, True,
-                    rules.heartbeat_stale_before(now, heartbeat_seconds))
+                    status,
+                    count,
+                    last_hb,
+                    True,
+                    rules.heartbeat_stale_before(now, heartbeat_seconds),
+                )
                 last_tick = t
                 if rules.confirmed_down(count, confirmations):
                     down = t
@@ -212,8 +224,9 @@ def machine_downs(history: History, machine_id: str, heartbeat_seconds: float,
 
 
 # Reconciler ---------------------------------------------------------------------------
-def _first_fire(segments: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float,
-                n: int) -> np.ndarray:
+def _first_fire(
+    segments: tuple[np.ndarray, np.ndarray, np.ndarray], threshold: float, n: int
+) -> np.ndarray:
     """Per task, the first tick a silence passes `threshold` before it ends (inf: never)."""
     idx, start, end = segments
     fire = next_tick(start + threshold)
@@ -230,19 +243,37 @@ def _last_before(values: Sequence[float] | np.ndarray, t: float) -> float | None
     return float(arr[i - 1]) if i else None
 
 
-def _verdict(p: Prepared, i: int, t: float, down: bool,
-             th: rules.Thresholds) -> rules.Verdict | None:
+def _verdict(
+    p: Prepared, i: int, t: float, down: bool, th: rules.Thresholds
+) -> rules.Verdict | None:
     """Ask the reconcile rule about task i at tick t, as the store would show it then."""
     h, task = p.history, p.tasks[i]
     progress = _last_before(task.progress, t)
     beat = _last_before(p.beats.get(task.machine_id, ()), t)
-    row = QueuedTask(task_id=task.task_id, kind="replay", command=[], status=TaskStatus.RUNNING,
-                     claimed_by=task.machine_id, created_at=h.at(task.claimed_at),
-                     claimed_at=h.at(task.claimed_at),
-                     progress_at=h.at(progress) if progress is not None else None)
-    machines = {} if beat is None else {task.machine_id: MachineHealth(
-        machine_id=task.machine_id, mesh_id="replay", role="worker", generation=1,
-        last_heartbeat=h.at(beat), status="down" if down else "alive")}
+    row = QueuedTask(
+        task_id=task.task_id,
+        kind="replay",
+        command=[],
+        status=TaskStatus.RUNNING,
+        claimed_by=task.machine_id,
+        created_at=h.at(task.claimed_at),
+        claimed_at=h.at(task.claimed_at),
+        progress_at=h.at(progress) if progress is not None else None,
+    )
+    machines = (
+        {}
+        if beat is None
+        else {
+            task.machine_id: MachineHealth(
+                machine_id=task.machine_id,
+                mesh_id="replay",
+                role="worker",
+                generation=1,
+                last_heartbeat=h.at(beat),
+                status="down" if down else "alive",
+            )
+        }
+    )
     return rules.classify(row, machines, h.at(t), th)
 
 
@@ -252,8 +283,9 @@ def _died(h: History, machine_id: str, t: float) -> bool:
 
 
 # Scoring ------------------------------------------------------------------------------
-def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
-          exact_immune: bool = False) -> Score:
+def score(
+    prepared: Prepared, policy: Mapping[str, float], settings: Any, *, exact_immune: bool = False
+) -> Score:
     h = prepared.history
     th = thresholds(policy, settings)
     ip = immune_policy(policy, settings)
@@ -284,11 +316,16 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
     down_at = np.full(n, INF)
     downs_of: dict[str, list[tuple[float, float]]] = {}
     for m in h.machines:
-        down_key = ("down", m.machine_id, policy["heartbeat_seconds"],
-                    policy["liveness_confirmations"])
+        down_key = (
+            "down",
+            m.machine_id,
+            policy["heartbeat_seconds"],
+            policy["liveness_confirmations"],
+        )
         if down_key not in prepared.cache:
-            prepared.cache[down_key] = machine_downs(h, m.machine_id, policy["heartbeat_seconds"],
-                                                     int(policy["liveness_confirmations"]))
+            prepared.cache[down_key] = machine_downs(
+                h, m.machine_id, policy["heartbeat_seconds"], int(policy["liveness_confirmations"])
+            )
         downs = prepared.cache[down_key]
         downs_of[m.machine_id] = downs
         for t, _ in downs:
@@ -302,13 +339,13 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
     stuck = _first_fire(prepared.stuck_segments, th.stuck_seconds, n)
     orphan = _first_fire(prepared.orphan_segments, th.orphan_seconds, n)
     first = np.minimum(np.minimum(stuck, orphan), down_at)
-    for i in np.flatnonzero(first < prepared.end):
+    for i in np.flatnonzero(first < prepared.end).tolist():
         t = float(first[i])
         task = prepared.tasks[i]
         verdict = _verdict(prepared, i, t, down=t >= down_at[i], th=th)
         if verdict is None:
             continue
-        real = (task.hung_at is not None and t >= task.hung_at)
+        real = task.hung_at is not None and t >= task.hung_at
         if real:
             heal(f"task:{task.task_id}", t)
         lost = 0.0 if real else t - task.claimed_at
@@ -330,8 +367,12 @@ def score(prepared: Prepared, policy: Mapping[str, float], settings: Any, *,
         mttr=float(np.mean(healed)) if healed else 0.0,
         penalized_mttr=(sum(healed) + sum(missed)) / total if total else 0.0,
         false_positives=sum(1 for d in decisions if d.false_positive),
-        misses=len(missed), detected=len(healed), faults=total,
-        work_lost=sum(d.lost for d in decisions), decisions=tuple(decisions))
+        misses=len(missed),
+        detected=len(healed),
+        faults=total,
+        work_lost=sum(d.lost for d in decisions),
+        decisions=tuple(decisions),
+    )
 
 
 def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
@@ -350,9 +391,11 @@ def _immune(p: Prepared, ip: ImmunePolicy, exact: bool) -> list[Decision]:
     subject_ix = p.subject_index
     dirty = np.zeros(max(1, len(p.subjects)), bool)
     while True:
-        keep = (np.ones(n, bool) if exact
-                else ~success | (since_fail <= window) | (p.until_failure <= window)
-                | dirty[subject_ix])
+        keep = (
+            np.ones(n, bool)
+            if exact
+            else ~success | (since_fail <= window) | (p.until_failure <= window) | dirty[subject_ix]
+        )
         out, quarantined = _feed(p, ip, np.flatnonzero(keep))
         fresh = [i for i in quarantined if not dirty[i]]
         if exact or not fresh:
@@ -370,17 +413,26 @@ def _feed(p: Prepared, ip: ImmunePolicy, rows: np.ndarray) -> tuple[list[Decisio
         states = by_kind[subject.kind]
         state = states.get(subject) or SubjectState(subject)
         if state.excluded(at):
-            continue   # the candidate would have given it no work
+            continue  # the candidate would have given it no work
         if state.probing(at):
             state = probe_claimed(state, task_id)
         population = p.population.get(subject.kind, 1)
 
-        def brake_for(tier: Tier, subject: Subject = subject, states: dict = states,
-                      at: Any = at, population: int = population) -> Any:
+        def brake_for(
+            tier: Tier,
+            subject: Subject = subject,
+            states: dict = states,
+            at: Any = at,
+            population: int = population,
+        ) -> Any:
             return brake(subject, tier, states, population, at, ip)
 
-        new, actions = observe(state, Observation(subject, at, outcome, reason, task_id),  # type: ignore[arg-type]
-                               ip, brake_for)
+        new, actions = observe(
+            state,
+            Observation(subject, at, outcome, reason, task_id),
+            ip,
+            brake_for,
+        )
         states[subject] = new
         for a in actions:
             if a.kind == "quarantine" and a.tier >= Tier.SOFT:

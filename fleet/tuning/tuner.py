@@ -28,8 +28,15 @@ def parse_since(text: str) -> timedelta:
     return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def gather(mode: str, *, mesh_store: Any, since: timedelta, now: datetime, seed: int,
-           heartbeat_seconds: float) -> list[hist.History]:
+def gather(
+    mode: str,
+    *,
+    mesh_store: Any,
+    since: timedelta,
+    now: datetime,
+    seed: int,
+    heartbeat_seconds: float,
+) -> list[hist.History]:
     """The labelled synthetic histories (always: the guard rail's yardstick) plus the recorded
     window, a synthetic 10-machine week, or both."""
     if mode not in HISTORY_MODES:
@@ -37,8 +44,9 @@ def gather(mode: str, *, mesh_store: Any, since: timedelta, now: datetime, seed:
     histories = hist.labelled_histories(seed)
     labelled = len(histories)
     if mode in ("both", "recorded") and mesh_store is not None:
-        recorded = hist.from_store(mesh_store, now - since, now,
-                                   heartbeat_seconds=heartbeat_seconds)
+        recorded = hist.from_store(
+            mesh_store, now - since, now, heartbeat_seconds=heartbeat_seconds
+        )
         if recorded.tasks:
             histories.append(recorded)
     if mode == "synthetic" or (mode == "both" and len(histories) == labelled):
@@ -48,9 +56,14 @@ def gather(mode: str, *, mesh_store: Any, since: timedelta, now: datetime, seed:
 
 def figures(c: Candidate) -> dict[str, Any]:
     s = c.score
-    return {"mttr_seconds": round(s.penalized_mttr, 1), "healed_mttr_seconds": round(s.mttr, 1),
-            "false_positives": s.false_positives, "misses": s.misses,
-            "work_lost_seconds": round(s.work_lost, 1), "guard": c.why_not or "passed"}
+    return {
+        "mttr_seconds": round(s.penalized_mttr, 1),
+        "healed_mttr_seconds": round(s.mttr, 1),
+        "false_positives": s.false_positives,
+        "misses": s.misses,
+        "work_lost_seconds": round(s.work_lost, 1),
+        "guard": c.why_not or "passed",
+    }
 
 
 def in_force(policies: PolicyStore | None, settings: Any) -> dict[str, float]:
@@ -65,42 +78,66 @@ def in_force(policies: PolicyStore | None, settings: Any) -> dict[str, float]:
 @dataclass(frozen=True)
 class Proposal:
     evolution: Evolution
-    versions: dict[int, Candidate]      # version → candidate, as recorded in the policy store
+    versions: dict[int, Candidate]  # version → candidate, as recorded in the policy store
 
 
-def run_evolve(histories: Sequence[hist.History], settings: Any, *, steps: int, seed: int,
-               pop_size: int, policies: PolicyStore | None, by: str, now: datetime) -> Proposal:
+def run_evolve(
+    histories: Sequence[hist.History],
+    settings: Any,
+    *,
+    steps: int,
+    seed: int,
+    pop_size: int,
+    policies: PolicyStore | None,
+    by: str,
+    now: datetime,
+) -> Proposal:
     """Evolve from the policy in force (the active version, else the settings); record the
     offerable front as candidate versions."""
-    evo = evolve(histories, settings, in_force(policies, settings), steps=steps, seed=seed,
-                 pop_size=pop_size)
+    evo = evolve(
+        histories, settings, in_force(policies, settings), steps=steps, seed=seed, pop_size=pop_size
+    )
     versions: dict[int, Candidate] = {}
     if policies is not None:
         for c in evo.front:
-            v = policies.propose(c.policy, offerable=c.offerable,
-                                 figures={**figures(c), "seed": seed, "steps": steps},
-                                 by=by, now=now)
+            v = policies.propose(
+                c.policy,
+                offerable=c.offerable,
+                figures={**figures(c), "seed": seed, "steps": steps},
+                by=by,
+                now=now,
+            )
             versions[v] = c
     return Proposal(evo, versions)
 
 
 def workers(mesh_store: Any) -> list[str]:
     """Machines that take work now (the canary is drawn from them)."""
-    return sorted(m.machine_id for m in mesh_store.machines()
-                  if m.role != "viewer" and m.status not in ("down", "left"))
+    return sorted(
+        m.machine_id
+        for m in mesh_store.machines()
+        if m.role != "viewer" and m.status not in ("down", "left")
+    )
 
 
 @dataclass(frozen=True)
 class Verdict:
     trial: Trial
-    action: str      # promote | rollback | wait
+    action: str  # promote | rollback | wait
     why: str
     canary: dict[str, Any]
     control: dict[str, Any]
 
 
-def judge(policies: PolicyStore, mesh_store: Any, *, now: datetime, by: str,
-          min_seconds: float, act: bool = True) -> Verdict | None:
+def judge(
+    policies: PolicyStore,
+    mesh_store: Any,
+    *,
+    now: datetime,
+    by: str,
+    min_seconds: float,
+    act: bool = True,
+) -> Verdict | None:
     """Compare the running trial's canary and control on live figures; promote or roll back
     (a false-positive regression rolls back whatever the trial's age)."""
     trial = policies.running_trial()

@@ -26,15 +26,17 @@ class TcpProxy:
         self._closed = threading.Event()
         self.forwarded = 0  # connections forwarded to the upstream
         self.refused = 0  # connections dropped while cut
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True,
-                                          name=f"tcp-proxy-{self.port}")
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, daemon=True, name=f"tcp-proxy-{self.port}"
+        )
         self._acceptor.start()
 
     def __enter__(self) -> TcpProxy:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def cut(self) -> None:

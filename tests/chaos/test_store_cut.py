@@ -59,10 +59,16 @@ def test_a_two_second_cut_inside_the_budget_is_waited_out(store, proxy, caplog, 
     restorer = threading.Timer(2.0, proxy.restore)
     restorer.start()
     started = time.monotonic()
-    state = asyncio.run(outage_tolerant(
-        lambda: store.get_state("app-a"), budget=30, clock=SystemClock(), log_key="app-a",
-        initial=0.1, cap=0.5,
-    ))
+    state = asyncio.run(
+        outage_tolerant(
+            lambda: store.get_state("app-a"),
+            budget=30,
+            clock=SystemClock(),
+            log_key="app-a",
+            initial=0.1,
+            cap=0.5,
+        )
+    )
     waited = time.monotonic() - started
     restorer.join()
     assert (state.app_id, state.epoch, state.owner) == ("app-a", epoch, "host:1")
@@ -76,8 +82,10 @@ def test_a_two_second_cut_inside_the_budget_is_waited_out(store, proxy, caplog, 
     # The connector reconnected by itself: the next calls work on the same store object.
     assert store.renew_claim("app-a", epoch, T0, 60) is True
     assert store.get_state("app-a").epoch == epoch
-    print(f"\nFIGURE store cut 2.0 s: call returned after {waited:.2f} s, "
-          f"{proxy.refused} connection attempts refused meanwhile")
+    print(
+        f"\nFIGURE store cut 2.0 s: call returned after {waited:.2f} s, "
+        f"{proxy.refused} connection attempts refused meanwhile"
+    )
 
 
 def test_a_cut_longer_than_the_budget_ends_in_a_clean_store_outage(store, proxy, caplog, capsys):
@@ -86,8 +94,14 @@ def test_a_cut_longer_than_the_budget_ends_in_a_clean_store_outage(store, proxy,
     proxy.cut()
     started = time.monotonic()
     with pytest.raises(StoreOutage) as err:
-        outage_tolerant_sync(lambda: store.get_state("app-a"), budget=1.0, clock=SystemClock(),
-                             log_key="app-a", initial=0.1, cap=0.5)
+        outage_tolerant_sync(
+            lambda: store.get_state("app-a"),
+            budget=1.0,
+            clock=SystemClock(),
+            log_key="app-a",
+            initial=0.1,
+            cap=0.5,
+        )
     gave_up_after = time.monotonic() - started
     message = str(err.value)
     assert "\n" not in message and "past the outage budget of 1 s (app-a)" in message
@@ -112,8 +126,15 @@ def test_the_heartbeat_keeps_the_claim_through_a_cut_inside_the_budget(store, pr
     epoch = store.claim_app("app-a", "host:1", "run-1", clock.now(), lease)
 
     async def run() -> ClaimHeartbeat:
-        beat = ClaimHeartbeat(store, "app-a", epoch, clock=clock, lease_seconds=lease,
-                              every_seconds=0.5, outage_budget=4)
+        beat = ClaimHeartbeat(
+            store,
+            "app-a",
+            epoch,
+            clock=clock,
+            lease_seconds=lease,
+            every_seconds=0.5,
+            outage_budget=4,
+        )
         async with beat:
             await asyncio.sleep(1)
             proxy.cut()
@@ -136,7 +157,11 @@ def test_a_refused_query_is_not_an_outage_and_is_not_waited_on(store):
 
     started = time.monotonic()
     with pytest.raises(StoreUnavailable) as err:
-        outage_tolerant_sync(lambda: store._db.fetch("SELECT * FROM no_such_table"),
-                             budget=30, clock=SystemClock(), log_key="app-a")
+        outage_tolerant_sync(
+            lambda: store._db.fetch("SELECT * FROM no_such_table"),
+            budget=30,
+            clock=SystemClock(),
+            log_key="app-a",
+        )
     assert not isinstance(err.value, StoreUnreachable)
     assert time.monotonic() - started < 1

@@ -8,8 +8,10 @@ import pytest
 from fleet.mesh.pg_store import PgMeshStore
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 
-MESH_TABLES = ("mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state, mesh_immune_state, "
-               "mesh_antibodies, mesh_immune_events, mesh_event_cursor, mesh_breaker_state")
+MESH_TABLES = (
+    "mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state, mesh_immune_state, "
+    "mesh_antibodies, mesh_immune_events, mesh_event_cursor, mesh_breaker_state"
+)
 
 
 @pytest.fixture(scope="session")

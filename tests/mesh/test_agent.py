@@ -78,13 +78,22 @@ def make_agent(store, clock, servers, tmp_path):
     """Build NodeAgents; each machine gets its own tmux server unless one is passed."""
     agents: list[NodeAgent] = []
 
-    def make(machine_id="mac3", *, role="worker", command=None, server=None, agent_store=None,
-             settings=SETTINGS, **kwargs) -> NodeAgent:
+    def make(
+        machine_id="mac3",
+        *,
+        role="worker",
+        command=None,
+        server=None,
+        agent_store=None,
+        settings=SETTINGS,
+        **kwargs,
+    ) -> NodeAgent:
         agent = NodeAgent(
             MachineIdentity(machine_id=machine_id, mesh_id="prod", role=role),
             agent_store or store,
             PaneControl(server or servers(), chunk_bytes=settings.tmux_chunk_bytes),
-            clock=clock, settings=settings,
+            clock=clock,
+            settings=settings,
             agent_command=SCRIPTED if command is None else command,
             state_path=tmp_path / f"state-{machine_id}.json",
             **kwargs,
@@ -131,8 +140,13 @@ def event_names(store, task_id) -> list[str]:
 
 # -- pure helpers --------------------------------------------------------------------------
 
+
 def test_markers_and_output_are_parsed_from_the_task_section():
-    pane = "TASK old x\nDONE old\nTASK t1 do it\nACK " + "a" * 40 + "\ncontext: 42%\nOUTPUT t1 do it\nDONE t1\n"
+    pane = (
+        "TASK old x\nDONE old\nTASK t1 do it\nACK "
+        + "a" * 40
+        + "\ncontext: 42%\nOUTPUT t1 do it\nDONE t1\n"
+    )
     section = task_section(pane, "t1")
     assert finished(section, "t1") == (TaskStatus.DONE, "OUTPUT t1 do it")
     assert finished("FAILED t2 disk full", "t2") == (TaskStatus.FAILED, "disk full")
@@ -142,11 +156,21 @@ def test_markers_and_output_are_parsed_from_the_task_section():
 
 # -- identity ------------------------------------------------------------------------------
 
+
 def test_unsupported_protocol_generation_is_refused(store, servers, clock, tmp_path):
-    with pytest.raises(ConfigError, match=r"machine mac3 speaks protocol generation 2; this mesh supports 1 — upgrade"):
-        NodeAgent(MachineIdentity(machine_id="mac3", mesh_id="prod", generation=2), store,
-                  PaneControl(servers()), clock=clock, settings=SETTINGS, agent_command=SCRIPTED,
-                  state_path=tmp_path / "s.json")
+    with pytest.raises(
+        ConfigError,
+        match=r"machine mac3 speaks protocol generation 2; this mesh supports 1 — upgrade",
+    ):
+        NodeAgent(
+            MachineIdentity(machine_id="mac3", mesh_id="prod", generation=2),
+            store,
+            PaneControl(servers()),
+            clock=clock,
+            settings=SETTINGS,
+            agent_command=SCRIPTED,
+            state_path=tmp_path / "s.json",
+        )
     assert store.machines() == []
 
 
@@ -159,6 +183,7 @@ def test_mismatched_mesh_id_is_refused(make_agent, store):
 
 
 # -- cadence, claim, run -----------------------------------------------------------------------
+
 
 def test_heartbeat_and_claim_follow_their_cadence(make_agent, store, clock):
     agent = make_agent()
@@ -190,8 +215,12 @@ def test_claimed_task_is_injected_run_and_done(make_agent, store, clock):
     assert task.output == f"OUTPUT {task_id} evolve app-1"
     assert task.claimed_by == "mac3" and task.pane_id == agent.pane_ids[0]
     names = event_names(store, task_id)
-    assert [n for n in names if n in ("claimed", "injected", "running", "done")] == \
-        ["claimed", "injected", "running", "done"]
+    assert [n for n in names if n in ("claimed", "injected", "running", "done")] == [
+        "claimed",
+        "injected",
+        "running",
+        "done",
+    ]
     assert agent.tasks == {}
 
 
@@ -212,7 +241,9 @@ def test_exited_agent_pane_is_respawned_and_takes_the_next_task(make_agent, stor
     clock.advance(SETTINGS.claim_seconds)
     tick_until(agent, lambda: status_of(store, first) is TaskStatus.DONE)
     # tick() sees the pane dead and respawns the agent in the same pane.
-    tick_until(agent, lambda: agent.panes.pane(pane_id).pid != first_pid and agent.panes.is_alive(pane_id))
+    tick_until(
+        agent, lambda: agent.panes.pane(pane_id).pid != first_pid and agent.panes.is_alive(pane_id)
+    )
     assert agent.pane_ids == [pane_id]
 
     second = store.enqueue("skill", ["two"], clock.now())
@@ -223,7 +254,9 @@ def test_exited_agent_pane_is_respawned_and_takes_the_next_task(make_agent, stor
 
 def test_agent_dying_mid_task_is_respawned_and_the_task_reinjected(make_agent, store, clock):
     agent = make_agent()
-    task_id = store.enqueue("skill", ["exit", "now"], clock.now())  # the agent crashes on it, every time
+    task_id = store.enqueue(
+        "skill", ["exit", "now"], clock.now()
+    )  # the agent crashes on it, every time
     tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.FAILED, timeout=15)
     notes = [e.detail.get("note", "") for e in store.events(task_id) if e.event == "Progress"]
     assert sum("respawned" in n for n in notes) == SETTINGS.max_task_attempts
@@ -263,6 +296,7 @@ def test_idle_pane_past_the_budget_is_restarted_before_new_work(make_agent, stor
 
 # -- viewers, racing claimers ----------------------------------------------------------------------
 
+
 def test_viewer_never_claims_or_spawns(make_agent, store, clock):
     viewer = make_agent("viewer1", role="viewer")
     ids = [store.enqueue("skill", ["x"], clock.now()) for _ in range(3)]
@@ -288,7 +322,9 @@ def store_factory(request, db):
     yield lambda: PgMeshStore(url)
 
 
-def test_two_agents_racing_on_1000_tasks_claim_each_exactly_once(make_agent, store_factory, clock, request):
+def test_two_agents_racing_on_1000_tasks_claim_each_exactly_once(
+    make_agent, store_factory, clock, request
+):
     seed = store_factory()
     ids = {seed.enqueue("skill", ["t", str(i)], clock.now()) for i in range(1000)}
     agents = [make_agent(f"mac{n}", agent_store=store_factory()) for n in (1, 2)]
@@ -322,8 +358,10 @@ def test_two_agents_racing_on_1000_tasks_claim_each_exactly_once(make_agent, sto
     assert got["mac1"] and got["mac2"], f"no race happened: {[len(v) for v in got.values()]}"
     for machine, task_ids in got.items():
         assert all(seed.get_task(i).claimed_by == machine for i in task_ids)
-    print(f"\n[{request.node.callspec.id}] 1000 claims by 2 racing agents in {elapsed:.2f}s "
-          f"(mac1 {len(got['mac1'])}, mac2 {len(got['mac2'])})")
+    print(
+        f"\n[{request.node.callspec.id}] 1000 claims by 2 racing agents in {elapsed:.2f}s "
+        f"(mac1 {len(got['mac1'])}, mac2 {len(got['mac2'])})"
+    )
 
 
 def test_two_agents_with_panes_finish_every_task_once(make_agent, db, clock):
@@ -348,6 +386,7 @@ def test_two_agents_with_panes_finish_every_task_once(make_agent, db, clock):
 
 # -- restart, leave ------------------------------------------------------------------------------
 
+
 def test_restart_readopts_persisted_tasks(make_agent, store, clock, servers):
     server = servers()
     first = make_agent(server=server)
@@ -361,7 +400,10 @@ def test_restart_readopts_persisted_tasks(make_agent, store, clock, servers):
     first._save_state()
     state = json.loads(first.state_path.read_text())
     assert set(state["tasks"]) == {running, claimed_only}
-    assert state["tasks"][running]["injected"] is True and state["tasks"][claimed_only]["injected"] is False
+    assert (
+        state["tasks"][running]["injected"] is True
+        and state["tasks"][claimed_only]["injected"] is False
+    )
     pane_id = first.pane_ids[0]
     del first  # no shutdown: a crash
 
@@ -369,8 +411,13 @@ def test_restart_readopts_persisted_tasks(make_agent, store, clock, servers):
     again.start()
     assert set(again.tasks) == {running, claimed_only}
     assert again.pane_ids == [pane_id]  # the surviving pane is adopted, not duplicated
-    tick_until(again, lambda: status_of(store, running) is TaskStatus.DONE
-               and status_of(store, claimed_only) is TaskStatus.DONE)
+    tick_until(
+        again,
+        lambda: (
+            status_of(store, running) is TaskStatus.DONE
+            and status_of(store, claimed_only) is TaskStatus.DONE
+        ),
+    )
     text = again.panes.read_pane(pane_id, 500)
     assert text.count(f"TASK {running}") == 1  # re-adopted, not typed a second time
     assert store.get_task(claimed_only).claimed_by == "mac3"
@@ -470,8 +517,13 @@ class RequeuedMidClaim:
         ours = self.inner.tasks_of(machine_id)
         if self.armed:
             self.armed = False
-            counts = self.inner.reconcile(self.clock.now(), orphan_seconds=600, stuck_seconds=900,
-                                          expiry_seconds=86400, max_attempts=3)
+            counts = self.inner.reconcile(
+                self.clock.now(),
+                orphan_seconds=600,
+                stuck_seconds=900,
+                expiry_seconds=86400,
+                max_attempts=3,
+            )
             assert counts.stuck_requeued == 1
         return ours
 
@@ -497,27 +549,38 @@ def test_a_task_reclaimed_by_the_same_machine_never_runs_twice(make_agent, any_s
     holding = [p for p in agent.pane_ids if f"TASK {task_id}" in agent.panes.read_pane(p, 500)]
     assert holding == [agent.tasks[task_id].pane_id]
     # Whatever the old attempt writes now is refused.
-    assert not any_store.transition(task_id, "mac3", TaskStatus.DONE, clock.now(), output="old",
-                                    claim_seq=first.claim_seq)
+    assert not any_store.transition(
+        task_id, "mac3", TaskStatus.DONE, clock.now(), output="old", claim_seq=first.claim_seq
+    )
     assert any_store.get_task(task_id).status is TaskStatus.RUNNING
 
 
-# -- health endpoint and CLI -------------------------------------------------------------------------
+# -- health endpoint and CLI -----------------------------------------------------------------------
+
 
 def test_health_endpoint_reports_identity_tasks_and_panes(make_agent, store, clock):
     agent = make_agent(health_port=0, health_host="127.0.0.1")
     task_id = store.enqueue("skill", ["hang"], clock.now())
     tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.RUNNING)
     body = httpx.get(agent.health_url, timeout=2).json()
-    assert body["identity"] == {"machine_id": "mac3", "mesh_id": "prod", "generation": 1, "role": "worker"}
+    assert body["identity"] == {
+        "machine_id": "mac3",
+        "mesh_id": "prod",
+        "generation": 1,
+        "role": "worker",
+    }
     assert body["status"] == "ok"
     assert body["last_heartbeat"] == clock.now().isoformat()
-    assert body["active_tasks"] == [{"task_id": task_id, "status": "running", "pane_id": agent.pane_ids[0]}]
+    assert body["active_tasks"] == [
+        {"task_id": task_id, "status": "running", "pane_id": agent.pane_ids[0]}
+    ]
     assert body["panes"][0]["alive"] is True and body["panes"][0]["task_id"] == task_id
     assert body["panes"][0]["context_ratio"] == pytest.approx(0.42)
     assert httpx.get(agent.health_url.replace("/health", "/nope"), timeout=2).status_code == 404
 
-    result = CliRunner().invoke(agent_app, ["status", "--url", agent.health_url.removesuffix("/health")])
+    result = CliRunner().invoke(
+        agent_app, ["status", "--url", agent.health_url.removesuffix("/health")]
+    )
     assert result.exit_code == 0, result.output
     assert "mac3" in result.output and task_id in result.output and "42%" in result.output
 
@@ -534,10 +597,15 @@ def test_health_endpoint_reports_identity_tasks_and_panes(make_agent, store, clo
     ],
 )
 def test_start_rejects_bad_input_with_exit_2(args, message, tmp_path):
-    base = {"--machine-id": "mac3", "--mesh-id": "prod", "--store-url": f"sqlite:///{tmp_path / 'm.db'}",
-            "--tmux-socket": f"fleet-test-{uuid.uuid4().hex[:8]}", "--health-port": "0",
-            "--state-path": str(tmp_path / "state.json")}
-    for flag, value in zip(args[::2], args[1::2]):
+    base = {
+        "--machine-id": "mac3",
+        "--mesh-id": "prod",
+        "--store-url": f"sqlite:///{tmp_path / 'm.db'}",
+        "--tmux-socket": f"fleet-test-{uuid.uuid4().hex[:8]}",
+        "--health-port": "0",
+        "--state-path": str(tmp_path / "state.json"),
+    }
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     argv = ["start", *[x for pair in base.items() for x in pair]]
     result = CliRunner().invoke(agent_app, argv)
@@ -547,12 +615,15 @@ def test_start_rejects_bad_input_with_exit_2(args, message, tmp_path):
 
 
 def test_status_of_an_absent_agent_says_so():
-    result = CliRunner().invoke(agent_app, ["status", "--url", "http://127.0.0.1:9", "--timeout", "1"])
+    result = CliRunner().invoke(
+        agent_app, ["status", "--url", "http://127.0.0.1:9", "--timeout", "1"]
+    )
     assert result.exit_code == 1
     assert "no node agent answered" in result.output
 
 
-# -- kill -9 ------------------------------------------------------------------------------------------
+# -- kill -9 ---------------------------------------------------------------------------------------
+
 
 def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db, clock, tmp_path):
     """A real agent process holding claims is killed -9; once declared down its work moves."""
@@ -560,8 +631,16 @@ def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db,
     victim_server = libtmux.Server(socket_name=socket)
     seed = open_store(db)
     ids = [seed.enqueue("skill", ["job", str(i)], clock.now()) for i in range(3)]
-    proc = start_agent_process(db, tmp_path, "victim", socket, "--panes", "3",
-                               "--agent-command", " ".join([*map(str, SCRIPTED), "--hang"]))
+    proc = start_agent_process(
+        db,
+        tmp_path,
+        "victim",
+        socket,
+        "--panes",
+        "3",
+        "--agent-command",
+        " ".join([*map(str, SCRIPTED), "--hang"]),
+    )
     try:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -578,9 +657,12 @@ def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db,
         # Liveness, on the injected clock: heartbeats missed and the health endpoint unreachable,
         # twice in a row → declared down → its claims are requeued.
         clock.advance((utcnow() - clock.now()).total_seconds() + 3 * SETTINGS.heartbeat_seconds)
-        probe = LivenessProbe(seed, heartbeat_seconds=SETTINGS.heartbeat_seconds,
-                              confirmations=SETTINGS.liveness_confirmations,
-                              max_attempts=SETTINGS.max_task_attempts)
+        probe = LivenessProbe(
+            seed,
+            heartbeat_seconds=SETTINGS.heartbeat_seconds,
+            confirmations=SETTINGS.liveness_confirmations,
+            max_attempts=SETTINGS.max_task_attempts,
+        )
         try:
             first = probe.confirm(clock.now())
             assert first.declared_down == [] and first.checked[0].outcome == "failed"
@@ -592,8 +674,12 @@ def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db,
         assert all(status_of(seed, i) is TaskStatus.QUEUED for i in ids)
         assert seed.claim("victim", clock.now(), limit=3) == []  # down machines get nothing
 
-        rescuer = make_agent("rescuer", agent_store=open_store(db), settings=FleetSettings(agent_panes=3))
-        tick_until(rescuer, lambda: all(status_of(seed, i) is TaskStatus.DONE for i in ids), timeout=10)
+        rescuer = make_agent(
+            "rescuer", agent_store=open_store(db), settings=FleetSettings(agent_panes=3)
+        )
+        tick_until(
+            rescuer, lambda: all(status_of(seed, i) is TaskStatus.DONE for i in ids), timeout=10
+        )
         for task_id in ids:
             names = [e.event for e in seed.events(task_id)]
             assert names.count("done") == 1
@@ -603,16 +689,33 @@ def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db,
         # The victim's panes still hold its old copies; restarted, it stops them (the state
         # file lists them, the store says they are someone else's now).
         victim_panes = PaneControl(victim_server)
-        assert sum(f"TASK {i}" in victim_panes.read_pane(p.pane_id, 500)
-                   for p in victim_panes.list_panes() for i in ids) == 3
+        assert (
+            sum(
+                f"TASK {i}" in victim_panes.read_pane(p.pane_id, 500)
+                for p in victim_panes.list_panes()
+                for i in ids
+            )
+            == 3
+        )
         proc.stdout.close()
-        proc = start_agent_process(db, tmp_path, "victim", socket, "--panes", "3",
-                                   "--agent-command", " ".join([*map(str, SCRIPTED), "--hang"]))
+        proc = start_agent_process(
+            db,
+            tmp_path,
+            "victim",
+            socket,
+            "--panes",
+            "3",
+            "--agent-command",
+            " ".join([*map(str, SCRIPTED), "--hang"]),
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(
-                "TASK " in victim_panes.read_pane(p.pane_id, 500) for p in victim_panes.list_panes()):
+            "TASK " in victim_panes.read_pane(p.pane_id, 500) for p in victim_panes.list_panes()
+        ):
             time.sleep(0.05)
-        assert not any("TASK " in victim_panes.read_pane(p.pane_id, 500) for p in victim_panes.list_panes())
+        assert not any(
+            "TASK " in victim_panes.read_pane(p.pane_id, 500) for p in victim_panes.list_panes()
+        )
         assert all(seed.get_task(i).claimed_by == "rescuer" for i in ids)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
@@ -626,13 +729,37 @@ def test_killed_agent_claims_are_requeued_and_finished_elsewhere(make_agent, db,
 
 
 def start_agent_process(db: Path, tmp_path: Path, machine_id: str, socket: str, *extra: str):
-    env = {**os.environ, "FLEET_HOME": str(tmp_path / f"{machine_id}-home"), "FLEET_AGENT_TICK_SECONDS": "0.05"}
+    env = {
+        **os.environ,
+        "FLEET_HOME": str(tmp_path / f"{machine_id}-home"),
+        "FLEET_AGENT_TICK_SECONDS": "0.05",
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "fleet.mesh.cli", "start", "--machine-id", machine_id, "--mesh-id", "prod",
-         "--store-url", f"sqlite:///{db}", "--tmux-socket", socket, "--health-port", "0",
-         "--health-host", "127.0.0.1",
-         "--state-path", str(tmp_path / f"{machine_id}.json"), *extra],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fleet.mesh.cli",
+            "start",
+            "--machine-id",
+            machine_id,
+            "--mesh-id",
+            "prod",
+            "--store-url",
+            f"sqlite:///{db}",
+            "--tmux-socket",
+            socket,
+            "--health-port",
+            "0",
+            "--health-host",
+            "127.0.0.1",
+            "--state-path",
+            str(tmp_path / f"{machine_id}.json"),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -642,8 +769,9 @@ def test_sigterm_leaves_the_mesh_gracefully(db, clock, tmp_path):
     socket = f"fleet-test-{uuid.uuid4().hex[:10]}"
     seed = open_store(db)
     task_id = seed.enqueue("skill", ["hang"], clock.now())
-    proc = start_agent_process(db, tmp_path, "mac5", socket, "--agent-command",
-                               " ".join(map(str, SCRIPTED)))
+    proc = start_agent_process(
+        db, tmp_path, "mac5", socket, "--agent-command", " ".join(map(str, SCRIPTED))
+    )
     try:
         url = None
         for line in proc.stdout:  # the banner names the health URL (port 0 → a free port)
@@ -676,7 +804,9 @@ def test_sigterm_leaves_the_mesh_gracefully(db, clock, tmp_path):
 def test_typed_task_tells_the_agent_how_to_end_without_ending_itself():
     from fleet.mesh.store import QueuedTask
 
-    task = QueuedTask(task_id="t42", kind="skill", command=["/creative:forge", "app-1"], created_at=utcnow())
+    task = QueuedTask(
+        task_id="t42", kind="skill", command=["/creative:forge", "app-1"], created_at=utcnow()
+    )
     line = task_text(task)
     assert line.startswith("TASK t42 /creative:forge app-1") and "DONE" in line
     section = task_section(line + "\n", "t42")
@@ -712,10 +842,13 @@ def test_a_crash_looping_pane_is_quarantined_and_released_by_its_probe(make_agen
     assert [e["action"] for e in store.immune_events(str(pane))][-1] == "release"
 
 
-def test_a_rate_limit_requeues_without_an_attempt_and_backs_the_account_off(make_agent, store, clock):
+def test_a_rate_limit_requeues_without_an_attempt_and_backs_the_account_off(
+    make_agent, store, clock
+):
     agent = make_agent(account="claude-a")
-    task_id = store.enqueue("skill", ["fail", "Claude", "usage", "limit", "reached|1893456000"],
-                            clock.now())
+    task_id = store.enqueue(
+        "skill", ["fail", "Claude", "usage", "limit", "reached|1893456000"], clock.now()
+    )
     tick_until(agent, lambda: status_of(store, task_id) is TaskStatus.QUEUED and not agent.tasks)
     task = store.get_task(task_id)
     assert task.attempts == 0 and store.events(task_id)[-1].detail["reason"] == "rate_limited"

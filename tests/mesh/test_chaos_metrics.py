@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -21,7 +21,7 @@ from fleet.mesh.immune import Action, ImmunePolicy, Subject, SubjectState, Tier
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def _state(pid: int) -> str:
@@ -105,7 +105,7 @@ def _quarantined_store(path) -> SQLiteMeshStore:
     store = SQLiteMeshStore(path)
     store.heartbeat(MachineIdentity(machine_id="m1", mesh_id="x"), T0, None, [])
     store.enqueue("skill", ["x"], T0, task_id="t")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     s = SubjectState(
         Subject.machine("m1"),
         tier=Tier.HARD,
@@ -122,7 +122,7 @@ def _quarantined_store(path) -> SQLiteMeshStore:
 
 def test_metrics_render_queue_quarantines_and_mttr_from_the_store(tmp_path):
     store = _quarantined_store(tmp_path / "m.db")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     text = metrics.render(metrics.mesh_metrics(store, now)).decode()
     got = {(n, tuple(sorted(lab.items()))): v for n, lab, v in metrics.samples(text)}
     assert got[("fleet_mesh_queue_depth", (("status", "queued"),))] == 1
@@ -138,9 +138,7 @@ def test_metrics_render_queue_quarantines_and_mttr_from_the_store(tmp_path):
 def test_the_health_server_serves_metrics(tmp_path):
     db = tmp_path / "m.db"
     _quarantined_store(db).close()
-    endpoint = metrics.metrics_endpoint(
-        lambda: SQLiteMeshStore(db), lambda: datetime.now(timezone.utc)
-    )
+    endpoint = metrics.metrics_endpoint(lambda: SQLiteMeshStore(db), lambda: datetime.now(UTC))
     server = HealthServer(
         lambda: {"status": "ok"}, host="127.0.0.1", port=0, metrics=endpoint
     ).start()
@@ -177,13 +175,16 @@ def test_quarantine_cli_lists_and_lifts(tmp_path):
 def test_the_health_endpoint_can_require_a_bearer_token():
     from fleet.mesh.liveness import Reach, ReachabilityCheck
 
-    server = HealthServer(lambda: {"status": "ok"}, host="127.0.0.1", port=0,
-                          metrics=lambda: b"x 1\n", token="s3cret").start()
+    server = HealthServer(
+        lambda: {"status": "ok"}, host="127.0.0.1", port=0, metrics=lambda: b"x 1\n", token="s3cret"
+    ).start()
     base = f"http://127.0.0.1:{server.port}"
     try:
         assert httpx.get(base + "/health").status_code == 401
         assert httpx.get(base + "/metrics").status_code == 401
-        assert httpx.get(base + "/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert (
+            httpx.get(base + "/health", headers={"Authorization": "Bearer nope"}).status_code == 401
+        )
         ok = httpx.get(base + "/health", headers={"Authorization": "Bearer s3cret"})
         assert ok.json() == {"status": "ok"}
         check = ReachabilityCheck(1)

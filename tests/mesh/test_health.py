@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from datetime import UTC
 
 import httpx
 import typer
@@ -28,7 +29,9 @@ def test_a_wildcard_bind_is_advertised_under_this_hosts_name_never_loopback():
         assert server.url == f"http://{reachable_host_name()}:{server.port}/health"
         assert not is_loopback(httpx.URL(server.url).host)
         # Bound on every interface: loopback answers too.
-        assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2).json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=2).json() == {
+            "status": "ok"
+        }
     finally:
         server.stop()
 
@@ -102,15 +105,28 @@ def test_an_explicit_advertised_host_is_what_other_machines_get():
 
 
 def test_agent_and_cli_default_to_a_url_other_hosts_can_reach(tmp_path):
-    agent = NodeAgent(MachineIdentity(machine_id="mac3", mesh_id="prod", role="viewer"),
-                      SQLiteMeshStore(tmp_path / "m.db"), panes=None, clock=ManualClock(),
-                      settings=FleetSettings(mesh_id=""), agent_command=[],
-                      state_path=tmp_path / "s.json", health_port=9300)
+    agent = NodeAgent(
+        MachineIdentity(machine_id="mac3", mesh_id="prod", role="viewer"),
+        SQLiteMeshStore(tmp_path / "m.db"),
+        panes=None,
+        clock=ManualClock(),
+        settings=FleetSettings(mesh_id=""),
+        agent_command=[],
+        state_path=tmp_path / "s.json",
+        health_port=9300,
+    )
     assert agent.health_url == f"http://{reachable_host_name()}:9300/health"
-    named = NodeAgent(MachineIdentity(machine_id="mac4", mesh_id="prod", role="viewer"),
-                      SQLiteMeshStore(tmp_path / "m.db"), panes=None, clock=ManualClock(),
-                      settings=FleetSettings(mesh_id=""), agent_command=[],
-                      state_path=tmp_path / "s4.json", health_port=9300, advertise_host="mac4.lan")
+    named = NodeAgent(
+        MachineIdentity(machine_id="mac4", mesh_id="prod", role="viewer"),
+        SQLiteMeshStore(tmp_path / "m.db"),
+        panes=None,
+        clock=ManualClock(),
+        settings=FleetSettings(mesh_id=""),
+        agent_command=[],
+        state_path=tmp_path / "s4.json",
+        health_port=9300,
+        advertise_host="mac4.lan",
+    )
     assert named.health_url == "http://mac4.lan:9300/health"
 
     start = typer.main.get_command(agent_app).commands["start"]
@@ -121,37 +137,55 @@ def test_agent_and_cli_default_to_a_url_other_hosts_can_reach(tmp_path):
 
 def test_advertised_host_comes_from_the_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("FLEET_AGENT_ADVERTISE_HOST", "mac5.tailnet")
-    agent = NodeAgent(MachineIdentity(machine_id="mac5", mesh_id="prod", role="viewer"),
-                      SQLiteMeshStore(tmp_path / "m.db"), panes=None, clock=ManualClock(),
-                      settings=FleetSettings(mesh_id=""), agent_command=[],
-                      state_path=tmp_path / "s.json", health_port=9300)
+    agent = NodeAgent(
+        MachineIdentity(machine_id="mac5", mesh_id="prod", role="viewer"),
+        SQLiteMeshStore(tmp_path / "m.db"),
+        panes=None,
+        clock=ManualClock(),
+        settings=FleetSettings(mesh_id=""),
+        agent_command=[],
+        state_path=tmp_path / "s.json",
+        health_port=9300,
+    )
     assert agent.health_url == "http://mac5.tailnet:9300/health"
 
 
 def test_mesh_command_shows_machines_and_the_queue_as_the_store_has_them(tmp_path):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from typer.testing import CliRunner
 
     db = tmp_path / "mesh.db"
-    store, now = SQLiteMeshStore(db), datetime.now(timezone.utc)
-    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="prod"), now, "http://mac1:9300/health", [])
-    store.heartbeat(MachineIdentity(machine_id="mac2", mesh_id="prod", role="viewer"), now, None, [])
+    store, now = SQLiteMeshStore(db), datetime.now(UTC)
+    store.heartbeat(
+        MachineIdentity(machine_id="mac1", mesh_id="prod"), now, "http://mac1:9300/health", []
+    )
+    store.heartbeat(
+        MachineIdentity(machine_id="mac2", mesh_id="prod", role="viewer"), now, None, []
+    )
     for i in range(3):
         store.enqueue("skill", ["t", str(i)], now - timedelta(minutes=5))
     store.claim("mac1", now)
     store.close()
-    result = CliRunner().invoke(agent_app, ["mesh", "--store-url", f"sqlite:///{db}"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        agent_app, ["mesh", "--store-url", f"sqlite:///{db}"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     assert "mac1" in result.output and "mac2" in result.output and "viewer" in result.output
-    assert "queued 2" in result.output and "claimed 1" in result.output and "dead_letter 0" in result.output
+    assert (
+        "queued 2" in result.output
+        and "claimed 1" in result.output
+        and "dead_letter 0" in result.output
+    )
     assert "oldest queued 5 min" in result.output
 
 
 def test_mesh_command_on_an_unreachable_store_says_so():
     from typer.testing import CliRunner
 
-    result = CliRunner().invoke(agent_app, ["mesh", "--store-url", "postgresql://nobody@127.0.0.1:9/none"])
+    result = CliRunner().invoke(
+        agent_app, ["mesh", "--store-url", "postgresql://nobody@127.0.0.1:9/none"]
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "127.0.0.1:9" in result.output
 

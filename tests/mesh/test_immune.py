@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from hypothesis import given
 from hypothesis import settings as hsettings
@@ -21,7 +21,7 @@ from fleet.mesh.immune import (
 )
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 P = ImmunePolicy()  # heartbeat 30 s, window 10 heartbeats, soft 3, hard 5
 MAC = Subject.machine("mac1")
 
@@ -172,7 +172,7 @@ def test_rate_limit_messages_and_their_reset_times():
     assert immune.is_rate_limit("Claude AI usage limit reached|1772370000")
     assert not immune.is_rate_limit("AssertionError: 2 != 3")
     assert immune.rate_limit_reset("usage limit reached|1772370000", now) == datetime.fromtimestamp(
-        1772370000, tz=timezone.utc
+        1772370000, tz=UTC
     )
     assert immune.rate_limit_reset("rate limited, try again in 5 minutes", now) == now + timedelta(
         minutes=5
@@ -321,19 +321,34 @@ def test_any_outcome_sequence_keeps_the_state_consistent(outcomes, gaps):
 
 def test_a_tier_0_corrective_is_judged_by_what_follows_and_learned():
     pane = SubjectState(Subject.pane("mac1", "%1"))
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0, "failure", "agent exited 3"), P)
+    pane, actions = immune.observe(
+        pane, Observation(pane.subject, T0, "failure", "agent exited 3"), P
+    )
     [corrective] = actions
     sig = immune.failure_signature("agent exited 3")
-    assert corrective.detail["corrective"] == "respawn_pane" and corrective.detail["signature"] == sig
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=5),
-                                                     "success"), P)
+    assert (
+        corrective.detail["corrective"] == "respawn_pane" and corrective.detail["signature"] == sig
+    )
+    pane, actions = immune.observe(
+        pane, Observation(pane.subject, T0 + timedelta(seconds=5), "success"), P
+    )
     assert [(a.kind, a.detail["worked"]) for a in actions] == [("antibody", True)]
     assert pane.antibody == ""
     # What worked is tried first next time (here a remembered reroute beats the innate respawn).
     bodies = [Antibody(sig, "requeue_elsewhere", 3, 0)]
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=9),
-                                                     "failure", "agent exited 7"), P, None, bodies)
+    pane, actions = immune.observe(
+        pane,
+        Observation(pane.subject, T0 + timedelta(seconds=9), "failure", "agent exited 7"),
+        P,
+        None,
+        bodies,
+    )
     assert actions[-1].detail["corrective"] == "requeue_elsewhere"
-    pane, actions = immune.observe(pane, Observation(pane.subject, T0 + timedelta(seconds=12),
-                                                     "failure", "agent exited 9"), P, None, bodies)
+    pane, actions = immune.observe(
+        pane,
+        Observation(pane.subject, T0 + timedelta(seconds=12), "failure", "agent exited 9"),
+        P,
+        None,
+        bodies,
+    )
     assert ("antibody", False) in [(a.kind, a.detail.get("worked")) for a in actions]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fleet.clock import ManualClock
 from fleet.mesh.immune import ImmunePolicy, Subject, Tier
@@ -11,7 +11,7 @@ from fleet.mesh.store import MachineIdentity, TaskStatus
 from fleet.mesh.watchdog import watchdog_cycle
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 P = ImmunePolicy()
 
 

@@ -3,7 +3,7 @@ state, antibodies, events, cursors and breaker rows persist."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -12,7 +12,7 @@ from fleet.mesh.immune import Action, ImmunePolicy, Subject, SubjectState, Tier,
 from fleet.mesh.immune_store import ImmuneStore
 from fleet.mesh.store import MachineIdentity, TaskStatus
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 P = ImmunePolicy()
 
 
@@ -234,6 +234,5 @@ def test_breaker_states_of_every_process_are_kept(store):
 def test_immune_events_are_append_only(store):
     s = SubjectState(Subject.machine("m"), tier=Tier.SOFT, until=T0)
     store.save_immune([s], [Action("quarantine", s.subject, s.tier)], P, T0)
-    with pytest.raises(Exception, match="append-only"):
-        with store._tx() as db:
-            db.execute("DELETE FROM mesh_immune_events")
+    with pytest.raises(Exception, match="append-only"), store._tx() as db:
+        db.execute("DELETE FROM mesh_immune_events")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -24,7 +25,7 @@ from fleet.mesh.store import MachineIdentity
 from fleet.settings import FleetSettings
 from tests.mesh.conftest import truncate_mesh
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = FleetSettings()
 MISSED = 2 * S.heartbeat_seconds + 1  # just past two heartbeat periods
 
@@ -52,7 +53,9 @@ class HealthServer:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/health"
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.02,), daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:  # the process is gone: its port is closed
@@ -72,8 +75,12 @@ def closed_port_url() -> str:
 def agent_process(tmp_path):
     """A real process serving HTTP on 127.0.0.1 (any answer, even 404, means alive); kill -9 it."""
     port = int(closed_port_url().rsplit(":", 1)[1].split("/")[0])
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/health"
     deadline = time.monotonic() + 10
     while True:
@@ -107,10 +114,8 @@ def servers():
 
     yield start
     for s in started:
-        try:
+        with contextlib.suppress(Exception):
             s.stop()
-        except Exception:
-            pass
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -143,6 +148,7 @@ def backend(request, tmp_path):
             conn = psycopg.connect(url)
             conn.execute("LOCK TABLE mesh_health IN EXCLUSIVE MODE")  # reads pass, writes wait
             return lambda: (conn.rollback(), conn.close())
+
     yield factory, lock_out
     for s in opened:
         s.close()
@@ -153,7 +159,9 @@ def ident(machine_id: str) -> MachineIdentity:
 
 
 def probe_for(store, reference_url: str | None, timeout: float = 1.0) -> LivenessProbe:
-    return LivenessProbe.from_settings(store, S, reference_url=reference_url, timeout_seconds=timeout)
+    return LivenessProbe.from_settings(
+        store, S, reference_url=reference_url, timeout_seconds=timeout
+    )
 
 
 def start_machine_with_work(store, clock, servers, n_tasks: int = 3):
@@ -167,7 +175,8 @@ def start_machine_with_work(store, clock, servers, n_tasks: int = 3):
 
 
 def test_a_killed_machine_is_declared_down_after_two_confirmations_and_its_work_moves(
-        backend, servers, agent_process):
+    backend, servers, agent_process
+):
     factory, _ = backend
     store = factory()
     clock = ManualClock(T0)
@@ -188,8 +197,13 @@ def test_a_killed_machine_is_declared_down_after_two_confirmations_and_its_work_
     first = probe.confirm(clock.now())
     assert first.self_check == "ok"
     assert [(v.machine_id, v.outcome, v.failed_confirmations) for v in first.checked] == [
-        ("mac1", "failed", 1)]
-    assert {t.task_id for t in store.tasks_of("mac1")} == {"w0", "w1", "w2"}  # one miss proves nothing
+        ("mac1", "failed", 1)
+    ]
+    assert {t.task_id for t in store.tasks_of("mac1")} == {
+        "w0",
+        "w1",
+        "w2",
+    }  # one miss proves nothing
 
     clock.advance(S.heartbeat_seconds)
     store.heartbeat(ident("mac3"), clock.now(), None, [])
@@ -351,7 +365,10 @@ def test_errors_of_our_own_side_are_inconclusive():
         exc.__cause__ = cause
         return exc
 
-    assert classify_error(wrapped(socket.gaierror(-3, "Temporary failure in name resolution"))) is Reach.INCONCLUSIVE
+    assert (
+        classify_error(wrapped(socket.gaierror(-3, "Temporary failure in name resolution")))
+        is Reach.INCONCLUSIVE
+    )
     assert classify_error(wrapped(OSError(101, "Network is unreachable"))) is Reach.INCONCLUSIVE
     assert classify_error(wrapped(ConnectionRefusedError(111, "refused"))) is Reach.UNREACHABLE
     assert classify_error(wrapped(OSError(113, "No route to host"))) is Reach.UNREACHABLE

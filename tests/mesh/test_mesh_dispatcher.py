@@ -1,4 +1,4 @@
-"""MeshDispatcher: the pipeline's Dispatcher on the mesh queue, with a real node agent doing the work."""
+"""MeshDispatcher: the pipeline's Dispatcher on the mesh queue, a real node agent doing the work."""
 
 from __future__ import annotations
 
@@ -51,9 +51,15 @@ def agent(store, clock, tmp_path):
     if shutil.which("tmux") is None:
         pytest.skip("needs a tmux binary")
     server = libtmux.Server(socket_name=f"fleet-test-{uuid.uuid4().hex[:10]}")
-    node = NodeAgent(MachineIdentity(machine_id="mac3", mesh_id="prod"), store, PaneControl(server),
-                     clock=clock, settings=FleetSettings(agent_panes=1), agent_command=SCRIPTED,
-                     state_path=tmp_path / "agent.json")
+    node = NodeAgent(
+        MachineIdentity(machine_id="mac3", mesh_id="prod"),
+        store,
+        PaneControl(server),
+        clock=clock,
+        settings=FleetSettings(agent_panes=1),
+        agent_command=SCRIPTED,
+        state_path=tmp_path / "agent.json",
+    )
     clock.agents.append(node)
     yield node
     kill_server(server)
@@ -70,10 +76,16 @@ async def test_dispatch_round_trip_through_a_node_agent(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
     task_id = await dispatcher.dispatch(["evolve", "app-1"], target="mac3", model="claude")
     queued = store.get_task(task_id)
-    assert (queued.status, queued.target, queued.model, queued.command) == \
-        (TaskStatus.QUEUED, "mac3", "claude", ["evolve", "app-1"])
+    assert (queued.status, queued.target, queued.model, queued.command) == (
+        TaskStatus.QUEUED,
+        "mac3",
+        "claude",
+        ["evolve", "app-1"],
+    )
 
-    assert await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} evolve app-1"
+    assert (
+        await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} evolve app-1"
+    )
     assert store.get_task(task_id).claimed_by == "mac3"
     assert clock.sleeps and sum(clock.sleeps) < 600
 
@@ -83,7 +95,9 @@ async def test_spawn_goes_to_any_worker(store, clock, agent):
     dispatcher = MeshDispatcher(store, clock, poll_seconds=1)
     task_id = await dispatcher.spawn(["review", "app-2"])
     assert store.get_task(task_id).target is None
-    assert await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} review app-2"
+    assert (
+        await dispatcher.poll_and_retrieve(task_id, timeout=600) == f"OUTPUT {task_id} review app-2"
+    )
 
 
 @pytest.mark.tmux

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from fleet.events import MACHINE_DOWN, TASK_DEAD_LETTERED
 from fleet.clock import utcnow
+from fleet.events import MACHINE_DOWN, TASK_DEAD_LETTERED
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, ReconcileCounts, TaskStatus
 from fleet.settings import get_settings
@@ -47,8 +47,10 @@ async def _artifact(key: str):
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
-        response = await client._client.post("/artifacts/filter", json={
-            "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1})
+        response = await client._client.post(
+            "/artifacts/filter",
+            json={"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1},
+        )
     found = response.json()
     return found[0] if found else None
 
@@ -59,8 +61,12 @@ async def test_reconciler_flow_runs_one_cycle_and_reports_it(store_url, events, 
     now = utcnow()
     store = SQLiteMeshStore(tmp_path / "fleet.db")
     store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id="orphan")
-    store.heartbeat(MachineIdentity(machine_id="gone-machine", mesh_id="m"),
-                    now - timedelta(minutes=20), None, [])
+    store.heartbeat(
+        MachineIdentity(machine_id="gone-machine", mesh_id="m"),
+        now - timedelta(minutes=20),
+        None,
+        [],
+    )
     store.claim("gone-machine", now - timedelta(minutes=20))
     store.enqueue("skill", ["y"], now - timedelta(days=2), task_id="ancient")
 
@@ -82,8 +88,12 @@ async def test_each_dead_letter_is_an_event_the_automation_matches(store_url, ev
 
     now = utcnow()
     store = SQLiteMeshStore(tmp_path / "fleet.db")
-    store.heartbeat(MachineIdentity(machine_id="gone-machine", mesh_id="m"),
-                    now - timedelta(minutes=20), None, [])
+    store.heartbeat(
+        MachineIdentity(machine_id="gone-machine", mesh_id="m"),
+        now - timedelta(minutes=20),
+        None,
+        [],
+    )
     for task_id in ("t1", "t2"):
         store.enqueue("skill", ["x"], now - timedelta(minutes=30), task_id=task_id)
     for _ in range(get_settings().max_task_attempts):  # each orphaned claim spends an attempt
@@ -96,8 +106,11 @@ async def test_each_dead_letter_is_an_event_the_automation_matches(store_url, ev
 
     letters = events(TASK_DEAD_LETTERED)
     assert counts.dead_lettered == len(letters) >= 1
-    assert {e.resource.id for e in letters} <= {"fleet.mesh.task.t1", "fleet.mesh.task.t2",
-                                                "fleet.mesh.task.t3"}
+    assert {e.resource.id for e in letters} <= {
+        "fleet.mesh.task.t1",
+        "fleet.mesh.task.t2",
+        "fleet.mesh.task.t3",
+    }
     store.close()
 
 
@@ -118,7 +131,9 @@ async def test_watchdog_flow_confirms_liveness_and_publishes_a_report(store_url,
     sock.close()
     now = utcnow()
     store = SQLiteMeshStore(tmp_path / "fleet.db")
-    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="m"), now - timedelta(minutes=5), closed, [])
+    store.heartbeat(
+        MachineIdentity(machine_id="mac1", mesh_id="m"), now - timedelta(minutes=5), closed, []
+    )
     store.set_pane_state("mac1", "%1", now, task_id=None, alive=False)
 
     first = await watchdog(store_url=store_url)
@@ -144,7 +159,9 @@ async def test_the_mesh_flows_honour_the_store_block(mesh_pg_url, tmp_path, monk
     from tests.mesh.conftest import truncate_mesh
 
     truncate_mesh(mesh_pg_url)
-    await PostgresStoreBlock(conninfo=mesh_pg_url, apply_schema=False).save("mesh-flows", overwrite=True)
+    await PostgresStoreBlock(conninfo=mesh_pg_url, apply_schema=False).save(
+        "mesh-flows", overwrite=True
+    )
     monkeypatch.delenv("FLEET_STORE_URL", raising=False)
     monkeypatch.setenv("FLEET_STORE_BLOCK", "fleet-postgres-store/mesh-flows")
     monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity, MeshStore, TaskStatus
 from tests.mesh.conftest import truncate_mesh
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -25,15 +25,18 @@ def backend(request, tmp_path):
     opened = []
     if request.param == "sqlite":
         path = tmp_path / "mesh.db"
+
         def factory():
             opened.append(SQLiteMeshStore(path))
             return opened[-1]
     else:
         url = request.getfixturevalue("mesh_pg_url")
         truncate_mesh(url)
+
         def factory():
             opened.append(PgMeshStore(url))
             return opened[-1]
+
     factory.kind = request.param
     yield factory
     for s in opened:
@@ -69,7 +72,11 @@ def test_lifecycle_records_every_transition_as_an_event(store):
 
     [task] = store.claim("mac1", clock.advance(5))
     assert (task.task_id, task.status, task.claimed_by, task.command) == (
-        "t-1", TaskStatus.CLAIMED, "mac1", ["claude", "-p", "evolve app-a"])
+        "t-1",
+        TaskStatus.CLAIMED,
+        "mac1",
+        ["claude", "-p", "evolve app-a"],
+    )
     assert task.claimed_at == T0 + timedelta(seconds=5)
     assert store.claim("mac1", clock.now()) == []
 
@@ -82,10 +89,21 @@ def test_lifecycle_records_every_transition_as_an_event(store):
 
     done = store.get_task("t-1")
     assert (done.status, done.pane_id, done.output, done.finished_at) == (
-        TaskStatus.DONE, "%3", "ok", clock.now())
+        TaskStatus.DONE,
+        "%3",
+        "ok",
+        clock.now(),
+    )
     assert store.tasks_of("mac1") == []
     events = store.events("t-1")
-    assert [e.event for e in events] == ["queued", "claimed", "injected", "Progress", "running", "done"]
+    assert [e.event for e in events] == [
+        "queued",
+        "claimed",
+        "injected",
+        "Progress",
+        "running",
+        "done",
+    ]
     assert events[3].detail == {"note": "compiling"}
     assert all(e.machine_id == "mac1" for e in events[1:])
     # A finished task accepts no more transitions.
@@ -114,7 +132,11 @@ def test_handoff_requeues_with_the_checkpoint_without_counting_a_failure(store):
     assert store.handoff("t-3", "mac1", clock.advance(10), "step 4 of 7 done; next: tests")
     task = store.get_task("t-3")
     assert (task.status, task.attempts, task.claimed_by, task.checkpoint) == (
-        TaskStatus.QUEUED, 0, None, "step 4 of 7 done; next: tests")
+        TaskStatus.QUEUED,
+        0,
+        None,
+        "step 4 of 7 done; next: tests",
+    )
     [again] = store.claim("mac3", clock.advance(1))
     assert again.checkpoint == "step 4 of 7 done; next: tests"
     assert [e.event for e in store.events("t-3")][-2:] == ["Handoff", "claimed"]
@@ -208,11 +230,15 @@ def test_leave_requeues_active_claims_without_counting_attempts(store):
 def test_pane_state_upserts(store):
     clock = ManualClock(T0)
     store.set_pane_state("mac1", "%1", clock.now(), task_id="a", alive=True, context_ratio=0.2)
-    store.set_pane_state("mac1", "%1", clock.advance(1), task_id="a", alive=False, context_ratio=0.5)
+    store.set_pane_state(
+        "mac1", "%1", clock.advance(1), task_id="a", alive=False, context_ratio=0.5
+    )
     store.set_pane_state("mac3", "%2", clock.now(), task_id=None, alive=True)
     panes = store.pane_states()
     assert [(p["machine_id"], p["pane_id"], p["alive"], p["context_ratio"]) for p in panes] == [
-        ("mac1", "%1", False, 0.5), ("mac3", "%2", True, None)]
+        ("mac1", "%1", False, 0.5),
+        ("mac3", "%2", True, None),
+    ]
     assert panes[0]["updated_at"] == clock.now()
     assert [p["pane_id"] for p in store.pane_states("mac3")] == ["%2"]
 
@@ -243,29 +269,44 @@ def test_writes_of_an_old_claim_are_refused_after_the_same_machine_claims_again(
     store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), T0, None, [])
     store.enqueue("skill", ["x"], T0, task_id="t")
     [first] = store.claim("mac1", T0)
-    assert store.transition("t", "mac1", TaskStatus.INJECTED, T0, pane_id="%1",
-                            claim_seq=first.claim_seq)
+    assert store.transition(
+        "t", "mac1", TaskStatus.INJECTED, T0, pane_id="%1", claim_seq=first.claim_seq
+    )
     later = T0 + timedelta(minutes=16)
     store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), later, None, ["t"])
-    counts = store.reconcile(later, orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400,
-                             max_attempts=3)
+    counts = store.reconcile(
+        later, orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400, max_attempts=3
+    )
     assert counts.stuck_requeued == 1
     [second] = store.claim("mac1", later)  # a new attempt, same machine
     assert second.claim_seq == first.claim_seq + 1
     assert [e.detail for e in store.events("t", event="claimed")] == [
-        {"attempts": 0, "claim_seq": first.claim_seq}, {"attempts": 1, "claim_seq": second.claim_seq}]
+        {"attempts": 0, "claim_seq": first.claim_seq},
+        {"attempts": 1, "claim_seq": second.claim_seq},
+    ]
     stale = later + timedelta(seconds=5)
-    assert not store.transition("t", "mac1", TaskStatus.DONE, stale, output="from the old attempt",
-                                claim_seq=first.claim_seq)
+    assert not store.transition(
+        "t",
+        "mac1",
+        TaskStatus.DONE,
+        stale,
+        output="from the old attempt",
+        claim_seq=first.claim_seq,
+    )
     assert not store.progress("t", "mac1", stale, note="old pane", claim_seq=first.claim_seq)
     assert not store.handoff("t", "mac1", stale, "old checkpoint", claim_seq=first.claim_seq)
     task = store.get_task("t")
     assert (task.status, task.output, task.progress_at, task.checkpoint) == (
-        TaskStatus.CLAIMED, None, None, None)
+        TaskStatus.CLAIMED,
+        None,
+        None,
+        None,
+    )
     assert store.transition("t", "mac1", TaskStatus.INJECTED, stale, claim_seq=second.claim_seq)
     assert store.progress("t", "mac1", stale, claim_seq=second.claim_seq)
-    assert store.transition("t", "mac1", TaskStatus.DONE, stale, output="new",
-                            claim_seq=second.claim_seq)
+    assert store.transition(
+        "t", "mac1", TaskStatus.DONE, stale, output="new", claim_seq=second.claim_seq
+    )
     assert store.get_task("t").output == "new"
 
 
@@ -276,7 +317,9 @@ def test_naive_datetimes_are_taken_as_utc_on_both_backends(store):
     store.enqueue("skill", ["x"], naive, task_id="waiting")
     assert store.get_task("waiting").created_at == T0
     assert store.queue_stats(later)["oldest_queued_age_seconds"] == 300
-    health = store.record_confirmation("mac1", True, later, stale_before=later - timedelta(minutes=1))
+    health = store.record_confirmation(
+        "mac1", True, later, stale_before=later - timedelta(minutes=1)
+    )
     assert (health.status, health.failed_confirmations) == ("suspect", 1)
     assert store.mark_down("mac1", later, stale_before=naive, max_attempts=3) == -1  # beat at naive
     assert store.mark_down("mac1", later, stale_before=later, max_attempts=3) == 0
@@ -291,8 +334,10 @@ def test_a_sqlite_file_of_the_first_schema_gains_the_claim_columns_on_open(tmp_p
     with sqlite3.connect(path) as conn:  # back to the first release's tables and indexes
         conn.execute("ALTER TABLE mesh_task_queue DROP COLUMN claim_seq")
         conn.execute("ALTER TABLE mesh_pane_state DROP COLUMN claim_seq")
-        conn.execute("CREATE INDEX mesh_task_queue_claimed ON mesh_task_queue (claimed_at) "
-                     "WHERE status = 'claimed'")
+        conn.execute(
+            "CREATE INDEX mesh_task_queue_claimed ON mesh_task_queue (claimed_at) "
+            "WHERE status = 'claimed'"
+        )
     store = SQLiteMeshStore(path)
     register(store, "mac1", now=T0)
     store.enqueue("skill", ["x"], T0, task_id="t")
@@ -315,9 +360,14 @@ def test_migrations_are_rerunnable_and_define_the_claim_function(mesh_pg_url):
     assert "0002_mesh.sql" in apply_migrations(mesh_pg_url, force=True)
     with psycopg.connect(mesh_pg_url) as conn:
         volatility = conn.execute(
-            "SELECT provolatile FROM pg_proc WHERE proname = 'mesh_claim'").fetchone()[0]
-        indexes = {r[0]: r[1] for r in conn.execute(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'mesh_task_queue'")}
+            "SELECT provolatile FROM pg_proc WHERE proname = 'mesh_claim'"
+        ).fetchone()[0]
+        indexes = {
+            r[0]: r[1]
+            for r in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'mesh_task_queue'"
+            )
+        }
     assert volatility == "v"
     # The reconciler's rules read partial indexes of stale candidates, not the whole table.
     in_flight = "ARRAY['claimed'::text, 'injected'::text, 'running'::text]"
@@ -377,13 +427,18 @@ def test_mesh_tables_and_functions_are_closed_to_other_roles(mesh_pg_url):
         try:
             executable = conn.execute(
                 "SELECT proname FROM pg_proc WHERE proname LIKE 'mesh\\_%%' "
-                "AND has_function_privilege(%s, oid, 'EXECUTE')", (role,)).fetchall()
+                "AND has_function_privilege(%s, oid, 'EXECUTE')",
+                (role,),
+            ).fetchall()
             readable = conn.execute(
                 "SELECT relname FROM pg_class WHERE relname LIKE 'mesh\\_%%' AND relkind = 'r' "
-                "AND has_table_privilege(%s, oid, 'SELECT')", (role,)).fetchall()
+                "AND has_table_privilege(%s, oid, 'SELECT')",
+                (role,),
+            ).fetchall()
             functions = conn.execute(
                 "SELECT count(*) FROM pg_proc WHERE proname IN "
-                "('mesh_claim', 'mesh_reconcile', 'mesh_requeue_failed')").fetchone()[0]
+                "('mesh_claim', 'mesh_reconcile', 'mesh_requeue_failed')"
+            ).fetchone()[0]
         finally:
             conn.execute(f'DROP ROLE "{role}"')
     assert functions == 3

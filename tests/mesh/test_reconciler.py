@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -16,7 +16,7 @@ from fleet.mesh.sqlite_store import SQLiteMeshStore, _ts
 from fleet.mesh.store import MachineHealth, MachineIdentity, QueuedTask, ReconcileCounts, TaskStatus
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 S = FleetSettings()
 TH = rules.Thresholds.from_settings(S)
@@ -28,8 +28,13 @@ def store(any_store):
 
 
 def reconcile(store, now) -> ReconcileCounts:
-    return store.reconcile(now, orphan_seconds=TH.orphan_seconds, stuck_seconds=TH.stuck_seconds,
-                           expiry_seconds=TH.expiry_seconds, max_attempts=TH.max_attempts)
+    return store.reconcile(
+        now,
+        orphan_seconds=TH.orphan_seconds,
+        stuck_seconds=TH.stuck_seconds,
+        expiry_seconds=TH.expiry_seconds,
+        max_attempts=TH.max_attempts,
+    )
 
 
 def ident(machine_id: str) -> MachineIdentity:
@@ -58,7 +63,10 @@ def test_orphaned_claim_is_requeued_only_after_exactly_ten_minutes(store):
     assert (task.status, task.attempts, task.claimed_by) == (TaskStatus.QUEUED, 1, None)
     last = store.events("o1")[-1]
     assert (last.event, last.machine_id, last.detail) == (
-        "queued", "mac1", {"reason": "orphaned", "attempts": 1})
+        "queued",
+        "mac1",
+        {"reason": "orphaned", "attempts": 1},
+    )
 
 
 def test_a_claim_with_a_live_claimer_or_recent_progress_is_not_orphaned(store):
@@ -71,7 +79,9 @@ def test_a_claim_with_a_live_claimer_or_recent_progress_is_not_orphaned(store):
     store.progress("progressing", "mac3", late - timedelta(minutes=1))
     assert reconcile(store, late).orphaned_requeued == 0
     # Silence on both fronts for 10 min + 1 µs: both are orphaned.
-    counts = reconcile(store, late - timedelta(minutes=1) + timedelta(seconds=S.orphan_claim_seconds) + US)
+    counts = reconcile(
+        store, late - timedelta(minutes=1) + timedelta(seconds=S.orphan_claim_seconds) + US
+    )
     assert counts.orphaned_requeued == 2
 
 
@@ -111,7 +121,9 @@ def test_running_task_of_a_silent_claimer_is_orphaned_after_ten_minutes(store):
     claimed_task(store, clock, "r2")
     store.transition("r2", "mac1", TaskStatus.INJECTED, clock.advance(1), pane_id="%1")
     store.transition("r2", "mac1", TaskStatus.RUNNING, clock.advance(1))
-    edge = clock.now() + timedelta(seconds=S.orphan_claim_seconds)  # mac1 crashed: no beat, no progress
+    edge = clock.now() + timedelta(
+        seconds=S.orphan_claim_seconds
+    )  # mac1 crashed: no beat, no progress
     assert reconcile(store, edge) == ReconcileCounts()
     assert reconcile(store, edge + US) == ReconcileCounts(orphaned_requeued=1)
     task = store.get_task("r2")
@@ -155,8 +167,10 @@ def test_unfinished_tasks_expire_after_exactly_a_day(store):
     counts = reconcile(store, edge + US)
     assert counts == ReconcileCounts(expired=2)
     assert {t: store.get_task(t).status for t in ("queued-old", "claimed-old", "done-old")} == {
-        "queued-old": TaskStatus.EXPIRED, "claimed-old": TaskStatus.EXPIRED,
-        "done-old": TaskStatus.DONE}
+        "queued-old": TaskStatus.EXPIRED,
+        "claimed-old": TaskStatus.EXPIRED,
+        "done-old": TaskStatus.DONE,
+    }
     assert store.get_task("claimed-old").finished_at == edge + US
 
 
@@ -190,14 +204,20 @@ def test_claims_of_a_down_machine_are_requeued_by_the_safety_net(store):
 
     if isinstance(store, SQLiteMeshStore):
         with sqlite3.connect(store.path) as conn:
-            conn.execute("UPDATE mesh_task_queue SET status = 'running', claimed_by = 'mac1', "
-                         "claimed_at = ? WHERE task_id = 'slipped'", (_ts(clock.now()),))
+            conn.execute(
+                "UPDATE mesh_task_queue SET status = 'running', claimed_by = 'mac1', "
+                "claimed_at = ? WHERE task_id = 'slipped'",
+                (_ts(clock.now()),),
+            )
     else:
         import psycopg
 
         with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
-            conn.execute("UPDATE mesh_task_queue SET status = 'running', claimed_by = 'mac1', "
-                         "claimed_at = %s WHERE task_id = 'slipped'", (clock.now(),))
+            conn.execute(
+                "UPDATE mesh_task_queue SET status = 'running', claimed_by = 'mac1', "
+                "claimed_at = %s WHERE task_id = 'slipped'",
+                (clock.now(),),
+            )
     assert reconcile(store, clock.advance(1)) == ReconcileCounts(dead_machine_claims_requeued=1)
     assert store.get_task("slipped").status is TaskStatus.QUEUED
 
@@ -228,8 +248,14 @@ def _random_world(rng: random.Random, now: datetime, n_tasks: int = 300):
 
     statuses = ["alive", "suspect", "down", "left"]
     machines = [
-        MachineHealth(machine_id=f"m{i}", mesh_id="mesh-test", role="worker", generation=1,
-                      last_heartbeat=ago(), status=rng.choice(statuses))
+        MachineHealth(
+            machine_id=f"m{i}",
+            mesh_id="mesh-test",
+            role="worker",
+            generation=1,
+            last_heartbeat=ago(),
+            status=rng.choice(statuses),
+        )
         for i in range(6)
     ]
     claimers = [m.machine_id for m in machines] + ["ghost"]  # ghost never heartbeated
@@ -239,12 +265,19 @@ def _random_world(rng: random.Random, now: datetime, n_tasks: int = 300):
         active = status in rules.ACTIVE_STATUSES
         claimed_at = ago() if active else None
         progress_at = ago() if active and rng.random() < 0.6 else None
-        tasks.append(QueuedTask(
-            task_id=f"g{i:04d}", kind="skill", command=["x"], status=status,
-            attempts=rng.randint(0, TH.max_attempts + 1), created_at=ago(),
-            claimed_by=rng.choice(claimers) if active else None,
-            claimed_at=claimed_at, progress_at=progress_at,
-        ))
+        tasks.append(
+            QueuedTask(
+                task_id=f"g{i:04d}",
+                kind="skill",
+                command=["x"],
+                status=status,
+                attempts=rng.randint(0, TH.max_attempts + 1),
+                created_at=ago(),
+                claimed_by=rng.choice(claimers) if active else None,
+                claimed_at=claimed_at,
+                progress_at=progress_at,
+            )
+        )
     return machines, tasks
 
 
@@ -256,30 +289,81 @@ def _load(store, machines: list[MachineHealth], tasks: list[QueuedTask]) -> None
             conn.executemany(
                 "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
                 "status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(m.machine_id, m.mesh_id, m.role, 1, _ts(m.last_heartbeat), m.status,
-                  _ts(m.last_heartbeat)) for m in machines])
+                [
+                    (
+                        m.machine_id,
+                        m.mesh_id,
+                        m.role,
+                        1,
+                        _ts(m.last_heartbeat),
+                        m.status,
+                        _ts(m.last_heartbeat),
+                    )
+                    for m in machines
+                ],
+            )
             conn.executemany(
-                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, claimed_by, "
-                "created_at, claimed_at, progress_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(t.task_id, t.kind, json.dumps(t.command), t.status.value, t.attempts, t.claimed_by,
-                  _ts(t.created_at), _ts(t.claimed_at), _ts(t.progress_at)) for t in tasks])
+                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
+                "claimed_by, created_at, claimed_at, progress_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        t.task_id,
+                        t.kind,
+                        json.dumps(t.command),
+                        t.status.value,
+                        t.attempts,
+                        t.claimed_by,
+                        _ts(t.created_at),
+                        _ts(t.claimed_at),
+                        _ts(t.progress_at),
+                    )
+                    for t in tasks
+                ],
+            )
     else:
         import psycopg
         from psycopg.types.json import Jsonb
 
-        with psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
-                    "status, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    [(m.machine_id, m.mesh_id, m.role, 1, m.last_heartbeat, m.status,
-                      m.last_heartbeat) for m in machines])
-                cur.executemany(
-                    "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
-                    "claimed_by, created_at, claimed_at, progress_at) "
-                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(t.task_id, t.kind, Jsonb(t.command), t.status.value, t.attempts, t.claimed_by,
-                      t.created_at, t.claimed_at, t.progress_at) for t in tasks])
+        with (
+            psycopg.connect(store.conninfo.get_secret_value(), autocommit=True) as conn,
+            conn.cursor() as cur,
+        ):
+            cur.executemany(
+                "INSERT INTO mesh_health (machine_id, mesh_id, role, generation, last_heartbeat, "
+                "status, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        m.machine_id,
+                        m.mesh_id,
+                        m.role,
+                        1,
+                        m.last_heartbeat,
+                        m.status,
+                        m.last_heartbeat,
+                    )
+                    for m in machines
+                ],
+            )
+            cur.executemany(
+                "INSERT INTO mesh_task_queue (task_id, kind, command, status, attempts, "
+                "claimed_by, created_at, claimed_at, progress_at) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        t.task_id,
+                        t.kind,
+                        Jsonb(t.command),
+                        t.status.value,
+                        t.attempts,
+                        t.claimed_by,
+                        t.created_at,
+                        t.claimed_at,
+                        t.progress_at,
+                    )
+                    for t in tasks
+                ],
+            )
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -294,7 +378,9 @@ def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed):
     expected = ReconcileCounts()
     for t in tasks:
         verdict = rules.classify(t, by_id, now, TH)
-        status, attempts = rules.outcome(t, verdict, TH.max_attempts) if verdict else (t.status, t.attempts)
+        status, attempts = (
+            rules.outcome(t, verdict, TH.max_attempts) if verdict else (t.status, t.attempts)
+        )
         expected_status[t.task_id] = (status, attempts)
         if verdict is rules.Verdict.EXPIRED:
             expected.expired += 1
@@ -310,8 +396,10 @@ def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed):
     assert min(expected.model_dump().values()) > 0, expected
 
     assert reconcile(store, now) == expected
-    got = {t.task_id: (store.get_task(t.task_id).status, store.get_task(t.task_id).attempts)
-           for t in tasks}
+    got = {
+        t.task_id: (store.get_task(t.task_id).status, store.get_task(t.task_id).attempts)
+        for t in tasks
+    }
     assert got == expected_status
     # A second cycle at the same instant finds nothing left to do.
     assert reconcile(store, now) == ReconcileCounts()
@@ -355,8 +443,10 @@ def test_a_row_held_by_another_session_is_skipped_not_waited_for(mesh_pg_url):
     import psycopg
 
     with psycopg.connect(mesh_pg_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state "
-                     "RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE mesh_task_events, mesh_task_queue, mesh_health, mesh_pane_state "
+            "RESTART IDENTITY"
+        )
     store = PgMeshStore(mesh_pg_url, statement_timeout_seconds=5)
     clock = ManualClock(T0)
     for t in ("held", "free"):

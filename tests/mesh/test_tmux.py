@@ -54,7 +54,9 @@ def wait_for_text(panes: PaneControl, pane_id: str, needle: str, timeout: float 
         if needle in text:
             return text
         time.sleep(0.03)
-    raise AssertionError(f"{needle!r} not seen in pane {pane_id} within {timeout}s; pane shows:\n{text}")
+    raise AssertionError(
+        f"{needle!r} not seen in pane {pane_id} within {timeout}s; pane shows:\n{text}"
+    )
 
 
 def sha1(line: str) -> str:
@@ -98,7 +100,9 @@ def test_500_byte_injection_arrives_intact(panes):
     pane_id = panes.spawn("fleet-t", SCRIPTED)
     wait_for_text(panes, pane_id, "scripted agent ready")
     # 500+ bytes with multi-byte characters, shell metacharacters and a ';' at a chunk edge.
-    line = "TASK t500 " + "a" * 189 + ";" + "ünïcødé-€ $(rm -rf /) 'quoted' \"dq\" back\\slash; " * 7
+    line = (
+        "TASK t500 " + "a" * 189 + ";" + "ünïcødé-€ $(rm -rf /) 'quoted' \"dq\" back\\slash; " * 7
+    )
     line = line.rstrip() + ";"
     assert len(line.encode("utf-8")) >= 500
     assert any(c.endswith(";") for c in chunk_utf8(line, 200))
@@ -158,4 +162,6 @@ def test_errors_name_the_failure(panes):
     with pytest.raises(TmuxError, match="empty command"):
         panes.spawn("fleet-t", [])
     assert not panes.is_alive("%999")
-    assert PaneControl(libtmux.Server(socket_name=f"fleet-none-{uuid.uuid4().hex}")).list_panes() == []
+    assert (
+        PaneControl(libtmux.Server(socket_name=f"fleet-none-{uuid.uuid4().hex}")).list_panes() == []
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fleet.clock import ManualClock
 from fleet.mesh.liveness import LivenessProbe
@@ -19,14 +19,26 @@ from fleet.mesh.watchdog import (
 )
 from fleet.settings import FleetSettings
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = FleetSettings()
 
 
-def pane(machine: str, pane_id: str, *, alive: bool = True, task: str | None = None,
-         ratio: float | None = None) -> dict:
-    return {"machine_id": machine, "pane_id": pane_id, "task_id": task, "alive": alive,
-            "context_ratio": ratio, "updated_at": T0}
+def pane(
+    machine: str,
+    pane_id: str,
+    *,
+    alive: bool = True,
+    task: str | None = None,
+    ratio: float | None = None,
+) -> dict:
+    return {
+        "machine_id": machine,
+        "pane_id": pane_id,
+        "task_id": task,
+        "alive": alive,
+        "context_ratio": ratio,
+        "updated_at": T0,
+    }
 
 
 def closed_port_url() -> str:
@@ -38,8 +50,12 @@ def closed_port_url() -> str:
 
 
 def test_context_budget_hands_off_at_exactly_the_ratio():
-    panes = [pane("mac1", "%1", task="a", ratio=0.85), pane("mac1", "%2", task="b", ratio=0.8499),
-             pane("mac1", "%3", task=None, ratio=0.99), pane("mac1", "%4", alive=False, task="d", ratio=0.9)]
+    panes = [
+        pane("mac1", "%1", task="a", ratio=0.85),
+        pane("mac1", "%2", task="b", ratio=0.8499),
+        pane("mac1", "%3", task=None, ratio=0.99),
+        pane("mac1", "%4", alive=False, task="d", ratio=0.9),
+    ]
     assert [p.pane_id for p in panes_over_budget(panes, S.context_handoff_ratio)] == ["%1"]
     assert [(p.pane_id, p.task_id) for p in panes_to_respawn(panes)] == [("%4", "d")]
 
@@ -52,7 +68,9 @@ def test_stale_machines_are_those_still_up_with_a_missed_heartbeat(tmp_path):
     store.mark_down("mac4", clock.now(), max_attempts=3)
     clock.advance(2 * S.heartbeat_seconds)
     store.heartbeat(MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, [])
-    assert stale_machines(store.machines(), clock.now(), S.heartbeat_seconds) == []  # exactly 2 periods
+    assert (
+        stale_machines(store.machines(), clock.now(), S.heartbeat_seconds) == []
+    )  # exactly 2 periods
     assert stale_machines(store.machines(), clock.advance(0.001), S.heartbeat_seconds) == ["mac1"]
     store.close()
 
@@ -62,7 +80,9 @@ def test_one_cycle_reports_every_part_and_hands_off_over_budget_tasks(tmp_path):
 
     store = SQLiteMeshStore(tmp_path / "m.db")
     clock = ManualClock(T0)
-    store.heartbeat(MachineIdentity(machine_id="mac1", mesh_id="x"), clock.now(), closed_port_url(), [])
+    store.heartbeat(
+        MachineIdentity(machine_id="mac1", mesh_id="x"), clock.now(), closed_port_url(), []
+    )
     store.heartbeat(MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, [])
     for t in ("big", "small"):
         store.enqueue("skill", [t], clock.now(), task_id=t)
@@ -78,7 +98,9 @@ def test_one_cycle_reports_every_part_and_hands_off_over_budget_tasks(tmp_path):
     breaker.record_failure("503 from gateway")
 
     clock.advance(2 * S.heartbeat_seconds + 1)
-    store.heartbeat(MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, ["big", "small"])
+    store.heartbeat(
+        MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, ["big", "small"]
+    )
     probe = LivenessProbe.from_settings(store, S, timeout_seconds=0.5)
     report = watchdog_cycle(store, clock.now(), S, probe)
 
@@ -124,24 +146,37 @@ def test_a_stale_pane_row_never_hands_off_a_fresh_claim_of_its_task(any_store):
     store.heartbeat(mac1, clock.now(), None, [])
     store.enqueue("skill", ["x"], clock.now(), task_id="t")
     [first] = store.claim("mac1", clock.now())
-    store.transition("t", "mac1", TaskStatus.INJECTED, clock.now(), pane_id="%1",
-                     claim_seq=first.claim_seq)
+    store.transition(
+        "t", "mac1", TaskStatus.INJECTED, clock.now(), pane_id="%1", claim_seq=first.claim_seq
+    )
     # The agent's heartbeat writes its pane view: %1 runs t at 90 % of its context.
-    store.set_pane_state("mac1", "%1", clock.advance(30), task_id="t", alive=True, context_ratio=0.9,
-                         claim_seq=first.claim_seq)
+    store.set_pane_state(
+        "mac1",
+        "%1",
+        clock.advance(30),
+        task_id="t",
+        alive=True,
+        context_ratio=0.9,
+        claim_seq=first.claim_seq,
+    )
     # A second later the agent hands t off itself, claims it again and types it into a fresh pane.
-    assert store.handoff("t", "mac1", clock.advance(1), "the agent's own checkpoint",
-                         claim_seq=first.claim_seq)
+    assert store.handoff(
+        "t", "mac1", clock.advance(1), "the agent's own checkpoint", claim_seq=first.claim_seq
+    )
     [second] = store.claim("mac1", clock.advance(14))
-    store.transition("t", "mac1", TaskStatus.INJECTED, clock.advance(1), pane_id="%2",
-                     claim_seq=second.claim_seq)
+    store.transition(
+        "t", "mac1", TaskStatus.INJECTED, clock.advance(1), pane_id="%2", claim_seq=second.claim_seq
+    )
     store.heartbeat(mac1, clock.advance(4), None, ["t"])
 
     report = watchdog_cycle(store, clock.advance(5), S, None)  # the %1 row is 25 s old
     assert [(h.pane.task_id, h.requeued) for h in report.handoffs] == [("t", False)]
     task = store.get_task("t")
     assert (task.status, task.claim_seq, task.checkpoint) == (
-        TaskStatus.INJECTED, second.claim_seq, "the agent's own checkpoint")
+        TaskStatus.INJECTED,
+        second.claim_seq,
+        "the agent's own checkpoint",
+    )
     assert store.events("t", event="Handoff")[-1].at == T0 + timedelta(seconds=31)
 
 
@@ -152,7 +187,9 @@ def test_a_pane_row_of_the_current_claim_is_handed_off(any_store):
     [claim] = store.claim("mac1", clock.now())
     store.transition("t", "mac1", TaskStatus.RUNNING, clock.now(), pane_id="%1")
     # Written without a claim (an older agent): the store records the task's current claim.
-    store.set_pane_state("mac1", "%1", clock.advance(30), task_id="t", alive=True, context_ratio=0.9)
+    store.set_pane_state(
+        "mac1", "%1", clock.advance(30), task_id="t", alive=True, context_ratio=0.9
+    )
     assert store.pane_states("mac1")[0]["claim_seq"] == claim.claim_seq
     report = watchdog_cycle(store, clock.advance(5), S, None)
     assert [(h.pane.task_id, h.requeued) for h in report.handoffs] == [("t", True)]
@@ -178,7 +215,7 @@ def test_the_watchdog_reports_breakers_opened_in_another_process(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     store = SQLiteMeshStore(db)
 
-    report = watchdog_cycle(store, datetime.now(timezone.utc), FleetSettings(), None)
+    report = watchdog_cycle(store, datetime.now(UTC), FleetSettings(), None)
     assert report.breakers["aura-elsewhere"]["state"] == "open"
     assert "aura-elsewhere" in report.summary()["open_breakers"]
     store.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from typer.testing import CliRunner
@@ -19,15 +19,31 @@ runner = CliRunner()
 def url(tmp_path, tmp_home) -> str:
     path = tmp_path / "fleet.db"
     mesh = SQLiteMeshStore(path)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for m in ("mac1", "mac2", "mac3", "mac4", "mac5"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
     return f"sqlite:///{path}"
 
 
 def _evolve(url: str):
-    return runner.invoke(ga_app, ["evolve", "--steps", "2", "--population", "4", "--since", "2h",
-                                  "--history", "synthetic", "--seed", "1", "--store-url", url])
+    return runner.invoke(
+        ga_app,
+        [
+            "evolve",
+            "--steps",
+            "2",
+            "--population",
+            "4",
+            "--since",
+            "2h",
+            "--history",
+            "synthetic",
+            "--seed",
+            "1",
+            "--store-url",
+            url,
+        ],
+    )
 
 
 def test_evolve_prints_the_front_beside_the_current_policy_and_the_convergence(url):

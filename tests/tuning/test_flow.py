@@ -3,7 +3,7 @@ direct apply — and one trial at a time."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from fleet.mesh.sqlite_store import SQLiteMeshStore
 from fleet.mesh.store import MachineIdentity
@@ -14,7 +14,7 @@ from flows.tuning import tune_once
 def test_a_cycle_puts_the_best_candidate_on_a_canary_and_the_next_waits_for_it(tmp_path, tmp_home):
     path = tmp_path / "fleet.db"
     mesh = SQLiteMeshStore(path)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for m in ("mac1", "mac2", "mac3", "mac4", "mac5"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
     url = f"sqlite:///{path}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -27,11 +27,12 @@ async def test_the_flow_evolves_on_anomaly_and_starts_only_a_canary(store_url, t
     from flows.tuning import tune_healing
 
     mesh = SQLiteMeshStore(tmp_path / "fleet.db")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for m in ("mac1", "mac2", "mac3"):
         mesh.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), now, None, [])
-    summary = await tune_healing(steps=1, since="3h", seed=0, population=4,
-                                 reason="recalibrate: machine:mac2")
+    summary = await tune_healing(
+        steps=1, since="3h", seed=0, population=4, reason="recalibrate: machine:mac2"
+    )
     assert summary["reason"] == "recalibrate: machine:mac2" and summary["front"] >= 1
     policies = open_policy_store(store_url)
     active = policies.active()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -34,16 +34,18 @@ def store(request, tmp_path):
 
 def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     # A window of its own (the PostgreSQL database is shared by the session's tests).
-    clock = ManualClock(datetime(2031, 6, 1, tzinfo=timezone.utc))
+    clock = ManualClock(datetime(2031, 6, 1, tzinfo=UTC))
     start = clock.now()
     tag = uuid.uuid4().hex[:6]
     mac1, mac2 = f"tune1-{tag}", f"tune2-{tag}"
     for m in (mac1, mac2):
         store.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), clock.now(), None, [])
-    stuck = store.enqueue("skill", ["claude", "-p", "fix"], clock.now(), task_id=f"t-stuck-{tag}",
-                          target=mac1)
-    fine = store.enqueue("skill", ["claude", "-p", "fix"], clock.now(), task_id=f"t-fine-{tag}",
-                         target=mac2)
+    stuck = store.enqueue(
+        "skill", ["claude", "-p", "fix"], clock.now(), task_id=f"t-stuck-{tag}", target=mac1
+    )
+    fine = store.enqueue(
+        "skill", ["claude", "-p", "fix"], clock.now(), task_id=f"t-fine-{tag}", target=mac2
+    )
     clock.advance(10)
     [a] = store.claim(mac1, clock.now())
     [b] = store.claim(mac2, clock.now())
@@ -56,11 +58,13 @@ def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     clock.advance(180)
     store.transition(fine, mine[fine], TaskStatus.DONE, clock.now(), output="ok")
     for m in (mac1, mac2):
-        store.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), start + timedelta(hours=1),
-                        None, [])
+        store.heartbeat(
+            MachineIdentity(machine_id=m, mesh_id="prod"), start + timedelta(hours=1), None, []
+        )
     clock.advance(1500)
-    store.reconcile(clock.now(), orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400,
-                    max_attempts=3)
+    store.reconcile(
+        clock.now(), orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400, max_attempts=3
+    )
     end = start + timedelta(hours=1)
     h = from_store(store, start, end)
     assert not h.labelled and h.horizon == 3600
@@ -69,8 +73,11 @@ def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     assert runs[stuck].hung_at == 120 and runs[stuck].ended_at is None
     assert runs[stuck].reason == "stuck"
     assert {mac1, mac2} <= {m.machine_id for m in h.machines}
-    mine_only = replace(h, tasks=tuple(runs.values()),
-                        machines=tuple(m for m in h.machines if m.machine_id in (mac1, mac2)))
+    mine_only = replace(
+        h,
+        tasks=tuple(runs.values()),
+        machines=tuple(m for m in h.machines if m.machine_id in (mac1, mac2)),
+    )
     s = score(Prepared(mine_only), current_policy(FleetSettings()), FleetSettings())
     # The recorded policy's own verdict is found again: 120 + 900 → tick 1080, healed 960 s after.
     assert (s.detected, s.false_positives, s.misses) == (1, 0, 0)

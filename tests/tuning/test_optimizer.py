@@ -16,13 +16,23 @@ SETTINGS = FleetSettings()
 
 @pytest.fixture(scope="module")
 def histories() -> list[hist.History]:
-    return [hist.synthetic(["healthy", "slow", "dead"], days=0.2, seed=1, name="a"),
-            hist.synthetic(["flaky", "slow", "rate_limited"], days=0.2, seed=2, name="b")]
+    return [
+        hist.synthetic(["healthy", "slow", "dead"], days=0.2, seed=1, name="a"),
+        hist.synthetic(["flaky", "slow", "rate_limited"], days=0.2, seed=2, name="b"),
+    ]
 
 
 def _run(histories, seed: int):
-    return evolve(histories, SETTINGS, current_policy(SETTINGS), steps=2, pop_size=6, seed=seed,
-                  memetic=1, local_budget=3)
+    return evolve(
+        histories,
+        SETTINGS,
+        current_policy(SETTINGS),
+        steps=2,
+        pop_size=6,
+        seed=seed,
+        memetic=1,
+        local_budget=3,
+    )
 
 
 def test_the_same_seed_gives_the_same_front_and_convergence(histories):
@@ -33,8 +43,16 @@ def test_the_same_seed_gives_the_same_front_and_convergence(histories):
 
 def test_the_current_policy_is_evaluated_first_and_is_the_guard_baseline(histories):
     ev = Evaluator(histories, SETTINGS)
-    evolve(histories, SETTINGS, current_policy(SETTINGS), steps=1, pop_size=4, seed=0,
-           memetic=0, evaluator=ev)
+    evolve(
+        histories,
+        SETTINGS,
+        current_policy(SETTINGS),
+        steps=1,
+        pop_size=4,
+        seed=0,
+        memetic=0,
+        evaluator=ev,
+    )
     first = next(iter(ev.archive))
     assert first == key(current_policy(SETTINGS))
     assert ev.baseline == ev.archive[first].per_history
@@ -66,8 +84,15 @@ def test_a_policy_trivially_more_aggressive_is_refused_by_the_guard():
     h = [hist.synthetic(["slow", "slow"], days=0.5, seed=4, name="slow")]
     ev = Evaluator(h, SETTINGS)
     ev(current_policy(SETTINGS))
-    eager = ev(repair({**current_policy(SETTINGS), "liveness_confirmations": 1,
-                       "stuck_injection_seconds": 180}))
+    eager = ev(
+        repair(
+            {
+                **current_policy(SETTINGS),
+                "liveness_confirmations": 1,
+                "stuck_injection_seconds": 180,
+            }
+        )
+    )
     assert not eager.offerable and "false positives" in eager.why_not
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -19,7 +19,7 @@ from fleet.tuning.policies import (
     policy_for,
 )
 
-NOW = datetime(2026, 1, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 5, tzinfo=UTC)
 MACHINES = [f"mac{i}" for i in range(10)]
 
 
@@ -33,17 +33,21 @@ def policies(request, tmp_path):
 
     store = open_policy_store(pg_url)
     yield store
-    store.close()   # type: ignore[attr-defined]
+    store.close()  # type: ignore[attr-defined]
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE mesh_policy_log, mesh_policy_assignments, mesh_policy_trials, "
-                     "mesh_policies RESTART IDENTITY CASCADE")
+        conn.execute(
+            "TRUNCATE mesh_policy_log, mesh_policy_assignments, mesh_policy_trials, "
+            "mesh_policies RESTART IDENTITY CASCADE"
+        )
 
 
 def test_a_canary_assigns_a_share_and_the_rest_keep_the_baseline(policies):
-    v = policies.propose({"stuck_injection_seconds": 600}, offerable=True, figures={"mttr": 1},
-                         by="test", now=NOW)
-    trial = policies.start_trial(v, MACHINES, 0.2, baseline={"stuck_injection_seconds": 900},
-                                 by="test", now=NOW)
+    v = policies.propose(
+        {"stuck_injection_seconds": 600}, offerable=True, figures={"mttr": 1}, by="test", now=NOW
+    )
+    trial = policies.start_trial(
+        v, MACHINES, 0.2, baseline={"stuck_injection_seconds": 900}, by="test", now=NOW
+    )
     assert len(trial.machines) == 2 and trial.status == "running"
     baseline = policies.active()
     assert baseline is not None and baseline.genes == {"stuck_injection_seconds": 900.0}
@@ -84,8 +88,13 @@ def test_promote_then_rollback_returns_to_the_previous_policy_and_logs_who(polic
         policies.rollback(by="carol", now=NOW)
     log = policies.log()
     assert [(e["action"], e["by_whom"]) for e in log] == [
-        ("baseline", "alice"), ("canary", "alice"), ("promote", "flow"), ("canary", "bob"),
-        ("rollback", "bob"), ("rollback", "carol")]
+        ("baseline", "alice"),
+        ("canary", "alice"),
+        ("promote", "flow"),
+        ("canary", "bob"),
+        ("rollback", "bob"),
+        ("rollback", "carol"),
+    ]
 
 
 def test_the_policy_log_is_append_only(policies):
@@ -112,17 +121,27 @@ def test_the_canary_share_and_pick_are_checked_and_stable():
 
 
 def _ev(event, machine, at, task=None, reason=None):
-    return {"event": event, "machine_id": machine, "task_id": task,
-            "at": NOW + timedelta(seconds=at), "detail": {"reason": reason} if reason else {}}
+    return {
+        "event": event,
+        "machine_id": machine,
+        "task_id": task,
+        "at": NOW + timedelta(seconds=at),
+        "detail": {"reason": reason} if reason else {},
+    }
 
 
 def test_live_figures_count_requeues_that_proved_false_and_quick_returns():
     events = [
-        _ev("claimed", "c1", 0, "t1"), _ev("Progress", "c1", 100, "t1"),
-        _ev("queued", "c1", 400, "t1", "stuck"), _ev("Progress", "c1", 450, "t1"),   # alive: FP
-        _ev("claimed", "c2", 0, "t2"), _ev("queued", "c2", 900, "t2", "stuck"),       # real
-        _ev("MachineDown", "c2", 1000), _ev("MachineUp", "c2", 1200),                 # back: FP
-        _ev("claimed", "k1", 0, "t3"), _ev("queued", "k1", 1000, "t3", "stuck"),
+        _ev("claimed", "c1", 0, "t1"),
+        _ev("Progress", "c1", 100, "t1"),
+        _ev("queued", "c1", 400, "t1", "stuck"),
+        _ev("Progress", "c1", 450, "t1"),  # alive: FP
+        _ev("claimed", "c2", 0, "t2"),
+        _ev("queued", "c2", 900, "t2", "stuck"),  # real
+        _ev("MachineDown", "c2", 1000),
+        _ev("MachineUp", "c2", 1200),  # back: FP
+        _ev("claimed", "k1", 0, "t3"),
+        _ev("queued", "k1", 1000, "t3", "stuck"),
     ]
     canary = live_figures(events, ["c1", "c2"], NOW, NOW + timedelta(days=1))
     assert (canary.requeues, canary.false_positives) == (2, 2)
@@ -151,6 +170,6 @@ def test_the_policy_in_force_is_the_active_version_else_the_settings(tmp_path):
     genes = {**current_policy(settings), "stuck_injection_seconds": 600.0}
     v = store.propose(genes, offerable=True, figures={}, by="t", now=NOW)
     trial = store.start_trial(v, MACHINES, 0.2, baseline=current_policy(settings), by="t", now=NOW)
-    assert in_force(store, settings) == current_policy(settings)   # a canary is not in force
+    assert in_force(store, settings) == current_policy(settings)  # a canary is not in force
     store.promote(trial.id, by="t", now=NOW, decision={})
     assert in_force(store, settings) == genes

@@ -28,14 +28,19 @@ def beats(until: float, start: float = 0.0, gap: tuple[float, float] | None = No
     return b
 
 
-def one_machine(tasks: list[TaskRun], *, horizon: float = 7200.0, died_at: float | None = None,
-                unreachable: tuple[tuple[float, float], ...] = (), gap=None) -> History:
+def one_machine(
+    tasks: list[TaskRun],
+    *,
+    horizon: float = 7200.0,
+    died_at: float | None = None,
+    unreachable: tuple[tuple[float, float], ...] = (),
+    gap=None,
+) -> History:
     label: hist.Label = "dead" if died_at is not None else "healthy"
     b = beats(died_at if died_at is not None else horizon, gap=gap)
     episodes = (Episode("machine:m1", died_at),) if died_at is not None else ()
     machine = MachineTrack("m1", label, b, unreachable, died_at)
-    return History("tiny", hist.START, horizon, (machine,),
-                   tuple(tasks), episodes)
+    return History("tiny", hist.START, horizon, (machine,), tuple(tasks), episodes)
 
 
 def test_a_hung_task_is_healed_one_stuck_timeout_after_its_last_progress():
@@ -60,21 +65,25 @@ def test_a_quiet_healthy_task_requeued_by_a_short_timeout_is_a_false_positive_wi
 
 
 def test_a_dead_machine_is_declared_down_after_the_confirmations_and_its_task_requeued():
-    h = one_machine([TaskRun("t1", "m1", "%0", 0.0, (300.0, 540.0), hung_at=600.0)],
-                    died_at=600.0, unreachable=((600.0, INF),))
+    h = one_machine(
+        [TaskRun("t1", "m1", "%0", 0.0, (300.0, 540.0), hung_at=600.0)],
+        died_at=600.0,
+        unreachable=((600.0, INF),),
+    )
     # Last beat 600; missed after 660; failed probes at 720 and 780 → down at 780.
     s = score(Prepared(h), DEFAULT, SETTINGS)
     downs = [d for d in s.decisions if d.kind == "down"]
     assert [(d.at, d.false_positive) for d in downs] == [(780.0, False)]
     assert (s.detected, s.misses, s.false_positives) == (2, 0, 0)
-    assert s.mttr == pytest.approx(180.0)   # the machine and its task, both at 780
+    assert s.mttr == pytest.approx(180.0)  # the machine and its task, both at 780
     one = score(Prepared(h), policy(liveness_confirmations=1), SETTINGS)
     assert one.mttr == pytest.approx(120.0)
 
 
 def test_a_network_blip_kills_a_live_machine_only_under_a_single_confirmation():
-    task = TaskRun("t1", "m1", "%0", 0.0, tuple(float(t) for t in range(60, 3500, 60)), 3600.0,
-                   "success")
+    task = TaskRun(
+        "t1", "m1", "%0", 0.0, tuple(float(t) for t in range(60, 3500, 60)), 3600.0, "success"
+    )
     h = one_machine([task], gap=(1000.0, 1110.0), unreachable=((1000.0, 1110.0),))
     assert score(Prepared(h), DEFAULT, SETTINGS).false_positives == 0
     s = score(Prepared(h), policy(liveness_confirmations=1), SETTINGS)
@@ -84,9 +93,19 @@ def test_a_network_blip_kills_a_live_machine_only_under_a_single_confirmation():
 
 
 def _pane_history(outcomes: list[str], *, flaky: bool) -> History:
-    tasks = [TaskRun(f"t{i}", "m1", "%0", i * 120.0, (i * 120.0 + 30,), i * 120.0 + 100, o,  # type: ignore[arg-type]
-                     "boom" if o == "failure" else "")
-             for i, o in enumerate(outcomes)]
+    tasks = [
+        TaskRun(
+            f"t{i}",
+            "m1",
+            "%0",
+            i * 120.0,
+            (i * 120.0 + 30,),
+            i * 120.0 + 100,
+            o,  # type: ignore[arg-type]
+            "boom" if o == "failure" else "",
+        )
+        for i, o in enumerate(outcomes)
+    ]
     episodes = (Episode("pane:m1/%0", 0.0, 4000.0),) if flaky else ()
     h = one_machine(tasks)
     return History("pane", h.start, h.horizon, h.machines, h.tasks, episodes)
@@ -104,8 +123,11 @@ def test_quarantining_a_healthy_pane_is_a_false_positive():
     h = _pane_history(["failure", "failure", "failure", "success"], flaky=False)
     s = score(Prepared(h), policy(immune_window_heartbeats=20), SETTINGS)
     assert s.false_positives >= 1
-    lenient = score(Prepared(h), policy(immune_window_heartbeats=20, immune_soft_failures=4,
-                                        immune_hard_failures=6), SETTINGS)
+    lenient = score(
+        Prepared(h),
+        policy(immune_window_heartbeats=20, immune_soft_failures=4, immune_hard_failures=6),
+        SETTINGS,
+    )
     assert lenient.false_positives == 0
 
 
@@ -137,11 +159,16 @@ def test_the_reconcile_shortcut_matches_the_rule_asked_at_every_tick(small):
 
 def test_the_immune_shortcut_matches_feeding_every_observation(small):
     p = Prepared(small)
-    for pol in (DEFAULT, policy(immune_soft_failures=2, immune_hard_failures=3,
-                                immune_window_heartbeats=40)):
+    for pol in (
+        DEFAULT,
+        policy(immune_soft_failures=2, immune_hard_failures=3, immune_window_heartbeats=40),
+    ):
         quick = [d for d in score(p, pol, SETTINGS).decisions if d.kind == "quarantine"]
-        exact = [d for d in score(p, pol, SETTINGS, exact_immune=True).decisions
-                 if d.kind == "quarantine"]
+        exact = [
+            d
+            for d in score(p, pol, SETTINGS, exact_immune=True).decisions
+            if d.kind == "quarantine"
+        ]
         assert quick == exact
 
 
@@ -149,7 +176,9 @@ def test_synthetic_histories_are_deterministic_under_a_seed():
     a = hist.synthetic(["slow", "flaky"], seed=7, days=0.2)
     b = hist.synthetic(["slow", "flaky"], seed=7, days=0.2)
     assert [t.progress for t in a.tasks] == [t.progress for t in b.tasks]
-    assert all(np.array_equal(x.heartbeats, y.heartbeats) for x, y in zip(a.machines, b.machines,
-                                                                   strict=True))
+    assert all(
+        np.array_equal(x.heartbeats, y.heartbeats)
+        for x, y in zip(a.machines, b.machines, strict=True)
+    )
     c = hist.synthetic(["slow", "flaky"], seed=8, days=0.2)
     assert [t.progress for t in a.tasks] != [t.progress for t in c.tasks]
