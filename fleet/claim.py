@@ -59,7 +59,11 @@ class AppRun:
     def set_stage(self, stage: Stage, error: str | None = None) -> EvolutionState:
         """Every stage write carries the claim epoch and renews the claim's lease."""
         return self.store.set_stage(
-            self.app_id, stage, self.epoch, self.clock.now(), error=error,
+            self.app_id,
+            stage,
+            self.epoch,
+            self.clock.now(),
+            error=error,
             lease_seconds=self.settings.app_lease_seconds,
         )
 
@@ -68,8 +72,11 @@ class AppRun:
         outage, backoff on the clock) and the call goes on when the store is back; past
         `store_outage_budget_seconds` it raises StoreOutage, a clean resumable failure."""
         return await outage_tolerant(
-            functools.partial(fn, *args), budget=self.settings.store_outage_budget_seconds,
-            clock=self.clock, log_key=f"app {self.app_id}", sleep=self.clock.asleep,
+            functools.partial(fn, *args),
+            budget=self.settings.store_outage_budget_seconds,
+            clock=self.clock,
+            log_key=f"app {self.app_id}",
+            sleep=self.clock.asleep,
         )
 
     async def astate(self) -> EvolutionState:
@@ -84,8 +91,10 @@ class AppRun:
 
         Raises StaleLease when another run took the app: the caller stops before it acts.
         """
+
         def renew_now() -> EvolutionState:
             return self.set_stage(self.state().stage)
+
         return await self.call(renew_now)
 
     async def save_tasks(self, tasks: Iterable[Task]) -> None:
@@ -108,8 +117,11 @@ class AppRun:
 
     def command(self, template: list[str], prompt: str = "") -> list[str]:
         return render(
-            template, app_id=self.app_id, pipeline=self.app.pipeline,
-            repo=str(self.app.repo or ""), prompt=prompt,
+            template,
+            app_id=self.app_id,
+            pipeline=self.app.pipeline,
+            repo=str(self.app.repo or ""),
+            prompt=prompt,
         )
 
     def add_duration(self, stage: str, started: datetime) -> None:
@@ -142,16 +154,22 @@ async def live_key(run: AppRun, stage: str, attempt: int) -> tuple[str, Effect |
         restart += 1
 
 
-async def start_once(run: AppRun, stage: str, attempt: int, kind: EffectKind,
-                     start: Start) -> tuple[str, str, bool]:
+async def start_once(
+    run: AppRun, stage: str, attempt: int, kind: EffectKind, start: Start
+) -> tuple[str, str, bool]:
     """(key, task id, whether an earlier run had started it): a task recorded under the
     key is reused; otherwise it is started with the key as its idempotency key and recorded
     at once, before anyone waits on it. A crash between the start and the record is absorbed
     by the gateway (same key, same task)."""
     key, effect = await live_key(run, stage, attempt)
     if effect is not None:
-        log.info("%s: %s attempt %d already started as task %s: polling it, not starting again",
-                 run.app_id, stage, attempt, effect.value)
+        log.info(
+            "%s: %s attempt %d already started as task %s: polling it, not starting again",
+            run.app_id,
+            stage,
+            attempt,
+            effect.value,
+        )
         return key, effect.value, True
     task_id = await start(key)
     return key, await run.record_effect(key, kind, task_id), False
@@ -161,8 +179,9 @@ async def spend(run: AppRun, key: str, task_id: str) -> None:
     await run.record_effect(SPENT + key, "marker", task_id)
 
 
-async def run_once(run: AppRun, stage: str, attempt: int, kind: EffectKind, start: Start,
-                   timeout: float) -> str:
+async def run_once(
+    run: AppRun, stage: str, attempt: int, kind: EffectKind, start: Start, timeout: float
+) -> str:
     """Start (at most once) the task of (stage, attempt) and await its output."""
     while True:
         key, task_id, resumed = await start_once(run, stage, attempt, kind, start)
@@ -224,16 +243,27 @@ def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
     store.ensure_apps([app_id], now)
     held = store.get_state(app_id)
     epoch = store.claim_app(
-        app_id, owner_id(), run_id, now, comp.settings.app_lease_seconds,
+        app_id,
+        owner_id(),
+        run_id,
+        now,
+        comp.settings.app_lease_seconds,
         steal_from=steal_from(held, now, dead_on_this_host) if held else None,
         max_in_flight=max_concurrent(comp),
     )
     if epoch is None:
         return None
     return AppRun(
-        app=comp.fleet.app(app_id), fleet=comp.fleet, run_id=run_id, epoch=epoch, store=store,
-        dispatcher=comp.dispatcher, gate=comp.gate, extractor=comp.extractor,
-        settings=comp.settings, clock=comp.clock,
+        app=comp.fleet.app(app_id),
+        fleet=comp.fleet,
+        run_id=run_id,
+        epoch=epoch,
+        store=store,
+        dispatcher=comp.dispatcher,
+        gate=comp.gate,
+        extractor=comp.extractor,
+        settings=comp.settings,
+        clock=comp.clock,
     )
 
 

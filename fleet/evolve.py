@@ -22,16 +22,18 @@ async def guarded_evolve(run: AppRun) -> None:
     The guard's git steps are short and run on a worker thread; the agent is awaited, so a
     long evolve holds no thread.
     """
-    assert run.app.repo is not None, "a guarded evolve needs the app's local repo"
     app, s = run.app, run.settings
+    repo = app.repo
+    assert repo is not None, "a guarded evolve needs the app's local repo"
     accepted_key = run.effect_key(GUARDED, 1)
     if (accepted := await run.get_effect(accepted_key)) is not None:
         # A resume after the guard had accepted a change: that change stands, no new agent.
-        run.notes.append(f"the change guard had accepted evolve attempt {accepted.value}: "
-                         "not evolved again")
+        run.notes.append(
+            f"the change guard had accepted evolve attempt {accepted.value}: not evolved again"
+        )
         return
     guard = ChangeGuard(
-        app.repo,
+        repo,
         protected=[*run.fleet.protected, *app.protected],
         check_command=app.check,
         patches_dir=s.home / "patches" / app.id,
@@ -47,6 +49,7 @@ async def guarded_evolve(run: AppRun) -> None:
 
             async def start(key: str, command: list[str] = command) -> str:
                 return await run.dispatcher.spawn(command, idempotency_key=key)
+
             await run_once(run, "evolve", attempt, "spawn", start, s.skill_timeout_seconds)
             await run.renew()  # a run that lost the app meanwhile commits nothing
         except BaseException as exc:
@@ -55,8 +58,12 @@ async def guarded_evolve(run: AppRun) -> None:
             # cancelled run still rolls back before it goes.
             reason = f"evolve attempt {attempt} did not finish: {exc}"
             patch = await asyncio.shield(asyncio.to_thread(guard.rollback, snapshot, reason))
-            log.warning("%s: evolve attempt %d did not finish, rolled back (patch kept: %s)",
-                        app.id, attempt, patch)
+            log.warning(
+                "%s: evolve attempt %d did not finish, rolled back (patch kept: %s)",
+                app.id,
+                attempt,
+                patch,
+            )
             raise
         verdict = await asyncio.to_thread(guard.validate, snapshot)
         if verdict.accepted:
@@ -72,4 +79,5 @@ async def guarded_evolve(run: AppRun) -> None:
             f"Protected paths must never change: {', '.join(guard.protected.globs)}."
         )
     raise StageFailed(
-        f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}")
+        f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}"
+    )

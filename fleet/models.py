@@ -83,6 +83,7 @@ def check_transition(current: Stage, new: Stage) -> None:
 
 Source = Literal["skill", "adversarial"]
 Severity = Literal["critical", "high", "medium", "low"]
+Outcome = Literal["success", "failure"]
 SEVERITY_PRIORITY: dict[str, int] = {"critical": 1, "high": 2, "medium": 3, "low": 4}
 MAX_DESCRIPTION = 500
 MAX_FILE = 512
@@ -149,7 +150,7 @@ class Trajectory(BaseModel):
     skill_tasks: int = 0
     adversarial_issues: int = 0
     quality_score: float | None = None
-    outcome: Literal["success", "failure"]
+    outcome: Outcome
     reward: float = Field(ge=0.0, le=1.0)
     durations: dict[str, float] = Field(default_factory=dict)
     error: str | None = None

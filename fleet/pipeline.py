@@ -20,7 +20,7 @@ from fleet.clients.base import UNKNOWN_PHASE, GateStatus, QualityGate
 from fleet.clock import Clock
 from fleet.errors import ConfigError, FleetError, QualityGateError, StageFailed
 from fleet.evolve import guarded_evolve
-from fleet.models import EvolutionState, Stage, Task, Trajectory
+from fleet.models import EvolutionState, Outcome, Stage, Task, Trajectory
 from fleet.parsing import (
     NO_EXTRACTOR,
     ParseResult,
@@ -40,6 +40,7 @@ R = TypeVar("R")
 
 def timed(stage: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., Awaitable[R]]]:
     """A stage function's wall time goes to `run.durations[stage]`, whether it succeeds or fails."""
+
     def decorate(fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         @functools.wraps(fn)
         async def wrapper(run: AppRun, *args: Any, **kwargs: Any) -> R:
@@ -48,7 +49,9 @@ def timed(stage: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., A
                 return await fn(run, *args, **kwargs)
             finally:
                 run.add_duration(stage, started)
+
         return wrapper
+
     return decorate
 
 
@@ -76,8 +79,10 @@ async def dispatch_skill(run: AppRun, explicit: bool = False) -> str:
 
     async def start(key: str) -> str:
         return await run.dispatcher.spawn(command, idempotency_key=key)
-    return await run_once(run, "skill", 2 if explicit else 1, "spawn", start,
-                          run.settings.skill_timeout_seconds)
+
+    return await run_once(
+        run, "skill", 2 if explicit else 1, "spawn", start, run.settings.skill_timeout_seconds
+    )
 
 
 # PARSE ---------------------------------------------------------------------------------
@@ -134,6 +139,7 @@ async def run_skill(run: AppRun) -> list[Task]:
     tasks = await parse_skill(run, await dispatch_skill(run))
     if tasks is None:
         tasks = await parse_skill(run, await dispatch_skill(run, explicit=True), last_try=True)
+    assert tasks is not None, "the last try raises insufficient_tasks rather than giving None"
     return tasks
 
 
@@ -147,7 +153,9 @@ async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
 
     async def start(key: str) -> str:
         return await run.dispatcher.dispatch(
-            command, target=s.review_target, model=s.review_model, idempotency_key=key)
+            command, target=s.review_target, model=s.review_model, idempotency_key=key
+        )
+
     review = await run_once(run, "review", 1, "dispatch", start, s.review_timeout_seconds)
     issues = parse_review_output(review, run.app_id, max_tasks=s.max_tasks_per_stage)
     if note := _dropped_note("review", issues.dropped):
@@ -172,7 +180,11 @@ def hydra_timeout_message(settings: FleetSettings) -> str:
 
 
 async def wait_for_quality(
-    gate: QualityGate, app_id: str, clock: Clock, poll_seconds: float, deadline: datetime,
+    gate: QualityGate,
+    app_id: str,
+    clock: Clock,
+    poll_seconds: float,
+    deadline: datetime,
     on_poll: Callable[[GateStatus | None], Awaitable[object]] | None = None,
 ) -> GateStatus | None:
     """Poll the gate until it passes; None when the deadline came first.
@@ -208,6 +220,7 @@ async def start_hydra(run: AppRun, resumed: bool) -> None:
 
     async def spawn(key: str) -> str:
         return await run.dispatcher.spawn(command, idempotency_key=key)
+
     if not resumed:
         await start_once(run, "hydra", 1, "spawn", spawn)
     elif await _gate_has_no_status(run):
@@ -246,7 +259,11 @@ async def run_evolve(run: AppRun) -> GateStatus:
     # Each poll renews the claim: the wait may outlast many leases, and a run that lost the
     # app stops at its next poll.
     status = await wait_for_quality(
-        run.gate, run.app_id, run.clock, run.settings.hydra_poll_seconds, deadline,
+        run.gate,
+        run.app_id,
+        run.clock,
+        run.settings.hydra_poll_seconds,
+        deadline,
         on_poll=lambda _: run.renew(),
     )
     if status is None:
@@ -267,26 +284,34 @@ async def run_ship(run: AppRun) -> None:
     # Recorded before the wait: a resumed run polls this upload, never sends a second one.
     async def start(key: str) -> str:
         return await run.dispatcher.dispatch(
-            command, target=s.ship_target, model="", idempotency_key=key)
+            command, target=s.ship_target, model="", idempotency_key=key
+        )
+
     await run_once(run, "ship", 1, "ship", start, s.ship_timeout_seconds)
     run.shipped = True
     await run.enter(Stage.COMPLETE)
 
 
 # LEARN -----------------------------------------------------------------------------------
-async def run_learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+async def run_learn(run: AppRun, outcome: Outcome, error: str | None = None) -> Trajectory:
     return await asyncio.to_thread(record_learning, run, outcome, error)
 
 
-def record_learning(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+def record_learning(run: AppRun, outcome: Outcome, error: str | None = None) -> Trajectory:
     """The run's trajectory: counts, quality, reward and stage durations, for KARL ranking."""
     score = run.quality.score if run.quality else None
     trajectory = Trajectory(
-        app_id=run.app_id, run_id=run.run_id, pipeline=run.app.pipeline,
+        app_id=run.app_id,
+        run_id=run.run_id,
+        pipeline=run.app.pipeline,
         skill_tasks=len(run.store.list_tasks(run.app_id, "skill")),
         adversarial_issues=len(run.store.list_tasks(run.app_id, "adversarial")),
-        quality_score=score, outcome=outcome, reward=reward_for(outcome, score),
-        durations=dict(run.durations), error=error, created_at=run.clock.now(),
+        quality_score=score,
+        outcome=outcome,
+        reward=reward_for(outcome, score),
+        durations=dict(run.durations),
+        error=error,
+        created_at=run.clock.now(),
     )
     run.store.record_trajectory(trajectory)
     return trajectory

@@ -22,15 +22,21 @@ from tasks.stages import dispatch, evolve, learn, parse, review, ship
 
 
 @flow(name="app-evolution", flow_run_name="evolve-{app_id}", persist_result=False)
-async def evolve_app(app_id: str, run_id: str | None = None, fleet_file: str | None = None,
-                     fresh: bool = False) -> AppRow:
+async def evolve_app(
+    app_id: str, run_id: str | None = None, fleet_file: str | None = None, fresh: bool = False
+) -> AppRow:
     """Run one app from its persisted stage to `complete` or `failed`; resumable after a crash."""
     comp = await app_components(app_id, fleet_file)
     return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
 
 
-async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = False,
-                     on_taken: Callable[[str], object] | None = None) -> AppRow:
+async def evolve_one(
+    comp: Components,
+    app_id: str,
+    run_id: str,
+    fresh: bool = False,
+    on_taken: Callable[[str], object] | None = None,
+) -> AppRow:
     """The seven stages of one app: the app flow's body, and each app's in an in-process
     cohort (there its stages are tasks of the cohort run: no flow run per app to create).
     `on_taken` hears when the claim step is over (taken or not): the planner waits for it."""
@@ -45,6 +51,7 @@ async def evolve_one(comp: Components, app_id: str, run_id: str, fresh: bool = F
             tasks = await parse(run, await dispatch(run))
             if tasks is None:  # too few tasks: DISPATCH once more, with the explicit prompt
                 tasks = await parse(run, await dispatch(run, explicit=True), last_try=True)
+            assert tasks is not None, "the last try raises insufficient_tasks, never gives None"
         else:
             tasks = await skill_tasks(run)
         if stage.before(Stage.ADVERSARIAL_COMPLETE):
@@ -74,8 +81,13 @@ async def holding(run: AppRun) -> AsyncIterator[Outcome]:
     # The claim is a short lease (app_lease_seconds) this heartbeat renews while the run
     # lives: a run that dies stops renewing, and its app is free again within one lease.
     beat = ClaimHeartbeat(
-        run.store, run.app_id, run.epoch, clock=run.clock, lease_seconds=s.app_lease_seconds,
-        every_seconds=s.app_heartbeat_seconds, outage_budget=s.store_outage_budget_seconds,
+        run.store,
+        run.app_id,
+        run.epoch,
+        clock=run.clock,
+        lease_seconds=s.app_lease_seconds,
+        every_seconds=s.app_heartbeat_seconds,
+        outage_budget=s.store_outage_budget_seconds,
     )
     try:
         async with beat:
@@ -101,15 +113,26 @@ async def learn_and_report(run: AppRun, outcome: Outcome) -> AppRow:
     if outcome.lost:
         return await asyncio.to_thread(app_row, run.store, run.app_id, "claim lost to a newer run")
     if outcome.outage:  # no LEARN, no store read: the store is down
-        raise FleetRunFailed(f"{run.app_id}: {outcome.error}", AppRow(
-            app=run.app_id, stage="unknown (store down)", skill_tasks=0, adversarial_issues=0,
-            quality=None, shipped=False, duration_s=sum(run.durations.values()),
-            error=outcome.error, note="resumable once the store is back", notes=run.notes,
-        ))
+        raise FleetRunFailed(
+            f"{run.app_id}: {outcome.error}",
+            AppRow(
+                app=run.app_id,
+                stage="unknown (store down)",
+                skill_tasks=0,
+                adversarial_issues=0,
+                quality=None,
+                shipped=False,
+                duration_s=sum(run.durations.values()),
+                error=outcome.error,
+                note="resumable once the store is back",
+                notes=run.notes,
+            ),
+        )
     await learn(run, "failure" if outcome.error else "success", outcome.error)
     row = await asyncio.to_thread(app_row, run.store, run.app_id, None, run.notes)
     await acreate_markdown_artifact(
-        markdown=markdown_summary(row), key=f"app-{run.app_id.replace('.', '-').replace('_', '-')}",
+        markdown=markdown_summary(row),
+        key=f"app-{run.app_id.replace('.', '-').replace('_', '-')}",
         description=f"Evolution of {run.app_id}",
     )
     if outcome.error:
@@ -121,8 +144,9 @@ async def app_components(app_id: str, fleet_file: str | None) -> Components:
     validate_app_id(app_id)
     comp = await flow_components(fleet_file)
     if app_id not in comp.fleet.app_ids:
-        raise ConfigError(f"app {app_id!r} is not in the fleet file; "
-                          f"known apps: {', '.join(comp.fleet.app_ids)}")
+        raise ConfigError(
+            f"app {app_id!r} is not in the fleet file; known apps: {', '.join(comp.fleet.app_ids)}"
+        )
     return comp
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from typing import cast
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -17,7 +18,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.deployments import run_deployment
+from prefect.deployments import arun_deployment
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
@@ -50,7 +51,9 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     """
     store, settings, now = comp.store, comp.settings, comp.clock.now()
     store.ensure_apps(comp.fleet.app_ids, now)
-    ranked = rank_apps(comp.fleet.app_ids, store.reward_means(comp.fleet.app_ids), settings.default_reward)
+    ranked = rank_apps(
+        comp.fleet.app_ids, store.reward_means(comp.fleet.app_ids), settings.default_reward
+    )
     size = size or settings.cohort_size(store.completed_cohorts())
     limit = max_concurrent(comp)
     states = {s.app_id: s for s in store.list_states()}
@@ -92,8 +95,13 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
 
 
 @flow(name="fleet-cohort", persist_result=False)
-async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, fresh: bool = False,
-                       retry_failed: bool = False, fan_out: bool = False) -> list[AppRow]:
+async def fleet_cohort(
+    size: int | None = None,
+    fleet_file: str | None = None,
+    fresh: bool = False,
+    retry_failed: bool = False,
+    fan_out: bool = False,
+) -> list[AppRow]:
     """Run the next cohort of the fleet; returns one row per cohort app.
 
     In process (the embedded default, `fleet run`) every app runs as a subflow on this
@@ -108,22 +116,32 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     async with planning(comp, f"{owner_id()}/{run_id}", logger) as lead:
         if lead is None:
             return []
-        plan = await discover_cohort(quote(comp), size, fresh, retry_failed)
+        # quote(): Prefect hands the task the Components as they are, without walking them.
+        plan = await discover_cohort(cast(Components, quote(comp)), size, fresh, retry_failed)
         logger.info(
-            "cohort of %d: starting %s (max_concurrent=%d); skipped: %s", len(plan.cohort),
-            ", ".join(plan.start) or "none", plan.max_concurrent, plan.skipped or "none",
+            "cohort of %d: starting %s (max_concurrent=%d); skipped: %s",
+            len(plan.cohort),
+            ", ".join(plan.start) or "none",
+            plan.max_concurrent,
+            plan.skipped or "none",
         )
         await asyncio.to_thread(comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
-        progress = Progress(comp, len(plan.start), await acreate_progress_artifact(
-            progress=0.0, key="fleet-cohort-progress",
-            description="Apps finished in this cohort run",
-        ))
+        progress = Progress(
+            comp,
+            len(plan.start),
+            await acreate_progress_artifact(
+                progress=0.0,
+                key="fleet-cohort-progress",
+                description="Apps finished in this cohort run",
+            ),
+        )
         if not await asyncio.to_thread(lead.renew):
             logger.warning("planner lease lost before the apps started: this run starts none")
             return []
         taken = Taken(plan.start)
         running = asyncio.create_task(
-            start(comp, plan, fleet_file, fresh, retry_failed, progress, taken))
+            start(comp, plan, fleet_file, fresh, retry_failed, progress, taken)
+        )
         # The lease is let go once every started app is claimed (or found taken): from then
         # on the store's claims keep runs apart, and the next planner sees them in flight.
         all_taken = asyncio.create_task(taken.all.wait())
@@ -132,13 +150,15 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
     finished = await running
     await progress.close()
     # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
-    if all(comp.store.get_state(a).stage.terminal for a in plan.cohort):
+    if all(_stage(comp, a).terminal for a in plan.cohort):
         comp.store.finish_cohort(run_id, comp.clock.now())
 
-    rows = [finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a))
-            for a in plan.cohort]
+    rows = [
+        finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort
+    ]
     await acreate_table_artifact(
-        table=[r.record() for r in rows], key="fleet-cohort",
+        table=[r.record() for r in rows],
+        key="fleet-cohort",
         description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})",
     )
     await report_breakers(logger)
@@ -148,19 +168,27 @@ async def fleet_cohort(size: int | None = None, fleet_file: str | None = None, f
 # The planner lease -------------------------------------------------------------------------
 @asynccontextmanager
 async def planning(
-    comp: Components, holder: str, logger: logging.Logger | logging.LoggerAdapter,
+    comp: Components,
+    holder: str,
+    logger: logging.Logger | logging.LoggerAdapter,
 ) -> AsyncIterator[PlannerLease | None]:
     """Lead the planning, or None when another planner still leads after one lease of
     retries (this run then plans nothing: the leader's plan covers the fleet)."""
     s = comp.settings
     lease = PlannerLease(
-        comp.store, holder, comp.clock, lease_seconds=s.planner_lease_seconds,
-        renew_seconds=s.planner_renew_seconds, retry_seconds=s.planner_retry_seconds,
+        comp.store,
+        holder,
+        comp.clock,
+        lease_seconds=s.planner_lease_seconds,
+        renew_seconds=s.planner_renew_seconds,
+        retry_seconds=s.planner_retry_seconds,
     )
     if not await lead_within(lease, s.planner_lease_seconds):
         leader = await asyncio.to_thread(comp.store.get_lease, lease.name)
-        logger.info("another planner leads: %s; this run plans nothing",
-                    leader.holder if leader else "unknown")
+        logger.info(
+            "another planner leads: %s; this run plans nothing",
+            leader.holder if leader else "unknown",
+        )
         yield None
         return
     try:
@@ -196,14 +224,22 @@ class Taken:
 
 
 @task(name="discover", cache_policy=NO_CACHE, persist_result=False)
-async def discover_cohort(comp: Components, size: int | None, fresh: bool,
-                          retry_failed: bool) -> CohortPlan:
+async def discover_cohort(
+    comp: Components, size: int | None, fresh: bool, retry_failed: bool
+) -> CohortPlan:
     """DISCOVER, as a step the UI shows: the ranking and plan are short store reads."""
     return await asyncio.to_thread(discover, comp, size, fresh, retry_failed)
 
 
 def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:
-    return fresh or (retry_failed and comp.store.get_state(app_id).stage is Stage.FAILED)
+    return fresh or (retry_failed and _stage(comp, app_id) is Stage.FAILED)
+
+
+def _stage(comp: Components, app_id: str) -> Stage:
+    """A cohort app's stage (DISCOVER made sure every app of the fleet has a state row)."""
+    state = comp.store.get_state(app_id)
+    assert state is not None, f"{app_id} has no state row after DISCOVER"
+    return state.stage
 
 
 class Progress:
@@ -214,7 +250,7 @@ class Progress:
 
     async def tick(self, app_id: str) -> None:
         self.done += 1
-        stage = (await asyncio.to_thread(self.comp.store.get_state, app_id)).stage
+        stage = await asyncio.to_thread(_stage, self.comp, app_id)
         get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
         await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
 
@@ -223,8 +259,15 @@ class Progress:
             await aupdate_progress_artifact(self.artifact_id, progress=100.0)
 
 
-async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
-                     retry_failed: bool, progress: Progress, taken: Taken) -> dict[str, AppRow]:
+async def in_process(
+    comp: Components,
+    plan: CohortPlan,
+    fleet_file: str | None,
+    fresh: bool,
+    retry_failed: bool,
+    progress: Progress,
+    taken: Taken,
+) -> dict[str, AppRow]:
     """Every app as a coroutine on this event loop, its stages tasks of this cohort run.
 
     A waiting app costs a coroutine; no flow run per app is created, which keeps the
@@ -254,8 +297,15 @@ async def in_process(comp: Components, plan: CohortPlan, fleet_file: str | None,
     return rows
 
 
-async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None, fresh: bool,
-                     retry_failed: bool, progress: Progress, taken: Taken) -> dict[str, AppRow]:
+async def on_workers(
+    comp: Components,
+    plan: CohortPlan,
+    fleet_file: str | None,
+    fresh: bool,
+    retry_failed: bool,
+    progress: Progress,
+    taken: Taken,
+) -> dict[str, AppRow]:
     """Every app submitted to the app-evolution deployment; workers on any machine run them.
 
     Submitting does not wait (`timeout=0`); the cohort then reads all its runs' states in one
@@ -266,10 +316,15 @@ async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None,
     logger = get_run_logger()
     pending: dict[UUID, str] = {}
     for app_id in plan.start:
-        submitted = await run_deployment(
-            comp.settings.app_deployment, timeout=0, as_subflow=True,
-            parameters={"app_id": app_id, "fleet_file": fleet_file,
-                        "fresh": reset_requested(comp, app_id, fresh, retry_failed)},
+        submitted = await arun_deployment(
+            comp.settings.app_deployment,
+            timeout=0,
+            as_subflow=True,
+            parameters={
+                "app_id": app_id,
+                "fleet_file": fleet_file,
+                "fresh": reset_requested(comp, app_id, fresh, retry_failed),
+            },
         )
         pending[submitted.id] = app_id
         taken.one(app_id)  # submitted: its run claims it on a worker, the planner is done
@@ -278,13 +333,15 @@ async def on_workers(comp: Components, plan: CohortPlan, fleet_file: str | None,
         while pending:
             await comp.clock.asleep(comp.settings.cohort_poll_seconds)
             runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
+            )
             for flow_run in runs:
                 if flow_run.state is not None and flow_run.state.is_final():
                     app_id = pending.pop(flow_run.id)
                     if not flow_run.state.is_completed():
-                        logger.error("%s: app run %s ended %s", app_id, flow_run.name,
-                                     flow_run.state.name)
+                        logger.error(
+                            "%s: app run %s ended %s", app_id, flow_run.name, flow_run.state.name
+                        )
                     await progress.tick(app_id)
     return {}
 
@@ -298,6 +355,7 @@ async def report_breakers(logger) -> None:
         if snap["state"] != "closed":
             logger.warning("breaker %s is %s: %s", name, snap["state"], snap["last_error"])
     await acreate_table_artifact(
-        table=[{"endpoint": name, **snap} for name, snap in states.items()], key="fleet-breakers",
+        table=[{"endpoint": name, **snap} for name, snap in states.items()],
+        key="fleet-breakers",
         description="Circuit breaker per external endpoint, as the last cohort run left them",
     )

@@ -19,7 +19,7 @@ from prefect.utilities.annotations import quote
 
 from fleet import pipeline
 from fleet.clients.base import GateStatus
-from fleet.models import Task, Trajectory
+from fleet.models import Outcome, Task, Trajectory
 from fleet.pipeline import AppRun
 
 SLACK_SECONDS = 300  # beyond the agent's own timeout: the store writes around it
@@ -34,8 +34,12 @@ def transient(task_, task_run, state) -> bool:
 def stage_task(name: str):
     # No tags: each tag costs a concurrency-limit call to the API per task run.
     return task(
-        name=name, task_run_name=name + "-{run.app_id}", retry_jitter_factor=0.5,
-        retry_condition_fn=transient, cache_policy=NO_CACHE, persist_result=False,
+        name=name,
+        task_run_name=name + "-{run.app_id}",
+        retry_jitter_factor=0.5,
+        retry_condition_fn=transient,
+        cache_policy=NO_CACHE,
+        persist_result=False,
     )
 
 
@@ -47,7 +51,8 @@ def live(stage: PrefectTask, run: AppRun, timeout: float, retries: bool = True) 
     """
     s = run.settings
     options: dict[str, Any] = {
-        "timeout_seconds": timeout, "retries": s.stage_retries if retries else 0,
+        "timeout_seconds": timeout,
+        "retries": s.stage_retries if retries else 0,
     }
     if retries:
         options["retry_delay_seconds"] = exponential_backoff(s.retry_delay_seconds)
@@ -88,7 +93,7 @@ async def _ship(run: AppRun) -> None:
 
 
 @stage_task("learn")
-async def _learn(run: AppRun, outcome: str, error: str | None) -> Trajectory:
+async def _learn(run: AppRun, outcome: Outcome, error: str | None) -> Trajectory:
     return await pipeline.run_learn(run, outcome, error)
 
 
@@ -123,6 +128,6 @@ async def ship(run: AppRun) -> None:
     await live(_ship, run, timeout, retries=False)(quote(run))
 
 
-async def learn(run: AppRun, outcome: str, error: str | None = None) -> Trajectory:
+async def learn(run: AppRun, outcome: Outcome, error: str | None = None) -> Trajectory:
     """LEARN: the trajectory KARL ranks by."""
     return await live(_learn, run, SLACK_SECONDS)(quote(run), outcome, error)

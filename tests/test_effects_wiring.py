@@ -52,8 +52,9 @@ class Gateway:
     async def spawn(self, command: list[str], idempotency_key: str | None = None) -> str:
         return await self._start(command, idempotency_key, "local", "")
 
-    async def dispatch(self, command: list[str], target: str, model: str,
-                       idempotency_key: str | None = None) -> str:
+    async def dispatch(
+        self, command: list[str], target: str, model: str, idempotency_key: str | None = None
+    ) -> str:
         return await self._start(command, idempotency_key, target, model)
 
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
@@ -73,9 +74,16 @@ def resumed(run: AppRun, dispatcher=None) -> AppRun:
     epoch = store.claim_app(run.app_id, "test:2", "run-2", now, run.settings.app_lease_seconds)
     assert epoch is not None and epoch != run.epoch
     return AppRun(
-        app=run.app, fleet=run.fleet, run_id="run-2", epoch=epoch, store=store,
-        dispatcher=dispatcher or run.dispatcher, gate=run.gate, extractor=None,
-        settings=run.settings, clock=run.clock,
+        app=run.app,
+        fleet=run.fleet,
+        run_id="run-2",
+        epoch=epoch,
+        store=store,
+        dispatcher=dispatcher or run.dispatcher,
+        gate=run.gate,
+        extractor=None,
+        settings=run.settings,
+        clock=run.clock,
     )
 
 
@@ -146,14 +154,21 @@ async def test_a_forgotten_ship_task_fails_cleanly_and_uploads_nothing(tmp_path)
 
 async def test_a_failed_agent_is_spent_so_the_retry_starts_a_fresh_task(tmp_path):
     flag = tmp_path / "failed-once"
-    fail_once = script(tmp_path, "fail_once", "import os, pathlib, sys\n"
-                       f"p = pathlib.Path({str(flag)!r})\n"
-                       "if not p.exists():\n    p.write_text('x'); sys.exit(3)\n"
-                       "os.execv(sys.argv[1], sys.argv[1:])\n")
+    fail_once = script(
+        tmp_path,
+        "fail_once",
+        "import os, pathlib, sys\n"
+        f"p = pathlib.Path({str(flag)!r})\n"
+        "if not p.exists():\n    p.write_text('x'); sys.exit(3)\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n",
+    )
     run, gateway = gateway_run(tmp_path)
     demo_skill = run.fleet.commands.skill
-    run.fleet = run.fleet.model_copy(update={
-        "commands": run.fleet.commands.model_copy(update={"skill": [*fail_once, *demo_skill]})})
+    run.fleet = run.fleet.model_copy(
+        update={
+            "commands": run.fleet.commands.model_copy(update={"skill": [*fail_once, *demo_skill]})
+        }
+    )
     with pytest.raises(AgentFailed):
         await run_skill(run)
     await run_skill(run)  # what the stage's retry does
@@ -183,6 +198,7 @@ class FlakyStore:
                 self.refused += 1
                 raise StoreUnreachable("connection refused")
             return attr(*args, **kwargs)
+
         return call
 
 
@@ -216,8 +232,10 @@ async def test_a_change_the_guard_accepted_is_not_evolved_again_on_resume(tmp_pa
     await run_evolve(run)
     # The crash: after the guard accepted, before the gate's pass was recorded.
     with run.store._tx() as db:
-        db.execute("DELETE FROM app_effects WHERE key = ?",
-                   (effect_key("demo-calc", "evolve-accepted", 1),))
+        db.execute(
+            "DELETE FROM app_effects WHERE key = ?",
+            (effect_key("demo-calc", "evolve-accepted", 1),),
+        )
     again = resumed(run)
     await run_evolve(again)
     assert gateway.starts.count("evolve") == 1
@@ -256,7 +274,10 @@ async def test_a_5xx_on_spawn_is_retried_under_its_key_and_starts_one_task(tmp_p
     token = "t0ken-for-tests"
     with AuraDevServer(token=token, workdir=tmp_path / "gateway") as aura:
         gateway = AuraGatewayDispatcher(
-            aura.url, token=SecretStr(token), clock=clock, timeout=5,
+            aura.url,
+            token=SecretStr(token),
+            clock=clock,
+            timeout=5,
             breaker=CircuitBreaker(f"aura-test-{uuid.uuid4().hex[:8]}", 3, 60, clock),
         )
         run.dispatcher = gateway

@@ -15,8 +15,9 @@ log = logging.getLogger("test.planner")
 
 
 def comp(store: SQLiteStore, clock: ManualClock, tmp_path, **settings: float) -> SimpleNamespace:
-    return SimpleNamespace(store=store, clock=clock,
-                           settings=FleetSettings(home=tmp_path / "home", **settings))
+    return SimpleNamespace(
+        store=store, clock=clock, settings=FleetSettings(home=tmp_path / "home", **settings)
+    )
 
 
 async def test_two_planners_at_once_one_plans_the_other_takes_over_after_it(tmp_path):

@@ -23,12 +23,13 @@ def store(request, tmp_path):
         return SQLiteMeshStore(tmp_path / "fleet.db")
     from fleet.mesh.pg_store import PgMeshStore
     from fleet.store.migrations import apply_migrations
-
     from tests.mesh.conftest import truncate_mesh
 
     pg_url = request.getfixturevalue("pg_url")
     apply_migrations(pg_url)
-    truncate_mesh(pg_url)  # the database is the session's: another test's queued task would be claimed
+    truncate_mesh(
+        pg_url
+    )  # the database is the session's: another test's queued task would be claimed
     return PgMeshStore(pg_url)
 
 
