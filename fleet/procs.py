@@ -9,11 +9,13 @@ import os
 import selectors
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -121,47 +123,81 @@ async def arun_bounded(
     tail_bytes: int = TAIL_BYTES,
     grace: float = STOP_GRACE,
 ) -> Finished:
-    """`run_bounded` for an event loop: the same bounds and the same stop, without blocking it.
+    """`run_bounded` for an event loop: the same bounds and the same stop, holding no thread.
 
-    Cancelling it stops the command's tree before the cancellation goes on.
+    The output goes to a temporary file (nothing has to read while the command runs, and a
+    leftover holding it open cannot keep us waiting), and the exit is awaited on a pidfd
+    (`await_exit`): a thousand waiting commands are a thousand coroutines. Cancelling it
+    stops the command's tree before the cancellation goes on.
     """
     marked, marker = marked_env(env)
     started = time.monotonic()
-    deadline = None if timeout is None else started + timeout
-    try:
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=marked, **_SPAWN)
-    except BaseException:
-        kill_marked(marker)  # cancelled while starting: asyncio kills the child, not what it began
-        raise
-    assert proc.stdout is not None
-    tail = _Tail(tail_bytes)
-    reader = asyncio.ensure_future(_pump(proc.stdout, tail))
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=marked,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = await await_exit(proc, timeout)
+        except BaseException:
+            await asyncio.shield(asyncio.to_thread(_end, proc.pid, proc.poll, marker, grace, True))
+            raise
+        timed_out = code is None
+        await asyncio.to_thread(_end, proc.pid, proc.poll, marker, grace, timed_out)
+        tail = _file_tail(out, tail_bytes)
+    return Finished(code, tail, timed_out, time.monotonic() - started)
 
-    def reap() -> int | None:  # the loop's child watcher reaps it
+
+def _file_tail(file: IO[bytes], limit: int) -> str:
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - limit))
+    return file.read(limit).decode(errors="replace")
+
+
+async def await_exit(proc: subprocess.Popen, timeout: float | None) -> int | None:
+    """The child's exit code once it exits, or None after `timeout` seconds (None: never).
+
+    Waits on a pidfd registered with the event loop: no thread and no poll per waiting
+    child, however many there are and however long they run.
+    """
+    if proc.poll() is not None:
         return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # reaped meanwhile (ESRCH), or no pidfd on this kernel
+        return await _polled_exit(proc, timeout)
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
 
+    def readable() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, readable)
     try:
-        # Process.wait() also waits for the pipe to close, which a leftover may hold: poll the exit.
-        while not (timed_out := deadline is not None and time.monotonic() >= deadline):
-            if proc.returncode is not None:
-                break
-            left = _POLL if deadline is None else deadline - time.monotonic()
-            await asyncio.sleep(min(_POLL, max(0.0, left)))
-    except BaseException:
-        reader.cancel()
-        _end(proc.pid, reap, marker, grace, running=True)  # blocking: a second cancel cannot cut it
-        raise
-    await asyncio.to_thread(_end, proc.pid, reap, marker, grace, timed_out)
-    try:
-        await asyncio.wait_for(reader, grace)
-    except TimeoutError:  # a process out of reach holds the pipe: stop reading
-        transport = getattr(proc, "_transport", None)
-        if transport is not None:
-            transport.close()
-    while proc.returncode is None:
-        await asyncio.sleep(0.01)
-    code = proc.returncode
-    return Finished(None if timed_out else code, tail.text(), timed_out, time.monotonic() - started)
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        return proc.poll()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()  # it has exited: this only reaps it
+
+
+async def _polled_exit(proc: subprocess.Popen, timeout: float | None) -> int | None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.01
+    while proc.poll() is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 1.0)
+    return proc.returncode
 
 
 def _end(pid: int, reap: Callable[[], object], marker: str, grace: float, running: bool) -> None:
@@ -172,11 +208,6 @@ def _end(pid: int, reap: Callable[[], object], marker: str, grace: float, runnin
     else:
         _signal_group(pid, signal.SIGKILL)
     kill_marked(marker)
-
-
-async def _pump(stream: asyncio.StreamReader, tail: _Tail) -> None:
-    while chunk := await stream.read(65536):
-        tail.add(chunk)
 
 
 def _exited(proc: subprocess.Popen) -> bool:

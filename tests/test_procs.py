@@ -153,3 +153,20 @@ def test_an_interrupted_sync_run_stops_the_whole_tree(tmp_path):
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert gone(wait_for_pid(pidfile))
+
+
+def test_waiting_async_runs_hold_no_thread_each():
+    """The local gate's checks wait on a pidfd: twenty waiting commands add no thread."""
+    import threading
+
+    async def main() -> tuple[int, int, list[Finished]]:
+        before = threading.active_count()
+        sleeper = [sys.executable, "-c", "import time; time.sleep(3)"]
+        runs = [asyncio.ensure_future(arun_bounded(sleeper, timeout=60)) for _ in range(20)]
+        await asyncio.sleep(1)
+        during = threading.active_count()
+        return before, during, list(await asyncio.gather(*runs))
+
+    before, during, results = asyncio.run(main())
+    assert during == before
+    assert [r.returncode for r in results] == [0] * 20

@@ -24,7 +24,7 @@ from fleet.errors import (
     QualityGateError,
     UnknownTask,
 )
-from fleet.procs import kill_marked, marked_env, stop_process_tree
+from fleet.procs import arun_bounded, await_exit, kill_marked, marked_env, stop_process_tree
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
@@ -115,7 +115,7 @@ class LocalExecutor:
         if job is None:
             raise UnknownTask(f"local executor has no task {task_id!r} (it may have restarted)")
         try:
-            code = await exit_code(job.proc, timeout)
+            code = await await_exit(job.proc, timeout)
             if code is None:
                 await asyncio.to_thread(_stop, job)
                 raise DispatchTimeout(
@@ -153,82 +153,21 @@ def _stop(job: _Job) -> None:
     kill_marked(job.marker)  # what left the process group (setsid) too
 
 
-async def exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
-    """The child's exit code once it exits, or None after `timeout` seconds.
-
-    Waits on a pidfd registered with the event loop: no thread and no poll per waiting
-    child, however many there are and however long they run.
-    """
-    if proc.poll() is not None:
-        return proc.returncode
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except OSError:  # reaped meanwhile (ESRCH), or no pidfd on this kernel
-        return await _polled_exit_code(proc, timeout)
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-
-    def on_exit() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(pidfd, on_exit)
-    try:
-        await asyncio.wait_for(exited, timeout)
-    except TimeoutError:
-        return proc.poll()
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
-    return proc.wait()  # it has exited: this only reaps it
-
-
-async def _polled_exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    delay = 0.01
-    while proc.poll() is None:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            return None
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, 1.0)
-    return proc.returncode
-
-
-def _stop_check(proc: subprocess.Popen, marker: str) -> None:
-    stop_process_tree(proc, KILL_GRACE)
-    kill_marked(marker)  # what left the group would hold its output file open
-
-
 async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
-    """Run a check command; returns (passed, tail of its output). Timeouts fail the check."""
+    """Run a check command; returns (passed, tail of its output). Timeouts fail the check.
+
+    The one bounded runner (fleet/procs.py): output to a file, the exit awaited on a pidfd
+    (no thread per waiting check), the whole tree stopped at the timeout or a cancellation.
+    The check runs code the agents changed, so it gets the agents' environment.
+    """
     argv = [str(a) for a in command]
-    env, marker = marked_env(agent_env())  # the check runs code the agents changed
-    # Output to a file, not a pipe: nothing has to read while the check runs.
-    with tempfile.TemporaryFile() as out:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
-        try:
-            code = await exit_code(proc, timeout)
-        except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(_stop_check, proc, marker))
-            raise
-        if code is None:
-            await asyncio.to_thread(_stop_check, proc, marker)
-            return False, f"check timed out after {timeout:g} s"
-        out.seek(0)
-        text = out.read().decode(errors="replace").strip()
-    return code == 0, text[-TAIL:]
+    try:
+        done = await arun_bounded(argv, cwd=cwd, env=agent_env(), timeout=timeout, tail_bytes=TAIL)
+    except OSError as exc:
+        raise QualityGateError(f"cannot run check {argv[0]!r}: {exc.strerror or exc}") from None
+    if done.timed_out:
+        return False, f"check timed out after {timeout:g} s"
+    return done.returncode == 0, done.output_tail.strip()
 
 
 class LocalQualityGate:
