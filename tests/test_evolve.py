@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from fleet.claim import AppRun, start_once, take
@@ -174,3 +176,59 @@ async def test_a_resumed_evolve_validates_against_the_snapshot_recorded_before_t
     assert git_out(repo, "rev-parse", "HEAD") == head  # nothing accepted, nothing to ship
     assert git_out(repo, "status", "--porcelain") == ""
     assert resumed.store.get_effect("demo-calc", resumed.effect_key(GUARDED, 1)) is None
+
+
+async def test_a_dead_runs_evolve_agent_is_stopped_before_its_late_edit_lands(tmp_path):
+    """The crash as it happened: the dead run's agent is still working when the next run
+    takes the app; it is killed then, so its protected-path edit never lands."""
+    slow = script(
+        tmp_path,
+        "slow_edit",
+        (
+            "import os, sys, time\n"
+            "open(sys.argv[1] + '/started', 'w').write(str(os.getpid()))\n"
+            "time.sleep(2)\n"
+            "open(sys.argv[1] + '/ci/protected.cfg', 'a').write('checks = off\\n')\n"
+        ),
+    )
+    clock = ManualClock()
+    settings = FleetSettings(home=tmp_path / "home", hydra_poll_seconds=300, evolve_attempts=1)
+    dead = app_run(tmp_path, demo_fleet(tmp_path), clock=clock, settings=settings)
+    advance(dead, Stage.HYDRA_BUILD)
+    repo = dead.app.repo
+    protected_before = (repo / "ci" / "protected.cfg").read_text()
+    await pre_attempt_snapshot(dead, guard_for(dead), 1)
+    executor = dead.dispatcher
+
+    async def start(key: str) -> str:
+        return await executor.spawn([*slow, str(repo)], idempotency_key=key)
+
+    await start_once(dead, "evolve", 1, "spawn", start)
+    deadline = time.monotonic() + 10
+    while not (repo / "started").exists() or not (repo / "started").read_text():
+        assert time.monotonic() < deadline, "the dead run's agent never started"
+        time.sleep(0.02)
+    pid = int((repo / "started").read_text())
+    (repo / "started").unlink()
+    comp = Components(
+        settings=settings,
+        fleet=dead.fleet,
+        store=dead.store,
+        dispatcher=LocalExecutor(workdir=tmp_path / "exec-2"),
+        gate=dead.gate,
+        extractor=None,
+        clock=clock,
+    )
+    del dead  # killed -9: nothing stops its agent
+    clock.advance(settings.app_lease_seconds + 1)
+
+    assert isinstance(take(comp, "demo-calc", "run-2"), AppRun)
+
+    try:
+        os.kill(pid, 0)
+        gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        gone = True
+    assert gone
+    time.sleep(2.5)  # past the moment the agent would have edited
+    assert (repo / "ci" / "protected.cfg").read_text() == protected_before
