@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +16,7 @@ from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.models import EvolutionState, Stage, Task
+from fleet.procs import APP_RUN_MARKER, current_app_run, kill_by_env
 from fleet.settings import FleetSettings
 from fleet.store.base import Effect, EffectKind, Store, effect_key
 from fleet.store.outage import outage_tolerant
@@ -46,6 +48,10 @@ class AppRun:
     notes: list[str] = field(default_factory=list)
     quality: GateStatus | None = None
     shipped: bool = False
+    # Put into the environment of every agent started for this run, and recorded (per epoch)
+    # before the first one starts: the next run's `take` stops them all after a crash.
+    marker: str = field(default_factory=lambda: uuid.uuid4().hex)
+    marker_recorded: bool = False
 
     @property
     def app_id(self) -> str:
@@ -112,6 +118,12 @@ class AppRun:
     def effect_key(self, stage: str, attempt: int) -> str:
         return effect_key(self.app_id, stage, attempt)
 
+    async def record_marker(self) -> None:
+        """Record this run's agent marker under its epoch (every run's marker is kept)."""
+        if not self.marker_recorded:
+            await self.record_effect(self.effect_key(APP_RUN, self.epoch), "marker", self.marker)
+            self.marker_recorded = True
+
     async def release(self) -> None:
         await self.call(self.store.release_app, self.app_id, self.epoch)
 
@@ -133,6 +145,7 @@ class AppRun:
 # EFFECTS (exactly once) ------------------------------------------------------------------
 SPENT = "spent:"  # prefix of the marker saying the task under a key ended without an answer
 ACCEPTED = "evolve-accepted"  # the marker of an evolve whose quality gate passed
+APP_RUN = "app-run"  # the stage of the agent marker each run records, its epoch as the attempt
 
 Start = Callable[[str], Awaitable[str]]  # starts the task under an idempotency key: its id
 
@@ -171,7 +184,12 @@ async def start_once(
             effect.value,
         )
         return key, effect.value, True
-    task_id = await start(key)
+    await run.record_marker()  # before the agent exists, so a crash cannot orphan it
+    token = current_app_run.set(run.marker)
+    try:
+        task_id = await start(key)
+    finally:
+        current_app_run.reset(token)
     return key, await run.record_effect(key, kind, task_id), False
 
 
@@ -225,6 +243,7 @@ def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> App
     run = claim(comp, app_id, run_id)
     if run is None:
         return NotClaimed(not_claimed_note(comp, app_id))
+    stop_earlier_agents(comp.store, app_id, run.epoch)
     stage = run.state().stage
     if not stage.terminal:
         return run
@@ -233,6 +252,18 @@ def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> App
         return NotClaimed(f"already {stage.value}")
     comp.store.reset_app(app_id, comp.clock.now())
     return claim(comp, app_id, run_id) or NotClaimed(not_claimed_note(comp, app_id))
+
+
+def stop_earlier_agents(store: Store, app_id: str, epoch: int) -> None:
+    """Kill every agent (on this host) that an earlier claim of the app started: a run that
+    died left them editing the repo, and what they write must not reach the next snapshot."""
+    markers = [
+        e.value
+        for e in store.list_effects(app_id)
+        if e.kind == "marker" and e.key.startswith(APP_RUN + "/") and e.epoch < epoch
+    ]
+    if markers:
+        kill_by_env(APP_RUN_MARKER, *markers)
 
 
 def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:

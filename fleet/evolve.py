@@ -8,9 +8,11 @@ import logging
 from fleet.claim import AppRun, run_once
 from fleet.errors import StageFailed
 from fleet.supervisor.guard import ChangeGuard
+from fleet.supervisor.snapshot import Snapshot, dump_snapshot, load_snapshot
 
 log = logging.getLogger("fleet.evolve")
 GUARDED = "evolve-guarded"  # the marker of a change the guard accepted
+SNAPSHOT = "evolve-snapshot"  # the recorded pre-attempt snapshot of each attempt
 
 
 async def guarded_evolve(run: AppRun) -> None:
@@ -23,8 +25,6 @@ async def guarded_evolve(run: AppRun) -> None:
     long evolve holds no thread.
     """
     app, s = run.app, run.settings
-    repo = app.repo
-    assert repo is not None, "a guarded evolve needs the app's local repo"
     accepted_key = run.effect_key(GUARDED, 1)
     if (accepted := await run.get_effect(accepted_key)) is not None:
         # A resume after the guard had accepted a change: that change stands, no new agent.
@@ -32,18 +32,11 @@ async def guarded_evolve(run: AppRun) -> None:
             f"the change guard had accepted evolve attempt {accepted.value}: not evolved again"
         )
         return
-    guard = ChangeGuard(
-        repo,
-        protected=[*run.fleet.protected, *app.protected],
-        check_command=app.check,
-        patches_dir=s.home / "patches" / app.id,
-        check_timeout=s.check_timeout_seconds,
-        clock=run.clock,
-    )
+    guard = guard_for(run)
     feedback = ""
     for attempt in range(1, s.evolve_attempts + 1):
         await run.renew()  # the attempts together may outlast one lease
-        snapshot = await asyncio.to_thread(guard.snapshot)
+        snapshot = await pre_attempt_snapshot(run, guard, attempt)
         try:
             command = run.command(run.fleet.commands.evolve, feedback)
 
@@ -81,3 +74,36 @@ async def guarded_evolve(run: AppRun) -> None:
     raise StageFailed(
         f"change guard rejected all {s.evolve_attempts} evolve attempts: {verdict.reason}"
     )
+
+
+def guard_for(run: AppRun) -> ChangeGuard:
+    """The change guard of the app's local repo, with the fleet's and the app's protected paths."""
+    app, s = run.app, run.settings
+    assert app.repo is not None, "a guarded evolve needs the app's local repo"
+    return ChangeGuard(
+        app.repo,
+        protected=[*run.fleet.protected, *app.protected],
+        check_command=app.check,
+        patches_dir=s.home / "patches" / app.id,
+        check_timeout=s.check_timeout_seconds,
+        clock=run.clock,
+    )
+
+
+async def pre_attempt_snapshot(run: AppRun, guard: ChangeGuard, attempt: int) -> Snapshot:
+    """The snapshot `attempt` is validated against, recorded before its agent starts.
+
+    A resumed attempt gets the one its dead run recorded, never a new one: the repo may
+    already hold what that run's agent wrote after the crash, and a snapshot of it would
+    make those edits (protected paths included) the baseline that passes validation.
+    """
+    key = run.effect_key(SNAPSHOT, attempt)
+    if (recorded := await run.get_effect(key)) is not None:
+        log.info(
+            "%s: evolve attempt %d validates against its recorded snapshot", run.app_id, attempt
+        )
+        return load_snapshot(recorded.value)
+    snapshot = await asyncio.to_thread(guard.snapshot)
+    dumped = dump_snapshot(snapshot)
+    stored = await run.record_effect(key, "snapshot", dumped)  # the first recorded wins
+    return snapshot if stored == dumped else load_snapshot(stored)

@@ -13,6 +13,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -22,6 +23,12 @@ import psutil
 # Every process a marked command starts inherits this variable: the ones that leave its
 # process group (setsid, double fork) are still found, and stopped.
 RUN_MARKER = "FLEET_SUPERVISOR_RUN"
+# Every agent started for an app run carries that run's marker (recorded in the store), so the
+# run that takes the app after a crash stops what the dead run left working on it.
+APP_RUN_MARKER = "FLEET_APP_RUN"
+# The marker of the app run starting agents in this context (None: no app run), set around a
+# start (fleet/claim.py) and read by the local executor: the Dispatcher protocol stays as is.
+current_app_run: ContextVar[str | None] = ContextVar("current_app_run", default=None)
 TAIL_BYTES = 16 * 1024  # output kept from a bounded run: its end, where errors are
 STOP_GRACE = 1.0  # seconds between SIGTERM and SIGKILL, and for reading what is left after a stop
 _POLL = 0.05  # how often a run whose output pipe stays open checks whether the command exited
@@ -299,6 +306,12 @@ def kill_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
 
 
+def app_run_env() -> dict[str, str]:
+    """The app-run marker variable for an agent started now (empty outside an app run)."""
+    marker = current_app_run.get()
+    return {} if marker is None else {APP_RUN_MARKER: marker}
+
+
 def marked_env(env: Mapping[str, str] | None) -> tuple[dict[str, str], str]:
     """`env` (None: ours) plus a fresh RUN_MARKER; returns the environment and the marker."""
     marker = uuid.uuid4().hex
@@ -310,11 +323,23 @@ def kill_marked(marker: str, rounds: int = 20) -> None:
 
     A mitigation: a process that execs itself with a scrubbed environment is not found.
     """
+    kill_by_env(RUN_MARKER, marker, rounds=rounds)
+
+
+def kill_by_env(name: str, *values: str, rounds: int = 20) -> None:
+    """SIGKILL every process whose environment sets `name` to one of `values` (none: no-op).
+
+    Finds what a dead orchestrator left running: its agents carry its marker however they
+    were reparented. Same limit as `kill_marked`: a scrubbed environment is not found.
+    """
+    wanted = set(values)
+    if not wanted:
+        return
     for _ in range(rounds):  # another pass for children forked while the last one killed
         found = []
         for p in psutil.process_iter():
             try:
-                if p.pid != os.getpid() and p.environ().get(RUN_MARKER) == marker:
+                if p.pid != os.getpid() and p.environ().get(name) in wanted:
                     p.kill()
                     found.append(p)
             except psutil.Error:

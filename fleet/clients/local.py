@@ -24,7 +24,14 @@ from fleet.errors import (
     QualityGateError,
     UnknownTask,
 )
-from fleet.procs import arun_bounded, await_exit, kill_marked, marked_env, stop_process_tree
+from fleet.procs import (
+    app_run_env,
+    arun_bounded,
+    await_exit,
+    kill_marked,
+    marked_env,
+    stop_process_tree,
+)
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
@@ -84,8 +91,9 @@ class LocalExecutor:
         out, err = self.workdir / f"{task_id}.out", self.workdir / f"{task_id}.err"
         # The allowlist (fleet/agentenv.py) plus the fleet file's `env:`: agents are the
         # untrusted code here, so no FLEET_* secret, token, API key or store URL reaches them.
+        # The app run's marker too: the run taking the app after a crash stops this agent.
         env, marker = marked_env(
-            {**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model}
+            {**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model, **app_run_env()}
         )
         try:
             with out.open("wb") as fo, err.open("wb") as fe:

@@ -3,6 +3,8 @@ permissions, and the snapshot (a commit of the uncommitted work) taken before an
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import stat
 import tempfile
@@ -38,6 +40,57 @@ class Snapshot:
     ignored_paths: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False)
     # The ref in the guard's own bare repository that keeps this snapshot's commits.
     archive_ref: str = field(default="", compare=False)
+
+
+def dump_snapshot(snap: Snapshot) -> str:
+    """The whole snapshot as JSON (bytes as base64), to be recorded before the agent runs:
+    a resumed run validates against exactly this, never a snapshot of what the agent left."""
+
+    def entries(found: Mapping[str, Entry]) -> dict[str, list]:
+        return {
+            rel: [e.kind, e.perm, base64.b64encode(e.data).decode()] for rel, e in found.items()
+        }
+
+    return json.dumps(
+        {
+            "repo": str(snap.repo),
+            "head": snap.head,
+            "stash": snap.stash,
+            "taken_at": snap.taken_at.isoformat(),
+            "tree": snap.tree,
+            "branch": snap.branch,
+            "perms": dict(snap.perms),
+            "internals": entries(snap.internals),
+            "ignored": entries(snap.ignored),
+            "ignored_paths": sorted(snap.ignored_paths),
+            "archive_ref": snap.archive_ref,
+        }
+    )
+
+
+def load_snapshot(text: str) -> Snapshot:
+    """The snapshot `dump_snapshot` wrote; its commits are in the repo or the guard's archive."""
+    raw = json.loads(text)
+
+    def entries(found: Mapping[str, list]) -> dict[str, Entry]:
+        return {
+            rel: Entry(kind, perm, base64.b64decode(data))
+            for rel, (kind, perm, data) in found.items()
+        }
+
+    return Snapshot(
+        repo=Path(raw["repo"]),
+        head=raw["head"],
+        stash=raw["stash"],
+        taken_at=datetime.fromisoformat(raw["taken_at"]),
+        tree=raw["tree"],
+        branch=raw["branch"],
+        perms=raw["perms"],
+        internals=entries(raw["internals"]),
+        ignored=entries(raw["ignored"]),
+        ignored_paths=frozenset(raw["ignored_paths"]),
+        archive_ref=raw["archive_ref"],
+    )
 
 
 @dataclass(frozen=True)
