@@ -150,15 +150,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         root = Path(tmp)
-        aura = AuraDevServer(token=TOKEN, workdir=root / "gateway", max_parallel=16).start()
         hydra = HydraDevServer(token=TOKEN).start()
         try:
+            # A gateway per scenario: effect keys repeat across fleets with the same app ids.
             for standby in (False, True):
-                kill_figures(root / f"kill-{standby}", aura, hydra, standby)
+                with AuraDevServer(token=TOKEN, workdir=root / f"gw-{standby}") as aura:
+                    kill_figures(root / f"kill-{standby}", aura, hydra, standby)
             if not args.skip_outage:
-                outage_figures(root / "outage", aura, hydra, args.pg, args.cut)
+                with AuraDevServer(token=TOKEN, workdir=root / "gw-outage") as aura:
+                    outage_figures(root / "outage", aura, hydra, args.pg, args.cut)
         finally:
-            aura.stop()
             hydra.stop()
 
 
