@@ -105,7 +105,8 @@ def outage_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, pg: s
     try:
         with TcpProxy(upstream) as proxy:
             rig = PgRig(root, aura, hydra, held="review")
-            rig.store_url = make_conninfo(direct, host="127.0.0.1", port=str(proxy.port))
+            user = params.get("user") or "postgres"
+            rig.store_url = f"postgresql://{user}@127.0.0.1:{proxy.port}/{name}"
             rig.direct_url = direct
             PostgresStore(direct).close()  # the schema, before the run
             run = rig.start("outage")
