@@ -145,6 +145,7 @@ class AppRun:
 # EFFECTS (exactly once) ------------------------------------------------------------------
 SPENT = "spent:"  # prefix of the marker saying the task under a key ended without an answer
 ACCEPTED = "evolve-accepted"  # the marker of an evolve whose quality gate passed
+EVOLUTION = "evolution"  # the nonce that makes one evolution's gateway keys its own
 APP_RUN = "app-run"  # the stage of the agent marker each run records, its epoch as the attempt
 
 Start = Callable[[str], Awaitable[str]]  # starts the task under an idempotency key: its id
@@ -185,12 +186,26 @@ async def start_once(
         )
         return key, effect.value, True
     await run.record_marker()  # before the agent exists, so a crash cannot orphan it
+    sent = await gateway_key(run, key)
     token = current_app_run.set(run.marker)
     try:
-        task_id = await start(key)
+        task_id = await start(sent)
     finally:
         current_app_run.reset(token)
     return key, await run.record_effect(key, kind, task_id), False
+
+
+async def gateway_key(run: AppRun, key: str) -> str:
+    """The `Idempotency-Key` sent for the effect `key`: the key plus this evolution's nonce.
+
+    The effect key alone comes again after `fleet reset` / `fresh` / a retried failure (the
+    app's effects are cleared, the same stage and attempt recur) and in another fleet with
+    the same app ids on the same gateway, which would hand back an old task. The nonce is
+    recorded once per evolution (the first value wins, so a resumed run sends the same key)
+    and cleared with the rest of the app's effects.
+    """
+    nonce = await run.record_effect(run.effect_key(EVOLUTION, 1), "marker", uuid.uuid4().hex[:16])
+    return f"{key}/{nonce}"
 
 
 async def spend(run: AppRun, key: str, task_id: str) -> None:

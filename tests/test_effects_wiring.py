@@ -127,7 +127,9 @@ async def test_a_resume_after_the_skill_spawn_was_recorded_polls_the_same_task(t
     again = resumed(run)
     tasks = await run_skill(again)
     assert len(tasks) >= 3 and gateway.starts.count("skill") == 1
-    assert gateway.by_key[recorded.key] == recorded.value  # the key the gateway was sent
+    # The key the gateway was sent: the effect key and this evolution's nonce.
+    [sent] = [k for k in gateway.by_key if k.startswith(recorded.key + "/")]
+    assert gateway.by_key[sent] == recorded.value
 
 
 async def test_a_dead_runs_task_the_local_executor_forgot_is_started_again(tmp_path):
@@ -290,3 +292,22 @@ async def test_a_5xx_on_spawn_is_retried_under_its_key_and_starts_one_task(tmp_p
     assert len(tasks) >= 3 and len(started) == 1
     recorded = run.store.get_effect("demo-calc", effect_key("demo-calc", "skill", 1))
     assert recorded is not None and recorded.value == started[0].task_id
+
+
+async def test_a_reset_app_starts_new_work_on_a_gateway_that_remembers_keys(tmp_path):
+    """`fleet reset` clears the app's effects, so its stages come again with the same
+    (stage, attempt): the key sent to the gateway carries this evolution's nonce, or the
+    gateway would hand back the old task (and 422 another fleet with the same app ids)."""
+    run, gateway = gateway_run(tmp_path)
+    await run_skill(run)
+    first = dict(gateway.by_key)
+    run.store.release_app(run.app_id, run.epoch)
+    run.store.reset_app(run.app_id, run.clock.now())
+    again = resumed(run)
+    await run_skill(again)
+    assert gateway.starts.count("skill") == 2  # a new skill ran, not the old one replayed
+    assert set(gateway.by_key) - set(first)  # under a key of its own
+    # A resume of the same evolution sends the same key: the gateway gives the same task.
+    sent = next(iter(set(gateway.by_key) - set(first)))
+    nonce = sent.rsplit("/", 1)[1]
+    assert all(k.endswith(nonce) for k in set(gateway.by_key) - set(first))
