@@ -45,6 +45,7 @@ def test_settings_are_the_issues_figures():
 def test_the_claim_lives_as_long_as_the_run_and_one_lease_after(store):
     clock = SystemClock()
     epoch = store.claim_app("app-a", "host:1", "run-1", clock.now(), LEASE)
+    first_lease_until = store.get_state("app-a").lease_until
 
     async def run() -> ClaimHeartbeat:
         async with heartbeat(store, epoch) as beat:
@@ -57,6 +58,8 @@ def test_the_claim_lives_as_long_as_the_run_and_one_lease_after(store):
     assert beat.beats >= 20 and not beat.lost.is_set()
     state = store.get_state("app-a")
     assert state.lease_until - clock.now() <= timedelta(seconds=LEASE)
+    # the beats moved the lease: it now ends well after the one the claim first took
+    assert state.lease_until - first_lease_until >= timedelta(seconds=2 * LEASE)
     assert (
         store.claim_app("app-a", "host:2", "run-2", clock.now() + timedelta(seconds=LEASE), LEASE)
         == epoch + 1
