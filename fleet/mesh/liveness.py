@@ -1,8 +1,12 @@
 """Truthful liveness: a machine is declared down only on repeated evidence, never on our own errors.
 
-One confirmation = the machine's heartbeat is missed (older than two periods) AND its health
-endpoint fails a reachability check. After `liveness_confirmations` consecutive failed
-confirmations it is marked down and its active claims are requeued. What is NOT evidence:
+One confirmation = the machine's heartbeat is missed (older than `liveness_missed_heartbeats`
+periods, 1.5) AND its health endpoint fails a reachability check. After `liveness_confirmations`
+consecutive failed confirmations it is marked down and its active claims are requeued. One round
+takes them all, `liveness_confirm_spacing_seconds` apart (re-reading the heartbeat and re-checking
+our own network before each), so a machine dead right after a heartbeat is down 1.5 periods + the
+watchdog's interval + the spacing later, not a watchdog interval per confirmation. What is NOT
+evidence:
 
 - the store failing (reading machines or recording a confirmation): nothing is recorded;
 - our own network failing: before judging anyone, the probe checks a known-good target —
@@ -22,12 +26,13 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 
 import httpx
 from pydantic import BaseModel
 
+from fleet.clock import Clock, SystemClock
 from fleet.mesh import rules
 from fleet.mesh.store import MeshStore
 
@@ -149,10 +154,16 @@ class LivenessProbe:
         reference_url: str | None = None,
         check: Callable[[str], Reach] | None = None,
         timeout_seconds: float = 2.0,
+        missed_heartbeats: float = rules.MISSED_HEARTBEATS,
+        confirm_spacing_seconds: float = 0.0,
+        clock: Clock | None = None,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
+        self.missed_heartbeats = missed_heartbeats
         self.confirmations = confirmations
+        self.confirm_spacing_seconds = confirm_spacing_seconds
+        self.clock: Clock = clock or SystemClock()
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
         self._owned: ReachabilityCheck | None = None
@@ -172,18 +183,26 @@ class LivenessProbe:
             max_attempts=settings.max_task_attempts,
             reference_url=settings.liveness_reference_url or None,
             timeout_seconds=settings.liveness_probe_timeout_seconds,
+            missed_heartbeats=settings.liveness_missed_heartbeats,
+            confirm_spacing_seconds=settings.liveness_confirm_spacing_seconds,
         )
         kwargs.update(overrides)
         return cls(store, **kwargs)
 
+    def _stale_before(self, now: datetime) -> datetime:
+        return rules.heartbeat_stale_before(now, self.heartbeat_seconds, self.missed_heartbeats)
+
     def confirm(self, now: datetime) -> LivenessReport:
+        """One round: up to `confirmations` passes over the suspects, `confirm_spacing_seconds`
+        apart; a pass goes on only with the machines whose failure counted but is not yet enough.
+        `checked` holds each machine's last verdict."""
         try:
             machines = self.store.machines()
         except Exception as exc:  # our query failing is never evidence of anyone's death
             return LivenessReport(
                 at=now, self_check="store_error", errors=[f"reading machines: {exc}"]
             )
-        stale_before = rules.heartbeat_stale_before(now, self.heartbeat_seconds)
+        stale_before = self._stale_before(now)
         suspects = [
             m
             for m in machines
@@ -191,22 +210,36 @@ class LivenessProbe:
         ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
-        references = self._references(machines, stale_before)
-        if references and not any(self.check(url) is Reach.REACHABLE for url in references):
-            return LivenessReport(
-                at=now,
-                self_check="reference_unreachable",
-                errors=[
+        report = LivenessReport(at=now, self_check="ok")
+        verdicts: dict[str, MachineVerdict] = {}
+        passes = rules.confirmation_passes(self.confirmations, self.confirm_spacing_seconds)
+        for n in range(passes):
+            if n:
+                self.clock.sleep(self.confirm_spacing_seconds)
+            at = now + timedelta(seconds=n * self.confirm_spacing_seconds)
+            stale_before = self._stale_before(at)
+            references = self._references(machines, stale_before)
+            if references and not any(self.check(url) is Reach.REACHABLE for url in references):
+                report.self_check = "reference_unreachable"
+                report.errors.append(
                     f"no known-good reference answered ({', '.join(references)}): our own "
                     "network is in doubt, no confirmation recorded this cycle"
-                ],
-            )
-        report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
-        for machine in suspects:
-            verdict = self._confirm_one(machine, now, stale_before, report)
+                )
+                break
+            if not references:
+                report.self_check = "no_reference"
+            for machine in suspects:
+                verdict = self._confirm_one(machine, at, stale_before, report)
+                verdicts[machine.machine_id] = verdict
+                if verdict.failed_confirmations is not None:
+                    machine.failed_confirmations = verdict.failed_confirmations
+            suspects = [m for m in suspects if verdicts[m.machine_id].outcome == "failed"]
+            if not suspects:
+                break
+        for verdict in verdicts.values():
             report.checked.append(verdict)
             if verdict.outcome == "declared_down":
-                report.declared_down.append(machine.machine_id)
+                report.declared_down.append(verdict.machine_id)
                 report.requeued += verdict.requeued
         return report
 
