@@ -89,6 +89,10 @@ class FleetSettings(BaseSettings):
     # so that our own network failing is never taken for the other machine dying ("" = none).
     liveness_probe_timeout_seconds: float = 2
     liveness_reference_url: str = ""
+    # WAN peers (seed 001): machine id → SHA-256 fingerprint of the certificate its https
+    # health endpoint shows (hex, colons allowed); the probe refuses any other certificate.
+    # FLEET_LIVENESS_PINNED_CERTS='{"mac3": "AB:CD:…"}'.
+    liveness_pinned_certs: dict[str, str] = {}
     # Node agent (fleet/mesh/agent.py): the mesh it must belong to ("" = any), its panes
     # (one task each), how often its loop wakes, and how much pane history it reads.
     mesh_id: str = ""

@@ -24,8 +24,11 @@ heartbeat is late is never declared dead.
 from __future__ import annotations
 
 import errno
+import hashlib
+import logging
 import socket
-from collections.abc import Callable, Iterator
+import ssl
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from enum import Enum
 
@@ -34,7 +37,9 @@ from pydantic import BaseModel
 
 from fleet.clock import Clock, SystemClock
 from fleet.mesh import rules
-from fleet.mesh.store import MeshStore
+from fleet.mesh.store import MachineHealth, MeshStore
+
+log = logging.getLogger(__name__)
 
 
 class Reach(str, Enum):
@@ -100,23 +105,73 @@ def classify_error(exc: BaseException) -> Reach:
     return Reach.INCONCLUSIVE
 
 
+def normal_fingerprint(text: str) -> str:
+    """A SHA-256 certificate fingerprint as 64 lower-case hex digits (colons and spaces, as
+    `openssl x509 -fingerprint -sha256` prints them, are dropped); ValueError otherwise."""
+    hexed = text.replace(":", "").replace(" ", "").strip().lower()
+    if len(hexed) != 64 or any(c not in "0123456789abcdef" for c in hexed):
+        raise ValueError(
+            f"pinned certificate fingerprint {text!r} is not a SHA-256 fingerprint (64 hex "
+            "digits, colons allowed) — see `openssl x509 -noout -fingerprint -sha256 -in cert`"
+        )
+    return hexed
+
+
+class PinMismatch(Exception):
+    """The https peer showed a certificate other than the one pinned for it."""
+
+
 class ReachabilityCheck:
-    """GET a health URL with a short timeout and say what the outcome is evidence of."""
+    """GET a health URL with a short timeout and say what the outcome is evidence of.
+
+    With `pin` (a WAN peer's https endpoint): trust comes from the pinned SHA-256 fingerprint
+    of its certificate, not from a CA — a self-signed certificate is fine — and any other
+    certificate is refused: the machine we pinned did not answer (UNREACHABLE), and an
+    impostor at its address never vouches for it."""
 
     def __init__(self, timeout_seconds: float = 2.0, client: httpx.Client | None = None):
         self._client = client or httpx.Client(
             timeout=timeout_seconds, follow_redirects=False, trust_env=False
         )
+        self._timeout = timeout_seconds
+        self._pinned: httpx.Client | None = None
 
-    def __call__(self, url: str) -> Reach:
+    def __call__(self, url: str, pin: str | None = None) -> Reach:
         try:
-            self._client.get(url)
+            if pin is None:
+                self._client.get(url)
+            else:
+                self._get_pinned(url, normal_fingerprint(pin))
+        except PinMismatch as exc:
+            log.warning("liveness: %s", exc)
+            return Reach.UNREACHABLE
         except Exception as exc:  # every failure is classified, none escapes as a verdict
             return classify_error(exc)
         return Reach.REACHABLE
 
+    def _get_pinned(self, url: str, pin: str) -> None:
+        if not url.startswith("https://"):
+            raise PinMismatch(f"{url} has a pinned certificate but is not an https URL")
+        if self._pinned is None:
+            context = ssl.create_default_context()
+            context.check_hostname = False  # the pin, checked below, is the trust
+            context.verify_mode = ssl.CERT_NONE
+            self._pinned = httpx.Client(
+                timeout=self._timeout, follow_redirects=False, trust_env=False, verify=context
+            )
+        with self._pinned.stream("GET", url) as response:
+            tls = response.extensions["network_stream"].get_extra_info("ssl_object")
+            der = tls.getpeercert(True) if tls is not None else None
+            seen = hashlib.sha256(der).hexdigest() if der else "none"
+            if seen != pin:
+                raise PinMismatch(
+                    f"{url} showed certificate sha256 {seen}, not its pinned {pin}: refused"
+                )
+
     def close(self) -> None:
         self._client.close()
+        if self._pinned is not None:
+            self._pinned.close()
 
 
 class MachineVerdict(BaseModel):
@@ -157,6 +212,7 @@ class LivenessProbe:
         missed_heartbeats: float = rules.MISSED_HEARTBEATS,
         confirm_spacing_seconds: float = 0.0,
         clock: Clock | None = None,
+        pinned_certs: Mapping[str, str] | None = None,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
@@ -164,12 +220,14 @@ class LivenessProbe:
         self.confirmations = confirmations
         self.confirm_spacing_seconds = confirm_spacing_seconds
         self.clock: Clock = clock or SystemClock()
+        # machine id → SHA-256 fingerprint its https health endpoint must show (WAN peers)
+        self.pinned_certs = {m: normal_fingerprint(f) for m, f in (pinned_certs or {}).items()}
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
         self._owned: ReachabilityCheck | None = None
         if check is None:
             self._owned = check = ReachabilityCheck(timeout_seconds)
-        self.check: Callable[[str], Reach] = check
+        self.check: Callable[..., Reach] = check
 
     def close(self) -> None:
         if self._owned is not None:
@@ -185,9 +243,16 @@ class LivenessProbe:
             timeout_seconds=settings.liveness_probe_timeout_seconds,
             missed_heartbeats=settings.liveness_missed_heartbeats,
             confirm_spacing_seconds=settings.liveness_confirm_spacing_seconds,
+            pinned_certs=settings.liveness_pinned_certs,
         )
         kwargs.update(overrides)
         return cls(store, **kwargs)
+
+    def _reach(self, machine: MachineHealth) -> Reach:
+        """Check a machine's health URL, against its pinned certificate when it has one."""
+        pin = self.pinned_certs.get(machine.machine_id)
+        url = machine.health_url or ""
+        return self.check(url) if pin is None else self.check(url, pin)
 
     def _stale_before(self, now: datetime) -> datetime:
         return rules.heartbeat_stale_before(now, self.heartbeat_seconds, self.missed_heartbeats)
@@ -219,10 +284,13 @@ class LivenessProbe:
             at = now + timedelta(seconds=n * self.confirm_spacing_seconds)
             stale_before = self._stale_before(at)
             references = self._references(machines, stale_before)
-            if references and not any(self.check(url) is Reach.REACHABLE for url in references):
+            if references and not any(self._answers(ref) for ref in references):
+                shown = ", ".join(
+                    r if isinstance(r, str) else str(r.health_url) for r in references
+                )
                 report.self_check = "reference_unreachable"
                 report.errors.append(
-                    f"no known-good reference answered ({', '.join(references)}): our own "
+                    f"no known-good reference answered ({shown}): our own "
                     "network is in doubt, no confirmation recorded this cycle"
                 )
                 break
@@ -243,16 +311,20 @@ class LivenessProbe:
                 report.requeued += verdict.requeued
         return report
 
-    def _references(self, machines, stale_before: datetime) -> list[str]:
-        """Known-good targets: the configured reference, else up to three peers whose
+    def _references(self, machines, stale_before: datetime) -> list[str | MachineHealth]:
+        """Known-good targets: the configured reference URL, else up to three peers whose
         heartbeats are fresh (if none of them answers either, the fault is on our side)."""
         if self.reference_url is not None:
             return [self.reference_url]
         return [
-            m.health_url
+            m
             for m in machines
             if m.health_url and m.status == "alive" and m.last_heartbeat >= stale_before
         ][:3]
+
+    def _answers(self, reference: str | MachineHealth) -> bool:
+        reach = self.check(reference) if isinstance(reference, str) else self._reach(reference)
+        return reach is Reach.REACHABLE
 
     def _confirm_one(
         self, machine, now: datetime, stale_before: datetime, report: LivenessReport
@@ -264,7 +336,7 @@ class LivenessProbe:
                 outcome="inconclusive",
                 failed_confirmations=machine.failed_confirmations,
             )
-        reach = self.check(machine.health_url)
+        reach = self._reach(machine)
         if reach is Reach.INCONCLUSIVE:
             return MachineVerdict(
                 machine_id=mid,

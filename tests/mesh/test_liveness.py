@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,9 +32,10 @@ MISSED = 2 * S.heartbeat_seconds + 1  # just past two heartbeat periods
 
 
 class HealthServer:
-    """A node agent's health endpoint: answers 200 after `delay` seconds until stopped."""
+    """A node agent's health endpoint: answers 200 after `delay` seconds until stopped; over
+    https with `tls` (a server-side SSLContext)."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, tls: ssl.SSLContext | None = None):
         outer = self
         self.hits = 0
 
@@ -52,7 +54,10 @@ class HealthServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/health"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/health"
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.02,), daemon=True
         )
