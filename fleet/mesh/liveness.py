@@ -275,7 +275,8 @@ class LivenessProbe:
         ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
-        report = LivenessReport(at=now, self_check="ok")
+        references = self._references(machines, stale_before)
+        report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         verdicts: dict[str, MachineVerdict] = {}
         passes = rules.confirmation_passes(self.confirmations, self.confirm_spacing_seconds)
         for n in range(passes):
@@ -283,7 +284,7 @@ class LivenessProbe:
                 self.clock.sleep(self.confirm_spacing_seconds)
             at = now + timedelta(seconds=n * self.confirm_spacing_seconds)
             stale_before = self._stale_before(at)
-            references = self._references(machines, stale_before)
+            # Our own network is checked again before each pass (same known-good targets).
             if references and not any(self._answers(ref) for ref in references):
                 shown = ", ".join(
                     r if isinstance(r, str) else str(r.health_url) for r in references
@@ -294,8 +295,6 @@ class LivenessProbe:
                     "network is in doubt, no confirmation recorded this cycle"
                 )
                 break
-            if not references:
-                report.self_check = "no_reference"
             for machine in suspects:
                 verdict = self._confirm_one(machine, at, stale_before, report)
                 verdicts[machine.machine_id] = verdict
