@@ -17,11 +17,18 @@ BREAKER_OPENED = "fleet.breaker.opened"
 TASK_DEAD_LETTERED = "fleet.mesh.task.dead-lettered"
 MACHINE_DOWN = "fleet.mesh.machine.down"
 EVENTS = (BREAKER_OPENED, TASK_DEAD_LETTERED, MACHINE_DOWN)
+# One per cycle of the mesh deployments, with the cycle's counts.
+RECONCILER_RUN = "fleet.mesh.reconciler-run"
+WATCHDOG_RUN = "fleet.mesh.watchdog-run"
+# An immune decision: `fleet.mesh.<action>` for these actions, on the subject's resource.
+IMMUNE_ACTIONS = ("quarantine", "release", "alert", "braked")
 
 # Resource id prefixes; an event's resource is `<prefix><name or id>`.
 BREAKER_RESOURCE = "fleet.breaker."
 TASK_RESOURCE = "fleet.mesh.task."
 MACHINE_RESOURCE = "fleet.mesh.machine."
+MESH_RESOURCE = "fleet.mesh"  # the mesh itself (the deployments' cycles)
+SUBJECT_RESOURCE = "fleet.mesh."  # + an immune subject, e.g. fleet.mesh.pane:mac1/%3
 
 
 def breaker_opened(name: str, *, failures: int | None = None, reason: str | None = None) -> bool:
@@ -55,6 +62,31 @@ def machine_down(machine_id: str, *, reason: str, requeued: int | None = None) -
         MACHINE_RESOURCE + machine_id,
         name=machine_id,
         payload={"reason": reason, "requeued": requeued},
+    )
+
+
+def reconciler_run(counts: Mapping[str, Any]) -> bool:
+    """One reconciler cycle ended: the tasks it moved, per rule."""
+    return emit(RECONCILER_RUN, MESH_RESOURCE, name="fleet mesh", payload=counts)
+
+
+def watchdog_run(summary: Mapping[str, Any]) -> bool:
+    """One watchdog cycle ended: its flat counts (WatchdogReport.summary)."""
+    return emit(WATCHDOG_RUN, MESH_RESOURCE, name="fleet mesh", payload=summary)
+
+
+def immune_action(
+    action: str, subject: str, *, tier: int, detail: Mapping[str, Any] | None = None
+) -> bool:
+    """The immune system quarantined, released, braked or alerted on a subject (other actions
+    — correctives, decays — are not announced)."""
+    if action not in IMMUNE_ACTIONS:
+        return False
+    return emit(
+        f"fleet.mesh.{action}",
+        SUBJECT_RESOURCE + subject,
+        name=subject,
+        payload={"tier": tier, **(detail or {})},
     )
 
 

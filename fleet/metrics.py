@@ -33,6 +33,16 @@ STAGE_RETRIES = Counter(
 )
 
 
+def stage_finished(stage: str, seconds: float) -> None:
+    """A stage function returned or raised after `seconds` (fleet.pipeline.timed)."""
+    STAGE_SECONDS.labels(stage).observe(max(0.0, seconds))
+
+
+def stage_retried(stage: str) -> None:
+    """A stage task failed transiently and Prefect runs it again (tasks.stages.transient)."""
+    STAGE_RETRIES.labels(stage).inc()
+
+
 def recovery_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
     """MTTR per subject kind (seconds from a quarantine to the release, decay or lift that ends
     it) and the false-positive quarantines (those an operator lifted: judged wrong)."""

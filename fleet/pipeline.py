@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from fleet import metrics
 from fleet.claim import ACCEPTED, AppRun, live_key, run_once, spend, start_once
 from fleet.clients.base import UNKNOWN_PHASE, GateStatus, QualityGate
 from fleet.clock import Clock
@@ -49,6 +50,7 @@ def timed(stage: str) -> Callable[[Callable[..., Awaitable[R]]], Callable[..., A
                 return await fn(run, *args, **kwargs)
             finally:
                 run.add_duration(stage, started)
+                metrics.stage_finished(stage, (run.clock.now() - started).total_seconds())
 
         return wrapper
 

@@ -69,7 +69,14 @@ class FleetSettings(BaseSettings):
     stuck_injection_seconds: float = 15 * 60
     task_expiry_seconds: float = 24 * 3600
     max_task_attempts: int = 3
+    # Liveness (fleet/mesh/liveness.py): a heartbeat older than `liveness_missed_heartbeats`
+    # periods is missed (a beat up to half a period late is not); a missed heartbeat is only the
+    # trigger to probe — a probe that answers clears it. The `liveness_confirmations` failed
+    # probes of one round are taken `liveness_confirm_spacing_seconds` apart (0: one a round),
+    # so a dead machine is down within 1.5 periods + the watchdog's interval + the spacing.
     liveness_confirmations: int = 2
+    liveness_missed_heartbeats: float = 1.5
+    liveness_confirm_spacing_seconds: float = 5
     agent_health_port: int = 9300
     # Optional bearer token the agent's health endpoint (and /metrics) requires; empty = open.
     agent_health_token: SecretStr | None = None
@@ -82,6 +89,10 @@ class FleetSettings(BaseSettings):
     # so that our own network failing is never taken for the other machine dying ("" = none).
     liveness_probe_timeout_seconds: float = 2
     liveness_reference_url: str = ""
+    # WAN peers (seed 001): machine id → SHA-256 fingerprint of the certificate its https
+    # health endpoint shows (hex, colons allowed); the probe refuses any other certificate.
+    # FLEET_LIVENESS_PINNED_CERTS='{"mac3": "AB:CD:…"}'.
+    liveness_pinned_certs: dict[str, str] = {}
     # Node agent (fleet/mesh/agent.py): the mesh it must belong to ("" = any), its panes
     # (one task each), how often its loop wakes, and how much pane history it reads.
     mesh_id: str = ""

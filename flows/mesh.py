@@ -8,7 +8,6 @@ from typing import Any
 import anyio
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-from prefect.events import emit_event
 
 from fleet import events
 from fleet.clock import SystemClock
@@ -19,8 +18,6 @@ from fleet.mesh.rules import Thresholds
 from fleet.mesh.store import ReconcileCounts
 from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
 from fleet.settings import get_settings
-
-RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
 
 
 async def mesh_store_url(settings) -> str:
@@ -47,7 +44,7 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     finally:
         store.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
-    emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
+    events.reconciler_run(counts.model_dump())
     for letter in dead:  # one event per task: the `task dead-lettered` automation's trigger
         events.task_dead_lettered(
             letter.task_id or "?",
@@ -81,7 +78,7 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
     logger.info("watchdog run on %r: %s", store, summary)
     for error in report.errors:
         logger.warning("watchdog: %s", error)
-    emit_event(event="fleet.mesh.watchdog-run", resource=RESOURCE, payload=summary)
+    events.watchdog_run(summary)
     checked = report.liveness.checked if report.liveness else []
     for machine_id in report.liveness.declared_down if report.liveness else []:
         events.machine_down(
@@ -90,15 +87,9 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
             requeued=next(v.requeued for v in checked if v.machine_id == machine_id),
         )
     for action in report.immune_actions:
-        if action["action"] in ("quarantine", "release", "alert", "braked"):
-            emit_event(
-                event=f"fleet.mesh.{action['action']}",
-                resource={
-                    "prefect.resource.id": f"fleet.mesh.{action['subject']}",
-                    "prefect.resource.name": action["subject"],
-                },
-                payload={"tier": action["tier"], **action["detail"]},
-            )
+        events.immune_action(
+            action["action"], action["subject"], tier=action["tier"], detail=action["detail"]
+        )
     for name in summary["open_breakers"]:
         state = report.breakers[name]
         events.breaker_opened(

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from prefect.utilities.annotations import quote
 
-from fleet import pipeline
+from fleet import metrics, pipeline
 from fleet.clients.base import GateStatus
 from fleet.models import Outcome, Task, Trajectory
 from fleet.pipeline import AppRun
@@ -28,7 +28,10 @@ SLACK_SECONDS = 300  # beyond the agent's own timeout: the store writes around i
 def transient(task_, task_run, state) -> bool:
     """Retry only failures a fresh attempt can fix (agent failed, store hiccup)."""
     exc = state.data if isinstance(state.data, BaseException) else None
-    return bool(getattr(exc, "transient", False))
+    retry = bool(getattr(exc, "transient", False))
+    if retry:  # Prefect asks only while retries are left: True means it runs again
+        metrics.stage_retried(task_.name)
+    return retry
 
 
 def stage_task(name: str):

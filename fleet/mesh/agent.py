@@ -36,6 +36,7 @@ from fleet.errors import ConfigError, FleetError
 from fleet.mesh import END_PROTOCOL, immune, metabolism
 from fleet.mesh.health import HealthServer
 from fleet.mesh.immune import ImmunePolicy, Observation, Subject, SubjectState
+from fleet.mesh.immune_feed import APPLIED
 from fleet.mesh.immune_store import ImmuneStore
 from fleet.mesh.store import (
     SUPPORTED_GENERATIONS,
@@ -489,6 +490,12 @@ class NodeAgent:
         if end is not None and end[0] is TaskStatus.FAILED and immune.is_rate_limit(end[1]):
             self._rate_limited(task, end[1], now)
             return
+        if (
+            end is not None
+            and end[0] is TaskStatus.FAILED
+            and self._apply_antibody(task, end[1], now)
+        ):
+            return
         if end is not None:
             status, detail = end
             self._signals.extend(
@@ -551,6 +558,43 @@ class NodeAgent:
             self._backoff_until.isoformat() if self._backoff_until else "the next round",
         )
         del self.tasks[task.task_id]
+
+    def _apply_antibody(self, task: ActiveTask, reason: str, now: datetime) -> bool:
+        """A failure whose signature has a learned corrective (an antibody that worked more
+        often than not, anywhere in the mesh) gets that corrective instead of failing the task:
+        respawn_pane → a fresh agent in the pane retypes it; retry / requeue_elsewhere → back to
+        the queue (no attempt spent); backoff_account → the rate-limit path. Once per task: the
+        AntibodyApplied event, recorded first, is the guard and the immune system's failure."""
+        if not isinstance(self.store, ImmuneStore):
+            return False
+        signature = immune.failure_signature(reason)
+        corrective = immune.learned_corrective(signature, self.store.antibodies())
+        if corrective not in ANTIBODY_CORRECTIVES or self.store.events(task.task_id, event=APPLIED):
+            return False
+        self.store.record_event(
+            task.task_id,
+            APPLIED,
+            self.machine_id,
+            now,
+            {
+                "signature": signature,
+                "corrective": corrective,
+                "error": reason,
+                "pane_id": task.pane_id,
+            },
+        )
+        log.info("task %s failed (%s); applying learned %s", task.task_id, reason[:200], corrective)
+        if corrective == "backoff_account":
+            self._rate_limited(task, reason, now)
+        elif corrective == "respawn_pane":
+            self._restart_pane(task.pane_id)
+            task.injected, task.digest = False, None  # retyped once the fresh agent is up
+        else:
+            note = f"failed ({reason}); requeued by the learned corrective {corrective}"
+            self.store.handoff(task.task_id, self.machine_id, now, note, claim_seq=task.claim_seq)
+            del self.tasks[task.task_id]
+            self._restart_pane(task.pane_id)
+        return True
 
     def _handoff(self, task: ActiveTask, section: str, ratio: float, now: datetime) -> None:
         lines = [x for x in section.splitlines() if x.strip() and not _NOISE.match(x)]
@@ -797,6 +841,10 @@ class NodeAgent:
                 ],
                 "panes": list(self._pane_view),
             }
+
+
+# The learned correctives a node agent can apply to a failed task (fleet/mesh/immune.py).
+ANTIBODY_CORRECTIVES = frozenset(immune.INNATE_CORRECTIVE.values())
 
 
 def _seconds(value: float) -> timedelta:

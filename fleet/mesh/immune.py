@@ -198,15 +198,20 @@ class Antibody:
     failures: int = 0
 
 
-def choose_corrective(kind: SubjectKind, signature: str, antibodies: Iterable[Antibody]) -> str:
-    """The corrective that worked best on this signature (more successes than failures),
-    else the innate one of the subject's kind."""
+def learned_corrective(signature: str, antibodies: Iterable[Antibody]) -> str | None:
+    """The corrective that worked best on this signature (more successes than failures), or
+    None when the mesh has learned none: what a node agent applies first to a failure."""
     known = [a for a in antibodies if a.signature == signature and a.successes > a.failures]
     if not known:
-        return INNATE_CORRECTIVE[kind]
+        return None
     return max(
         known, key=lambda a: (a.successes - a.failures, a.successes, a.corrective)
     ).corrective
+
+
+def choose_corrective(kind: SubjectKind, signature: str, antibodies: Iterable[Antibody]) -> str:
+    """The learned corrective for this signature, else the innate one of the subject's kind."""
+    return learned_corrective(signature, antibodies) or INNATE_CORRECTIVE[kind]
 
 
 def learn(antibody: Antibody, worked: bool) -> Antibody:
@@ -329,6 +334,9 @@ class Observation:
     outcome: Literal["success", "failure", "rate_limited"]
     reason: str = ""
     task_id: str | None = None
+    # The corrective already applied to this failure (a node agent applying an antibody):
+    # the subject's next outcome is that corrective's verdict.
+    corrective: str = ""
 
 
 @dataclass(frozen=True)
@@ -492,7 +500,7 @@ def observe(
     state, decided = _observe(state, obs, policy, brake_for)
     if any(a.kind == "corrective" for a in decided):
         signature = failure_signature(obs.reason)
-        corrective = choose_corrective(state.subject.kind, signature, antibodies)
+        corrective = obs.corrective or choose_corrective(state.subject.kind, signature, antibodies)
         state = replace(state, antibody=f"{signature}/{corrective}")
         decided = [
             replace(a, detail={**a.detail, "signature": signature, "corrective": corrective})

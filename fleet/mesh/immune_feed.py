@@ -5,6 +5,9 @@ Event → observation (machine, pane, task type of the row):
   done                                  → success of the claimer, its pane and the task type
   failed                                → failure of the same (a rate-limit message: the task
                                           was not at fault — no failure)
+  AntibodyApplied                       → failure of the same, with the learned corrective the
+                                          agent applied instead of failing the task (the
+                                          subject's next outcome is its verdict)
   queued (orphaned | stuck | machine_down) → failure of the claimer and the task type
   dead_letter                           → failure of the task type
   PaneRespawned                         → failure of the pane (its agent died)
@@ -22,6 +25,7 @@ from fleet.mesh import immune
 from fleet.mesh.immune import Action, ImmunePolicy, Observation, Subject, SubjectState, Tier
 
 CURSOR = "immune"
+APPLIED = "AntibodyApplied"  # a node agent applied a learned corrective to a failed task
 _REQUEUE_FAILURES = ("orphaned", "stuck", "machine_down")
 
 
@@ -35,12 +39,13 @@ def observations(rows: Iterable[Mapping[str, Any]]) -> list[Observation]:
         pane = detail.get("pane_id")
         subjects: list[Subject] = []
         outcome = None
-        reason = ""
-        if event in ("done", "failed"):
+        reason = corrective = ""
+        if event in ("done", "failed", APPLIED):
             reason = str(detail.get("error") or r.get("error") or "")
             if event == "failed" and immune.is_rate_limit(reason):
                 continue  # the account's backoff is the agent's; the task is not at fault
             outcome = "success" if event == "done" else "failure"
+            corrective = str(detail.get("corrective") or "") if event == APPLIED else ""
             subjects = [Subject.machine(machine)] if machine else []
             if machine and pane:
                 subjects.append(Subject.pane(machine, pane))
@@ -61,7 +66,7 @@ def observations(rows: Iterable[Mapping[str, Any]]) -> list[Observation]:
             outcome, reason = "failure", "machine declared down"
             subjects = [Subject.machine(machine)]
         for subject in subjects:
-            out.append(Observation(subject, at, outcome, reason, task_id))  # type: ignore[arg-type]
+            out.append(Observation(subject, at, outcome, reason, task_id, corrective))  # type: ignore[arg-type]
     return out
 
 

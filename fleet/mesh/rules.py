@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
+from fleet.settings import FleetSettings
 
 ACTIVE_STATUSES: tuple[TaskStatus, ...] = (
     TaskStatus.CLAIMED,
@@ -150,13 +151,31 @@ def outcome(task: QueuedTask, verdict: Verdict, max_attempts: int) -> tuple[Task
 
 
 # Liveness ---------------------------------------------------------------------------
-def heartbeat_stale_before(now: datetime, heartbeat_seconds: float) -> datetime:
-    """A heartbeat older than two periods is missed (one late beat is not a miss)."""
-    return now - timedelta(seconds=2 * heartbeat_seconds)
+# The settings' default (one place): a caller without its own setting judges as the mesh does.
+MISSED_HEARTBEATS: float = FleetSettings.model_fields["liveness_missed_heartbeats"].default
 
 
-def heartbeat_missed(health: MachineHealth, now: datetime, heartbeat_seconds: float) -> bool:
-    return health.last_heartbeat < heartbeat_stale_before(now, heartbeat_seconds)
+def heartbeat_stale_before(
+    now: datetime, heartbeat_seconds: float, missed_heartbeats: float = MISSED_HEARTBEATS
+) -> datetime:
+    """A heartbeat older than `missed_heartbeats` periods is missed (a beat less than half a
+    period late is not). Missed is only the trigger to probe: the probe's answer decides."""
+    return now - timedelta(seconds=missed_heartbeats * heartbeat_seconds)
+
+
+def heartbeat_missed(
+    health: MachineHealth,
+    now: datetime,
+    heartbeat_seconds: float,
+    missed_heartbeats: float = MISSED_HEARTBEATS,
+) -> bool:
+    return health.last_heartbeat < heartbeat_stale_before(now, heartbeat_seconds, missed_heartbeats)
+
+
+def confirmation_passes(required: int, spacing_seconds: float) -> int:
+    """Probe passes in one liveness round: all the required confirmations, `spacing_seconds`
+    apart, or a single pass (the count then carries over rounds) when spacing is 0."""
+    return max(1, required) if spacing_seconds > 0 else 1
 
 
 def confirmed_down(failed_confirmations: int, required: int) -> bool:

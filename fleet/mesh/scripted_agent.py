@@ -5,6 +5,8 @@ Protocol (one line in, a few marker lines out):
   "TASK <id> <payload>"     → ACK, "context: N%", then by payload:
         starts with "hang"  → nothing more (a task that never finishes)
         starts with "fail"  → "FAILED <id> <rest of payload>"
+        "flaky <file> <why>" → the first time (no <file> yet: it is made) "FAILED <id> <why>",
+                               then as anything else
         starts with "exit"  → the program exits with status 3 (a crashing agent)
         anything else       → "OUTPUT <id> <payload>" and "DONE <id>"
 Options: --exit-after N (exit after N tasks), --context-start P, --context-step P (percent per
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 
@@ -67,6 +70,12 @@ def run(argv: list[str] | None = None) -> int:
             continue
         if payload.startswith("exit"):
             return leave(3)
+        if payload.startswith("flaky "):
+            marker, _, why = payload[6:].strip().partition(" ")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                _say(f"FAILED {task_id} {why.split(' [checkpoint:')[0] or 'flaky failure'}")
+                continue
         if payload.startswith("fail"):
             _say(f"FAILED {task_id} {payload[4:].strip() or 'scripted failure'}")
         else:

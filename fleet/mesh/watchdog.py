@@ -80,13 +80,17 @@ class WatchdogReport(BaseModel):
 
 # Pure checks ------------------------------------------------------------------------
 def stale_machines(
-    machines: Iterable[MachineHealth], now: datetime, heartbeat_seconds: float
+    machines: Iterable[MachineHealth],
+    now: datetime,
+    heartbeat_seconds: float,
+    missed_heartbeats: float = rules.MISSED_HEARTBEATS,
 ) -> list[str]:
     """Machines still counted as up whose heartbeat is missed (input to liveness confirmation)."""
     return [
         m.machine_id
         for m in machines
-        if m.status in ("alive", "suspect") and rules.heartbeat_missed(m, now, heartbeat_seconds)
+        if m.status in ("alive", "suspect")
+        and rules.heartbeat_missed(m, now, heartbeat_seconds, missed_heartbeats)
     ]
 
 
@@ -193,7 +197,9 @@ def watchdog_cycle(
     report = WatchdogReport(at=now)
 
     try:  # heartbeat pulse
-        report.stale_machines = stale_machines(store.machines(), now, settings.heartbeat_seconds)
+        report.stale_machines = stale_machines(
+            store.machines(), now, settings.heartbeat_seconds, settings.liveness_missed_heartbeats
+        )
         if probe is not None and report.stale_machines:
             report.liveness = probe.confirm(now)
             report.errors.extend(report.liveness.errors)

@@ -871,3 +871,52 @@ def test_metabolism_paces_empty_claims_between_30_and_300_seconds(make_agent, st
         tick_until(agent, lambda t=task_id: status_of(store, t) is TaskStatus.DONE)
     busy = agent.claim_interval(clock.now(), claimed=False)
     assert 30 <= busy < 300
+
+
+@pytest.mark.parametrize("corrective", ["retry", "respawn_pane"])
+def test_a_learned_corrective_is_applied_first_mesh_wide(
+    make_agent, any_store, clock, tmp_path, corrective
+):
+    from fleet.mesh.immune import ImmunePolicy, failure_signature
+    from fleet.mesh.immune_feed import run_cycle
+
+    why = "disk full on the build volume"
+    sig = failure_signature(why)
+    for _ in range(2):  # learned elsewhere in the mesh: this failure is cured by `corrective`
+        any_store.record_antibody(sig, corrective, True, clock.now())
+    agent = make_agent(agent_store=any_store)
+    marker = tmp_path / "failed-once"
+    task_id = any_store.enqueue("skill", ["flaky", str(marker), *why.split()], clock.now())
+
+    def done() -> bool:
+        clock.advance(SETTINGS.claim_seconds)  # a requeued task is claimed at the next round
+        return status_of(any_store, task_id) is TaskStatus.DONE
+
+    tick_until(agent, done, timeout=20)
+    assert marker.exists()  # it did fail once
+    [applied] = any_store.events(task_id, event="AntibodyApplied")
+    assert (applied.detail["signature"], applied.detail["corrective"]) == (sig, corrective)
+    assert "failed" not in event_names(any_store, task_id)
+    assert any_store.get_task(task_id).attempts == 0
+    # The immune system credits the corrective the agent applied, for the next machine.
+    run_cycle(any_store, clock.now(), ImmunePolicy.from_settings(SETTINGS))
+    bodies = {(a.signature, a.corrective): a for a in any_store.antibodies()}
+    assert bodies[(sig, corrective)].successes > 2
+
+
+def test_a_learned_corrective_is_applied_once_per_task(make_agent, any_store, clock):
+    from fleet.mesh.immune import failure_signature
+
+    why = "segfault in the linker"
+    for _ in range(2):
+        any_store.record_antibody(failure_signature(why), "retry", True, clock.now())
+    agent = make_agent(agent_store=any_store)
+    task_id = any_store.enqueue("skill", ["fail", *why.split()], clock.now())
+
+    def failed() -> bool:
+        clock.advance(SETTINGS.claim_seconds)
+        return status_of(any_store, task_id) is TaskStatus.FAILED
+
+    tick_until(agent, failed, timeout=20)  # retried once, then it fails for real
+    assert len(any_store.events(task_id, event="AntibodyApplied")) == 1
+    assert event_names(any_store, task_id).count("claimed") == 2

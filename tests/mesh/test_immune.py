@@ -217,6 +217,24 @@ def test_antibodies_pick_the_corrective_that_worked():
     ]
     assert immune.choose_corrective("pane", sig, bodies) == "requeue_elsewhere"
     assert immune.learn(bodies[0], True).successes == 2
+    # What a node agent applies first: only a learned corrective, never the innate default.
+    assert immune.learned_corrective(sig, bodies) == "requeue_elsewhere"
+    assert immune.learned_corrective(sig, bodies[:1]) is None  # it failed more than it worked
+    assert immune.learned_corrective("unknown", bodies) is None
+
+
+def test_an_applied_corrective_is_the_one_its_verdict_credits():
+    sig = immune.failure_signature("disk full")
+    state = SubjectState(Subject.machine("m1"))
+    failed = immune.Observation(
+        Subject.machine("m1"), T0, "failure", "disk full", "t1", corrective="retry"
+    )
+    state, actions = immune.observe(state, failed, P, antibodies=[Antibody(sig, "other", 5, 0)])
+    assert state.antibody == f"{sig}/retry"
+    ok = immune.Observation(Subject.machine("m1"), T0 + timedelta(seconds=1), "success")
+    state, actions = immune.observe(state, ok, P)
+    [verdict] = [a for a in actions if a.kind == "antibody"]
+    assert verdict.detail == {"signature": sig, "corrective": "retry", "worked": True}
 
 
 def test_subjects_parse_and_print():

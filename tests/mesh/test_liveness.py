@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -31,9 +32,10 @@ MISSED = 2 * S.heartbeat_seconds + 1  # just past two heartbeat periods
 
 
 class HealthServer:
-    """A node agent's health endpoint: answers 200 after `delay` seconds until stopped."""
+    """A node agent's health endpoint: answers 200 after `delay` seconds until stopped; over
+    https with `tls` (a server-side SSLContext)."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, tls: ssl.SSLContext | None = None):
         outer = self
         self.hits = 0
 
@@ -52,7 +54,10 @@ class HealthServer:
                 pass
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/health"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._server.server_address[1]}/health"
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(0.02,), daemon=True
         )
@@ -158,9 +163,18 @@ def ident(machine_id: str) -> MachineIdentity:
     return MachineIdentity(machine_id=machine_id, mesh_id="mesh-test")
 
 
-def probe_for(store, reference_url: str | None, timeout: float = 1.0) -> LivenessProbe:
+def probe_for(
+    store, reference_url: str | None, timeout: float = 1.0, clock=None, spacing: float = 0
+) -> LivenessProbe:
+    """A probe as configured, but by default one confirmation a round (spacing 0), so a test
+    can act between the two; pass `clock` and the spacing to take both in one round."""
     return LivenessProbe.from_settings(
-        store, S, reference_url=reference_url, timeout_seconds=timeout
+        store,
+        S,
+        reference_url=reference_url,
+        timeout_seconds=timeout,
+        confirm_spacing_seconds=spacing,
+        clock=clock or ManualClock(T0),
     )
 
 
@@ -228,6 +242,48 @@ def test_a_killed_machine_is_declared_down_after_two_confirmations_and_its_work_
     store.heartbeat(ident("mac1"), clock.advance(1), agent_process.url, [])
     assert [t.task_id for t in store.claim("mac1", clock.now())] == ["later"]
     probe.close()
+
+
+def test_one_round_takes_both_confirmations_spacing_apart_on_the_injected_clock(
+    backend, servers, agent_process
+):
+    """As configured: missed after 1.5 periods, both failed probes in one round 5 s apart, so a
+    machine killed right after its heartbeat is down within two heartbeats of dying."""
+    factory, _ = backend
+    store = factory()
+    clock = ManualClock(T0)
+    store.heartbeat(ident("mac1"), clock.now(), agent_process.url, [])
+    store.enqueue("skill", ["claude", "x"], clock.now(), task_id="w0")
+    assert len(store.claim("mac1", clock.now())) == 1
+    reference = servers()
+    probe = probe_for(store, reference.url, clock=clock, spacing=S.liveness_confirm_spacing_seconds)
+    agent_process.kill9()
+    died = clock.now()
+    # 1.5 periods: not yet missed, nobody is probed.
+    assert probe.confirm(clock.advance(1.5 * S.heartbeat_seconds)).self_check == "not_needed"
+    report = probe.confirm(clock.advance(1))
+    assert report.declared_down == ["mac1"] and report.requeued == 1
+    assert clock.sleeps == [S.liveness_confirm_spacing_seconds]  # the pause between the two
+    [verdict] = report.checked
+    assert (verdict.outcome, verdict.failed_confirmations) == ("declared_down", 2)
+    assert (clock.now() - died).total_seconds() <= 2 * S.heartbeat_seconds
+    [event] = store.events(event="MachineDown")
+    assert event.machine_id == "mac1"
+    probe.close()
+
+
+def test_a_machine_that_answers_the_second_probe_of_a_round_is_not_down(backend, servers):
+    factory, _ = backend
+    store = factory()
+    clock = ManualClock(T0)
+    store.heartbeat(ident("mac1"), clock.now(), "http://mac1.invalid/health", [])
+    answers = [Reach.UNREACHABLE, Reach.REACHABLE]
+    probe = LivenessProbe.from_settings(store, S, check=lambda url: answers.pop(0), clock=clock)
+    report = probe.confirm(clock.advance(2 * S.heartbeat_seconds))
+    assert report.declared_down == [] and answers == []
+    assert [(v.outcome, v.failed_confirmations) for v in report.checked] == [("alive", 0)]
+    [mac1] = store.machines()
+    assert (mac1.status, mac1.failed_confirmations) == ("alive", 0)
 
 
 def test_a_store_error_during_confirmation_leaves_the_count_unchanged(backend, servers):
@@ -310,7 +366,7 @@ def test_a_success_between_failures_restarts_the_count(backend, servers):
     def check(url: str) -> Reach:
         return outcomes.pop(0)
 
-    probe = LivenessProbe.from_settings(store, S, check=check)
+    probe = LivenessProbe.from_settings(store, S, check=check, confirm_spacing_seconds=0)
     for reach in (Reach.UNREACHABLE, Reach.REACHABLE, Reach.UNREACHABLE, Reach.INCONCLUSIVE):
         outcomes.append(reach)
         probe.confirm(clock.advance(MISSED))

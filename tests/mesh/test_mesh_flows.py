@@ -136,17 +136,21 @@ async def test_watchdog_flow_confirms_liveness_and_publishes_a_report(store_url,
     )
     store.set_pane_state("mac1", "%1", now, task_id=None, alive=False)
 
+    # One run takes both confirmations, 5 s apart (liveness_confirm_spacing_seconds).
     first = await watchdog(store_url=store_url)
-    assert [(v.machine_id, v.outcome) for v in first.liveness.checked] == [("mac1", "failed")]
+    assert [(v.machine_id, v.outcome) for v in first.liveness.checked] == [
+        ("mac1", "declared_down")
+    ]
+    assert first.liveness.declared_down == ["mac1"]
     assert [p.pane_id for p in first.respawn] == ["%1"]
+    artifact = await _artifact("mesh-watchdog")
+    assert artifact is not None and "| mac1 | declared_down | 2 |" in artifact["data"]
     second = await watchdog()
-    assert second.liveness.declared_down == ["mac1"]
+    assert second.liveness is None  # down: not judged again until it heartbeats
 
     runs = events("fleet.mesh.watchdog-run")
     assert len(runs) == 2 and runs[0].payload["panes_to_respawn"] == 1
     assert [e.resource.id for e in events(MACHINE_DOWN)] == ["fleet.mesh.machine.mac1"]
-    artifact = await _artifact("mesh-watchdog")
-    assert artifact is not None and "| mac1 | declared_down | 2 |" in artifact["data"]
     store.close()
 
 

@@ -153,11 +153,21 @@ def test_requeue_dead_letters_once_attempts_exceed_the_maximum():
     assert rules.outcome(task(attempts=2), Verdict.EXPIRED, 3) == (TaskStatus.EXPIRED, 2)
 
 
-def test_heartbeat_is_missed_only_after_two_periods():
-    health = machine(beat=60)["mac1"]
-    assert not rules.heartbeat_missed(health, NOW, 30)
+def test_heartbeat_is_missed_after_one_and_a_half_periods():
+    health = machine(beat=45)["mac1"]
+    assert not rules.heartbeat_missed(health, NOW, 30)  # a beat 15 s late is not a miss
     health.last_heartbeat -= US
     assert rules.heartbeat_missed(health, NOW, 30)
+    # The threshold is the setting's, and a caller may pass its own.
+    assert rules.MISSED_HEARTBEATS == FleetSettings().liveness_missed_heartbeats == 1.5
+    assert not rules.heartbeat_missed(health, NOW, 30, missed_heartbeats=2)
+
+
+def test_one_round_takes_every_confirmation_unless_spacing_is_zero():
+    assert rules.confirmation_passes(2, 5.0) == 2
+    assert rules.confirmation_passes(3, 0.5) == 3
+    assert rules.confirmation_passes(2, 0) == 1  # one a round: the count carries over rounds
+    assert rules.confirmation_passes(0, 5.0) == 1
 
 
 def test_confirmation_update():

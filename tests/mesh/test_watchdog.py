@@ -66,11 +66,11 @@ def test_stale_machines_are_those_still_up_with_a_missed_heartbeat(tmp_path):
     for m in ("mac1", "mac3", "mac4"):
         store.heartbeat(MachineIdentity(machine_id=m, mesh_id="x"), clock.now(), None, [])
     store.mark_down("mac4", clock.now(), max_attempts=3)
-    clock.advance(2 * S.heartbeat_seconds)
+    clock.advance(1.5 * S.heartbeat_seconds)
     store.heartbeat(MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, [])
     assert (
         stale_machines(store.machines(), clock.now(), S.heartbeat_seconds) == []
-    )  # exactly 2 periods
+    )  # exactly 1.5 periods
     assert stale_machines(store.machines(), clock.advance(0.001), S.heartbeat_seconds) == ["mac1"]
     store.close()
 
@@ -101,7 +101,10 @@ def test_one_cycle_reports_every_part_and_hands_off_over_budget_tasks(tmp_path):
     store.heartbeat(
         MachineIdentity(machine_id="mac3", mesh_id="x"), clock.now(), None, ["big", "small"]
     )
-    probe = LivenessProbe.from_settings(store, S, timeout_seconds=0.5)
+    # One confirmation a round here (spacing 0): the cycle's second round declares it down.
+    probe = LivenessProbe.from_settings(
+        store, S, timeout_seconds=0.5, confirm_spacing_seconds=0, clock=clock
+    )
     report = watchdog_cycle(store, clock.now(), S, probe)
 
     assert report.errors == []
