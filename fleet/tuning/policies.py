@@ -23,7 +23,6 @@ from fleet.errors import ConfigError, FleetError
 from fleet.sqlitedb import SQLiteFile
 from fleet.store import queries
 from fleet.store.pgconn import PgConnector
-from fleet.tuning.history import REQUEUE_REASONS
 
 SQLITE_SCHEMA = Path(__file__).with_name("policies_sqlite.sql")
 PG_QUERIES = queries.load("fleet.tuning", "queries.sql")
@@ -120,6 +119,8 @@ def live_figures(
     whose pane reported progress afterwards, or a machine declared down that heartbeated again
     within QUICK_RETURN_SECONDS.
     """
+    from fleet.tuning.history import REQUEUE_REASONS  # with numpy: only when trials are judged
+
     group = set(machines)
     last_life: dict[str, datetime] = {}
     requeued: dict[str, tuple[str, datetime]] = {}

@@ -84,3 +84,14 @@ def test_user_mistakes_are_one_clear_line(url):
     assert since.exit_code == 2 and "is not a duration" in since.output
     nothing = runner.invoke(ga_app, ["rollback", "--store-url", url])
     assert nothing.exit_code == 2 and "nothing to roll back" in nothing.output
+
+
+def test_the_fleet_cli_starts_without_numpy_or_pymoo():
+    """Every `fleet` command imports fleet.cli: the optimizer's libraries load only in the
+    commands that evolve."""
+    import subprocess
+    import sys
+
+    code = "import sys, fleet.cli\nprint(sorted(m for m in ('numpy', 'pymoo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
