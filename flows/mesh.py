@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -15,10 +16,10 @@ from fleet.clock import SystemClock
 from fleet.mesh.liveness import LivenessProbe
 from fleet.mesh.open import mesh_store_url as open_mesh_url
 from fleet.mesh.open import open_mesh_store
-from fleet.mesh.rules import Thresholds
-from fleet.mesh.store import ReconcileCounts
+from fleet.mesh.store import MeshStore, ReconcileCounts
 from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
 from fleet.settings import get_settings
+from fleet.tuning.policies import PolicyStore, policy_store_beside, read_in_force
 
 RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
 
@@ -30,15 +31,24 @@ async def mesh_store_url(settings) -> str:
     return await anyio.to_thread.run_sync(open_mesh_url, settings, _load_block)
 
 
+def reconcile_cycle(
+    store: MeshStore, policies: PolicyStore | None, settings, now: datetime
+) -> ReconcileCounts:
+    """One reconcile at `now`, each claim judged by its claimer's policy: a canary machine's
+    candidate, else the policy in force, else the settings (read once, here)."""
+    default, by_machine = read_in_force(policies).reconcile_thresholds(settings)
+    return store.reconcile(now, **asdict(default), by_machine=by_machine)
+
+
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     """One reconciler cycle: orphaned claims, stuck panes, expiry, dead letters."""
     settings = get_settings()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
+    policies = policy_store_beside(store)
     try:
-        thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
-            lambda: store.reconcile(SystemClock().now(), **thresholds)
+            lambda: reconcile_cycle(store, policies, settings, SystemClock().now())
         )
         dead = []
         if counts.dead_lettered:  # this cycle's are the newest `dead_letter` events
@@ -46,6 +56,8 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
             dead = letters[-counts.dead_lettered :]
     finally:
         store.close()
+        if policies is not None:
+            policies.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     emit_event(event="fleet.mesh.reconciler-run", resource=RESOURCE, payload=counts.model_dump())
     for letter in dead:  # one event per task: the `task dead-lettered` automation's trigger

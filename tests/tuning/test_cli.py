@@ -64,7 +64,7 @@ def test_apply_needs_a_canary_then_trials_and_rollback(url):
     assert too_much.exit_code == 2 and "at most 50%" in too_much.output
     applied = runner.invoke(ga_app, ["apply", str(version), "--canary", "20%", "--store-url", url])
     assert applied.exit_code == 0, applied.output
-    assert "trial 1" in applied.output and "recorded only" in applied.output
+    assert "trial 1" in applied.output and "candidate's heartbeat" in applied.output
     assert len(open_policy_store(url).assignments()) == 1
     trials = runner.invoke(ga_app, ["trials", "--store-url", url])
     assert trials.exit_code == 0, trials.output
