@@ -19,7 +19,12 @@ from fleet.mesh.open import open_mesh_store
 from fleet.mesh.store import MeshStore, ReconcileCounts
 from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
 from fleet.settings import get_settings
-from fleet.tuning.policies import PolicyStore, policy_store_beside, read_in_force
+from fleet.tuning.policies import (
+    PoliciesInForce,
+    PolicyStore,
+    policy_store_beside,
+    read_in_force,
+)
 
 RESOURCE = {"prefect.resource.id": "fleet.mesh", "prefect.resource.name": "fleet mesh"}
 
@@ -75,20 +80,42 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     return counts
 
 
+def watchdog_probe(
+    store: MeshStore, in_force: PoliciesInForce, settings, **overrides: Any
+) -> LivenessProbe:
+    """The liveness probe under the policies in force: each canary machine's heartbeats and
+    confirmations judged by its candidate, the others' by the policy in force."""
+    heartbeats, confirmations = in_force.liveness_by_machine(settings)
+    return LivenessProbe.from_settings(
+        store,
+        in_force.settings_for(settings),
+        heartbeat_by_machine=heartbeats,
+        confirmations_by_machine=confirmations,
+        **overrides,
+    )
+
+
 @flow(name="mesh-watchdog", persist_result=False)
 async def watchdog(store_url: str | None = None) -> WatchdogReport:
     """One watchdog cycle: heartbeats, liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
-    probe = LivenessProbe.from_settings(store, settings)
+    policies = policy_store_beside(store)
+    in_force = await anyio.to_thread.run_sync(read_in_force, policies)
+    probe = watchdog_probe(store, in_force, settings)
     try:
+        # The immune tiers and the default heartbeat are the mesh-wide policy's.
         report = await anyio.to_thread.run_sync(
-            lambda: watchdog_cycle(store, SystemClock().now(), settings, probe)
+            lambda: watchdog_cycle(
+                store, SystemClock().now(), in_force.settings_for(settings), probe
+            )
         )
     finally:
         probe.close()
         store.close()
+        if policies is not None:
+            policies.close()
     summary = report.summary()
     logger.info("watchdog run on %r: %s", store, summary)
     for error in report.errors:

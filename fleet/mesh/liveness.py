@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from enum import Enum
 
@@ -149,10 +149,15 @@ class LivenessProbe:
         reference_url: str | None = None,
         check: Callable[[str], Reach] | None = None,
         timeout_seconds: float = 2.0,
+        heartbeat_by_machine: Mapping[str, float] | None = None,
+        confirmations_by_machine: Mapping[str, int] | None = None,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
         self.confirmations = confirmations
+        # Machines on a canary policy of their own (fleet.tuning.policies.PoliciesInForce).
+        self.heartbeat_by_machine = dict(heartbeat_by_machine or {})
+        self.confirmations_by_machine = dict(confirmations_by_machine or {})
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
         self._owned: ReachabilityCheck | None = None
@@ -187,7 +192,7 @@ class LivenessProbe:
         suspects = [
             m
             for m in machines
-            if m.status in ("alive", "suspect") and m.last_heartbeat < stale_before
+            if m.status in ("alive", "suspect") and m.last_heartbeat < self._stale_before(m, now)
         ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
@@ -203,12 +208,16 @@ class LivenessProbe:
             )
         report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         for machine in suspects:
-            verdict = self._confirm_one(machine, now, stale_before, report)
+            verdict = self._confirm_one(machine, now, self._stale_before(machine, now), report)
             report.checked.append(verdict)
             if verdict.outcome == "declared_down":
                 report.declared_down.append(machine.machine_id)
                 report.requeued += verdict.requeued
         return report
+
+    def _stale_before(self, machine, now: datetime) -> datetime:
+        seconds = self.heartbeat_by_machine.get(machine.machine_id, self.heartbeat_seconds)
+        return rules.heartbeat_stale_before(now, seconds)
 
     def _references(self, machines, stale_before: datetime) -> list[str]:
         """Known-good targets: the configured reference, else up to three peers whose
@@ -257,7 +266,8 @@ class LivenessProbe:
                     reach=reach,
                     failed_confirmations=health.failed_confirmations,
                 )
-            if not rules.confirmed_down(health.failed_confirmations, self.confirmations):
+            required = self.confirmations_by_machine.get(mid, self.confirmations)
+            if not rules.confirmed_down(health.failed_confirmations, required):
                 return MachineVerdict(
                     machine_id=mid,
                     outcome="failed",

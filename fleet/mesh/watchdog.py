@@ -8,7 +8,7 @@ runs on its own, so one failing part (the store down, say) is reported, not fata
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -80,13 +80,19 @@ class WatchdogReport(BaseModel):
 
 # Pure checks ------------------------------------------------------------------------
 def stale_machines(
-    machines: Iterable[MachineHealth], now: datetime, heartbeat_seconds: float
+    machines: Iterable[MachineHealth],
+    now: datetime,
+    heartbeat_seconds: float,
+    by_machine: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """Machines still counted as up whose heartbeat is missed (input to liveness confirmation)."""
+    """Machines still counted as up whose heartbeat is missed (input to liveness confirmation);
+    `by_machine`: the heartbeat intervals of machines on a canary policy of their own."""
+    own = by_machine or {}
     return [
         m.machine_id
         for m in machines
-        if m.status in ("alive", "suspect") and rules.heartbeat_missed(m, now, heartbeat_seconds)
+        if m.status in ("alive", "suspect")
+        and rules.heartbeat_missed(m, now, own.get(m.machine_id, heartbeat_seconds))
     ]
 
 
@@ -193,7 +199,12 @@ def watchdog_cycle(
     report = WatchdogReport(at=now)
 
     try:  # heartbeat pulse
-        report.stale_machines = stale_machines(store.machines(), now, settings.heartbeat_seconds)
+        report.stale_machines = stale_machines(
+            store.machines(),
+            now,
+            settings.heartbeat_seconds,
+            probe.heartbeat_by_machine if probe is not None else None,
+        )
         if probe is not None and report.stale_machines:
             report.liveness = probe.confirm(now)
             report.errors.extend(report.liveness.errors)

@@ -110,6 +110,15 @@ class PoliciesInForce:
         }
         return default, {m: t for m, t in own.items() if t != default}
 
+    def liveness_by_machine(self, settings: Any) -> tuple[dict[str, float], dict[str, int]]:
+        """Each canary machine's heartbeat interval and liveness confirmations (the watchdog's
+        LivenessProbe judges its heartbeats by them)."""
+        own = {m: self.settings_for(settings, m) for m in self.assignments}
+        return (
+            {m: float(s.heartbeat_seconds) for m, s in own.items()},
+            {m: int(s.liveness_confirmations) for m, s in own.items()},
+        )
+
 
 def parse_share(text: str) -> float:
     """`20%`, `20` or `0.2` → 0.2; one clear error otherwise."""

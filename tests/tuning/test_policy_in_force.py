@@ -20,7 +20,7 @@ from fleet.tuning.policies import (
     policy_store_beside,
     read_in_force,
 )
-from flows.mesh import reconcile_cycle
+from flows.mesh import reconcile_cycle, watchdog_probe
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -121,6 +121,39 @@ def test_a_policy_store_outage_keeps_the_last_answer(stores, tmp_path):
     assert read_in_force(Down(), known) is known  # type: ignore[arg-type]
     assert read_in_force(Down()) == PoliciesInForce()  # type: ignore[arg-type]
     assert known.settings_for(S, on).heartbeat_seconds == CANDIDATE_HEARTBEAT
+
+
+def test_the_watchdog_judges_a_canary_machine_by_its_candidate_heartbeat_and_confirmations(stores):
+    from fleet.mesh.liveness import Reach
+    from fleet.mesh.watchdog import watchdog_cycle
+
+    mesh, policies = stores
+    on, off = canary(
+        policies,
+        ["mac-a", "mac-b"],
+        heartbeat_seconds=CANDIDATE_HEARTBEAT,
+        liveness_confirmations=1,
+    )
+    for m in (on, off):
+        mesh.heartbeat(
+            MachineIdentity(machine_id=m, mesh_id="prod"), T0, f"http://{m}.invalid/health", []
+        )
+    in_force = read_in_force(policies)
+    probe = watchdog_probe(mesh, in_force, S, check=lambda url: Reach.UNREACHABLE)
+    # Two of the control's 30 s periods missed; the canary's 90 s period is not.
+    report = watchdog_cycle(mesh, T0 + timedelta(seconds=61), in_force.settings_for(S), probe)
+    assert report.stale_machines == [off]
+    assert [v.machine_id for v in report.liveness.checked] == [off]
+    assert report.liveness.checked[0].outcome == "failed"  # the settings ask for two
+    # Both missed: the canary is down at its candidate's one confirmation, the control at
+    # its second.
+    later = T0 + timedelta(seconds=2 * CANDIDATE_HEARTBEAT + 1)
+    report = watchdog_cycle(mesh, later, in_force.settings_for(S), probe)
+    assert sorted(report.stale_machines) == sorted([on, off])
+    assert {v.machine_id: (v.outcome, v.failed_confirmations) for v in report.liveness.checked} == {
+        on: ("declared_down", 1),
+        off: ("declared_down", 2),
+    }
 
 
 @pytest.mark.tmux
