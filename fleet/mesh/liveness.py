@@ -192,7 +192,8 @@ class LivenessProbe:
         suspects = [
             m
             for m in machines
-            if m.status in ("alive", "suspect") and m.last_heartbeat < self._stale_before(m, now)
+            if m.status in ("alive", "suspect")
+            and m.last_heartbeat < self._machine_stale_before(m, now)
         ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
@@ -208,14 +209,16 @@ class LivenessProbe:
             )
         report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         for machine in suspects:
-            verdict = self._confirm_one(machine, now, self._stale_before(machine, now), report)
+            verdict = self._confirm_one(
+                machine, now, self._machine_stale_before(machine, now), report
+            )
             report.checked.append(verdict)
             if verdict.outcome == "declared_down":
                 report.declared_down.append(machine.machine_id)
                 report.requeued += verdict.requeued
         return report
 
-    def _stale_before(self, machine, now: datetime) -> datetime:
+    def _machine_stale_before(self, machine, now: datetime) -> datetime:
         seconds = self.heartbeat_by_machine.get(machine.machine_id, self.heartbeat_seconds)
         return rules.heartbeat_stale_before(now, seconds)
 
