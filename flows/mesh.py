@@ -19,6 +19,7 @@ from fleet.mesh.open import open_mesh_store
 from fleet.mesh.store import MeshStore, ReconcileCounts
 from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
 from fleet.settings import get_settings
+from fleet.tuning import anomaly
 from fleet.tuning.policies import (
     PoliciesInForce,
     PolicyStore,
@@ -138,6 +139,7 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
                 },
                 payload={"tier": action["tier"], **action["detail"]},
             )
+    anomaly.announce(report.immune_actions)  # tier 3 "recalibrate" runs the healing tuner
     for name in summary["open_breakers"]:
         state = report.breakers[name]
         events.breaker_opened(
