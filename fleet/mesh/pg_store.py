@@ -434,3 +434,12 @@ class PgMeshStore(PgImmuneOps):
 
     def close(self) -> None:
         self._db.close()
+
+    # Heartbeat history (0008_heartbeat_log.sql) -----------------------------------
+    def heartbeat_log(self, since: datetime, until: datetime) -> dict[str, list[datetime]]:
+        """Every heartbeat logged in [since, until], per machine, oldest first (the log keeps
+        8 days)."""
+        beats: dict[str, list[datetime]] = {}
+        for r in self._read("heartbeat_log", since=utc(since), until=utc(until)):
+            beats.setdefault(r["machine_id"], []).append(utc(r["at"]))
+        return beats

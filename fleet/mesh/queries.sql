@@ -192,3 +192,9 @@ SELECT machine_id, pane_id, task_id, claim_seq, alive, context_ratio, updated_at
 FROM mesh_pane_state
 WHERE (%(machine_id)s::text IS NULL OR machine_id = %(machine_id)s)
 ORDER BY machine_id, pane_id
+
+-- name: heartbeat_log
+-- Heartbeat history of 0008_heartbeat_log.sql (the tuner's replay).
+SELECT machine_id, at FROM mesh_heartbeat_log
+WHERE at >= %(since)s AND at <= %(until)s
+ORDER BY machine_id, at

@@ -231,3 +231,9 @@ ON CONFLICT (machine_id, pane_id) DO UPDATE SET
 SELECT * FROM mesh_pane_state
 WHERE (:machine_id IS NULL OR machine_id = :machine_id)
 ORDER BY machine_id, pane_id
+
+-- name: heartbeat_log
+-- Heartbeat history (the twin of 0008_heartbeat_log.sql; the tuner's replay).
+SELECT machine_id, at FROM mesh_heartbeat_log
+WHERE at >= :since AND at <= :until
+ORDER BY machine_id, at

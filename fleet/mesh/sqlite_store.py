@@ -530,3 +530,12 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
             }
             for r in self._rows("pane_states", machine_id=machine_id)
         ]
+
+    # Heartbeat history (the twin of 0008_heartbeat_log.sql) ----------------------
+    def heartbeat_log(self, since: datetime, until: datetime) -> dict[str, list[datetime]]:
+        """Every heartbeat logged in [since, until], per machine, oldest first (the log keeps
+        8 days)."""
+        beats: dict[str, list[datetime]] = {}
+        for r in self._rows("heartbeat_log", since=_ts(since), until=_ts(until)):
+            beats.setdefault(r["machine_id"], []).append(datetime.fromisoformat(r["at"]))
+        return beats
