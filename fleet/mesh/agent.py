@@ -684,10 +684,7 @@ class NodeAgent:
 
         if not self._policy_store_opened:
             self._policy_store_opened = True
-            try:
-                self._policy_store = policy_store_beside(self.store)
-            except FleetError as exc:
-                log.warning("no healing policies on %s: %s", self.machine_id, exc)
+            self._policy_store = policy_store_beside(self.store)
         self._in_force = read_in_force(self._policy_store, self._in_force)
         return float(self._in_force.settings_for(self.settings, self.machine_id).heartbeat_seconds)
 

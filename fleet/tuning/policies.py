@@ -609,13 +609,17 @@ def open_policy_store(url: str) -> PolicyStore:
 
 def policy_store_beside(mesh: Any) -> PolicyStore | None:
     """The policy tables in the mesh store's own database (a SQLite file's path or a
-    PostgreSQL store's conninfo); None for a store with neither."""
+    PostgreSQL store's conninfo); None for a store with neither, or one that cannot be
+    opened (logged: healing goes on with the settings' values)."""
     path = getattr(mesh, "path", None)
-    if isinstance(path, Path):
-        return SQLitePolicyStore(path)
     conninfo = getattr(mesh, "conninfo", None)
-    if isinstance(conninfo, SecretStr):
-        return PgPolicyStore(conninfo)
+    try:
+        if isinstance(path, Path):
+            return SQLitePolicyStore(path)
+        if isinstance(conninfo, SecretStr):
+            return PgPolicyStore(conninfo)
+    except FleetError as exc:
+        log.warning("healing policies unavailable beside %r: %s", mesh, exc)
     return None
 
 
