@@ -33,24 +33,32 @@ POLICY_TABLES = "mesh_policy_log, mesh_policy_assignments, mesh_policy_trials, m
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stores(request, tmp_path):
     """(mesh store, policy store) on one fresh database, as the flows and agents open them."""
+    url = None
     if request.param == "sqlite":
         mesh = open_mesh_store(f"sqlite:///{tmp_path / 'fleet.db'}")
     else:
-        import psycopg
-
         from fleet.store.migrations import apply_migrations
-        from tests.mesh.conftest import MESH_TABLES
 
         url = request.getfixturevalue("pg_url")
         apply_migrations(url)
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f"TRUNCATE {MESH_TABLES}, {POLICY_TABLES} RESTART IDENTITY CASCADE")
+        _empty(url)
         mesh = open_mesh_store(url)
     policies = policy_store_beside(mesh)
     assert policies is not None
     yield mesh, policies
     policies.close()
     mesh.close()
+    if url is not None:  # the session's database: leave no running trial to other tests
+        _empty(url)
+
+
+def _empty(url: str) -> None:
+    import psycopg
+
+    from tests.mesh.conftest import MESH_TABLES
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"TRUNCATE {MESH_TABLES}, {POLICY_TABLES} RESTART IDENTITY CASCADE")
 
 
 def canary(policies, machines: list[str], **genes: float) -> tuple[str, str]:
