@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -14,10 +15,16 @@ from fleet.clock import SystemClock
 from fleet.mesh.liveness import LivenessProbe
 from fleet.mesh.open import mesh_store_url as open_mesh_url
 from fleet.mesh.open import open_mesh_store
-from fleet.mesh.rules import Thresholds
-from fleet.mesh.store import ReconcileCounts
+from fleet.mesh.store import MeshStore, ReconcileCounts
 from fleet.mesh.watchdog import WatchdogReport, watchdog_cycle
 from fleet.settings import get_settings
+from fleet.tuning import anomaly
+from fleet.tuning.policies import (
+    PoliciesInForce,
+    PolicyStore,
+    policy_store_beside,
+    read_in_force,
+)
 
 
 async def mesh_store_url(settings) -> str:
@@ -27,15 +34,24 @@ async def mesh_store_url(settings) -> str:
     return await anyio.to_thread.run_sync(open_mesh_url, settings, _load_block)
 
 
+def reconcile_cycle(
+    store: MeshStore, policies: PolicyStore | None, settings, now: datetime
+) -> ReconcileCounts:
+    """One reconcile at `now`, each claim judged by its claimer's policy: a canary machine's
+    candidate, else the policy in force, else the settings (read once, here)."""
+    default, by_machine = read_in_force(policies).reconcile_thresholds(settings)
+    return store.reconcile(now, **asdict(default), by_machine=by_machine)
+
+
 @flow(name="mesh-reconciler", persist_result=False)
 async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     """One reconciler cycle: orphaned claims, stuck panes, expiry, dead letters."""
     settings = get_settings()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
+    policies = policy_store_beside(store)
     try:
-        thresholds = asdict(Thresholds.from_settings(settings))
         counts = await anyio.to_thread.run_sync(
-            lambda: store.reconcile(SystemClock().now(), **thresholds)
+            lambda: reconcile_cycle(store, policies, settings, SystemClock().now())
         )
         dead = []
         if counts.dead_lettered:  # this cycle's are the newest `dead_letter` events
@@ -43,6 +59,8 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
             dead = letters[-counts.dead_lettered :]
     finally:
         store.close()
+        if policies is not None:
+            policies.close()
     get_run_logger().info("reconciler run on %r: %s", store, counts.model_dump())
     events.reconciler_run(counts.model_dump())
     for letter in dead:  # one event per task: the `task dead-lettered` automation's trigger
@@ -60,20 +78,42 @@ async def reconciler(store_url: str | None = None) -> ReconcileCounts:
     return counts
 
 
+def watchdog_probe(
+    store: MeshStore, in_force: PoliciesInForce, settings, **overrides: Any
+) -> LivenessProbe:
+    """The liveness probe under the policies in force: each canary machine's heartbeats and
+    confirmations judged by its candidate, the others' by the policy in force."""
+    heartbeats, confirmations = in_force.liveness_by_machine(settings)
+    return LivenessProbe.from_settings(
+        store,
+        in_force.settings_for(settings),
+        heartbeat_by_machine=heartbeats,
+        confirmations_by_machine=confirmations,
+        **overrides,
+    )
+
+
 @flow(name="mesh-watchdog", persist_result=False)
 async def watchdog(store_url: str | None = None) -> WatchdogReport:
     """One watchdog cycle: heartbeats, liveness, dead panes, context budget, queue, breakers."""
     settings = get_settings()
     logger = get_run_logger()
     store = open_mesh_store(store_url or await mesh_store_url(settings))
-    probe = LivenessProbe.from_settings(store, settings)
+    policies = policy_store_beside(store)
+    in_force = await anyio.to_thread.run_sync(read_in_force, policies)
+    probe = watchdog_probe(store, in_force, settings)
     try:
+        # The immune tiers and the default heartbeat are the mesh-wide policy's.
         report = await anyio.to_thread.run_sync(
-            lambda: watchdog_cycle(store, SystemClock().now(), settings, probe)
+            lambda: watchdog_cycle(
+                store, SystemClock().now(), in_force.settings_for(settings), probe
+            )
         )
     finally:
         probe.close()
         store.close()
+        if policies is not None:
+            policies.close()
     summary = report.summary()
     logger.info("watchdog run on %r: %s", store, summary)
     for error in report.errors:
@@ -90,6 +130,7 @@ async def watchdog(store_url: str | None = None) -> WatchdogReport:
         events.immune_action(
             action["action"], action["subject"], tier=action["tier"], detail=action["detail"]
         )
+    anomaly.announce(report.immune_actions)  # tier 3 "recalibrate" runs the healing tuner
     for name in summary["open_breakers"]:
         state = report.breakers[name]
         events.breaker_opened(

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 
 from fleet.mesh.open import open_mesh_store
 from fleet.settings import get_settings
-from fleet.tuning.policies import open_policy_store
+from fleet.tuning.policies import PolicyError, open_policy_store
 from fleet.tuning.tuner import gather, judge, parse_since, run_evolve, workers
 
 BY = "flow:healing-tuner"
@@ -76,9 +76,13 @@ def tune_once(
         "false_positives": best.score.false_positives,
     }
     if start_canary and len(workers(mesh)) >= 2:
-        trial = policies.start_trial(
-            version, workers(mesh), canary_share, baseline=_current(settings), by=BY, now=now
-        )
+        try:
+            trial = policies.start_trial(
+                version, workers(mesh), canary_share, baseline=_current(settings), by=BY, now=now
+            )
+        except PolicyError as exc:  # e.g. an anomaly run started a trial meanwhile
+            summary["canary"] = {"refused": str(exc)}
+            return summary
         summary["canary"] = {"trial": trial.id, "machines": list(trial.machines)}
     return summary
 

@@ -713,7 +713,24 @@ class NodeAgent:
             log.warning("heartbeat failed on %s: %s", self.machine_id, exc)
             return
         self.last_heartbeat = now
-        self._next_heartbeat = now + _seconds(self.settings.heartbeat_seconds)
+        self._next_heartbeat = now + _seconds(self._heartbeat_seconds())
+
+    # The healing policy this machine runs: read once per heartbeat from the policy tables
+    # beside the mesh store (fleet.tuning.policies), the last answer kept through an outage.
+    _policy_store: Any = None
+    _policy_store_opened = False
+    _in_force: Any = None
+
+    def _heartbeat_seconds(self) -> float:
+        """The heartbeat interval of the policy this machine runs: a canary trial's candidate
+        when it is on one, else the policy in force, else the settings'."""
+        from fleet.tuning.policies import policy_store_beside, read_in_force
+
+        if not self._policy_store_opened:
+            self._policy_store_opened = True
+            self._policy_store = policy_store_beside(self.store)
+        self._in_force = read_in_force(self._policy_store, self._in_force)
+        return float(self._in_force.settings_for(self.settings, self.machine_id).heartbeat_seconds)
 
     # -- restart -------------------------------------------------------------------------
     def _readopt(self) -> None:

@@ -213,6 +213,8 @@ class LivenessProbe:
         confirm_spacing_seconds: float = 0.0,
         clock: Clock | None = None,
         pinned_certs: Mapping[str, str] | None = None,
+        heartbeat_by_machine: Mapping[str, float] | None = None,
+        confirmations_by_machine: Mapping[str, int] | None = None,
     ):
         self.store = store
         self.heartbeat_seconds = heartbeat_seconds
@@ -222,6 +224,9 @@ class LivenessProbe:
         self.clock: Clock = clock or SystemClock()
         # machine id → SHA-256 fingerprint its https health endpoint must show (WAN peers)
         self.pinned_certs = {m: normal_fingerprint(f) for m, f in (pinned_certs or {}).items()}
+        # Machines on a canary policy of their own (fleet.tuning.policies.PoliciesInForce).
+        self.heartbeat_by_machine = dict(heartbeat_by_machine or {})
+        self.confirmations_by_machine = dict(confirmations_by_machine or {})
         self.max_attempts = max_attempts
         self.reference_url = reference_url or None
         self._owned: ReachabilityCheck | None = None
@@ -271,19 +276,20 @@ class LivenessProbe:
         suspects = [
             m
             for m in machines
-            if m.status in ("alive", "suspect") and m.last_heartbeat < stale_before
+            if m.status in ("alive", "suspect")
+            and m.last_heartbeat < self._machine_stale_before(m, now)
         ]
         if not suspects:
             return LivenessReport(at=now, self_check="not_needed")
         references = self._references(machines, stale_before)
         report = LivenessReport(at=now, self_check="ok" if references else "no_reference")
         verdicts: dict[str, MachineVerdict] = {}
-        passes = rules.confirmation_passes(self.confirmations, self.confirm_spacing_seconds)
+        required = max([self.confirmations, *self.confirmations_by_machine.values()])
+        passes = rules.confirmation_passes(required, self.confirm_spacing_seconds)
         for n in range(passes):
             if n:
                 self.clock.sleep(self.confirm_spacing_seconds)
             at = now + timedelta(seconds=n * self.confirm_spacing_seconds)
-            stale_before = self._stale_before(at)
             # Our own network is checked again before each pass (same known-good targets).
             if references and not any(self._answers(ref) for ref in references):
                 shown = ", ".join(
@@ -296,7 +302,9 @@ class LivenessProbe:
                 )
                 break
             for machine in suspects:
-                verdict = self._confirm_one(machine, at, stale_before, report)
+                verdict = self._confirm_one(
+                    machine, at, self._machine_stale_before(machine, at), report
+                )
                 verdicts[machine.machine_id] = verdict
                 if verdict.failed_confirmations is not None:
                     machine.failed_confirmations = verdict.failed_confirmations
@@ -309,6 +317,10 @@ class LivenessProbe:
                 report.declared_down.append(verdict.machine_id)
                 report.requeued += verdict.requeued
         return report
+
+    def _machine_stale_before(self, machine, now: datetime) -> datetime:
+        seconds = self.heartbeat_by_machine.get(machine.machine_id, self.heartbeat_seconds)
+        return rules.heartbeat_stale_before(now, seconds, self.missed_heartbeats)
 
     def _references(self, machines, stale_before: datetime) -> list[str | MachineHealth]:
         """Known-good targets: the configured reference URL, else up to three peers whose
@@ -361,7 +373,8 @@ class LivenessProbe:
                     reach=reach,
                     failed_confirmations=health.failed_confirmations,
                 )
-            if not rules.confirmed_down(health.failed_confirmations, self.confirmations):
+            required = self.confirmations_by_machine.get(mid, self.confirmations)
+            if not rules.confirmed_down(health.failed_confirmations, required):
                 return MachineVerdict(
                     machine_id=mid,
                     outcome="failed",

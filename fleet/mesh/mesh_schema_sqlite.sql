@@ -153,3 +153,28 @@ CREATE TABLE IF NOT EXISTS mesh_breaker_state (
     updated_at TEXT NOT NULL,
     PRIMARY KEY (name, holder)
 );
+
+-- Heartbeat history for the healing tuner's replay: SQLite twin of
+-- supabase/migrations/0008_heartbeat_log.sql (each new heartbeat logged, that machine's
+-- entries older than 8 days pruned).
+CREATE TABLE IF NOT EXISTS mesh_heartbeat_log (
+    machine_id TEXT NOT NULL,
+    at         TEXT NOT NULL,
+    PRIMARY KEY (machine_id, at)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mesh_heartbeat_log_at ON mesh_heartbeat_log (at);
+CREATE TRIGGER IF NOT EXISTS mesh_heartbeat_logged_insert AFTER INSERT ON mesh_health
+BEGIN
+    INSERT OR IGNORE INTO mesh_heartbeat_log (machine_id, at)
+    VALUES (NEW.machine_id, NEW.last_heartbeat);
+END;
+CREATE TRIGGER IF NOT EXISTS mesh_heartbeat_logged AFTER UPDATE OF last_heartbeat ON mesh_health
+WHEN NEW.last_heartbeat IS NOT OLD.last_heartbeat
+BEGIN
+    INSERT OR IGNORE INTO mesh_heartbeat_log (machine_id, at)
+    VALUES (NEW.machine_id, NEW.last_heartbeat);
+    -- Timestamps are fixed-width ISO 8601 (fleet.store.timestamps.iso): text order is time order.
+    DELETE FROM mesh_heartbeat_log
+    WHERE machine_id = NEW.machine_id
+      AND at < strftime('%Y-%m-%dT%H:%M:%f000+00:00', NEW.last_heartbeat, '-8 days');
+END;

@@ -7,6 +7,7 @@ Connections, timeouts, reconnects and error mapping are the connector's
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -383,15 +384,20 @@ class PgMeshStore(PgImmuneOps):
         stuck_seconds: float,
         expiry_seconds: float,
         max_attempts: int,
+        by_machine: Mapping[str, rules.Thresholds] | None = None,
     ) -> ReconcileCounts:
+        own = dict(by_machine or {})
         row = self._db.fetch_one(
-            QUERIES["reconcile"],
+            QUERIES["reconcile_by_machine" if own else "reconcile"],
             {
                 "now": utc(now),
                 "orphan_seconds": orphan_seconds,
                 "stuck_seconds": stuck_seconds,
                 "expiry_seconds": expiry_seconds,
                 "max_attempts": max_attempts,
+                "machines": list(own),
+                "machine_orphan_seconds": [t.orphan_seconds for t in own.values()],
+                "machine_stuck_seconds": [t.stuck_seconds for t in own.values()],
             },
             retry_safe=False,
         )
@@ -428,3 +434,12 @@ class PgMeshStore(PgImmuneOps):
 
     def close(self) -> None:
         self._db.close()
+
+    # Heartbeat history (0008_heartbeat_log.sql) -----------------------------------
+    def heartbeat_log(self, since: datetime, until: datetime) -> dict[str, list[datetime]]:
+        """Every heartbeat logged in [since, until], per machine, oldest first (the log keeps
+        8 days)."""
+        beats: dict[str, list[datetime]] = {}
+        for r in self._read("heartbeat_log", since=utc(since), until=utc(until)):
+            beats.setdefault(r["machine_id"], []).append(utc(r["at"]))
+        return beats

@@ -165,6 +165,13 @@ SELECT min(created_at) AS t FROM mesh_task_queue WHERE status = 'queued'
 SELECT * FROM mesh_reconcile(%(now)s, %(orphan_seconds)s, %(stuck_seconds)s,
                              %(expiry_seconds)s, %(max_attempts)s)
 
+-- name: reconcile_by_machine
+-- Machines on a canary policy judged by their own orphan and stuck seconds (0007).
+SELECT * FROM mesh_reconcile_by_machine(
+    %(now)s, %(orphan_seconds)s, %(stuck_seconds)s, %(expiry_seconds)s, %(max_attempts)s,
+    %(machines)s::text[], %(machine_orphan_seconds)s::double precision[],
+    %(machine_stuck_seconds)s::double precision[])
+
 -- name: set_pane_state
 -- The row records the claim of its task: the one given, else the task's current claim
 -- held by this machine, else NULL.
@@ -185,3 +192,9 @@ SELECT machine_id, pane_id, task_id, claim_seq, alive, context_ratio, updated_at
 FROM mesh_pane_state
 WHERE (%(machine_id)s::text IS NULL OR machine_id = %(machine_id)s)
 ORDER BY machine_id, pane_id
+
+-- name: heartbeat_log
+-- Heartbeat history of 0008_heartbeat_log.sql (the tuner's replay).
+SELECT machine_id, at FROM mesh_heartbeat_log
+WHERE at >= %(since)s AND at <= %(until)s
+ORDER BY machine_id, at

@@ -193,19 +193,27 @@ WHERE status IN ('claimed', 'injected', 'running')
   AND claimed_by IN (SELECT machine_id FROM mesh_health WHERE status IN ('down', 'left'))
 
 -- name: reconcile_orphaned
--- rules.Verdict.ORPHANED: in flight past the orphan cutoff, no progress since, and the
--- claimer has no fresh heartbeat (rules.claimer_heartbeat_fresh).
-SELECT task_id FROM mesh_task_queue
-WHERE status IN ('claimed', 'injected', 'running') AND claimed_at < :orphan
-  AND (progress_at IS NULL OR progress_at < :orphan)
+-- rules.Verdict.ORPHANED: in flight past the claimer's orphan cutoff (its own in the JSON
+-- object :orphan_by_machine when it runs a canary policy, else :orphan), no progress since,
+-- and the claimer has no fresh heartbeat (rules.claimer_heartbeat_fresh).
+SELECT task_id FROM (
+    SELECT q.task_id, q.claimed_by, q.claimed_at, q.progress_at,
+           COALESCE((SELECT value FROM json_each(:orphan_by_machine) WHERE key = q.claimed_by),
+                    :orphan) AS cutoff
+    FROM mesh_task_queue q WHERE q.status IN ('claimed', 'injected', 'running')
+) c
+WHERE c.claimed_at < c.cutoff AND (c.progress_at IS NULL OR c.progress_at < c.cutoff)
   AND NOT EXISTS (SELECT 1 FROM mesh_health h
-                  WHERE h.machine_id = mesh_task_queue.claimed_by
-                    AND h.status NOT IN ('down', 'left') AND h.last_heartbeat >= :orphan)
+                  WHERE h.machine_id = c.claimed_by
+                    AND h.status NOT IN ('down', 'left') AND h.last_heartbeat >= c.cutoff)
 
 -- name: reconcile_stuck
--- rules.Verdict.STUCK: in a pane with no progress past the stuck cutoff.
-SELECT task_id FROM mesh_task_queue
-WHERE status IN ('injected', 'running') AND COALESCE(progress_at, claimed_at) < :stuck
+-- rules.Verdict.STUCK: in a pane with no progress past the claimer's stuck cutoff (its own
+-- in :stuck_by_machine, else :stuck).
+SELECT task_id FROM mesh_task_queue q
+WHERE status IN ('injected', 'running')
+  AND COALESCE(progress_at, claimed_at)
+      < COALESCE((SELECT value FROM json_each(:stuck_by_machine) WHERE key = q.claimed_by), :stuck)
 
 -- name: set_pane_state
 INSERT INTO mesh_pane_state (machine_id, pane_id, task_id, claim_seq, alive, context_ratio,
@@ -223,3 +231,9 @@ ON CONFLICT (machine_id, pane_id) DO UPDATE SET
 SELECT * FROM mesh_pane_state
 WHERE (:machine_id IS NULL OR machine_id = :machine_id)
 ORDER BY machine_id, pane_id
+
+-- name: heartbeat_log
+-- Heartbeat history (the twin of 0008_heartbeat_log.sql; the tuner's replay).
+SELECT machine_id, at FROM mesh_heartbeat_log
+WHERE at >= :since AND at <= :until
+ORDER BY machine_id, at

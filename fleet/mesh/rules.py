@@ -98,16 +98,24 @@ def claimer_heartbeat_fresh(
 
 
 def classify(
-    task: QueuedTask, machines: Mapping[str, MachineHealth], now: datetime, t: Thresholds
+    task: QueuedTask,
+    machines: Mapping[str, MachineHealth],
+    now: datetime,
+    t: Thresholds,
+    by_machine: Mapping[str, Thresholds] | None = None,
 ) -> Verdict | None:
-    """The reconciler's verdict on one row, or None when the row is left alone."""
+    """The reconciler's verdict on one row, or None when the row is left alone.
+
+    `by_machine`: machines on a policy of their own (a canary trial); their claims are
+    orphaned and stuck at their thresholds, every other row at `t`'s. Expiry is the task's,
+    not a machine's: always `t`'s."""
     if task.status not in UNFINISHED_STATUSES:
         return None
-    c = cutoffs(now, t)
-    if task.created_at < c.expiry:
+    if task.created_at < cutoffs(now, t).expiry:
         return Verdict.EXPIRED
     if task.status not in ACTIVE_STATUSES:
         return None
+    c = cutoffs(now, (by_machine or {}).get(task.claimed_by or "", t))
     claimer = machines.get(task.claimed_by) if task.claimed_by else None
     if claimer is not None and claimer.status in GONE_MACHINE_STATUSES:
         return Verdict.MACHINE_DOWN

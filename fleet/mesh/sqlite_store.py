@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
@@ -440,10 +441,14 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
         stuck_seconds: float,
         expiry_seconds: float,
         max_attempts: int,
+        by_machine: Mapping[str, rules.Thresholds] | None = None,
     ) -> ReconcileCounts:
         c = rules.cutoffs(
             now, rules.Thresholds(orphan_seconds, stuck_seconds, expiry_seconds, max_attempts)
         )
+        own = {m: rules.cutoffs(now, t) for m, t in (by_machine or {}).items()}
+        orphan_by_machine = json.dumps({m: _ts(o.orphan) for m, o in own.items()})
+        stuck_by_machine = json.dumps({m: _ts(o.stuck) for m, o in own.items()})
         with self._tx() as db:
             # The rules in rules.Verdict's order: a row an earlier rule moved is not active
             # any more when the next rule selects its candidates.
@@ -459,13 +464,22 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
             )
             orph_q, orph_d = self._requeue_failed(
                 db,
-                _ids(db, "reconcile_orphaned", orphan=_ts(c.orphan)),
+                _ids(
+                    db,
+                    "reconcile_orphaned",
+                    orphan=_ts(c.orphan),
+                    orphan_by_machine=orphan_by_machine,
+                ),
                 now,
                 max_attempts,
                 "orphaned",
             )
             stuck_q, stuck_d = self._requeue_failed(
-                db, _ids(db, "reconcile_stuck", stuck=_ts(c.stuck)), now, max_attempts, "stuck"
+                db,
+                _ids(db, "reconcile_stuck", stuck=_ts(c.stuck), stuck_by_machine=stuck_by_machine),
+                now,
+                max_attempts,
+                "stuck",
             )
             counts = ReconcileCounts(
                 orphaned_requeued=orph_q,
@@ -516,3 +530,12 @@ class SQLiteMeshStore(SQLiteImmuneOps, SQLiteFile):
             }
             for r in self._rows("pane_states", machine_id=machine_id)
         ]
+
+    # Heartbeat history (the twin of 0008_heartbeat_log.sql) ----------------------
+    def heartbeat_log(self, since: datetime, until: datetime) -> dict[str, list[datetime]]:
+        """Every heartbeat logged in [since, until], per machine, oldest first (the log keeps
+        8 days)."""
+        beats: dict[str, list[datetime]] = {}
+        for r in self._rows("heartbeat_log", since=_ts(since), until=_ts(until)):
+            beats.setdefault(r["machine_id"], []).append(datetime.fromisoformat(r["at"]))
+        return beats

@@ -12,11 +12,15 @@ in fleet/mesh/rules.py and are applied by the backends as set-based SQL.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:  # rules imports this module
+    from fleet.mesh.rules import Thresholds
 
 Role = Literal["worker", "planner", "viewer"]
 PROTOCOL_GENERATION = 1
@@ -231,9 +235,12 @@ class MeshStore(Protocol):
         stuck_seconds: float,
         expiry_seconds: float,
         max_attempts: int,
+        by_machine: Mapping[str, Thresholds] | None = None,
     ) -> ReconcileCounts:
         """One cycle: set-based statements per rule (fleet/mesh/rules.py), in one
-        transaction, plus exactly one ReconcilerRun event carrying the counts."""
+        transaction, plus exactly one ReconcilerRun event carrying the counts. Claims of the
+        machines in `by_machine` (a canary policy's) are judged by their orphan and stuck
+        thresholds (rules.classify)."""
 
     # Panes ------------------------------------------------------------------------
     def set_pane_state(

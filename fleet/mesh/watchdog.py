@@ -8,7 +8,7 @@ runs on its own, so one failing part (the store down, say) is reported, not fata
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -84,13 +84,18 @@ def stale_machines(
     now: datetime,
     heartbeat_seconds: float,
     missed_heartbeats: float = rules.MISSED_HEARTBEATS,
+    by_machine: Mapping[str, float] | None = None,
 ) -> list[str]:
-    """Machines still counted as up whose heartbeat is missed (input to liveness confirmation)."""
+    """Machines still counted as up whose heartbeat is missed (input to liveness confirmation);
+    `by_machine`: the heartbeat intervals of machines on a canary policy of their own."""
+    own = by_machine or {}
     return [
         m.machine_id
         for m in machines
         if m.status in ("alive", "suspect")
-        and rules.heartbeat_missed(m, now, heartbeat_seconds, missed_heartbeats)
+        and rules.heartbeat_missed(
+            m, now, own.get(m.machine_id, heartbeat_seconds), missed_heartbeats
+        )
     ]
 
 
@@ -198,7 +203,11 @@ def watchdog_cycle(
 
     try:  # heartbeat pulse
         report.stale_machines = stale_machines(
-            store.machines(), now, settings.heartbeat_seconds, settings.liveness_missed_heartbeats
+            store.machines(),
+            now,
+            settings.heartbeat_seconds,
+            settings.liveness_missed_heartbeats,
+            probe.heartbeat_by_machine if probe is not None else None,
         )
         if probe is not None and report.stale_machines:
             report.liveness = probe.confirm(now)

@@ -191,8 +191,8 @@ def apply_cmd(
         "`fleet ga trials` decides it."
     )
     console.print(
-        "recorded only: machines run these thresholds once the agent and reconciler "
-        "read them through fleet.tuning.policies.policy_for"
+        "the canary machines' agents take the candidate's heartbeat at their next beat; the "
+        "reconciler and the watchdog judge them by its thresholds from their next cycle"
     )
 
 

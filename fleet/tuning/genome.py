@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from fleet.mesh.immune import ImmunePolicy
 from fleet.mesh.rules import Thresholds
+
+if TYPE_CHECKING:  # numpy only where vectors are made: `fleet` commands start without it
+    import numpy as np
 
 Policy = dict[str, float]
 
@@ -45,8 +46,6 @@ GENES: tuple[Gene, ...] = (
     Gene("immune_recalibrate_ejections", 2, 8),
 )
 GENE_NAMES: tuple[str, ...] = tuple(g.name for g in GENES)
-LOWER = np.array([g.low for g in GENES])
-UPPER = np.array([g.high for g in GENES])
 
 
 class InvalidPolicy(ValueError):
@@ -72,6 +71,8 @@ def repair(policy: Mapping[str, float]) -> Policy:
 
 
 def to_vector(policy: Mapping[str, float]) -> np.ndarray:
+    import numpy as np
+
     return np.array([float(policy[name]) for name in GENE_NAMES])
 
 

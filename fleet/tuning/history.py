@@ -352,12 +352,13 @@ def from_store(
     name: str = "recorded",
 ) -> History:
     """The window [since, now] as the store recorded it (mesh_task_events, mesh_health, the
-    immune events and breaker rows of 0003).
+    heartbeat log of 0008, the immune events and breaker rows of 0003).
 
-    The store keeps only each machine's last heartbeat, so heartbeats are rebuilt: one every
-    `heartbeat_seconds` while the machine was up (between its MachineDown and MachineUp events
-    none, and it was unreachable). Labels are those the recorded policy inferred: a run the
-    reconciler requeued (stuck, orphaned, machine down) hung at its last progress.
+    Heartbeats are the logged ones (the store keeps 8 days of them). Where the log has none —
+    a store older than the log, or the time before its first entry — they are rebuilt: one
+    every `heartbeat_seconds` while the machine was up (between its MachineDown and MachineUp
+    events none, and it was unreachable). Labels are those the recorded policy inferred: a run
+    the reconciler requeued (stuck, orphaned, machine down) hung at its last progress.
     """
     horizon = max(0.0, (now - since).total_seconds())
 
@@ -435,14 +436,19 @@ def from_store(
     for task_id in list(runs):
         close(task_id, None, None, "", None)
 
+    logged = store.heartbeat_log(since, now) if hasattr(store, "heartbeat_log") else {}
     machines: list[MachineTrack] = []
     for m in store.machines():
         last = min(rel(m.last_heartbeat), horizon)
         begin = max(0.0, first_seen.get(m.machine_id, 0.0))
-        beats = np.arange(begin, max(begin, last) + 1e-9, heartbeat_seconds)
+        real = np.array([rel(t) for t in logged.get(m.machine_id, ())])
+        # Rebuilt up to the log's first entry (more than a missed-beat rule away), else to the end.
+        until = real[0] - 2 * heartbeat_seconds if real.size else last
+        beats = np.arange(begin, until + 1e-9, heartbeat_seconds) if until >= begin else real[:0]
         gaps = [(a, b) for a, b in downs.get(m.machine_id, [])]
         for a, b in gaps:
             beats = beats[(beats < a - 2 * heartbeat_seconds) | (beats >= b)]
+        beats = np.concatenate([beats, real])
         if m.status in ("down", "left") and not gaps:
             gaps.append((last, INF))
         machines.append(MachineTrack(m.machine_id, "healthy", beats, tuple(gaps)))

@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from fleet.tuning.genome import GENES, LOWER, UPPER, Policy, from_vector, key, repair, to_vector
+from fleet.tuning.genome import GENES, Policy, from_vector, key, repair, to_vector
 from fleet.tuning.history import History
 from fleet.tuning.replay import Prepared, Score, combine, score
+
+LOWER = np.array([g.low for g in GENES])
+UPPER = np.array([g.high for g in GENES])
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,17 @@
 """Versioned healing policies in the store: candidates, the active one, canary trials, rollback.
 
-What is recorded here vs what changes behaviour: `apply` records a trial and which machines
-run the candidate (mesh_policy_assignments); `policy_for(machine, …)` is the pure answer to
-"which thresholds does this machine run". Until the node agent and the reconciler read their
-thresholds through `policy_for`, a trial changes records, not healing.
+`apply` records a trial and which machines run the candidate (mesh_policy_assignments);
+`policy_for(machine, …)` is the pure answer to "which thresholds does this machine run", and
+`PoliciesInForce` (read once per cycle by `read_in_force`) is how the node agent, the
+reconciler and the watchdog apply it: canary machines run the candidate, the others the active
+policy, everyone the settings' values while no policy was applied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -17,13 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, SecretStr
 
 from fleet.errors import ConfigError, FleetError
+from fleet.mesh.rules import Thresholds
 from fleet.sqlitedb import SQLiteFile
 from fleet.store import queries
 from fleet.store.pgconn import PgConnector
-from fleet.tuning.history import REQUEUE_REASONS
+from fleet.tuning.genome import GENE_NAMES, settings_update
 
 SQLITE_SCHEMA = Path(__file__).with_name("policies_sqlite.sql")
 PG_QUERIES = queries.load("fleet.tuning", "queries.sql")
@@ -31,6 +36,8 @@ SQLITE_QUERIES = queries.load("fleet.tuning", "queries_sqlite.sql")
 MAX_CANARY_SHARE = 0.5
 MIN_TRIAL_SECONDS = 24 * 3600.0  # a canary runs a day before it is promoted
 QUICK_RETURN_SECONDS = 600.0  # a machine back within this after "down" was not dead
+log = logging.getLogger(__name__)
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
 class PolicyError(FleetError):
@@ -67,6 +74,50 @@ def policy_for(machine_id: str, assignments: Mapping[str, int], active: int | No
     """The policy version a machine runs: its canary assignment, else the active one
     (None: no policy applied yet — the settings model's values)."""
     return assignments.get(machine_id, active)
+
+
+@dataclass(frozen=True)
+class PoliciesInForce:
+    """The policies machines run, as read once per cycle: the active version, the canary
+    assignments and the genes of each. Empty (the default) = no policy applied: the settings'
+    values everywhere."""
+
+    active: int | None = None
+    assignments: Mapping[str, int] = field(default_factory=dict)
+    genes: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+
+    def genes_for(self, machine_id: str | None = None) -> Mapping[str, float] | None:
+        """The genes `machine_id` runs (None: the mesh-wide policy, the active one)."""
+        version = (
+            policy_for(machine_id, self.assignments, self.active) if machine_id else self.active
+        )
+        return self.genes.get(version) if version is not None else None
+
+    def settings_for(self, settings: SettingsT, machine_id: str | None = None) -> SettingsT:
+        """`settings` with the thresholds `machine_id` runs (unknown genes are ignored)."""
+        genes = self.genes_for(machine_id)
+        if not genes:
+            return settings
+        known = {k: v for k, v in genes.items() if k in GENE_NAMES}
+        return settings.model_copy(update=settings_update(known))
+
+    def reconcile_thresholds(self, settings: Any) -> tuple[Thresholds, dict[str, Thresholds]]:
+        """The reconciler's thresholds: the mesh-wide policy's, and those of each canary
+        machine whose own differ (rules.classify's `by_machine`)."""
+        default = Thresholds.from_settings(self.settings_for(settings))
+        own = {
+            m: Thresholds.from_settings(self.settings_for(settings, m)) for m in self.assignments
+        }
+        return default, {m: t for m, t in own.items() if t != default}
+
+    def liveness_by_machine(self, settings: Any) -> tuple[dict[str, float], dict[str, int]]:
+        """Each canary machine's heartbeat interval and liveness confirmations (the watchdog's
+        LivenessProbe judges its heartbeats by them)."""
+        own = {m: self.settings_for(settings, m) for m in self.assignments}
+        return (
+            {m: float(s.heartbeat_seconds) for m, s in own.items()},
+            {m: int(s.liveness_confirmations) for m, s in own.items()},
+        )
 
 
 def parse_share(text: str) -> float:
@@ -120,6 +171,8 @@ def live_figures(
     whose pane reported progress afterwards, or a machine declared down that heartbeated again
     within QUICK_RETURN_SECONDS.
     """
+    from fleet.tuning.history import REQUEUE_REASONS  # with numpy: only when trials are judged
+
     group = set(machines)
     last_life: dict[str, datetime] = {}
     requeued: dict[str, tuple[str, datetime]] = {}
@@ -203,6 +256,8 @@ class PolicyStore:
     def _time(self, value: datetime) -> Any:
         return value
 
+    def close(self) -> None: ...
+
     # Reading --------------------------------------------------------------------------
     def versions(self) -> list[PolicyVersion]:
         with self._session() as run:
@@ -233,6 +288,15 @@ class PolicyStore:
     def assignments(self) -> dict[str, int]:
         with self._session() as run:
             return {r["machine_id"]: int(r["version"]) for r in run("assignments")}
+
+    def in_force(self) -> PoliciesInForce:
+        """What every machine runs now, in one transaction."""
+        with self._session() as run:
+            active = run("active")
+            assignments = {r["machine_id"]: int(r["version"]) for r in run("assignments")}
+            wanted = set(assignments.values()) | {int(r["version"]) for r in active}
+            genes = {v: _version(r).genes for v in sorted(wanted) for r in run("policy", version=v)}
+        return PoliciesInForce(int(active[0]["version"]) if active else None, assignments, genes)
 
     def log(self) -> list[dict[str, Any]]:
         with self._session() as run:
@@ -474,7 +538,7 @@ class PgPolicyStore(PolicyStore):
     """On PostgreSQL through the shared connector: applies the migrations (0005_policies.sql
     among them) on first use."""
 
-    def __init__(self, conninfo: str):
+    def __init__(self, conninfo: str | SecretStr):
         self._db = PgConnector(
             conninfo,
             label="PostgreSQL policy store",
@@ -541,3 +605,34 @@ def open_policy_store(url: str) -> PolicyStore:
         return PgPolicyStore(url)
     scheme = url.split(":")[0]
     raise ConfigError(f"the policy store needs sqlite:///… or postgresql://…, not {scheme!r}")
+
+
+def policy_store_beside(mesh: Any) -> PolicyStore | None:
+    """The policy tables in the mesh store's own database (a SQLite file's path or a
+    PostgreSQL store's conninfo); None for a store with neither, or one that cannot be
+    opened (logged: healing goes on with the settings' values)."""
+    path = getattr(mesh, "path", None)
+    conninfo = getattr(mesh, "conninfo", None)
+    try:
+        if isinstance(path, Path):
+            return SQLitePolicyStore(path)
+        if isinstance(conninfo, SecretStr):
+            return PgPolicyStore(conninfo)
+    except FleetError as exc:
+        log.warning("healing policies unavailable beside %r: %s", mesh, exc)
+    return None
+
+
+def read_in_force(
+    store: PolicyStore | None, fallback: PoliciesInForce | None = None
+) -> PoliciesInForce:
+    """What every machine runs, from `store`; when it cannot say (no store, an outage),
+    `fallback` — the last answer read, else the settings' values. Healing never stops for
+    want of a policy."""
+    if store is None:
+        return fallback or PoliciesInForce()
+    try:
+        return store.in_force()
+    except FleetError as exc:
+        log.warning("healing policies unreadable, keeping the last known: %s", exc)
+        return fallback or PoliciesInForce()

@@ -20,6 +20,8 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 S = FleetSettings()
 TH = rules.Thresholds.from_settings(S)
+# A canary policy's thresholds (a machine on a trial): tighter orphan, looser stuck.
+CANARY = rules.Thresholds(300.0, 2400.0, TH.expiry_seconds, TH.max_attempts)
 
 
 @pytest.fixture
@@ -27,13 +29,14 @@ def store(any_store):
     return any_store
 
 
-def reconcile(store, now) -> ReconcileCounts:
+def reconcile(store, now, by_machine=None) -> ReconcileCounts:
     return store.reconcile(
         now,
         orphan_seconds=TH.orphan_seconds,
         stuck_seconds=TH.stuck_seconds,
         expiry_seconds=TH.expiry_seconds,
         max_attempts=TH.max_attempts,
+        by_machine=by_machine,
     )
 
 
@@ -240,6 +243,7 @@ def test_every_cycle_appends_exactly_one_reconciler_run_event_with_its_counts(st
 def _random_world(rng: random.Random, now: datetime, n_tasks: int = 300):
     """Rows clustered around every boundary, so a strict/loose mismatch cannot hide."""
     marks = [TH.orphan_seconds, TH.stuck_seconds, TH.expiry_seconds, 60.0, 0.0]
+    marks += [CANARY.orphan_seconds, CANARY.stuck_seconds]
 
     def ago() -> datetime:
         base = rng.choice(marks)
@@ -366,8 +370,11 @@ def _load(store, machines: list[MachineHealth], tasks: list[QueuedTask]) -> None
             )
 
 
+@pytest.mark.parametrize("canary", [False, True], ids=["one-policy", "canary-machines"])
 @pytest.mark.parametrize("seed", [1, 2])
-def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed):
+def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed, canary):
+    """With `canary`, machines m1, m2 and ghost run a policy of their own (by_machine)."""
+    by_machine = dict.fromkeys(("m1", "m2", "ghost"), CANARY) if canary else None
     rng = random.Random(seed)
     now = T0 + timedelta(days=3)
     machines, tasks = _random_world(rng, now)
@@ -377,7 +384,7 @@ def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed):
     expected_status: dict[str, tuple[TaskStatus, int]] = {}
     expected = ReconcileCounts()
     for t in tasks:
-        verdict = rules.classify(t, by_id, now, TH)
+        verdict = rules.classify(t, by_id, now, TH, by_machine)
         status, attempts = (
             rules.outcome(t, verdict, TH.max_attempts) if verdict else (t.status, t.attempts)
         )
@@ -395,14 +402,14 @@ def test_sql_agrees_with_the_pure_rules_on_generated_rows(store, seed):
     # The generated world exercises every rule, so agreement is not vacuous.
     assert min(expected.model_dump().values()) > 0, expected
 
-    assert reconcile(store, now) == expected
+    assert reconcile(store, now, by_machine) == expected
     got = {
         t.task_id: (store.get_task(t.task_id).status, store.get_task(t.task_id).attempts)
         for t in tasks
     }
     assert got == expected_status
     # A second cycle at the same instant finds nothing left to do.
-    assert reconcile(store, now) == ReconcileCounts()
+    assert reconcile(store, now, by_machine) == ReconcileCounts()
 
 
 def test_concurrent_reconcilers_never_move_a_row_twice(store, tmp_path):

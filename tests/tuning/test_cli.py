@@ -64,7 +64,7 @@ def test_apply_needs_a_canary_then_trials_and_rollback(url):
     assert too_much.exit_code == 2 and "at most 50%" in too_much.output
     applied = runner.invoke(ga_app, ["apply", str(version), "--canary", "20%", "--store-url", url])
     assert applied.exit_code == 0, applied.output
-    assert "trial 1" in applied.output and "recorded only" in applied.output
+    assert "trial 1" in applied.output and "candidate's heartbeat" in applied.output
     assert len(open_policy_store(url).assignments()) == 1
     trials = runner.invoke(ga_app, ["trials", "--store-url", url])
     assert trials.exit_code == 0, trials.output
@@ -84,3 +84,14 @@ def test_user_mistakes_are_one_clear_line(url):
     assert since.exit_code == 2 and "is not a duration" in since.output
     nothing = runner.invoke(ga_app, ["rollback", "--store-url", url])
     assert nothing.exit_code == 2 and "nothing to roll back" in nothing.output
+
+
+def test_the_fleet_cli_starts_without_numpy_or_pymoo():
+    """Every `fleet` command imports fleet.cli: the optimizer's libraries load only in the
+    commands that evolve."""
+    import subprocess
+    import sys
+
+    code = "import sys, fleet.cli\nprint(sorted(m for m in ('numpy', 'pymoo') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -58,10 +58,10 @@ def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     store.progress(stuck, mine[stuck], clock.now(), note="compiling")
     clock.advance(180)
     store.transition(fine, mine[fine], TaskStatus.DONE, clock.now(), output="ok")
-    for m in (mac1, mac2):
-        store.heartbeat(
-            MachineIdentity(machine_id=m, mesh_id="prod"), start + timedelta(hours=1), None, []
-        )
+    for k in range(1, 121):  # both agents beat every 30 s through the hour (the log keeps it)
+        for m in (mac1, mac2):
+            at = start + timedelta(seconds=30 * k)
+            store.heartbeat(MachineIdentity(machine_id=m, mesh_id="prod"), at, None, [])
     clock.advance(1500)
     store.reconcile(
         clock.now(), orphan_seconds=600, stuck_seconds=900, expiry_seconds=86400, max_attempts=3
@@ -83,3 +83,32 @@ def test_a_recorded_window_becomes_runs_with_inferred_labels_and_replays(store):
     # The recorded policy's own verdict is found again: 120 + 900 → tick 1080, healed 960 s after.
     assert (s.detected, s.false_positives, s.misses) == (1, 0, 0)
     assert s.mttr == 960
+
+
+def test_the_replay_uses_the_logged_heartbeats_and_the_log_is_pruned_after_8_days(store):
+    start = datetime(2032, 1, 1, tzinfo=UTC)
+    tag = uuid.uuid4().hex[:6]
+    quiet, steady = f"quiet-{tag}", f"steady-{tag}"
+    beats = {
+        # Silent for 15 minutes with no MachineDown: a rebuild would have filled the gap.
+        quiet: [0, 30, 60, 960, 990],
+        steady: [0, 30, 60, 90, 120],
+    }
+    for machine, offsets in beats.items():
+        for t in offsets:
+            at = start + timedelta(seconds=t)
+            store.heartbeat(MachineIdentity(machine_id=machine, mesh_id="prod"), at, None, [])
+    assert store.heartbeat_log(start, start + timedelta(hours=1)) == {
+        m: [start + timedelta(seconds=t) for t in offsets] for m, offsets in beats.items()
+    }
+    h = from_store(store, start, start + timedelta(seconds=1000))
+    tracks = {m.machine_id: m for m in h.machines if m.machine_id in beats}
+    for machine, offsets in beats.items():
+        assert tracks[machine].heartbeats.tolist() == [float(t) for t in offsets]
+
+    # Bounded: a beat 8 days and a second after the first prunes that machine's older ones.
+    later = start + timedelta(days=8, seconds=61)
+    store.heartbeat(MachineIdentity(machine_id=steady, mesh_id="prod"), later, None, [])
+    logged = store.heartbeat_log(start, later)
+    assert logged[steady] == [start + timedelta(seconds=t) for t in (90, 120)] + [later]
+    assert len(logged[quiet]) == 5  # another machine's entries wait for its own beat
