@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
-from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.base import Effect, EffectKind, Lease, task_row
 from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 from fleet.store.timestamps import utc
 
@@ -305,19 +305,7 @@ class SupabaseStore:
         from postgrest.types import ReturnMethod
 
         by_key = {t.key: t for t in tasks}
-        rows = [
-            {
-                "task_key": k,
-                "app_id": t.app_id,
-                "source": t.source,
-                "priority": t.priority,
-                "description": t.description,
-                "severity": t.severity,
-                "file": t.file,
-                "updated_at": _iso(now),
-            }
-            for k, t in by_key.items()
-        ]
+        rows = [task_row(t) | {"updated_at": _iso(now)} for t in by_key.values()]
         new = 0
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
