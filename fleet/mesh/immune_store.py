@@ -1,10 +1,12 @@
-"""The immune system's persistence on both mesh backends: states, antibodies, events, cursors,
-shared breaker states, and the claim that honours quarantines and mesh identity.
+"""The immune system's persistence on both mesh backends: states, antibodies, events, cursors
+and shared breaker states.
 
-Mixed into SQLiteMeshStore and PgMeshStore (their `_tx`/`_query`); the statements are the
-named queries of fleet/mesh/immune_queries.sql and immune_queries_sqlite.sql. PostgreSQL's
-claim is the `mesh_claim` of supabase/migrations/0003_immune.sql, SQLite's is its twin below,
-and the contract tests (tests/mesh/test_immune_store.py) hold them to the same behaviour.
+`ImmuneOps` is written once over the mesh backends' primitives (fleet/mesh/sql_store.py) and
+is a base of SQLiteMeshStore and PgMeshStore; the statements are the named queries of
+fleet/mesh/immune_queries.sql and immune_queries_sqlite.sql. The claim that honours
+quarantines and mesh identity is PostgreSQL's `mesh_claim` (supabase/migrations/0003_immune.sql)
+and its SQLite twin in sqlite_store.py; the contract tests (tests/mesh/test_immune_store.py)
+hold them to the same behaviour.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from fleet.mesh.immune import Action, Antibody, ImmunePolicy, Subject, SubjectState, Tier
 from fleet.mesh.sql_store import SqlMeshStore, Tx
+from fleet.store.timestamps import iso
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -25,9 +28,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 
 def _ts(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return _utc(value).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")  # type: ignore[union-attr]
+    return iso(value) if value is not None else None
 
 
 def _dt(value: Any) -> datetime | None:
