@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
 from fleet.mesh.immune import Action, Antibody, ImmunePolicy, Subject, SubjectState, Tier
-from fleet.mesh.sql_store import SqlMeshStore, Tx
+from fleet.mesh.sql_store import SqlMeshStore, Tx, fence
 from fleet.store.timestamps import iso
 
 
@@ -266,7 +266,7 @@ class ImmuneOps(SqlMeshStore):
         *,
         claim_seq: int | None = None,
     ) -> bool:
-        claim = {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq}
+        claim = fence(task_id, machine_id, claim_seq)
         return self._fenced("requeue_unattempted", now, claim | {"message": reason}, self._immune)
 
     def record_event(

@@ -36,6 +36,11 @@ Params = dict[str, Any]
 Queries = Mapping[str, str]  # named queries (fleet/store/queries.py)
 
 
+def fence(task_id: str, machine_id: str, claim_seq: int | None) -> Params:
+    """The parameters every fenced write names: the task, its claimer and (None = any) claim."""
+    return {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq}
+
+
 class Tx:
     """One transaction's connection, reaching named queries by name."""
 
@@ -301,7 +306,7 @@ class SqlMeshStore(SqlValues):
     ) -> bool:
         status = rules.agent_target(status)
         finished = status in (TaskStatus.DONE, TaskStatus.FAILED)
-        claim = {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq}
+        claim = fence(task_id, machine_id, claim_seq)
         return self._fenced(
             "transition",
             now,
@@ -326,7 +331,7 @@ class SqlMeshStore(SqlValues):
         *,
         claim_seq: int | None = None,
     ) -> bool:
-        claim = {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq}
+        claim = fence(task_id, machine_id, claim_seq)
         return self._fenced("progress", now, claim | {"note": note}, self._mesh)
 
     def handoff(
@@ -338,7 +343,7 @@ class SqlMeshStore(SqlValues):
         *,
         claim_seq: int | None = None,
     ) -> bool:
-        claim = {"task_id": task_id, "machine_id": machine_id, "claim": claim_seq}
+        claim = fence(task_id, machine_id, claim_seq)
         return self._fenced("handoff", now, claim | {"checkpoint": checkpoint}, self._mesh)
 
     def get_task(self, task_id: str) -> QueuedTask | None:
