@@ -6,14 +6,18 @@ import logging
 import random
 import shlex
 from datetime import timedelta
+from typing import Unpack
 
-import httpx
 from pydantic import SecretStr
 
 from fleet.clients.base import Command
-from fleet.clients.breaker import CircuitBreaker
-from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
-from fleet.clock import Clock, SystemClock
+from fleet.clients.transport import (
+    EndpointOptions,
+    JsonEndpoint,
+    ServiceClient,
+    ServiceInfo,
+    excerpt,
+)
 from fleet.errors import (
     AgentFailed,
     DispatchError,
@@ -48,7 +52,7 @@ def _command_string(command: Command) -> str:
     return shlex.join(argv)
 
 
-class AuraGatewayDispatcher:
+class AuraGatewayDispatcher(ServiceClient):
     """Dispatcher over AuraGateway's HTTP API (DESIGN §4).
 
     `POST /spawn {command}` and `POST /dispatch {command, target, model}` return `{task_id}`;
@@ -56,66 +60,27 @@ class AuraGatewayDispatcher:
     `shlex.join(command)`, which the gateway splits back without a shell.
     """
 
+    service = AURA
+
     def __init__(
         self,
         base_url: str,
         token: SecretStr | None = None,
         *,
-        allow_insecure: bool = False,
-        timeout: float = 30,
-        client: httpx.AsyncClient | None = None,
-        clock: Clock | None = None,
-        breaker: CircuitBreaker | None = None,
         poll_initial: float = 2.0,
         poll_max: float = 60.0,
-        retry: RetryPolicy | None = None,
         rng: random.Random | None = None,
+        **endpoint: Unpack[EndpointOptions],
     ):
         if poll_initial <= 0 or poll_max < poll_initial:
             raise ValueError(
                 "poll_initial must be > 0 and poll_max >= poll_initial "
                 f"(got {poll_initial}, {poll_max})"
             )
-        self.clock = clock or SystemClock()
-        self._http = JsonEndpoint(
-            AURA,
-            base_url,
-            token,
-            allow_insecure=allow_insecure,
-            timeout=timeout,
-            async_client=client,
-            breaker=breaker,
-            clock=self.clock,
-            policy=retry,
-        )
+        super().__init__(base_url, token, **endpoint)
         self.poll_initial = poll_initial
         self.poll_max = poll_max
         self._rng = rng or random.Random()
-
-    def __repr__(self) -> str:
-        return f"AuraGatewayDispatcher({self._http.shown_url!r})"
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self._http.breaker
-
-    def close(self) -> None:
-        self._http.close()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    def __enter__(self) -> AuraGatewayDispatcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> AuraGatewayDispatcher:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     # -- Dispatcher ------------------------------------------------------------------------
 

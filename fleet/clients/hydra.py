@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
-import httpx
-from pydantic import SecretStr
-
 from fleet.clients.base import UNKNOWN_PHASE, GateStatus
-from fleet.clients.breaker import CircuitBreaker
-from fleet.clients.transport import JsonEndpoint, RetryPolicy, ServiceInfo, excerpt
-from fleet.clock import Clock, SystemClock
+from fleet.clients.transport import JsonEndpoint, ServiceClient, ServiceInfo, excerpt
 from fleet.errors import QualityGateError, QualityGateUnavailable
 
 log = logging.getLogger("fleet.hydra")
@@ -27,46 +22,10 @@ HYDRA = ServiceInfo(
 DETAIL_CHARS = 500
 
 
-class HydraGate:
+class HydraGate(ServiceClient):
     """QualityGate over Hydra's HTTP API (DESIGN §4)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        token: SecretStr | None = None,
-        *,
-        allow_insecure: bool = False,
-        timeout: float = 30,
-        client: httpx.AsyncClient | None = None,
-        breaker: CircuitBreaker | None = None,
-        clock: Clock | None = None,
-        retry: RetryPolicy | None = None,
-    ):
-        clock = clock or SystemClock()
-        self._http = JsonEndpoint(
-            HYDRA,
-            base_url,
-            token,
-            allow_insecure=allow_insecure,
-            timeout=timeout,
-            async_client=client,
-            breaker=breaker,
-            clock=clock,
-            policy=retry,
-        )
-
-    def __repr__(self) -> str:
-        return f"HydraGate({self._http.shown_url!r})"
-
-    @property
-    def breaker(self) -> CircuitBreaker:
-        return self._http.breaker
-
-    def close(self) -> None:
-        self._http.close()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    service = HYDRA
 
     async def status(self, app_id: str) -> GateStatus:
         path = f"/status/{JsonEndpoint.segment(app_id)}"

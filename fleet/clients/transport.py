@@ -16,7 +16,7 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self, TypedDict, Unpack
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -24,7 +24,7 @@ import tenacity
 from pydantic import SecretStr
 
 from fleet.clients.breaker import CircuitBreaker, breaker_for
-from fleet.clock import Clock
+from fleet.clock import Clock, SystemClock
 from fleet.errors import (
     CircuitOpen,
     ConfigError,
@@ -316,14 +316,9 @@ class JsonEndpoint:
         def send() -> httpx.Response:
             nonlocal attempts
             attempts += 1
-            response = self._sync_client().request(
-                method,
-                self.base_url + path,
-                json=body,
-                headers=self._headers(headers),
-                timeout=self._timeout,
+            return _raise_transient(
+                self._sync_client().request(**self._request(method, path, body, headers))
             )
-            return _raise_transient(response)
 
         try:
             retrying = self.policy.retrying(
@@ -353,13 +348,7 @@ class JsonEndpoint:
             client, in_flight = self._async_client()
             async with in_flight:  # the wait for a turn is not part of the request's timeout
                 attempts += 1
-                response = await client.request(
-                    method,
-                    self.base_url + path,
-                    json=body,
-                    headers=self._headers(headers),
-                    timeout=self._timeout,
-                )
+                response = await client.request(**self._request(method, path, body, headers))
             return _raise_transient(response)
 
         try:
@@ -370,6 +359,18 @@ class JsonEndpoint:
         except Exception as exc:
             raise self._failed(exc, what, attempts, idempotent) from None
         return self._answer(what, response)
+
+    def _request(
+        self, method: str, path: str, body: dict | None, headers: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """One attempt's arguments to httpx's `request` (the token opened for it alone)."""
+        return {
+            "method": method,
+            "url": self.base_url + path,
+            "json": body,
+            "headers": self._headers(headers),
+            "timeout": self._timeout,
+        }
 
     def _before_call(self, what: str) -> None:
         try:
@@ -464,6 +465,67 @@ class JsonEndpoint:
             ) from None
         self.breaker.record_success()
         return status, parsed
+
+
+class EndpointOptions(TypedDict, total=False):
+    """How a ServiceClient reaches its service; every field has a default."""
+
+    allow_insecure: bool  # plain http:// beyond loopback (default False)
+    timeout: float  # seconds per request (default 30)
+    client: httpx.AsyncClient | None  # a caller-owned client (tests: a MockTransport)
+    breaker: CircuitBreaker | None  # default: the shared breaker of the endpoint
+    clock: Clock | None  # default: the system clock
+    retry: RetryPolicy | None  # default: RetryPolicy()
+
+
+class ServiceClient:
+    """A client of one JSON service (AuraGateway, Hydra): its endpoint, breaker and closing.
+
+    Subclasses name their `service` and add the calls; the transport policy is all here.
+    """
+
+    service: ServiceInfo
+
+    def __init__(
+        self, base_url: str, token: SecretStr | None = None, **options: Unpack[EndpointOptions]
+    ):
+        self.clock = options.get("clock") or SystemClock()
+        self._http = JsonEndpoint(
+            self.service,
+            base_url,
+            token,
+            allow_insecure=options.get("allow_insecure", False),
+            timeout=options.get("timeout", 30),
+            async_client=options.get("client"),
+            breaker=options.get("breaker"),
+            clock=self.clock,
+            policy=options.get("retry"),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._http.shown_url!r})"
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self._http.breaker
+
+    def close(self) -> None:
+        self._http.close()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _raise_transient(response: httpx.Response) -> httpx.Response:

@@ -27,7 +27,8 @@ ALTER TABLE mesh_task_queue ADD COLUMN task_type TEXT
 INSERT INTO mesh_task_events (task_id, event, machine_id, at, detail)
 VALUES (:task_id, :event, :machine_id, :now, :detail)
 
--- name: machine
+-- name: lock_machine
+-- Locked by the write transaction (BEGIN IMMEDIATE) it is read in.
 SELECT * FROM mesh_health WHERE machine_id = :machine_id
 
 -- name: heartbeat

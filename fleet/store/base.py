@@ -55,6 +55,19 @@ def effect_key(app_id: str, stage: str, attempt: int) -> str:
     return f"{stage}/{attempt}/{digest}"
 
 
+def task_row(task: Task) -> dict[str, str | int | None]:
+    """A task as the columns of its row, keyed by `Task.key` (every backend's upsert)."""
+    return {
+        "task_key": task.key,
+        "app_id": task.app_id,
+        "source": task.source,
+        "priority": task.priority,
+        "description": task.description,
+        "severity": task.severity,
+        "file": task.file,
+    }
+
+
 @runtime_checkable
 class Store(Protocol):
     """Source of truth for app stages, tasks, trajectories and fleet config.

@@ -10,15 +10,16 @@ fleet/store/queries.sql.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import SecretStr
 
-from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
+from fleet.models import EvolutionState, FleetConfig, Stage, Task
 from fleet.store import queries
-from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.base import EffectKind, task_row
 from fleet.store.pgconn import PgConnector, Timeouts, redact
+from fleet.store.sql import SqlStore
 from fleet.store.timestamps import utc
 
 __all__ = ["PostgresStore", "redact"]
@@ -26,7 +27,7 @@ __all__ = ["PostgresStore", "redact"]
 QUERIES = queries.load("fleet.store", "queries.sql")
 
 
-class PostgresStore:
+class PostgresStore(SqlStore):
     """Store on PostgreSQL; one connection shared by threads under a lock, reopened if it drops."""
 
     def __init__(
@@ -69,18 +70,19 @@ class PostgresStore:
     def _write(self, query: str, /, **params: Any) -> None:
         self._db.execute(QUERIES[query], params)
 
+    def _time(self, value: datetime) -> datetime:
+        return utc(value)
+
+    def _json(self, value: Any) -> Any:
+        from psycopg.types.json import Jsonb
+
+        return Jsonb(value)
+
     # App states and claims -------------------------------------------------------
     def ensure_apps(self, app_ids: Iterable[str], now: datetime) -> None:
         ids = list(dict.fromkeys(app_ids))
         if ids:
             self._write("ensure_apps", app_ids=ids, now=utc(now))
-
-    def get_state(self, app_id: str) -> EvolutionState | None:
-        rows = self._rows("get_state", app_id=app_id)
-        return EvolutionState.model_validate(rows[0]) if rows else None
-
-    def list_states(self) -> list[EvolutionState]:
-        return [EvolutionState.model_validate(r) for r in self._rows("list_states")]
 
     def claim_app(
         self,
@@ -105,9 +107,6 @@ class PostgresStore:
             max_in_flight=max_in_flight,
         )
         return row["epoch"]
-
-    def release_app(self, app_id: str, epoch: int) -> None:
-        self._write("release_app", app_id=app_id, epoch=epoch)
 
     def set_stage(
         self,
@@ -160,67 +159,16 @@ class PostgresStore:
         )
         return str(row["value"])
 
-    def get_effect(self, app_id: str, key: str) -> Effect | None:
-        rows = self._rows("get_effect", app_id=app_id, key=key)
-        return Effect.model_validate(rows[0]) if rows else None
-
-    def list_effects(self, app_id: str) -> list[Effect]:
-        return [Effect.model_validate(r) for r in self._rows("list_effects", app_id=app_id)]
-
     # Tasks -----------------------------------------------------------------------
     def upsert_tasks(self, tasks: Iterable[Task], now: datetime) -> int:
-        from psycopg.types.json import Jsonb
-
         rows = {t.key: t for t in tasks}
         if not rows:
             return 0
-        payload = Jsonb(
-            [
-                {
-                    "task_key": k,
-                    "app_id": t.app_id,
-                    "source": t.source,
-                    "priority": t.priority,
-                    "description": t.description,
-                    "severity": t.severity,
-                    "file": t.file,
-                }
-                for k, t in rows.items()
-            ]
-        )
+        payload = self._json([task_row(t) for t in rows.values()])
         inserted = self._rows("upsert_tasks", now=utc(now), rows=payload)
         return sum(1 for r in inserted if r["inserted"])
 
-    def list_tasks(self, app_id: str, source: str | None = None) -> list[Task]:
-        return [
-            Task.model_validate(dict(r))  # extra columns (task_key, timestamps) are ignored
-            for r in self._rows("list_tasks", app_id=app_id, source=source or None)
-        ]
-
     # Trajectories ----------------------------------------------------------------
-    def record_trajectory(self, trajectory: Trajectory) -> None:
-        from psycopg.types.json import Jsonb
-
-        t = trajectory
-        self._write(
-            "record_trajectory",
-            app_id=t.app_id,
-            run_id=t.run_id,
-            pipeline=t.pipeline,
-            skill_tasks=t.skill_tasks,
-            adversarial_issues=t.adversarial_issues,
-            quality_score=t.quality_score,
-            outcome=t.outcome,
-            reward=t.reward,
-            durations=Jsonb(t.durations),
-            error=t.error,
-            created_at=utc(t.created_at or datetime.now(UTC)),
-        )
-
-    def list_trajectories(self, app_id: str) -> list[Trajectory]:
-        rows = self._rows("list_trajectories", app_id=app_id)
-        return [Trajectory.model_validate(r) for r in rows]
-
     def reward_means(self, app_ids: Iterable[str]) -> dict[str, float]:
         ids = list(app_ids)
         if not ids:
@@ -228,25 +176,8 @@ class PostgresStore:
         return {r["app_id"]: r["reward_mean"] for r in self._rows("reward_means", app_ids=ids)}
 
     # Fleet config and cohorts ----------------------------------------------------
-    def get_fleet_config(self) -> FleetConfig:
-        rows = self._rows("get_fleet_config")
-        return FleetConfig.model_validate({r["key"]: r["value"] for r in rows})
-
     def set_fleet_config(self, config: FleetConfig) -> None:
-        from psycopg.types.json import Jsonb
-
-        self._write("set_fleet_config", items=Jsonb(config.model_dump()))
-
-    def record_cohort(self, run_id: str, app_ids: list[str], now: datetime) -> None:
-        from psycopg.types.json import Jsonb
-
-        self._write("record_cohort", run_id=run_id, app_ids=Jsonb(list(app_ids)), now=utc(now))
-
-    def finish_cohort(self, run_id: str, now: datetime) -> None:
-        self._write("finish_cohort", run_id=run_id, now=utc(now))
-
-    def completed_cohorts(self) -> int:
-        return self._one("completed_cohorts")["n"]
+        self._write("set_fleet_config", items=self._json(config.model_dump()))
 
     # Leadership leases -----------------------------------------------------------
     def acquire_lease(
@@ -267,10 +198,6 @@ class PostgresStore:
         """Give the lease up early; False if `holder` at `epoch` no longer holds it."""
         row = self._one("release_lease", name=name, holder=holder, epoch=epoch, now=utc(now))
         return bool(row["released"])
-
-    def get_lease(self, name: str) -> Lease | None:
-        rows = self._rows("get_lease", name=name)
-        return Lease.model_validate(rows[0]) if rows else None
 
     def close(self) -> None:
         self._db.close()

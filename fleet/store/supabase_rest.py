@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
-from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.base import Effect, EffectKind, Lease, task_row
 from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 from fleet.store.timestamps import utc
 
@@ -141,6 +141,15 @@ class SupabaseStore:
     def _rpc(self, fn: str, params: dict[str, Any]) -> Any:
         return self._call(f"rpc {fn}", lambda: self._client.rpc(fn, params).execute()).data
 
+    def _rpc_epoch(self, fn: str, params: dict[str, Any]) -> int | None:
+        """A function's epoch answer, or None (refused)."""
+        epoch = _scalar(self._rpc(fn, params))
+        return int(epoch) if epoch is not None else None
+
+    def _rpc_flag(self, fn: str, params: dict[str, Any]) -> bool:
+        """A function's boolean answer (NULL and an empty body are False)."""
+        return bool(_scalar(self._rpc(fn, params)))
+
     def _select_all(self, what: str, build: Callable[[], Any]) -> list[dict[str, Any]]:
         """Every row of a select, page by page (`build()` returns a fresh, ordered query)."""
         rows: list[dict[str, Any]] = []
@@ -191,7 +200,7 @@ class SupabaseStore:
         steal_from: str | None = None,
         max_in_flight: int | None = None,
     ) -> int | None:
-        epoch = self._rpc(
+        return self._rpc_epoch(
             "fleet_claim_app",
             {
                 "p_app_id": app_id,
@@ -203,7 +212,6 @@ class SupabaseStore:
                 "p_max_in_flight": max_in_flight,
             },
         )
-        return int(epoch) if _scalar(epoch) is not None else None
 
     def release_app(self, app_id: str, epoch: int) -> None:
         from postgrest.types import ReturnMethod
@@ -244,18 +252,14 @@ class SupabaseStore:
         return EvolutionState.model_validate(row)
 
     def renew_claim(self, app_id: str, epoch: int, now: datetime, lease_seconds: float) -> bool:
-        return bool(
-            _scalar(
-                self._rpc(
-                    "fleet_renew_claim",
-                    {
-                        "p_app_id": app_id,
-                        "p_epoch": epoch,
-                        "p_now": _iso(now),
-                        "p_lease_seconds": float(lease_seconds),
-                    },
-                )
-            )
+        return self._rpc_flag(
+            "fleet_renew_claim",
+            {
+                "p_app_id": app_id,
+                "p_epoch": epoch,
+                "p_now": _iso(now),
+                "p_lease_seconds": float(lease_seconds),
+            },
         )
 
     def reset_app(self, app_id: str, now: datetime) -> None:
@@ -305,19 +309,7 @@ class SupabaseStore:
         from postgrest.types import ReturnMethod
 
         by_key = {t.key: t for t in tasks}
-        rows = [
-            {
-                "task_key": k,
-                "app_id": t.app_id,
-                "source": t.source,
-                "priority": t.priority,
-                "description": t.description,
-                "severity": t.severity,
-                "file": t.file,
-                "updated_at": _iso(now),
-            }
-            for k, t in by_key.items()
-        ]
+        rows = [task_row(t) | {"updated_at": _iso(now)} for t in by_key.values()]
         new = 0
         for i in range(0, len(rows), _UPSERT_CHUNK):
             chunk = rows[i : i + _UPSERT_CHUNK]
@@ -362,18 +354,13 @@ class SupabaseStore:
 
         row = trajectory.model_dump(mode="json")
         row["created_at"] = _iso(trajectory.created_at or datetime.now(UTC))
-        self._call(
+        self._upsert(
             "record_trajectory",
-            lambda: (
-                self._table("trajectories")
-                .upsert(
-                    row,
-                    on_conflict="app_id,run_id",
-                    ignore_duplicates=True,
-                    returning=ReturnMethod.minimal,
-                )
-                .execute()
-            ),
+            "trajectories",
+            row,
+            on_conflict="app_id,run_id",
+            ignore_duplicates=True,
+            returning=ReturnMethod.minimal,
         )
 
     def list_trajectories(self, app_id: str) -> list[Trajectory]:
@@ -408,35 +395,25 @@ class SupabaseStore:
         from postgrest.types import ReturnMethod
 
         rows = [{"key": k, "value": v} for k, v in config.model_dump(mode="json").items()]
-        self._call(
+        self._upsert(
             "set_fleet_config",
-            lambda: (
-                self._table("fleet_config")
-                .upsert(
-                    rows,
-                    on_conflict="key",
-                    returning=ReturnMethod.minimal,
-                )
-                .execute()
-            ),
+            "fleet_config",
+            rows,
+            on_conflict="key",
+            returning=ReturnMethod.minimal,
         )
 
     def record_cohort(self, run_id: str, app_ids: list[str], now: datetime) -> None:
         from postgrest.types import ReturnMethod
 
         row = {"run_id": run_id, "app_ids": list(app_ids), "started_at": _iso(now)}
-        self._call(
+        self._upsert(
             "record_cohort",
-            lambda: (
-                self._table("cohorts")
-                .upsert(
-                    row,
-                    on_conflict="run_id",
-                    ignore_duplicates=True,
-                    returning=ReturnMethod.minimal,
-                )
-                .execute()
-            ),
+            "cohorts",
+            row,
+            on_conflict="run_id",
+            ignore_duplicates=True,
+            returning=ReturnMethod.minimal,
         )
 
     def finish_cohort(self, run_id: str, now: datetime) -> None:
@@ -478,7 +455,7 @@ class SupabaseStore:
         self, name: str, holder: str, now: datetime, lease_seconds: float
     ) -> int | None:
         """Acquire or renew lease `name`; the fencing epoch, or None while another holds it."""
-        epoch = self._rpc(
+        return self._rpc_epoch(
             "fleet_acquire_lease",
             {
                 "p_name": name,
@@ -487,22 +464,17 @@ class SupabaseStore:
                 "p_lease_seconds": float(lease_seconds),
             },
         )
-        return int(epoch) if _scalar(epoch) is not None else None
 
     def release_lease(self, name: str, holder: str, epoch: int, now: datetime) -> bool:
         """Give the lease up early; False if `holder` at `epoch` no longer holds it."""
-        return bool(
-            _scalar(
-                self._rpc(
-                    "fleet_release_lease",
-                    {
-                        "p_name": name,
-                        "p_holder": holder,
-                        "p_epoch": epoch,
-                        "p_now": _iso(now),
-                    },
-                )
-            )
+        return self._rpc_flag(
+            "fleet_release_lease",
+            {
+                "p_name": name,
+                "p_holder": holder,
+                "p_epoch": epoch,
+                "p_now": _iso(now),
+            },
         )
 
     def get_lease(self, name: str) -> Lease | None:
