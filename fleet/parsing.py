@@ -731,3 +731,113 @@ def _collect_labelled(
     elif over:
         reasons.note(f"{over} {noun} beyond the cap of {max_tasks} were not kept")
     return tasks
+
+
+# --- usage: COST / TOKENS lines ----------------------------------------------------------
+# An agent may report what its task cost on lines of their own, anywhere in its output:
+#   COST: $0.42            TOKENS: in=12,345 out=678
+# The last report of each kind wins (agents print running totals). Bounds against hostile
+# output, not prices: a line longer than MAX_USAGE_LINE is not a report, and a value beyond
+# MAX_COST_USD / MAX_TOKENS (or not finite) is dropped with its reason.
+MAX_USAGE_LINE = 256
+MAX_COST_USD = 1_000_000.0
+MAX_TOKENS = 10**12
+
+_USAGE_LEAD = r"^[ \t>*_`|-]*"
+_COST_RE = re.compile(
+    rf"{_USAGE_LEAD}COST[ \t*_]*:[ \t]*(?:\$[ \t]*)?(\d{{1,12}}(?:\.\d{{1,12}})?)"
+    r"[ \t]*(?:USD)?[ \t*_`]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_COUNT = r"(\d{1,3}(?:,\d{3}){1,6}|\d{1,19})"
+_TOKENS_RE = re.compile(
+    rf"{_USAGE_LEAD}TOKENS[ \t*_]*:[ \t]*(?:in(?:put)?[ \t]*=[ \t]*{_COUNT})?[ \t,;]*"
+    rf"(?:out(?:put)?[ \t]*=[ \t]*{_COUNT})?[ \t*_`]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+class Usage(BaseModel):
+    """What an agent said its task cost; None where it did not say."""
+
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cost_usd: float | None = None
+    dropped: list[str] = []
+
+    @property
+    def reported(self) -> bool:
+        return (self.tokens_in, self.tokens_out, self.cost_usd) != (None, None, None)
+
+
+class UsageMeter:
+    """Reads COST/TOKENS lines from output fed in chunks of any size (a report split across
+    chunks still counts). Memory is bounded by MAX_USAGE_LINE whatever the output's size;
+    nothing here copies a chunk."""
+
+    def __init__(self) -> None:
+        self._tail = ""  # the unfinished last line, at most MAX_USAGE_LINE characters
+        self._skipping = False  # inside a line already too long to be a report
+        self._usage = Usage()
+        self._reasons = _Reasons()
+
+    def feed(self, chunk: str) -> None:
+        first = chunk.find("\n")
+        if first < 0:
+            self._keep(chunk)
+            return
+        if not self._skipping and len(self._tail) + first <= MAX_USAGE_LINE:
+            line = self._tail + chunk[: first + 1]
+            self._scan(line, 0, len(line))
+        self._tail, self._skipping = "", False
+        last = chunk.rfind("\n")
+        if last > first:
+            self._scan(chunk, first + 1, last + 1)
+        self._keep(chunk[last + 1 : last + 2 + MAX_USAGE_LINE])
+
+    def usage(self) -> Usage:
+        """The usage reported so far (the unfinished last line counts as a whole one)."""
+        if self._tail and not self._skipping:
+            self._scan(self._tail, 0, len(self._tail))
+            self._tail = ""
+        return self._usage.model_copy(update={"dropped": self._reasons.done()})
+
+    def _keep(self, rest: str) -> None:
+        if self._skipping:
+            return
+        if len(self._tail) + len(rest) > MAX_USAGE_LINE:
+            self._tail, self._skipping = "", True
+        else:
+            self._tail += rest
+
+    def _scan(self, text: str, start: int, end: int) -> None:
+        for match in _COST_RE.finditer(text, start, end):
+            cost = float(match.group(1))
+            if not 0 <= cost <= MAX_COST_USD:
+                self._reasons.item(f"COST {match.group(1)} is beyond {MAX_COST_USD:g} USD")
+                continue
+            self._usage.cost_usd = cost
+        for match in _TOKENS_RE.finditer(text, start, end):
+            counts = [_count(g) for g in match.groups()]
+            if counts == [None, None]:
+                self._reasons.item("TOKENS line without in= or out=")
+                continue
+            if any(c is not None and c > MAX_TOKENS for c in counts):
+                self._reasons.item(f"TOKENS beyond {MAX_TOKENS} on one line")
+                continue
+            self._usage.tokens_in = counts[0] if counts[0] is not None else self._usage.tokens_in
+            self._usage.tokens_out = counts[1] if counts[1] is not None else self._usage.tokens_out
+
+
+def _count(text: str | None) -> int | None:
+    return int(text.replace(",", "")) if text else None
+
+
+def parse_usage(output: object) -> Usage:
+    """The COST/TOKENS report of one agent output (any size); an empty Usage if none."""
+    meter = UsageMeter()
+    if isinstance(output, (bytes, bytearray)):
+        output = bytes(output).decode("utf-8", errors="replace")
+    if isinstance(output, str):
+        meter.feed(output)
+    return meter.usage()
