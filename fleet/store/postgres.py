@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
 from fleet.store import queries
-from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.base import Effect, EffectKind, Lease, TotalsBy, WorkEntry, WorkTotal
 from fleet.store.pgconn import PgConnector, Timeouts, redact
 from fleet.store.timestamps import utc
 
@@ -274,3 +274,14 @@ class PostgresStore:
 
     def close(self) -> None:
         self._db.close()
+
+    # Cost and work ledger --------------------------------------------------------
+    def record_work(self, entry: WorkEntry) -> None:
+        self._write("record_work", **{**entry.model_dump(), "recorded_at": utc(entry.recorded_at)})
+
+    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
+        rows = self._rows("work_totals", by=by, since=utc(since) if since else None)
+        return [WorkTotal.model_validate(r) for r in rows]
+
+    def open_cohort_spend(self) -> float:
+        return float(self._one("open_cohort_spend")["spent"])

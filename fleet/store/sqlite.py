@@ -17,7 +17,7 @@ from fleet.errors import StaleLease
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory, check_transition
 from fleet.sqlitedb import SQLiteFile
 from fleet.store import queries
-from fleet.store.base import Effect, EffectKind, Lease
+from fleet.store.base import Effect, EffectKind, Lease, TotalsBy, WorkEntry, WorkTotal
 from fleet.store.timestamps import utc
 
 _SCHEMA = resources.files("fleet.store").joinpath("sqlite_schema.sql").read_text()
@@ -300,3 +300,18 @@ class SQLiteStore(SQLiteFile):
 
     def completed_cohorts(self) -> int:
         return self._rows("completed_cohorts")[0]["n"]
+
+    # Cost and work ledger --------------------------------------------------------
+    def record_work(self, entry: WorkEntry) -> None:
+        with self._tx() as db:
+            db.execute(
+                QUERIES["record_work"],
+                {**entry.model_dump(), "recorded_at": _ts(entry.recorded_at)},
+            )
+
+    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
+        rows = self._rows("work_totals", by=by, since=_ts(since))
+        return [WorkTotal.model_validate(dict(r)) for r in rows]
+
+    def open_cohort_spend(self) -> float:
+        return float(self._rows("open_cohort_spend")[0]["spent"])
