@@ -15,6 +15,7 @@ from fleet.clock import Clock
 from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
+from fleet.ledger import measured
 from fleet.models import EvolutionState, Stage, Task
 from fleet.procs import APP_RUN_MARKER, current_app_run, kill_by_env
 from fleet.settings import FleetSettings
@@ -217,9 +218,13 @@ async def run_once(
 ) -> str:
     """Start (at most once) the task of (stage, attempt) and await its output."""
     while True:
+        started = run.clock.now()
         key, task_id, resumed = await start_once(run, stage, attempt, kind, start)
         try:
-            return await run.dispatcher.poll_and_retrieve(task_id, timeout)
+            # Every try goes to the cost and work ledger, answered or not, under the task's
+            # key without its restarts: tries of one task add up as its attempts.
+            answer = run.dispatcher.poll_and_retrieve(task_id, timeout)
+            return await measured(run, stage, run.effect_key(stage, attempt), started, answer)
         except UnknownTask:
             if kind == "ship":  # its upload may have happened: never send a second one
                 raise StageFailed(

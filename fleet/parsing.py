@@ -735,7 +735,7 @@ def _collect_labelled(
 
 # --- usage: COST / TOKENS lines ----------------------------------------------------------
 # An agent may report what its task cost on lines of their own, anywhere in its output:
-#   COST: $0.42            TOKENS: in=12,345 out=678
+#   COST: $0.42            TOKENS: in=12,345 out=678        ACCOUNT: team-max-2
 # The last report of each kind wins (agents print running totals). Bounds against hostile
 # output, not prices: a line longer than MAX_USAGE_LINE is not a report, and a value beyond
 # MAX_COST_USD / MAX_TOKENS (or not finite) is dropped with its reason.
@@ -747,6 +747,10 @@ _USAGE_LEAD = r"^[ \t>*_`|-]*"
 _COST_RE = re.compile(
     rf"{_USAGE_LEAD}COST[ \t*_]*:[ \t]*(?:\$[ \t]*)?(\d{{1,12}}(?:\.\d{{1,12}})?)"
     r"[ \t]*(?:USD)?[ \t*_`]*\r?$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_ACCOUNT_RE = re.compile(
+    rf"{_USAGE_LEAD}ACCOUNT[ \t*_]*:[ \t]*([A-Za-z0-9@._:+-]{{1,64}})[ \t*_`]*\r?$",
     re.IGNORECASE | re.MULTILINE,
 )
 _COUNT = r"(\d{1,3}(?:,\d{3}){1,6}|\d{1,19})"
@@ -763,6 +767,7 @@ class Usage(BaseModel):
     tokens_in: int | None = None
     tokens_out: int | None = None
     cost_usd: float | None = None
+    account: str | None = None  # `ACCOUNT: name` — the login or key name, never a secret
     dropped: list[str] = []
 
     @property
@@ -817,6 +822,8 @@ class UsageMeter:
                 self._reasons.item(f"COST {match.group(1)} is beyond {MAX_COST_USD:g} USD")
                 continue
             self._usage.cost_usd = cost
+        for match in _ACCOUNT_RE.finditer(text, start, end):
+            self._usage.account = match.group(1)
         for match in _TOKENS_RE.finditer(text, start, end):
             counts = [_count(g) for g in match.groups()]
             if counts == [None, None]:

@@ -20,6 +20,13 @@ def test_spellings_agents_use():
     assert (usage.cost_usd, usage.tokens_in, usage.tokens_out) == (1.5, 10, 20)
 
 
+def test_the_account_the_agent_ran_under():
+    assert parse_usage("ACCOUNT: team-max-2\n").account == "team-max-2"
+    assert parse_usage("ACCOUNT: a b\n").account is None
+    assert parse_usage("ACCOUNT: " + "x" * 65 + "\n").account is None
+    assert not parse_usage("ACCOUNT: team\n").reported  # who ran it is not a cost
+
+
 def test_the_last_report_wins_and_a_partial_tokens_line_keeps_the_other_count():
     usage = parse_usage("COST: $1\nTOKENS: in=5 out=6\nCOST: $2.25\nTOKENS: out=9\n")
     assert (usage.cost_usd, usage.tokens_in, usage.tokens_out) == (2.25, 5, 9)
