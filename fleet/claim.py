@@ -319,7 +319,11 @@ def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
 
 
 def max_concurrent(comp: Components) -> int:
-    """The live limit: the store's fleet config (set by `fleet config set`), else settings."""
+    """The live limit, by fleet/config_sources.py's rule: pinned by the environment or the
+    FleetConfig block, else the store's fleet config (`fleet config set-max-concurrent`, the
+    dashboard; read at every claim), else the default."""
+    if "max_concurrent" in comp.pinned:
+        return comp.settings.max_concurrent
     return comp.store.get_fleet_config().max_concurrent or comp.settings.max_concurrent
 
 

@@ -107,3 +107,38 @@ def totals_table(totals: list[WorkTotal]) -> list[dict[str, object]]:
         }
         for t in totals
     ]
+
+
+def with_costs(records: list[dict], totals: list[WorkTotal]) -> list[dict]:
+    """The cohort table's rows (keyed by `app`) with each app's tries, time and cost."""
+    by_app = {t.key: t for t in totals}
+    out = []
+    for record in records:
+        t = by_app.get(str(record.get("app")))
+        out.append(
+            {
+                **record,
+                "agent_tries": t.attempts if t else 0,
+                "agent_s": round(t.wall_seconds, 1) if t else 0.0,
+                "tokens": _tokens(t) if t else "",
+                "cost_usd": f"{t.cost_usd:.4f}" if t and t.cost_usd is not None else "",
+            }
+        )
+    return out
+
+
+def cost_summary(totals: list[WorkTotal]) -> str:
+    """' · 7 agent tries, 312 s, $1.2345' for an artifact's description ('' without tries)."""
+    if not totals:
+        return ""
+    tries = sum(t.attempts for t in totals)
+    seconds = sum(t.wall_seconds for t in totals)
+    costs = [t.cost_usd for t in totals if t.cost_usd is not None]
+    dollars = f", ${sum(costs):.4f}" if costs else ", cost not reported"
+    return f" · {tries} agent tries, {seconds:.0f} s{dollars}"
+
+
+def _tokens(t: WorkTotal) -> str:
+    if t.tokens_in is None and t.tokens_out is None:
+        return ""
+    return f"in={t.tokens_in or 0} out={t.tokens_out or 0}"

@@ -443,6 +443,8 @@ class StoreContract:
         assert by_account == {"acct-1": 0.25, "acct-2": 1.5}
         recent = store.work_totals("app", since=T0 + timedelta(seconds=3))
         assert [(t.key, t.attempts) for t in recent] == [("app-a", 1), ("app-b", 1)]
+        of_c2 = store.work_totals("app", run_id="c2")
+        assert [(t.key, t.attempts, t.wall_seconds) for t in of_c2] == [("app-b", 1, 10.0)]
 
     def test_open_cohort_spend_counts_since_the_last_finished_cohort(self, store):
         def spend(n: int, cost: float) -> None:

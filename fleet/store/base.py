@@ -176,8 +176,11 @@ class Store(Protocol):
     def record_work(self, entry: WorkEntry) -> None:
         """Add one try of an agent task; idempotent on `entry.id`."""
 
-    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
-        """The ledger summed per app, run or account (recorded at or after `since`)."""
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        """The ledger summed per app, run or account (recorded at or after `since`, of one
+        run only with `run_id`), ordered by key."""
 
     def open_cohort_spend(self) -> float:
         """Dollars recorded since the last non-empty cohort finished (all, before the first)."""

@@ -279,8 +279,10 @@ class PostgresStore:
     def record_work(self, entry: WorkEntry) -> None:
         self._write("record_work", **{**entry.model_dump(), "recorded_at": utc(entry.recorded_at)})
 
-    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
-        rows = self._rows("work_totals", by=by, since=utc(since) if since else None)
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        rows = self._rows("work_totals", by=by, since=utc(since) if since else None, run_id=run_id)
         return [WorkTotal.model_validate(r) for r in rows]
 
     def open_cohort_spend(self) -> float:

@@ -108,7 +108,7 @@ VALUES (%(id)s, %(app_id)s, %(run_id)s, %(stage)s, %(task_key)s, %(account)s, %(
 ON CONFLICT (id) DO NOTHING
 
 -- name: work_totals
-SELECT * FROM fleet_work_totals(%(by)s, %(since)s)
+SELECT * FROM fleet_work_totals(%(by)s, %(since)s, %(run_id)s)
 
 -- name: open_cohort_spend
 SELECT fleet_open_cohort_spend() AS spent

@@ -150,6 +150,7 @@ SELECT CASE :by WHEN 'app' THEN app_id WHEN 'run' THEN run_id ELSE account END A
        SUM(cost_usd) AS cost_usd
   FROM work_ledger
  WHERE :by IN ('app', 'run', 'account') AND (:since IS NULL OR recorded_at >= :since)
+   AND (:run_id IS NULL OR run_id = :run_id)
  GROUP BY 1
  ORDER BY 1
 

@@ -309,8 +309,10 @@ class SQLiteStore(SQLiteFile):
                 {**entry.model_dump(), "recorded_at": _ts(entry.recorded_at)},
             )
 
-    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
-        rows = self._rows("work_totals", by=by, since=_ts(since))
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        rows = self._rows("work_totals", by=by, since=_ts(since), run_id=run_id)
         return [WorkTotal.model_validate(dict(r)) for r in rows]
 
     def open_cohort_spend(self) -> float:

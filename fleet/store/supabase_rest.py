@@ -530,9 +530,12 @@ class SupabaseStore:
             ),
         )
 
-    def work_totals(self, by: TotalsBy, since: datetime | None = None) -> list[WorkTotal]:
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
         rows = self._rpc(
-            "fleet_work_totals", {"p_by": by, "p_since": _iso(since) if since else None}
+            "fleet_work_totals",
+            {"p_by": by, "p_since": _iso(since) if since else None, "p_run_id": run_id},
         )
         return [WorkTotal.model_validate(r) for r in rows or []]
 

@@ -23,10 +23,12 @@ CREATE INDEX IF NOT EXISTS work_ledger_run ON work_ledger (run_id);
 CREATE INDEX IF NOT EXISTS work_ledger_recorded ON work_ledger (recorded_at);
 ALTER TABLE work_ledger ENABLE ROW LEVEL SECURITY;
 
--- Totals grouped by 'app', 'run' or 'account'; `p_since` (NULL = all) bounds recorded_at.
+-- Totals grouped by 'app', 'run' or 'account'; `p_since` (NULL = all) bounds recorded_at and
+-- `p_run_id` (NULL = all) keeps one run's rows (a cohort's, per app).
 -- tasks counts distinct agent tasks, attempts every try; tokens and cost sum what was
 -- reported (NULL when nothing in the group was).
-CREATE OR REPLACE FUNCTION fleet_work_totals(p_by text, p_since timestamptz DEFAULT NULL)
+CREATE OR REPLACE FUNCTION fleet_work_totals(
+    p_by text, p_since timestamptz DEFAULT NULL, p_run_id text DEFAULT NULL)
 RETURNS TABLE (key text, tasks bigint, attempts bigint, wall_seconds double precision,
                tokens_in numeric, tokens_out numeric, cost_usd double precision)
 LANGUAGE sql STABLE
@@ -41,6 +43,7 @@ AS $$
       FROM work_ledger w
      WHERE p_by IN ('app', 'run', 'account')
        AND (p_since IS NULL OR w.recorded_at >= p_since)
+       AND (p_run_id IS NULL OR w.run_id = p_run_id)
      GROUP BY 1
      ORDER BY 1
 $$;
@@ -60,7 +63,7 @@ AS $$
 $$;
 
 REVOKE ALL ON TABLE work_ledger FROM PUBLIC;
-REVOKE ALL ON FUNCTION fleet_work_totals(text, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION fleet_work_totals(text, timestamptz, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION fleet_open_cohort_spend() FROM PUBLIC;
 
 DO $$
@@ -71,7 +74,7 @@ BEGIN
     FOREACH v_role IN ARRAY ARRAY['anon', 'authenticated'] LOOP
         IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
             EXECUTE format('REVOKE ALL ON TABLE work_ledger FROM %I', v_role);
-            EXECUTE format('REVOKE ALL ON FUNCTION fleet_work_totals(text, timestamptz) FROM %I',
+            EXECUTE format('REVOKE ALL ON FUNCTION fleet_work_totals(text, timestamptz, text) FROM %I',
                            v_role);
             EXECUTE format('REVOKE ALL ON FUNCTION fleet_open_cohort_spend() FROM %I', v_role);
         END IF;
