@@ -100,8 +100,8 @@ def test_a_store_write_the_block_or_env_would_override_is_explained(monkeypatch)
     warning = shadowed_write(sources, "max_concurrent", block_name="fleet-config/prod")
     assert warning == (
         "max_concurrent is pinned to 2 by the FleetConfig block 'fleet-config/prod', which "
-        "takes precedence over the store; the new value applies only once you clear the "
-        "field in the block (Prefect UI → Blocks)"
+        "wins over the store: change it in the block (Prefect UI → Blocks), or clear the "
+        "field there first"
     )
     env = {"FLEET_MAX_CONCURRENT": "6"}
     pinned = config_sources(settings_from(env, monkeypatch), env, {}, None)
