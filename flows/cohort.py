@@ -61,7 +61,8 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     states = {s.app_id: s for s in store.list_states()}
     held = {a for a, s in states.items() if in_flight(s, now, dead_on_this_host)}
     free = max(0, limit - len(held))
-    spent = budget_left(store.open_cohort_spend(), settings.cohort_budget_usd)
+    budget = settings.cohort_budget_usd
+    spent = budget_left(store.open_cohort_spend(), budget) if budget is not None else None
     if spent:
         free = 0  # no new app starts; those in flight finish
 
