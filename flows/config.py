@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -22,6 +23,8 @@ from fleet.errors import ConfigError
 from fleet.ledger import current_cohort
 from fleet.settings import FleetSettings, get_settings
 from fleet.wiring import Components, components
+
+log = logging.getLogger("fleet.config")
 
 
 def _load_block(name: str) -> Block:
@@ -82,7 +85,13 @@ def _cohort_run() -> str | None:
     cohort run), for the work ledger. Blocking API reads: call it on a thread."""
     from prefect.runtime import flow_run
 
-    return flow_run.get_root_flow_run_id() if flow_run.get_id() else None
+    if not flow_run.get_id():
+        return None
+    try:
+        return flow_run.get_root_flow_run_id()
+    except Exception as exc:  # attribution only: the run goes on, its tries count for itself
+        log.warning("could not read this run's root flow run (%s); the ledger uses its own", exc)
+        return None
 
 
 async def flow_components(fleet_file: str | None) -> Components:
