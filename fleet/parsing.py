@@ -743,22 +743,22 @@ MAX_USAGE_LINE = 256
 MAX_COST_USD = 1_000_000.0
 MAX_TOKENS = 10**12
 
-_USAGE_LEAD = r"^[ \t>*_`|-]*"
-_COST_RE = re.compile(
-    rf"{_USAGE_LEAD}COST[ \t*_]*:[ \t]*(?:\$[ \t]*)?(\d{{1,12}}(?:\.\d{{1,12}})?)"
-    r"[ \t]*(?:USD)?[ \t*_`]*\r?$",
-    re.IGNORECASE | re.MULTILINE,
+_USAGE_LEAD = r"[ \t>*_`|-]*"
+_COUNT = r"(?:\d{1,3}(?:,\d{3}){1,6}|\d{1,19})"
+_END = r"[ \t*_`]*\r?$"
+# One pattern for the three kinds, so a line costs one attempt whatever it holds.
+_REPORT = (
+    rf"{_USAGE_LEAD}(?:"
+    rf"COST[ \t*_]*:[ \t]*(?:\$[ \t]*)?(?P<cost>\d{{1,12}}(?:\.\d{{1,12}})?)[ \t]*(?:USD)?{_END}"
+    rf"|(?P<tokens>TOKENS)[ \t*_]*:[ \t]*(?:in(?:put)?[ \t]*=[ \t]*(?P<tin>{_COUNT}))?[ \t,;]*"
+    rf"(?:out(?:put)?[ \t]*=[ \t]*(?P<tout>{_COUNT}))?{_END}"
+    rf"|ACCOUNT[ \t*_]*:[ \t]*(?P<account>[A-Za-z0-9@._:+-]{{1,64}}){_END})"
 )
-_ACCOUNT_RE = re.compile(
-    rf"{_USAGE_LEAD}ACCOUNT[ \t*_]*:[ \t]*([A-Za-z0-9@._:+-]{{1,64}})[ \t*_`]*\r?$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_COUNT = r"(\d{1,3}(?:,\d{3}){1,6}|\d{1,19})"
-_TOKENS_RE = re.compile(
-    rf"{_USAGE_LEAD}TOKENS[ \t*_]*:[ \t]*(?:in(?:put)?[ \t]*=[ \t]*{_COUNT})?[ \t,;]*"
-    rf"(?:out(?:put)?[ \t]*=[ \t]*{_COUNT})?[ \t*_`]*\r?$",
-    re.IGNORECASE | re.MULTILINE,
-)
+_FLAGS = re.IGNORECASE | re.MULTILINE
+# At a region's first line, and after a line break: the second starts with a literal line
+# break, which the regex engine finds at C speed (a `^` would be tried at every character).
+_REPORT_AT_START_RE = re.compile(_REPORT, _FLAGS)
+_REPORT_AFTER_BREAK_RE = re.compile("\n" + _REPORT, _FLAGS)
 
 
 class Usage(BaseModel):
@@ -816,24 +816,30 @@ class UsageMeter:
             self._tail += rest
 
     def _scan(self, text: str, start: int, end: int) -> None:
-        for match in _COST_RE.finditer(text, start, end):
-            cost = float(match.group(1))
-            if not 0 <= cost <= MAX_COST_USD:
-                self._reasons.item(f"COST {match.group(1)} is beyond {MAX_COST_USD:g} USD")
-                continue
-            self._usage.cost_usd = cost
-        for match in _ACCOUNT_RE.finditer(text, start, end):
-            self._usage.account = match.group(1)
-        for match in _TOKENS_RE.finditer(text, start, end):
-            counts = [_count(g) for g in match.groups()]
+        """Read the reports in text[start:end], which begins at a line start, in order."""
+        first = _REPORT_AT_START_RE.match(text, start, end)
+        found = _REPORT_AFTER_BREAK_RE.finditer(text, start, end)
+        for match in chain([first] if first else [], found):
+            self._read(match)
+
+    def _read(self, match: re.Match[str]) -> None:
+        if (cost := match.group("cost")) is not None:
+            if float(cost) > MAX_COST_USD:
+                self._reasons.item(f"COST {cost} is beyond {MAX_COST_USD:g} USD")
+            else:
+                self._usage.cost_usd = float(cost)
+        elif match.group("account") is not None:
+            self._usage.account = match.group("account")
+        elif match.group("tokens") is not None:
+            counts = [_count(match.group("tin")), _count(match.group("tout"))]
             if counts == [None, None]:
                 self._reasons.item("TOKENS line without in= or out=")
-                continue
-            if any(c is not None and c > MAX_TOKENS for c in counts):
+            elif any(c is not None and c > MAX_TOKENS for c in counts):
                 self._reasons.item(f"TOKENS beyond {MAX_TOKENS} on one line")
-                continue
-            self._usage.tokens_in = counts[0] if counts[0] is not None else self._usage.tokens_in
-            self._usage.tokens_out = counts[1] if counts[1] is not None else self._usage.tokens_out
+            else:
+                u = self._usage
+                u.tokens_in = counts[0] if counts[0] is not None else u.tokens_in
+                u.tokens_out = counts[1] if counts[1] is not None else u.tokens_out
 
 
 def _count(text: str | None) -> int | None:

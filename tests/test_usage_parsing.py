@@ -93,3 +93,9 @@ def test_an_endless_line_is_bounded_and_the_next_line_still_reads():
 def test_a_huge_output_is_read_in_one_pass():
     output = ("x" * 1000 + "\n") * 100_000 + "COST: $0.10\n" + "\n" * 1_000_000
     assert parse_usage(output).cost_usd == 0.10
+
+
+def test_a_flood_of_near_miss_report_lines_stays_linear():
+    # Every line starts like a report and fails late: one bounded attempt per line.
+    usage = parse_usage("COST: 1 2\nTOKENS: in=1 out=x\n" * 500_000 + "COST: $4\n")
+    assert usage.cost_usd == 4.0 and usage.tokens_in is None
