@@ -105,6 +105,12 @@ def test_a_store_change_a_block_overrides_is_refused_wherever_the_block_is_named
     shown = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
     assert shown["max_concurrent"] == {"value": 2, "source": "block"}
     assert shown["review_target"] == {"value": "mac5", "source": "block"}
+    monkeypatch.setenv("FLEET_CONFIG_BLOCK", "fleet-config/no-such-block")
+    get_settings.cache_clear()
+    missing = runner.invoke(app, ["config", "show"], env={"COLUMNS": "400"})
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "FLEET_CONFIG_BLOCK=fleet-config/no-such-block" in missing.output
+    assert "unset FLEET_CONFIG_BLOCK" in missing.output
 
     # The shell does not name the block, but the deployment's job variables do.
     monkeypatch.delenv("FLEET_CONFIG_BLOCK")
