@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from prefect.blocks.core import Block
 from pydantic import Field
@@ -11,11 +11,13 @@ from fleet.settings import FleetSettings
 
 
 class FleetConfigBlock(Block):
-    """Overrides of the engine's settings, applied at the start of every flow run.
+    """The operator's fleet-wide pins, read at the start of every flow run.
 
-    Empty fields leave the settings (env vars / defaults) as they are. `max_concurrent`,
-    when set, is written to the store's fleet_config, which stays the source of truth
-    that other tools (the Swift dashboard) read and may edit too.
+    One rule decides each setting (fleet/config_sources.py): the process environment
+    (`FLEET_<NAME>`, e.g. a deployment's job variables) > this block > the store's
+    fleet_config (`fleet config`, the dashboard) > the default. An empty field pins
+    nothing. A set `max_concurrent` wins over the store's, so `fleet config
+    set-max-concurrent` refuses to change it while this block sets it.
     """
 
     _block_type_name: ClassVar[str] = "Fleet Config"
@@ -39,11 +41,16 @@ class FleetConfigBlock(Block):
     hydra_poll_seconds: float | None = Field(
         default=None, gt=0, description="quality-gate poll interval"
     )
+    cohort_budget_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="dollars the open cohort may spend before no new apps start (empty = none)",
+    )
 
-    def apply(self, settings: FleetSettings) -> FleetSettings:
-        update = {
+    def fields(self) -> dict[str, Any]:
+        """The settings this block sets (its non-empty fields), for fleet/config_sources.py."""
+        return {
             k: v
             for k, v in self.model_dump(include=set(type(self).model_fields)).items()
-            if v is not None and k in FleetSettings.model_fields and k != "max_concurrent"
+            if v is not None and k in FleetSettings.model_fields
         }
-        return settings.model_copy(update=update)

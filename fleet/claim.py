@@ -15,6 +15,7 @@ from fleet.clock import Clock
 from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
+from fleet.ledger import measured
 from fleet.models import EvolutionState, Stage, Task
 from fleet.procs import APP_RUN_MARKER, current_app_run, kill_by_env
 from fleet.settings import FleetSettings
@@ -217,9 +218,13 @@ async def run_once(
 ) -> str:
     """Start (at most once) the task of (stage, attempt) and await its output."""
     while True:
+        started = run.clock.now()
         key, task_id, resumed = await start_once(run, stage, attempt, kind, start)
         try:
-            return await run.dispatcher.poll_and_retrieve(task_id, timeout)
+            # Every try goes to the cost and work ledger, answered or not, under the task's
+            # key without its restarts: tries of one task add up as its attempts.
+            answer = run.dispatcher.poll_and_retrieve(task_id, timeout)
+            return await measured(run, stage, run.effect_key(stage, attempt), started, answer)
         except UnknownTask:
             if kind == "ship":  # its upload may have happened: never send a second one
                 raise StageFailed(
@@ -314,7 +319,11 @@ def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:
 
 
 def max_concurrent(comp: Components) -> int:
-    """The live limit: the store's fleet config (set by `fleet config set`), else settings."""
+    """The live limit, by fleet/config_sources.py's rule: pinned by the environment or the
+    FleetConfig block, else the store's fleet config (`fleet config set-max-concurrent`, the
+    dashboard; read at every claim), else the default."""
+    if "max_concurrent" in comp.pinned:
+        return comp.settings.max_concurrent
     return comp.store.get_fleet_config().max_concurrent or comp.settings.max_concurrent
 
 

@@ -240,9 +240,16 @@ def _store():
 
 
 @app.command()
-def status() -> None:
+def status(
+    cost: bool = typer.Option(
+        False, "--cost", help="the work ledger: agent tries, time, tokens and dollars"
+    ),
+) -> None:
     """Every app's stage, claim and error, as the store has them."""
     store = _store()
+    if cost:
+        _cost_tables(store)
+        return
     table = Table(title="app evolution states")
     for col in ("app", "stage", "owner", "lease until", "updated", "error"):
         table.add_column(col)
@@ -260,6 +267,26 @@ def status() -> None:
     from fleet.store.leadership import PLANNER, describe_leader
 
     console.print(describe_leader(store.get_lease(PLANNER), utcnow()))
+
+
+def _cost_tables(store) -> None:
+    """The ledger summed per app, per cohort run and per account, and the open cohort's spend."""
+    from fleet.ledger import totals_table
+
+    titles = {"app": "app", "run": "cohort run", "account": "account"}
+    for by, title in titles.items():
+        rows = totals_table(store.work_totals(by))
+        table = Table(title=f"work ledger — per {title}")
+        table.add_column(title, overflow="fold")
+        for col in ("tasks", "tries", "agent time (s)", "tokens in", "tokens out", "cost (USD)"):
+            table.add_column(col, justify="right")
+        for row in rows:
+            row["key"] = row["key"] or "(not reported)"
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+    budget = get_settings().cohort_budget_usd
+    limit = f" of ${budget:.2f} (cohort_budget_usd)" if budget is not None else " (no budget)"
+    console.print(f"open cohort spent ${store.open_cohort_spend():.4f}{limit}")
 
 
 @app.command()
@@ -291,23 +318,110 @@ def check_config(path: Path = typer.Argument(..., help="a fleet file to validate
     console.print(f"[green]OK[/] {path}: fleet {fleet.name!r}, {len(fleet.apps)} apps")
 
 
-@config_app.command("show")
-def config_show() -> None:
-    """The live config; unset values fall back to the settings (FLEET_* env vars)."""
-    config = _store().get_fleet_config()
+def _config_block(name: str):
+    """The FleetConfig block `name`, read through the Prefect API, or a clean exit saying why."""
+    from flows.config import load_config_block
+
+    try:
+        return load_config_block(name)
+    except FleetError as exc:
+        _fail(exc)
+    except Exception as exc:  # the Prefect API is down or unset: the block cannot be read
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        _fail(
+            FleetError(
+                f"cannot read the FleetConfig block {name!r} (FLEET_CONFIG_BLOCK): {cause} — "
+                "set PREFECT_API_URL to the server that holds it, or unset FLEET_CONFIG_BLOCK"
+            )
+        )
+
+
+def _deployed_config_block() -> tuple[str, str] | None:
+    """(block, where) when deployed runs get FLEET_CONFIG_BLOCK from a deployment's job
+    variables or a work pool's base job template; only asked when PREFECT_API_URL is set."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return None
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            for d in client.read_deployments():
+                name = ((d.job_variables or {}).get("env") or {}).get("FLEET_CONFIG_BLOCK")
+                if name:
+                    return str(name), f"deployment {d.name!r}'s job variables"
+            for pool in client.read_work_pools():
+                props = pool.base_job_template.get("variables", {}).get("properties", {})
+                name = (props.get("env", {}).get("default") or {}).get("FLEET_CONFIG_BLOCK")
+                if name:
+                    return str(name), f"work pool {pool.name!r}'s base job template"
+    except Exception:  # no API to ask: only this shell's environment counts
+        return None
+    return None
+
+
+def _config_sources(store):
+    """Every setting with its source (fleet/config_sources.py), for this shell and the block
+    that runs use: FLEET_CONFIG_BLOCK here, else the one deployments or work pools set."""
+    from fleet.config_sources import config_sources
+
     settings = get_settings()
-    console.print_json(
-        data={k: getattr(settings, k) if v is None else v for k, v in config.model_dump().items()}
+    name, where = settings.config_block, "FLEET_CONFIG_BLOCK"
+    if not name and (deployed := _deployed_config_block()):
+        name, where = deployed
+    block = _config_block(name) if name else None
+    sources = config_sources(
+        settings,
+        os.environ,
+        store.get_fleet_config().model_dump(),
+        block.fields() if block else None,
     )
+    return sources, name, where
+
+
+@config_app.command("show")
+def config_show(
+    show_all: bool = typer.Option(False, "--all", help="every setting, defaults included"),
+    as_json: bool = typer.Option(False, "--json", help="{setting: {value, source}} as JSON"),
+) -> None:
+    """Each setting's value and where it comes from: environment > block > store > default."""
+    from fleet.config_sources import PRECEDENCE
+    from fleet.models import FleetConfig
+
+    sources, block, where = _config_sources(_store())
+    live = set(FleetConfig.model_fields)  # the store's knobs are always shown
+    shown = {n: s for n, s in sources.items() if show_all or s.source != "default" or n in live}
+    if as_json:
+        console.print_json(
+            data={n: {"value": s.shown, "source": s.source} for n, s in shown.items()}
+        )
+        return
+    table = Table(title="fleet config — " + " > ".join(PRECEDENCE))
+    for col in ("setting", "value", "source", "also set by (not applied)"):
+        table.add_column(col)
+    for name, s in shown.items():
+        source = f"block {block}" if s.source == "block" else s.source
+        table.add_row(name, escape(str(s.shown)), source, ", ".join(s.shadowed))
+    console.print(table)
+    if block:
+        console.print(f"[dim]FleetConfig block {block} (from {where})[/]")
 
 
 @config_app.command("set-max-concurrent")
 def config_set_max_concurrent(value: int = typer.Argument(..., min=1, max=1000)) -> None:
-    """How many apps a cohort run may start at once (read by every cohort run)."""
+    """How many apps a cohort run may start at once (read by every cohort run).
+
+    Refused when the environment or the FleetConfig block pins max_concurrent: the store's
+    value would not apply, and the message says where to change it instead."""
+    from fleet.config_sources import shadowed_write
 
     store = _store()
+    sources, block, _ = _config_sources(store)
+    if pinned := shadowed_write(sources, "max_concurrent", block_name=block):
+        _fail(FleetError(f"not changed: {pinned}"))
     store.set_fleet_config(store.get_fleet_config().model_copy(update={"max_concurrent": value}))
-    console.print(f"max_concurrent = {value}")
+    console.print(f"max_concurrent = {value} (store)")
 
 
 def _mount_subcommands() -> None:

@@ -11,9 +11,9 @@ The rule, highest first:
 4. **default** — the value DESIGN.md gives (fleet/settings.py).
 
 A higher layer pins a value: a write to a lower layer (e.g. `fleet config
-set-max-concurrent` while the block sets it) changes nothing until the pin is removed, so
-callers warn with `shadowed_write`. A run's own parameters (e.g. `fleet_file`) beat all four
-for that run.
+set-max-concurrent` while the block sets it) would change nothing, so `fleet config`
+refuses it with `shadowed_write`'s one line (which layer wins, how to change it there).
+A run's own parameters (e.g. `fleet_file`) beat all four for that run.
 """
 
 from __future__ import annotations
@@ -110,11 +110,8 @@ def shadowed_write(
         return None
     if current.source == "environment":
         where = f"the environment ({' or '.join(current.env_vars)})"
-        fix = "unset it"
+        fix = f"unset {current.env_vars[0]} where the runs start, or set it there"
     else:
         where = f"the FleetConfig block {block_name!r}" if block_name else "the FleetConfig block"
-        fix = "clear the field in the block (Prefect UI → Blocks)"
-    return (
-        f"{name} is pinned to {current.shown!r} by {where}, which takes precedence over the "
-        f"{layer}; the new value applies only once you {fix}"
-    )
+        fix = "change it in the block (Prefect UI → Blocks), or clear the field there first"
+    return f"{name} is pinned to {current.shown!r} by {where}, which wins over the {layer}: {fix}"

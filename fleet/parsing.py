@@ -731,3 +731,126 @@ def _collect_labelled(
     elif over:
         reasons.note(f"{over} {noun} beyond the cap of {max_tasks} were not kept")
     return tasks
+
+
+# --- usage: COST / TOKENS lines ----------------------------------------------------------
+# An agent may report what its task cost on lines of their own, anywhere in its output:
+#   COST: $0.42            TOKENS: in=12,345 out=678        ACCOUNT: team-max-2
+# The last report of each kind wins (agents print running totals). Bounds against hostile
+# output, not prices: a line longer than MAX_USAGE_LINE is not a report, and a value beyond
+# MAX_COST_USD / MAX_TOKENS (or not finite) is dropped with its reason.
+MAX_USAGE_LINE = 256
+MAX_COST_USD = 1_000_000.0
+MAX_TOKENS = 10**12
+
+_USAGE_LEAD = r"[ \t>*_`|-]*"
+_COUNT = r"(?:\d{1,3}(?:,\d{3}){1,6}|\d{1,19})"
+_END = r"[ \t*_`]*\r?$"
+# One pattern for the three kinds, so a line costs one attempt whatever it holds.
+_REPORT = (
+    rf"{_USAGE_LEAD}(?:"
+    rf"COST[ \t*_]*:[ \t]*(?:\$[ \t]*)?(?P<cost>\d{{1,12}}(?:\.\d{{1,12}})?)[ \t]*(?:USD)?{_END}"
+    rf"|(?P<tokens>TOKENS)[ \t*_]*:[ \t]*(?:in(?:put)?[ \t]*=[ \t]*(?P<tin>{_COUNT}))?[ \t,;]*"
+    rf"(?:out(?:put)?[ \t]*=[ \t]*(?P<tout>{_COUNT}))?{_END}"
+    rf"|ACCOUNT[ \t*_]*:[ \t]*(?P<account>[A-Za-z0-9@._:+-]{{1,64}}){_END})"
+)
+_FLAGS = re.IGNORECASE | re.MULTILINE
+# At a region's first line, and after a line break: the second starts with a literal line
+# break, which the regex engine finds at C speed (a `^` would be tried at every character).
+_REPORT_AT_START_RE = re.compile(_REPORT, _FLAGS)
+_REPORT_AFTER_BREAK_RE = re.compile("\n" + _REPORT, _FLAGS)
+
+
+class Usage(BaseModel):
+    """What an agent said its task cost; None where it did not say."""
+
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cost_usd: float | None = None
+    account: str | None = None  # `ACCOUNT: name` — the login or key name, never a secret
+    dropped: list[str] = []
+
+    @property
+    def reported(self) -> bool:
+        return (self.tokens_in, self.tokens_out, self.cost_usd) != (None, None, None)
+
+
+class UsageMeter:
+    """Reads COST/TOKENS lines from output fed in chunks of any size (a report split across
+    chunks still counts). Memory is bounded by MAX_USAGE_LINE whatever the output's size;
+    nothing here copies a chunk."""
+
+    def __init__(self) -> None:
+        self._tail = ""  # the unfinished last line, at most MAX_USAGE_LINE characters
+        self._skipping = False  # inside a line already too long to be a report
+        self._usage = Usage()
+        self._reasons = _Reasons()
+
+    def feed(self, chunk: str) -> None:
+        first = chunk.find("\n")
+        if first < 0:
+            self._keep(chunk)
+            return
+        if not self._skipping and len(self._tail) + first <= MAX_USAGE_LINE:
+            line = self._tail + chunk[: first + 1]
+            self._scan(line, 0, len(line))
+        self._tail, self._skipping = "", False
+        last = chunk.rfind("\n")
+        if last > first:
+            self._scan(chunk, first + 1, last + 1)
+        self._keep(chunk[last + 1 : last + 2 + MAX_USAGE_LINE])
+
+    def usage(self) -> Usage:
+        """The usage reported so far (the unfinished last line counts as a whole one)."""
+        if self._tail and not self._skipping:
+            self._scan(self._tail, 0, len(self._tail))
+            self._tail = ""
+        return self._usage.model_copy(update={"dropped": self._reasons.done()})
+
+    def _keep(self, rest: str) -> None:
+        if self._skipping:
+            return
+        if len(self._tail) + len(rest) > MAX_USAGE_LINE:
+            self._tail, self._skipping = "", True
+        else:
+            self._tail += rest
+
+    def _scan(self, text: str, start: int, end: int) -> None:
+        """Read the reports in text[start:end], which begins at a line start, in order."""
+        first = _REPORT_AT_START_RE.match(text, start, end)
+        found = _REPORT_AFTER_BREAK_RE.finditer(text, start, end)
+        for match in chain([first] if first else [], found):
+            self._read(match)
+
+    def _read(self, match: re.Match[str]) -> None:
+        if (cost := match.group("cost")) is not None:
+            if float(cost) > MAX_COST_USD:
+                self._reasons.item(f"COST {cost} is beyond {MAX_COST_USD:g} USD")
+            else:
+                self._usage.cost_usd = float(cost)
+        elif match.group("account") is not None:
+            self._usage.account = match.group("account")
+        elif match.group("tokens") is not None:
+            counts = [_count(match.group("tin")), _count(match.group("tout"))]
+            if counts == [None, None]:
+                self._reasons.item("TOKENS line without in= or out=")
+            elif any(c is not None and c > MAX_TOKENS for c in counts):
+                self._reasons.item(f"TOKENS beyond {MAX_TOKENS} on one line")
+            else:
+                u = self._usage
+                u.tokens_in = counts[0] if counts[0] is not None else u.tokens_in
+                u.tokens_out = counts[1] if counts[1] is not None else u.tokens_out
+
+
+def _count(text: str | None) -> int | None:
+    return int(text.replace(",", "")) if text else None
+
+
+def parse_usage(output: object) -> Usage:
+    """The COST/TOKENS report of one agent output (any size); an empty Usage if none."""
+    meter = UsageMeter()
+    if isinstance(output, (bytes, bytearray)):
+        output = bytes(output).decode("utf-8", errors="replace")
+    if isinstance(output, str):
+        meter.feed(output)
+    return meter.usage()

@@ -38,6 +38,9 @@ class FleetSettings(BaseSettings):
     default_reward: float = 0.5
     # Default only: the live value is fleet_config.max_concurrent in the store (`fleet config`).
     max_concurrent: int = 4
+    # Dollars the open cohort may spend (the agents' COST: reports in the work ledger) before
+    # cohort runs stop starting apps; running apps finish. None = no budget.
+    cohort_budget_usd: float | None = Field(default=None, ge=0)
     review_target: str = "mac4"
     review_model: str = "codex"
     ship_target: str = "mac1"

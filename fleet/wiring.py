@@ -30,6 +30,9 @@ class Components:
     gate: QualityGate
     extractor: Extractor | None
     clock: Clock
+    # Settings pinned above the store by the environment or the FleetConfig block
+    # (fleet/config_sources.py): their store value (e.g. max_concurrent) does not apply.
+    pinned: frozenset[str] = frozenset()
 
     def describe(self) -> dict[str, str]:
         """What the run talks to, for logs and the UI (never credentials)."""

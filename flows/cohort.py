@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
+from fleet.ledger import budget_left, cost_summary, with_costs
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
@@ -39,6 +40,7 @@ class CohortPlan(BaseModel):
     start: list[str]
     skipped: dict[str, str]
     max_concurrent: int
+    budget_spent: str | None = None  # why no app starts: the cohort budget is spent
 
 
 def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool) -> CohortPlan:
@@ -59,6 +61,10 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     states = {s.app_id: s for s in store.list_states()}
     held = {a for a, s in states.items() if in_flight(s, now, dead_on_this_host)}
     free = max(0, limit - len(held))
+    budget = settings.cohort_budget_usd
+    spent = budget_left(store.open_cohort_spend(), budget) if budget is not None else None
+    if spent:
+        free = 0  # no new app starts; those in flight finish
 
     def finished(app_id: str) -> str | None:
         stage = states[app_id].stage
@@ -88,10 +94,14 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
         if app_id in held:
             skipped[app_id] = "in flight"
         elif len(start) >= free:
-            skipped[app_id] = f"waiting (max_concurrent={limit})"
+            skipped[app_id] = (
+                "waiting (cohort budget spent)" if spent else f"waiting (max_concurrent={limit})"
+            )
         else:
             start.append(app_id)
-    return CohortPlan(cohort=cohort, start=start, skipped=skipped, max_concurrent=limit)
+    return CohortPlan(
+        cohort=cohort, start=start, skipped=skipped, max_concurrent=limit, budget_spent=spent
+    )
 
 
 @flow(name="fleet-cohort", persist_result=False)
@@ -118,6 +128,8 @@ async def fleet_cohort(
             return []
         # quote(): Prefect hands the task the Components as they are, without walking them.
         plan = await discover_cohort(cast(Components, quote(comp)), size, fresh, retry_failed)
+        if plan.budget_spent:
+            logger.warning(plan.budget_spent)
         logger.info(
             "cohort of %d: starting %s (max_concurrent=%d); skipped: %s",
             len(plan.cohort),
@@ -156,10 +168,12 @@ async def fleet_cohort(
     rows = [
         finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort
     ]
+    costs = await asyncio.to_thread(comp.store.work_totals, "app", None, run_id)
     await acreate_table_artifact(
-        table=[r.record() for r in rows],
+        table=with_costs([r.record() for r in rows], costs),
         key="fleet-cohort",
-        description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})",
+        description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})"
+        + cost_summary(costs),
     )
     await report_breakers(logger)
     return rows

@@ -13,7 +13,7 @@ import pytest
 
 from fleet.errors import InvalidTransition, StaleLease
 from fleet.models import FleetConfig, Stage, Task, Trajectory
-from fleet.store.base import effect_key
+from fleet.store.base import WorkEntry, WorkTotal, effect_key
 
 T0 = datetime(2026, 3, 25, 12, 0, tzinfo=UTC)
 
@@ -402,3 +402,73 @@ class StoreContract:
         assert store.release_lease("planner", "vm-a", epoch, T0 + timedelta(seconds=1)) is True
         assert store.acquire_lease("planner", "vm-b", T0 + timedelta(seconds=1), 15) == epoch + 1
         assert store.acquire_lease("other", "vm-a", T0, 15) == 1  # leases are per name
+
+    # Cost and work ledger --------------------------------------------------------
+    def test_work_ledger_sums_per_app_run_and_account(self, store):
+        def entry(n: int, app: str, run: str, account: str, **kw) -> WorkEntry:
+            return WorkEntry(
+                id=f"try-{n}",
+                app_id=app,
+                run_id=run,
+                stage="skill",
+                task_key=kw.pop("task_key", "skill/1/x"),
+                account=account,
+                outcome=kw.pop("outcome", "answered"),
+                wall_seconds=kw.pop("wall", 10.0),
+                recorded_at=T0 + timedelta(seconds=n),
+                **kw,
+            )
+
+        store.record_work(entry(1, "app-a", "c1", "acct-1", outcome="failed", wall=2.5))
+        store.record_work(entry(2, "app-a", "c1", "acct-1", tokens_in=100, cost_usd=0.25))
+        store.record_work(entry(2, "app-a", "c1", "acct-1", tokens_in=100, cost_usd=0.25))
+        store.record_work(
+            entry(3, "app-a", "c1", "acct-2", task_key="review/1/y", tokens_out=7, cost_usd=1.5)
+        )
+        store.record_work(entry(4, "app-b", "c2", "acct-2"))
+        by_app = {t.key: t for t in store.work_totals("app")}
+        assert by_app["app-a"] == WorkTotal(
+            key="app-a",
+            tasks=2,
+            attempts=3,
+            wall_seconds=22.5,
+            tokens_in=100,
+            tokens_out=7,
+            cost_usd=1.75,
+        )
+        assert by_app["app-b"].cost_usd is None and by_app["app-b"].tokens_in is None
+        by_run = {t.key: (t.attempts, t.cost_usd) for t in store.work_totals("run")}
+        assert by_run == {"c1": (3, 1.75), "c2": (1, None)}
+        by_account = {t.key: t.cost_usd for t in store.work_totals("account")}
+        assert by_account == {"acct-1": 0.25, "acct-2": 1.5}
+        recent = store.work_totals("app", since=T0 + timedelta(seconds=3))
+        assert [(t.key, t.attempts) for t in recent] == [("app-a", 1), ("app-b", 1)]
+        of_c2 = store.work_totals("app", run_id="c2")
+        assert [(t.key, t.attempts, t.wall_seconds) for t in of_c2] == [("app-b", 1, 10.0)]
+
+    def test_open_cohort_spend_counts_since_the_last_finished_cohort(self, store):
+        def spend(n: int, cost: float) -> None:
+            store.record_work(
+                WorkEntry(
+                    id=f"w{n}",
+                    app_id="app-a",
+                    run_id="c",
+                    stage="skill",
+                    task_key=f"skill/{n}/x",
+                    outcome="answered",
+                    wall_seconds=1,
+                    cost_usd=cost,
+                    recorded_at=T0 + timedelta(minutes=n),
+                )
+            )
+
+        assert store.open_cohort_spend() == 0.0
+        spend(1, 2.0)
+        spend(2, 3.0)
+        assert store.open_cohort_spend() == 5.0
+        store.record_cohort("c1", ["app-a"], T0)
+        store.finish_cohort("c1", T0 + timedelta(minutes=1, seconds=30))
+        assert store.open_cohort_spend() == 3.0
+        store.record_cohort("c2", [], T0)  # an empty cohort does not close the window
+        store.finish_cohort("c2", T0 + timedelta(minutes=5))
+        assert store.open_cohort_spend() == 3.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -57,11 +58,123 @@ def test_reset_refuses_a_hostile_app_id():
     assert "[a-z0-9._-]" in result.output and "Traceback" not in result.output
 
 
-def test_config_set_and_show_max_concurrent():
+def test_config_set_and_show_max_concurrent(monkeypatch):
+    monkeypatch.delenv("FLEET_CONFIG_BLOCK", raising=False)
+    monkeypatch.setenv("FLEET_REVIEW_TARGET", "mac9")
+    get_settings.cache_clear()
     assert runner.invoke(app, ["config", "set-max-concurrent", "6"]).exit_code == 0
-    shown = runner.invoke(app, ["config", "show"])
-    assert '"max_concurrent": 6' in shown.output
+    shown = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
+    assert shown["max_concurrent"] == {"value": 6, "source": "store"}
+    assert shown["review_target"] == {"value": "mac9", "source": "environment"}
+    assert "task_floor" not in shown  # defaults only with --all
+    every = json.loads(runner.invoke(app, ["config", "show", "--all", "--json"]).output)
+    assert every["task_floor"] == {"value": 3, "source": "default"}
+    table = runner.invoke(app, ["config", "show"], env={"COLUMNS": "200"}).output
+    assert "environment > block > store > default" in table
     assert runner.invoke(app, ["config", "set-max-concurrent", "0"]).exit_code == 2
+
+
+def test_a_store_change_the_environment_overrides_is_refused(monkeypatch):
+    monkeypatch.setenv("FLEET_MAX_CONCURRENT", "5")
+    get_settings.cache_clear()
+    result = runner.invoke(app, ["config", "set-max-concurrent", "3"], env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: not changed: max_concurrent is pinned to 5 by the environment "
+        "(FLEET_MAX_CONCURRENT), which wins over the store: unset FLEET_MAX_CONCURRENT where "
+        "the runs start, or set it there"
+    )
+    shown = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
+    assert shown["max_concurrent"] == {"value": 5, "source": "environment"}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_store_change_a_block_overrides_is_refused_wherever_the_block_is_named(monkeypatch):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from blocks.fleet_config import FleetConfigBlock
+
+    FleetConfigBlock(max_concurrent=2, review_target="mac5").save("cli-test", overwrite=True)
+    monkeypatch.setenv("FLEET_CONFIG_BLOCK", "fleet-config/cli-test")
+    get_settings.cache_clear()
+    refused = runner.invoke(app, ["config", "set-max-concurrent", "3"], env={"COLUMNS": "400"})
+    assert refused.exit_code == 2
+    assert "pinned to 2 by the FleetConfig block 'fleet-config/cli-test'" in refused.output
+    shown = json.loads(runner.invoke(app, ["config", "show", "--json"]).output)
+    assert shown["max_concurrent"] == {"value": 2, "source": "block"}
+    assert shown["review_target"] == {"value": "mac5", "source": "block"}
+    monkeypatch.setenv("FLEET_CONFIG_BLOCK", "fleet-config/no-such-block")
+    get_settings.cache_clear()
+    missing = runner.invoke(app, ["config", "show"], env={"COLUMNS": "400"})
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
+    assert "FLEET_CONFIG_BLOCK=fleet-config/no-such-block" in missing.output
+    assert "unset FLEET_CONFIG_BLOCK" in missing.output
+
+    # The shell does not name the block, but the deployment's job variables do.
+    monkeypatch.delenv("FLEET_CONFIG_BLOCK")
+    get_settings.cache_clear()
+
+    async def deploy() -> object:
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("fleet-cohort")
+            return await client.create_deployment(
+                flow_id=flow_id,
+                name="cli-config-test",
+                job_variables={"env": {"FLEET_CONFIG_BLOCK": "fleet-config/cli-test"}},
+            )
+
+    async def undeploy(deployment_id) -> None:
+        async with get_client() as client:
+            await client.delete_deployment(deployment_id)
+
+    deployment_id = asyncio.run(deploy())
+    try:
+        refused = runner.invoke(app, ["config", "set-max-concurrent", "3"], env={"COLUMNS": "400"})
+        assert refused.exit_code == 2 and "'fleet-config/cli-test'" in refused.output
+        table = runner.invoke(app, ["config", "show"], env={"COLUMNS": "400"}).output
+        assert "deployment 'cli-config-test''s job variables" in table
+    finally:
+        asyncio.run(undeploy(deployment_id))
+    assert runner.invoke(app, ["config", "set-max-concurrent", "3"]).exit_code == 0
+
+
+def test_status_cost_sums_the_ledger_per_app_cohort_and_account(monkeypatch):
+    from datetime import UTC, datetime
+
+    from fleet.store import open_store
+    from fleet.store.base import WorkEntry
+
+    monkeypatch.setenv("FLEET_COHORT_BUDGET_USD", "2")
+    get_settings.cache_clear()
+    store = open_store(get_settings().resolved_store_url())
+    for n, (app_id, account, cost) in enumerate(
+        [("app-a", "team-1", 0.5), ("app-a", "team-2", 0.25), ("app-b", "team-1", None)]
+    ):
+        store.record_work(
+            WorkEntry(
+                id=f"t{n}",
+                app_id=app_id,
+                run_id="cohort-42",
+                stage="skill",
+                task_key=f"skill/{n}/k",
+                account=account,
+                outcome="answered",
+                wall_seconds=10,
+                tokens_in=100 if cost else None,
+                cost_usd=cost,
+                recorded_at=datetime.now(UTC),
+            )
+        )
+    result = runner.invoke(app, ["status", "--cost"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    row = {line.split("│")[1].strip(): line for line in lines if line.count("│") >= 7}
+    assert "0.7500" in row["app-a"] and "200" in row["app-a"]
+    assert "0.7500" in row["cohort-42"] and " 3 " in row["cohort-42"]
+    assert "0.5000" in row["team-1"] and "0.2500" in row["team-2"]
+    assert "open cohort spent $0.7500 of $2.00 (cohort_budget_usd)" in result.output
 
 
 @pytest.mark.usefixtures("prefect_harness")

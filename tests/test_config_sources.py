@@ -100,8 +100,8 @@ def test_a_store_write_the_block_or_env_would_override_is_explained(monkeypatch)
     warning = shadowed_write(sources, "max_concurrent", block_name="fleet-config/prod")
     assert warning == (
         "max_concurrent is pinned to 2 by the FleetConfig block 'fleet-config/prod', which "
-        "takes precedence over the store; the new value applies only once you clear the "
-        "field in the block (Prefect UI → Blocks)"
+        "wins over the store: change it in the block (Prefect UI → Blocks), or clear the "
+        "field there first"
     )
     env = {"FLEET_MAX_CONCURRENT": "6"}
     pinned = config_sources(settings_from(env, monkeypatch), env, {}, None)
@@ -109,3 +109,77 @@ def test_a_store_write_the_block_or_env_would_override_is_explained(monkeypatch)
     free = config_sources(settings_from({}, monkeypatch), {}, {"max_concurrent": 3}, None)
     assert shadowed_write(free, "max_concurrent") is None
     assert shadowed_write(sources, "max_concurrent", layer="block") is None
+
+
+# The rule wired into the flows (flows/config.py) and the claim's live limit --------------
+@pytest.fixture
+def wired(tmp_path, monkeypatch):
+    """resolve() over a real SQLite store and the demo fleet, with exactly the env given."""
+    from fleet.wiring import reset_components
+    from flows.config import resolve
+    from tests.helpers import demo_fleet
+
+    fleet = demo_fleet(tmp_path)
+    base = {"FLEET_HOME": str(tmp_path / "home"), "FLEET_STORE_URL": f"sqlite:///{tmp_path}/f.db"}
+
+    def wire(env: dict[str, str], block=None, fleet_file: str | None = None):
+        env = {**base, **env}
+        return resolve(settings_from(env, monkeypatch), env, block, fleet_file)
+
+    reset_components()
+    yield wire, fleet
+    reset_components()
+
+
+def test_a_block_pin_beats_the_store_and_is_never_written_to_it(wired):
+    from blocks.fleet_config import FleetConfigBlock
+    from fleet.claim import max_concurrent
+
+    wire, fleet = wired
+    block = FleetConfigBlock(fleet_file=str(fleet), max_concurrent=2, review_target="mac9")
+    comp = wire({}, block)  # no fleet file passed: the block's applies
+    assert comp.fleet.app_ids == ["demo-calc", "demo-notes", "demo-weather"]
+    comp.store.set_fleet_config(FleetConfig(max_concurrent=3))
+    assert max_concurrent(comp) == 2
+    assert comp.settings.review_target == "mac9"
+    assert "max_concurrent" in comp.pinned and "review_target" in comp.pinned
+    assert comp.store.get_fleet_config().max_concurrent == 3  # the store keeps its own value
+
+
+def test_the_environment_beats_the_block(wired):
+    from blocks.fleet_config import FleetConfigBlock
+    from fleet.claim import max_concurrent
+
+    wire, fleet = wired
+    comp = wire({"FLEET_MAX_CONCURRENT": "5"}, FleetConfigBlock(max_concurrent=2), str(fleet))
+    comp.store.set_fleet_config(FleetConfig(max_concurrent=3))
+    assert max_concurrent(comp) == 5
+
+
+def test_without_a_pin_the_store_value_is_live(wired):
+    from fleet.claim import max_concurrent
+
+    wire, fleet = wired
+    comp = wire({}, None, str(fleet))
+    assert max_concurrent(comp) == 4  # the default
+    comp.store.set_fleet_config(FleetConfig(max_concurrent=3))
+    assert max_concurrent(comp) == 3
+    comp.store.set_fleet_config(FleetConfig(max_concurrent=6))  # the dashboard turns the knob
+    assert max_concurrent(comp) == 6
+
+
+def test_which_fleet_file_a_run_uses(wired, tmp_path):
+    from blocks.fleet_config import FleetConfigBlock
+    from fleet.errors import ConfigError
+
+    wire, fleet = wired
+    other = tmp_path / "other.yaml"
+    other.write_text(fleet.read_text().replace("demo-weather", "demo-other"))
+    block = FleetConfigBlock(fleet_file=str(other))
+    assert "demo-other" in wire({}, block).fleet.app_ids  # the block's
+    assert "demo-other" not in wire({}, block, str(fleet)).fleet.app_ids  # the run's own
+    env = {"FLEET_FLEET_FILE": str(fleet)}
+    assert "demo-other" not in wire(env, block).fleet.app_ids  # the environment's
+    assert "demo-other" not in wire(env, block, "").fleet.app_ids  # "" passes none
+    with pytest.raises(ConfigError, match="no fleet file"):
+        wire({}, None)

@@ -24,9 +24,22 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
         "PREFECT_API_URL": PREFECT_API_URL.value(),
         "PWD": str(ROOT),
     }  # as a shell sets it
+    from prefect.client.schemas.actions import VariableCreate
+
+    from blocks.fleet_config import FleetConfigBlock
+
+    # The block names and the fleet file come from Prefect variables (README "Configuration").
+    # The block pins nothing: later tests of this session see it in the deployments.
+    await FleetConfigBlock().asave("deploy-test", overwrite=True)
     async with get_client() as client:
         with contextlib.suppress(Exception):  # already there from an earlier run in this session
             await client.create_work_pool(WorkPoolCreate(name="fleet-process", type="process"))
+        for name, value in (
+            ("fleet_config_block", "fleet-config/deploy-test"),
+            ("fleet_file", ".fleet/demo/fleet.yaml"),
+        ):
+            with contextlib.suppress(Exception):
+                await client.create_variable(VariableCreate(name=name, value=value))
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
         cwd=ROOT,
@@ -46,6 +59,10 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     assert cohort.work_pool_name == "fleet-process"
     assert [s.schedule.cron for s in cohort.schedules] == ["*/5 * * * *"]
     assert cohort.parameters == {"fleet_file": ".fleet/demo/fleet.yaml", "fan_out": True}
+    env = cohort.job_variables["env"]
+    assert env["FLEET_CONFIG_BLOCK"] == "fleet-config/deploy-test"
+    assert env["FLEET_STORE_BLOCK"] == "" and env["FLEET_GEMINI_BLOCK"] == ""  # unset: no block
+    assert deployments["app-evolution/per-app"].job_variables["env"] == env
     app = deployments["app-evolution/per-app"]
     assert app.work_pool_name == "fleet-process" and not app.schedules
     [daily] = deployments["healing-tuner/daily"].schedules

@@ -129,3 +129,17 @@ async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_
     assert set.union(*ran.values()) == {str(r.id) for r in runs}
     assert not set.intersection(*ran.values())  # no run was picked up by both
     assert all(ran.values()), f"one worker ran every app: {ran}"
+    # The work ledger counts every app run's agent tries for the cohort run that submitted it.
+    [cohort] = store.work_totals("run")
+    assert cohort.key not in {str(r.id) for r in runs} and cohort.attempts >= 3 * 3
+    parent = await client_parent_flow_run(runs[0])
+    assert cohort.key == parent
+
+
+async def client_parent_flow_run(run) -> str:
+    """The flow run that submitted `run` (run_deployment as a subflow links it by a task run)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        task_run = await client.read_task_run(run.parent_task_run_id)
+    return str(task_run.flow_run_id)

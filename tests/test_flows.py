@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.models import Stage
+from fleet.models import FleetConfig, Stage
 from fleet.settings import get_settings
 from fleet.store.sqlite import SQLiteStore
 from fleet.wiring import reset_components
@@ -251,9 +251,12 @@ async def test_fleet_config_block_edits_apply_to_the_next_run(env, tmp_path, mon
     )
     monkeypatch.setenv("FLEET_CONFIG_BLOCK", "fleet-config/flow-test")
     get_settings.cache_clear()
+    SQLiteStore(env).set_fleet_config(FleetConfig(max_concurrent=3))  # `fleet config`'s value
     rows = await fleet_cohort()  # the fleet file comes from the block too
+    # The block pins max_concurrent above the store (fleet/config_sources.py), without
+    # writing its value over the store's.
     assert sorted(r.stage for r in rows) == ["complete", "queued", "queued"]
-    assert SQLiteStore(env).get_fleet_config().max_concurrent == 1
+    assert SQLiteStore(env).get_fleet_config().max_concurrent == 3
     assert seen.read_text().split() == ["mac9"]
 
 

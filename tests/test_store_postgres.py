@@ -19,7 +19,7 @@ from tests.store_contract import (
 
 TABLES = (
     "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases, "
-    "app_effects"
+    "app_effects, work_ledger"
 )
 
 

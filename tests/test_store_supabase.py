@@ -498,7 +498,7 @@ def test_block_opens_the_secret_only_in_get_client(api):
 # The shared Store contract, over PostgREST faked at the HTTP level -------------------
 PIPELINE_TABLES = (
     "app_evolution_states, app_evolution_tasks, trajectories, fleet_config, cohorts, fleet_leases, "
-    "app_effects"
+    "app_effects, work_ledger"
 )
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
 
@@ -184,3 +184,52 @@ class Store(Protocol):
     def completed_cohorts(self) -> int: ...
 
     def close(self) -> None: ...
+
+    # Cost and work ledger --------------------------------------------------------
+    def record_work(self, entry: WorkEntry) -> None:
+        """Add one try of an agent task; idempotent on `entry.id`."""
+
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        """The ledger summed per app, run or account (recorded at or after `since`, of one
+        run only with `run_id`), ordered by key."""
+
+    def open_cohort_spend(self) -> float:
+        """Dollars recorded since the last non-empty cohort finished (all, before the first)."""
+
+
+TotalsBy = Literal["app", "run", "account"]
+
+
+class WorkEntry(BaseModel):
+    """One try of one agent task: how long it took and, if the agent said, what it cost."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str  # unique per try: recording it twice adds nothing
+    app_id: str
+    run_id: str
+    stage: str
+    task_key: str  # the effect key of (stage, attempt)
+    account: str = ""
+    outcome: Literal["answered", "failed"]
+    wall_seconds: float = Field(ge=0)
+    tokens_in: int | None = Field(default=None, ge=0)
+    tokens_out: int | None = Field(default=None, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0)
+    recorded_at: datetime
+
+
+class WorkTotal(BaseModel):
+    """The ledger summed over one app, run or account."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    tasks: int
+    attempts: int
+    wall_seconds: float
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    cost_usd: float | None = None

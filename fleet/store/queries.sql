@@ -99,3 +99,16 @@ SELECT * FROM app_effects WHERE app_id = %(app_id)s AND key = %(key)s
 
 -- name: list_effects
 SELECT * FROM app_effects WHERE app_id = %(app_id)s ORDER BY created_at, key
+
+-- name: record_work
+INSERT INTO work_ledger (id, app_id, run_id, stage, task_key, account, outcome, wall_seconds,
+                         tokens_in, tokens_out, cost_usd, recorded_at)
+VALUES (%(id)s, %(app_id)s, %(run_id)s, %(stage)s, %(task_key)s, %(account)s, %(outcome)s,
+        %(wall_seconds)s, %(tokens_in)s, %(tokens_out)s, %(cost_usd)s, %(recorded_at)s)
+ON CONFLICT (id) DO NOTHING
+
+-- name: work_totals
+SELECT * FROM fleet_work_totals(%(by)s, %(since)s, %(run_id)s)
+
+-- name: open_cohort_spend
+SELECT fleet_open_cohort_spend() AS spent

@@ -131,3 +131,32 @@ RETURNING 1 AS released
 
 -- name: get_lease
 SELECT * FROM fleet_leases WHERE name = :name
+
+-- name: record_work
+INSERT INTO work_ledger (id, app_id, run_id, stage, task_key, account, outcome, wall_seconds,
+                         tokens_in, tokens_out, cost_usd, recorded_at)
+VALUES (:id, :app_id, :run_id, :stage, :task_key, :account, :outcome, :wall_seconds,
+        :tokens_in, :tokens_out, :cost_usd, :recorded_at)
+ON CONFLICT (id) DO NOTHING
+
+-- name: work_totals
+-- The twin of fleet_work_totals (0007).
+SELECT CASE :by WHEN 'app' THEN app_id WHEN 'run' THEN run_id ELSE account END AS key,
+       COUNT(DISTINCT app_id || char(0) || task_key) AS tasks,
+       COUNT(*) AS attempts,
+       SUM(wall_seconds) AS wall_seconds,
+       SUM(tokens_in) AS tokens_in,
+       SUM(tokens_out) AS tokens_out,
+       SUM(cost_usd) AS cost_usd
+  FROM work_ledger
+ WHERE :by IN ('app', 'run', 'account') AND (:since IS NULL OR recorded_at >= :since)
+   AND (:run_id IS NULL OR run_id = :run_id)
+ GROUP BY 1
+ ORDER BY 1
+
+-- name: open_cohort_spend
+-- The twin of fleet_open_cohort_spend (0007).
+SELECT COALESCE(SUM(cost_usd), 0.0) AS spent FROM work_ledger
+ WHERE recorded_at > COALESCE(
+           (SELECT MAX(finished_at) FROM cohorts
+             WHERE finished_at IS NOT NULL AND app_ids != '[]'), '')

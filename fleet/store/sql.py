@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fleet.models import EvolutionState, FleetConfig, Task, Trajectory
-from fleet.store.base import Effect, Lease
+from fleet.store.base import Effect, Lease, TotalsBy, WorkEntry, WorkTotal
 
 
 class SqlValues:
@@ -107,3 +107,19 @@ class SqlStore(SqlValues):
 
     def completed_cohorts(self) -> int:
         return self._rows("completed_cohorts")[0]["n"]
+
+    # Cost and work ledger --------------------------------------------------------
+    def record_work(self, entry: WorkEntry) -> None:
+        self._write(
+            "record_work", **{**entry.model_dump(), "recorded_at": self._time(entry.recorded_at)}
+        )
+
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        since_at = self._time(since) if since is not None else None
+        rows = self._rows("work_totals", by=by, since=since_at, run_id=run_id)
+        return [WorkTotal.model_validate(dict(r)) for r in rows]
+
+    def open_cohort_spend(self) -> float:
+        return float(self._rows("open_cohort_spend")[0]["spent"])

@@ -73,3 +73,22 @@ CREATE TABLE IF NOT EXISTS app_effects (
     created_at TEXT NOT NULL,
     PRIMARY KEY (app_id, key)
 );
+
+-- The cost and work ledger (supabase/migrations/0009_ledger.sql).
+CREATE TABLE IF NOT EXISTS work_ledger (
+    id           TEXT PRIMARY KEY,
+    app_id       TEXT NOT NULL,
+    run_id       TEXT NOT NULL,
+    stage        TEXT NOT NULL,
+    task_key     TEXT NOT NULL,
+    account      TEXT NOT NULL DEFAULT '',
+    outcome      TEXT NOT NULL CHECK (outcome IN ('answered', 'failed')),
+    wall_seconds REAL NOT NULL CHECK (wall_seconds >= 0),
+    tokens_in    INTEGER CHECK (tokens_in >= 0),
+    tokens_out   INTEGER CHECK (tokens_out >= 0),
+    cost_usd     REAL CHECK (cost_usd >= 0),
+    recorded_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS work_ledger_app ON work_ledger (app_id);
+CREATE INDEX IF NOT EXISTS work_ledger_run ON work_ledger (run_id);
+CREATE INDEX IF NOT EXISTS work_ledger_recorded ON work_ledger (recorded_at);

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from fleet.clients.transport import is_loopback
 from fleet.errors import ConfigError, StoreUnavailable
 from fleet.models import EvolutionState, FleetConfig, Stage, Task, Trajectory
-from fleet.store.base import Effect, EffectKind, Lease, task_row
+from fleet.store.base import Effect, EffectKind, Lease, TotalsBy, WorkEntry, WorkTotal, task_row
 from fleet.store.refusals import REFUSAL_SQLSTATE, StoreUnreachable, refusal, unreachable_code
 from fleet.store.timestamps import utc
 
@@ -485,3 +485,31 @@ class SupabaseStore:
 
     def close(self) -> None:
         self._http.close()
+
+    # Cost and work ledger --------------------------------------------------------
+    def record_work(self, entry: WorkEntry) -> None:
+        from postgrest.types import ReturnMethod
+
+        row = entry.model_dump(mode="json") | {"recorded_at": _iso(entry.recorded_at)}
+        self._call(
+            "record_work",
+            lambda: (
+                self._table("work_ledger")
+                .upsert(
+                    row, on_conflict="id", ignore_duplicates=True, returning=ReturnMethod.minimal
+                )
+                .execute()
+            ),
+        )
+
+    def work_totals(
+        self, by: TotalsBy, since: datetime | None = None, run_id: str | None = None
+    ) -> list[WorkTotal]:
+        rows = self._rpc(
+            "fleet_work_totals",
+            {"p_by": by, "p_since": _iso(since) if since else None, "p_run_id": run_id},
+        )
+        return [WorkTotal.model_validate(r) for r in rows or []]
+
+    def open_cohort_spend(self) -> float:
+        return float(_scalar(self._rpc("fleet_open_cohort_spend", {})) or 0.0)
