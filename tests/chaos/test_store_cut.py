@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 
@@ -165,3 +166,22 @@ def test_a_refused_query_is_not_an_outage_and_is_not_waited_on(store):
         )
     assert not isinstance(err.value, StoreUnreachable)
     assert time.monotonic() - started < 1
+
+
+def test_the_live_table_shows_a_store_cut_and_comes_back(store, proxy):
+    from rich.console import Console
+
+    from fleet.cli import _LiveTable
+
+    def text(table) -> str:
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(table)
+        return console.export_text()
+
+    view = _LiveTable(store, ["app-a"], time.monotonic())
+    assert "app-a" in text(view.frame()) and "store unavailable" not in text(view.frame())
+    proxy.cut()
+    frames = [text(view.frame()) for _ in range(3)]  # never raises, however long the cut
+    assert all("store unavailable" in f and "app-a" in f for f in frames), frames[-1]
+    proxy.restore()
+    assert "store unavailable" not in text(view.frame())
