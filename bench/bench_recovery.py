@@ -19,7 +19,6 @@ import argparse
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fleet.devservers.aura import AuraDevServer  # noqa: E402
 from fleet.devservers.hydra import HydraDevServer  # noqa: E402
 from fleet.models import Stage  # noqa: E402
-from fleet.store.postgres import PostgresStore  # noqa: E402
-from tests.chaos.proxy import TcpProxy  # noqa: E402
 from tests.chaos.test_kill import APPS, TOKEN, Rig, finish, kill_group  # noqa: E402
+from tests.chaos.test_outage_run import pg_rig_on  # noqa: E402
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -78,69 +76,37 @@ def kill_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, standby
     )
 
 
-class PgRig(Rig):
-    """The rig on PostgreSQL through the proxy; the bench reads the store directly."""
-
-    store_url: str = ""
-    direct_url: str = ""
-
-    @property
-    def store(self) -> PostgresStore:  # type: ignore[override]
-        return PostgresStore(self.direct_url, apply_schema=False)
-
-    def env(self, name: str, **extra: str) -> dict[str, str]:
-        return super().env(name, FLEET_STORE_URL=self.store_url, **extra)
-
-
 def outage_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, pg: str, cut: float):
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    with pg_rig_on(root, aura, hydra, pg) as (rig, proxy):
+        run = rig.start("outage")
+        try:
+            rig.wait_until(lambda: rig.in_stage(Stage.ADVERSARIAL_RUNNING), run)
+            proxy.cut()
+            rig.release()  # the review ends during the cut: its result waits for the store
+            time.sleep(cut)
+            proxy.restore()
+            restored = time.monotonic()
+            firsts: dict[str, float] = {}
 
-    name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    direct = make_conninfo(pg, dbname=name)
-    params = conninfo_to_dict(direct)
-    upstream = (str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
-    try:
-        with TcpProxy(upstream) as proxy:
-            rig = PgRig(root, aura, hydra, held="review")
-            user = params.get("user") or "postgres"
-            rig.store_url = f"postgresql://{user}@127.0.0.1:{proxy.port}/{name}"
-            rig.direct_url = direct
-            PostgresStore(direct).close()  # the schema, before the run
-            run = rig.start("outage")
-            try:
-                rig.wait_until(lambda: rig.in_stage(Stage.ADVERSARIAL_RUNNING), run)
-                proxy.cut()
-                rig.release()  # the review ends during the cut: its result waits for the store
-                time.sleep(cut)
-                proxy.restore()
-                restored = time.monotonic()
-                firsts: dict[str, float] = {}
+            def moved() -> bool:
+                for app, stage in rig.stages().items():
+                    if app not in firsts and stage is not Stage.ADVERSARIAL_RUNNING:
+                        firsts[app] = time.monotonic() - restored
+                return len(firsts) == len(APPS)
 
-                def moved() -> bool:
-                    for app, stage in rig.stages().items():
-                        if app not in firsts and stage is not Stage.ADVERSARIAL_RUNNING:
-                            firsts[app] = time.monotonic() - restored
-                    return len(firsts) == len(APPS)
-
-                poll(moved)
-                code = finish(run)
-            finally:
-                kill_group(run)
-            stages = rig.stages()
-            out = rig.output("outage")
-        print(
-            f"store cut {cut:.0f} s during review: next stage write "
-            + ", ".join(f"{a} {t:.1f} s" for a, t in sorted(firsts.items()))
-            + f" after the restore; run exit {code}, "
-            f"{sum(s is Stage.COMPLETE for s in stages.values())}/{len(APPS)} complete, "
-            f"{out.count('Traceback')} tracebacks"
-        )
-    finally:
-        with psycopg.connect(pg, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            poll(moved)
+            code = finish(run)
+        finally:
+            kill_group(run)
+        stages = rig.stages()
+        out = rig.output("outage")
+    print(
+        f"store cut {cut:.0f} s during review: next stage write "
+        + ", ".join(f"{a} {t:.1f} s" for a, t in sorted(firsts.items()))
+        + f" after the restore; run exit {code}, "
+        f"{sum(s is Stage.COMPLETE for s in stages.values())}/{len(APPS)} complete, "
+        f"{out.count('Traceback')} tracebacks"
+    )
 
 
 def main() -> None:
