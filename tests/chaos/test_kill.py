@@ -77,6 +77,7 @@ class Rig:
     hydra: HydraDevServer
     held: str  # the stage whose command waits at the gate ("hydra": Hydra fails until go)
     prefect: PrefectApi | None = None  # None: each run starts a temporary API of its own
+    local: bool = False  # agents run by the orchestrator's local executor, checks locally
     fleet_file: Path = field(init=False)
     db: Path = field(init=False)
     flags: Path = field(init=False)
@@ -99,6 +100,8 @@ class Rig:
             data["commands"][mode] += ["--", *argv]
         data["apps"] = [a for a in data["apps"] if a["id"] in APPS]
         for app in data["apps"]:
+            if self.local:
+                continue
             del app["repo"], app["check"]  # remote apps: Hydra is the gate
             if self.held == "hydra":  # Hydra answers "not passing yet" until go
                 self.hydra.set_status(app["id"])
@@ -133,6 +136,9 @@ class Rig:
             **extra,
         }
         env.pop("PREFECT_API_URL", None)
+        if self.local:
+            for name in ("FLEET_AURA_URL", "FLEET_AURA_TOKEN", "FLEET_HYDRA_URL"):
+                env.pop(name)
         if self.prefect is not None:
             env["PREFECT_API_URL"] = self.prefect.url
         return env
@@ -298,7 +304,8 @@ def assert_recovered(rig: Rig, *outputs: str) -> None:
     assert rig.stages() == dict.fromkeys(APPS, Stage.COMPLETE), joined
     assert rig.duplicate_tasks() == 0
     assert rig.ship_effects() == dict.fromkeys(APPS, 1)
-    assert rig.ships_run() == dict.fromkeys(APPS, 1)
+    if not rig.local:  # the gateway ran each ship command once
+        assert rig.ships_run() == dict.fromkeys(APPS, 1)
     assert rig.protected_changes() == {}
     deadline = time.monotonic() + 10  # a killed agent may take a moment to be reaped
     while rig.agents_left() and time.monotonic() < deadline:
@@ -409,3 +416,29 @@ def test_a_hydra_503_storm_trips_the_breaker_then_kill_9_in_the_wait_is_taken_ov
         f"\nFIGURE hydra storm: {len(breaker)} breaker transitions logged; kill in the wait, "
         f"standby complete {time.monotonic() - killed:.1f} s after"
     )
+
+
+def test_kill_9_takes_the_local_agents_down_with_it_and_a_rerun_completes(
+    aura: AuraDevServer, hydra: HydraDevServer, prefect_api: PrefectApi, tmp_path: Path
+) -> None:
+    """Agents the orchestrator started itself (the local executor) die with it at once — no
+    next run needed, so a standby on another host finds none left — and get none of its
+    secrets; the rerun then completes the apps."""
+    rig = Rig(tmp_path, aura, hydra, held="skill", prefect=prefect_api, local=True)
+    first = rig.start("first")
+    try:
+        rig.wait_until(lambda: MOMENTS["skill"][1](rig), first)
+        assert rig.agents_left(), "the held skill agents run"
+    finally:
+        kill_group(first)  # its process group: the agents lead sessions of their own
+    killed = time.monotonic()
+    while rig.agents_left() and time.monotonic() - killed < 10:
+        time.sleep(0.05)
+    gone_in = time.monotonic() - killed
+    assert rig.agents_left() == []
+    assert not any(CANARY in json.dumps(env) for env in rig.agent_envs())
+    rig.release()
+    second = rig.start("second")
+    assert finish(second) == 0, rig.output("second")
+    assert_recovered(rig, rig.output("first"), rig.output("second"))
+    print(f"\nFIGURE kill -9 with local agents at skill: agents gone {gone_in:.2f} s after")
