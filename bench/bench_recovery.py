@@ -9,6 +9,8 @@ the run is killed (its whole process group) while its apps' review is running, t
 Store outage: the same fleet on the real PostgreSQL through tests/chaos/proxy.py's proxy, cut for
 `--cut` seconds while the apps' review runs (the review finishes during the cut); the figure is
 the time from the restore to each app's next stage write.
+Local agents: the same fleet with its agents on the local executor, killed during SKILL; the
+figure is the time until no agent of the dead run is left (the tether's work, no rerun).
 
     uv run python bench/bench_recovery.py [--pg postgresql://…] [--cut 10]
 """
@@ -109,6 +111,22 @@ def outage_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, pg: s
     )
 
 
+def local_agents_figure(root: Path, aura: AuraDevServer, hydra: HydraDevServer) -> None:
+    rig = Rig(root, aura, hydra, held="skill", local=True)
+    first = rig.start("first")
+    try:
+        rig.wait_until(lambda: rig.in_stage(Stage.SKILL_RUNNING), first)
+        running = len(rig.agents_left())
+    finally:
+        kill_group(first)
+    gone = poll(lambda: not rig.agents_left(), timeout=30)
+    rig.release()
+    print(
+        f"kill -9 during skill, agents on the local executor: {running} agent processes "
+        f"gone {gone:.2f} s after the kill (no rerun needed)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL admin URL (a throwaway db)")
@@ -123,6 +141,8 @@ def main() -> None:
             for standby in (False, True):
                 with AuraDevServer(token=TOKEN, workdir=root / f"gw-{standby}") as aura:
                     kill_figures(root / f"kill-{standby}", aura, hydra, standby)
+            with AuraDevServer(token=TOKEN, workdir=root / "gw-local") as aura:
+                local_agents_figure(root / "local", aura, hydra)
             if not args.skip_outage:
                 with AuraDevServer(token=TOKEN, workdir=root / "gw-outage") as aura:
                     outage_figures(root / "outage", aura, hydra, args.pg, args.cut)

@@ -124,6 +124,7 @@ async def fleet_cohort(
 async def plan_and_run(
     size: int | None, fleet_file: str | None, fresh: bool, retry_failed: bool, fan_out: bool
 ) -> list[AppRow]:
+    """The cohort run's body (see `fleet_cohort`); a store outage past its budget escapes it."""
     logger = get_run_logger()
     comp = await flow_components(fleet_file)
     run_id = this_run_id("local-cohort")
