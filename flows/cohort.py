@@ -26,10 +26,12 @@ from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
+from fleet.clock import SystemClock
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
+from fleet.settings import get_settings
 from fleet.store.leadership import PlannerLease
 from fleet.store.outage import StoreOutage, StoreUnreachable, outage_tolerant
 from fleet.wiring import Components
@@ -126,7 +128,7 @@ async def plan_and_run(
 ) -> list[AppRow]:
     """The cohort run's body (see `fleet_cohort`); a store outage past its budget escapes it."""
     logger = get_run_logger()
-    comp = await flow_components(fleet_file)
+    comp = await cohort_components(fleet_file)
     run_id = this_run_id("local-cohort")
     start = on_workers if fan_out else in_process
     # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.
@@ -251,6 +253,16 @@ async def discover_cohort(
 ) -> CohortPlan:
     """DISCOVER, as a step the UI shows: the ranking and plan are short store reads."""
     return await stored(comp, discover, comp, size, fresh, retry_failed)
+
+
+async def cohort_components(fleet_file: str | None) -> Components:
+    """The cohort's components; opening the store waits out an outage like any store call."""
+    return await outage_tolerant(
+        functools.partial(flow_components, fleet_file),
+        budget=get_settings().store_outage_budget_seconds,
+        clock=SystemClock(),
+        log_key="cohort",
+    )
 
 
 async def stored(comp: Components, fn: Callable[..., T], *args: object) -> T:

@@ -222,3 +222,36 @@ def test_the_cohort_plan_waits_out_a_cut_inside_the_budget(pg_url, proxy, tmp_pa
         "store back (cohort)",
     ], heard
     comp.store.close()
+
+
+def test_the_cohort_opens_its_store_through_a_cut_inside_the_budget(
+    pg_url, proxy, tmp_path, monkeypatch
+):
+    """A scheduled cohort run that starts while the store is cut waits for it, then plans."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from fleet.settings import get_settings
+    from flows.cohort import cohort_components
+    from tests.helpers import demo_fleet
+
+    params = conninfo_to_dict(pg_url)
+    user = params.get("user") or "postgres"
+    monkeypatch.setenv(
+        "FLEET_STORE_URL", f"postgresql://{user}@127.0.0.1:{proxy.port}/{params['dbname']}"
+    )
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLEET_CONFIG_BLOCK", raising=False)
+    get_settings.cache_clear()
+    fleet_file = demo_fleet(tmp_path)
+    proxy.cut()
+    restorer = threading.Timer(2.0, proxy.restore)
+    restorer.start()
+    started = time.monotonic()
+    try:
+        comp = asyncio.run(cohort_components(str(fleet_file)))
+    finally:
+        restorer.join()
+        get_settings.cache_clear()
+    assert 2.0 <= time.monotonic() - started < 15
+    assert isinstance(comp.store.list_states(), list)  # the store answers through the proxy
+    comp.store.close()
