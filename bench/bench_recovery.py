@@ -9,6 +9,8 @@ the run is killed (its whole process group) while its apps' review is running, t
 Store outage: the same fleet on the real PostgreSQL through tests/chaos/proxy.py's proxy, cut for
 `--cut` seconds while the apps' review runs (the review finishes during the cut); the figure is
 the time from the restore to each app's next stage write.
+Local agents: the same fleet with its agents on the local executor, killed during SKILL; the
+figure is the time until no agent of the dead run is left (the tether's work, no rerun).
 
     uv run python bench/bench_recovery.py [--pg postgresql://…] [--cut 10]
 """
@@ -19,7 +21,6 @@ import argparse
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fleet.devservers.aura import AuraDevServer  # noqa: E402
 from fleet.devservers.hydra import HydraDevServer  # noqa: E402
 from fleet.models import Stage  # noqa: E402
-from fleet.store.postgres import PostgresStore  # noqa: E402
-from tests.chaos.proxy import TcpProxy  # noqa: E402
 from tests.chaos.test_kill import APPS, TOKEN, Rig, finish, kill_group  # noqa: E402
+from tests.chaos.test_outage_run import pg_rig_on  # noqa: E402
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -78,69 +78,53 @@ def kill_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, standby
     )
 
 
-class PgRig(Rig):
-    """The rig on PostgreSQL through the proxy; the bench reads the store directly."""
-
-    store_url: str = ""
-    direct_url: str = ""
-
-    @property
-    def store(self) -> PostgresStore:  # type: ignore[override]
-        return PostgresStore(self.direct_url, apply_schema=False)
-
-    def env(self, name: str, **extra: str) -> dict[str, str]:
-        return super().env(name, FLEET_STORE_URL=self.store_url, **extra)
-
-
 def outage_figures(root: Path, aura: AuraDevServer, hydra: HydraDevServer, pg: str, cut: float):
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    with pg_rig_on(root, aura, hydra, pg) as (rig, proxy):
+        run = rig.start("outage")
+        try:
+            rig.wait_until(lambda: rig.in_stage(Stage.ADVERSARIAL_RUNNING), run)
+            proxy.cut()
+            rig.release()  # the review ends during the cut: its result waits for the store
+            time.sleep(cut)
+            proxy.restore()
+            restored = time.monotonic()
+            firsts: dict[str, float] = {}
 
-    name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    direct = make_conninfo(pg, dbname=name)
-    params = conninfo_to_dict(direct)
-    upstream = (str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432))
+            def moved() -> bool:
+                for app, stage in rig.stages().items():
+                    if app not in firsts and stage is not Stage.ADVERSARIAL_RUNNING:
+                        firsts[app] = time.monotonic() - restored
+                return len(firsts) == len(APPS)
+
+            poll(moved)
+            code = finish(run)
+        finally:
+            kill_group(run)
+        stages = rig.stages()
+        out = rig.output("outage")
+    print(
+        f"store cut {cut:.0f} s during review: next stage write "
+        + ", ".join(f"{a} {t:.1f} s" for a, t in sorted(firsts.items()))
+        + f" after the restore; run exit {code}, "
+        f"{sum(s is Stage.COMPLETE for s in stages.values())}/{len(APPS)} complete, "
+        f"{out.count('Traceback')} tracebacks"
+    )
+
+
+def local_agents_figure(root: Path, aura: AuraDevServer, hydra: HydraDevServer) -> None:
+    rig = Rig(root, aura, hydra, held="skill", local=True)
+    first = rig.start("first")
     try:
-        with TcpProxy(upstream) as proxy:
-            rig = PgRig(root, aura, hydra, held="review")
-            user = params.get("user") or "postgres"
-            rig.store_url = f"postgresql://{user}@127.0.0.1:{proxy.port}/{name}"
-            rig.direct_url = direct
-            PostgresStore(direct).close()  # the schema, before the run
-            run = rig.start("outage")
-            try:
-                rig.wait_until(lambda: rig.in_stage(Stage.ADVERSARIAL_RUNNING), run)
-                proxy.cut()
-                rig.release()  # the review ends during the cut: its result waits for the store
-                time.sleep(cut)
-                proxy.restore()
-                restored = time.monotonic()
-                firsts: dict[str, float] = {}
-
-                def moved() -> bool:
-                    for app, stage in rig.stages().items():
-                        if app not in firsts and stage is not Stage.ADVERSARIAL_RUNNING:
-                            firsts[app] = time.monotonic() - restored
-                    return len(firsts) == len(APPS)
-
-                poll(moved)
-                code = finish(run)
-            finally:
-                kill_group(run)
-            stages = rig.stages()
-            out = rig.output("outage")
-        print(
-            f"store cut {cut:.0f} s during review: next stage write "
-            + ", ".join(f"{a} {t:.1f} s" for a, t in sorted(firsts.items()))
-            + f" after the restore; run exit {code}, "
-            f"{sum(s is Stage.COMPLETE for s in stages.values())}/{len(APPS)} complete, "
-            f"{out.count('Traceback')} tracebacks"
-        )
+        rig.wait_until(lambda: rig.in_stage(Stage.SKILL_RUNNING), first)
+        running = len(rig.agents_left())
     finally:
-        with psycopg.connect(pg, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        kill_group(first)
+    gone = poll(lambda: not rig.agents_left(), timeout=30)
+    rig.release()
+    print(
+        f"kill -9 during skill, agents on the local executor: {running} agent processes "
+        f"gone {gone:.2f} s after the kill (no rerun needed)"
+    )
 
 
 def main() -> None:
@@ -157,6 +141,8 @@ def main() -> None:
             for standby in (False, True):
                 with AuraDevServer(token=TOKEN, workdir=root / f"gw-{standby}") as aura:
                     kill_figures(root / f"kill-{standby}", aura, hydra, standby)
+            with AuraDevServer(token=TOKEN, workdir=root / "gw-local") as aura:
+                local_agents_figure(root / "local", aura, hydra)
             if not args.skip_outage:
                 with AuraDevServer(token=TOKEN, workdir=root / "gw-outage") as aura:
                     outage_figures(root / "outage", aura, hydra, args.pg, args.cut)

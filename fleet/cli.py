@@ -99,6 +99,42 @@ def _progress_table(store, app_ids: list[str], started: float | None = None) -> 
     return table
 
 
+class _LiveTable:
+    """The live table's next frame: the store's view, or while the store cannot be read the
+    last view seen with a note saying so. Never raises: the table outlives a store outage."""
+
+    def __init__(self, store, app_ids: list[str], started: float):
+        self.store, self.app_ids, self.started = store, app_ids, started
+        self.last: Table | None = None
+        self.down_since: float | None = None
+
+    def frame(self) -> Table:
+        try:
+            self.last = _progress_table(self.store, self.app_ids, self.started)
+            self.down_since = None
+            return self.last
+        except Exception as exc:  # whatever the store raised, the run goes on without a view
+            now = time.monotonic()
+            self.down_since = self.down_since or now
+            table = self.last or _progress_table(_NoStore(), self.app_ids)
+            cause = (str(exc).splitlines() or [type(exc).__name__])[0][:80]
+            table.caption = (
+                f"store unavailable for {now - self.down_since:.0f}s — showing the last state "
+                f"seen · {now - self.started:.0f}s elapsed ({escape(cause)})"
+            )
+            return table
+
+
+class _NoStore:
+    """What the live table shows before the store was ever read: every app waiting."""
+
+    def get_state(self, app_id: str) -> None:
+        return None
+
+    def list_tasks(self, app_id: str, source: str) -> list:
+        return []
+
+
 def _result_table(rows) -> Table:
     from fleet.report import COLUMNS
 
@@ -116,6 +152,8 @@ def _run_cohort(
     fleet_file: Path, size: int | None, fresh: bool, retry_failed: bool, verbose: bool
 ) -> None:
     _prepare_prefect(verbose)
+    from prefect.exceptions import FailedRun
+
     from fleet.wiring import components
     from flows.cohort import fleet_cohort
 
@@ -134,17 +172,13 @@ def _run_cohort(
         err.print("interrupted before any app started: nothing was run")
         raise typer.Exit(130) from None
     stop = threading.Event()
-    started = time.monotonic()
-    with Live(
-        _progress_table(comp.store, comp.fleet.app_ids, started),
-        console=console,
-        refresh_per_second=4,
-        transient=True,
-    ) as live:
+    failure: FailedRun | None = None
+    view = _LiveTable(comp.store, comp.fleet.app_ids, time.monotonic())
+    with Live(view.frame(), console=console, refresh_per_second=4, transient=True) as live:
 
         def refresh() -> None:
             while not stop.wait(0.5):
-                live.update(_progress_table(comp.store, comp.fleet.app_ids, started))
+                live.update(view.frame())
 
         watcher = threading.Thread(target=refresh, daemon=True)
         watcher.start()
@@ -156,9 +190,13 @@ def _run_cohort(
             )
         except KeyboardInterrupt:
             rows = None
+        except FailedRun as exc:  # ended cleanly as failed (a store outage past its budget)
+            failure, rows = exc, []
         finally:
             stop.set()
             watcher.join()
+    if failure is not None:
+        _fail(failure, 1)
     if rows is None:
         err.print(
             "interrupted: apps in flight keep their persisted stage and resume on the next run"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
-from typing import cast
+from typing import TypeVar, cast
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -19,20 +20,26 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import arun_deployment
+from prefect.states import Failed
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
+from fleet.clock import SystemClock
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.ledger import budget_left, cost_summary, with_costs
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row
+from fleet.settings import get_settings
 from fleet.store.leadership import PlannerLease
+from fleet.store.outage import StoreOutage, StoreUnreachable, outage_tolerant
 from fleet.wiring import Components
 from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
 from flows.config import flow_components
+
+T = TypeVar("T")
 
 
 class CohortPlan(BaseModel):
@@ -118,8 +125,20 @@ async def fleet_cohort(
     event loop. With `fan_out` each app is submitted to the app-evolution deployment, so
     the workers polling its pool share the cohort.
     """
+    try:
+        return await plan_and_run(size, fleet_file, fresh, retry_failed, fan_out)
+    except StoreOutage as exc:
+        # Past the outage budget: a Failed run with one line, no traceback; nothing is lost
+        # (stages stay where they were, claims run out by themselves), the next run resumes.
+        return cast(list[AppRow], Failed(message=str(exc)))
+
+
+async def plan_and_run(
+    size: int | None, fleet_file: str | None, fresh: bool, retry_failed: bool, fan_out: bool
+) -> list[AppRow]:
+    """The cohort run's body (see `fleet_cohort`); a store outage past its budget escapes it."""
     logger = get_run_logger()
-    comp = await flow_components(fleet_file)
+    comp = await cohort_components(fleet_file)
     run_id = this_run_id("local-cohort")
     start = on_workers if fan_out else in_process
     # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.
@@ -137,7 +156,7 @@ async def fleet_cohort(
             plan.max_concurrent,
             plan.skipped or "none",
         )
-        await asyncio.to_thread(comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
+        await stored(comp, comp.store.record_cohort, run_id, plan.cohort, comp.clock.now())
         progress = Progress(
             comp,
             len(plan.start),
@@ -147,7 +166,7 @@ async def fleet_cohort(
                 description="Apps finished in this cohort run",
             ),
         )
-        if not await asyncio.to_thread(lead.renew):
+        if not await stored(comp, lead.renew):
             logger.warning("planner lease lost before the apps started: this run starts none")
             return []
         taken = Taken(plan.start)
@@ -161,14 +180,17 @@ async def fleet_cohort(
         all_taken.cancel()
     finished = await running
     await progress.close()
-    # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
-    if all(_stage(comp, a).terminal for a in plan.cohort):
-        comp.store.finish_cohort(run_id, comp.clock.now())
 
-    rows = [
-        finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort
-    ]
-    costs = await asyncio.to_thread(comp.store.work_totals, "app", None, run_id)
+    def wrap_up() -> list[AppRow]:
+        # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
+        if all(_stage(comp, a).terminal for a in plan.cohort):
+            comp.store.finish_cohort(run_id, comp.clock.now())
+        return [
+            finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort
+        ]
+
+    rows = await stored(comp, wrap_up)
+    costs = await stored(comp, comp.store.work_totals, "app", None, run_id)
     await acreate_table_artifact(
         table=with_costs([r.record() for r in rows], costs),
         key="fleet-cohort",
@@ -197,8 +219,8 @@ async def planning(
         renew_seconds=s.planner_renew_seconds,
         retry_seconds=s.planner_retry_seconds,
     )
-    if not await lead_within(lease, s.planner_lease_seconds):
-        leader = await asyncio.to_thread(comp.store.get_lease, lease.name)
+    if not await lead_within(comp, lease, s.planner_lease_seconds):
+        leader = await stored(comp, comp.store.get_lease, lease.name)
         logger.info(
             "another planner leads: %s; this run plans nothing",
             leader.holder if leader else "unknown",
@@ -208,14 +230,16 @@ async def planning(
     try:
         yield lease
     finally:
-        await asyncio.shield(asyncio.to_thread(lease.release))
+        # One try: during an outage the lease runs out by itself within one lease.
+        with suppress(StoreUnreachable):
+            await asyncio.shield(asyncio.to_thread(lease.release))
 
 
-async def lead_within(lease: PlannerLease, seconds: float) -> bool:
+async def lead_within(comp: Components, lease: PlannerLease, seconds: float) -> bool:
     """Try to lead every `retry_seconds`, for at most `seconds` (a standby takes over from a
     dead leader within one lease; a live leader's plan is left alone)."""
     deadline = lease.clock.now() + timedelta(seconds=seconds)
-    while not await asyncio.to_thread(lease.try_lead):
+    while not await stored(comp, lease.try_lead):
         if lease.clock.now() >= deadline:
             return False
         await lease.clock.asleep(lease.retry_seconds)
@@ -242,7 +266,30 @@ async def discover_cohort(
     comp: Components, size: int | None, fresh: bool, retry_failed: bool
 ) -> CohortPlan:
     """DISCOVER, as a step the UI shows: the ranking and plan are short store reads."""
-    return await asyncio.to_thread(discover, comp, size, fresh, retry_failed)
+    return await stored(comp, discover, comp, size, fresh, retry_failed)
+
+
+async def cohort_components(fleet_file: str | None) -> Components:
+    """The cohort's components; opening the store waits out an outage like any store call."""
+    return await outage_tolerant(
+        functools.partial(flow_components, fleet_file),
+        budget=get_settings().store_outage_budget_seconds,
+        clock=SystemClock(),
+        log_key="cohort",
+    )
+
+
+async def stored(comp: Components, fn: Callable[..., T], *args: object) -> T:
+    """A cohort store call off the event loop. A store outage pauses it (one log line per
+    outage) and it goes on when the store is back; past `store_outage_budget_seconds` it
+    raises StoreOutage, which ends the cohort run as a clean, resumable failure."""
+    return await outage_tolerant(
+        functools.partial(fn, *args),
+        budget=comp.settings.store_outage_budget_seconds,
+        clock=comp.clock,
+        log_key="cohort",
+        sleep=comp.clock.asleep,
+    )
 
 
 def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:
@@ -264,7 +311,7 @@ class Progress:
 
     async def tick(self, app_id: str) -> None:
         self.done += 1
-        stage = await asyncio.to_thread(_stage, self.comp, app_id)
+        stage = await stored(self.comp, _stage, self.comp, app_id)
         get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
         await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
 
@@ -292,7 +339,7 @@ async def in_process(
 
     async def one(app_id: str) -> tuple[str, AppRow | None]:
         try:
-            reset = reset_requested(comp, app_id, fresh, retry_failed)
+            reset = await stored(comp, reset_requested, comp, app_id, fresh, retry_failed)
             return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one)
         except FleetRunFailed as failed:  # recorded as failed; the row says why
             return app_id, failed.row
@@ -337,7 +384,7 @@ async def on_workers(
             parameters={
                 "app_id": app_id,
                 "fleet_file": fleet_file,
-                "fresh": reset_requested(comp, app_id, fresh, retry_failed),
+                "fresh": await stored(comp, reset_requested, comp, app_id, fresh, retry_failed),
             },
         )
         pending[submitted.id] = app_id

@@ -70,8 +70,14 @@ def test_past_the_budget_a_clean_one_line_outage(caplog):
     assert "\n" not in message and "past the outage budget of 300 s (app-a)" in message
     assert err.value.__cause__ is None and err.value.__suppress_context__
     assert len(outage_lines(caplog)) == 1
-    # The next outage of the same key logs its own line again.
-    call.back_at = 310
+    # A call while the same outage goes on gives up at once (the budget is the outage's)...
+    with pytest.raises(StoreOutage):
+        outage_tolerant_sync(call, budget=300, clock=clock, log_key="app-a")
+    assert (clock.now() - T0).total_seconds() == 300
+    # ...the next outage (no try for longer than the backoff cap: maybe back meanwhile) gets a
+    # whole budget and logs its own line again.
+    clock.advance(30)
+    call.back_at = 340
     assert outage_tolerant_sync(call, budget=300, clock=clock, log_key="app-a") == "state"
     assert len(outage_lines(caplog)) == 3
 
@@ -163,3 +169,37 @@ def test_a_call_notices_the_store_is_back_within_the_cap(outage):
     )
     late = (clock.now() - T0).total_seconds() - outage
     assert 0 <= late <= 10
+
+
+def test_a_call_joining_an_outage_late_gives_up_with_the_first_waiter():
+    """The budget is the outage's, not each call's: the cohort's read of an app that gave up
+    does not wait a second budget."""
+    from fleet.store.outage import OutageLog
+
+    clock = ManualClock(T0)
+    outages = OutageLog()
+    down = Flaky(clock, back_at=10_000)
+    with pytest.raises(StoreOutage):
+        outage_tolerant_sync(down, budget=60, clock=clock, log_key="app-a", outages=outages)
+    gave_up = clock.now()
+    assert (gave_up - T0).total_seconds() == 60
+    with pytest.raises(StoreOutage):
+        outage_tolerant_sync(down, budget=60, clock=clock, log_key="cohort", outages=outages)
+    assert (clock.now() - gave_up).total_seconds() < 1  # one try, no second budget
+
+
+def test_an_outage_after_the_store_came_back_gets_a_whole_budget():
+    from fleet.store.outage import OutageLog
+
+    clock = ManualClock(T0)
+    outages = OutageLog()
+    assert outage_tolerant_sync(
+        Flaky(clock, 50), budget=60, clock=clock, log_key="a", outages=outages
+    )
+    clock.advance(1000)  # the store answered; much later it goes down again
+    later = clock.now()
+    with pytest.raises(StoreOutage):
+        outage_tolerant_sync(
+            Flaky(clock, back_at=10_000), budget=60, clock=clock, log_key="a", outages=outages
+        )
+    assert (clock.now() - later).total_seconds() == 60

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -32,6 +33,7 @@ from fleet.procs import (
     marked_env,
     stop_process_tree,
 )
+from fleet.tether import tethered
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
@@ -95,10 +97,13 @@ class LocalExecutor:
         env, marker = marked_env(
             {**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model, **app_run_env()}
         )
+        _startable(argv[0], self.cwd, env.get("PATH"))
         try:
             with out.open("wb") as fo, err.open("wb") as fe:
+                # Through the tether: the agent (and its process group) dies with this process,
+                # whatever kills it — no agent outlives its run to edit behind the next one.
                 proc = subprocess.Popen(
-                    argv,
+                    tethered(argv, marker),
                     stdout=fo,
                     stderr=fe,
                     stdin=subprocess.DEVNULL,
@@ -154,6 +159,17 @@ class LocalExecutor:
         for job in jobs:
             if job.proc.poll() is None:
                 _stop(job)
+
+
+def _startable(program: str, cwd: Path | None, path: str | None) -> None:
+    """Say now, not as the tether's exit code, that a program cannot be started."""
+    if os.sep in program:
+        found = Path(cwd or ".", program)
+        ok = found.is_file() and os.access(found, os.X_OK)
+    else:
+        ok = shutil.which(program, path=path) is not None
+    if not ok:
+        raise DispatchError(f"cannot start {program!r}: no such executable file")
 
 
 def _stop(job: _Job) -> None:

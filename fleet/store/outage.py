@@ -7,9 +7,11 @@ shutting down, out of connections) — with capped exponential backoff, for up t
 (`store_outage_budget_seconds`, 5 min by default). They log ONE warning line per `log_key`
 per outage, however many calls and tries wait on it, and one "store back after N s" line
 when it answers again; past the budget they raise StoreOutage, a one-line, resumable
-failure. Any other error passes through at once: StaleLease, InvalidTransition, and a
-StoreUnavailable for a query the store refused (a missing migration, a bad key), which
-waiting would not cure.
+failure. The budget counts from the start of the outage, not of each call: a call that begins
+waiting late in an outage (the cohort reading the stage of an app that just gave up) gives up
+with the others, so a whole run never waits more than one budget for one outage. Any other
+error passes through at once: StaleLease, InvalidTransition, and a StoreUnavailable for a
+query the store refused (a missing migration, a bad key), which waiting would not cure.
 
 Wrap only calls that are safe to repeat: reads, fenced stage writes, `renew_claim`,
 `record_effect`, lease acquisition — every Store write is idempotent by design, except a
@@ -61,12 +63,29 @@ def _first_line(exc: BaseException) -> str:
 
 
 class OutageLog:
-    """Which log keys are waiting on an outage now, so each logs one line per outage."""
+    """Which log keys are waiting on an outage now, so each logs one line per outage; and
+    since when this process has seen the store unreachable (the outage's start)."""
 
     def __init__(self, logger: logging.Logger = log):
         self._logger = logger
         self._since: dict[str, datetime] = {}
         self._lock = threading.Lock()
+        self._outage_since: datetime | None = None
+        self._last_failure: datetime | None = None
+
+    def failed(self, now: datetime, quiet: float) -> datetime:
+        """A try failed at `now`; returns when this outage began. Failures more than `quiet`
+        seconds apart (nobody was waiting: the store may have been back) start a new one."""
+        with self._lock:
+            last = self._last_failure
+            if self._outage_since is None or last is None or (now - last).total_seconds() > quiet:
+                self._outage_since = now
+            self._last_failure = now
+            return self._outage_since
+
+    def answered(self) -> None:
+        with self._lock:
+            self._outage_since = self._last_failure = None
 
     def down(self, key: str, now: datetime, exc: BaseException, budget: float) -> None:
         with self._lock:
@@ -111,8 +130,13 @@ class _Budget:
         self.started = clock.now()
         self.deadline = self.started + timedelta(seconds=budget)
         self._backoff = tenacity.wait_exponential(multiplier=initial, max=cap)
+        self._quiet = 2 * cap + 1  # waiters try at least every `cap`: a longer gap is a new outage
 
     def stop(self, state: tenacity.RetryCallState) -> bool:
+        # The outage's budget, shared by every call waiting on it: one that joined late
+        # gives up when the first waiter does, not a whole budget later.
+        began = self.outages.failed(self.clock.now(), self._quiet)
+        self.deadline = min(self.deadline, began + timedelta(seconds=self.budget))
         return self.clock.now() >= self.deadline
 
     def wait(self, state: tenacity.RetryCallState) -> float:
@@ -125,6 +149,7 @@ class _Budget:
         self.outages.down(self.log_key, self.clock.now(), exc or StoreUnreachable(), self.budget)
 
     def succeeded(self) -> None:
+        self.outages.answered()
         self.outages.up(self.log_key, self.clock.now())
 
     def outage(self, exc: StoreUnreachable) -> StoreOutage:

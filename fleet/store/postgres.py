@@ -55,7 +55,10 @@ class PostgresStore(SqlStore):
         try:
             apply_migrations(self._db.conninfo.get_secret_value())
         except psycopg.OperationalError as exc:
-            raise self._db.unavailable("cannot connect to apply the schema", exc) from None
+            # An outage like any failed connect (pgconn): a starting cohort waits it out.
+            raise self._db.unavailable(
+                "cannot connect to apply the schema", exc, unreachable=True
+            ) from None
         except psycopg.Error as exc:
             raise self._db.unavailable("applying the migrations failed", exc) from None
 

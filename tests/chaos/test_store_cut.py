@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 
@@ -165,3 +166,92 @@ def test_a_refused_query_is_not_an_outage_and_is_not_waited_on(store):
         )
     assert not isinstance(err.value, StoreUnreachable)
     assert time.monotonic() - started < 1
+
+
+def test_the_live_table_shows_a_store_cut_and_comes_back(store, proxy):
+    from rich.console import Console
+
+    from fleet.cli import _LiveTable
+
+    def text(table) -> str:
+        console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(table)
+        return console.export_text()
+
+    view = _LiveTable(store, ["app-a"], time.monotonic())
+    assert "app-a" in text(view.frame()) and "store unavailable" not in text(view.frame())
+    proxy.cut()
+    frames = [text(view.frame()) for _ in range(3)]  # never raises, however long the cut
+    assert all("store unavailable" in f and "app-a" in f for f in frames), frames[-1]
+    proxy.restore()
+    assert "store unavailable" not in text(view.frame())
+
+
+def test_the_cohort_plan_waits_out_a_cut_inside_the_budget(pg_url, proxy, tmp_path):
+    """DISCOVER (the ranking, the max_concurrent read, the states) through `flows.cohort.stored`
+    pauses while the store is cut and plans once it is back, under one `cohort` line."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from fleet.settings import FleetSettings
+    from fleet.wiring import components
+    from flows.cohort import discover, stored
+    from tests.helpers import demo_fleet
+
+    # Prefect (imported with the cohort flow) hands the `fleet` loggers its own handlers.
+    heard: list[str] = []
+    listener = logging.Handler()
+    listener.emit = lambda record: heard.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("fleet.store.outage").addHandler(listener)
+    params = conninfo_to_dict(pg_url)
+    user = params.get("user") or "postgres"
+    url = f"postgresql://{user}@127.0.0.1:{proxy.port}/{params['dbname']}"
+    settings = FleetSettings(home=tmp_path / "home", store_url=url, store_outage_budget_seconds=30)
+    comp = components(settings, demo_fleet(tmp_path))
+    proxy.cut()
+    restorer = threading.Timer(2.0, proxy.restore)
+    restorer.start()
+    started = time.monotonic()
+    plan = asyncio.run(stored(comp, discover, comp, 3, False, False))
+    waited = time.monotonic() - started
+    restorer.join()
+    assert sorted(plan.cohort) == sorted(comp.fleet.app_ids) and plan.start
+    assert 2.0 <= waited < 15, waited
+    logging.getLogger("fleet.store.outage").removeHandler(listener)
+    assert [line.split(" after")[0].split(", waiting")[0] for line in heard] == [
+        "store unreachable (cohort)",
+        "store back (cohort)",
+    ], heard
+    comp.store.close()
+
+
+def test_the_cohort_opens_its_store_through_a_cut_inside_the_budget(
+    pg_url, proxy, tmp_path, monkeypatch
+):
+    """A scheduled cohort run that starts while the store is cut waits for it, then plans."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from fleet.settings import get_settings
+    from flows.cohort import cohort_components
+    from tests.helpers import demo_fleet
+
+    params = conninfo_to_dict(pg_url)
+    user = params.get("user") or "postgres"
+    monkeypatch.setenv(
+        "FLEET_STORE_URL", f"postgresql://{user}@127.0.0.1:{proxy.port}/{params['dbname']}"
+    )
+    monkeypatch.setenv("FLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLEET_CONFIG_BLOCK", raising=False)
+    get_settings.cache_clear()
+    fleet_file = demo_fleet(tmp_path)
+    proxy.cut()
+    restorer = threading.Timer(2.0, proxy.restore)
+    restorer.start()
+    started = time.monotonic()
+    try:
+        comp = asyncio.run(cohort_components(str(fleet_file)))
+    finally:
+        restorer.join()
+        get_settings.cache_clear()
+    assert 2.0 <= time.monotonic() - started < 15
+    assert isinstance(comp.store.list_states(), list)  # the store answers through the proxy
+    comp.store.close()
