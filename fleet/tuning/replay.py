@@ -39,10 +39,15 @@ from fleet.mesh.immune import (
     probe_claimed,
 )
 from fleet.mesh.store import MachineHealth, QueuedTask, TaskStatus
+from fleet.settings import FleetSettings
 from fleet.tuning.genome import GENES, immune_policy, thresholds
 from fleet.tuning.history import INF, History, TaskRun
 
 RECONCILE_SECONDS = 60.0  # DESIGN §5: the reconciler (and the liveness check) every 60 s
+# The liveness rule's knobs that are not genes: the mesh's defaults (fleet/settings.py).
+CONFIRM_SPACING_SECONDS: float = FleetSettings.model_fields[
+    "liveness_confirm_spacing_seconds"
+].default
 # The genes the immune replay reads (its results are cached on them).
 IMMUNE_GENES = ("heartbeat_seconds", *(g.name for g in GENES if g.name.startswith("immune_")))
 _MIN_STUCK = min(g.low for g in GENES if g.name == "stuck_injection_seconds")
@@ -179,16 +184,25 @@ class Prepared:
 
 # Liveness -----------------------------------------------------------------------------
 def machine_downs(
-    history: History, machine_id: str, heartbeat_seconds: float, confirmations: int
+    history: History,
+    machine_id: str,
+    heartbeat_seconds: float,
+    confirmations: int,
+    *,
+    missed_heartbeats: float = rules.MISSED_HEARTBEATS,
+    spacing_seconds: float = 0.0,
 ) -> list[tuple[float, float]]:
     """(declared down, next heartbeat) for each time the liveness rule declares the machine down:
-    its heartbeat missed (older than two periods) and `confirmations` consecutive failed probes."""
+    its heartbeat missed (older than `missed_heartbeats` periods) and `confirmations`
+    consecutive failed probes — all in one round, `spacing_seconds` apart, as the live
+    LivenessProbe takes them when the spacing is set (rules.confirmation_passes)."""
     track = history.machine(machine_id)
     beats = track.heartbeats
     if beats.size == 0:
         return []
     nxt = np.append(beats[1:], INF)
-    stale = 2 * heartbeat_seconds
+    stale = missed_heartbeats * heartbeat_seconds
+    passes = rules.confirmation_passes(confirmations, spacing_seconds)
     downs: list[tuple[float, float]] = []
     for a, b in zip(beats[(nxt - beats) > stale], nxt[(nxt - beats) > stale], strict=True):
         last_hb = history.at(float(a))
@@ -203,19 +217,24 @@ def machine_downs(
                 # A probe between two unreachable spells succeeded: the count starts again.
                 status, count = rules.confirmation_update(status, count, last_hb, False, None)
             down = None
-            while t < hi:
-                now = history.at(t)
-                status, count = rules.confirmation_update(
-                    status,
-                    count,
-                    last_hb,
-                    True,
-                    rules.heartbeat_stale_before(now, heartbeat_seconds),
-                )
+            while t < hi and down is None:
+                for k in range(passes):  # one round's probes
+                    probe_at = t + k * spacing_seconds
+                    if probe_at >= hi:  # it answered (or beat) before this probe
+                        break
+                    status, count = rules.confirmation_update(
+                        status,
+                        count,
+                        last_hb,
+                        True,
+                        rules.heartbeat_stale_before(
+                            history.at(probe_at), heartbeat_seconds, missed_heartbeats
+                        ),
+                    )
+                    if rules.confirmed_down(count, confirmations):
+                        down = probe_at
+                        break
                 last_tick = t
-                if rules.confirmed_down(count, confirmations):
-                    down = t
-                    break
                 t += RECONCILE_SECONDS
             if down is not None:
                 downs.append((down, float(b)))
@@ -324,7 +343,12 @@ def score(
         )
         if down_key not in prepared.cache:
             prepared.cache[down_key] = machine_downs(
-                h, m.machine_id, policy["heartbeat_seconds"], int(policy["liveness_confirmations"])
+                h,
+                m.machine_id,
+                policy["heartbeat_seconds"],
+                int(policy["liveness_confirmations"]),
+                missed_heartbeats=rules.MISSED_HEARTBEATS,
+                spacing_seconds=CONFIRM_SPACING_SECONDS,
             )
         downs = prepared.cache[down_key]
         downs_of[m.machine_id] = downs

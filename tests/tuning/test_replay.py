@@ -70,21 +70,24 @@ def test_a_dead_machine_is_declared_down_after_the_confirmations_and_its_task_re
         died_at=600.0,
         unreachable=((600.0, INF),),
     )
-    # Last beat 600; missed after 660; failed probes at 720 and 780 → down at 780.
+    # Last beat 600; missed after 1.5 periods (645); the next liveness round (660) takes both
+    # failed probes, 5 s apart, as the live LivenessProbe does → down at 665.
     s = score(Prepared(h), DEFAULT, SETTINGS)
     downs = [d for d in s.decisions if d.kind == "down"]
-    assert [(d.at, d.false_positive) for d in downs] == [(780.0, False)]
+    assert [(d.at, d.false_positive) for d in downs] == [(665.0, False)]
     assert (s.detected, s.misses, s.false_positives) == (2, 0, 0)
-    assert s.mttr == pytest.approx(180.0)  # the machine and its task, both at 780
+    assert s.mttr == pytest.approx(65.0)  # the machine and its task, both at 665
     one = score(Prepared(h), policy(liveness_confirmations=1), SETTINGS)
-    assert one.mttr == pytest.approx(120.0)
+    assert one.mttr == pytest.approx(60.0)
 
 
 def test_a_network_blip_kills_a_live_machine_only_under_a_single_confirmation():
     task = TaskRun(
         "t1", "m1", "%0", 0.0, tuple(float(t) for t in range(60, 3500, 60)), 3600.0, "success"
     )
-    h = one_machine([task], gap=(1000.0, 1110.0), unreachable=((1000.0, 1110.0),))
+    # Missed after 1045; the round at 1080 fails once, and the machine answers before the
+    # second probe (1085): alive under two confirmations, down under one.
+    h = one_machine([task], gap=(1000.0, 1082.0), unreachable=((1000.0, 1082.0),))
     assert score(Prepared(h), DEFAULT, SETTINGS).false_positives == 0
     s = score(Prepared(h), policy(liveness_confirmations=1), SETTINGS)
     # The machine declared down and its healthy task requeued: two false positives.
