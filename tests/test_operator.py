@@ -100,3 +100,19 @@ async def test_cohort_and_task_runs_are_named_for_what_they_are(env, tmp_path): 
     names = {t.name for t in tasks}
     stages = ("dispatch", "parse", "adversarial-review", "evolve", "ship", "learn")
     assert {f"{stage}-{row.app}" for stage in stages} <= names, names
+
+
+@pytest.mark.parametrize("flow_name", ["fleet_cohort", "evolve_app"])
+async def test_a_missing_fleet_file_is_refused_in_one_line_without_a_traceback(env, flow_name):  # noqa: F811
+    import flows.app_evolution
+    import flows.cohort
+
+    flow = getattr(flows.cohort, flow_name, None) or getattr(flows.app_evolution, flow_name)
+    params = {"app_id": "demo-calc"} if flow_name == "evolve_app" else {}
+    with flow_run_logs() as records:
+        state = await flow(fleet_file="/nonexistent.yaml", return_state=True, **params)
+    assert state.is_failed()
+    assert state.message.startswith("fleet_file: /nonexistent.yaml does not exist — ")
+    [line] = [r for r in records if r.getMessage() == state.message]
+    assert line.levelno == logging.ERROR  # what `prefect deployment run --watch` streams
+    assert not any(r.exc_info for r in records)
