@@ -13,6 +13,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.states import Failed, State
 
 from fleet.claim import AppRun, NotClaimed, take
+from fleet.demo import restore_demo_repo
 from fleet.errors import ConfigError, FleetError, InvalidAppId, StaleLease
 from fleet.models import Stage, Task, validate_app_id
 from fleet.report import AppRow, app_row, markdown_summary
@@ -69,6 +70,8 @@ async def evolve_one(
         on_taken(app_id)
     if isinstance(run, NotClaimed):
         return await skipped(comp, app_id, run.note)
+    if fresh:
+        await renew_demo_repo(run)
     async with holding(run) as outcome:
         stage = await current_stage(run)
         if stage.before(Stage.SKILL_COMPLETE):
@@ -183,6 +186,16 @@ def this_run_id(default: str = "local") -> str:
 async def skipped(comp: Components, app_id: str, note: str) -> AppRow:
     get_run_logger().info("%s: %s; skipped", app_id, note)
     return await asyncio.to_thread(app_row, comp.store, app_id, note)
+
+
+async def renew_demo_repo(run: AppRun) -> None:
+    """A demo app started over begins on its original repo: its last run fixed it, and the
+    demo agent would find too few tasks there. Other fleets' repos are never touched."""
+    repo = run.app.repo
+    if repo is None or (await run.astate()).stage is not Stage.QUEUED:
+        return
+    if await asyncio.to_thread(restore_demo_repo, repo):
+        get_run_logger().info("%s: demo repo laid out again from its template", run.app_id)
 
 
 async def current_stage(run: AppRun) -> Stage:

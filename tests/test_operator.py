@@ -171,3 +171,13 @@ def test_the_demo_logs_to_the_ui_at_info_and_keeps_the_terminal_quiet(tmp_path):
     assert name.endswith("-size1")
     assert any(line.startswith("cohort of 1: starting") for line in info), info
     assert any("finished: complete (1 done, 0 failed of 1)" in line for line in info), info
+
+
+async def test_fresh_on_the_demo_runs_an_app_again_on_its_original_repo(env, tmp_path):  # noqa: F811
+    from flows.app_evolution import evolve_app
+
+    path = demo_fleet(tmp_path)
+    first = await evolve_app("demo-weather", fleet_file=str(path), return_state=True)
+    assert first.is_completed()
+    again = await evolve_app("demo-weather", fleet_file=str(path), fresh=True, return_state=True)
+    assert again.is_completed(), again.message  # not insufficient_tasks on the fixed repo
