@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fleet.errors import FleetError
+from fleet.report import STAGE_STYLE, result_table
 from fleet.settings import get_settings
 
 app = typer.Typer(
@@ -33,12 +34,15 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 
 def _prepare_prefect(verbose: bool) -> None:
-    """Quiet, isolated Prefect for a terminal run; must happen before Prefect is imported."""
+    """Quiet, isolated Prefect for a terminal run; must happen before Prefect is imported.
+
+    Only the console handler is quieted: the runs' loggers stay at INFO, so the UI shows
+    every run's log while the terminal shows warnings and errors (all of it with -v)."""
     from deployments.server_settings import apply_server_settings
 
     apply_server_settings()
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 def _check_prefect_api() -> None:
@@ -71,9 +75,6 @@ def _check_prefect_api() -> None:
             "or run `uv run prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
     )
-
-
-STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
 
 
 def _progress_table(store, app_ids: list[str], started: float | None = None) -> Table:
@@ -135,19 +136,6 @@ class _NoStore:
         return []
 
 
-def _result_table(rows) -> Table:
-    from fleet.report import COLUMNS
-
-    table = Table(title="fleet cohort — result")
-    for col in COLUMNS:
-        table.add_column(col)
-    for row in rows:
-        cells = row.cells()
-        cells[1] = f"[{STAGE_STYLE.get(row.stage, 'yellow')}]{cells[1]}[/]"
-        table.add_row(*cells)
-    return table
-
-
 def _run_cohort(
     fleet_file: Path, size: int | None, fresh: bool, retry_failed: bool, verbose: bool
 ) -> None:
@@ -155,7 +143,7 @@ def _run_cohort(
     from prefect.exceptions import FailedRun
 
     from fleet.wiring import components
-    from flows.cohort import fleet_cohort
+    from flows.cohort import cohort_rows, fleet_cohort
 
     settings = get_settings()
     try:
@@ -171,6 +159,17 @@ def _run_cohort(
     except KeyboardInterrupt:
         err.print("interrupted before any app started: nothing was run")
         raise typer.Exit(130) from None
+
+    async def cohort():  # Completed or Failed, the run's rows
+        state = await fleet_cohort(
+            size=size,
+            fleet_file=str(fleet_file),
+            fresh=fresh,
+            retry_failed=retry_failed,
+            return_state=True,
+        )
+        return await cohort_rows(state)
+
     stop = threading.Event()
     failure: FailedRun | None = None
     view = _LiveTable(comp.store, comp.fleet.app_ids, time.monotonic())
@@ -183,11 +182,7 @@ def _run_cohort(
         watcher = threading.Thread(target=refresh, daemon=True)
         watcher.start()
         try:
-            rows = asyncio.run(
-                fleet_cohort(
-                    size=size, fleet_file=str(fleet_file), fresh=fresh, retry_failed=retry_failed
-                )
-            )
+            rows = asyncio.run(cohort())
         except KeyboardInterrupt:
             rows = None
         except FailedRun as exc:  # ended cleanly as failed (a store outage past its budget)
@@ -202,7 +197,7 @@ def _run_cohort(
             "interrupted: apps in flight keep their persisted stage and resume on the next run"
         )
         raise typer.Exit(130)
-    console.print(_result_table(rows))
+    console.print(result_table(rows))
     for row in rows:
         for note in row.notes:
             console.print(f"[dim]{row.app}:[/] {note}")
@@ -214,7 +209,9 @@ def _run_cohort(
 
 @app.command()
 def demo(
-    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    size: int | None = typer.Option(
+        None, min=1, help="cohort size, at least 1 (default: progressive 10 → 20 → 40)"
+    ),
     fresh: bool = typer.Option(
         False, "--fresh", help="recreate the demo repos and rerun every app"
     ),
@@ -251,7 +248,9 @@ def run(
     fleet: Path | None = typer.Option(
         None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"
     ),
-    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    size: int | None = typer.Option(
+        None, min=1, help="cohort size, at least 1 (default: progressive 10 → 20 → 40)"
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="rerun apps that are already complete"),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="rerun apps that failed earlier"

@@ -8,7 +8,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
-from typing import TypeVar, cast
+from pathlib import Path
+from typing import Annotated, TypeVar, cast
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -20,23 +21,26 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import arun_deployment
-from prefect.states import Failed
+from prefect.runtime import flow_run as this_run
+from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
 from fleet.clock import SystemClock
+from fleet.errors import ConfigError, FleetError
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.ledger import budget_left, cost_summary, with_costs
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
-from fleet.report import AppRow, app_row
+from fleet.report import AppRow, app_row, failure_message, progress_line
+from fleet.runview import app_run_tags, cohort_run_name, fleet_file_problem
 from fleet.settings import get_settings
 from fleet.store.leadership import PlannerLease
 from fleet.store.outage import StoreOutage, StoreUnreachable, outage_tolerant
 from fleet.wiring import Components
-from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
+from flows.app_evolution import FleetRunFailed, evolve_one, refused, this_run_id
 from flows.config import flow_components
 
 T = TypeVar("T")
@@ -111,34 +115,53 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     )
 
 
-@flow(name="fleet-cohort", persist_result=False)
+def _run_name() -> str:
+    return cohort_run_name(this_run.parameters.get("size"), this_run.scheduled_start_time)
+
+
+@flow(name="fleet-cohort", flow_run_name=_run_name, persist_result=False)
 async def fleet_cohort(
-    size: int | None = None,
+    size: Annotated[int | None, Field(ge=1)] = None,
     fleet_file: str | None = None,
     fresh: bool = False,
     retry_failed: bool = False,
     fan_out: bool = False,
-) -> list[AppRow]:
+) -> list[AppRow] | State:
     """Run the next cohort of the fleet; returns one row per cohort app.
 
     In process (the embedded default, `fleet run`) every app runs as a subflow on this
     event loop. With `fan_out` each app is submitted to the app-evolution deployment, so
     the workers polling its pool share the cohort.
+
+    Args:
+        size: Apps in this cohort, at least 1; empty for the progressive 10 → 20 → 40.
+        fleet_file: The fleet file, relative to the checkout; empty for FLEET_FLEET_FILE or
+            the Fleet Config block's.
+        fresh: Run every cohort app again from the start, complete or failed (the demo's
+            repos are re-created from their templates).
+        retry_failed: Run the apps that failed earlier again.
+        fan_out: Submit each app to the app-evolution deployment, so every worker of the
+            pool shares the cohort; off, the apps run in this flow run's process.
     """
     try:
         return await plan_and_run(size, fleet_file, fresh, retry_failed, fan_out)
     except StoreOutage as exc:
         # Past the outage budget: a Failed run with one line, no traceback; nothing is lost
         # (stages stay where they were, claims run out by themselves), the next run resumes.
-        return cast(list[AppRow], Failed(message=str(exc)))
+        return Failed(message=str(exc))
 
 
 async def plan_and_run(
     size: int | None, fleet_file: str | None, fresh: bool, retry_failed: bool, fan_out: bool
-) -> list[AppRow]:
+) -> list[AppRow] | State:
     """The cohort run's body (see `fleet_cohort`); a store outage past its budget escapes it."""
     logger = get_run_logger()
-    comp = await cohort_components(fleet_file)
+    if problem := fleet_file_problem(fleet_file, Path.cwd()):
+        return await refused(problem)
+    try:
+        comp = await cohort_components(fleet_file)
+    except ConfigError as exc:
+        return await refused(str(exc))
     run_id = this_run_id("local-cohort")
     start = on_workers if fan_out else in_process
     # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.
@@ -198,7 +221,30 @@ async def plan_and_run(
         + cost_summary(costs),
     )
     await report_breakers(logger)
+    if progress.failed:
+        # A returned Failed state, not an exception: the run is red with this one line as its
+        # message, and no traceback for apps that failed for reasons of their own.
+        message = failure_message(progress.failed, progress.total)
+        return Failed(message=message, data=CohortFailed(message, rows))
     return rows
+
+
+class CohortFailed(FleetError):
+    """A cohort run in which apps failed; carries every row (calling the flow raises it)."""
+
+    def __init__(self, message: str, rows: list[AppRow]):
+        super().__init__(message)
+        self.rows = rows
+
+
+async def cohort_rows(state: State) -> list[AppRow]:
+    """The rows of a finished cohort run, Completed or Failed."""
+    result = await state.aresult(raise_on_failure=False)
+    if isinstance(result, CohortFailed):
+        return result.rows
+    if isinstance(result, BaseException):
+        raise result
+    return cast(list[AppRow], result)
 
 
 # The planner lease -------------------------------------------------------------------------
@@ -304,20 +350,41 @@ def _stage(comp: Components, app_id: str) -> Stage:
 
 
 class Progress:
-    """The cohort's progress artifact and log line, one tick per finished app."""
+    """The cohort's progress artifact and log line, one tick per finished app: the done and
+    the failed counted apart, each failure logged at WARNING with its reason."""
 
     def __init__(self, comp: Components, total: int, artifact_id):
-        self.comp, self.total, self.artifact_id, self.done = comp, total, artifact_id, 0
+        self.comp, self.total, self.artifact_id = comp, total, artifact_id
+        self.done: list[str] = []
+        self.failed: dict[str, str] = {}
 
-    async def tick(self, app_id: str) -> None:
-        self.done += 1
-        stage = await stored(self.comp, _stage, self.comp, app_id)
-        get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
-        await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+    async def tick(self, app_id: str, row: AppRow | None = None, ended: str | None = None) -> None:
+        """`row` is the app's result when this process ran it; `ended` says how its own flow
+        run ended when that was not Completed."""
+        if row is None:
+            row = await stored(self.comp, app_row, self.comp.store, app_id)
+        logger = get_run_logger()
+        if row.stage == Stage.FAILED.value or row.error or ended:
+            reason = row.error or ended or f"ended at stage {row.stage}"
+            self.failed[app_id] = reason
+            logger.warning("%s failed: %s (%s)", app_id, reason, self.counts())
+        else:
+            self.done.append(app_id)
+            logger.info("%s finished: %s (%s)", app_id, row.stage, self.counts())
+        await aupdate_progress_artifact(
+            self.artifact_id,
+            progress=100.0 * (len(self.done) + len(self.failed)) / self.total,
+            description=self.counts(),
+        )
+
+    def counts(self) -> str:
+        return progress_line(len(self.done), len(self.failed), self.total)
 
     async def close(self) -> None:
         if not self.total:
-            await aupdate_progress_artifact(self.artifact_id, progress=100.0)
+            await aupdate_progress_artifact(
+                self.artifact_id, progress=100.0, description=self.counts()
+            )
 
 
 async def in_process(
@@ -334,27 +401,25 @@ async def in_process(
     A waiting app costs a coroutine; no flow run per app is created, which keeps the
     Prefect API calls per app to its task runs and its summary artifact.
     """
-    logger = get_run_logger()
     run_id = this_run_id("local-cohort")
 
-    async def one(app_id: str) -> tuple[str, AppRow | None]:
+    async def one(app_id: str) -> tuple[str, AppRow | None, str | None]:
         try:
             reset = await stored(comp, reset_requested, comp, app_id, fresh, retry_failed)
-            return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one)
+            return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one), None
         except FleetRunFailed as failed:  # recorded as failed; the row says why
-            return app_id, failed.row
+            return app_id, failed.row, None
         except Exception as exc:  # the app's bookkeeping itself broke: its row comes from the store
-            logger.error("%s: app run ended with %s: %s", app_id, type(exc).__name__, exc)
-            return app_id, None
+            return app_id, None, f"app run ended with {type(exc).__name__}: {exc}"
         finally:
             taken.one(app_id)  # a run that broke before its claim step is over with it too
 
     rows: dict[str, AppRow] = {}
     for finished in asyncio.as_completed([one(a) for a in plan.start]):
-        app_id, row = await finished
+        app_id, row, broke = await finished
         if row is not None:
             rows[app_id] = row
-        await progress.tick(app_id)
+        await progress.tick(app_id, row, ended=broke)
     return rows
 
 
@@ -381,6 +446,7 @@ async def on_workers(
             comp.settings.app_deployment,
             timeout=0,
             as_subflow=True,
+            tags=app_run_tags(app_id, this_run.name),
             parameters={
                 "app_id": app_id,
                 "fleet_file": fleet_file,
@@ -399,11 +465,12 @@ async def on_workers(
             for flow_run in runs:
                 if flow_run.state is not None and flow_run.state.is_final():
                     app_id = pending.pop(flow_run.id)
+                    ended = None
                     if not flow_run.state.is_completed():
-                        logger.error(
-                            "%s: app run %s ended %s", app_id, flow_run.name, flow_run.state.name
-                        )
-                    await progress.tick(app_id)
+                        ended = f"app run {flow_run.name} ended {flow_run.state.name}"
+                        if flow_run.state.message:
+                            ended += f": {flow_run.state.message}"
+                    await progress.tick(app_id, ended=ended)
     return {}
 
 
