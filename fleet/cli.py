@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fleet.errors import FleetError
+from fleet.report import STAGE_STYLE, result_table
 from fleet.settings import get_settings
 
 app = typer.Typer(
@@ -73,9 +74,6 @@ def _check_prefect_api() -> None:
     )
 
 
-STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
-
-
 def _progress_table(store, app_ids: list[str], started: float | None = None) -> Table:
     table = Table(title="fleet cohort — live", expand=False)
     if started is not None:
@@ -96,19 +94,6 @@ def _progress_table(store, app_ids: list[str], started: float | None = None) -> 
             str(len(store.list_tasks(app_id, "adversarial"))),
             (state.error or "")[:60] if state else "",
         )
-    return table
-
-
-def _result_table(rows) -> Table:
-    from fleet.report import COLUMNS
-
-    table = Table(title="fleet cohort — result")
-    for col in COLUMNS:
-        table.add_column(col)
-    for row in rows:
-        cells = row.cells()
-        cells[1] = f"[{STAGE_STYLE.get(row.stage, 'yellow')}]{cells[1]}[/]"
-        table.add_row(*cells)
     return table
 
 
@@ -164,7 +149,7 @@ def _run_cohort(
             "interrupted: apps in flight keep their persisted stage and resume on the next run"
         )
         raise typer.Exit(130)
-    console.print(_result_table(rows))
+    console.print(result_table(rows))
     for row in rows:
         for note in row.notes:
             console.print(f"[dim]{row.app}:[/] {note}")

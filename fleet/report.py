@@ -1,8 +1,12 @@
-"""What an operator sees per app: one row of the cohort table and a short markdown summary."""
+"""What an operator sees per app: one row of the cohort table, the table, a markdown summary."""
 
 from __future__ import annotations
 
+import textwrap
+
 from pydantic import BaseModel
+from rich import box
+from rich.table import Table
 
 from fleet.models import Stage
 from fleet.store.base import Store
@@ -84,3 +88,25 @@ def markdown_summary(row: AppRow) -> str:
     if row.notes:
         lines += ["", "**Notes:**", *[f"- {n}" for n in row.notes]]
     return "\n".join(lines)
+
+
+ID_WIDTH = 26
+STAGE_STYLE = {"complete": "green", "failed": "red", "queued": "dim"}
+
+
+def result_table(rows: list[AppRow]) -> Table:
+    """The cohort's result as the terminal shows it. App ids stay whole at any width (80
+    columns, or a file, where rich assumes 80): the other columns wrap their words instead,
+    and an id wider than the screen folds onto a second line rather than losing its end."""
+    table = Table(title="fleet cohort — result", box=box.SIMPLE_HEAD, pad_edge=False)
+    # no_wrap keeps rich from narrowing (and cutting) the id column first; an id longer than
+    # ID_WIDTH is broken onto more lines here, whole, rather than squeezing the other columns.
+    table.add_column(COLUMNS[0], no_wrap=True)
+    for col in COLUMNS[1:]:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        cells = row.cells()
+        cells[0] = "\n".join(textwrap.wrap(cells[0], ID_WIDTH, break_on_hyphens=False))
+        cells[1] = f"[{STAGE_STYLE.get(row.stage, 'yellow')}]{cells[1]}[/]"
+        table.add_row(*cells)
+    return table
