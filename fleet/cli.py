@@ -102,7 +102,7 @@ def _run_cohort(
 ) -> None:
     _prepare_prefect(verbose)
     from fleet.wiring import components
-    from flows.cohort import fleet_cohort
+    from flows.cohort import cohort_rows, fleet_cohort
 
     settings = get_settings()
     try:
@@ -118,6 +118,17 @@ def _run_cohort(
     except KeyboardInterrupt:
         err.print("interrupted before any app started: nothing was run")
         raise typer.Exit(130) from None
+
+    async def cohort():  # Completed or Failed, the run's rows
+        state = await fleet_cohort(
+            size=size,
+            fleet_file=str(fleet_file),
+            fresh=fresh,
+            retry_failed=retry_failed,
+            return_state=True,
+        )
+        return await cohort_rows(state)
+
     stop = threading.Event()
     started = time.monotonic()
     with Live(
@@ -134,11 +145,7 @@ def _run_cohort(
         watcher = threading.Thread(target=refresh, daemon=True)
         watcher.start()
         try:
-            rows = asyncio.run(
-                fleet_cohort(
-                    size=size, fleet_file=str(fleet_file), fresh=fresh, retry_failed=retry_failed
-                )
-            )
+            rows = asyncio.run(cohort())
         except KeyboardInterrupt:
             rows = None
         finally:

@@ -110,3 +110,19 @@ def result_table(rows: list[AppRow]) -> Table:
         cells[1] = f"[{STAGE_STYLE.get(row.stage, 'yellow')}]{cells[1]}[/]"
         table.add_row(*cells)
     return table
+
+
+def progress_line(done: int, failed: int, total: int) -> str:
+    """The cohort's progress in words: finished apps, the done and the failed apart."""
+    return f"{done} done, {failed} failed of {total}"
+
+
+def failure_message(failed: dict[str, str], started: int) -> str:
+    """One line for a failed cohort run's state message: how many apps failed, and why."""
+    reasons = "; ".join(f"{app}: {_first_line(reason)}" for app, reason in failed.items())
+    return f"{len(failed)} of {started} apps failed — {reasons}"
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"

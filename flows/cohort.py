@@ -19,15 +19,17 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import arun_deployment
+from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
 
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
+from fleet.errors import FleetError
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
-from fleet.report import AppRow, app_row
+from fleet.report import AppRow, app_row, failure_message, progress_line
 from fleet.store.leadership import PlannerLease
 from fleet.wiring import Components
 from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
@@ -101,7 +103,7 @@ async def fleet_cohort(
     fresh: bool = False,
     retry_failed: bool = False,
     fan_out: bool = False,
-) -> list[AppRow]:
+) -> list[AppRow] | State:
     """Run the next cohort of the fleet; returns one row per cohort app.
 
     In process (the embedded default, `fleet run`) every app runs as a subflow on this
@@ -162,7 +164,30 @@ async def fleet_cohort(
         description=f"Cohort of {len(plan.cohort)} (started {len(plan.start)})",
     )
     await report_breakers(logger)
+    if progress.failed:
+        # A returned Failed state, not an exception: the run is red with this one line as its
+        # message, and no traceback for apps that failed for reasons of their own.
+        message = failure_message(progress.failed, progress.total)
+        return Failed(message=message, data=CohortFailed(message, rows))
     return rows
+
+
+class CohortFailed(FleetError):
+    """A cohort run in which apps failed; carries every row (calling the flow raises it)."""
+
+    def __init__(self, message: str, rows: list[AppRow]):
+        super().__init__(message)
+        self.rows = rows
+
+
+async def cohort_rows(state: State) -> list[AppRow]:
+    """The rows of a finished cohort run, Completed or Failed."""
+    result = await state.aresult(raise_on_failure=False)
+    if isinstance(result, CohortFailed):
+        return result.rows
+    if isinstance(result, BaseException):
+        raise result
+    return cast(list[AppRow], result)
 
 
 # The planner lease -------------------------------------------------------------------------
@@ -243,20 +268,41 @@ def _stage(comp: Components, app_id: str) -> Stage:
 
 
 class Progress:
-    """The cohort's progress artifact and log line, one tick per finished app."""
+    """The cohort's progress artifact and log line, one tick per finished app: the done and
+    the failed counted apart, each failure logged at WARNING with its reason."""
 
     def __init__(self, comp: Components, total: int, artifact_id):
-        self.comp, self.total, self.artifact_id, self.done = comp, total, artifact_id, 0
+        self.comp, self.total, self.artifact_id = comp, total, artifact_id
+        self.done: list[str] = []
+        self.failed: dict[str, str] = {}
 
-    async def tick(self, app_id: str) -> None:
-        self.done += 1
-        stage = await asyncio.to_thread(_stage, self.comp, app_id)
-        get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
-        await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+    async def tick(self, app_id: str, row: AppRow | None = None, ended: str | None = None) -> None:
+        """`row` is the app's result when this process ran it; `ended` says how its own flow
+        run ended when that was not Completed."""
+        if row is None:
+            row = await asyncio.to_thread(app_row, self.comp.store, app_id)
+        logger = get_run_logger()
+        if row.stage == Stage.FAILED.value or row.error or ended:
+            reason = row.error or ended or f"ended at stage {row.stage}"
+            self.failed[app_id] = reason
+            logger.warning("%s failed: %s (%s)", app_id, reason, self.counts())
+        else:
+            self.done.append(app_id)
+            logger.info("%s finished: %s (%s)", app_id, row.stage, self.counts())
+        await aupdate_progress_artifact(
+            self.artifact_id,
+            progress=100.0 * (len(self.done) + len(self.failed)) / self.total,
+            description=self.counts(),
+        )
+
+    def counts(self) -> str:
+        return progress_line(len(self.done), len(self.failed), self.total)
 
     async def close(self) -> None:
         if not self.total:
-            await aupdate_progress_artifact(self.artifact_id, progress=100.0)
+            await aupdate_progress_artifact(
+                self.artifact_id, progress=100.0, description=self.counts()
+            )
 
 
 async def in_process(
@@ -273,27 +319,25 @@ async def in_process(
     A waiting app costs a coroutine; no flow run per app is created, which keeps the
     Prefect API calls per app to its task runs and its summary artifact.
     """
-    logger = get_run_logger()
     run_id = this_run_id("local-cohort")
 
-    async def one(app_id: str) -> tuple[str, AppRow | None]:
+    async def one(app_id: str) -> tuple[str, AppRow | None, str | None]:
         try:
             reset = reset_requested(comp, app_id, fresh, retry_failed)
-            return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one)
+            return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one), None
         except FleetRunFailed as failed:  # recorded as failed; the row says why
-            return app_id, failed.row
+            return app_id, failed.row, None
         except Exception as exc:  # the app's bookkeeping itself broke: its row comes from the store
-            logger.error("%s: app run ended with %s: %s", app_id, type(exc).__name__, exc)
-            return app_id, None
+            return app_id, None, f"app run ended with {type(exc).__name__}: {exc}"
         finally:
             taken.one(app_id)  # a run that broke before its claim step is over with it too
 
     rows: dict[str, AppRow] = {}
     for finished in asyncio.as_completed([one(a) for a in plan.start]):
-        app_id, row = await finished
+        app_id, row, broke = await finished
         if row is not None:
             rows[app_id] = row
-        await progress.tick(app_id)
+        await progress.tick(app_id, row, ended=broke)
     return rows
 
 
@@ -338,11 +382,12 @@ async def on_workers(
             for flow_run in runs:
                 if flow_run.state is not None and flow_run.state.is_final():
                     app_id = pending.pop(flow_run.id)
+                    ended = None
                     if not flow_run.state.is_completed():
-                        logger.error(
-                            "%s: app run %s ended %s", app_id, flow_run.name, flow_run.state.name
-                        )
-                    await progress.tick(app_id)
+                        ended = f"app run {flow_run.name} ended {flow_run.state.name}"
+                        if flow_run.state.message:
+                            ended += f": {flow_run.state.message}"
+                    await progress.tick(app_id, ended=ended)
     return {}
 
 

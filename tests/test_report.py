@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from fleet.report import AppRow, result_table
+from fleet.report import AppRow, failure_message, progress_line, result_table
 
 IDS = ("demo-notes", "demo-weather", "com.example.notes-ios")
 
@@ -59,3 +59,16 @@ def test_an_id_too_long_for_the_screen_folds_instead_of_losing_its_end():
     body = lines[next(i for i, line in enumerate(lines) if "───" in line) + 1 :]
     assert "".join(line.split()[0] for line in body if line.strip()) == long_id
     assert "…" not in text
+
+
+def test_progress_counts_done_and_failed_apart():
+    assert progress_line(2, 1, 3) == "2 done, 1 failed of 3"
+
+
+def test_a_failed_cohort_says_which_apps_failed_and_why_in_one_line():
+    message = failure_message(
+        {"demo-calc": "review: model quota exhausted\nTraceback …", "demo-notes": "x" * 500},
+        started=3,
+    )
+    assert message.startswith("2 of 3 apps failed — demo-calc: review: model quota exhausted; ")
+    assert "\n" not in message and "Traceback" not in message and len(message) < 300

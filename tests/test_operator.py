@@ -1,0 +1,81 @@
+"""What an operator reads in Prefect: a cohort with failed apps is Failed, counts done and
+failed apart, and says why (session-wide Prefect harness, the demo fleet in a temp dir)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import PY, demo_fleet, script
+from tests.test_flows import AGENT, env  # noqa: F401  (the per-test store and home)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def review_failing_for(tmp_path, app_id: str) -> list[str]:
+    """The demo agent's review, except for `app_id`, whose review fails with a reason."""
+    return script(
+        tmp_path,
+        "review_but",
+        "import os, sys\n"
+        f"if sys.argv[1].endswith({app_id!r}):\n"
+        "    sys.stderr.write('model quota exhausted'); sys.exit(4)\n"
+        f"os.execv({PY!r}, [{PY!r}, {AGENT!r}, 'review', *sys.argv[1:]])\n",
+    )
+
+
+@contextlib.contextmanager
+def flow_run_logs() -> Iterator[list[logging.LogRecord]]:
+    """The records of Prefect's run loggers (caplog's root handler does not see them)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_cohort_with_a_failed_app_ends_failed_and_says_why(env, tmp_path):  # noqa: F811
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.cohort import CohortFailed, cohort_rows, fleet_cohort
+
+    path = demo_fleet(
+        tmp_path, review=[*review_failing_for(tmp_path, "demo-calc"), "{repo}", "{prompt}"]
+    )
+    with flow_run_logs() as records:
+        state = await fleet_cohort(fleet_file=str(path), return_state=True)
+
+    assert state.is_failed(), state
+    assert state.message.startswith("1 of 3 apps failed — demo-calc: ")
+    assert "model quota exhausted" in state.message and "Traceback" not in state.message
+    with pytest.raises(CohortFailed):
+        await state.aresult()
+    assert {r.app: r.stage for r in await cohort_rows(state)} == {
+        "demo-calc": "failed",
+        "demo-notes": "complete",
+        "demo-weather": "complete",
+    }
+    [warning] = [
+        r.getMessage()
+        for r in records
+        if r.levelno >= logging.WARNING
+        and r.getMessage().startswith("demo-calc failed: ")
+        and r.getMessage().endswith("1 failed of 3)")  # the cohort's count, not the app's line
+    ]
+    assert "model quota exhausted" in warning
+    async with get_client() as client:
+        [progress] = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["fleet-cohort-progress"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert progress.data == 100.0 and progress.description == "2 done, 1 failed of 3"
