@@ -10,7 +10,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -146,33 +146,45 @@ class Page:
     screenshot: Path
 
 
-def render(chromium: str, url: str, screenshot: Path, size: tuple[int, int] = (1400, 900)) -> Page:
+def render(
+    chromium: str,
+    url: str,
+    screenshot: Path,
+    until: Sequence[str] = (),
+    attempts: int = 3,
+    size: tuple[int, int] = (1400, 900),
+) -> Page:
     """Load `url` in headless Chromium, let the JS app fetch and draw (virtual time), and keep
-    both the DOM's text and a screenshot."""
-    result = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",  # CI runs as root
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            f"--window-size={size[0]},{size[1]}",
-            "--virtual-time-budget=15000",
-            f"--screenshot={screenshot}",
-            "--dump-dom",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0 or not screenshot.exists():
-        raise AssertionError(
-            f"chromium failed on {url} ({result.returncode}): {result.stderr[-2000:]}"
+    both the DOM's text and a screenshot; loaded again (up to `attempts`) while some text of
+    `until` is missing — on a busy machine a list may not be drawn within the budget."""
+    for _ in range(attempts):
+        result = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",  # CI runs as root
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--hide-scrollbars",
+                f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=15000",
+                f"--screenshot={screenshot}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
         )
-    return Page(url, visible_text(result.stdout), screenshot)
+        if result.returncode != 0 or not screenshot.exists():
+            raise AssertionError(
+                f"chromium failed on {url} ({result.returncode}): {result.stderr[-2000:]}"
+            )
+        page = Page(url, visible_text(result.stdout), screenshot)
+        if all(text in page.text for text in until):
+            break
+    return page
 
 
 def visible_text(dom: str) -> str:

@@ -25,8 +25,10 @@ from tests.ui.harness import ROOT, Api, Page, PrefectServer, eventually, png_siz
 OK, BROKEN = "demo-calc", "demo-notes"
 REASON = f"skill agent crashed on {BROKEN}"
 SIZE = 2
-# Unlike the session's other tests, a second `fleet` process and a browser: room for a busy CI.
+# Generous: on a 2-core machine shared with other work the cohort alone took 60–150 s.
 DRIVER_TIMEOUT = 240
+# A server start, a cohort and three pages in a browser, timed against the first test.
+pytestmark = pytest.mark.timeout(600)
 
 
 @dataclass
@@ -109,12 +111,12 @@ def seen(
 
     started = time.monotonic()
     ui = prefect_server.url
-    for page, url in {
-        "cohort": f"{ui}/runs/flow-run/{cohort['id']}",
-        "app": f"{ui}/runs/flow-run/{apps[BROKEN]['id']}",
-        "automations": f"{ui}/automations",
-    }.items():
-        result.pages[page] = render(chromium, url, tmp / f"{page}.png")
+    for page, url, until in [
+        ("cohort", f"{ui}/runs/flow-run/{cohort['id']}", [cohort["name"], BROKEN]),
+        ("app", f"{ui}/runs/flow-run/{apps[BROKEN]['id']}", [REASON]),
+        ("automations", f"{ui}/automations", ALERT_NAMES),
+    ]:
+        result.pages[page] = render(chromium, url, tmp / f"{page}.png", until)
     seconds["browser"] = time.monotonic() - started
     result.seconds = seconds
     yield result
