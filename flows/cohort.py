@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import arun_deployment
+from prefect.runtime import flow_run as this_run
 from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row, failure_message, progress_line
+from fleet.runview import app_run_tags, cohort_run_name
 from fleet.store.leadership import PlannerLease
 from fleet.wiring import Components
 from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
@@ -96,7 +98,11 @@ def discover(comp: Components, size: int | None, fresh: bool, retry_failed: bool
     return CohortPlan(cohort=cohort, start=start, skipped=skipped, max_concurrent=limit)
 
 
-@flow(name="fleet-cohort", persist_result=False)
+def _run_name() -> str:
+    return cohort_run_name(this_run.parameters.get("size"), this_run.scheduled_start_time)
+
+
+@flow(name="fleet-cohort", flow_run_name=_run_name, persist_result=False)
 async def fleet_cohort(
     size: int | None = None,
     fleet_file: str | None = None,
@@ -364,6 +370,7 @@ async def on_workers(
             comp.settings.app_deployment,
             timeout=0,
             as_subflow=True,
+            tags=app_run_tags(app_id, this_run.name),
             parameters={
                 "app_id": app_id,
                 "fleet_file": fleet_file,

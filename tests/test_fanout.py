@@ -125,6 +125,10 @@ async def test_fanned_out_cohort_is_split_between_two_workers_and_runs_each_app_
     apps = sorted(r.parameters["app_id"] for r in runs)
     assert apps == ["demo-calc", "demo-notes", "demo-weather"]  # one run per app, none twice
     assert all(r.state.is_completed() for r in runs)
+    # Findable: the fleet's tag, the app's, and the cohort run that sent it (one for all three).
+    assert all({"fleet", f"app:{r.parameters['app_id']}"} <= set(r.tags) for r in runs)
+    [cohort_tag] = {t for r in runs for t in r.tags if t.startswith("cohort:")}
+    assert re.fullmatch(r"cohort:cohort-\S+T\d\d:\d\d-progressive", cohort_tag), cohort_tag
     ran = {log.name: ran_by(log) for log in logs}
     assert set.union(*ran.values()) == {str(r.id) for r in runs}
     assert not set.intersection(*ran.values())  # no run was picked up by both

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +80,23 @@ async def test_a_cohort_with_a_failed_app_ends_failed_and_says_why(env, tmp_path
             limit=1,
         )
     assert progress.data == 100.0 and progress.description == "2 done, 1 failed of 3"
+
+
+async def test_cohort_and_task_runs_are_named_for_what_they_are(env, tmp_path):  # noqa: F811
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.cohort import cohort_rows, fleet_cohort
+
+    state = await fleet_cohort(fleet_file=str(demo_fleet(tmp_path)), size=1, return_state=True)
+    [row] = await cohort_rows(state)
+    run_id = state.state_details.flow_run_id
+    async with get_client() as client:
+        cohort = await client.read_flow_run(run_id)
+        tasks = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    assert re.fullmatch(r"cohort-\d{4}-\d\d-\d\dT\d\d:\d\d-size1", cohort.name), cohort.name
+    names = {t.name for t in tasks}
+    stages = ("dispatch", "parse", "adversarial-review", "evolve", "ship", "learn")
+    assert {f"{stage}-{row.app}" for stage in stages} <= names, names
