@@ -168,6 +168,8 @@ def render(
                 "--hide-scrollbars",
                 f"--window-size={size[0]},{size[1]}",
                 "--virtual-time-budget=15000",
+                # Frames drawn under virtual time too: without it lists (Automations) stay empty.
+                "--run-all-compositor-stages-before-draw",
                 f"--screenshot={screenshot}",
                 "--dump-dom",
                 url,
@@ -191,6 +193,14 @@ def visible_text(dom: str) -> str:
     """The words a reader sees: tags, scripts and styles dropped, whitespace collapsed."""
     dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def run_header(text: str, name: str) -> tuple[list[str], str]:
+    """A flow run page's header: the tags shown after the run's name, and its state badge
+    (the word before the start date: "Runs <name> <tags…> <State> 2026/11/30 …")."""
+    found = re.search(rf"Runs {re.escape(name)} ((?:\S+ )*?)(\w+) \d{{4}}/\d\d/\d\d ", text)
+    assert found, f"no run header for {name!r} in: {text[:600]}"
+    return found.group(1).split(), found.group(2)
 
 
 def png_size(path: Path) -> tuple[int, int]:
