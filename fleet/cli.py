@@ -34,12 +34,15 @@ def _fail(exc: Exception, code: int = 2) -> None:
 
 
 def _prepare_prefect(verbose: bool) -> None:
-    """Quiet, isolated Prefect for a terminal run; must happen before Prefect is imported."""
+    """Quiet, isolated Prefect for a terminal run; must happen before Prefect is imported.
+
+    Only the console handler is quieted: the runs' loggers stay at INFO, so the UI shows
+    every run's log while the terminal shows warnings and errors (all of it with -v)."""
     from deployments.server_settings import apply_server_settings
 
     apply_server_settings()
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 def _check_prefect_api() -> None:

@@ -12,6 +12,8 @@ import yaml
 from fleet.errors import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "demo"
+# Left beside the demo's repos: a run with `fresh` may lay these (and only these) out again.
+MARKER = ".fleet-demo"
 GIT = [
     "git",
     "-c",
@@ -49,6 +51,25 @@ def demo_fleet_file(directory: Path) -> dict:
     }
 
 
+def _lay_out(template: Path, repo: Path) -> None:
+    shutil.copytree(template, repo)
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "demo app as the fleet found it")
+
+
+def restore_demo_repo(repo: Path) -> bool:
+    """Lay a demo app's repo out again from its template (a `fresh` run of the demo: the
+    first run fixed it, so its agent would find nothing left to do). False, and nothing
+    touched, for any repo `fleet demo` did not make."""
+    template = EXAMPLES / "apps" / repo.name
+    if not (repo.parent / MARKER).is_file() or not template.is_dir():
+        return False
+    shutil.rmtree(repo, ignore_errors=True)
+    _lay_out(template, repo)
+    return True
+
+
 def create_demo_fleet(directory: Path, fresh: bool = False) -> Path:
     """Lay out the demo under `directory`; returns its fleet file. Existing repos are kept
     (re-running is safe) unless `fresh`, which starts them over from the templates."""
@@ -56,17 +77,14 @@ def create_demo_fleet(directory: Path, fresh: bool = False) -> Path:
         raise ConfigError(
             f"demo templates not found at {EXAMPLES}: run from a checkout of the repository"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "repos").mkdir(parents=True, exist_ok=True)
+    (directory / "repos" / MARKER).write_text("repos laid out by `fleet demo`\n")
     for template in sorted((EXAMPLES / "apps").iterdir()):
         repo = directory / "repos" / template.name
         if repo.exists() and fresh:
             shutil.rmtree(repo)
-        if repo.exists():
-            continue
-        shutil.copytree(template, repo)
-        _git(repo, "init", "-q")
-        _git(repo, "add", "-A")
-        _git(repo, "commit", "-q", "-m", "demo app as the fleet found it")
+        if not repo.exists():
+            _lay_out(template, repo)
     if fresh:
         shutil.rmtree(directory / "repos" / "dist", ignore_errors=True)
     path = directory / "fleet.yaml"

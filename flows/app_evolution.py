@@ -6,14 +6,18 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.states import Failed, State
 
 from fleet.claim import AppRun, NotClaimed, take
-from fleet.errors import ConfigError, FleetError, StaleLease
+from fleet.demo import restore_demo_repo
+from fleet.errors import ConfigError, FleetError, InvalidAppId, StaleLease
 from fleet.models import Stage, Task, validate_app_id
 from fleet.report import AppRow, app_row, markdown_summary
+from fleet.runview import fleet_file_problem
 from fleet.store.heartbeat import ClaimHeartbeat
 from fleet.store.outage import StoreOutage
 from fleet.wiring import Components
@@ -24,10 +28,31 @@ from tasks.stages import dispatch, evolve, learn, parse, review, ship
 @flow(name="app-evolution", flow_run_name="evolve-{app_id}", persist_result=False)
 async def evolve_app(
     app_id: str, run_id: str | None = None, fleet_file: str | None = None, fresh: bool = False
-) -> AppRow:
-    """Run one app from its persisted stage to `complete` or `failed`; resumable after a crash."""
-    comp = await app_components(app_id, fleet_file)
+) -> AppRow | State:
+    """Run one app from its persisted stage to `complete` or `failed`; resumable after a crash.
+
+    Args:
+        app_id: The app, as the fleet file names it ([a-z0-9._-], 1–64 characters).
+        run_id: The cohort run this app belongs to; empty for this flow run's own id.
+        fleet_file: The fleet file, relative to the checkout; empty for FLEET_FLEET_FILE or
+            the Fleet Config block's.
+        fresh: Start the app over even when it is complete or failed (a demo app's repo is
+            re-created from its template).
+    """
+    if problem := fleet_file_problem(fleet_file, Path.cwd()):
+        return refused(problem)
+    try:
+        comp = await app_components(app_id, fleet_file)
+    except (ConfigError, InvalidAppId) as exc:
+        return refused(str(exc))
     return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
+
+
+def refused(message: str) -> State:
+    """A parameter the operator got wrong: one line in the run's log and state message, no
+    traceback (calling the flow directly raises it as a ConfigError)."""
+    get_run_logger().error(message)
+    return Failed(message=message, data=ConfigError(message))
 
 
 async def evolve_one(
@@ -45,6 +70,8 @@ async def evolve_one(
         on_taken(app_id)
     if isinstance(run, NotClaimed):
         return await skipped(comp, app_id, run.note)
+    if fresh:
+        await renew_demo_repo(run)
     async with holding(run) as outcome:
         stage = await current_stage(run)
         if stage.before(Stage.SKILL_COMPLETE):
@@ -159,6 +186,16 @@ def this_run_id(default: str = "local") -> str:
 async def skipped(comp: Components, app_id: str, note: str) -> AppRow:
     get_run_logger().info("%s: %s; skipped", app_id, note)
     return await asyncio.to_thread(app_row, comp.store, app_id, note)
+
+
+async def renew_demo_repo(run: AppRun) -> None:
+    """A demo app started over begins on its original repo: its last run fixed it, and the
+    demo agent would find too few tasks there. Other fleets' repos are never touched."""
+    repo = run.app.repo
+    if repo is None or (await run.astate()).stage is not Stage.QUEUED:
+        return
+    if await asyncio.to_thread(restore_demo_repo, repo):
+        get_run_logger().info("%s: demo repo laid out again from its template", run.app_id)
 
 
 async def current_stage(run: AppRun) -> Stage:

@@ -7,7 +7,8 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import cast
+from pathlib import Path
+from typing import Annotated, cast
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, task
@@ -22,19 +23,19 @@ from prefect.deployments import arun_deployment
 from prefect.runtime import flow_run as this_run
 from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
-from fleet.errors import FleetError
+from fleet.errors import ConfigError, FleetError
 from fleet.inflight import dead_on_this_host, in_flight, owner_id
 from fleet.models import Stage
 from fleet.ranking import rank_apps, select_cohort
 from fleet.report import AppRow, app_row, failure_message, progress_line
-from fleet.runview import app_run_tags, cohort_run_name
+from fleet.runview import app_run_tags, cohort_run_name, fleet_file_problem
 from fleet.store.leadership import PlannerLease
 from fleet.wiring import Components
-from flows.app_evolution import FleetRunFailed, evolve_one, this_run_id
+from flows.app_evolution import FleetRunFailed, evolve_one, refused, this_run_id
 from flows.config import flow_components
 
 
@@ -104,7 +105,7 @@ def _run_name() -> str:
 
 @flow(name="fleet-cohort", flow_run_name=_run_name, persist_result=False)
 async def fleet_cohort(
-    size: int | None = None,
+    size: Annotated[int | None, Field(ge=1)] = None,
     fleet_file: str | None = None,
     fresh: bool = False,
     retry_failed: bool = False,
@@ -115,9 +116,24 @@ async def fleet_cohort(
     In process (the embedded default, `fleet run`) every app runs as a subflow on this
     event loop. With `fan_out` each app is submitted to the app-evolution deployment, so
     the workers polling its pool share the cohort.
+
+    Args:
+        size: Apps in this cohort, at least 1; empty for the progressive 10 → 20 → 40.
+        fleet_file: The fleet file, relative to the checkout; empty for FLEET_FLEET_FILE or
+            the Fleet Config block's.
+        fresh: Run every cohort app again from the start, complete or failed (the demo's
+            repos are re-created from their templates).
+        retry_failed: Run the apps that failed earlier again.
+        fan_out: Submit each app to the app-evolution deployment, so every worker of the
+            pool shares the cohort; off, the apps run in this flow run's process.
     """
     logger = get_run_logger()
-    comp = await flow_components(fleet_file)
+    if problem := fleet_file_problem(fleet_file, Path.cwd()):
+        return refused(problem)
+    try:
+        comp = await flow_components(fleet_file)
+    except ConfigError as exc:
+        return refused(str(exc))
     run_id = this_run_id("local-cohort")
     start = on_workers if fan_out else in_process
     # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.

@@ -53,6 +53,19 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     for name in ("mesh-reconciler/reconcile-every-60-s", "mesh-watchdog/watchdog-every-60-s"):
         [schedule] = deployments[name].schedules
         assert schedule.schedule.interval.total_seconds() == 60
+    # The form's bounds hold on the server: a cohort of 0 is refused when the run is created.
+    assert cohort.enforce_parameter_schema
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    async with get_client() as client:
+        with pytest.raises(PrefectHTTPStatusError, match="409|422"):
+            await client.create_flow_run_from_deployment(cohort.id, parameters={"size": 0})
+    # The fleet's runs carry `fleet`; the mesh housekeeping only `mesh`, so filtering on
+    # `fleet` hides its 2 880 runs a day.
+    assert {"fleet", "cohort"} <= set(cohort.tags) and "fleet" in app.tags
+    for name, deployment in deployments.items():
+        if name.startswith(("mesh-", "healing-tuner/")):
+            assert "mesh" in deployment.tags and "fleet" not in deployment.tags, name
     assert cohort.pull_steps[0]["prefect.deployments.steps.set_working_directory"][
         "directory"
     ] == str(ROOT)

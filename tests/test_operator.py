@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -100,3 +103,81 @@ async def test_cohort_and_task_runs_are_named_for_what_they_are(env, tmp_path): 
     names = {t.name for t in tasks}
     stages = ("dispatch", "parse", "adversarial-review", "evolve", "ship", "learn")
     assert {f"{stage}-{row.app}" for stage in stages} <= names, names
+
+
+@pytest.mark.parametrize("flow_name", ["fleet_cohort", "evolve_app"])
+async def test_a_missing_fleet_file_is_refused_in_one_line_without_a_traceback(env, flow_name):  # noqa: F811
+    import flows.app_evolution
+    import flows.cohort
+
+    flow = getattr(flows.cohort, flow_name, None) or getattr(flows.app_evolution, flow_name)
+    params = {"app_id": "demo-calc"} if flow_name == "evolve_app" else {}
+    with flow_run_logs() as records:
+        state = await flow(fleet_file="/nonexistent.yaml", return_state=True, **params)
+    assert state.is_failed()
+    assert state.message.startswith("fleet_file: /nonexistent.yaml does not exist — ")
+    [line] = [r for r in records if r.getMessage() == state.message]
+    assert line.levelno == logging.ERROR  # what `prefect deployment run --watch` streams
+    assert not any(r.exc_info for r in records)
+
+
+def test_the_demo_logs_to_the_ui_at_info_and_keeps_the_terminal_quiet(tmp_path):
+    """`fleet demo` against a server: the cohort run's INFO lines reach the API, the terminal
+    shows none of them (without -v)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.settings import PREFECT_API_URL
+
+    child_env = {
+        **os.environ,
+        "FLEET_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",  # as outside the test session
+        "COLUMNS": "80",
+    }
+    child_env.pop("FLEET_STORE_URL", None)
+    demo = subprocess.run(
+        [sys.executable, "-m", "fleet.cli", "demo", "--size", "1"],
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "| INFO" not in demo.stdout + demo.stderr
+
+    async def cohort_logs() -> tuple[str, list[str]]:
+        async with get_client() as client:
+            [run] = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["fleet-cohort"])),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            )
+        return run.name, [log.message for log in logs if log.level == logging.INFO]
+
+    name, info = asyncio.run(cohort_logs())
+    assert name.endswith("-size1")
+    assert any(line.startswith("cohort of 1: starting") for line in info), info
+    assert any("finished: complete (1 done, 0 failed of 1)" in line for line in info), info
+
+
+async def test_fresh_on_the_demo_runs_an_app_again_on_its_original_repo(env, tmp_path):  # noqa: F811
+    from flows.app_evolution import evolve_app
+
+    path = demo_fleet(tmp_path)
+    first = await evolve_app("demo-weather", fleet_file=str(path), return_state=True)
+    assert first.is_completed()
+    again = await evolve_app("demo-weather", fleet_file=str(path), fresh=True, return_state=True)
+    assert again.is_completed(), again.message  # not insufficient_tasks on the fixed repo

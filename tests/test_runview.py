@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
-from fleet.runview import app_run_tags, cohort_run_name
+from fleet.runview import app_run_tags, cohort_run_name, fleet_file_problem
 
 
 def test_a_cohort_run_is_named_from_its_time_and_size():
@@ -26,3 +26,18 @@ def test_an_app_run_is_tagged_with_the_fleet_its_app_and_its_cohort_run():
         "app:demo-calc",
         "cohort:cohort-2026-11-30T04:00-size3",
     ]
+
+
+def test_a_missing_fleet_file_is_refused_in_one_line(tmp_path):
+    message = fleet_file_problem("/nonexistent.yaml", tmp_path)
+    assert message is not None and "\n" not in message
+    assert message.startswith("fleet_file: /nonexistent.yaml does not exist — ")
+    relative = fleet_file_problem(".fleet/demo/fleet.yaml", tmp_path)
+    assert relative is not None and f"(relative to {tmp_path})" in relative
+
+
+def test_an_existing_or_empty_fleet_file_is_no_problem(tmp_path):
+    (tmp_path / "fleet.yaml").write_text("apps: []\n")
+    assert fleet_file_problem("fleet.yaml", tmp_path) is None
+    assert fleet_file_problem(str(tmp_path / "fleet.yaml"), tmp_path) is None
+    assert fleet_file_problem(None, tmp_path) is None
