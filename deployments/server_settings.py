@@ -18,6 +18,10 @@ SERVER_SETTINGS = {
     # A first start migrates a new database; on a busy 2-core machine that takes over the
     # default 20 s, and `fleet demo` would fail before its first app.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # `prefect deployment run --watch` prints a run's log lines (a refused parameter's one
+    # line among them) only when the server streams logs out.
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
     # Our own `fleet.*` loggers show up in the Prefect UI next to the flow's logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "fleet",
 }

@@ -171,7 +171,9 @@ def _run_cohort(
 
 @app.command()
 def demo(
-    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    size: int | None = typer.Option(
+        None, min=1, help="cohort size, at least 1 (default: progressive 10 → 20 → 40)"
+    ),
     fresh: bool = typer.Option(
         False, "--fresh", help="recreate the demo repos and rerun every app"
     ),
@@ -208,7 +210,9 @@ def run(
     fleet: Path | None = typer.Option(
         None, "--fleet", "-f", help="fleet file (default FLEET_FLEET_FILE)"
     ),
-    size: int | None = typer.Option(None, help="cohort size (default: progressive 10 → 20 → 40)"),
+    size: int | None = typer.Option(
+        None, min=1, help="cohort size, at least 1 (default: progressive 10 → 20 → 40)"
+    ),
     fresh: bool = typer.Option(False, "--fresh", help="rerun apps that are already complete"),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="rerun apps that failed earlier"

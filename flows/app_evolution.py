@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed, State
 
 from fleet.claim import AppRun, NotClaimed, take
@@ -40,18 +41,20 @@ async def evolve_app(
             re-created from its template).
     """
     if problem := fleet_file_problem(fleet_file, Path.cwd()):
-        return refused(problem)
+        return await refused(problem)
     try:
         comp = await app_components(app_id, fleet_file)
     except (ConfigError, InvalidAppId) as exc:
-        return refused(str(exc))
+        return await refused(str(exc))
     return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
 
 
-def refused(message: str) -> State:
+async def refused(message: str) -> State:
     """A parameter the operator got wrong: one line in the run's log and state message, no
-    traceback (calling the flow directly raises it as a ConfigError)."""
+    traceback (calling the flow directly raises it as a ConfigError). The line is sent before
+    the state, so `prefect deployment run --watch`, which stops at the state, shows it."""
     get_run_logger().error(message)
+    await APILogHandler.aflush()
     return Failed(message=message, data=ConfigError(message))
 
 

@@ -129,11 +129,11 @@ async def fleet_cohort(
     """
     logger = get_run_logger()
     if problem := fleet_file_problem(fleet_file, Path.cwd()):
-        return refused(problem)
+        return await refused(problem)
     try:
         comp = await flow_components(fleet_file)
     except ConfigError as exc:
-        return refused(str(exc))
+        return await refused(str(exc))
     run_id = this_run_id("local-cohort")
     start = on_workers if fan_out else in_process
     # DISCOVER and starting the apps hold the planner lease: two schedulers never plan at once.

@@ -19,6 +19,9 @@ os.environ.setdefault("PREFECT_HOME", str(_SESSION_DIR / "prefect"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(_SESSION_DIR / "prefect" / "storage")
 os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+# As deployments/server_settings.py sets them for a real server: `--watch` streams run logs.
+os.environ["PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED"] = "true"
+os.environ["PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"] = "true"
 os.environ["FLEET_HOME"] = str(_SESSION_DIR / "fleet")
 # Stage retries and Hydra polls at test speed; thresholds themselves are tested with a ManualClock.
 os.environ["FLEET_RETRY_DELAY_SECONDS"] = "0.1"

@@ -172,3 +172,10 @@ def test_ctrl_c_while_waiting_for_prefect_says_nothing_ran(tmp_path):
             proc.kill()
     assert proc.returncode == 130, out + errs
     assert "interrupted before any app started" in errs and "Traceback" not in out + errs
+
+
+@pytest.mark.parametrize("command", ["demo", "run"])
+def test_a_cohort_of_zero_is_refused_before_anything_runs(command):
+    result = runner.invoke(app, [command, "--size", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--size" in result.output and "1" in result.output

@@ -3,6 +3,7 @@ failed apart, and says why (session-wide Prefect harness, the demo fleet in a te
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -181,3 +182,52 @@ async def test_fresh_on_the_demo_runs_an_app_again_on_its_original_repo(env, tmp
     assert first.is_completed()
     again = await evolve_app("demo-weather", fleet_file=str(path), fresh=True, return_state=True)
     assert again.is_completed(), again.message  # not insufficient_tasks on the fixed repo
+
+
+async def test_watch_shows_why_a_deployed_run_was_refused(tmp_path):
+    """`prefect deployment run … --watch` on a worker: the refusal's one line, no traceback."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.app_evolution import evolve_app
+    from tests.test_fanout import ROOT, start_worker, stop
+
+    name = f"watch-{uuid.uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+    deployment = await evolve_app.to_deployment(
+        name=name, work_pool_name=name, job_variables={"working_dir": str(ROOT)}
+    )
+    await deployment.apply()
+    child_env = {
+        **os.environ,
+        "FLEET_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "COLUMNS": "300",
+    }
+    worker = start_worker(name, name, child_env, tmp_path / "worker.log")
+    try:
+        watched = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *(sys.executable, "-m", "prefect", "deployment", "run"),
+                f"app-evolution/{name}",
+                *("--param", "app_id=demo-calc", "--param", "fleet_file=/nonexistent.yaml"),
+                *("--watch", "--watch-timeout", "240"),
+            ],
+            env=child_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        stop(worker)
+    out = watched.stdout + watched.stderr
+    assert watched.returncode == 1, out
+    assert "fleet_file: /nonexistent.yaml does not exist — " in out
+    assert "Traceback" not in out and "Flow run finished in state 'Failed'" in out
