@@ -34,7 +34,12 @@ PG_ADMIN_URL = os.environ.get("FLEET_TEST_PG_URL", "postgresql://postgres@127.0.
 # The markers follow from what a test uses, so `-m "not postgres and not prefect and not tmux"`
 # is the fast inner loop without anyone remembering to mark a test.
 # A test using one of these fixtures, directly or through other fixtures, gets the marker.
-FIXTURE_MARKS = {"pg_url": "postgres", "prefect_harness": "prefect"}
+FIXTURE_MARKS = {
+    "pg_url": "postgres",
+    "prefect_harness": "prefect",
+    "prefect_server": "prefect",  # tests/ui: a `prefect server` of its own
+    "chromium": "ui",  # tests/ui: headless Chromium against that server
+}
 # Backend fixtures parametrized over "sqlite" and "postgres" ask for the database only inside
 # (request.getfixturevalue), so the parameter is what shows that PostgreSQL is used.
 PARAM_MARKS = {"postgres": "postgres"}
@@ -43,6 +48,8 @@ CODE_NAME_MARKS = {"libtmux": "tmux"}
 # A child process started as `python -m fleet.cli ...` or `python -m prefect ...` starts or
 # reaches a Prefect API of its own; seen in the test's code or a module-level helper it calls.
 CHILD_MODULE_MARKS = {"fleet.cli": "prefect", "prefect": "prefect"}
+# A browser test looks at a Prefect server's UI: it is slow like one, whatever it reaches.
+IMPLIED_MARKS = {"ui": "prefect"}
 
 
 def _codes(code: types.CodeType) -> Iterator[types.CodeType]:
@@ -81,7 +88,7 @@ def _markers_from_use(item: pytest.Function) -> set[str]:
         *(_child_modules(f) for f in [item.function, *helpers] if isinstance(f, types.FunctionType))
     )
     marks |= {CHILD_MODULE_MARKS[module] for module in children if module in CHILD_MODULE_MARKS}
-    return marks
+    return marks | {IMPLIED_MARKS[m] for m in marks if m in IMPLIED_MARKS}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
