@@ -243,18 +243,34 @@ def _stage(comp: Components, app_id: str) -> Stage:
 
 
 class Progress:
-    """The cohort's progress artifact and log line, one tick per finished app."""
+    """The cohort's progress artifact and log line, one tick per finished app.
+
+    One artifact update at a time, carrying the latest count: apps that finish together
+    share an API call instead of queueing one each behind the cohort's loop.
+    """
 
     def __init__(self, comp: Components, total: int, artifact_id):
         self.comp, self.total, self.artifact_id, self.done = comp, total, artifact_id, 0
+        self.shown = 0
+        self.writer: asyncio.Task | None = None
 
     async def tick(self, app_id: str) -> None:
         self.done += 1
         stage = await asyncio.to_thread(_stage, self.comp, app_id)
         get_run_logger().info("%s finished: %s (%d/%d)", app_id, stage.value, self.done, self.total)
-        await aupdate_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self.shown < self.done:
+            self.shown = self.done
+            await aupdate_progress_artifact(
+                self.artifact_id, progress=100.0 * self.shown / self.total
+            )
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer
         if not self.total:
             await aupdate_progress_artifact(self.artifact_id, progress=100.0)
 
