@@ -247,6 +247,80 @@ def server_ratios(sizes: list[int], sleep: float) -> None:
             wall_ratio(n, sleep, api)
 
 
+# A fanned-out cohort on process workers ------------------------------------------------------
+def fan_out_split(workers: int, n: int, sleep: float) -> None:
+    """A cohort of N apps submitted to an app-evolution deployment on one pool that
+    `workers` process workers poll (each runs one app at a time); prints how many apps each
+    worker ran and whether every app ran exactly once."""
+    from tests.test_fanout import ran_by, start_worker
+
+    with contextlib.ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-fan-")))
+        api = stack.enter_context(prefect_server_on_postgres(directory))
+        store_url = stack.enter_context(scratch_database(f"fleet_bench_store_{os.getpid()}_fan"))
+        suffix = f"bench-fanout-{os.getpid()}"
+        env = {
+            **bench_env(directory, n, store_url, api),
+            "FLEET_APP_DEPLOYMENT": f"app-evolution/{suffix}",
+            "FLEET_COHORT_POLL_SECONDS": "1",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+        # Before Prefect is imported: this process runs the cohort (quietly; the workers log
+        # at INFO, which is where they say which runs they took).
+        os.environ.update(env, PREFECT_LOGGING_LEVEL="WARNING")
+        path = write_fleet(directory, n, sleep)
+        deployment_id = asyncio.run(deploy_app_flow(suffix))
+        logs = [directory / f"worker-{i}.log" for i in range(workers)]
+        procs = [start_worker(suffix, log.stem, env, log) for log in logs]
+        for proc in procs:
+            stack.callback(stop_group, proc)
+        started = time.monotonic()
+        asyncio.run(fan_out_cohort(path, n))
+        elapsed = time.monotonic() - started
+        runs = asyncio.run(app_runs(deployment_id))
+        ran = {log.stem: ran_by(log) for log in logs}
+    apps = sorted(r.parameters["app_id"] for r in runs)
+    once = apps == sorted(set(apps)) and len(apps) == n
+    picked = [run for runs_of in ran.values() for run in runs_of]
+    print(
+        f"fan-out N={n} on {workers} workers ({elapsed:.0f} s): "
+        + ", ".join(f"{name} ran {len(ids)}" for name, ids in ran.items())
+        + f"; {len(runs)} app runs, each app exactly once: {'yes' if once else 'NO'}"
+        + f", no run picked up twice: {'yes' if len(picked) == len(set(picked)) else 'NO'}",
+        flush=True,
+    )
+
+
+async def deploy_app_flow(name: str):
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.app_evolution import evolve_app
+
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+    deployment = await evolve_app.to_deployment(
+        name=name, work_pool_name=name, job_variables={"working_dir": str(ROOT)}
+    )
+    return await deployment.apply()
+
+
+async def fan_out_cohort(path: Path, n: int) -> None:
+    from flows.cohort import fleet_cohort
+
+    await fleet_cohort(fleet_file=str(path), size=n, fan_out=True)
+
+
+async def app_runs(deployment_id):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    async with get_client() as client:
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+
+
 # Prefect API calls per app ---------------------------------------------------------------
 class Counter:
     """Counts HTTP requests to the Prefect API and events emitted, from this process."""
@@ -321,10 +395,19 @@ def main() -> None:
         action="store_true",
         help="against `prefect server start` on PostgreSQL, the store on PostgreSQL too",
     )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="fan a cohort out to this many process workers"
+    )
+    parser.add_argument(
+        "--fan-out-apps", type=int, default=4, help="apps in the fanned-out cohort (--workers)"
+    )
     args = parser.parse_args()
     sizes = [*args.sizes, *([89] if args.with_89 else [])]
     if args.api_calls:
         api_calls(sizes)
+        return
+    if args.workers:
+        fan_out_split(args.workers, args.fan_out_apps, args.sleep)
         return
     if args.server_pg:
         server_ratios(sizes, args.sleep)
