@@ -351,12 +351,18 @@ def _stage(comp: Components, app_id: str) -> Stage:
 
 class Progress:
     """The cohort's progress artifact and log line, one tick per finished app: the done and
-    the failed counted apart, each failure logged at WARNING with its reason."""
+    the failed counted apart, each failure logged at WARNING with its reason.
+
+    One artifact update at a time, carrying the latest counts: apps that finish together
+    share an API call instead of queueing one each behind the cohort's loop.
+    """
 
     def __init__(self, comp: Components, total: int, artifact_id):
         self.comp, self.total, self.artifact_id = comp, total, artifact_id
         self.done: list[str] = []
         self.failed: dict[str, str] = {}
+        self.shown = 0
+        self.writer: asyncio.Task | None = None
 
     async def tick(self, app_id: str, row: AppRow | None = None, ended: str | None = None) -> None:
         """`row` is the app's result when this process ran it; `ended` says how its own flow
@@ -371,16 +377,28 @@ class Progress:
         else:
             self.done.append(app_id)
             logger.info("%s finished: %s (%s)", app_id, row.stage, self.counts())
-        await aupdate_progress_artifact(
-            self.artifact_id,
-            progress=100.0 * (len(self.done) + len(self.failed)) / self.total,
-            description=self.counts(),
-        )
+        if self.writer is None or self.writer.done():
+            self.writer = asyncio.create_task(self._write())
+
+    @property
+    def finished(self) -> int:
+        return len(self.done) + len(self.failed)
+
+    async def _write(self) -> None:
+        while self.shown < self.finished:
+            self.shown = self.finished
+            await aupdate_progress_artifact(
+                self.artifact_id,
+                progress=100.0 * self.shown / self.total,
+                description=self.counts(),
+            )
 
     def counts(self) -> str:
         return progress_line(len(self.done), len(self.failed), self.total)
 
     async def close(self) -> None:
+        if self.writer is not None:
+            await self.writer
         if not self.total:
             await aupdate_progress_artifact(
                 self.artifact_id, progress=100.0, description=self.counts()
