@@ -1,4 +1,4 @@
-"""prefect.yaml deploys as README says: cohort every 5 min fanning out per app, mesh every 60 s."""
+"""prefect.yaml deploys as README says: cohort every 5 min fanning out per app, reconciler every 60 s, watchdog every 30 s."""
 
 from __future__ import annotations
 
@@ -67,9 +67,13 @@ async def test_prefect_deploy_all_creates_the_documented_deployments():
     assert app.work_pool_name == "fleet-process" and not app.schedules
     [daily] = deployments["healing-tuner/daily"].schedules
     assert daily.schedule.cron == "0 4 * * *"
-    for name in ("mesh-reconciler/reconcile-every-60-s", "mesh-watchdog/watchdog-every-60-s"):
+    # The watchdog runs every heartbeat (30 s): a dead machine is down within two of them.
+    for name, seconds in (
+        ("mesh-reconciler/reconcile-every-60-s", 60),
+        ("mesh-watchdog/watchdog-every-30-s", 30),
+    ):
         [schedule] = deployments[name].schedules
-        assert schedule.schedule.interval.total_seconds() == 60
+        assert schedule.schedule.interval.total_seconds() == seconds
     # The form's bounds hold on the server: a cohort of 0 is refused when the run is created.
     assert cohort.enforce_parameter_schema
     from prefect.exceptions import PrefectHTTPStatusError
