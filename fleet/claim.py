@@ -274,6 +274,22 @@ def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> App
     return claim(comp, app_id, run_id) or NotClaimed(not_claimed_note(comp, app_id))
 
 
+async def take_waiting_out_outages(
+    comp: Components, app_id: str, run_id: str, fresh: bool = False
+) -> AppRun | NotClaimed:
+    """`take` off the event loop, pausing through a store outage like every other store call
+    of an app run (past `store_outage_budget_seconds`: StoreOutage, a clean failure). A claim
+    that committed just before the cut finds the app held by this run's own claim when it is
+    repeated: the app is then reported in flight and its short lease frees it for the next run."""
+    return await outage_tolerant(
+        functools.partial(take, comp, app_id, run_id, fresh),
+        budget=comp.settings.store_outage_budget_seconds,
+        clock=comp.clock,
+        log_key=f"app {app_id}",
+        sleep=comp.clock.asleep,
+    )
+
+
 def stop_earlier_agents(store: Store, app_id: str, epoch: int) -> None:
     """Kill every agent (on this host) that an earlier claim of the app started: a run that
     died left them editing the repo, and what they write must not reach the next snapshot."""

@@ -13,7 +13,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed, State
 
-from fleet.claim import AppRun, NotClaimed, take
+from fleet.claim import AppRun, NotClaimed, take_waiting_out_outages
 from fleet.demo import restore_demo_repo
 from fleet.errors import ConfigError, FleetError, InvalidAppId, StaleLease
 from fleet.models import Stage, Task, validate_app_id
@@ -68,7 +68,7 @@ async def evolve_one(
     """The seven stages of one app: the app flow's body, and each app's in an in-process
     cohort (there its stages are tasks of the cohort run: no flow run per app to create).
     `on_taken` hears when the claim step is over (taken or not): the planner waits for it."""
-    run = await asyncio.to_thread(take, comp, app_id, run_id, fresh)
+    run = await take_waiting_out_outages(comp, app_id, run_id, fresh)
     if on_taken is not None:
         on_taken(app_id)
     if isinstance(run, NotClaimed):

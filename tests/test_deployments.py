@@ -1,4 +1,5 @@
-"""prefect.yaml deploys as README says: cohort every 5 min fanning out per app, reconciler every 60 s, watchdog every 30 s."""
+"""prefect.yaml deploys as README says: cohort every 5 min fanning out per app, reconciler
+every 60 s, watchdog every 30 s."""
 
 from __future__ import annotations
 

@@ -224,6 +224,40 @@ def test_the_cohort_plan_waits_out_a_cut_inside_the_budget(pg_url, proxy, tmp_pa
     comp.store.close()
 
 
+def test_an_apps_claim_waits_out_a_cut_inside_the_budget(pg_url, proxy, tmp_path):
+    """The claim step of an app run (`take`) pauses while the store is cut and claims the app
+    once it is back, instead of ending the app with an error."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from fleet.claim import AppRun, take_waiting_out_outages
+    from fleet.settings import FleetSettings
+    from fleet.wiring import components
+    from tests.helpers import demo_fleet
+
+    params = conninfo_to_dict(pg_url)
+    user = params.get("user") or "postgres"
+    url = f"postgresql://{user}@127.0.0.1:{proxy.port}/{params['dbname']}"
+    settings = FleetSettings(home=tmp_path / "home", store_url=url, store_outage_budget_seconds=30)
+    comp = components(settings, demo_fleet(tmp_path))
+    app_id = comp.fleet.app_ids[0]
+    if comp.store.get_state(app_id) is not None:  # the shared database: free it of earlier tests
+        comp.store.reset_app(app_id, comp.clock.now())
+    proxy.cut()
+    restorer = threading.Timer(2.0, proxy.restore)
+    restorer.start()
+    started = time.monotonic()
+    try:
+        run = asyncio.run(take_waiting_out_outages(comp, app_id, "run-claim-cut"))
+    finally:
+        restorer.join()
+    assert 2.0 <= time.monotonic() - started < 15
+    assert isinstance(run, AppRun), run
+    state = comp.store.get_state(app_id)
+    assert state is not None and state.epoch == run.epoch
+    comp.store.release_app(app_id, run.epoch)
+    comp.store.close()
+
+
 def test_the_cohort_opens_its_store_through_a_cut_inside_the_budget(
     pg_url, proxy, tmp_path, monkeypatch
 ):
