@@ -338,8 +338,13 @@ def _cost_tables(store) -> None:
             row["key"] = row["key"] or "(not reported)"
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
-    budget = get_settings().cohort_budget_usd
-    limit = f" of ${budget:.2f} (cohort_budget_usd)" if budget is not None else " (no budget)"
+    # The budget the runs use: environment > FleetConfig block > store, as `fleet config show`.
+    budget = _config_sources(store)[0]["cohort_budget_usd"]
+    limit = (
+        f" of ${budget.value:.2f} (cohort_budget_usd, from {budget.source})"
+        if budget.value is not None
+        else " (no budget)"
+    )
     console.print(f"open cohort spent ${store.open_cohort_spend():.4f}{limit}")
 
 

@@ -174,7 +174,9 @@ def test_status_cost_sums_the_ledger_per_app_cohort_and_account(monkeypatch):
     assert "0.7500" in row["app-a"] and "200" in row["app-a"]
     assert "0.7500" in row["cohort-42"] and " 3 " in row["cohort-42"]
     assert "0.5000" in row["team-1"] and "0.2500" in row["team-2"]
-    assert "open cohort spent $0.7500 of $2.00 (cohort_budget_usd)" in result.output
+    assert (
+        "open cohort spent $0.7500 of $2.00 (cohort_budget_usd, from environment)" in result.output
+    )
 
 
 @pytest.mark.usefixtures("prefect_harness")
