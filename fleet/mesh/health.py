@@ -10,10 +10,10 @@ from typing import Any
 
 from fleet.clients.transport import is_loopback
 from fleet.jsonhttp import JsonServer, Request, Response
+from fleet.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
-PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 HealthSnapshot = Callable[[], dict[str, Any]]
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -92,7 +92,7 @@ class HealthServer:
             return Response(401, {"error": "a bearer token is required (Authorization: Bearer …)"})
         if self._metrics is not None and request.path == "/metrics":
             try:
-                return Response(200, raw=self._metrics(), content_type=PROMETHEUS_TEXT)
+                return Response(200, raw=self._metrics(), content_type=CONTENT_TYPE)
             except Exception as exc:
                 return Response(503, {"error": f"metrics unavailable: {exc}"})
         if request.path not in ("/health", "/"):

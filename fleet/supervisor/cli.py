@@ -146,7 +146,13 @@ def run(
                 health=a.health,
             )
         status_port = port if port is not None else config.status_port
-        server = StatusServer(supervisor, manager, host=config.status_host, port=status_port)
+        server = StatusServer(
+            supervisor,
+            manager,
+            host=config.status_host,
+            port=status_port,
+            metrics=_mesh_metrics(),
+        )
         server.start()  # binds here, so a taken port is the one-line error below
     except (FleetError, OSError) as exc:
         err.print(f"[red]cannot start the supervisor:[/red] {escape(str(exc))}")
@@ -202,3 +208,14 @@ def _print_summary(status: dict) -> None:
     for name, proc in status.items():
         table.add_row(escape(name), proc["state"], str(proc["restarts"]), escape(proc["reason"]))
     out.print(table)
+
+
+def _mesh_metrics():
+    """The mesh's figures for GET /metrics beside the supervisor's, read from the store the
+    mesh uses (FLEET_STORE_URL, or the local SQLite file) at each scrape."""
+    from fleet.clock import utcnow
+    from fleet.mesh.open import open_mesh_store
+    from fleet.metrics import metrics_endpoint
+
+    url = get_settings().resolved_store_url()
+    return metrics_endpoint(lambda: open_mesh_store(url), utcnow)

@@ -1,12 +1,17 @@
 """Status endpoint: GET /status or /supervisor/status (JSON of the supervisor and its processes),
-GET /healthz (200/503)."""
+GET /healthz (200/503), GET /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Gauge
 
 from fleet.clock import Clock, SystemClock
 from fleet.jsonhttp import JsonServer, Request, Response
+from fleet.metrics import CONTENT_TYPE, render
 from fleet.settings import get_settings
 
 # A managed process's state as the seed's `mcp_servers` map shows it.
@@ -36,9 +41,13 @@ class StatusServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         clock: Clock | None = None,
+        metrics: Callable[[], bytes] | None = None,
     ):
         self.supervisor = supervisor
         self.processes = processes
+        # More Prometheus text after the supervisor's own (fleet.metrics.metrics_endpoint: the
+        # mesh's figures, when the supervisor can reach the store).
+        self._metrics = metrics
         self.clock = clock or SystemClock()
         self.started_at = self.clock.now()
         port = get_settings().supervisor_status_port if port is None else port
@@ -109,12 +118,39 @@ class StatusServer:
                     found.append(f"{name}: {proc['reason']}")
         return found
 
+    def metrics(self) -> bytes:
+        """The status document as Prometheus gauges, then the injected source's text."""
+        body = self.status()
+        registry = CollectorRegistry()
+        Gauge("fleet_supervisor_uptime_seconds", "Supervisor uptime", registry=registry).set(
+            body["uptime_seconds"]
+        )
+        Gauge(
+            "fleet_supervisor_consecutive_failures",
+            "Rejected changes in a row (emergency stop at the limit)",
+            registry=registry,
+        ).set(body["consecutive_failures"])
+        Gauge("fleet_supervisor_healthy", "1 unless degraded or stopped", registry=registry).set(
+            int(body["state"] not in ("degraded", "emergency_stop"))
+        )
+        by_state = Gauge(
+            "fleet_supervisor_processes", "Managed processes by state", ["state"], registry=registry
+        )
+        for state, n in Counter(p["state"] for p in body["processes"].values()).items():
+            by_state.labels(state=state).set(n)
+        return render(registry) + (self._metrics() if self._metrics is not None else b"")
+
     def _respond(self, request: Request) -> Response:
         path = request.path.rstrip("/")
         if request.method != "GET":
             return Response(405, {"error": f"{request.method} not allowed; try GET /status"})
         if path in ("/status", "/supervisor/status"):  # the seed's curl uses the longer path
             return Response(200, self.status())
+        if path == "/metrics":
+            try:
+                return Response(200, raw=self.metrics(), content_type=CONTENT_TYPE)
+            except Exception as exc:  # the store behind the injected source may be away
+                return Response(503, {"error": f"metrics unavailable: {exc}"})
         if path == "/healthz":
             problems = self.problems()
             return Response(503 if problems else 200, {"ok": not problems, "problems": problems})
@@ -132,4 +168,4 @@ def _human(seconds: float) -> str:
 
 
 def _not_found(path: str) -> Response:
-    return Response(404, {"error": f"no such path {path!r}; try /status or /healthz"})
+    return Response(404, {"error": f"no such path {path!r}; try /status, /healthz or /metrics"})

@@ -217,3 +217,50 @@ def test_cli_run_supervises_the_app_of_the_config(repo, tmp_path, tmp_home):
         for p in psutil.process_iter(["cmdline"])
         if p.info["cmdline"] == [sys.executable, "app.py"]
     ]
+
+
+def test_the_status_server_serves_prometheus_metrics(repo, tmp_path):
+    """GET /metrics: the supervisor's own figures, plus what an injected source renders (the
+    mesh's, when the supervisor can reach the store)."""
+    from fleet.metrics import samples
+
+    clock = ManualClock()
+    sup = Supervisor(repo, [sys.executable, "app.py"], patches_dir=tmp_path, clock=clock)
+    manager = ProcessManager(
+        [
+            ProcessSpec(name="mcp", command=SLEEPER),
+            ProcessSpec(name="gone", command=CRASH, restart="never"),
+        ],
+        clock=clock,
+    )
+    extra = b'# TYPE fleet_mesh_queue_depth gauge\nfleet_mesh_queue_depth{status="queued"} 3.0\n'
+    try:
+        manager.tick()
+        manager.process("gone").popen.wait(timeout=10)
+        manager.tick()
+        with StatusServer(sup, manager, port=0, clock=clock, metrics=lambda: extra) as server:
+            clock.advance(90)
+            reply = httpx.get(f"{server.url}/metrics", timeout=5)
+            assert reply.status_code == 200
+            assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+            found = {
+                (name, tuple(sorted(labels.items()))): v for name, labels, v in samples(reply.text)
+            }
+            assert found[("fleet_supervisor_uptime_seconds", ())] == 90
+            assert found[("fleet_supervisor_consecutive_failures", ())] == 0
+            assert found[("fleet_supervisor_healthy", ())] == 1
+            assert found[("fleet_supervisor_processes", (("state", "running"),))] == 1
+            assert found[("fleet_supervisor_processes", (("state", "exited"),))] == 1
+            assert found[("fleet_mesh_queue_depth", (("status", "queued"),))] == 3
+    finally:
+        manager.stop_all()
+
+
+def test_the_supervisors_metrics_carry_the_mesh_figures_from_its_store(tmp_home):
+    """`fleet supervise run` mounts the mesh's figures (read from the mesh's store at each
+    scrape) beside its own on GET /metrics."""
+    from fleet.metrics import samples
+    from fleet.supervisor.cli import _mesh_metrics
+
+    names = {name for name, _, _ in samples(_mesh_metrics()().decode())}
+    assert {"fleet_mesh_queue_depth", "fleet_mesh_machines"} <= names, names
