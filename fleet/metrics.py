@@ -10,6 +10,7 @@ pipeline counters (stage durations, retries) live in `PIPELINE` for the orchestr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.parser import text_string_to_metric_families
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+log = logging.getLogger("fleet.metrics")
 
 # The orchestrator's own counters: observed where stages run, exported with the mesh's.
 PIPELINE = CollectorRegistry()
@@ -141,11 +143,27 @@ def metrics_endpoint(
     return body
 
 
-def push(gateway: str, job: str, registry: CollectorRegistry) -> None:
+def push(
+    gateway: str, job: str, registry: CollectorRegistry, grouping: dict[str, str] | None = None
+) -> None:
     """Push a registry to a Prometheus Pushgateway (orchestrator runs are short-lived)."""
     from prometheus_client import push_to_gateway
 
-    push_to_gateway(gateway, job=job, registry=registry)
+    push_to_gateway(gateway, job=job, registry=registry, grouping_key=grouping, timeout=5)
+
+
+def push_pipeline(gateway: str, job: str, grouping: dict[str, str] | None = None) -> bool:
+    """Push this process's stage durations and retries to `gateway` (FLEET_METRICS_PUSHGATEWAY)
+    at the end of a run; True if pushed. A gateway that is away is a warning, never a failure.
+    A fanned-out app run (its own process on a worker) pushes under `{"app": <id>}`."""
+    if not gateway:
+        return False
+    try:
+        push(gateway, job, PIPELINE, grouping)
+    except Exception as exc:
+        log.warning("stage metrics not pushed to %s: %s", gateway, exc)
+        return False
+    return True
 
 
 def samples(text: str) -> list[tuple[str, dict[str, str], float]]:

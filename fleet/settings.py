@@ -81,6 +81,9 @@ class FleetSettings(BaseSettings):
     liveness_missed_heartbeats: float = 1.5
     liveness_confirm_spacing_seconds: float = 5
     agent_health_port: int = 9300
+    # host:port of a Prometheus Pushgateway; each cohort run pushes its stage durations and
+    # retries there when it ends (the orchestrator's runs are too short-lived to scrape).
+    metrics_pushgateway: str = ""
     # Optional bearer token the agent's health endpoint (and /metrics) requires; empty = open.
     agent_health_token: SecretStr | None = None
     # The host other machines reach an agent's health endpoint at (the watchdog probes it);

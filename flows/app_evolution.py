@@ -13,6 +13,7 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.logging.handlers import APILogHandler
 from prefect.states import Failed, State
 
+from fleet import metrics
 from fleet.claim import AppRun, NotClaimed, take_waiting_out_outages
 from fleet.demo import restore_demo_repo
 from fleet.errors import ConfigError, FleetError, InvalidAppId, StaleLease
@@ -46,7 +47,15 @@ async def evolve_app(
         comp = await app_components(app_id, fleet_file)
     except (ConfigError, InvalidAppId) as exc:
         return await refused(str(exc))
-    return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
+    try:
+        return await evolve_one(comp, app_id, run_id or this_run_id(), fresh)
+    finally:  # this run's stage durations and retries, for Prometheus (when configured)
+        await asyncio.to_thread(
+            metrics.push_pipeline,
+            comp.settings.metrics_pushgateway,
+            "fleet-app",
+            {"app": app_id},
+        )
 
 
 async def refused(message: str) -> State:

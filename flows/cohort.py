@@ -26,6 +26,7 @@ from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, Field
 
+from fleet import metrics
 from fleet.claim import max_concurrent
 from fleet.clients.breaker import breaker_states
 from fleet.clock import SystemClock
@@ -149,6 +150,10 @@ async def fleet_cohort(
         # Past the outage budget: a Failed run with one line, no traceback; nothing is lost
         # (stages stay where they were, claims run out by themselves), the next run resumes.
         return Failed(message=str(exc))
+    finally:  # the stage durations and retries of this run, for Prometheus (when configured)
+        await asyncio.to_thread(
+            metrics.push_pipeline, get_settings().metrics_pushgateway, "fleet-cohort"
+        )
 
 
 async def plan_and_run(

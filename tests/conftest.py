@@ -6,9 +6,11 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+import threading
 import types
 import uuid
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,25 @@ def tmp_home(tmp_path, monkeypatch) -> Path:
     get_settings.cache_clear()
     yield tmp_path / "home"
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def pushgateway():
+    """A local HTTP server speaking a Prometheus Pushgateway's PUT /metrics/job/...: yields
+    (host:port, [(method, path, body)])."""
+    pushed: list[tuple[str, str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self):  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            pushed.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", pushed
+    server.shutdown()

@@ -36,8 +36,14 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
     return {(n, tuple(sorted(lab.items()))): v for n, lab, v in metrics.samples(text)}
 
 
-async def test_metrics_show_stage_durations_and_a_retry_after_a_run(env, tmp_path):
+async def test_metrics_show_stage_durations_and_a_retry_after_a_run(
+    env, tmp_path, pushgateway, monkeypatch
+):
     from flows.app_evolution import evolve_app
+
+    address, pushed = pushgateway
+    monkeypatch.setenv("FLEET_METRICS_PUSHGATEWAY", address)
+    get_settings.cache_clear()
 
     # The review agent fails once (a transient AgentFailed), then works.
     marker = tmp_path / "review-failed-once"
@@ -76,3 +82,7 @@ async def test_metrics_show_stage_durations_and_a_retry_after_a_run(env, tmp_pat
     assert delta("fleet_stage_duration_seconds_sum", stage="review") > 0
     assert delta("fleet_stage_retries_total", stage="adversarial-review") == 1
     assert delta("fleet_stage_retries_total", stage="dispatch") == 0
+    # The app run pushed the same figures to the Pushgateway, under its app.
+    [(method, path, body)] = pushed
+    assert (method, path) == ("PUT", "/metrics/job/fleet-app/app/demo-calc")
+    assert b"fleet_stage_retries_total" in body
