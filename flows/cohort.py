@@ -21,6 +21,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import arun_deployment
+from prefect.exceptions import FailedRun
 from prefect.runtime import flow_run as this_run
 from prefect.states import Failed, State
 from prefect.utilities.annotations import quote
@@ -249,6 +250,8 @@ async def cohort_rows(state: State) -> list[AppRow]:
         return result.rows
     if isinstance(result, BaseException):
         raise result
+    if not state.is_completed():  # e.g. a store outage past its budget: its one line
+        raise FailedRun(state.message or f"the cohort run ended {state.name}")
     return cast(list[AppRow], result)
 
 

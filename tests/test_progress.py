@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from fleet.clock import utcnow
+from fleet.clock import SystemClock, utcnow
+from fleet.settings import FleetSettings
 from fleet.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -27,16 +28,16 @@ async def test_apps_finishing_together_share_progress_updates_and_the_last_says_
     written: list[float] = []
     update = cohort.aupdate_progress_artifact
 
-    async def counted(artifact_id, progress: float):
+    async def counted(artifact_id, progress: float, description: str | None = None):
         written.append(progress)
-        return await update(artifact_id, progress=progress)
+        return await update(artifact_id, progress=progress, description=description)
 
     monkeypatch.setattr(cohort, "aupdate_progress_artifact", counted)
 
     @flow
     async def forty_apps_finish_at_once():
         progress = cohort.Progress(
-            SimpleNamespace(store=store),  # type: ignore[arg-type]
+            SimpleNamespace(store=store, settings=FleetSettings(), clock=SystemClock()),
             len(apps),
             await acreate_progress_artifact(progress=0.0, key="progress-test"),
         )

@@ -395,8 +395,10 @@ def test_a_hydra_503_storm_trips_the_breaker_then_kill_9_in_the_wait_is_taken_ov
     on another host takes over."""
     rig = Rig(tmp_path, aura, hydra, held="hydra", prefect=prefect_api)
     # The half-open and closed transitions are logged at INFO (the opening at WARNING): show
-    # INFO for the `fleet` loggers, which take the root logger's level.
-    first = rig.start("first", extra={"PREFECT_LOGGING_ROOT_LEVEL": "INFO", **STORM})
+    # INFO for the `fleet` loggers, which take the root logger's level, on the console (the
+    # CLI keeps its console handler at WARNING unless told otherwise).
+    info = {"PREFECT_LOGGING_ROOT_LEVEL": "INFO", "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"}
+    first = rig.start("first", extra={**info, **STORM})
     transitions = ("-> open", "open -> half_open", "half_open -> closed")
     try:
         rig.wait_until(lambda: MOMENTS["hydra-wait"][1](rig), first)
