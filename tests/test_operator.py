@@ -133,9 +133,12 @@ def test_the_demo_logs_to_the_ui_at_info_and_keeps_the_terminal_quiet(tmp_path):
         FlowFilterName,
         FlowRunFilter,
         FlowRunFilterStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
         LogFilter,
         LogFilterFlowRunId,
     )
+    from prefect.client.schemas.objects import StateType
     from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL
 
@@ -165,7 +168,14 @@ def test_the_demo_logs_to_the_ui_at_info_and_keeps_the_terminal_quiet(tmp_path):
         async with get_client() as client:
             [run] = await client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["fleet-cohort"])),
-                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=before)),
+                # Runs the session's deployments scheduled (random names, a future expected
+                # start) sort first by start time: only a finished run is the demo's.
+                flow_run_filter=FlowRunFilter(
+                    start_time=FlowRunFilterStartTime(after_=before),
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.COMPLETED])
+                    ),
+                ),
                 sort=FlowRunSort.START_TIME_DESC,
                 limit=1,
             )
