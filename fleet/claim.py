@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -20,7 +19,7 @@ from fleet.models import EvolutionState, Stage, Task
 from fleet.procs import APP_RUN_MARKER, current_app_run, kill_by_env
 from fleet.settings import FleetSettings
 from fleet.store.base import Effect, EffectKind, Store, effect_key
-from fleet.store.outage import outage_tolerant
+from fleet.store.outage import through_outages
 from fleet.wiring import Components
 
 log = logging.getLogger("fleet.claim")
@@ -78,13 +77,10 @@ class AppRun:
         """A store call off the event loop. A store outage pauses this app (one log line per
         outage, backoff on the clock) and the call goes on when the store is back; past
         `store_outage_budget_seconds` it raises StoreOutage, a clean resumable failure."""
-        return await outage_tolerant(
-            functools.partial(fn, *args),
-            budget=self.settings.store_outage_budget_seconds,
-            clock=self.clock,
-            log_key=f"app {self.app_id}",
-            sleep=self.clock.asleep,
+        result: T = await through_outages(
+            self.settings, self.clock, f"app {self.app_id}", fn, *args
         )
+        return result
 
     async def astate(self) -> EvolutionState:
         return await self.call(self.state)
@@ -281,13 +277,10 @@ async def take_waiting_out_outages(
     of an app run (past `store_outage_budget_seconds`: StoreOutage, a clean failure). A claim
     that committed just before the cut finds the app held by this run's own claim when it is
     repeated: the app is then reported in flight and its short lease frees it for the next run."""
-    return await outage_tolerant(
-        functools.partial(take, comp, app_id, run_id, fresh),
-        budget=comp.settings.store_outage_budget_seconds,
-        clock=comp.clock,
-        log_key=f"app {app_id}",
-        sleep=comp.clock.asleep,
+    run: AppRun | NotClaimed = await through_outages(
+        comp.settings, comp.clock, f"app {app_id}", take, comp, app_id, run_id, fresh
     )
+    return run
 
 
 def stop_earlier_agents(store: Store, app_id: str, epoch: int) -> None:

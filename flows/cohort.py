@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
@@ -40,7 +39,7 @@ from fleet.report import AppRow, app_row, failure_message, progress_line
 from fleet.runview import app_run_tags, cohort_run_name, fleet_file_problem
 from fleet.settings import get_settings
 from fleet.store.leadership import PlannerLease
-from fleet.store.outage import StoreOutage, StoreUnreachable, outage_tolerant
+from fleet.store.outage import StoreOutage, StoreUnreachable, through_outages
 from fleet.wiring import Components
 from flows.app_evolution import FleetRunFailed, evolve_one, refused, this_run_id
 from flows.config import flow_components
@@ -325,25 +324,18 @@ async def discover_cohort(
 
 async def cohort_components(fleet_file: str | None) -> Components:
     """The cohort's components; opening the store waits out an outage like any store call."""
-    return await outage_tolerant(
-        functools.partial(flow_components, fleet_file),
-        budget=get_settings().store_outage_budget_seconds,
-        clock=SystemClock(),
-        log_key="cohort",
+    comp: Components = await through_outages(
+        get_settings(), SystemClock(), "cohort", flow_components, fleet_file
     )
+    return comp
 
 
 async def stored(comp: Components, fn: Callable[..., T], *args: object) -> T:
     """A cohort store call off the event loop. A store outage pauses it (one log line per
     outage) and it goes on when the store is back; past `store_outage_budget_seconds` it
     raises StoreOutage, which ends the cohort run as a clean, resumable failure."""
-    return await outage_tolerant(
-        functools.partial(fn, *args),
-        budget=comp.settings.store_outage_budget_seconds,
-        clock=comp.clock,
-        log_key="cohort",
-        sleep=comp.clock.asleep,
-    )
+    result: T = await through_outages(comp.settings, comp.clock, "cohort", fn, *args)
+    return result
 
 
 def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:

@@ -21,12 +21,13 @@ claim whose connection dropped mid-call (the caller re-reads the state before cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import tenacity
 
@@ -196,6 +197,21 @@ async def outage_tolerant(
         raise policy.outage(exc) from None
     policy.succeeded()
     return result
+
+
+async def through_outages(
+    settings: Any, clock: Clock, key: str, fn: Callable[..., Any], *args: Any
+) -> Any:
+    """`fn(*args)` (a store call, or a coroutine function) waiting out a store outage of up to
+    `settings.store_outage_budget_seconds` on `clock`, logged once per outage under `key` —
+    the one way an app run, its claim and the cohort flow reach the store."""
+    return await outage_tolerant(
+        functools.partial(fn, *args),
+        budget=settings.store_outage_budget_seconds,
+        clock=clock,
+        log_key=key,
+        sleep=clock.asleep,
+    )
 
 
 def outage_tolerant_sync(
