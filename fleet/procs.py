@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -152,10 +153,10 @@ async def arun_bounded(
         try:
             code = await await_exit(proc, timeout)
         except BaseException:
-            await asyncio.shield(asyncio.to_thread(_end, proc.pid, proc.poll, marker, grace, True))
+            await asyncio.shield(_aend(proc, marker, grace, running=True))
             raise
         timed_out = code is None
-        await asyncio.to_thread(_end, proc.pid, proc.poll, marker, grace, timed_out)
+        await _aend(proc, marker, grace, running=timed_out)
         tail = _file_tail(out, tail_bytes)
     return Finished(code, tail, timed_out, time.monotonic() - started)
 
@@ -210,11 +211,74 @@ async def _polled_exit(proc: subprocess.Popen, timeout: float | None) -> int | N
 def _end(pid: int, reap: Callable[[], object], marker: str, grace: float, running: bool) -> None:
     """Stop what a bounded command leaves: its whole tree gently (`running`), else its
     leftovers at once; then every process carrying its marker, wherever it moved."""
+    _end_group(pid, reap, grace, running)
+    kill_marked(marker)
+
+
+def _end_group(pid: int, reap: Callable[[], object], grace: float, running: bool) -> None:
     if running:
         _stop_tree(pid, reap, grace)
     else:
         _signal_group(pid, signal.SIGKILL)
-    kill_marked(marker)
+
+
+async def _aend(proc: subprocess.Popen, marker: str, grace: float, running: bool) -> None:
+    """`_end` from a coroutine: the group off the loop only when a stop has to wait for it,
+    the marker search shared with the commands ending at the same time."""
+    if running:
+        await asyncio.to_thread(_end_group, proc.pid, proc.poll, grace, True)
+    else:
+        _signal_group(proc.pid, signal.SIGKILL)
+    await _sweep().kill(marker)
+
+
+class _MarkerSweep:
+    """One search of the process table for every marker asked for meanwhile.
+
+    A search reads every process's environment (milliseconds with a few hundred processes),
+    and after each bounded command there is one: a cohort's checks end together, so they
+    share a search instead of queueing one each for the default thread pool. Callers wait
+    until a search that began after their call is over, as with `kill_marked`.
+    """
+
+    def __init__(self) -> None:
+        self.markers: set[str] = set()
+        self.done: asyncio.Future[None] | None = None
+        self.searching: asyncio.Task[None] | None = None
+
+    async def kill(self, marker: str) -> None:
+        self.markers.add(marker)
+        if self.done is None:
+            self.done = asyncio.get_running_loop().create_future()
+        done = self.done
+        if self.searching is None or self.searching.done():
+            self.searching = asyncio.create_task(self._search())
+        await asyncio.shield(done)
+
+    async def _search(self) -> None:
+        while self.markers:
+            markers, done = self.markers, self.done
+            self.markers, self.done = set(), None
+            assert done is not None
+            try:
+                await asyncio.to_thread(kill_marked, *markers)
+            except Exception as exc:  # psutil failing: every waiter hears it
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+
+_sweeps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _MarkerSweep] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sweep() -> _MarkerSweep:
+    loop = asyncio.get_running_loop()
+    sweep = _sweeps.get(loop)
+    if sweep is None:
+        sweep = _sweeps[loop] = _MarkerSweep()
+    return sweep
 
 
 def _exited(proc: subprocess.Popen) -> bool:
@@ -318,12 +382,12 @@ def marked_env(env: Mapping[str, str] | None) -> tuple[dict[str, str], str]:
     return {**(os.environ if env is None else env), RUN_MARKER: marker}, marker
 
 
-def kill_marked(marker: str, rounds: int = 20) -> None:
-    """SIGKILL every process started with this run's marker, wherever it moved.
+def kill_marked(*markers: str, rounds: int = 20) -> None:
+    """SIGKILL every process started with one of these runs' markers, wherever it moved.
 
     A mitigation: a process that execs itself with a scrubbed environment is not found.
     """
-    kill_by_env(RUN_MARKER, marker, rounds=rounds)
+    kill_by_env(RUN_MARKER, *markers, rounds=rounds)
 
 
 def kill_by_env(name: str, *values: str, rounds: int = 20) -> None:

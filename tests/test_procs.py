@@ -170,3 +170,27 @@ def test_waiting_async_runs_hold_no_thread_each():
     before, during, results = asyncio.run(main())
     assert during == before
     assert [r.returncode for r in results] == [0] * 20
+
+
+def test_commands_that_end_together_share_one_marker_search(tmp_path, monkeypatch):
+    """Every command's escapees are found by its marker in the process table; twenty checks
+    ending at once share a few searches of it instead of one each, and every escapee dies."""
+    searches = []
+    process_iter = psutil.process_iter
+
+    def counted(*args, **kwargs):
+        searches.append(time.monotonic())
+        return process_iter(*args, **kwargs)
+
+    monkeypatch.setattr(psutil, "process_iter", counted)
+    pidfiles = [tmp_path / f"escapee{i}.pid" for i in range(20)]
+    wait = "while [ ! -s {p} ]; do sleep 0.01; done"
+
+    async def main() -> list[Finished]:
+        runs = [arun_bounded(setsid_sleeper(p, wait.format(p=p)), timeout=30) for p in pidfiles]
+        return list(await asyncio.gather(*runs))
+
+    results = asyncio.run(main())
+    assert [r.returncode for r in results] == [0] * 20
+    assert all(gone(wait_for_pid(p)) for p in pidfiles)
+    assert len(searches) < 20 / 2, f"{len(searches)} searches of the process table for 20 ends"
