@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from fleet.clients.base import Dispatcher, Extractor, GateStatus, QualityGate
 from fleet.clock import Clock
-from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, UnknownTask
+from fleet.errors import AgentFailed, DispatchTimeout, StageFailed, StaleLease, UnknownTask
 from fleet.fleetfile import AppSpec, FleetFile, render
 from fleet.inflight import dead_on_this_host, in_flight, owner_id, steal_from
 from fleet.ledger import measured
@@ -52,6 +52,10 @@ class AppRun:
     # before the first one starts: the next run's `take` stops them all after a crash.
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     marker_recorded: bool = False
+    # The app's effects as the store held them when this run took the app, kept up to date
+    # by `record_effect`: only the claim's holder records them (fenced), so reading them
+    # again costs a round trip per agent start for nothing. None: read the store each time.
+    effects: dict[str, Effect] | None = None
 
     @property
     def app_id(self) -> str:
@@ -89,28 +93,47 @@ class AppRun:
         """`set_stage` from a coroutine: a short store write, off the event loop."""
         return await self.call(self.set_stage, stage, error)
 
-    async def renew(self) -> EvolutionState:
-        """Prove this run still holds the app and extend its lease, keeping the stage.
+    async def renew(self) -> None:
+        """Prove this run still holds the app and extend its lease, keeping the stage: one
+        store round trip (`renew_claim`).
 
         Raises StaleLease when another run took the app: the caller stops before it acts.
         """
 
-        def renew_now() -> EvolutionState:
-            return self.set_stage(self.state().stage)
+        def renew_now() -> None:
+            now, lease = self.clock.now(), self.settings.app_lease_seconds
+            if not self.store.renew_claim(self.app_id, self.epoch, now, lease):
+                raise StaleLease(
+                    f"renewing the claim on {self.app_id} refused: epoch {self.epoch} no "
+                    "longer owns it; another run has taken the app or the claim was released"
+                )
 
-        return await self.call(renew_now)
+        await self.call(renew_now)
 
     async def save_tasks(self, tasks: Iterable[Task]) -> None:
         await self.call(self.store.upsert_tasks, list(tasks), self.clock.now())
 
     async def get_effect(self, key: str) -> Effect | None:
+        if self.effects is not None:
+            return self.effects.get(key)
         return await self.call(self.store.get_effect, self.app_id, key)
 
     async def record_effect(self, key: str, kind: EffectKind, value: str) -> str:
         """Record an effect under this claim (fenced); the first value recorded wins."""
-        return await self.call(
-            self.store.record_effect, self.app_id, key, kind, value, self.epoch, self.clock.now()
+        now = self.clock.now()
+        value = await self.call(
+            self.store.record_effect, self.app_id, key, kind, value, self.epoch, now
         )
+        if self.effects is not None and key not in self.effects:
+            self.effects[key] = Effect(
+                app_id=self.app_id,
+                key=key,
+                kind=kind,
+                value=value,
+                epoch=self.epoch,
+                created_at=now,
+            )
+        return value
 
     def effect_key(self, stage: str, attempt: int) -> str:
         return effect_key(self.app_id, stage, attempt)
@@ -201,7 +224,13 @@ async def gateway_key(run: AppRun, key: str) -> str:
     recorded once per evolution (the first value wins, so a resumed run sends the same key)
     and cleared with the rest of the app's effects.
     """
-    nonce = await run.record_effect(run.effect_key(EVOLUTION, 1), "marker", uuid.uuid4().hex[:16])
+    evolution = run.effect_key(EVOLUTION, 1)
+    recorded = await run.get_effect(evolution)
+    nonce = (
+        recorded.value
+        if recorded
+        else await run.record_effect(evolution, "marker", uuid.uuid4().hex[:16])
+    )
     return f"{key}/{nonce}"
 
 
@@ -259,7 +288,7 @@ def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> App
     run = claim(comp, app_id, run_id)
     if run is None:
         return NotClaimed(not_claimed_note(comp, app_id))
-    stop_earlier_agents(comp.store, app_id, run.epoch)
+    run.effects = {e.key: e for e in stop_earlier_agents(comp.store, app_id, run.epoch)}
     stage = run.state().stage
     if not stage.terminal:
         return run
@@ -283,16 +312,19 @@ async def take_waiting_out_outages(
     return run
 
 
-def stop_earlier_agents(store: Store, app_id: str, epoch: int) -> None:
+def stop_earlier_agents(store: Store, app_id: str, epoch: int) -> list[Effect]:
     """Kill every agent (on this host) that an earlier claim of the app started: a run that
-    died left them editing the repo, and what they write must not reach the next snapshot."""
+    died left them editing the repo, and what they write must not reach the next snapshot.
+    Returns the app's effects, read for it."""
+    effects = store.list_effects(app_id)
     markers = [
         e.value
-        for e in store.list_effects(app_id)
+        for e in effects
         if e.kind == "marker" and e.key.startswith(APP_RUN + "/") and e.epoch < epoch
     ]
     if markers:
         kill_by_env(APP_RUN_MARKER, *markers)
+    return effects
 
 
 def claim(comp: Components, app_id: str, run_id: str) -> AppRun | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from fleet.clients.base import Dispatcher
 from fleet.clients.local import LocalExecutor, LocalQualityGate
 from fleet.clock import Clock, ManualClock
 from fleet.demo import create_demo_fleet
@@ -15,6 +16,7 @@ from fleet.models import Stage
 from fleet.pipeline import AppRun
 from fleet.settings import FleetSettings
 from fleet.store.sqlite import SQLiteStore
+from fleet.wiring import Components
 
 PY = sys.executable
 
@@ -79,3 +81,16 @@ def advance(run: AppRun, until: Stage) -> None:
     """Write the stages of a successful run, in order, up to and including `until`."""
     for stage in HAPPY_PATH[: HAPPY_PATH.index(until) + 1]:
         run.set_stage(stage)
+
+
+def run_components(run: AppRun, dispatcher: Dispatcher | None = None) -> Components:
+    """The components `run` was built from (another dispatcher: a new process's)."""
+    return Components(
+        settings=run.settings,
+        fleet=run.fleet,
+        store=run.store,
+        dispatcher=dispatcher or run.dispatcher,
+        gate=run.gate,
+        extractor=None,
+        clock=run.clock,
+    )

@@ -11,8 +11,7 @@ from fleet.claim import APP_RUN, AppRun, start_once, take
 from fleet.clock import ManualClock
 from fleet.models import Stage
 from fleet.procs import APP_RUN_MARKER
-from fleet.wiring import Components
-from tests.helpers import advance, app_run, demo_fleet, script
+from tests.helpers import advance, app_run, demo_fleet, run_components, script
 
 # An agent that keeps editing: it and a grandchild that left its session (setsid) append a
 # line to their own file every 0.1 s, after writing down their pids.
@@ -30,18 +29,6 @@ WRITER = (
     "        f.write('x\\n')\n"
     "    time.sleep(0.1)\n"
 )
-
-
-def components(run: AppRun) -> Components:
-    return Components(
-        settings=run.settings,
-        fleet=run.fleet,
-        store=run.store,
-        dispatcher=run.dispatcher,
-        gate=run.gate,
-        extractor=None,
-        clock=run.clock,
-    )
 
 
 def wait_for(path: Path, timeout: float = 10) -> None:
@@ -83,7 +70,7 @@ async def test_the_run_taking_a_dead_runs_app_stops_its_agents_before_resuming(t
     assert all(APP_RUN_MARKER in psutil.Process(p).environ() for p in pids)
     try:
         # The orchestrator is killed -9: nothing stops its agents, its lease runs out.
-        comp = components(dead)
+        comp = run_components(dead)
         del dead
         clock.advance(comp.settings.app_lease_seconds + 1)
 
@@ -104,7 +91,7 @@ async def test_each_runs_marker_is_recorded_under_its_epoch_before_its_first_age
     clock = ManualClock()
     first = app_run(tmp_path, demo_fleet(tmp_path), clock=clock)
     advance(first, Stage.SKILL_RUNNING)
-    comp = components(first)
+    comp = run_components(first)
     await first.record_marker()
     clock.advance(comp.settings.app_lease_seconds + 1)
     second = take(comp, "demo-calc", "run-2")
@@ -130,7 +117,7 @@ async def test_taking_one_app_leaves_another_apps_agents_running(tmp_path):
     _, pids = await start_writer(other, tmp_path, "other")
     try:
         await dead.record_marker()
-        comp = components(dead)
+        comp = run_components(dead)
         clock.advance(comp.settings.app_lease_seconds + 1)
         assert isinstance(take(comp, "demo-calc", "run-2"), AppRun)
         assert all(alive(p) for p in pids)

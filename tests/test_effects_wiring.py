@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from fleet.claim import AppRun
+from fleet.claim import AppRun, take
 from fleet.clients.local import LocalExecutor
 from fleet.clock import ManualClock
 from fleet.errors import AgentFailed, StageFailed
@@ -17,7 +18,7 @@ from fleet.pipeline import run_evolve, run_review, run_ship, run_skill
 from fleet.store.base import effect_key
 from fleet.store.outage import StoreOutage
 from fleet.store.refusals import StoreUnreachable
-from tests.helpers import advance, app_run, demo_fleet, script
+from tests.helpers import advance, app_run, demo_fleet, run_components, script
 
 STAGE_WORDS = ("skill", "review", "evolve", "ship")  # the demo agent's first argument
 
@@ -311,3 +312,43 @@ async def test_a_reset_app_starts_new_work_on_a_gateway_that_remembers_keys(tmp_
     sent = next(iter(set(gateway.by_key) - set(first)))
     nonce = sent.rsplit("/", 1)[1]
     assert all(k.endswith(nonce) for k in set(gateway.by_key) - set(first))
+
+
+class CountingStore:
+    """The SQLite store, each call counted by method: a store round trip on PostgreSQL."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, Counter()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return call
+
+
+async def test_an_apps_stages_cost_few_store_round_trips(tmp_path):
+    """Each store call is a round trip on PostgreSQL, and 89 apps leaving a stage together
+    queue theirs on the one connection: a renewal is one call, and the effects read when the
+    app was taken are not read again before each agent start."""
+    first = app_run(tmp_path, demo_fleet(tmp_path))
+    first.store.release_app(first.app_id, first.epoch)
+    counting = CountingStore(first.store)
+    run = take(run_components(first), first.app_id, "run-2")
+    assert isinstance(run, AppRun)
+    run.store = counting
+    await run.renew()
+    assert counting.calls == Counter(renew_claim=1)
+    counting.calls.clear()
+    await run_review(run, await run_skill(run))
+    await run_evolve(run)
+    await run_ship(run)
+    assert counting.calls["get_effect"] == 0
+    # skill, review, evolve (guarded, on the demo's repo) and ship: per agent start one
+    # effect, one ledger row, one stage write or renewal around it.
+    assert sum(counting.calls.values()) <= 28, sorted(counting.calls.items())

@@ -17,8 +17,7 @@ from fleet.evolve import GUARDED, SNAPSHOT, guard_for, guarded_evolve, pre_attem
 from fleet.models import Stage
 from fleet.settings import FleetSettings
 from fleet.supervisor.snapshot import dump_snapshot, load_snapshot
-from fleet.wiring import Components
-from tests.helpers import advance, app_run, demo_fleet, script
+from tests.helpers import advance, app_run, demo_fleet, run_components, script
 
 
 async def test_agent_that_fails_after_editing_a_protected_path_is_rolled_back(tmp_path):
@@ -150,15 +149,8 @@ async def test_a_resumed_evolve_validates_against_the_snapshot_recorded_before_t
         return await executor.spawn([*late, str(repo)], idempotency_key=key)
 
     await start_once(dead, "evolve", 1, "spawn", start)
-    comp = Components(
-        settings=settings,
-        fleet=dead.fleet,
-        store=dead.store,
-        dispatcher=LocalExecutor(workdir=tmp_path / "exec-2"),  # a new process: knows no task
-        gate=dead.gate,
-        extractor=None,
-        clock=clock,
-    )
+    # A new process: its executor knows no task.
+    comp = run_components(dead, LocalExecutor(workdir=tmp_path / "exec-2"))
     del dead  # killed -9: nothing stops its agent
     deadline = time.monotonic() + 10
     while not (repo / "done").exists():  # the edit lands after the crash, before the resume
@@ -210,15 +202,7 @@ async def test_a_dead_runs_evolve_agent_is_stopped_before_its_late_edit_lands(tm
         time.sleep(0.02)
     pid = int((repo / "started").read_text())
     (repo / "started").unlink()
-    comp = Components(
-        settings=settings,
-        fleet=dead.fleet,
-        store=dead.store,
-        dispatcher=LocalExecutor(workdir=tmp_path / "exec-2"),
-        gate=dead.gate,
-        extractor=None,
-        clock=clock,
-    )
+    comp = run_components(dead, LocalExecutor(workdir=tmp_path / "exec-2"))
     del dead  # killed -9: nothing stops its agent
     clock.advance(settings.app_lease_seconds + 1)
 
