@@ -211,7 +211,8 @@ async def plan_and_run(
 
     def wrap_up() -> list[AppRow]:
         # Expansion (10 → 20 → 40) counts a cohort once every app in it has finished.
-        if all(_stage(comp, a).terminal for a in plan.cohort):
+        stages = {s.app_id: s.stage for s in comp.store.list_states()}
+        if all(stages[a].terminal for a in plan.cohort):
             comp.store.finish_cohort(run_id, comp.clock.now())
         return [
             finished.get(a) or app_row(comp.store, a, note=plan.skipped.get(a)) for a in plan.cohort
@@ -338,8 +339,11 @@ async def stored(comp: Components, fn: Callable[..., T], *args: object) -> T:
     return result
 
 
-def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:
-    return fresh or (retry_failed and _stage(comp, app_id) is Stage.FAILED)
+async def reset_requested(comp: Components, app_id: str, fresh: bool, retry_failed: bool) -> bool:
+    """Whether the app starts over; the store is asked only when that depends on its stage."""
+    if fresh or not retry_failed:
+        return fresh
+    return await stored(comp, _stage, comp, app_id) is Stage.FAILED
 
 
 def _stage(comp: Components, app_id: str) -> Stage:
@@ -423,7 +427,7 @@ async def in_process(
 
     async def one(app_id: str) -> tuple[str, AppRow | None, str | None]:
         try:
-            reset = await stored(comp, reset_requested, comp, app_id, fresh, retry_failed)
+            reset = await reset_requested(comp, app_id, fresh, retry_failed)
             return app_id, await evolve_one(comp, app_id, run_id, reset, on_taken=taken.one), None
         except FleetRunFailed as failed:  # recorded as failed; the row says why
             return app_id, failed.row, None
@@ -468,7 +472,7 @@ async def on_workers(
             parameters={
                 "app_id": app_id,
                 "fleet_file": fleet_file,
-                "fresh": await stored(comp, reset_requested, comp, app_id, fresh, retry_failed),
+                "fresh": await reset_requested(comp, app_id, fresh, retry_failed),
             },
         )
         pending[submitted.id] = app_id
