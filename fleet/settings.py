@@ -60,6 +60,9 @@ class FleetSettings(BaseSettings):
     planner_retry_seconds: float = 2
     # How long a store outage is waited out (with backoff) before the call fails cleanly.
     store_outage_budget_seconds: float = 300
+    # Connections a PostgreSQL store opens at most, as concurrent calls need them: the apps
+    # of a cohort leaving a stage together write at once instead of queueing on one.
+    store_connections: int = Field(default=4, ge=1)
     # A fanned-out cohort reads its app runs' states this often (one API call for all of them).
     cohort_poll_seconds: float = 10
     # The deployment a fanned-out cohort submits each app to (prefect.yaml).

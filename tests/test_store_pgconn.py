@@ -197,3 +197,52 @@ def test_one_connector_is_safe_to_share_between_threads(db):
     for t in threads:
         t.join()
     assert sorted(results) == list(range(8))
+
+
+def test_threads_query_at_once_on_up_to_n_connections(pg_url):
+    """Apps leaving a stage together make their store calls from several threads: with
+    `connections=2` two of them are inside a query at the same moment (one connection under
+    a lock made every call queue behind the one in flight)."""
+    connector = PgConnector(pg_url, connections=2, application_name="fleet-conn-pool")
+    both_inside = threading.Barrier(2, timeout=10)
+    seen: list[int] = []
+
+    def meet(conn: psycopg.Connection) -> None:
+        seen.append(conn.info.backend_pid)
+        both_inside.wait()  # broken (an error) unless the other thread is inside too
+
+    try:
+        threads = [threading.Thread(target=connector.run, args=(meet,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(seen)) == 2 and not both_inside.broken
+        # A third thread waits for a free connection: no third one is opened.
+        connector.fetch_one("SELECT 1 AS one")
+        assert _backends(pg_url, "fleet-conn-pool") == 2
+    finally:
+        connector.close()
+    assert _backends(pg_url, "fleet-conn-pool") == 0
+
+
+def test_a_nested_call_on_the_same_thread_uses_the_connection_it_holds(pg_url):
+    connector = PgConnector(pg_url, connections=1, application_name="fleet-conn-nested")
+    try:
+        with connector.transaction() as conn:
+            conn.execute("CREATE TEMP TABLE t (x int)")
+            conn.execute("INSERT INTO t VALUES (1)")
+            # Inside the transaction, on its connection: it sees the uncommitted row.
+            assert connector.fetch_one("SELECT count(*) AS n FROM t") == {"n": 1}
+    finally:
+        connector.close()
+
+
+def _backends(pg_url: str, application_name: str) -> int:
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

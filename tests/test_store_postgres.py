@@ -52,6 +52,27 @@ def test_open_store_picks_postgres_and_state_survives_reopening(pg_url, store):
     second.close()
 
 
+def test_the_store_makes_concurrent_calls_on_as_many_connections_as_configured(pg_url, store):
+    import threading
+
+    from fleet.settings import FleetSettings
+
+    three = open_store(pg_url, settings=FleetSettings(store_connections=3))
+    inside = threading.Barrier(3, timeout=10)  # broken unless three calls are in at once
+    try:
+        threads = [
+            threading.Thread(target=three._db.run, args=(lambda conn: inside.wait(),))
+            for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not inside.broken
+    finally:
+        three.close()
+
+
 def _terminate_backends(pg_url: str) -> int:
     with psycopg.connect(pg_url, autocommit=True) as admin:
         rows = admin.execute(

@@ -26,7 +26,7 @@ def open_store(url: str, *, settings: FleetSettings | None = None) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from fleet.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, connections=settings.store_connections if settings else None)
     if url in ("supabase", "supabase://") or url.startswith(("supabase://", "https://", "http://")):
         return _open_supabase(url, settings)
     raise ConfigError(

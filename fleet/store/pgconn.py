@@ -1,9 +1,11 @@
 """The one PostgreSQL connector of the pipeline and mesh stores (psycopg 3).
 
 It owns the connection and its policy, so both stores behave alike:
-- one connection shared by threads under a lock, opened lazily, in autocommit, with the
-  session in UTC and statement and lock timeouts (a held lock or a hung server is an error
-  the caller sees, never a hang);
+- up to `connections` connections shared by threads, each opened when concurrency first
+  needs it, in autocommit, with the session in UTC and statement and lock timeouts (a held
+  lock or a hung server is an error the caller sees, never a hang). A thread holds one for
+  a call (a nested call on that thread uses the same one); past the limit a call waits
+  for a free one;
 - server-side prepared statements off (`prepare_threshold=None`): Supabase's transaction
   pooler hands each transaction to any server connection, where a statement prepared on
   another one does not exist;
@@ -18,6 +20,7 @@ It owns the connection and its policy, so both stores behave alike:
 from __future__ import annotations
 
 import contextlib
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -78,6 +81,13 @@ class Timeouts:
     lock: float = 10
 
 
+@dataclass
+class _Slot:
+    """One of the connector's connections (None until a call needs it, or after a drop)."""
+
+    conn: psycopg.Connection[dict[str, Any]] | None = None
+
+
 class PgConnector:
     """A PostgreSQL connection with the project's one policy (see the module docstring).
 
@@ -93,6 +103,7 @@ class PgConnector:
         advice: str = "check that the server is up and FLEET_STORE_URL points at it",
         timeouts: Timeouts = Timeouts(),
         application_name: str = "fleet",
+        connections: int = 1,
     ):
         self._conninfo = conninfo if isinstance(conninfo, SecretStr) else SecretStr(conninfo)
         self.where, password = describe(self._conninfo.get_secret_value())
@@ -101,8 +112,14 @@ class PgConnector:
         self._advice = advice
         self._timeouts = timeouts
         self._application_name = application_name
-        self._lock = threading.RLock()
-        self._conn: psycopg.Connection[dict[str, Any]] | None = None
+        if connections < 1:
+            raise ConfigError(f"{label}: connections must be at least 1, not {connections}")
+        self._size = connections
+        # Last in, first out: calls that never overlap keep reusing one open connection.
+        self._free: queue.LifoQueue[_Slot] = queue.LifoQueue()
+        for _ in range(connections):
+            self._free.put(_Slot())
+        self._mine = threading.local()  # the slot this thread holds, if any
 
     def __repr__(self) -> str:
         return f"PgConnector({self.where!r})"
@@ -138,13 +155,29 @@ class PgConnector:
             unreachable=lost or unreachable_code(exc.sqlstate),
         )
 
-    # Connection --------------------------------------------------------------------
-    def _connection(self) -> psycopg.Connection[dict[str, Any]]:
+    # Connection ----------------------------------------------------------------------
+    @contextmanager
+    def _slot(self) -> Iterator[_Slot]:
+        """The connection slot this thread holds (a nested call), else a free one, waiting
+        while every connection is in use."""
+        held: _Slot | None = getattr(self._mine, "slot", None)
+        if held is not None:
+            yield held
+            return
+        slot = self._free.get()
+        self._mine.slot = slot
+        try:
+            yield slot
+        finally:
+            self._mine.slot = None
+            self._free.put(slot)
+
+    def _connection(self, slot: _Slot) -> psycopg.Connection[dict[str, Any]]:
         import psycopg
         from psycopg.rows import dict_row
 
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            self._drop()
+        if slot.conn is None or slot.conn.closed or slot.conn.broken:
+            self._drop(slot)
             try:
                 conn = psycopg.connect(
                     self._conninfo.get_secret_value(),
@@ -167,14 +200,15 @@ class PgConnector:
             except psycopg.Error as exc:
                 # `from None`: the driver's error may quote the connection string.
                 raise self.unavailable("cannot connect", exc, unreachable=True) from None
-            self._conn = conn
-        return self._conn
+            slot.conn = conn
+        return slot.conn
 
-    def _drop(self) -> None:
-        if self._conn is not None:
+    @staticmethod
+    def _drop(slot: _Slot) -> None:
+        if slot.conn is not None:
             with contextlib.suppress(Exception):  # already gone: nothing left to release
-                self._conn.close()
-            self._conn = None
+                slot.conn.close()
+            slot.conn = None
 
     def run(
         self,
@@ -187,9 +221,9 @@ class PgConnector:
         connection is reopened and, when `retry_safe`, the work repeated once."""
         import psycopg
 
-        with self._lock:
+        with self._slot() as slot:
             for attempt in (1, 2):
-                conn = self._connection()
+                conn = self._connection(slot)
                 try:
                     if not transaction:
                         return work(conn)
@@ -198,7 +232,7 @@ class PgConnector:
                 except psycopg.Error as exc:
                     lost = conn.closed or conn.broken
                     if lost:
-                        self._drop()
+                        self._drop(slot)
                         if retry_safe and attempt == 1:
                             continue
                     # `from None`: the chained driver error may quote the connection string.
@@ -211,15 +245,15 @@ class PgConnector:
         after a drop (it may have committed)."""
         import psycopg
 
-        with self._lock:
-            conn = self._connection()
+        with self._slot() as slot:
+            conn = self._connection(slot)
             try:
                 with conn.transaction():
                     yield conn
             except psycopg.Error as exc:
                 lost = conn.closed or conn.broken
                 if lost:
-                    self._drop()
+                    self._drop(slot)
                 raise self._mapped(exc, lost=lost) from None
 
     def fetch(
@@ -238,5 +272,12 @@ class PgConnector:
         self.run(lambda conn: conn.execute(sql, params), retry_safe=retry_safe)
 
     def close(self) -> None:
-        with self._lock:
-            self._drop()
+        """Close every connection, each once its call in flight is over (a later call opens
+        one again)."""
+        held: _Slot | None = getattr(self._mine, "slot", None)
+        if held is not None:
+            self._drop(held)
+        others = [self._free.get() for _ in range(self._size - (held is not None))]
+        for slot in others:
+            self._drop(slot)
+            self._free.put(slot)

@@ -28,17 +28,28 @@ QUERIES = queries.load("fleet.store", "queries.sql")
 
 
 class PostgresStore(SqlStore):
-    """Store on PostgreSQL; one connection shared by threads under a lock, reopened if it drops."""
+    """Store on PostgreSQL; up to `connections` connections shared by threads (default:
+    FLEET_STORE_CONNECTIONS), each reopened if it drops."""
 
     def __init__(
-        self, conninfo: str | SecretStr, *, apply_schema: bool = True, connect_timeout: int = 10
+        self,
+        conninfo: str | SecretStr,
+        *,
+        apply_schema: bool = True,
+        connect_timeout: int = 10,
+        connections: int | None = None,
     ):
+        if connections is None:
+            from fleet.settings import get_settings
+
+            connections = get_settings().store_connections
         self._db = PgConnector(
             conninfo,
             label="PostgreSQL store",
             advice="check that the server is up and FLEET_STORE_URL (or the PostgresStore "
             "block) points at it",
             timeouts=Timeouts(connect=connect_timeout),
+            connections=connections,
         )
         if apply_schema:
             self._apply_schema()
