@@ -10,7 +10,7 @@ Store outage: the same fleet on the real PostgreSQL through tests/chaos/proxy.py
 `--cut` seconds while the apps' review runs (the review finishes during the cut); the figure is
 the time from the restore to each app's next stage write.
 Local agents: the same fleet with its agents on the local executor, killed during SKILL; the
-figure is the time until no agent of the dead run is left (the tether's work, no rerun).
+figure is the time until no agent of the dead run is left (the reaper's work, no rerun).
 
     uv run python bench/bench_recovery.py [--pg postgresql://…] [--cut 10]
 """

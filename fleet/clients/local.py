@@ -29,11 +29,12 @@ from fleet.procs import (
     app_run_env,
     arun_bounded,
     await_exit,
+    describe_exit,
     kill_marked,
     marked_env,
     stop_process_tree,
 )
-from fleet.tether import tethered
+from fleet.tether import TOKEN_VAR, process_reaper
 
 log = logging.getLogger("fleet.local")
 TAIL = 2000
@@ -98,12 +99,15 @@ class LocalExecutor:
             {**agent_env(self.env), "FLEET_TARGET": target, "FLEET_MODEL": model, **app_run_env()}
         )
         _startable(argv[0], self.cwd, env.get("PATH"))
+        # The reaper runs before the agent does: the agent (its process group, what it starts)
+        # dies with this process, whatever kills it — no agent outlives its run to edit behind
+        # the next one. Its token covers a kill between the start and the registration.
+        reaper = process_reaper()
+        env[TOKEN_VAR] = reaper.ensure()
         try:
             with out.open("wb") as fo, err.open("wb") as fe:
-                # Through the tether: the agent (and its process group) dies with this process,
-                # whatever kills it — no agent outlives its run to edit behind the next one.
                 proc = subprocess.Popen(
-                    tethered(argv, marker),
+                    argv,
                     stdout=fo,
                     stderr=fe,
                     stdin=subprocess.DEVNULL,
@@ -113,11 +117,12 @@ class LocalExecutor:
                 )
         except OSError as exc:
             raise DispatchError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        reaper.register(proc.pid, marker)
         with self._lock:
             # Reap finished children nobody waits for (fire-and-forget spawns) so they do not
             # linger as zombies; their output files stay until someone polls them.
             for job in self._jobs.values():
-                job.proc.poll()
+                _release(job)
             self._jobs[task_id] = _Job(argv, proc, out, err, marker)
         log.info("started %s on %s (pid %s): %s", task_id, target, proc.pid, argv[0])
         return task_id
@@ -143,10 +148,11 @@ class LocalExecutor:
         finally:
             with self._lock:
                 self._jobs.pop(task_id, None)
+            _release(job)
         output = job.out.read_bytes().decode(errors="replace")
         if code != 0:
             raise AgentFailed(
-                f"task {task_id} ({job.command[0]}) exited with code {code}: "
+                f"task {task_id} ({job.command[0]}) {describe_exit(code)}: "
                 f"{_tail(job.err) or _tail(job.out) or 'no output'}"
             )
         job.out.unlink(missing_ok=True)
@@ -162,7 +168,7 @@ class LocalExecutor:
 
 
 def _startable(program: str, cwd: Path | None, path: str | None) -> None:
-    """Say now, not as the tether's exit code, that a program cannot be started."""
+    """Say plainly that a program cannot be started, before the reaper is started for it."""
     if os.sep in program:
         found = Path(cwd or ".", program)
         ok = found.is_file() and os.access(found, os.X_OK)
@@ -175,6 +181,13 @@ def _startable(program: str, cwd: Path | None, path: str | None) -> None:
 def _stop(job: _Job) -> None:
     stop_process_tree(job.proc, KILL_GRACE)
     kill_marked(job.marker)  # what left the process group (setsid) too
+    _release(job)
+
+
+def _release(job: _Job) -> None:
+    """Unregister a reaped agent: from then on its pid, the id of its group, may be reused."""
+    if job.proc.poll() is not None:
+        process_reaper().unregister(job.proc.pid)
 
 
 async def run_check(command: Command, cwd: Path | None, timeout: float) -> tuple[bool, str]:
