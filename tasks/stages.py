@@ -9,6 +9,7 @@ calls its task `.with_options(...)` built from `run.settings`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prefect import Task as PrefectTask
@@ -53,12 +54,19 @@ def live(stage: PrefectTask, run: AppRun, timeout: float, retries: bool = True) 
     file, store, clients) looking for upstream results on every task call.
     """
     s = run.settings
-    options: dict[str, Any] = {
-        "timeout_seconds": timeout,
-        "retries": s.stage_retries if retries else 0,
-    }
-    if retries:
-        options["retry_delay_seconds"] = exponential_backoff(s.retry_delay_seconds)
+    delays = tuple(exponential_backoff(s.retry_delay_seconds)(s.stage_retries)) if retries else None
+    return _with_options(stage, timeout, s.stage_retries if retries else 0, delays)
+
+
+@functools.lru_cache(maxsize=256)
+def _with_options(
+    stage: PrefectTask, timeout: float, retries: int, delays: tuple[float, ...] | None
+) -> PrefectTask:
+    """A task's copy per set of options, made once: a copy is a whole Task (Prefect reads
+    the function's source for its key), and every app calls every stage."""
+    options: dict[str, Any] = {"timeout_seconds": timeout, "retries": retries}
+    if delays is not None:
+        options["retry_delay_seconds"] = list(delays)
     return stage.with_options(**options)
 
 

@@ -17,3 +17,14 @@ def test_timeouts_and_retries_come_from_the_runs_settings_at_call_time(tmp_path)
     evolve = live(_evolve, run, 7, retries=False)
     assert (evolve.timeout_seconds, evolve.retries) == (7, 0)
     assert _dispatch.timeout_seconds is None  # nothing frozen at import
+
+
+def test_the_same_options_reuse_one_task_copy(tmp_path):
+    """A copy of a task is a whole Task (Prefect hashes the function's source for its key):
+    89 apps calling a stage with the same settings share one, made once."""
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    assert live(_dispatch, run, 60) is live(_dispatch, run, 60)
+    assert live(_dispatch, run, 60) is not live(_dispatch, run, 61)
+    assert live(_dispatch, run, 60).retry_delay_seconds == [
+        run.settings.retry_delay_seconds * 2**i for i in range(run.settings.stage_retries)
+    ]

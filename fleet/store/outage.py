@@ -183,18 +183,28 @@ async def outage_tolerant(
             return await cast(Callable[[], Awaitable[T]], call)()
         return await asyncio.to_thread(cast(Callable[[], T], call))
 
-    retrying = tenacity.AsyncRetrying(
-        sleep=sleep or asyncio.sleep,
-        retry=_UNREACHABLE,
-        stop=policy.stop,
-        wait=policy.wait,
-        before_sleep=policy.before_sleep,
-        reraise=True,
-    )
     try:
-        result: T = await retrying(once)
-    except StoreUnreachable as exc:
-        raise policy.outage(exc) from None
+        result: T = await once()  # the usual case: no retry machinery at all
+    except StoreUnreachable as first:
+        failed = [first]
+
+        async def again() -> T:  # the first failure replayed as the policy's attempt 1
+            if failed:
+                raise failed.pop()
+            return await once()
+
+        retrying = tenacity.AsyncRetrying(
+            sleep=sleep or asyncio.sleep,
+            retry=_UNREACHABLE,
+            stop=policy.stop,
+            wait=policy.wait,
+            before_sleep=policy.before_sleep,
+            reraise=True,
+        )
+        try:
+            result = await retrying(again)
+        except StoreUnreachable as exc:
+            raise policy.outage(exc) from None
     policy.succeeded()
     return result
 
