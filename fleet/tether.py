@@ -9,13 +9,16 @@ on the id may name someone else's group). The reaper waits on a pidfd of the run
 orchestrator process, by pid — not the thread that started it) and on that pipe. When the run
 exits in any way, `kill -9` included, it SIGKILLs every registered group, every process carrying
 a registered marker (what left its group with setsid) and every process whose TOKEN_VAR is
-TOKEN (an agent killed with the run before it was registered), then exits.
+TOKEN (an agent killed with the run before it was registered), then exits. A run exiting by
+itself says `bye` first (atexit): with no agent registered the reaper then exits at once.
 
 Only this host's processes can be reached this way; an agent on a gateway is the gateway's.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import select
@@ -42,6 +45,8 @@ class Reaper:
         self._groups: dict[int, str] = {}  # pgid -> marker, of every agent not reaped yet
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        self._owner = os.getpid()
+        atexit.register(self.bye)
 
     def ensure(self) -> str:
         """Start the reaper unless it runs (before an agent starts); returns the token."""
@@ -61,6 +66,16 @@ class Reaper:
         with self._lock:
             if self._groups.pop(pgid, None) is not None:
                 self._tell(f"- {pgid}\n")
+
+    def bye(self) -> None:
+        """This process is exiting by itself (atexit): a reaper with no agent left then exits
+        at once, without searching the process table for its token."""
+        if os.getpid() != self._owner:  # a forked child's exit is not its parent's
+            return
+        with self._lock:
+            if self._proc is not None and self._proc.stdin is not None:
+                with contextlib.suppress(OSError):  # a reaper already gone needs no word
+                    self._proc.stdin.write(b"bye\n")
 
     def _start(self) -> None:
         # A session of its own: a kill of the orchestrator's process group spares it.
@@ -105,15 +120,16 @@ def process_reaper() -> Reaper:
         return _reapers.setdefault(os.getpid(), Reaper())
 
 
-def _watch(run: int, groups: dict[int, str]) -> None:
-    """Keep `groups` as the run says, until the run exits or its pipe closes."""
-    pending = b""
+def _watch(run: int, groups: dict[int, str]) -> bool:
+    """Keep `groups` as the run says, until the run exits or its pipe closes; True when the
+    run said `bye` (it is exiting by itself, not killed)."""
+    pending, bye = b"", False
     while True:
         ready, _, _ = select.select([run, 0], [], [])
         if 0 in ready:  # before the run's exit: what it said just before it died counts
             chunk = os.read(0, 65536)
             if not chunk:
-                return
+                return bye
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
                 match line.split():
@@ -121,8 +137,10 @@ def _watch(run: int, groups: dict[int, str]) -> None:
                         groups[int(pgid)] = marker.decode()
                     case [b"-", pgid] if pgid.isdigit():
                         groups.pop(int(pgid), None)
+                    case [b"bye"]:
+                        bye = True
         if run in ready:
-            return
+            return bye
 
 
 def _reap(groups: dict[int, str], token: str) -> None:
@@ -144,8 +162,11 @@ def main(args: list[str]) -> int:
         run = os.pidfd_open(run_pid)
     except ProcessLookupError:
         run = None
-    if run is not None and os.getppid() == run_pid:  # else the pid was reused: the run is gone
-        _watch(run, groups)
+    # Unless the pid was reused (the run is gone); a run exiting by itself with no agent
+    # left means nothing to kill and no process table to search (`fleet run`'s output ends
+    # when this exits: it shares its stderr).
+    if run is not None and os.getppid() == run_pid and _watch(run, groups) and not groups:
+        return 0
     _reap(groups, token)
     return 0
 

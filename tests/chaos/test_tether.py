@@ -219,3 +219,53 @@ def test_a_reaper_whose_run_is_already_gone_kills_its_token_carriers() -> None:
         assert carrier.wait(5) == -signal.SIGKILL
     finally:
         carrier.kill()
+
+
+def test_a_run_that_says_bye_with_no_agent_left_has_nothing_searched() -> None:
+    """`fleet run` ending by itself tells its reaper `bye`: with every agent unregistered the
+    reaper exits at once (its stderr is the run's, so the run's output ends with it) and
+    searches nothing; without the `bye` (the run was killed) it kills its token carriers."""
+    token = uuid.uuid4().hex
+    carrier = subprocess.Popen(
+        [PY, "-c", "import time; time.sleep(60)"], env={**os.environ, TOKEN_VAR: token}
+    )
+    try:
+        for said, survives in ((b"+ 4242 m\n- 4242\nbye\n", True), (b"", False)):
+            reaper = subprocess.Popen(
+                [PY, "-m", "fleet.tether", str(os.getpid()), token], stdin=subprocess.PIPE
+            )
+            reaper.communicate(said, timeout=10)
+            assert reaper.returncode == 0
+            assert (carrier.poll() is None) is survives
+    finally:
+        carrier.kill()
+
+
+CLEAN_RUN = """\
+import asyncio, os, subprocess, sys
+from pathlib import Path
+from fleet.clients.local import LocalExecutor
+from fleet.tether import TOKEN_VAR, process_reaper
+async def main():
+    ex = LocalExecutor(workdir=Path(sys.argv[1]))
+    await ex.poll_and_retrieve(await ex.spawn([sys.executable, "-c", "pass"]), 10)
+    env = {**os.environ, TOKEN_VAR: process_reaper().ensure()}
+    stray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(stray.pid, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_a_run_exiting_by_itself_says_bye_to_its_reaper(tmp_path: Path) -> None:
+    (tmp_path / "run.py").write_text(CLEAN_RUN)
+    done = subprocess.run(
+        [PY, str(tmp_path / "run.py"), str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    stray = int(done.stdout.split()[0])
+    try:
+        # The output ended: the reaper is gone, and it searched nothing (the stray lives).
+        assert alive(stray)
+    finally:
+        os.kill(stray, signal.SIGKILL)
