@@ -117,7 +117,10 @@ _reapers_lock = threading.Lock()
 def process_reaper() -> Reaper:
     """The reaper of this process: a forked child (a flow run's subprocess) gets its own."""
     with _reapers_lock:
-        return _reapers.setdefault(os.getpid(), Reaper())
+        reaper = _reapers.get(os.getpid())
+        if reaper is None:
+            reaper = _reapers[os.getpid()] = Reaper()
+        return reaper
 
 
 def _watch(run: int, groups: dict[int, str]) -> bool:

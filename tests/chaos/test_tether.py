@@ -269,3 +269,14 @@ def test_a_run_exiting_by_itself_says_bye_to_its_reaper(tmp_path: Path) -> None:
         assert alive(stray)
     finally:
         os.kill(stray, signal.SIGKILL)
+
+
+def test_asking_for_the_process_reaper_makes_nothing_new() -> None:
+    """The executor asks for it at every start and every reaped agent: 1 000 apps waiting on
+    Hydra asked a million times, and each ask built (and kept, for atexit) a new Reaper."""
+    import atexit
+
+    first = process_reaper()
+    before = atexit._ncallbacks()
+    assert all(process_reaper() is first for _ in range(100))
+    assert atexit._ncallbacks() == before
