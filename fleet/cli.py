@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import os
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -508,29 +505,5 @@ def _mount_subcommands() -> None:
 
 _mount_subcommands()
 
-
-def main() -> NoReturn:
-    """The `fleet` command. A command that has finished leaves without the interpreter's
-    teardown: after a cohort of 89 apps that teardown frees every object one by one for a
-    second after the results are printed. Exit handlers still run (Prefect drains its logs
-    and events and stops its temporary server, the reaper hears `bye`, logging flushes),
-    then the output is flushed; a thread still working gets the ordinary exit, which waits."""
-    code: str | int | None = 0
-    try:
-        app()
-    except SystemExit as exit_:
-        code = exit_.code
-    main_thread = threading.main_thread()
-    if any(t is not main_thread and t.is_alive() and not t.daemon for t in threading.enumerate()):
-        sys.exit(code)
-    atexit._run_exitfuncs()  # CPython's own exit-handler runner, as the ordinary exit calls it
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
-
-
 if __name__ == "__main__":
-    main()
+    app()

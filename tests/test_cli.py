@@ -294,39 +294,3 @@ def test_a_cohort_of_zero_is_refused_before_anything_runs(command):
     result = runner.invoke(app, [command, "--size", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "--size" in result.output and "1" in result.output
-
-
-PROBE = """\
-import atexit, os
-probe = os.environ["FLEET_PROBE_DIR"]
-atexit.register(lambda: open(os.path.join(probe, "atexit"), "w").close())
-class Torn:  # what the teardown frees runs its __del__ (with what it holds: builtins go)
-    def __del__(self, close=os.close, make=os.open, path=os.path.join(probe, "teardown"),
-                flags=os.O_CREAT | os.O_WRONLY):
-        close(make(path, flags))
-torn = Torn()
-"""
-
-
-@pytest.mark.parametrize(("args", "code"), [(["check-config"], 0), (["check-config", "x"], 2)])
-def test_the_fleet_command_ends_without_the_interpreters_teardown(tmp_path, args, code):
-    """After a cohort the interpreter's teardown frees every object one by one (a second at
-    N = 89, after the results are printed). The command runs its exit handlers (Prefect
-    drains its logs and events, the reaper hears `bye`), flushes its output and leaves with
-    its own exit code; only the teardown is skipped."""
-    from fleet.demo import create_demo_fleet
-
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "sitecustomize.py").write_text(PROBE)
-    if code == 0:
-        args = [*args, str(create_demo_fleet(tmp_path / "demo"))]
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("fleet")), *args],
-        env={**os.environ, "PYTHONPATH": str(tmp_path / "probe"), "FLEET_PROBE_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == code, done.stderr
-    assert ("OK" in done.stdout) if code == 0 else ("error:" in done.stderr)
-    assert (tmp_path / "atexit").exists() and not (tmp_path / "teardown").exists()
