@@ -149,6 +149,17 @@ class _Budget:
         exc = state.outcome.exception() if state.outcome else None
         self.outages.down(self.log_key, self.clock.now(), exc or StoreUnreachable(), self.budget)
 
+    def retrying(self, sleep: Callable[[float], Any]) -> dict[str, Any]:
+        """Tenacity's arguments for this call (Retrying or AsyncRetrying, by `sleep`)."""
+        return dict(
+            sleep=sleep,
+            retry=_UNREACHABLE,
+            stop=self.stop,
+            wait=self.wait,
+            before_sleep=self.before_sleep,
+            reraise=True,
+        )
+
     def succeeded(self) -> None:
         self.outages.answered()
         self.outages.up(self.log_key, self.clock.now())
@@ -193,16 +204,8 @@ async def outage_tolerant(
                 raise failed.pop()
             return await once()
 
-        retrying = tenacity.AsyncRetrying(
-            sleep=sleep or asyncio.sleep,
-            retry=_UNREACHABLE,
-            stop=policy.stop,
-            wait=policy.wait,
-            before_sleep=policy.before_sleep,
-            reraise=True,
-        )
         try:
-            result = await retrying(again)
+            result = await tenacity.AsyncRetrying(**policy.retrying(sleep or asyncio.sleep))(again)
         except StoreUnreachable as exc:
             raise policy.outage(exc) from None
     policy.succeeded()
@@ -236,16 +239,8 @@ def outage_tolerant_sync(
 ) -> T:
     """The blocking twin of `outage_tolerant` (threads, the live table); sleeps on `clock`."""
     policy = _Budget(budget, clock, log_key, outages, initial, cap)
-    retrying = tenacity.Retrying(
-        sleep=clock.sleep,
-        retry=_UNREACHABLE,
-        stop=policy.stop,
-        wait=policy.wait,
-        before_sleep=policy.before_sleep,
-        reraise=True,
-    )
     try:
-        result = retrying(call)
+        result = tenacity.Retrying(**policy.retrying(clock.sleep))(call)
     except StoreUnreachable as exc:
         raise policy.outage(exc) from None
     policy.succeeded()
