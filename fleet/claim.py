@@ -93,25 +93,37 @@ class AppRun:
         """`set_stage` from a coroutine: a short store write, off the event loop."""
         return await self.call(self.set_stage, stage, error)
 
-    async def renew(self) -> None:
+    def renew_claim(self) -> None:
         """Prove this run still holds the app and extend its lease, keeping the stage: one
         store round trip (`renew_claim`).
 
         Raises StaleLease when another run took the app: the caller stops before it acts.
         """
+        now, lease = self.clock.now(), self.settings.app_lease_seconds
+        if not self.store.renew_claim(self.app_id, self.epoch, now, lease):
+            raise StaleLease(
+                f"renewing the claim on {self.app_id} refused: epoch {self.epoch} no "
+                "longer owns it; another run has taken the app or the claim was released"
+            )
 
-        def renew_now() -> None:
-            now, lease = self.clock.now(), self.settings.app_lease_seconds
-            if not self.store.renew_claim(self.app_id, self.epoch, now, lease):
-                raise StaleLease(
-                    f"renewing the claim on {self.app_id} refused: epoch {self.epoch} no "
-                    "longer owns it; another run has taken the app or the claim was released"
-                )
+    async def renew(self) -> None:
+        """`renew_claim` from a coroutine, off the event loop."""
+        await self.call(self.renew_claim)
 
-        await self.call(renew_now)
+    async def conclude(self, tasks: Iterable[Task], stage: Stage) -> EvolutionState:
+        """A stage's tasks and the stage they complete, in one trip off the event loop (89
+        apps ending a stage together queue every trip behind each other's): the claim is
+        renewed first (fenced: a run that lost the app writes no tasks), then the tasks are
+        upserted and the stage written. Repeated after an outage, it writes the same rows
+        and the same stage again."""
+        tasks = list(tasks)
 
-    async def save_tasks(self, tasks: Iterable[Task]) -> None:
-        await self.call(self.store.upsert_tasks, list(tasks), self.clock.now())
+        def write() -> EvolutionState:
+            self.renew_claim()
+            self.store.upsert_tasks(tasks, self.clock.now())
+            return self.set_stage(stage)
+
+        return await self.call(write)
 
     async def get_effect(self, key: str) -> Effect | None:
         if self.effects is not None:

@@ -104,9 +104,7 @@ async def parse_skill(run: AppRun, output: str, last_try: bool = False) -> list[
         )
     if note := _dropped_note("skill", tasks.dropped):
         run.notes.append(note)
-    await run.renew()  # fenced: a run that lost the app meanwhile writes no tasks
-    await run.save_tasks(tasks)
-    await run.enter(Stage.SKILL_COMPLETE)
+    await run.conclude(tasks, Stage.SKILL_COMPLETE)  # fenced: a run that lost the app writes none
     return list(tasks)
 
 
@@ -162,9 +160,7 @@ async def run_review(run: AppRun, prior: list[Task]) -> list[Task]:
     issues = parse_review_output(review, run.app_id, max_tasks=s.max_tasks_per_stage)
     if note := _dropped_note("review", issues.dropped):
         run.notes.append(note)
-    await run.renew()  # fenced, as for the skill tasks
-    await run.save_tasks(issues)
-    await run.enter(Stage.ADVERSARIAL_COMPLETE)
+    await run.conclude(issues, Stage.ADVERSARIAL_COMPLETE)  # fenced, as for the skill tasks
     return list(issues)
 
 

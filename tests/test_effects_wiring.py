@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -12,9 +14,9 @@ import pytest
 from fleet.claim import AppRun, take
 from fleet.clients.local import LocalExecutor
 from fleet.clock import ManualClock
-from fleet.errors import AgentFailed, StageFailed
+from fleet.errors import AgentFailed, StageFailed, StaleLease
 from fleet.models import Stage
-from fleet.pipeline import run_evolve, run_review, run_ship, run_skill
+from fleet.pipeline import parse_skill, run_evolve, run_review, run_ship, run_skill
 from fleet.store.base import effect_key
 from fleet.store.outage import StoreOutage
 from fleet.store.refusals import StoreUnreachable
@@ -352,3 +354,61 @@ async def test_an_apps_stages_cost_few_store_round_trips(tmp_path):
     # skill, review, evolve (guarded, on the demo's repo) and ship: per agent start one
     # effect, one ledger row, one stage write or renewal around it.
     assert sum(counting.calls.values()) <= 28, sorted(counting.calls.items())
+
+
+def counted_trips(monkeypatch) -> list[str]:
+    """Every trip a store call makes to a worker thread and back. 89 apps leaving a stage
+    together queue their trips behind each other's, and each way back waits its turn on the
+    event loop: a stage's writes that follow one another go as one trip."""
+    trips: list[str] = []
+    real = asyncio.to_thread
+
+    async def counted(fn, /, *args, **kwargs):
+        inner = getattr(fn, "func", fn)
+        trips.append(getattr(inner, "__qualname__", type(inner).__name__))
+        return await real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    return trips
+
+
+THREE_TASKS = [{"priority": p, "description": f"Fix thing {p}.", "file": "a.py"} for p in (1, 2, 3)]
+SKILL_ANSWER = (
+    f"<!-- EVOLUTION_TASKS_START -->{json.dumps(THREE_TASKS)}<!-- EVOLUTION_TASKS_END -->"
+)
+
+
+async def test_parse_saves_the_tasks_and_the_stage_in_one_trip(tmp_path, monkeypatch):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.set_stage(Stage.SKILL_RUNNING)
+    trips = counted_trips(monkeypatch)
+    tasks = await parse_skill(run, SKILL_ANSWER)
+    assert tasks is not None and len(tasks) == 3
+    assert len(trips) == 1, trips
+    assert run.state().stage is Stage.SKILL_COMPLETE
+    assert len(run.store.list_tasks(run.app_id, "skill")) == 3
+
+
+async def test_reviews_issues_and_stage_go_in_one_trip_after_the_agent(tmp_path, monkeypatch):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.effects = {}  # as `take` leaves them: read when the app was taken
+    prior = await run_skill(run)
+    trips = counted_trips(monkeypatch)
+    issues = await run_review(run, prior)
+    # The stage write before the agent, its recorded start and its ledger row, then the
+    # issues, the renewal and the stage write after it together.
+    assert len(trips) == 4, trips
+    assert run.state().stage is Stage.ADVERSARIAL_COMPLETE
+    assert len(run.store.list_tasks(run.app_id, "adversarial")) == len(issues) > 0
+
+
+async def test_a_run_that_lost_the_app_saves_no_tasks(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.set_stage(Stage.SKILL_RUNNING)
+    run.store.release_app(run.app_id, run.epoch)
+    newer = take(run_components(run), run.app_id, "run-2")
+    assert isinstance(newer, AppRun)
+    with pytest.raises(StaleLease):
+        await parse_skill(run, SKILL_ANSWER)
+    assert run.store.list_tasks(run.app_id, "skill") == []
+    assert run.store.get_state(run.app_id).stage is Stage.SKILL_RUNNING
