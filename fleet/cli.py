@@ -6,6 +6,8 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -153,6 +155,31 @@ class _NoStore:
         return []
 
 
+@contextmanager
+def _live_progress(screen: Console, store, app_ids: list[str]) -> Iterator[None]:
+    """The live cohort table, a frame every 0.5 s while the block runs, in a terminal only:
+    elsewhere (a pipe, a CI log) Rich shows no live view, and every frame reads the store
+    while the apps use it."""
+    if not screen.is_terminal:
+        yield
+        return
+    stop = threading.Event()
+    view = _LiveTable(store, app_ids, time.monotonic())
+    with Live(view.frame(), console=screen, refresh_per_second=4, transient=True) as live:
+
+        def refresh() -> None:
+            while not stop.wait(0.5):
+                live.update(view.frame())
+
+        watcher = threading.Thread(target=refresh, daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()
+
+
 def _run_cohort(
     fleet_file: Path, size: int | None, fresh: bool, retry_failed: bool, verbose: bool
 ) -> None:
@@ -187,26 +214,14 @@ def _run_cohort(
         )
         return await cohort_rows(state)
 
-    stop = threading.Event()
     failure: FailedRun | None = None
-    view = _LiveTable(comp.store, comp.fleet.app_ids, time.monotonic())
-    with Live(view.frame(), console=console, refresh_per_second=4, transient=True) as live:
-
-        def refresh() -> None:
-            while not stop.wait(0.5):
-                live.update(view.frame())
-
-        watcher = threading.Thread(target=refresh, daemon=True)
-        watcher.start()
+    with _live_progress(console, comp.store, comp.fleet.app_ids):
         try:
             rows = asyncio.run(cohort())
         except KeyboardInterrupt:
             rows = None
         except FailedRun as exc:  # ended cleanly as failed (a store outage past its budget)
             failure, rows = exc, []
-        finally:
-            stop.set()
-            watcher.join()
     if failure is not None:
         _fail(failure, 1)
     if rows is None:

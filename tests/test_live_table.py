@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 
-from fleet.cli import _progress_table
+from fleet.cli import _live_progress, _progress_table
 from fleet.clock import utcnow
 from fleet.models import Stage, Task
 from fleet.store.sqlite import SQLiteStore
@@ -58,3 +60,18 @@ def test_a_refresh_is_one_store_call_and_task_counts_are_read_again_only_when_a_
     assert any(
         "app3" in line and "skillComplete" in line and " 3 " in line for line in text.splitlines()
     )
+
+
+def test_the_live_table_reads_the_store_only_where_someone_sees_it(tmp_path):
+    """Rich shows no live view when the output is not a terminal (a pipe, a CI log): no frame
+    is built there, so 89 apps changing stage get the store to themselves."""
+    real = SQLiteStore(tmp_path / "fleet.db")
+    apps = [f"app{i}" for i in range(3)]
+    real.ensure_apps(apps, utcnow())
+    piped, store = io.StringIO(), Counted(real)
+    with _live_progress(Console(file=piped), store, apps):
+        pass
+    assert store.calls == 0 and piped.getvalue() == ""
+    with _live_progress(Console(file=io.StringIO(), force_terminal=True), store, apps):
+        pass
+    assert store.calls >= 1  # the first frame
