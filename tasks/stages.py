@@ -10,6 +10,7 @@ calls its task `.with_options(...)` built from `run.settings`.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from prefect import Task as PrefectTask
@@ -24,6 +25,20 @@ from fleet.models import Outcome, Task, Trajectory
 from fleet.pipeline import AppRun
 
 SLACK_SECONDS = 300  # beyond the agent's own timeout: the store writes around it
+
+
+class _CompletedIsItsState(logging.Filter):
+    """Drops the "Finished in state Completed()" line Prefect logs for every task run: the
+    task run's state says the same. At 89 apps those lines were half of the log rows the
+    server stored (536 of 1 072) and cost the cohort 0.5–0.8 s on 2 cores. A failed or
+    retried task run's line is kept, and so is every line the stages log themselves."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and record.msg == COMPLETED_LINE)
+
+
+COMPLETED_LINE = "Finished in state Completed()"
+logging.getLogger("prefect.task_runs").addFilter(_CompletedIsItsState())
 
 
 def transient(task_, task_run, state) -> bool:
