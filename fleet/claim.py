@@ -132,28 +132,43 @@ class AppRun:
 
     async def record_effect(self, key: str, kind: EffectKind, value: str) -> str:
         """Record an effect under this claim (fenced); the first value recorded wins."""
-        now = self.clock.now()
-        value = await self.call(
-            self.store.record_effect, self.app_id, key, kind, value, self.epoch, now
-        )
-        if self.effects is not None and key not in self.effects:
-            self.effects[key] = Effect(
-                app_id=self.app_id,
-                key=key,
-                kind=kind,
-                value=value,
-                epoch=self.epoch,
-                created_at=now,
-            )
+        (value,) = await self.record_effects([(key, kind, value)])
         return value
+
+    async def record_effects(self, effects: list[tuple[str, EffectKind, str]]) -> list[str]:
+        """Record (key, kind, value) effects under this claim (fenced) in one trip off the
+        event loop; under each key the first value recorded wins, and is returned."""
+        now = self.clock.now()
+
+        def write() -> list[str]:
+            return [
+                self.store.record_effect(self.app_id, key, kind, value, self.epoch, now)
+                for key, kind, value in effects
+            ]
+
+        values = await self.call(write)
+        for (key, kind, _), value in zip(effects, values, strict=True):
+            if self.effects is not None and key not in self.effects:
+                self.effects[key] = Effect(
+                    app_id=self.app_id,
+                    key=key,
+                    kind=kind,
+                    value=value,
+                    epoch=self.epoch,
+                    created_at=now,
+                )
+        return values
 
     def effect_key(self, stage: str, attempt: int) -> str:
         return effect_key(self.app_id, stage, attempt)
 
+    def marker_effect(self) -> tuple[str, EffectKind, str]:
+        """This run's agent marker, as an effect under its epoch (every run's is kept)."""
+        return self.effect_key(APP_RUN, self.epoch), "marker", self.marker
+
     async def record_marker(self) -> None:
-        """Record this run's agent marker under its epoch (every run's marker is kept)."""
         if not self.marker_recorded:
-            await self.record_effect(self.effect_key(APP_RUN, self.epoch), "marker", self.marker)
+            await self.record_effects([self.marker_effect()])
             self.marker_recorded = True
 
     async def release(self) -> None:
@@ -217,8 +232,7 @@ async def start_once(
             effect.value,
         )
         return key, effect.value, True
-    await run.record_marker()  # before the agent exists, so a crash cannot orphan it
-    sent = await gateway_key(run, key)
+    sent = await gateway_key(run, key)  # after it, this run's marker is recorded
     token = current_app_run.set(run.marker)
     try:
         task_id = await start(sent)
@@ -235,14 +249,20 @@ async def gateway_key(run: AppRun, key: str) -> str:
     the same app ids on the same gateway, which would hand back an old task. The nonce is
     recorded once per evolution (the first value wins, so a resumed run sends the same key)
     and cleared with the rest of the app's effects.
+
+    This run's agent marker (every run's is kept, under its epoch) is recorded with it, in
+    the same trip, before the run's first agent exists: a crash cannot orphan the agent.
     """
     evolution = run.effect_key(EVOLUTION, 1)
     recorded = await run.get_effect(evolution)
-    nonce = (
-        recorded.value
-        if recorded
-        else await run.record_effect(evolution, "marker", uuid.uuid4().hex[:16])
-    )
+    writes: list[tuple[str, EffectKind, str]] = []
+    if not run.marker_recorded:
+        writes.append(run.marker_effect())
+    if recorded is None:
+        writes.append((evolution, "marker", uuid.uuid4().hex[:16]))
+    values = await run.record_effects(writes) if writes else []
+    run.marker_recorded = True
+    nonce = recorded.value if recorded else values[-1]
     return f"{key}/{nonce}"
 
 

@@ -209,6 +209,15 @@ async def wait_for_quality(
         await clock.asleep(min(poll_seconds, remaining))
 
 
+def _read_then_build(run: AppRun) -> EvolutionState:
+    """The stage EVOLVE starts from, and hydraBuild entered unless a crash left it there
+    (a resume keeps its first start, from which the hard stop counts): one trip."""
+    before = run.state()
+    if before.stage is not Stage.HYDRA_BUILD:
+        run.set_stage(Stage.HYDRA_BUILD)
+    return before
+
+
 async def start_hydra(run: AppRun, resumed: bool) -> None:
     """Start the evolution: a guarded local run for local repos, else Hydra via the dispatcher."""
     if run.app.repo is not None:
@@ -242,7 +251,7 @@ async def _gate_has_no_status(run: AppRun) -> bool:
 
 @timed("evolve")
 async def run_evolve(run: AppRun) -> GateStatus:
-    before = await run.astate()
+    before = await run.call(_read_then_build, run)
     resumed = before.stage is Stage.HYDRA_BUILD
     if resumed and (accepted := await run.get_effect(run.effect_key(ACCEPTED, 1))):
         # The gate passed before a crash that came before `complete`: straight to SHIP.
@@ -250,7 +259,8 @@ async def run_evolve(run: AppRun) -> GateStatus:
         run.notes.append("evolve had already passed the quality gate: not run again")
         return run.quality
     deadline = hydra_deadline(run, before)
-    await run.enter(Stage.HYDRA_BUILD)
+    if resumed:
+        await run.enter(Stage.HYDRA_BUILD)  # the same stage again: the claim renewed
     if run.clock.now() >= deadline:  # resumed after the hard stop: a late pass would not count
         raise StageFailed(hydra_timeout_message(run.settings))
     await start_hydra(run, resumed)

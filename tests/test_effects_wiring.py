@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.claim import AppRun, take
+from fleet.claim import APP_RUN, EVOLUTION, AppRun, take
 from fleet.clients.local import LocalExecutor
 from fleet.clock import ManualClock
 from fleet.errors import AgentFailed, StageFailed, StaleLease
@@ -412,3 +412,32 @@ async def test_a_run_that_lost_the_app_saves_no_tasks(tmp_path):
         await parse_skill(run, SKILL_ANSWER)
     assert run.store.list_tasks(run.app_id, "skill") == []
     assert run.store.get_state(run.app_id).stage is Stage.SKILL_RUNNING
+
+
+async def test_a_runs_first_agent_start_records_its_marker_and_nonce_in_one_trip(
+    tmp_path, monkeypatch
+):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.effects = {}
+    trips = counted_trips(monkeypatch)
+    await run_skill(run)
+    # The stage write; this run's agent marker and the evolution's nonce together; the
+    # agent's recorded start and its ledger row; the tasks and the stage.
+    assert len(trips) == 5, trips
+    recorded = {e.key.split("/")[0] for e in run.store.list_effects(run.app_id)}
+    assert {APP_RUN, EVOLUTION} <= recorded
+    assert run.effects.keys() == {e.key for e in run.store.list_effects(run.app_id)}
+
+
+async def test_evolve_reads_the_stage_and_enters_hydra_build_in_one_trip(tmp_path, monkeypatch):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.app = run.app.model_copy(update={"repo": None})  # Hydra's path: spawn, then poll
+    run.gate.checks[run.app_id] = (["true"], tmp_path)
+    advance(run, Stage.ADVERSARIAL_COMPLETE)
+    run.effects = {}
+    trips = counted_trips(monkeypatch)
+    status = await run_evolve(run)
+    assert status.is_passing and run.state().stage is Stage.HYDRA_BUILD
+    # The stage read and write; the marker and nonce; Hydra's recorded start; the check's
+    # sweep for escaped processes; the poll's renewal; the accepted gate.
+    assert len(trips) == 6, trips
