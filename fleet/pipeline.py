@@ -209,6 +209,11 @@ async def wait_for_quality(
         await clock.asleep(min(poll_seconds, remaining))
 
 
+async def _renew_unless_passing(run: AppRun, status: GateStatus | None) -> None:
+    if status is None or not status.is_passing:
+        await run.renew()
+
+
 def _read_then_build(run: AppRun) -> EvolutionState:
     """The stage EVOLVE starts from, and hydraBuild entered unless a crash left it there
     (a resume keeps its first start, from which the hard stop counts): one trip."""
@@ -265,14 +270,14 @@ async def run_evolve(run: AppRun) -> GateStatus:
         raise StageFailed(hydra_timeout_message(run.settings))
     await start_hydra(run, resumed)
     # Each poll renews the claim: the wait may outlast many leases, and a run that lost the
-    # app stops at its next poll.
+    # app stops at its next poll. A passing poll does not: the accepted record is fenced.
     status = await wait_for_quality(
         run.gate,
         run.app_id,
         run.clock,
         run.settings.hydra_poll_seconds,
         deadline,
-        on_poll=lambda _: run.renew(),
+        on_poll=lambda status: _renew_unless_passing(run, status),
     )
     if status is None:
         raise StageFailed(hydra_timeout_message(run.settings))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet.claim import APP_RUN, EVOLUTION, AppRun, take
+from fleet.claim import ACCEPTED, APP_RUN, EVOLUTION, AppRun, take
 from fleet.clients.local import LocalExecutor
 from fleet.clock import ManualClock
 from fleet.errors import AgentFailed, StageFailed, StaleLease
@@ -439,5 +439,23 @@ async def test_evolve_reads_the_stage_and_enters_hydra_build_in_one_trip(tmp_pat
     status = await run_evolve(run)
     assert status.is_passing and run.state().stage is Stage.HYDRA_BUILD
     # The stage read and write; the marker and nonce; Hydra's recorded start; the check's
-    # sweep for escaped processes; the poll's renewal; the accepted gate.
-    assert len(trips) == 6, trips
+    # sweep for escaped processes; the accepted gate (fenced: a passing poll renews nothing).
+    assert len(trips) == 5, trips
+
+
+async def test_a_passing_poll_of_a_run_that_lost_the_app_records_no_acceptance(tmp_path):
+    run = app_run(tmp_path, demo_fleet(tmp_path))
+    run.app = run.app.model_copy(update={"repo": None})
+    run.gate.checks[run.app_id] = (["true"], tmp_path)
+    advance(run, Stage.ADVERSARIAL_COMPLETE)
+    passing = run.gate.status
+
+    async def taken_meanwhile(app_id: str):
+        run.store.release_app(app_id, run.epoch)  # another run takes the app during the wait
+        assert isinstance(take(run_components(run), app_id, "run-2"), AppRun)
+        return await passing(app_id)
+
+    run.gate.status = taken_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(StaleLease):
+        await run_evolve(run)
+    assert run.store.get_effect(run.app_id, run.effect_key(ACCEPTED, 1)) is None
