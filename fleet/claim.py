@@ -56,6 +56,9 @@ class AppRun:
     # by `record_effect`: only the claim's holder records them (fenced), so reading them
     # again costs a round trip per agent start for nothing. None: read the store each time.
     effects: dict[str, Effect] | None = None
+    # The stage `take` read while claiming the app (None where it was just reset): the
+    # claim keeps anyone else from moving it, so the stages start from it without a read.
+    taken_stage: Stage | None = None
 
     @property
     def app_id(self) -> str:
@@ -88,6 +91,12 @@ class AppRun:
 
     async def astate(self) -> EvolutionState:
         return await self.call(self.state)
+
+    async def starting_stage(self) -> Stage:
+        """The stage this run's stages start from."""
+        if self.taken_stage is not None:
+            return self.taken_stage
+        return (await self.astate()).stage
 
     async def enter(self, stage: Stage, error: str | None = None) -> EvolutionState:
         """`set_stage` from a coroutine: a short store write, off the event loop."""
@@ -323,6 +332,7 @@ def take(comp: Components, app_id: str, run_id: str, fresh: bool = False) -> App
     run.effects = {e.key: e for e in stop_earlier_agents(comp.store, app_id, run.epoch)}
     stage = run.state().stage
     if not stage.terminal:
+        run.taken_stage = stage
         return run
     if not fresh:
         comp.store.release_app(app_id, run.epoch)

@@ -211,7 +211,7 @@ async def renew_demo_repo(run: AppRun) -> None:
 
 
 async def current_stage(run: AppRun) -> Stage:
-    stage = (await run.astate()).stage
+    stage = await run.starting_stage()
     get_run_logger().info("%s: starting at stage %s", run.app_id, stage.value)
     return stage
 

@@ -459,3 +459,14 @@ async def test_a_passing_poll_of_a_run_that_lost_the_app_records_no_acceptance(t
     with pytest.raises(StaleLease):
         await run_evolve(run)
     assert run.store.get_effect(run.app_id, run.effect_key(ACCEPTED, 1)) is None
+
+
+async def test_the_stage_read_when_the_app_was_taken_is_not_read_again(tmp_path, monkeypatch):
+    first = app_run(tmp_path, demo_fleet(tmp_path))
+    advance(first, Stage.SKILL_COMPLETE)
+    first.store.release_app(first.app_id, first.epoch)
+    run = take(run_components(first), first.app_id, "run-2")
+    assert isinstance(run, AppRun)
+    trips = counted_trips(monkeypatch)
+    assert await run.starting_stage() is Stage.SKILL_COMPLETE
+    assert trips == []
