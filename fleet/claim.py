@@ -175,11 +175,6 @@ class AppRun:
         """This run's agent marker, as an effect under its epoch (every run's is kept)."""
         return self.effect_key(APP_RUN, self.epoch), "marker", self.marker
 
-    async def record_marker(self) -> None:
-        if not self.marker_recorded:
-            await self.record_effects([self.marker_effect()])
-            self.marker_recorded = True
-
     async def release(self) -> None:
         await self.call(self.store.release_app, self.app_id, self.epoch)
 

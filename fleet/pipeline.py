@@ -210,6 +210,7 @@ async def wait_for_quality(
 
 
 async def _renew_unless_passing(run: AppRun, status: GateStatus | None) -> None:
+    """A poll's renewal: a passing poll has none, the accepted record after it is fenced."""
     if status is None or not status.is_passing:
         await run.renew()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psutil
 
-from fleet.claim import APP_RUN, AppRun, start_once, take
+from fleet.claim import APP_RUN, AppRun, gateway_key, start_once, take
 from fleet.clock import ManualClock
 from fleet.models import Stage
 from fleet.procs import APP_RUN_MARKER
@@ -92,11 +92,11 @@ async def test_each_runs_marker_is_recorded_under_its_epoch_before_its_first_age
     first = app_run(tmp_path, demo_fleet(tmp_path), clock=clock)
     advance(first, Stage.SKILL_RUNNING)
     comp = run_components(first)
-    await first.record_marker()
+    await gateway_key(first, first.effect_key("skill", 1))
     clock.advance(comp.settings.app_lease_seconds + 1)
     second = take(comp, "demo-calc", "run-2")
     assert isinstance(second, AppRun)
-    await second.record_marker()
+    await gateway_key(second, second.effect_key("skill", 1))
 
     markers = {
         e.epoch: e.value
@@ -116,7 +116,7 @@ async def test_taking_one_app_leaves_another_apps_agents_running(tmp_path):
     advance(other, Stage.SKILL_RUNNING)
     _, pids = await start_writer(other, tmp_path, "other")
     try:
-        await dead.record_marker()
+        await gateway_key(dead, dead.effect_key("skill", 1))
         comp = run_components(dead)
         clock.advance(comp.settings.app_lease_seconds + 1)
         assert isinstance(take(comp, "demo-calc", "run-2"), AppRun)
