@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import sys
 import time
 
@@ -209,3 +211,29 @@ async def test_agents_and_checks_never_see_the_orchestrators_secrets(tmp_path, m
     for text in (agent, check):
         assert "canary" not in text
     assert "'APP_MODE', 'demo'" in agent and "'PATH'," in agent
+
+
+async def test_a_start_polls_no_agent_whose_exit_is_awaited(executor, monkeypatch):
+    """A start reaps the finished children nobody waits for (fire-and-forget spawns); the
+    agents whose stage awaits their exit are left to it. Polling every one at each start
+    made a cohort's stage change O(N²) in process-table calls on the event loop."""
+    sleepers = [await executor.spawn([PY, "-c", "import time; time.sleep(30)"]) for _ in range(5)]
+    waits = [asyncio.create_task(executor.poll_and_retrieve(t, 60)) for t in sleepers]
+    forgotten = await executor.spawn(["true"])
+    await asyncio.sleep(0.2)  # the waits begin; `true` exits and waits to be reaped
+    polled: list[int] = []
+    poll = subprocess.Popen.poll
+
+    def counted(proc):
+        polled.append(proc.pid)
+        return poll(proc)
+
+    monkeypatch.setattr(subprocess.Popen, "poll", counted)
+    await executor.dispatch([PY, "-c", "pass"], target="local", model="")
+    monkeypatch.undo()
+    pids = {executor._jobs[t].proc.pid for t in sleepers}
+    assert not pids & set(polled)
+    assert executor._jobs[forgotten].proc.returncode == 0  # reaped: no zombie left
+    for wait in waits:
+        wait.cancel()
+    await asyncio.gather(*waits, return_exceptions=True)

@@ -58,6 +58,7 @@ class _Job:
     out: Path
     err: Path
     marker: str  # RUN_MARKER of everything it started
+    awaited: bool = False  # a stage awaits its exit (and reaps it)
 
 
 class LocalExecutor:
@@ -120,9 +121,12 @@ class LocalExecutor:
         reaper.register(proc.pid, marker)
         with self._lock:
             # Reap finished children nobody waits for (fire-and-forget spawns) so they do not
-            # linger as zombies; their output files stay until someone polls them.
+            # linger as zombies; their output files stay until someone polls them. An agent
+            # whose exit a stage awaits is reaped by that wait: polling all of them at every
+            # start made a cohort's stage change O(N²) in process-table calls.
             for job in self._jobs.values():
-                _release(job)
+                if not job.awaited:
+                    _release(job)
             self._jobs[task_id] = _Job(argv, proc, out, err, marker)
         log.info("started %s on %s (pid %s): %s", task_id, target, proc.pid, argv[0])
         return task_id
@@ -130,6 +134,8 @@ class LocalExecutor:
     async def poll_and_retrieve(self, task_id: str, timeout: float) -> str:
         with self._lock:
             job = self._jobs.get(task_id)
+            if job is not None:
+                job.awaited = True
         if job is None:
             raise UnknownTask(f"local executor has no task {task_id!r} (it may have restarted)")
         try:
