@@ -216,11 +216,10 @@ async def _renew_unless_passing(run: AppRun, status: GateStatus | None) -> None:
 
 
 def _read_then_build(run: AppRun) -> EvolutionState:
-    """The stage EVOLVE starts from, and hydraBuild entered unless a crash left it there
-    (a resume keeps its first start, from which the hard stop counts): one trip."""
+    """The stage EVOLVE starts from, then hydraBuild entered, in one trip. A resume rewrites
+    it: that renews the claim and keeps its first start, from which the hard stop counts."""
     before = run.state()
-    if before.stage is not Stage.HYDRA_BUILD:
-        run.set_stage(Stage.HYDRA_BUILD)
+    run.set_stage(Stage.HYDRA_BUILD)
     return before
 
 
@@ -265,8 +264,6 @@ async def run_evolve(run: AppRun) -> GateStatus:
         run.notes.append("evolve had already passed the quality gate: not run again")
         return run.quality
     deadline = hydra_deadline(run, before)
-    if resumed:
-        await run.enter(Stage.HYDRA_BUILD)  # the same stage again: the claim renewed
     if run.clock.now() >= deadline:  # resumed after the hard stop: a late pass would not count
         raise StageFailed(hydra_timeout_message(run.settings))
     await start_hydra(run, resumed)
